@@ -1,0 +1,243 @@
+//! Who is asking: managed-mode client keys (held as SHA-256, compared in constant time),
+//! key fingerprints, and per-client model allow-lists.
+
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+
+use crate::config::ClientConfig;
+use crate::errors::GatewayError;
+
+/// A configured client, as held in memory.
+#[derive(Debug)]
+pub struct Client {
+    pub name: Arc<str>,
+    key_sha256: [u8; 32],
+    models: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Clients {
+    list: Vec<Arc<Client>>,
+}
+
+/// The caller of one request, as far as ezgate knows it.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The matched `[[clients]]` entry (managed mode with clients configured).
+    pub client: Option<Arc<Client>>,
+    /// A short fingerprint of the presented key, never the key itself.
+    pub key_fingerprint: Option<Arc<str>>,
+}
+
+impl Caller {
+    /// What the access log shows: the client name, else the key fingerprint.
+    pub fn label(&self) -> Option<&str> {
+        self.client.as_deref().map(|c| &*c.name).or(self.key_fingerprint.as_deref())
+    }
+}
+
+impl Clients {
+    pub fn new(configs: &[ClientConfig]) -> Clients {
+        let list = configs
+            .iter()
+            .filter_map(|c| {
+                let key_sha256 = parse_hex32(&c.key_sha256)?;
+                Some(Arc::new(Client {
+                    name: Arc::from(c.name.as_str()),
+                    key_sha256,
+                    models: c.models.clone(),
+                }))
+            })
+            .collect();
+        Clients { list }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Identifies the caller. With clients configured, a known key is required.
+    pub fn identify(&self, headers: &HeaderMap) -> Result<Caller, GatewayError> {
+        let key = bearer(headers);
+        let digest = key.map(sha256);
+        let key_fingerprint = digest.map(|d| Arc::from(fingerprint(&d)));
+        if self.list.is_empty() {
+            return Ok(Caller { client: None, key_fingerprint });
+        }
+        let digest = digest.ok_or(GatewayError::MissingApiKey)?;
+        // Compare against every client, without stopping early, in constant time per compare.
+        let mut found = None;
+        for c in &self.list {
+            if ring_eq(&c.key_sha256, &digest) {
+                found = Some(Arc::clone(c));
+            }
+        }
+        match found {
+            Some(client) => Ok(Caller { client: Some(client), key_fingerprint }),
+            None => Err(GatewayError::InvalidApiKey),
+        }
+    }
+}
+
+impl Client {
+    /// Checks the model allow-list; no list means every model.
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), GatewayError> {
+        if self.models.is_empty() {
+            return Ok(());
+        }
+        match model {
+            Some(m) if self.models.iter().any(|p| glob_match(p, m)) => Ok(()),
+            _ => Err(GatewayError::ModelNotAllowed {
+                client: Arc::clone(&self.name),
+                model: model.unwrap_or("(none)").chars().take(200).collect(),
+                allowed: self.models.join(", "),
+            }),
+        }
+    }
+
+    pub fn has_model_list(&self) -> bool {
+        !self.models.is_empty()
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    let v = headers.get(AUTHORIZATION)?.as_bytes();
+    let scheme = v.get(..7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = v[7..].trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// `fp:` and the first 12 hex digits of the key's SHA-256: stable, short, not reversible.
+pub fn fingerprint(digest: &[u8; 32]) -> String {
+    let mut s = String::with_capacity(15);
+    s.push_str("fp:");
+    for b in &digest[..6] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn ring_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    // Constant time: fold all byte differences, then test once.
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Glob match with `*` (any run of characters) and `?` (one character).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+pub fn validate(clients: &[ClientConfig], problems: &mut Vec<String>) {
+    let mut names = std::collections::HashSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        if c.name.trim().is_empty() {
+            problems.push(format!("clients[{i}].name: must not be empty"));
+        }
+        if !names.insert(c.name.as_str()) {
+            problems.push(format!("clients[{i}].name: duplicate client name \"{}\"", c.name));
+        }
+        if parse_hex32(&c.key_sha256).is_none() {
+            problems.push(format!(
+                "clients[{i}].key_sha256: must be 64 hex digits, the SHA-256 of the client's key (e.g. `printf %s \"$KEY\" | sha256sum`)"
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clients() -> Clients {
+        let hex: String = sha256(b"key-a").iter().map(|b| format!("{b:02x}")).collect();
+        Clients::new(&[ClientConfig {
+            name: "team-a".into(),
+            key_sha256: hex,
+            models: vec!["gpt-4o*".into()],
+        }])
+    }
+
+    fn auth(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn identifies_known_keys_only() {
+        let c = clients();
+        let caller = c.identify(&auth("Bearer key-a")).unwrap();
+        assert_eq!(caller.label(), Some("team-a"));
+        assert!(matches!(c.identify(&auth("Bearer key-b")), Err(GatewayError::InvalidApiKey)));
+        assert!(matches!(c.identify(&HeaderMap::new()), Err(GatewayError::MissingApiKey)));
+        assert!(matches!(c.identify(&auth("Basic abc")), Err(GatewayError::MissingApiKey)));
+    }
+
+    #[test]
+    fn model_allow_list() {
+        let c = clients();
+        let caller = c.identify(&auth("bearer key-a")).unwrap();
+        let client = caller.client.unwrap();
+        assert!(client.check_model(Some("gpt-4o-mini")).is_ok());
+        assert!(client.check_model(Some("o1")).is_err());
+        assert!(client.check_model(None).is_err());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("gpt-4o*", "gpt-4o"));
+        assert!(glob_match("*-embedding-?", "text-embedding-3"));
+        assert!(!glob_match("gpt-4o", "gpt-4o-mini"));
+        assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn fingerprint_is_short_and_not_the_key() {
+        let fp = fingerprint(&sha256(b"sk-secret"));
+        assert!(fp.starts_with("fp:") && fp.len() == 15 && !fp.contains("secret"));
+    }
+}

@@ -1,0 +1,421 @@
+//! Configuration: TOML read into strict serde structs, then validated into [`Settings`].
+//! Every problem names the file and the key path. Nothing here binds or spawns.
+
+pub mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+
+pub use units::{ByteSize, Dur, Rate, Secret};
+
+pub const DEFAULT_UPSTREAM: &str = "https://api.ezlinkai.com";
+
+/// The whole config file. Every table is optional; a missing file means all defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub clients: Vec<ClientConfig>,
+    pub limits: Vec<LimitConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_request_body: ByteSize,
+    pub shutdown_grace: Dur,
+    /// Slow clients: time allowed to send a request's headers.
+    pub header_read_timeout: Dur,
+    /// Requests in flight at once before ezgate answers 503 `overloaded`.
+    pub max_inflight: u32,
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            max_request_body: ByteSize(16 << 20),
+            shutdown_grace: Dur(Duration::from_secs(30)),
+            header_read_timeout: Dur(Duration::from_secs(10)),
+            max_inflight: 10_000,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    pub connect_timeout: Dur,
+    pub response_timeout: Dur,
+    pub stream_idle_timeout: Dur,
+    pub pool_idle_timeout: Dur,
+    pub pool_max_idle_per_host: usize,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            base_url: DEFAULT_UPSTREAM.to_owned(),
+            api_key: None,
+            connect_timeout: Dur(Duration::from_secs(5)),
+            response_timeout: Dur(Duration::from_secs(120)),
+            stream_idle_timeout: Dur(Duration::from_secs(60)),
+            pool_idle_timeout: Dur(Duration::from_secs(60)),
+            pool_max_idle_per_host: 256,
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `RUST_LOG`-style filter, e.g. "info" or "info,ezgate=debug".
+    pub level: String,
+    /// One JSON line per request on stderr.
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Json, level: "info".to_owned(), access_log: true }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub name: String,
+    pub key_sha256: String,
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLimit {
+    #[default]
+    Reject,
+    Wait,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    #[serde(default)]
+    pub routes: Vec<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub clients: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    pub name: String,
+    pub key: String,
+    pub requests: Option<Rate>,
+    pub burst: Option<u32>,
+    pub tokens: Option<Rate>,
+    pub concurrency: Option<u32>,
+    #[serde(rename = "match", default)]
+    pub matches: MatchConfig,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub on_limit: OnLimit,
+    pub max_wait: Option<Dur>,
+    /// Tokens charged up front when a request says nothing of its size.
+    pub default_tokens: Option<u32>,
+    /// Most keys tracked at once; beyond it new keys share one overflow bucket.
+    pub max_keys: Option<usize>,
+}
+
+/// Command-line and environment overrides (flag > environment > file > default).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub upstream: Option<String>,
+}
+
+/// A config that has been read, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub source: String,
+    pub config: Config,
+    pub upstream_uri: Uri,
+}
+
+/// Every problem found in one config, each naming the file and the key path.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub source: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for p in &self.problems {
+            if !first {
+                f.write_str("\n")?;
+            }
+            first = false;
+            write!(f, "{}: {p}", self.source)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Settings {
+    /// Reads `path` (or runs on defaults when `None`), applies overrides, resolves `${VAR}`
+    /// secrets through `env` and validates everything.
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let (source, text) = match path {
+            Some(p) => {
+                let source = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                    source: source.clone(),
+                    problems: vec![format!("cannot read the config file: {e}")],
+                })?;
+                (source, text)
+            }
+            None => ("(built-in defaults)".to_owned(), String::new()),
+        };
+        Self::from_toml(&source, &text, overrides, env)
+    }
+
+    pub fn from_toml(
+        source: &str,
+        text: &str,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let fail = |problems| ConfigError { source: source.to_owned(), problems };
+        let de = toml::Deserializer::new(text);
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.message().trim().to_owned();
+            let at = inner
+                .span()
+                .map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
+                .unwrap_or_default();
+            let problem =
+                if path == "." { format!("{msg}{at}") } else { format!("{path}: {msg}{at}") };
+            fail(vec![problem])
+        })?;
+        if let Some(a) = overrides.listen {
+            config.server.listen = a;
+        }
+        if let Some(a) = overrides.admin_listen {
+            config.server.admin_listen = a;
+        }
+        if let Some(u) = &overrides.upstream {
+            config.upstream.base_url = u.clone();
+        }
+        let mut problems = Vec::new();
+        if let Some(key) = &config.upstream.api_key {
+            match key.env_ref() {
+                Some(var) => match env(var) {
+                    Some(v) if !v.is_empty() => config.upstream.api_key = Some(Secret::new(v)),
+                    _ => problems.push(format!(
+                        "upstream.api_key: environment variable {var} is not set; export it or remove the key"
+                    )),
+                },
+                None if key.expose().contains("${") => problems
+                    .push("upstream.api_key: write a secret reference as exactly \"${VAR}\"".to_owned()),
+                None => {}
+            }
+        }
+        let upstream_uri = match parse_base_url(&config.upstream.base_url) {
+            Ok(uri) => Some(uri),
+            Err(e) => {
+                problems.push(format!("upstream.base_url: {e}"));
+                None
+            }
+        };
+        validate(&config, &mut problems);
+        match (problems.is_empty(), upstream_uri) {
+            (true, Some(upstream_uri)) => {
+                Ok(Settings { source: source.to_owned(), config, upstream_uri })
+            }
+            _ => Err(fail(problems)),
+        }
+    }
+
+    pub fn managed(&self) -> bool {
+        self.config.upstream.api_key.is_some()
+    }
+}
+
+fn parse_base_url(s: &str) -> Result<Uri, String> {
+    let uri: Uri = s.parse().map_err(|e| format!("\"{s}\" is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("\"{s}\" must start with https:// (or http:// for tests)")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("\"{s}\" has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("\"{s}\" must not have a query"));
+    }
+    Ok(uri)
+}
+
+fn validate(c: &Config, problems: &mut Vec<String>) {
+    if c.server.max_request_body.0 == 0 {
+        problems.push("server.max_request_body: must be above zero".to_owned());
+    }
+    if c.server.max_inflight == 0 {
+        problems.push("server.max_inflight: must be above zero".to_owned());
+    }
+    for (name, d) in [
+        ("upstream.connect_timeout", c.upstream.connect_timeout),
+        ("upstream.response_timeout", c.upstream.response_timeout),
+        ("upstream.stream_idle_timeout", c.upstream.stream_idle_timeout),
+        ("server.header_read_timeout", c.server.header_read_timeout),
+    ] {
+        if d.0.is_zero() {
+            problems.push(format!("{name}: must be above zero"));
+        }
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
+        problems.push(format!("log.level: \"{}\" is not a log filter ({e})", c.log.level));
+    }
+    if !c.clients.is_empty() && c.upstream.api_key.is_none() {
+        problems.push(
+            "clients: [[clients]] needs upstream.api_key (managed mode); otherwise client keys would be forwarded upstream"
+                .to_owned(),
+        );
+    }
+    crate::clients::validate(&c.clients, problems);
+    crate::limits::validate(&c.limits, &c.clients, problems);
+}
+
+/// `check-config` output: the effective config as TOML-like text, secrets redacted.
+impl fmt::Display for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        let s = &c.server;
+        writeln!(f, "# effective configuration from {}", self.source)?;
+        writeln!(f, "[server]")?;
+        writeln!(f, "listen = \"{}\"", s.listen)?;
+        writeln!(f, "admin_listen = \"{}\"", s.admin_listen)?;
+        writeln!(f, "max_request_body = \"{}\"", s.max_request_body)?;
+        writeln!(f, "shutdown_grace = \"{}\"", s.shutdown_grace)?;
+        writeln!(f, "header_read_timeout = \"{}\"", s.header_read_timeout)?;
+        writeln!(f, "max_inflight = {}", s.max_inflight)?;
+        if let Some(tls) = &s.tls {
+            writeln!(f, "tls = {{ cert = {:?}, key = {:?} }}", tls.cert, tls.key)?;
+        }
+        let u = &c.upstream;
+        writeln!(f, "\n[upstream]")?;
+        writeln!(f, "base_url = \"{}\"", u.base_url)?;
+        if let Some(k) = &u.api_key {
+            writeln!(f, "api_key = \"{k}\"")?;
+        }
+        writeln!(f, "connect_timeout = \"{}\"", u.connect_timeout)?;
+        writeln!(f, "response_timeout = \"{}\"", u.response_timeout)?;
+        writeln!(f, "stream_idle_timeout = \"{}\"", u.stream_idle_timeout)?;
+        writeln!(f, "pool_idle_timeout = \"{}\"", u.pool_idle_timeout)?;
+        writeln!(f, "pool_max_idle_per_host = {}", u.pool_max_idle_per_host)?;
+        if let Some(ca) = &u.ca_file {
+            writeln!(f, "ca_file = {ca:?}")?;
+        }
+        writeln!(f, "\n[log]")?;
+        let format = match c.log.format {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        };
+        writeln!(f, "format = \"{format}\"\nlevel = \"{}\"", c.log.level)?;
+        writeln!(f, "access_log = {}", c.log.access_log)?;
+        for cl in &c.clients {
+            writeln!(f, "\n[[clients]]\nname = \"{}\"\nkey_sha256 = \"<redacted>\"", cl.name)?;
+            if !cl.models.is_empty() {
+                writeln!(f, "models = {:?}", cl.models)?;
+            }
+        }
+        for l in &c.limits {
+            writeln!(f, "\n[[limits]]\nname = \"{}\"\nkey = \"{}\"", l.name, l.key)?;
+            if let Some(r) = l.requests {
+                writeln!(f, "requests = \"{r}\"")?;
+            }
+            if let Some(b) = l.burst {
+                writeln!(f, "burst = {b}")?;
+            }
+            if let Some(t) = l.tokens {
+                writeln!(f, "tokens = \"{t}\"")?;
+            }
+            if let Some(n) = l.concurrency {
+                writeln!(f, "concurrency = {n}")?;
+            }
+            let m = &l.matches;
+            if !(m.routes.is_empty() && m.models.is_empty() && m.clients.is_empty()) {
+                writeln!(
+                    f,
+                    "match = {{ routes = {:?}, models = {:?}, clients = {:?} }}",
+                    m.routes, m.models, m.clients
+                )?;
+            }
+            let mode = if l.mode == Mode::Shadow { "shadow" } else { "enforce" };
+            let on_limit = if l.on_limit == OnLimit::Wait { "wait" } else { "reject" };
+            writeln!(f, "mode = \"{mode}\"\non_limit = \"{on_limit}\"")?;
+            if let Some(w) = l.max_wait {
+                writeln!(f, "max_wait = \"{w}\"")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,330 @@
+//! The one error schema (CONTRACT §4): every failure ezgate produces is a [`GatewayError`];
+//! every error body that leaves ezgate — ours or the upstream's — is an [`ErrorBody`] rendered
+//! by [`render`] or [`ErrorBody::into_response`].
+
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, StatusCode};
+use serde::Serialize;
+
+/// Which piece of the upstream exchange ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPhase {
+    Connect,
+    Headers,
+    Body,
+}
+
+/// A policy's quota: `count` per `window` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub count: u64,
+    pub window: u64,
+}
+
+/// Everything ezgate itself refuses or fails at. `code()` is the bounded list of CONTRACT §4
+/// and the `code` label of `ezgate_gateway_errors_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("Rate limit '{policy}' exceeded: {limit}. Retry in {}.", secs(*retry_after))]
+    RateLimited { policy: Arc<str>, limit: String, retry_after: Duration, quota: Quota },
+    #[error("Token rate limit '{policy}' exceeded: {limit}. Retry in {}.", secs(*retry_after))]
+    TokenRateLimited { policy: Arc<str>, limit: String, retry_after: Duration, quota: Quota },
+    #[error("Concurrency limit '{policy}' exceeded: at most {limit} requests in flight. Retry when one finishes.")]
+    ConcurrencyLimited { policy: Arc<str>, limit: u32 },
+    #[error("The upstream API rate-limited this key; ezgate holds further requests until its Retry-After passes. Retry in {}.", secs(*retry_after))]
+    UpstreamRateLimited { retry_after: Duration },
+    #[error("No API key: send 'Authorization: Bearer <key>' with a key configured in [[clients]].")]
+    MissingApiKey,
+    #[error("Invalid API key: the presented key matches no configured client. Check the key the application sends.")]
+    InvalidApiKey,
+    #[error("Model '{model}' is not allowed for client '{client}'. Allowed: {allowed}.")]
+    ModelNotAllowed { client: Arc<str>, model: String, allowed: String },
+    #[error("Request body exceeds {limit} bytes (server.max_request_body). Send a smaller body or raise the limit.")]
+    PayloadTooLarge { limit: u64 },
+    #[error("Bad request: {0}")]
+    BadRequest(String),
+    #[error("Method {0} is not supported by this gateway.")]
+    MethodNotAllowed(String),
+    #[error("Could not reach the upstream API: {0}. Check upstream.base_url and the network.")]
+    UpstreamUnreachable(String),
+    #[error("The upstream API sent an invalid response: {0}. Retrying may help.")]
+    UpstreamBadResponse(String),
+    #[error("{}", timeout_message(*.0, *.1))]
+    UpstreamTimeout(TimeoutPhase, Duration),
+    #[error("The upstream stream was interrupted: {0}. The response is incomplete; retry the request.")]
+    StreamInterrupted(String),
+    #[error("ezgate is overloaded: {0}. Retry shortly.")]
+    Overloaded(String),
+    #[error("ezgate is shutting down and takes no new requests. Retry; another replica or the restarted gateway will answer.")]
+    ShuttingDown,
+    #[error("Internal gateway error: {0}. This is a bug in ezgate; please report it with the request id.")]
+    Internal(String),
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+fn timeout_message(phase: TimeoutPhase, d: Duration) -> String {
+    match phase {
+        TimeoutPhase::Connect => format!(
+            "No connection to the upstream API within {} (upstream.connect_timeout). Retrying may help.",
+            secs(d)
+        ),
+        TimeoutPhase::Headers => format!(
+            "The upstream API sent no response headers within {} (upstream.response_timeout). Retrying may help.",
+            secs(d)
+        ),
+        TimeoutPhase::Body => format!(
+            "The upstream API went silent for {} inside the response body (upstream.stream_idle_timeout).",
+            secs(d)
+        ),
+    }
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::RateLimited { .. }
+            | Self::TokenRateLimited { .. }
+            | Self::ConcurrencyLimited { .. }
+            | Self::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UpstreamUnreachable(_)
+            | Self::UpstreamBadResponse(_)
+            | Self::StreamInterrupted(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(..) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Overloaded(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The gateway error code: CONTRACT §4's bounded list, documented in `docs/errors.md`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::RateLimited { .. } => "rate_limited",
+            Self::TokenRateLimited { .. } => "token_rate_limited",
+            Self::ConcurrencyLimited { .. } => "concurrency_limited",
+            Self::UpstreamRateLimited { .. } => "upstream_rate_limited",
+            Self::MissingApiKey => "missing_api_key",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::ModelNotAllowed { .. } => "model_not_allowed",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BadRequest(_) => "bad_request",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamBadResponse(_) => "upstream_bad_response",
+            Self::UpstreamTimeout(..) => "upstream_timeout",
+            Self::StreamInterrupted(_) => "upstream_stream_interrupted",
+            Self::Overloaded(_) => "overloaded",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    /// When a retry can succeed, the earliest useful time.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after, .. }
+            | Self::TokenRateLimited { retry_after, .. }
+            | Self::UpstreamRateLimited { retry_after } => Some(*retry_after),
+            Self::ConcurrencyLimited { .. } | Self::Overloaded(_) | Self::ShuttingDown => {
+                Some(Duration::from_secs(1))
+            }
+            _ => None,
+        }
+    }
+
+    /// False for refusals that sending the same request again cannot fix.
+    pub fn retryable(&self) -> bool {
+        !matches!(
+            self,
+            Self::MissingApiKey
+                | Self::InvalidApiKey
+                | Self::ModelNotAllowed { .. }
+                | Self::PayloadTooLarge { .. }
+                | Self::BadRequest(_)
+                | Self::MethodNotAllowed(_)
+        )
+    }
+
+    /// The `param` member: which request field the refusal is about.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::ModelNotAllowed { .. } => Some("model"),
+            _ => None,
+        }
+    }
+
+    pub fn body(&self, request_id: &str) -> ErrorBody {
+        let status = self.status().as_u16();
+        ErrorBody {
+            message: self.to_string(),
+            kind: type_for(status),
+            code: Some(self.code().to_owned()),
+            param: self.param().map(str::to_owned),
+            status,
+            source: Source::Gateway,
+            request_id: request_id.to_owned(),
+            retry_after_ms: self.retry_after().map(duration_ms),
+            upstream_status: None,
+        }
+    }
+}
+
+/// Who produced an error (and a response): ezgate itself, or the upstream API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Gateway,
+    Upstream,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Gateway => "gateway",
+            Source::Upstream => "upstream",
+        }
+    }
+}
+
+/// The `error` object of CONTRACT §4.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorBody {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub code: Option<String>,
+    pub param: Option<String>,
+    pub status: u16,
+    pub source: Source,
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    error: &'a ErrorBody,
+}
+
+impl ErrorBody {
+    /// `{"error": {…}}` as JSON bytes.
+    pub fn to_json(&self) -> Bytes {
+        // Serializing a struct of strings and integers into a Vec cannot fail.
+        Bytes::from(serde_json::to_vec(&Envelope { error: self }).unwrap_or_default())
+    }
+
+    /// One SSE event carrying this error, for a stream that failed after it started.
+    pub fn to_sse_event(&self, at_event_boundary: bool) -> Bytes {
+        let json = self.to_json();
+        let mut out = Vec::with_capacity(json.len() + 12);
+        if !at_event_boundary {
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&json);
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+
+    /// Status, headers and body of this error; `headers` carries what the caller keeps
+    /// (for upstream errors: its `Retry-After`, `x-ratelimit-*`, …).
+    pub fn into_parts(self, mut headers: HeaderMap, retryable: bool) -> (StatusCode, HeaderMap, Bytes) {
+        let body = self.to_json();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if let Some(ms) = self.retry_after_ms {
+            headers.insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+            headers.insert("retry-after-ms", HeaderValue::from(ms));
+        }
+        if !retryable {
+            headers.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.request_id) {
+            headers.insert("x-request-id", v);
+        }
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        (status, headers, body)
+    }
+}
+
+/// A gateway error as status, headers and body (CONTRACT §4). Pure: logging and counting
+/// happen once, from the request's outcome.
+pub fn render(err: &GatewayError, request_id: &str) -> (StatusCode, HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    let (policy, retry, quota, unit) = match err {
+        GatewayError::RateLimited { policy, retry_after, quota, .. } => (policy, retry_after, quota, "requests"),
+        GatewayError::TokenRateLimited { policy, retry_after, quota, .. } => (policy, retry_after, quota, "tokens"),
+        _ => return err.body(request_id).into_parts(headers, err.retryable()),
+    };
+    let reset = reset_text(*retry);
+    let pairs = [
+        (format!("x-ratelimit-limit-{unit}"), quota.count.to_string()),
+        (format!("x-ratelimit-remaining-{unit}"), "0".to_owned()),
+        (format!("x-ratelimit-reset-{unit}"), reset),
+        ("ratelimit-policy".to_owned(), format!("\"{policy}\";q={};w={}", quota.count, quota.window)),
+        ("ratelimit".to_owned(), format!("\"{policy}\";r=0;t={}", duration_ms(*retry).div_ceil(1000))),
+    ];
+    for (name, value) in pairs {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            headers.insert(n, v);
+        }
+    }
+    err.body(request_id).into_parts(headers, err.retryable())
+}
+
+/// OpenAI's reset format: `"350ms"`, `"1.2s"`, `"6m0s"`.
+fn reset_text(d: Duration) -> String {
+    let ms = duration_ms(d);
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000).div_ceil(1000))
+    }
+}
+
+/// `type` follows from the status alone (CONTRACT §4).
+pub fn type_for(status: u16) -> &'static str {
+    match status {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        408 => "request_timeout",
+        409 => "conflict",
+        413 => "payload_too_large",
+        422 => "unprocessable_entity",
+        429 => "rate_limit_exceeded",
+        500 => "internal_server_error",
+        502 => "bad_gateway",
+        503 => "service_unavailable",
+        504 => "gateway_timeout",
+        400..=499 => "client_error",
+        _ => "server_error",
+    }
+}
+
+/// Milliseconds, rounded up so that a retry at that time is never early.
+pub fn duration_ms(d: Duration) -> u64 {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+//! Header rewriting on the way through: hop-by-hop removal (both ways), request ids,
+//! `X-Forwarded-For`.
+
+use std::cell::Cell;
+use std::net::IpAddr;
+
+use http::header::{HeaderName, HeaderValue, CONNECTION};
+use http::HeaderMap;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
+/// legacy ones proxies still meet. HTTP/2 forbids all of them.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(named) = connection_named(headers) {
+        for name in named {
+            headers.remove(&name);
+        }
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+fn connection_named(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut out = Vec::new();
+    for v in headers.get_all(CONNECTION) {
+        let Ok(s) = v.to_str() else { continue };
+        for token in s.split(',') {
+            if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                out.push(name);
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The client's `x-request-id` if it is a sane token (1–128 visible ASCII characters).
+pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(X_REQUEST_ID)?.to_str().ok()?;
+    let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
+    ok.then_some(v)
+}
+
+/// Appends the peer to `X-Forwarded-For`, keeping what earlier proxies wrote.
+pub fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
+        _ => peer.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    let rng = ring::rand::SystemRandom::new();
+    if ring::rand::SecureRandom::fill(&rng, &mut b).is_err() {
+        // No OS randomness: fall back to time and address entropy; ids stay unique enough.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        return t ^ (&b as *const _ as u64);
+    }
+    u64::from_le_bytes(b) | 1
+}
+
+fn next_random() -> u64 {
+    RNG.with(|s| {
+        // xorshift64*: fast, and ids need uniqueness, not secrecy.
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+/// A new UUIDv7 request id: time-ordered, so logs sort by it.
+pub fn new_request_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let (r1, r2) = (next_random(), next_random());
+    let hi = (ms << 16) | 0x7000 | (r1 & 0x0fff);
+    let lo = (r2 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xffff,
+        lo >> 48,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn request_ids() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "7");
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, "abc-123".parse().unwrap());
+        assert_eq!(client_request_id(&h), Some("abc-123"));
+        h.insert(X_REQUEST_ID, "has space".parse().unwrap());
+        assert_eq!(client_request_id(&h), None);
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+    }
+}

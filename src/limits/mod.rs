@@ -1,0 +1,554 @@
+//! Local rate limits (CONTRACT §5): requests (GCRA on governor), tokens (estimated, then
+//! settled with the reported usage) and concurrency, keyed per client, API key, IP, header,
+//! model or globally; plus the cooldown after an upstream 429.
+//!
+//! [`Limits::check`] admits a request only if every policy that covers it does. Refundable
+//! parts (concurrency, tokens) of all policies are taken first and given back if anything
+//! refuses; request-rate cells are taken last (GCRA cells cannot be given back), so a request
+//! refused on concurrency or tokens takes nothing from any request rate.
+
+pub mod store;
+pub mod tokens;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock, Reference};
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+
+use crate::clients::{glob_match, Caller};
+use crate::config::{ClientConfig, LimitConfig, Mode, OnLimit, Rate};
+use crate::errors::{GatewayError, Quota};
+use crate::metrics::Metrics;
+use crate::outcome::Usage;
+use crate::route::Route;
+use store::{ConcurrencyStore, RequestStore, TokenStore};
+
+/// Default cap on keys each policy tracks.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+/// Completion tokens charged up front when a request sets no `max_tokens`.
+pub const DEFAULT_COMPLETION_TOKENS: u64 = 1000;
+const MAX_COOLDOWN_KEYS: usize = 10_000;
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyKind {
+    Client,
+    ApiKey,
+    Ip,
+    Header(HeaderName),
+    Model,
+    Global,
+}
+
+impl KeyKind {
+    fn parse(s: &str) -> Result<KeyKind, String> {
+        Ok(match s {
+            "client" => KeyKind::Client,
+            "api_key" => KeyKind::ApiKey,
+            "ip" => KeyKind::Ip,
+            "model" => KeyKind::Model,
+            "global" => KeyKind::Global,
+            other => match other.strip_prefix("header:") {
+                Some(h) => KeyKind::Header(HeaderName::from_bytes(h.trim().as_bytes()).map_err(|_| {
+                    format!("\"{other}\" names an invalid header")
+                })?),
+                None => {
+                    return Err(format!(
+                        "\"{other}\" is not a key kind; use client, api_key, ip, header:<name>, model or global"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+/// One request to be limited.
+pub struct LimitRequest<'a> {
+    pub caller: &'a Caller,
+    pub route: Route,
+    pub model: Option<&'a str>,
+    pub prompt_tokens: u64,
+    pub max_tokens: Option<u64>,
+    pub ip: IpAddr,
+    pub headers: &'a HeaderMap,
+}
+
+struct Policy<C: Clock> {
+    name: Arc<str>,
+    key: KeyKind,
+    mode: Mode,
+    on_limit: OnLimit,
+    max_wait: Duration,
+    routes: Vec<Route>,
+    models: Vec<String>,
+    clients: Vec<String>,
+    requests: Option<(Rate, RequestStore<C>)>,
+    tokens: Option<(Rate, Arc<TokenStore<C>>)>,
+    concurrency: Option<Arc<ConcurrencyStore>>,
+    default_tokens: u64,
+}
+
+impl<C: Clock> Policy<C> {
+    fn covers(&self, r: &LimitRequest<'_>) -> bool {
+        (self.routes.is_empty() || self.routes.contains(&r.route))
+            && (self.models.is_empty() || r.model.is_some_and(|m| self.models.iter().any(|p| glob_match(p, m))))
+            && (self.clients.is_empty()
+                || r.caller.client.as_ref().is_some_and(|c| self.clients.iter().any(|n| **n == *c.name)))
+    }
+
+    fn key(&self, r: &LimitRequest<'_>) -> Arc<str> {
+        match &self.key {
+            KeyKind::Client => r
+                .caller
+                .client
+                .as_ref()
+                .map(|c| Arc::clone(&c.name))
+                .or_else(|| r.caller.key_fingerprint.clone())
+                .unwrap_or_else(|| Arc::from("anonymous")),
+            KeyKind::ApiKey => r.caller.key_fingerprint.clone().unwrap_or_else(|| Arc::from("none")),
+            KeyKind::Ip => Arc::from(r.ip.to_string()),
+            KeyKind::Header(h) => match r.headers.get(h) {
+                Some(v) => Arc::from(String::from_utf8_lossy(&v.as_bytes()[..v.len().min(128)])),
+                None => Arc::from("none"),
+            },
+            KeyKind::Model => Arc::from(r.model.unwrap_or("none")),
+            KeyKind::Global => Arc::from(""),
+        }
+    }
+
+    fn estimate(&self, r: &LimitRequest<'_>) -> u64 {
+        let completion = if r.route == Route::Embeddings { 0 } else { r.max_tokens.unwrap_or(self.default_tokens) };
+        r.prompt_tokens + completion
+    }
+}
+
+/// Settles a token reservation; type-erased over the clock.
+trait Settle: Send + Sync {
+    fn settle(&self, key: &Arc<str>, reserved: u64, used: u64);
+}
+
+impl<C: Clock + Send + Sync> Settle for TokenStore<C>
+where
+    C::Instant: Send + Sync,
+{
+    fn settle(&self, key: &Arc<str>, reserved: u64, used: u64) {
+        TokenStore::settle(self, key, reserved, used);
+    }
+}
+
+/// What an admitted request holds until it ends: concurrency slots and token reservations.
+#[derive(Default)]
+pub struct Permit {
+    slots: Vec<(Arc<ConcurrencyStore>, Arc<str>)>,
+    reservations: Vec<(Arc<dyn Settle>, Arc<str>, u64)>,
+}
+
+impl Permit {
+    /// Settles token reservations with the usage the upstream reported; without a report
+    /// the estimate stays charged. Concurrency slots are released when the permit drops.
+    pub fn settle(mut self, usage: Option<Usage>) {
+        if let Some(u) = usage {
+            for (store, key, reserved) in self.reservations.drain(..) {
+                store.settle(&key, reserved, u.prompt + u.completion);
+            }
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        for (store, key) in &self.slots {
+            store.release(key);
+        }
+    }
+}
+
+/// The result of an admission: the permit, and the `RateLimit` headers of the tightest
+/// policy for the response.
+#[derive(Default)]
+pub struct Admission {
+    pub permit: Permit,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub cooldown_key: Arc<str>,
+}
+
+struct Inner<C: Clock> {
+    policies: Vec<Arc<Policy<C>>>,
+    cooldowns: DashMap<Arc<str>, u64>,
+    clock: C,
+    start: C::Instant,
+    metrics: Arc<Metrics>,
+    needs_body: bool,
+    needs_usage: bool,
+}
+
+pub struct Limits<C: Clock = DefaultClock> {
+    inner: Arc<Inner<C>>,
+}
+
+impl Limits<DefaultClock> {
+    /// Builds the policies (already validated) and, inside a runtime, the eviction task.
+    pub fn new(configs: &[LimitConfig], metrics: Arc<Metrics>) -> Limits {
+        let limits = Limits::with_clock(configs, metrics, DefaultClock::default());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let weak = Arc::downgrade(&limits.inner);
+            tokio::spawn(maintain_forever(weak));
+        }
+        limits
+    }
+}
+
+async fn maintain_forever(weak: Weak<Inner<DefaultClock>>) {
+    let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        inner.maintain();
+    }
+}
+
+/// A refusal candidate from one policy part.
+enum Refusal {
+    Requests(Duration),
+    Tokens(Duration),
+    Concurrency,
+}
+
+/// One part's remaining quota, for the `RateLimit` headers of the tightest policy.
+struct Remaining {
+    name: Arc<str>,
+    quota: u64,
+    window: u64,
+    remaining: u64,
+    reset: Duration,
+}
+
+impl<C: Clock + Clone + Send + Sync + 'static> Limits<C>
+where
+    C::Instant: Send + Sync,
+{
+    pub fn with_clock(configs: &[LimitConfig], metrics: Arc<Metrics>, clock: C) -> Limits<C> {
+        let policies: Vec<Arc<Policy<C>>> = configs
+            .iter()
+            .filter_map(|c| {
+                let key = KeyKind::parse(&c.key).ok()?;
+                let max_keys = c.max_keys.unwrap_or(DEFAULT_MAX_KEYS).max(1);
+                let requests = c.requests.and_then(|rate| {
+                    let burst = c.burst.unwrap_or(rate.count);
+                    RequestStore::new(rate, burst, max_keys, clock.clone()).map(|s| (rate, s))
+                });
+                Some(Arc::new(Policy {
+                    name: Arc::from(c.name.as_str()),
+                    key,
+                    mode: c.mode,
+                    on_limit: c.on_limit,
+                    max_wait: c.max_wait.map_or(Duration::ZERO, |d| d.0),
+                    routes: c.matches.routes.iter().filter_map(|r| Route::from_template(r)).collect(),
+                    models: c.matches.models.clone(),
+                    clients: c.matches.clients.clone(),
+                    requests,
+                    tokens: c.tokens.map(|rate| (rate, Arc::new(TokenStore::new(rate, max_keys, clock.clone())))),
+                    concurrency: c.concurrency.map(|n| Arc::new(ConcurrencyStore::new(n, max_keys))),
+                    default_tokens: c.default_tokens.map_or(DEFAULT_COMPLETION_TOKENS, u64::from),
+                }))
+            })
+            .collect();
+        let needs_usage = policies.iter().any(|p| p.tokens.is_some());
+        let needs_body = needs_usage || policies.iter().any(|p| p.key == KeyKind::Model || !p.models.is_empty());
+        let start = clock.now();
+        Limits {
+            inner: Arc::new(Inner { policies, cooldowns: DashMap::new(), clock, start, metrics, needs_body, needs_usage }),
+        }
+    }
+
+    /// True when some policy needs the request's model or token estimate.
+    pub fn needs_body(&self) -> bool {
+        self.inner.needs_body
+    }
+
+    /// True when some policy settles tokens with the reported usage.
+    pub fn needs_usage(&self) -> bool {
+        self.inner.needs_usage
+    }
+
+    /// Evicts idle keys and expired cooldowns; updates the key gauges.
+    pub fn maintain(&self) {
+        self.inner.maintain();
+    }
+
+    /// Notes an upstream 429 with `Retry-After`: requests of this key are held until then.
+    pub fn upstream_limited(&self, key: &Arc<str>, wait: Duration) {
+        let inner = &self.inner;
+        if wait.is_zero() || (inner.cooldowns.len() >= MAX_COOLDOWN_KEYS && !inner.cooldowns.contains_key(key)) {
+            return;
+        }
+        let until = inner.now() + wait.as_nanos() as u64;
+        inner.cooldowns.insert(Arc::clone(key), until);
+    }
+
+    /// Admits the request under every policy that covers it, or refuses it.
+    pub async fn check(&self, r: &LimitRequest<'_>) -> Result<Admission, GatewayError> {
+        let inner = &self.inner;
+        let cooldown_key = cooldown_key(r);
+        if let Some(until) = inner.cooldowns.get(&cooldown_key).map(|u| *u) {
+            let now = inner.now();
+            if until > now {
+                return Err(GatewayError::UpstreamRateLimited { retry_after: Duration::from_nanos(until - now) });
+            }
+            inner.cooldowns.remove_if(&cooldown_key, |_, u| *u <= now);
+        }
+        let mut admission = Admission { cooldown_key, ..Admission::default() };
+        if inner.policies.is_empty() {
+            return Ok(admission);
+        }
+        let started = tokio::time::Instant::now();
+        let mut tightest: Option<Remaining> = None;
+        let mut decisions: Vec<(Arc<str>, &'static str)> = Vec::new();
+        let covering: Vec<(&Arc<Policy<C>>, Arc<str>)> =
+            inner.policies.iter().filter(|p| p.covers(r)).map(|p| (p, p.key(r))).collect();
+
+        // Refundable parts first: concurrency and tokens.
+        for (p, key) in &covering {
+            let mut waited = false;
+            if let Some(store) = &p.concurrency {
+                loop {
+                    match store.acquire(key) {
+                        Some(k) => {
+                            admission.permit.slots.push((Arc::clone(store), k));
+                            break;
+                        }
+                        None => match self.hold_or_refuse(p, started, Duration::from_millis(5), Refusal::Concurrency).await {
+                            Ok(true) => waited = true,
+                            Ok(false) => break,
+                            Err(e) => return self.refuse(p, e),
+                        },
+                    }
+                }
+            }
+            if let Some((rate, store)) = &p.tokens {
+                let want = p.estimate(r);
+                loop {
+                    match store.reserve(key, want) {
+                        Ok(remaining) => {
+                            admission.permit.reservations.push((Arc::clone(store) as Arc<dyn Settle>, Arc::clone(key), want));
+                            consider(&mut tightest, Remaining {
+                                name: Arc::clone(&p.name),
+                                quota: u64::from(rate.count),
+                                window: rate.per.as_secs(),
+                                remaining,
+                                reset: store.reset_after(remaining),
+                            });
+                            break;
+                        }
+                        Err(wait) => match self.hold_or_refuse(p, started, wait, Refusal::Tokens(wait)).await {
+                            Ok(true) => waited = true,
+                            Ok(false) => break,
+                            Err(e) => return self.refuse(p, e),
+                        },
+                    }
+                }
+            }
+            decisions.push((Arc::clone(&p.name), if waited { "waited" } else { "allowed" }));
+        }
+
+        // Request rates last: a cell taken cannot be given back.
+        for (i, (p, key)) in covering.iter().enumerate() {
+            let Some((rate, store)) = &p.requests else { continue };
+            loop {
+                match store.check(key) {
+                    Ok(remaining) => {
+                        let used = u64::from(store.burst.saturating_sub(remaining));
+                        consider(&mut tightest, Remaining {
+                            name: Arc::clone(&p.name),
+                            quota: u64::from(rate.count),
+                            window: rate.per.as_secs(),
+                            remaining: u64::from(remaining),
+                            reset: store.interval * u32::try_from(used).unwrap_or(u32::MAX),
+                        });
+                        break;
+                    }
+                    Err(wait) => match self.hold_or_refuse(p, started, wait, Refusal::Requests(wait)).await {
+                        Ok(true) => decisions[i].1 = "waited",
+                        Ok(false) => break,
+                        Err(e) => return self.refuse(p, e),
+                    },
+                }
+            }
+        }
+        for (name, decision) in decisions {
+            inner.metrics.ratelimit_decision(&name, decision);
+        }
+        if let Some(t) = tightest {
+            admission.headers = ratelimit_headers(&t);
+        }
+        Ok(admission)
+    }
+
+    /// A policy part refused: in shadow mode count it and go on (`Ok(false)`); with
+    /// `on_limit = "wait"` sleep if the wait fits in `max_wait` (`Ok(true)`); else refuse.
+    async fn hold_or_refuse(
+        &self,
+        p: &Policy<C>,
+        started: tokio::time::Instant,
+        wait: Duration,
+        refusal: Refusal,
+    ) -> Result<bool, GatewayError> {
+        if p.mode == Mode::Shadow {
+            self.inner.metrics.ratelimit_decision(&p.name, "shadow_limited");
+            return Ok(false);
+        }
+        if p.on_limit == OnLimit::Wait && started.elapsed() + wait <= p.max_wait {
+            tokio::time::sleep(wait).await;
+            return Ok(true);
+        }
+        Err(refusal_error(p, refusal))
+    }
+
+    fn refuse(&self, p: &Policy<C>, e: GatewayError) -> Result<Admission, GatewayError> {
+        self.inner.metrics.ratelimit_decision(&p.name, "limited");
+        Err(e)
+    }
+}
+
+fn refusal_error<C: Clock>(p: &Policy<C>, refusal: Refusal) -> GatewayError {
+    match refusal {
+        Refusal::Requests(wait) => {
+            let (rate, store) = match &p.requests {
+                Some((rate, store)) => (*rate, store.burst),
+                None => (Rate { count: 1, per: Duration::from_secs(1) }, 1),
+            };
+            GatewayError::RateLimited {
+                policy: Arc::clone(&p.name),
+                limit: format!("{} requests per {} (burst {store})", rate.count, rate.unit_word()),
+                retry_after: wait,
+                quota: Quota { count: u64::from(rate.count), window: rate.per.as_secs() },
+            }
+        }
+        Refusal::Tokens(wait) => {
+            let rate = p.tokens.as_ref().map_or(Rate { count: 1, per: Duration::from_secs(1) }, |t| t.0);
+            GatewayError::TokenRateLimited {
+                policy: Arc::clone(&p.name),
+                limit: format!("{} tokens per {}", rate.count, rate.unit_word()),
+                retry_after: wait,
+                quota: Quota { count: u64::from(rate.count), window: rate.per.as_secs() },
+            }
+        }
+        Refusal::Concurrency => GatewayError::ConcurrencyLimited {
+            policy: Arc::clone(&p.name),
+            limit: p.concurrency.as_ref().map_or(0, |c| c.max),
+        },
+    }
+}
+
+fn consider(tightest: &mut Option<Remaining>, candidate: Remaining) {
+    let ratio = |r: &Remaining| r.remaining as f64 / r.quota.max(1) as f64;
+    if tightest.as_ref().is_none_or(|t| ratio(&candidate) < ratio(t)) {
+        *tightest = Some(candidate);
+    }
+}
+
+fn ratelimit_headers(t: &Remaining) -> Vec<(HeaderName, HeaderValue)> {
+    let policy = format!("\"{}\";q={};w={}", t.name, t.quota, t.window);
+    let now = format!("\"{}\";r={};t={}", t.name, t.remaining, t.reset.as_secs_f64().ceil() as u64);
+    [("ratelimit-policy", policy), ("ratelimit", now)]
+        .into_iter()
+        .filter_map(|(n, v)| Some((HeaderName::from_static(n), HeaderValue::from_str(&v).ok()?)))
+        .collect()
+}
+
+/// The key an upstream 429 holds back: the upstream credential (the organization's key in
+/// managed mode, else the presented key's fingerprint) and the model.
+fn cooldown_key(r: &LimitRequest<'_>) -> Arc<str> {
+    let who = r.caller.key_fingerprint.as_deref().unwrap_or("anonymous");
+    Arc::from(format!("{who}|{}", r.model.unwrap_or("*")))
+}
+
+impl<C: Clock> Inner<C> {
+    fn now(&self) -> u64 {
+        self.clock.now().duration_since(self.start).as_u64()
+    }
+}
+
+impl<C: Clock + Clone> Inner<C> {
+    fn maintain(&self) {
+        let now = self.now();
+        self.cooldowns.retain(|_, until| *until > now);
+        for p in &self.policies {
+            let mut keys = 0;
+            if let Some((_, s)) = &p.requests {
+                s.evict_idle();
+                keys = keys.max(s.len());
+            }
+            if let Some((_, s)) = &p.tokens {
+                s.evict_idle();
+                keys = keys.max(s.len());
+            }
+            if let Some(s) = &p.concurrency {
+                keys = keys.max(s.len());
+            }
+            self.metrics.ratelimit_keys(&p.name, keys);
+        }
+    }
+}
+
+/// Checks `[[limits]]`, naming the policy and the key of each problem.
+pub fn validate(limits: &[LimitConfig], clients: &[ClientConfig], problems: &mut Vec<String>) {
+    let mut names = HashSet::new();
+    let client_names: HashSet<&str> = clients.iter().map(|c| c.name.as_str()).collect();
+    for (i, l) in limits.iter().enumerate() {
+        let at = format!("limits[{i}] (\"{}\")", l.name);
+        if l.name.trim().is_empty() || l.name.contains(['"', '\\']) {
+            problems.push(format!("limits[{i}].name: must be a non-empty name without quotes"));
+        }
+        if !names.insert(l.name.as_str()) {
+            problems.push(format!("{at}.name: duplicate policy name; each policy needs its own"));
+        }
+        if let Err(e) = KeyKind::parse(&l.key) {
+            problems.push(format!("{at}.key: {e}"));
+        }
+        if l.requests.is_none() && l.tokens.is_none() && l.concurrency.is_none() {
+            problems.push(format!("{at}: sets no limit; give requests, tokens or concurrency"));
+        }
+        if l.burst == Some(0) {
+            problems.push(format!("{at}.burst: must be at least 1"));
+        }
+        if l.burst.is_some() && l.requests.is_none() {
+            problems.push(format!("{at}.burst: only applies with requests = \"N/unit\""));
+        }
+        if l.concurrency == Some(0) {
+            problems.push(format!("{at}.concurrency: must be at least 1"));
+        }
+        if l.max_keys == Some(0) {
+            problems.push(format!("{at}.max_keys: must be at least 1"));
+        }
+        if l.on_limit == OnLimit::Wait && l.max_wait.is_none() {
+            problems.push(format!("{at}.max_wait: on_limit = \"wait\" needs max_wait, e.g. \"2s\""));
+        }
+        if l.on_limit == OnLimit::Reject && l.max_wait.is_some() {
+            problems.push(format!("{at}.max_wait: only applies with on_limit = \"wait\""));
+        }
+        for (j, r) in l.matches.routes.iter().enumerate() {
+            if Route::from_template(r).is_none() || r == "other" {
+                let known: Vec<&str> = Route::ALL.iter().map(|r| r.as_str()).filter(|r| *r != "other").collect();
+                problems.push(format!("{at}.match.routes[{j}]: \"{r}\" is not a known route; use one of {}", known.join(", ")));
+            }
+        }
+        for (j, c) in l.matches.clients.iter().enumerate() {
+            if !client_names.contains(c.as_str()) {
+                problems.push(format!("{at}.match.clients[{j}]: client \"{c}\" is not defined in [[clients]]"));
+            }
+        }
+        if l.key == "client" && clients.is_empty() {
+            // Allowed: without [[clients]] the key is the presented key's fingerprint.
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,268 @@
+//! Keyed limiter state with a hard cap on tracked keys, on an injected clock.
+//!
+//! * [`RequestStore`]: governor's GCRA over [`CappedStore`], our own bounded keyed store.
+//! * [`TokenStore`]: a token bucket per key that allows settling after the fact.
+//! * [`ConcurrencyStore`]: in-flight counters per key.
+//!
+//! At the cap, a new key shares one overflow entry with every other new key, so it is still
+//! limited (more strictly, never less).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, Reference};
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::StateStore;
+use governor::{Quota, RateLimiter};
+
+use crate::config::Rate;
+
+/// The key every new key shares once a policy tracks `max_keys` keys.
+pub const OVERFLOW_KEY: &str = "\u{0}overflow";
+const EMPTY: u64 = u64::MAX;
+
+/// A DashMap of GCRA states that never holds more than `max` keys (plus the overflow key).
+pub struct CappedStore {
+    map: DashMap<Arc<str>, AtomicU64>,
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl CappedStore {
+    fn new(max: usize) -> Self {
+        CappedStore { map: DashMap::new(), count: AtomicUsize::new(0), max }
+    }
+}
+
+impl StateStore for CappedStore {
+    type Key = Arc<str>;
+
+    fn measure_and_replace<T, F, E>(&self, key: &Arc<str>, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let entry = match self.map.get(key) {
+            Some(e) => e,
+            None => {
+                let key = if self.count.load(Ordering::Relaxed) >= self.max {
+                    Arc::from(OVERFLOW_KEY)
+                } else {
+                    Arc::clone(key)
+                };
+                self.map
+                    .entry(key)
+                    .or_insert_with(|| {
+                        self.count.fetch_add(1, Ordering::Relaxed);
+                        AtomicU64::new(EMPTY)
+                    })
+                    .downgrade()
+            }
+        };
+        let mut prev = entry.load(Ordering::Acquire);
+        loop {
+            let decoded = (prev != EMPTY).then(|| Nanos::from(prev));
+            let (result, next) = f(decoded)?;
+            match entry.compare_exchange_weak(prev, next.as_u64(), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(result),
+                Err(actual) => prev = actual,
+            }
+        }
+    }
+}
+
+impl ShrinkableKeyedStateStore<Arc<str>> for CappedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        let below = drop_below.as_u64();
+        self.map.retain(|_, v| {
+            let tat = v.load(Ordering::Relaxed);
+            let keep = tat != EMPTY && tat >= below;
+            if !keep {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            keep
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Requests per unit with a burst, GCRA (governor).
+pub struct RequestStore<C: Clock> {
+    limiter: RateLimiter<Arc<str>, CappedStore, C, StateInformationMiddleware>,
+    clock: C,
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+impl<C: Clock + Clone> RequestStore<C> {
+    pub fn new(rate: Rate, burst: u32, max_keys: usize, clock: C) -> Option<Self> {
+        let burst_nz = std::num::NonZeroU32::new(burst)?;
+        let quota = Quota::with_period(rate.interval())?.allow_burst(burst_nz);
+        let limiter: RateLimiter<Arc<str>, CappedStore, C, NoOpMiddleware<C::Instant>> =
+            RateLimiter::new(quota, CappedStore::new(max_keys), clock.clone());
+        let limiter = limiter.with_middleware::<StateInformationMiddleware>();
+        Some(RequestStore { limiter, clock, burst, interval: rate.interval() })
+    }
+
+    /// Takes one cell for `key`: `Ok(remaining)` or `Err(wait until one is free)`.
+    pub fn check(&self, key: &Arc<str>) -> Result<u32, Duration> {
+        match self.limiter.check_key(key) {
+            Ok(snapshot) => Ok(snapshot.remaining_burst_capacity()),
+            Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+
+    pub fn evict_idle(&self) {
+        self.limiter.retain_recent();
+    }
+
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// A token bucket per key. The bucket may go into debt when a request used more tokens
+/// than estimated, which delays that key's next requests: over time, admitted tokens follow
+/// the configured rate.
+pub struct TokenStore<C: Clock> {
+    map: DashMap<Arc<str>, Bucket>,
+    clock: C,
+    start: C::Instant,
+    /// Tokens per nanosecond.
+    rate: f64,
+    pub capacity: f64,
+    max_keys: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    balance: f64,
+    at: u64,
+}
+
+impl<C: Clock> TokenStore<C> {
+    pub fn new(rate: Rate, max_keys: usize, clock: C) -> Self {
+        let start = clock.now();
+        TokenStore {
+            map: DashMap::new(),
+            clock,
+            start,
+            rate: f64::from(rate.count) / rate.per.as_nanos() as f64,
+            capacity: f64::from(rate.count),
+            max_keys,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now().duration_since(self.start).as_u64()
+    }
+
+    fn refill(&self, b: &mut Bucket, now: u64) {
+        let elapsed = now.saturating_sub(b.at) as f64;
+        b.balance = (b.balance + elapsed * self.rate).min(self.capacity);
+        b.at = now;
+    }
+
+    fn bounded_key(&self, key: &Arc<str>) -> Arc<str> {
+        if self.map.len() >= self.max_keys && !self.map.contains_key(key) {
+            Arc::from(OVERFLOW_KEY)
+        } else {
+            Arc::clone(key)
+        }
+    }
+
+    /// Reserves `tokens`: `Ok(remaining)` or `Err(wait until they are available)`.
+    pub fn reserve(&self, key: &Arc<str>, tokens: u64) -> Result<u64, Duration> {
+        let now = self.now();
+        let key = self.bounded_key(key);
+        let mut b = self.map.entry(key).or_insert(Bucket { balance: self.capacity, at: now });
+        self.refill(&mut b, now);
+        let want = (tokens as f64).min(self.capacity);
+        if b.balance >= want {
+            b.balance -= tokens as f64;
+            Ok(b.balance.max(0.0) as u64)
+        } else {
+            let missing = want - b.balance;
+            Err(Duration::from_nanos((missing / self.rate).ceil() as u64))
+        }
+    }
+
+    /// Corrects a reservation once the real usage is known (refund or extra charge).
+    pub fn settle(&self, key: &Arc<str>, reserved: u64, used: u64) {
+        if let Some(mut b) = self.map.get_mut(key).or_else(|| self.map.get_mut(OVERFLOW_KEY)) {
+            b.balance += reserved as f64 - used as f64;
+            b.balance = b.balance.min(self.capacity);
+        }
+    }
+
+    /// Seconds until a key's bucket is full again.
+    pub fn reset_after(&self, remaining: u64) -> Duration {
+        let missing = (self.capacity - remaining as f64).max(0.0);
+        Duration::from_nanos((missing / self.rate) as u64)
+    }
+
+    pub fn evict_idle(&self) {
+        let now = self.now();
+        self.map.retain(|_, b| {
+            let elapsed = now.saturating_sub(b.at) as f64;
+            b.balance + elapsed * self.rate < self.capacity
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Requests in flight per key; a key with none in flight takes no memory.
+pub struct ConcurrencyStore {
+    map: DashMap<Arc<str>, u32>,
+    pub max: u32,
+    max_keys: usize,
+}
+
+impl ConcurrencyStore {
+    pub fn new(max: u32, max_keys: usize) -> Self {
+        ConcurrencyStore { map: DashMap::new(), max, max_keys }
+    }
+
+    /// Takes a slot, returning the key it was taken under (for the release).
+    pub fn acquire(&self, key: &Arc<str>) -> Option<Arc<str>> {
+        let key = if self.map.len() >= self.max_keys && !self.map.contains_key(key) {
+            Arc::from(OVERFLOW_KEY)
+        } else {
+            Arc::clone(key)
+        };
+        let mut n = self.map.entry(Arc::clone(&key)).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(key)
+    }
+
+    pub fn release(&self, key: &Arc<str>) {
+        self.map.remove_if_mut(key, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+
+    pub fn in_flight(&self, key: &str) -> u32 {
+        self.map.get(key).map_or(0, |n| *n)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+}

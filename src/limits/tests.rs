@@ -1,0 +1,291 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::FakeRelativeClock;
+use http::HeaderMap;
+
+use super::*;
+use crate::clients::Caller;
+use crate::config::{Dur, LimitConfig, MatchConfig, Mode, OnLimit};
+
+fn policy(name: &str, key: &str) -> LimitConfig {
+    LimitConfig {
+        name: name.into(),
+        key: key.into(),
+        requests: None,
+        burst: None,
+        tokens: None,
+        concurrency: None,
+        matches: MatchConfig::default(),
+        mode: Mode::Enforce,
+        on_limit: OnLimit::Reject,
+        max_wait: None,
+        default_tokens: None,
+        max_keys: None,
+    }
+}
+
+fn rate(s: &str) -> Option<Rate> {
+    Some(Rate::try_from(s.to_owned()).unwrap())
+}
+
+fn limits(configs: &[LimitConfig]) -> (Limits<FakeRelativeClock>, FakeRelativeClock) {
+    let clock = FakeRelativeClock::default();
+    let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+    (Limits::with_clock(configs, metrics, clock.clone()), clock)
+}
+
+fn caller(fp: &str) -> Caller {
+    Caller { client: None, key_fingerprint: Some(Arc::from(fp)) }
+}
+
+struct Req {
+    caller: Caller,
+    headers: HeaderMap,
+    model: Option<&'static str>,
+    prompt: u64,
+    max: Option<u64>,
+}
+
+impl Req {
+    fn new(fp: &str) -> Req {
+        Req { caller: caller(fp), headers: HeaderMap::new(), model: Some("gpt-4o"), prompt: 10, max: Some(90) }
+    }
+    fn lr(&self) -> LimitRequest<'_> {
+        LimitRequest {
+            caller: &self.caller,
+            route: Route::ChatCompletions,
+            model: self.model,
+            prompt_tokens: self.prompt,
+            max_tokens: self.max,
+            ip: "127.0.0.1".parse().unwrap(),
+            headers: &self.headers,
+        }
+    }
+}
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+#[test]
+fn burst_then_one_per_interval() {
+    let mut p = policy("p", "api_key");
+    p.requests = rate("6/min");
+    p.burst = Some(3);
+    let (l, clock) = limits(&[p]);
+    let r = Req::new("a");
+    block(async {
+        for _ in 0..3 {
+            assert!(l.check(&r.lr()).await.is_ok());
+        }
+        let Err(GatewayError::RateLimited { retry_after, .. }) = l.check(&r.lr()).await else {
+            panic!("fourth request must be refused")
+        };
+        assert_eq!(retry_after, Duration::from_secs(10));
+        clock.advance(Duration::from_secs(9));
+        assert!(l.check(&r.lr()).await.is_err());
+        clock.advance(Duration::from_secs(1));
+        assert!(l.check(&r.lr()).await.is_ok(), "a retry at Retry-After succeeds");
+        assert!(l.check(&r.lr()).await.is_err());
+        // Another key has its own budget.
+        assert!(l.check(&Req::new("b").lr()).await.is_ok());
+    });
+}
+
+#[test]
+fn admitted_responses_carry_ratelimit_headers() {
+    let mut p = policy("per-key", "api_key");
+    p.requests = rate("10/s");
+    let (l, _) = limits(&[p]);
+    let r = Req::new("a");
+    let a = block(l.check(&r.lr())).unwrap();
+    let h: std::collections::HashMap<_, _> = a.headers.iter().map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned())).collect();
+    assert_eq!(h["ratelimit-policy"], "\"per-key\";q=10;w=1");
+    assert_eq!(h["ratelimit"], "\"per-key\";r=9;t=1");
+}
+
+#[test]
+fn concurrent_tasks_never_exceed_the_quota() {
+    let mut p = policy("g", "global");
+    p.requests = rate("100/h");
+    p.burst = Some(100);
+    let (l, _) = limits(&[p]);
+    let l = Arc::new(l);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).build().unwrap();
+    let admitted = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..50 {
+            let l = Arc::clone(&l);
+            tasks.push(tokio::spawn(async move {
+                let r = Req::new(&format!("k{t}"));
+                let mut ok = 0;
+                for _ in 0..20 {
+                    if l.check(&r.lr()).await.is_ok() {
+                        ok += 1;
+                    }
+                }
+                ok
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        total
+    });
+    assert_eq!(admitted, 100);
+}
+
+#[test]
+fn concurrency_slots_are_released_when_the_permit_drops() {
+    let mut p = policy("c", "api_key");
+    p.concurrency = Some(2);
+    let (l, _) = limits(&[p]);
+    let r = Req::new("a");
+    block(async {
+        let a = l.check(&r.lr()).await.unwrap();
+        let b = l.check(&r.lr()).await.unwrap();
+        assert!(matches!(l.check(&r.lr()).await, Err(GatewayError::ConcurrencyLimited { .. })));
+        drop(a);
+        let c = l.check(&r.lr()).await.unwrap();
+        drop((b, c));
+    });
+    assert_eq!(l.inner.policies[0].concurrency.as_ref().unwrap().len(), 0, "no key left behind");
+}
+
+#[test]
+fn a_refusal_takes_nothing_from_other_policies() {
+    let mut conc = policy("conc", "api_key");
+    conc.concurrency = Some(1);
+    let mut reqs = policy("reqs", "api_key");
+    reqs.requests = rate("2/min");
+    let (l, _) = limits(&[reqs, conc]);
+    let r = Req::new("a");
+    block(async {
+        let held = l.check(&r.lr()).await.unwrap();
+        for _ in 0..5 {
+            assert!(matches!(l.check(&r.lr()).await, Err(GatewayError::ConcurrencyLimited { .. })));
+        }
+        drop(held);
+        // The five concurrency refusals spent no request cells: one of two remains.
+        assert!(l.check(&r.lr()).await.is_ok());
+    });
+}
+
+#[test]
+fn tokens_are_reserved_then_settled() {
+    let mut p = policy("tpm", "api_key");
+    p.tokens = rate("1000/min");
+    let (l, clock) = limits(&[p]);
+    let mut r = Req::new("a");
+    r.prompt = 100;
+    r.max = Some(400);
+    block(async {
+        let a = l.check(&r.lr()).await.unwrap();
+        let b = l.check(&r.lr()).await.unwrap();
+        let Err(GatewayError::TokenRateLimited { retry_after, .. }) = l.check(&r.lr()).await else {
+            panic!("1000 tokens are reserved; a third 500-token request must wait")
+        };
+        assert_eq!(retry_after, Duration::from_secs(30));
+        // The first request really used 100 tokens: 400 come back.
+        a.permit.settle(Some(Usage { prompt: 80, completion: 20 }));
+        assert!(l.check(&r.lr()).await.is_err(), "400 back is not enough for 500");
+        r.max = Some(300);
+        assert!(l.check(&r.lr()).await.is_ok(), "400 back is enough for 400");
+        drop(b);
+        clock.advance(Duration::from_secs(60));
+        assert!(l.check(&r.lr()).await.is_ok());
+    });
+}
+
+#[test]
+fn shadow_mode_counts_but_admits() {
+    let mut p = policy("s", "global");
+    p.requests = rate("1/h");
+    p.mode = Mode::Shadow;
+    let (l, _) = limits(&[p]);
+    let r = Req::new("a");
+    block(async {
+        for _ in 0..5 {
+            assert!(l.check(&r.lr()).await.is_ok());
+        }
+    });
+    let text = String::from_utf8(l.inner.metrics.render()).unwrap();
+    assert!(text.contains("ezgate_ratelimit_decisions_total{decision=\"shadow_limited\",policy=\"s\"} 4"), "{text}");
+}
+
+#[test]
+fn wait_mode_holds_then_admits_or_refuses() {
+    let mut p = policy("w", "global");
+    p.requests = rate("20/s");
+    p.burst = Some(1);
+    p.on_limit = OnLimit::Wait;
+    p.max_wait = Some(Dur(Duration::from_secs(2)));
+    // Real clock: the wait is real sleeping, and short.
+    let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
+    let l = Limits::with_clock(&[p.clone()], Arc::clone(&metrics), governor::clock::DefaultClock::default());
+    let r = Req::new("a");
+    block(async {
+        assert!(l.check(&r.lr()).await.is_ok());
+        assert!(l.check(&r.lr()).await.is_ok(), "held ~50ms, then admitted");
+    });
+    let text = String::from_utf8(metrics.render()).unwrap();
+    assert!(text.contains("decision=\"waited\",policy=\"w\"} 1"), "{text}");
+    p.max_wait = Some(Dur(Duration::from_millis(1)));
+    let l = Limits::with_clock(&[p], metrics, governor::clock::DefaultClock::default());
+    block(async {
+        assert!(l.check(&r.lr()).await.is_ok());
+        assert!(matches!(l.check(&r.lr()).await, Err(GatewayError::RateLimited { .. })));
+    });
+}
+
+#[test]
+fn matches_restrict_policies() {
+    let mut p = policy("m", "global");
+    p.requests = rate("1/h");
+    p.matches.models = vec!["gpt-4o*".into()];
+    let (l, _) = limits(&[p]);
+    let mut r = Req::new("a");
+    block(async {
+        assert!(l.check(&r.lr()).await.is_ok());
+        assert!(l.check(&r.lr()).await.is_err());
+        r.model = Some("text-embedding-3-small");
+        assert!(l.check(&r.lr()).await.is_ok(), "a model outside the match is not limited");
+    });
+}
+
+#[test]
+fn upstream_cooldown_answers_locally_until_retry_after() {
+    let (l, clock) = limits(&[]);
+    let r = Req::new("a");
+    block(async {
+        let a = l.check(&r.lr()).await.unwrap();
+        l.upstream_limited(&a.cooldown_key, Duration::from_secs(3));
+        let Err(GatewayError::UpstreamRateLimited { retry_after }) = l.check(&r.lr()).await else {
+            panic!("must be held back")
+        };
+        assert_eq!(retry_after, Duration::from_secs(3));
+        assert!(l.check(&Req::new("other").lr()).await.is_ok(), "other keys are not held");
+        clock.advance(Duration::from_secs(3));
+        assert!(l.check(&r.lr()).await.is_ok());
+    });
+}
+
+#[test]
+fn keys_are_capped_and_evicted() {
+    let mut p = policy("cap", "api_key");
+    p.requests = rate("10/s");
+    p.max_keys = Some(100);
+    let (l, clock) = limits(&[p]);
+    block(async {
+        for i in 0..10_000 {
+            let _ = l.check(&Req::new(&format!("k{i}")).lr()).await;
+        }
+    });
+    let store = &l.inner.policies[0].requests.as_ref().unwrap().1;
+    assert_eq!(store.len(), 101, "100 keys plus the shared overflow key");
+    clock.advance(Duration::from_secs(2));
+    l.maintain();
+    assert_eq!(store.len(), 0, "idle keys are evicted");
+}

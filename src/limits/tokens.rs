@@ -1,0 +1,131 @@
+//! Token cost of a request: estimated before forwarding from its JSON body, settled later
+//! with the usage the upstream reports.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// What ezgate reads from an OpenAI-style JSON request body.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestInfo {
+    pub model: Option<String>,
+    /// Prompt size estimate: characters of the prompt text / 4, at least 1.
+    pub prompt_tokens: u64,
+    /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, when the request caps it.
+    pub max_tokens: Option<u64>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Estimate used when no policy default applies: prompt + max_tokens (or 0).
+    pub estimated_tokens: u64,
+    pub body_len: usize,
+}
+
+#[derive(Deserialize)]
+struct Doc<'a> {
+    #[serde(default, borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    messages: Option<Value>,
+    #[serde(default)]
+    prompt: Option<Value>,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// Reads model, prompt size and completion cap. A body that is not JSON yields the
+/// defaults (the upstream will refuse it; ezgate does not guess).
+pub fn inspect(body: &[u8]) -> RequestInfo {
+    let Ok(doc) = serde_json::from_slice::<Doc>(body) else {
+        return RequestInfo { body_len: body.len(), ..RequestInfo::default() };
+    };
+    let mut chars = 0usize;
+    for v in [&doc.messages, &doc.prompt, &doc.input].into_iter().flatten() {
+        chars += text_chars(v);
+    }
+    let prompt_tokens = (chars as u64).div_ceil(4).max(1);
+    let max_tokens = doc.max_tokens.or(doc.max_completion_tokens).or(doc.max_output_tokens);
+    RequestInfo {
+        model: doc.model.map(|m| m.chars().take(256).collect()),
+        prompt_tokens,
+        max_tokens,
+        stream: doc.stream.unwrap_or(false),
+        include_usage: doc.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        estimated_tokens: prompt_tokens + max_tokens.unwrap_or(0),
+        body_len: body.len(),
+    }
+}
+
+/// Characters of all strings in a value (message contents, prompt lists, inputs).
+fn text_chars(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.chars().count(),
+        Value::Array(items) => items.iter().map(text_chars).sum(),
+        Value::Object(map) => map
+            .iter()
+            .filter(|(k, _)| k.as_str() != "role" && k.as_str() != "type")
+            .map(|(_, v)| text_chars(v))
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// For a streamed request that did not ask for usage, the body with
+/// `stream_options.include_usage = true`, so the final chunk reports the tokens used.
+pub fn ask_for_stream_usage(body: &Bytes, info: &RequestInfo) -> Option<Bytes> {
+    if !info.stream || info.include_usage {
+        return None;
+    }
+    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    let obj = doc.as_object_mut()?;
+    let opts = obj.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+    opts.as_object_mut()?.insert("include_usage".into(), Value::Bool(true));
+    serde_json::to_vec(&doc).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates_prompt_and_cap() {
+        let body = br#"{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"user","content":"abcdefgh"},{"role":"system","content":[{"type":"text","text":"abcd"}]}]}"#;
+        let info = inspect(body);
+        assert_eq!(info.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(info.prompt_tokens, 3);
+        assert_eq!(info.estimated_tokens, 103);
+        assert!(!info.stream);
+    }
+
+    #[test]
+    fn not_json_is_not_guessed() {
+        let info = inspect(b"{not json");
+        assert_eq!(info.model, None);
+        assert_eq!(info.estimated_tokens, 0);
+    }
+
+    #[test]
+    fn asks_for_usage_on_streams_only() {
+        let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
+        let info = inspect(&body);
+        let new = ask_for_stream_usage(&body, &info).unwrap();
+        assert!(inspect(&new).include_usage);
+        let plain = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
+        assert!(ask_for_stream_usage(&plain, &inspect(&plain)).is_none());
+    }
+}

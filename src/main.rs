@@ -1,0 +1,121 @@
+//! The `ezgate` command: CLI, logging, config, bind, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ezgate::config::{LogFormat, Overrides, Settings};
+use ezgate::server::Listeners;
+
+/// A reverse-proxy sidecar for the EZLINK AI API: rate limits, one error schema, metrics.
+#[derive(Parser)]
+#[command(name = "ezgate", version, about)]
+struct Cli {
+    /// Config file (TOML). Without one, ezgate runs on built-in defaults.
+    #[arg(long, env = "EZGATE_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Proxy listen address [default: 127.0.0.1:8080]
+    #[arg(long, env = "EZGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Admin listen address for /metrics, /healthz, /readyz [default: 127.0.0.1:9090]
+    #[arg(long, env = "EZGATE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Upstream base URL [default: https://api.ezlinkai.com]
+    #[arg(long, env = "EZGATE_UPSTREAM")]
+    upstream: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print the effective config, secrets redacted.
+    CheckConfig,
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides { listen: cli.listen, admin_listen: cli.admin_listen, upstream: cli.upstream.clone() };
+    let settings = match Settings::load(cli.config.as_deref(), &overrides, &env_lookup) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ezgate: invalid configuration\n{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::CheckConfig) = cli.command {
+        print!("{settings}");
+        println!("# configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&settings);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ezgate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(start(settings, cli.config, overrides)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ezgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start(settings: Settings, path: Option<PathBuf>, overrides: Overrides) -> Result<(), String> {
+    let listeners = Listeners::bind(&settings).await?;
+    let proxy_addr = listeners.proxy.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = listeners.admin.local_addr().map_err(|e| e.to_string())?;
+    let scheme = if listeners.tls.is_some() { "https" } else { "http" };
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, %scheme, upstream = %settings.config.upstream.base_url, "ezgate started");
+    // Deliberate, stable lines for scripts and tests that start ezgate on port 0.
+    println!("listening on {proxy_addr}");
+    println!("admin listening on {admin_addr}");
+
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let shutdown = signals(reload_tx)?;
+    let reload: ezgate::Reload = Box::new(move || {
+        Settings::load(path.as_deref(), &overrides, &env_lookup).map_err(|e| e.to_string())
+    });
+    ezgate::run(settings, listeners, shutdown, Some((reload, reload_rx))).await
+}
+
+/// SIGTERM/SIGINT end the returned future; SIGHUP sends a reload request.
+fn signals(reload: tokio::sync::mpsc::Sender<()>) -> Result<impl std::future::Future<Output = ()>, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            let _ = reload.try_send(());
+        }
+    });
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+fn init_logging(settings: &Settings) {
+    let log = &settings.config.log;
+    let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| log.level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true);
+    match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+}

@@ -1,0 +1,253 @@
+//! Prometheus metrics (CONTRACT §6), in an owned registry with handles cached at start.
+//! [`Metrics::record`] is called once per request, from the request's [`Outcome`].
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::outcome::Outcome;
+use crate::route::Route;
+use crate::upstream::FailureKind;
+
+/// From 100 µs to 10 minutes: quick refusals to long streams.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+/// ezgate's own time per request: microseconds normally.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.05, 0.25, 1.0,
+];
+
+/// Models that get their own `model` label value without being named in the config.
+const WELL_KNOWN_MODELS: &[&str] = &[
+    "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4", "gpt-4-turbo",
+    "gpt-3.5-turbo", "gpt-5", "gpt-5-mini", "gpt-5-nano", "o1", "o1-mini", "o3", "o3-mini",
+    "o4-mini", "text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002",
+    "claude-3-5-sonnet", "claude-3-7-sonnet", "claude-sonnet-4", "gemini-2.0-flash",
+    "gemini-2.5-pro", "deepseek-chat", "deepseek-reasoner",
+];
+
+pub const DECISIONS: [&str; 4] = ["allowed", "limited", "shadow_limited", "waited"];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_responses: IntCounterVec,
+    upstream_failures: Vec<IntCounter>,
+    header_duration: Vec<Histogram>,
+    overhead: Vec<Histogram>,
+    gateway_errors: IntCounterVec,
+    ratelimit_decisions: IntCounterVec,
+    ratelimit_keys: IntGaugeVec,
+    inflight: Vec<IntGauge>,
+    tokens: IntCounterVec,
+    models: HashSet<String>,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    /// Builds the registry. `models` are the model names from the config (exact names, not
+    /// globs) that get their own label value.
+    pub fn new(models: impl IntoIterator<Item = String>) -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            opts("ezgate_requests_total", "Responses sent, by route, method, exact status and who produced it."),
+            &["route", "method", "status", "source"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new("ezgate_request_duration_seconds", "Time from request to the end of the response (streams: to the last event).")
+                .buckets(DURATION_BUCKETS.to_vec()),
+            &["route", "status_class"],
+        )?;
+        let upstream_responses = IntCounterVec::new(
+            opts("ezgate_upstream_responses_total", "Responses received from the upstream API, by raw status."),
+            &["status"],
+        )?;
+        let failures_vec = IntCounterVec::new(
+            opts("ezgate_upstream_failures_total", "Upstream exchanges that failed without a usable response, by kind."),
+            &["kind"],
+        )?;
+        let header_vec = HistogramVec::new(
+            HistogramOpts::new("ezgate_upstream_header_duration_seconds", "Time from sending a request upstream to its response headers.")
+                .buckets(DURATION_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let overhead_vec = HistogramVec::new(
+            HistogramOpts::new("ezgate_overhead_seconds", "Time spent in ezgate itself: total time to response headers minus time waiting on the upstream.")
+                .buckets(OVERHEAD_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let gateway_errors = IntCounterVec::new(
+            opts("ezgate_gateway_errors_total", "Errors ezgate produced itself, by gateway error code."),
+            &["code"],
+        )?;
+        let ratelimit_decisions = IntCounterVec::new(
+            opts("ezgate_ratelimit_decisions_total", "Rate-limit decisions, by policy and decision."),
+            &["policy", "decision"],
+        )?;
+        let ratelimit_keys = IntGaugeVec::new(
+            opts("ezgate_ratelimit_keys", "Keys currently tracked by each rate-limit policy."),
+            &["policy"],
+        )?;
+        let inflight_vec = IntGaugeVec::new(
+            opts("ezgate_inflight_requests", "Requests in flight, by route."),
+            &["route"],
+        )?;
+        let tokens = IntCounterVec::new(
+            opts("ezgate_tokens_total", "Tokens reported by the upstream, by model and kind."),
+            &["model", "kind"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            opts("ezgate_build_info", "Always 1; the version label says which ezgate runs."),
+            &["version"],
+        )?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(requests.clone()),
+            Box::new(duration.clone()),
+            Box::new(upstream_responses.clone()),
+            Box::new(failures_vec.clone()),
+            Box::new(header_vec.clone()),
+            Box::new(overhead_vec.clone()),
+            Box::new(gateway_errors.clone()),
+            Box::new(ratelimit_decisions.clone()),
+            Box::new(ratelimit_keys.clone()),
+            Box::new(inflight_vec.clone()),
+            Box::new(tokens.clone()),
+            Box::new(build_info),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for c in collectors {
+            registry.register(c)?;
+        }
+        let per_route = |v: &HistogramVec| -> Vec<Histogram> {
+            Route::ALL.iter().map(|r| v.with_label_values(&[r.as_str()])).collect()
+        };
+        let header_duration = per_route(&header_vec);
+        let overhead = per_route(&overhead_vec);
+        let inflight = Route::ALL.iter().map(|r| inflight_vec.with_label_values(&[r.as_str()])).collect();
+        let upstream_failures =
+            FailureKind::ALL.iter().map(|k| failures_vec.with_label_values(&[k.as_str()])).collect();
+        let models = models.into_iter().filter(|m| !m.contains(['*', '?'])).collect();
+        Ok(Metrics {
+            registry,
+            requests,
+            duration,
+            upstream_responses,
+            upstream_failures,
+            header_duration,
+            overhead,
+            gateway_errors,
+            ratelimit_decisions,
+            ratelimit_keys,
+            inflight,
+            tokens,
+            models,
+        })
+    }
+
+    fn route_index(route: Route) -> usize {
+        Route::ALL.iter().position(|r| *r == route).unwrap_or(Route::ALL.len() - 1)
+    }
+
+    pub fn inflight(&self, route: Route) -> &IntGauge {
+        &self.inflight[Self::route_index(route)]
+    }
+
+    /// Counts one finished request: its response, its errors, its tokens.
+    pub fn record(&self, o: &Outcome, duration: Duration) {
+        let route = o.route.as_str();
+        let status = status_code(o.status);
+        self.requests.with_label_values(&[route, o.method, status.as_str(), o.source.as_str()]).inc();
+        self.duration
+            .with_label_values(&[route, status_class(o.status)])
+            .observe(duration.as_secs_f64());
+        let idx = Self::route_index(o.route);
+        if let Some(h) = o.header_wait {
+            self.header_duration[idx].observe(h.as_secs_f64());
+        }
+        if o.responded.is_some() {
+            self.overhead[idx].observe(o.overhead().as_secs_f64());
+        }
+        if let Some(s) = o.upstream_status {
+            self.upstream_responses.with_label_values(&[status_code(s).as_str()]).inc();
+        }
+        if let Some(kind) = o.upstream_failure {
+            let i = FailureKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+            self.upstream_failures[i].inc();
+        }
+        if let Some(code) = o.gateway_code {
+            self.gateway_errors.with_label_values(&[code]).inc();
+        }
+        if let Some(usage) = o.usage {
+            let model = self.model_label(o.model.as_deref());
+            self.tokens.with_label_values(&[model, "prompt"]).inc_by(usage.prompt);
+            self.tokens.with_label_values(&[model, "completion"]).inc_by(usage.completion);
+        }
+    }
+
+    pub fn ratelimit_decision(&self, policy: &str, decision: &'static str) {
+        self.ratelimit_decisions.with_label_values(&[policy, decision]).inc();
+    }
+
+    pub fn ratelimit_keys(&self, policy: &str, keys: usize) {
+        self.ratelimit_keys.with_label_values(&[policy]).set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    /// A configured or well-known model name, else `other`: never free text from a request.
+    pub fn model_label<'a>(&'a self, model: Option<&'a str>) -> &'a str {
+        let Some(m) = model else { return "other" };
+        if let Some(known) = self.models.get(m) {
+            return known;
+        }
+        let base = strip_snapshot_date(m);
+        WELL_KNOWN_MODELS.iter().find(|k| **k == base).copied().unwrap_or("other")
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec only fails on invalid metric families, which we never build.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+/// `gpt-4o-2024-08-06` → `gpt-4o`.
+fn strip_snapshot_date(m: &str) -> &str {
+    let b = m.as_bytes();
+    if b.len() > 11 && b[b.len() - 11] == b'-' {
+        let date = &m[m.len() - 10..];
+        let ok = date.bytes().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == b'-' } else { c.is_ascii_digit() });
+        if ok {
+            return &m[..m.len() - 11];
+        }
+    }
+    m
+}
+
+fn status_code(status: u16) -> http::StatusCode {
+    http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY)
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,156 @@
+//! What happened to one request. Filled in along the request path, then counted and logged
+//! exactly once, when it drops: after the response body ended, or when the client went away
+//! (then it is a `499` from the gateway, the nginx convention).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::errors::{GatewayError, Source};
+use crate::limits::Permit;
+use crate::metrics::Metrics;
+use crate::route::Route;
+use crate::upstream::FailureKind;
+
+/// Status recorded for a request whose client disconnected before the response finished.
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Token usage reported by the upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+pub struct Outcome {
+    pub started: Instant,
+    pub request_id: String,
+    pub method: &'static str,
+    pub route: Route,
+    pub status: u16,
+    pub source: Source,
+    /// The gateway error code, when ezgate produced or ended the response with an error.
+    pub gateway_code: Option<&'static str>,
+    /// The upstream's own error code, when it sent one.
+    pub upstream_code: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub upstream_failure: Option<FailureKind>,
+    /// Time spent waiting for the upstream: response headers, and error bodies ezgate read.
+    pub upstream_wait: Duration,
+    /// When ezgate handed its response headers to the client.
+    pub responded: Option<Instant>,
+    pub header_wait: Option<Duration>,
+    pub bytes_out: u64,
+    pub caller: Option<Arc<str>>,
+    pub model: Option<String>,
+    pub usage: Option<Usage>,
+    pub permit: Option<Permit>,
+    /// The request's place under `server.max_inflight`.
+    pub slot: Option<crate::proxy::InflightSlot>,
+    /// Set once the response reached its end (or its final error event).
+    pub finished: bool,
+    metrics: Arc<Metrics>,
+    access_log: bool,
+}
+
+impl Outcome {
+    pub fn start(
+        metrics: Arc<Metrics>,
+        access_log: bool,
+        request_id: String,
+        method: &http::Method,
+        route: Route,
+    ) -> Outcome {
+        metrics.inflight(route).inc();
+        Outcome {
+            started: Instant::now(),
+            request_id,
+            method: method_label(method),
+            route,
+            status: 0,
+            source: Source::Gateway,
+            gateway_code: None,
+            upstream_code: None,
+            upstream_status: None,
+            upstream_failure: None,
+            upstream_wait: Duration::ZERO,
+            responded: None,
+            header_wait: None,
+            bytes_out: 0,
+            caller: None,
+            model: None,
+            usage: None,
+            permit: None,
+            slot: None,
+            finished: false,
+            metrics,
+            access_log,
+        }
+    }
+
+    /// Notes a gateway error as the response (or the end of a stream).
+    pub fn gateway_error(&mut self, err: &GatewayError) {
+        self.gateway_code = Some(err.code());
+    }
+
+    /// Time spent in ezgate itself, up to the response headers, not waiting on the upstream.
+    pub fn overhead(&self) -> Duration {
+        let until = self.responded.unwrap_or_else(Instant::now);
+        until.saturating_duration_since(self.started).saturating_sub(self.upstream_wait)
+    }
+
+    fn log(&self, duration: Duration) {
+        if !self.access_log {
+            return;
+        }
+        let code = self.gateway_code.or(self.upstream_code.as_deref()).unwrap_or("");
+        let code = if self.status == CLIENT_CLOSED { "client_closed_request" } else { code };
+        tracing::info!(
+            target: "ezgate::access",
+            request_id = %self.request_id,
+            method = self.method,
+            route = self.route.as_str(),
+            status = self.status,
+            source = self.source.as_str(),
+            code,
+            upstream_status = self.upstream_status,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            upstream_ms = self.upstream_wait.as_secs_f64() * 1000.0,
+            bytes = self.bytes_out,
+            client = self.caller.as_deref(),
+            model = self.model.as_deref(),
+            prompt_tokens = self.usage.map(|u| u.prompt),
+            completion_tokens = self.usage.map(|u| u.completion),
+        );
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.status = CLIENT_CLOSED;
+            self.source = Source::Gateway;
+            self.gateway_code = None;
+        }
+        if let Some(permit) = self.permit.take() {
+            permit.settle(self.usage);
+        }
+        let duration = self.started.elapsed();
+        self.metrics.inflight(self.route).dec();
+        self.metrics.record(self, duration);
+        self.log(duration);
+    }
+}
+
+/// The bounded `method` label.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}

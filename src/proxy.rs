@@ -1,0 +1,464 @@
+//! THE request path: identify → limit → forward → respond → record.
+//!
+//! [`serve`] is the service for every proxied request. It starts the request's [`Outcome`],
+//! runs [`handle`] (catching a panic inside it), renders any [`GatewayError`] in the one error
+//! schema, and hands the outcome to the response body, which records it when it ends.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::clients::{Caller, Clients};
+use crate::config::Settings;
+use crate::errors::{self, upstream::MAX_ERROR_BODY, GatewayError, Source};
+use crate::headers::{self, X_REQUEST_ID};
+use crate::limits::{LimitRequest, Limits};
+use crate::metrics::Metrics;
+use crate::outcome::Outcome;
+use crate::route::Route;
+use crate::stream::{ResponseBody, Watch};
+use crate::upstream::{RequestBody, Upstream};
+
+/// Everything a request needs that a config reload replaces at once.
+pub struct State {
+    pub settings: Settings,
+    pub upstream: Upstream,
+    pub clients: Clients,
+    pub limits: Limits,
+    api_key: Option<HeaderValue>,
+}
+
+impl State {
+    pub fn build(settings: Settings, metrics: &Arc<Metrics>) -> Result<State, String> {
+        let upstream = Upstream::new(&settings)?;
+        let clients = Clients::new(&settings.config.clients);
+        let limits = Limits::new(&settings.config.limits, Arc::clone(metrics));
+        let api_key = match &settings.config.upstream.api_key {
+            Some(k) => {
+                let mut v = HeaderValue::from_str(&format!("Bearer {}", k.expose()))
+                    .map_err(|_| "upstream.api_key: contains characters not allowed in a header".to_owned())?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(State { settings, upstream, clients, limits, api_key })
+    }
+}
+
+/// The gateway: current state (swapped on reload), metrics, drain flag, in-flight count.
+pub struct Gateway {
+    state: RwLock<Arc<State>>,
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    inflight: Arc<AtomicU32>,
+}
+
+impl Gateway {
+    pub fn new(state: State, metrics: Arc<Metrics>) -> Gateway {
+        Gateway {
+            state: RwLock::new(Arc::new(state)),
+            metrics,
+            draining: AtomicBool::new(false),
+            inflight: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        match self.state.read() {
+            Ok(s) => Arc::clone(&s),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Applies a reloaded config to new requests; requests in flight keep the old one.
+    pub fn replace(&self, state: State) {
+        let new = Arc::new(state);
+        match self.state.write() {
+            Ok(mut s) => *s = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Holds one of `server.max_inflight` places until the response ends.
+pub struct InflightSlot(Arc<AtomicU32>);
+
+impl Drop for InflightSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The service for every proxied request.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let state = gw.state();
+    let route = Route::from_path(req.uri().path());
+    let request_id = headers::client_request_id(req.headers())
+        .map(str::to_owned)
+        .unwrap_or_else(headers::new_request_id);
+    let access_log = state.settings.config.log.access_log;
+    let mut out = Outcome::start(Arc::clone(&gw.metrics), access_log, request_id, req.method(), route);
+    let result = CatchUnwind { inner: handle(&gw, &state, req, peer, &mut out) }.await;
+    let mut resp = match result {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(err)) => error_response(&err, &mut out),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(request_id = %out.request_id, panic = %what, "request handler panicked");
+            error_response(&GatewayError::Internal("the request handler failed unexpectedly".into()), &mut out)
+        }
+    };
+    out.responded = Some(Instant::now());
+    resp.body_mut().attach(out);
+    Ok(resp)
+}
+
+fn error_response(err: &GatewayError, out: &mut Outcome) -> Response<ResponseBody> {
+    out.status = err.status().as_u16();
+    out.source = Source::Gateway;
+    out.gateway_error(err);
+    let (status, headers, body) = errors::render(err, &out.request_id);
+    with_parts(status, headers, ResponseBody::full(body))
+}
+
+fn with_parts(status: StatusCode, headers: HeaderMap, body: ResponseBody) -> Response<ResponseBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+async fn handle(
+    gw: &Gateway,
+    state: &State,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    out: &mut Outcome,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let cfg = &state.settings.config;
+    if req.method() == Method::CONNECT {
+        return Err(GatewayError::MethodNotAllowed("CONNECT".into()));
+    }
+    if gw.is_draining() {
+        return Err(GatewayError::ShuttingDown);
+    }
+    if gw.inflight.fetch_add(1, Ordering::Relaxed) >= cfg.server.max_inflight {
+        gw.inflight.fetch_sub(1, Ordering::Relaxed);
+        return Err(GatewayError::Overloaded(format!(
+            "{} requests already in flight (server.max_inflight)",
+            cfg.server.max_inflight
+        )));
+    }
+    out.slot = Some(InflightSlot(Arc::clone(&gw.inflight)));
+
+    // Identify: who is asking.
+    let caller = state.clients.identify(req.headers())?;
+    out.caller = caller.label().map(Arc::from);
+    let (mut parts, body) = req.into_parts();
+    let max_body = cfg.server.max_request_body.0;
+    if content_length(&parts.headers).is_some_and(|len| len > max_body) {
+        return Err(GatewayError::PayloadTooLarge { limit: max_body });
+    }
+    let wants_model = out.route.carries_tokens()
+        && parts.method == Method::POST
+        && is_json(&parts.headers)
+        && (state.limits.needs_body() || caller.client.as_ref().is_some_and(|c| c.has_model_list()));
+    let (body, request) = if wants_model {
+        let bytes = read_request_body(body, max_body).await?;
+        let mut request = crate::limits::tokens::inspect(&bytes);
+        let bytes = if state.limits.needs_usage() {
+            crate::limits::tokens::ask_for_stream_usage(&bytes, &request).unwrap_or(bytes)
+        } else {
+            bytes
+        };
+        request.body_len = bytes.len();
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        (RequestBody::full(bytes), Some(request))
+    } else {
+        (RequestBody::stream(body, max_body), None)
+    };
+    let model = request.as_ref().and_then(|r| r.model.clone());
+    if let (Some(client), Some(_)) = (&caller.client, &request) {
+        client.check_model(model.as_deref())?;
+    }
+    out.model = model;
+
+    // Limit: every policy that covers this request must admit it.
+    let limit_request = LimitRequest {
+        caller: &caller,
+        route: out.route,
+        model: out.model.as_deref(),
+        prompt_tokens: request.as_ref().map_or(0, |r| r.prompt_tokens),
+        max_tokens: request.as_ref().and_then(|r| r.max_tokens),
+        ip: peer.ip(),
+        headers: &parts.headers,
+    };
+    let admission = state.limits.check(&limit_request).await?;
+
+    // Forward.
+    let uri = state.upstream.target(parts.uri.path_and_query())?;
+    rewrite_request(&mut parts.headers, state, &out.request_id, peer, &caller);
+    let mut up_req = Request::new(body);
+    *up_req.method_mut() = parts.method;
+    *up_req.uri_mut() = uri;
+    *up_req.headers_mut() = parts.headers;
+    let sent = Instant::now();
+    let result = state.upstream.send(up_req).await;
+    let waited = sent.elapsed();
+    out.upstream_wait = waited;
+    out.header_wait = Some(waited);
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(failure) => {
+            out.upstream_failure = failure.kind;
+            return Err(failure.error);
+        }
+    };
+
+    // Respond.
+    let status = resp.status();
+    out.status = status.as_u16();
+    out.source = Source::Upstream;
+    out.upstream_status = Some(status.as_u16());
+    let cooldown_key = admission.cooldown_key.clone();
+    out.permit = Some(admission.permit);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        if let Some(wait) = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after) {
+            state.limits.upstream_limited(&cooldown_key, wait);
+        }
+    }
+    let (mut rparts, incoming) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut rparts.headers);
+    if let Some(theirs) = rparts.headers.remove(X_REQUEST_ID) {
+        rparts.headers.insert("x-upstream-request-id", theirs);
+    }
+    if let Ok(v) = HeaderValue::from_str(&out.request_id) {
+        rparts.headers.insert(X_REQUEST_ID, v);
+    }
+    for (name, value) in admission.headers {
+        rparts.headers.insert(name, value);
+    }
+    if status.as_u16() >= 400 {
+        return Ok(upstream_error(rparts.status, rparts.headers, incoming, state, out).await);
+    }
+    let watch = if is_event_stream(&rparts.headers) {
+        Watch::Sse
+    } else if out.route.carries_tokens() && is_json(&rparts.headers) && !rparts.headers.contains_key(CONTENT_ENCODING) {
+        Watch::JsonUsage
+    } else {
+        Watch::Nothing
+    };
+    let idle = cfg.upstream.stream_idle_timeout.0;
+    let body = ResponseBody::upstream(incoming, idle, watch, out.request_id.clone());
+    Ok(with_parts(rparts.status, rparts.headers, body))
+}
+
+fn rewrite_request(h: &mut HeaderMap, state: &State, request_id: &str, peer: SocketAddr, caller: &Caller) {
+    headers::strip_hop_by_hop(h);
+    h.remove(HOST);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(X_REQUEST_ID, v);
+    }
+    headers::append_forwarded_for(h, peer.ip());
+    if let Some(key) = &state.api_key {
+        h.insert(AUTHORIZATION, key.clone());
+    }
+    let _ = caller;
+}
+
+/// Reads an upstream error body (at most [`MAX_ERROR_BODY`]), maps it to the schema and
+/// builds the response. Upstream status, `Retry-After` and `x-ratelimit-*` are kept.
+async fn upstream_error(
+    status: StatusCode,
+    mut headers: HeaderMap,
+    body: Incoming,
+    state: &State,
+    out: &mut Outcome,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let idle = state.settings.config.upstream.stream_idle_timeout.0;
+    let (raw, truncated) = match tokio::time::timeout(idle, read_capped(body, MAX_ERROR_BODY)).await {
+        Ok(read) => read,
+        Err(_) => (Vec::new(), false),
+    };
+    out.upstream_wait += started.elapsed();
+    let encoding = headers.get(CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let ctype = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut body = errors::upstream::normalize(
+        status.as_u16(),
+        encoding.as_deref(),
+        ctype.as_deref(),
+        &raw,
+        truncated,
+        &out.request_id,
+    );
+    let retry = headers.get(RETRY_AFTER).and_then(parse_retry_after);
+    body.retry_after_ms = retry.map(errors::duration_ms);
+    out.upstream_code = body.code.clone();
+    for h in [CONTENT_LENGTH, CONTENT_ENCODING, CONTENT_TYPE, http::header::ETAG, http::header::LAST_MODIFIED] {
+        headers.remove(h);
+    }
+    let retryable = headers.get("x-should-retry").is_none_or(|v| v != "false");
+    let keep_retry_after = headers.get(RETRY_AFTER).cloned();
+    let (status, mut headers, bytes) = body.into_parts(headers, retryable);
+    if let Some(v) = keep_retry_after {
+        headers.insert(RETRY_AFTER, v);
+    }
+    with_parts(status, headers, ResponseBody::full(bytes))
+}
+
+/// Reads up to `cap` bytes of a body; whatever follows is left unread and dropped.
+async fn read_capped(mut body: Incoming, cap: usize) -> (Vec<u8>, bool) {
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Some(data) = frame.data_ref() {
+            let room = cap - buf.len();
+            if data.len() > room {
+                buf.extend_from_slice(&data[..room]);
+                return (buf, true);
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    (buf, false)
+}
+
+/// Buffers a JSON request body (needed to see its model and size), refusing it past `max`.
+async fn read_request_body(mut body: Incoming, max: u64) -> Result<Bytes, GatewayError> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| GatewayError::BadRequest(format!("the request body could not be read ({e})")))?;
+        if let Some(data) = frame.data_ref() {
+            if (buf.len() + data.len()) as u64 > max {
+                return Err(GatewayError::PayloadTooLarge { limit: max });
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn is_json(h: &HeaderMap) -> bool {
+    h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.contains("json"))
+}
+
+fn is_event_stream(h: &HeaderMap) -> bool {
+    h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("text/event-stream"))
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date (in the future), capped at one day.
+pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let when = httpdate_parse(s)?;
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or_default().min(Duration::from_secs(86_400)))
+}
+
+/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form RFC 9110 requires senders to use.
+fn httpdate_parse(s: &str) -> Option<std::time::SystemTime> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 || parts[5] != "GMT" {
+        return None;
+    }
+    let day: u64 = parts[1].parse().ok()?;
+    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+        .iter()
+        .position(|m| *m == parts[2])? as u64
+        + 1;
+    let year: u64 = parts[3].parse().ok()?;
+    let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
+    if hms.len() != 3 || !(1970..=9999).contains(&year) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days since the epoch (civil from Howard Hinnant's algorithm).
+    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe;
+    let days = days.checked_sub(719_468)?;
+    let secs = days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2];
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+pin_project_lite::pin_project! {
+    /// Runs a future and turns a panic inside it into an error value.
+    struct CatchUnwind<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("3")), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("0.5")), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT")), Some(Duration::ZERO));
+        assert_eq!(
+            httpdate_parse("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(std::time::UNIX_EPOCH + Duration::from_secs(784_111_777))
+        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+        assert!(parse_retry_after(&HeaderValue::from_static("99999999")).is_some_and(|d| d.as_secs() == 86_400));
+    }
+
+    #[test]
+    fn timeout_phase_names_the_setting() {
+        let e = GatewayError::UpstreamTimeout(crate::errors::TimeoutPhase::Headers, Duration::from_secs(2));
+        assert!(e.to_string().contains("upstream.response_timeout"));
+    }
+}

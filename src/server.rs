@@ -1,0 +1,182 @@
+//! Listeners and connections: the proxy listener (HTTP/1.1 + h2c, or TLS with ALPN h2 and
+//! http/1.1), the admin listener, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Settings, TlsConfig};
+use crate::proxy::{self, Gateway};
+
+/// Largest request head (request line + headers) a client may send; beyond it: 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sockets bound before the gateway starts; binding is the last step of startup that can fail.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Listeners {
+    pub async fn bind(settings: &Settings) -> Result<Listeners, String> {
+        let s = &settings.config.server;
+        // Build TLS first: a bad certificate must fail before anything is bound.
+        let tls = match &s.tls {
+            Some(cfg) => Some(tls_acceptor(cfg)?),
+            None => None,
+        };
+        let proxy = TcpListener::bind(s.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (server.listen / --listen): {e}", s.listen))?;
+        let admin = TcpListener::bind(s.admin_listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (server.admin_listen / --admin-listen): {e}", s.admin_listen))?;
+        Ok(Listeners { proxy, admin, tls })
+    }
+}
+
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect();
+    let certs = certs.map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificates found", path.display()));
+    }
+    Ok(certs)
+}
+
+pub fn tls_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
+    let certs = read_certs(&cfg.cert).map_err(|e| format!("server.tls.cert: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key)
+        .map_err(|e| format!("server.tls.key: {}: {e}", cfg.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("server.tls: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server.tls: certificate and key do not form a usable pair: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.config.server.header_read_timeout.0)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1000)
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
+    builder
+}
+
+/// Accepts proxy connections until `shutdown` resolves, then drains: `/readyz` turns 503,
+/// the listener closes, and open connections get `grace` to finish their requests.
+pub async fn serve_proxy(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = connection_builder(&gw.state().settings);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let gw = Arc::clone(&gw);
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
+            match tls {
+                None => {
+                    let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await;
+                }
+                Some(acceptor) => {
+                    let Some(tls_stream) = handshake(&acceptor, stream, peer).await else { return };
+                    let _ = watcher.watch(builder.serve_connection(TokioIo::new(tls_stream), svc)).await;
+                }
+            }
+        });
+    }
+    gw.drain();
+    drop(listener);
+    tracing::info!(grace = ?grace, "shutting down: listener closed, draining in-flight requests");
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections finished"),
+        Err(_) => tracing::warn!(grace = ?grace, "server.shutdown_grace elapsed; closing remaining connections"),
+    }
+}
+
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Serves the admin listener (`/metrics`, `/healthz`, `/readyz`) until the task is dropped.
+pub async fn serve_admin(gw: Arc<Gateway>, listener: TcpListener) {
+    let builder = {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+        b
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let gw = Arc::clone(&gw);
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| crate::admin::serve(Arc::clone(&gw), req));
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

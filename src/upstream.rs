@@ -1,0 +1,305 @@
+//! The upstream side: one pooled hyper client over rustls (ALPN h2/http1.1), the request
+//! body type, timeouts, and the one place where client errors are classified.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{Settings, UpstreamConfig};
+use crate::errors::{GatewayError, TimeoutPhase};
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Why an upstream exchange failed: the `kind` label of `ezgate_upstream_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    Connect,
+    Tls,
+    Timeout,
+    Reset,
+    Protocol,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 5] = [
+        FailureKind::Connect,
+        FailureKind::Tls,
+        FailureKind::Timeout,
+        FailureKind::Reset,
+        FailureKind::Protocol,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Tls => "tls",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Reset => "reset",
+            FailureKind::Protocol => "protocol",
+        }
+    }
+}
+
+/// An upstream failure: what the client is told, and what the metrics count.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: GatewayError,
+    pub kind: Option<FailureKind>,
+}
+
+/// The request body sent upstream: the client's body streamed through a size cap, or a body
+/// ezgate already holds.
+pub struct RequestBody {
+    inner: Inner,
+    seen: u64,
+    max: u64,
+}
+
+enum Inner {
+    Stream(Incoming),
+    Full(Option<Bytes>),
+}
+
+/// The client's body went over `server.max_request_body` while streaming.
+#[derive(Debug)]
+pub struct BodyTooLarge(pub u64);
+
+impl fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "request body exceeds {} bytes", self.0)
+    }
+}
+
+impl StdError for BodyTooLarge {}
+
+impl RequestBody {
+    pub fn stream(body: Incoming, max: u64) -> Self {
+        RequestBody { inner: Inner::Stream(body), seen: 0, max }
+    }
+
+    pub fn full(bytes: Bytes) -> Self {
+        RequestBody { inner: Inner::Full(Some(bytes)), seen: 0, max: u64::MAX }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Stream(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.seen += data.len() as u64;
+                        if this.seen > this.max {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.max)))));
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Stream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Stream(body) => body.size_hint(),
+        }
+    }
+}
+
+/// The pooled upstream client and where it points.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// A path prefix from `base_url` (e.g. `/openai`), without a trailing slash.
+    prefix: String,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(settings: &Settings) -> Result<Upstream, String> {
+        let cfg: &UpstreamConfig = &settings.config.upstream;
+        let uri = &settings.upstream_uri;
+        let tls = tls_config(cfg)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout.0));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout.0)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .build(https);
+        let scheme = uri.scheme().cloned().ok_or("upstream.base_url has no scheme")?;
+        let authority = uri.authority().cloned().ok_or("upstream.base_url has no host")?;
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(Upstream {
+            client,
+            scheme,
+            authority,
+            prefix,
+            response_timeout: cfg.response_timeout.0,
+            connect_timeout: cfg.connect_timeout.0,
+        })
+    }
+
+    /// The upstream URI for a client's path and query. Only ever the configured host:
+    /// whatever authority the client named is ignored (ezgate is never an open proxy).
+    pub fn target(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, GatewayError> {
+        let pq = path_and_query.map(PathAndQuery::as_str).unwrap_or("/");
+        let pq = if self.prefix.is_empty() {
+            PathAndQuery::try_from(pq)
+        } else {
+            PathAndQuery::try_from(format!("{}{pq}", self.prefix))
+        }
+        .map_err(|_| GatewayError::BadRequest("the request target is not a valid path".into()))?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| GatewayError::BadRequest("the request target is not a valid path".into()))
+    }
+
+    /// Sends the request; resolves when the upstream's response headers arrive.
+    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, Failure> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(&e, self.connect_timeout)),
+            Err(_) => Err(Failure {
+                error: GatewayError::UpstreamTimeout(TimeoutPhase::Headers, self.response_timeout),
+                kind: Some(FailureKind::Timeout),
+            }),
+        }
+    }
+}
+
+fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A broken system certificate is skipped; the bundled roots remain.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = &cfg.ca_file {
+        let certs = crate::server::read_certs(path)
+            .map_err(|e| format!("upstream.ca_file: {e}"))?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("upstream.ca_file: {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| format!("upstream TLS setup failed: {e}"))
+}
+
+/// The one place upstream client errors become a gateway error and a failure kind, by
+/// walking the error's sources.
+pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Failure {
+    let mut is_connect = false;
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    let mut detail = err.to_string();
+    while let Some(e) = source {
+        if let Some(too_large) = e.downcast_ref::<BodyTooLarge>() {
+            return Failure { error: GatewayError::PayloadTooLarge { limit: too_large.0 }, kind: None };
+        }
+        if let Some(ce) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            is_connect |= ce.is_connect();
+        }
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Failure {
+                error: GatewayError::UpstreamUnreachable(format!("TLS handshake failed ({tls})")),
+                kind: Some(FailureKind::Tls),
+            };
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return Failure {
+                    error: GatewayError::UpstreamUnreachable(format!("TLS handshake failed ({tls})")),
+                    kind: Some(FailureKind::Tls),
+                };
+            }
+            if io.kind() == std::io::ErrorKind::TimedOut && is_connect {
+                return Failure {
+                    error: GatewayError::UpstreamTimeout(TimeoutPhase::Connect, connect_timeout),
+                    kind: Some(FailureKind::Timeout),
+                };
+            }
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() {
+                return Failure {
+                    error: GatewayError::UpstreamBadResponse(format!("malformed HTTP ({h})")),
+                    kind: Some(FailureKind::Protocol),
+                };
+            }
+            if h.is_timeout() {
+                return Failure {
+                    error: GatewayError::UpstreamTimeout(TimeoutPhase::Headers, connect_timeout),
+                    kind: Some(FailureKind::Timeout),
+                };
+            }
+        }
+        detail = e.to_string();
+        source = e.source();
+    }
+    if is_connect {
+        let what = if detail.contains("dns") || detail.contains("resolve") || detail.contains("lookup") {
+            format!("DNS lookup failed ({detail})")
+        } else {
+            format!("connection failed ({detail})")
+        };
+        return Failure { error: GatewayError::UpstreamUnreachable(what), kind: Some(FailureKind::Connect) };
+    }
+    Failure {
+        error: GatewayError::UpstreamBadResponse(format!("connection lost before a complete response ({detail})")),
+        kind: Some(FailureKind::Reset),
+    }
+}
