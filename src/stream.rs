@@ -121,7 +121,11 @@ impl ResponseBody {
     }
 
     /// Hands the request's outcome to the body; it is recorded when the body finishes.
-    pub fn attach(&mut self, outcome: Outcome) {
+    pub fn attach(&mut self, mut outcome: Outcome) {
+        // hyper never polls a body that is empty from the start: it is complete as it is.
+        if self.is_end_stream() {
+            outcome.finished = true;
+        }
         self.outcome = Some(Box::new(outcome));
     }
 
@@ -254,6 +258,8 @@ impl Body for ResponseBody {
                         if let Some(o) = this.outcome.as_deref_mut() {
                             o.bytes_out += bytes.len() as u64;
                         }
+                        // The only frame is the last: hyper will not poll again.
+                        this.finish();
                         return Poll::Ready(Some(Ok(Frame::data(bytes))));
                     }
                     None => {
@@ -271,6 +277,10 @@ impl Body for ResponseBody {
                 }
                 if let Some(data) = frame.data_ref() {
                     this.observe(data);
+                }
+                // hyper stops polling once the body says it has ended (known length).
+                if matches!(&this.inner, Inner::Upstream(b) if b.is_end_stream()) {
+                    this.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -315,7 +325,7 @@ impl Body for ResponseBody {
         }
         match &self.inner {
             Inner::Full(b) => b.is_none(),
-            Inner::Upstream(_) => false,
+            Inner::Upstream(b) => b.is_end_stream(),
         }
     }
 

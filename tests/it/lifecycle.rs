@@ -1,0 +1,137 @@
+//! CLI, config errors, graceful shutdown, reload.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+use crate::harness::*;
+
+fn ezgate(args: &[&str], config: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(bin("ezgate"));
+    if let Some(text) = config {
+        let path = scratch_dir().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        cmd.arg("--config").arg(path);
+    }
+    cmd.args(args).env_remove("EZLINK_API_KEY").env_remove("EZGATE_CONFIG");
+    cmd.output().unwrap()
+}
+
+#[test]
+fn version_and_help() {
+    let out = ezgate(&["--version"], None);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("ezgate {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn bad_configs_exit_non_zero_naming_file_key_and_problem() {
+    let cases = [
+        ("[server]\nlisten = \"127.0.0.1:1\"\nport = 3\n", "server.port: unknown field `port`"),
+        ("[upstream]\nconnect_timeout = 5\n", "upstream.connect_timeout: invalid type: integer `5`"),
+        ("[upstream]\nresponse_timeout = \"2 fortnights\"\n", "upstream.response_timeout: \"2 fortnights\" is not a duration"),
+        ("[upstream]\napi_key = \"${EZGATE_TEST_SURELY_UNSET}\"\n", "upstream.api_key: environment variable EZGATE_TEST_SURELY_UNSET is not set"),
+        ("[[limits]]\nname = \"x\"\nkey = \"global\"\nrequests = \"5/fortnight\"\n", "limits[0].requests: \"5/fortnight\" is not a rate"),
+        (
+            "[[limits]]\nname = \"x\"\nkey = \"global\"\nrequests = \"5/s\"\n[[limits]]\nname = \"x\"\nkey = \"ip\"\nrequests = \"5/s\"\n",
+            "limits[1] (\"x\").name: duplicate policy name",
+        ),
+        ("this is not toml", "bad.toml"),
+    ];
+    for (text, want) in cases {
+        let out = ezgate(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], Some(text));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains("bad.toml: ") && err.contains(want), "{text}:\n{err}");
+        assert!(out.stdout.is_empty(), "nothing was bound or announced");
+    }
+}
+
+#[test]
+fn check_config_prints_the_effective_config_redacted() {
+    let dir = scratch_dir();
+    let path = dir.join("ezgate.toml");
+    std::fs::write(&path, "[upstream]\napi_key = \"${EZGATE_TEST_KEY}\"\n").unwrap();
+    let out = std::process::Command::new(bin("ezgate"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("EZGATE_TEST_KEY", "sk-check-config-secret")
+        .env("EZGATE_UPSTREAM", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("base_url = \"http://127.0.0.1:1\""), "environment beats the file: {text}");
+    assert!(text.contains("api_key = \"<redacted>\"") && !text.contains("sk-check-config-secret"), "{text}");
+    let shipped = std::process::Command::new(bin("ezgate"))
+        .args(["check-config", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/ezgate.toml")])
+        .output()
+        .unwrap();
+    assert!(shipped.status.success(), "the shipped config is valid");
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_stream_in_flight_then_exits_zero() {
+    let emu = Emulator::start().await;
+    let mut gw = Gateway::start(&emu.url(), "[server]\nshutdown_grace = \"20s\"\n").await;
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("x-emu-stream-events", "8")
+        .header("x-emu-stream-interval-ms", "150")
+        .body(Full::new(Bytes::from(r#"{"model":"gpt-4o","stream":true,"messages":[]}"#)))
+        .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, http1().request(req)).await.unwrap().unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    gw.signal("TERM");
+    // Readiness turns 503 while the stream is still running.
+    let admin = format!("http://{}/readyz", gw.admin);
+    let mut saw_draining = false;
+    for _ in 0..50 {
+        let r = send(&http1(), http::Method::GET, &admin, &[], Bytes::new()).await;
+        if r.status == 503 {
+            saw_draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_draining, "/readyz must turn 503 on SIGTERM");
+    // New connections are refused.
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "listener must be closed");
+    let rest = tokio::time::timeout(DEADLINE, body.collect()).await.unwrap().unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"), "the stream finished");
+    let status = tokio::time::timeout(DEADLINE, gw.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "").await;
+    assert_eq!(gw.chat(&[]).await.status, 200);
+    // Valid: a limit of one request per hour, global.
+    std::fs::write(&gw.config_path, "[[limits]]\nname = \"reloaded\"\nkey = \"global\"\nrequests = \"1/h\"\n").unwrap();
+    gw.signal("HUP");
+    let mut limited = false;
+    for _ in 0..100 {
+        if gw.chat(&[]).await.status == 429 {
+            limited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(limited, "the reloaded limit applies to new requests");
+    // Invalid: refused, logged, the previous config keeps serving.
+    std::fs::write(&gw.config_path, "[[limits]]\nname = \"broken\"\nkey = \"nobody\"\n").unwrap();
+    gw.signal("HUP");
+    let start = std::time::Instant::now();
+    while !gw.logs.text().contains("config reload refused") {
+        assert!(start.elapsed() < DEADLINE, "no refusal logged:\n{}", gw.logs.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = gw.chat(&[]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.error()["message"].as_str().unwrap().contains("'reloaded'"), true);
+}
