@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark setup: a failed unwrap is a broken benchmark"
+)]
+
 //! The per-request pieces of ezgate's hot path, one by one:
 //! header rewriting, one rate-limit check at 10,000 live keys, metrics recording,
 //! error normalization. Run with `cargo bench --bench hot_path`.
@@ -35,7 +41,10 @@ fn request_headers() -> HeaderMap {
         ("accept", "application/json"),
         ("content-type", "application/json"),
         ("content-length", "1024"),
-        ("authorization", "Bearer sk-0123456789abcdef0123456789abcdef"),
+        (
+            "authorization",
+            "Bearer sk-0123456789abcdef0123456789abcdef",
+        ),
         ("connection", "keep-alive"),
         ("x-stainless-lang", "python"),
         ("x-stainless-retry-count", "0"),
@@ -63,7 +72,10 @@ fn policy(name: &str, key: &str) -> LimitConfig {
     LimitConfig {
         name: name.into(),
         key: key.into(),
-        requests: Some(Rate { count: 1_000_000, per: std::time::Duration::from_secs(1) }),
+        requests: Some(Rate {
+            count: 1_000_000,
+            per: std::time::Duration::from_secs(1),
+        }),
         burst: None,
         tokens: None,
         concurrency: None,
@@ -78,10 +90,17 @@ fn policy(name: &str, key: &str) -> LimitConfig {
 
 fn limiter(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
-    let limits = Limits::with_clock(&[policy("per-key", "api_key")], metrics, governor::clock::DefaultClock::default());
+    let limits = Limits::with_clock(
+        &[policy("per-key", "api_key")],
+        metrics,
+        governor::clock::DefaultClock::default(),
+    );
     let headers = HeaderMap::new();
     let callers: Vec<Caller> = (0..10_000)
-        .map(|i| Caller { client: None, key_fingerprint: Some(Arc::from(format!("fp:{i:012x}"))) })
+        .map(|i| Caller {
+            client: None,
+            key_fingerprint: Some(Arc::from(format!("fp:{i:012x}"))),
+        })
         .collect();
     let req = |caller| LimitRequest {
         caller,
@@ -109,7 +128,13 @@ fn metrics(c: &mut Criterion) {
     let method = http::Method::POST;
     c.bench_function("metrics/start+record one request", |b| {
         b.iter(|| {
-            let mut o = Outcome::start(Arc::clone(&metrics), false, String::new(), &method, Route::ChatCompletions);
+            let mut o = Outcome::start(
+                Arc::clone(&metrics),
+                false,
+                String::new(),
+                &method,
+                Route::ChatCompletions,
+            );
             o.status = 200;
             o.source = ezgate::errors::Source::Upstream;
             o.upstream_status = Some(200);
@@ -123,14 +148,18 @@ fn metrics(c: &mut Criterion) {
 fn errors(c: &mut Criterion) {
     let json = br#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
     c.bench_function("errors/normalize OpenAI JSON 429", |b| {
-        b.iter(|| black_box(normalize(429, None, Some("application/json"), json, false, "rid").to_json()))
+        b.iter(|| {
+            black_box(normalize(429, None, Some("application/json"), json, false, "rid").to_json())
+        })
     });
     let html = b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>";
     c.bench_function("errors/normalize HTML 502", |b| {
         b.iter(|| black_box(normalize(502, None, Some("text/html"), html, false, "rid").to_json()))
     });
     let err = ezgate::errors::GatewayError::UpstreamUnreachable("connection refused".into());
-    c.bench_function("errors/render gateway 502", |b| b.iter(|| black_box(ezgate::errors::render(&err, "rid"))));
+    c.bench_function("errors/render gateway 502", |b| {
+        b.iter(|| black_box(ezgate::errors::render(&err, "rid")))
+    });
 }
 
 criterion_group!(benches, headers, limiter, metrics, errors);

@@ -13,17 +13,32 @@ use crate::errors::{ErrorBody, Source};
 use crate::proxy::Gateway;
 use crate::stream::ResponseBody;
 
-pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+pub async fn serve(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     let (status, ctype, body): (StatusCode, &'static str, Bytes) = match (get, req.uri().path()) {
-        (true, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", Bytes::from(gw.metrics.render())),
-        (true, "/healthz") => (StatusCode::OK, "application/json", Bytes::from_static(b"{\"status\":\"ok\"}\n")),
+        (true, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(gw.metrics.render()),
+        ),
+        (true, "/healthz") => (
+            StatusCode::OK,
+            "application/json",
+            Bytes::from_static(b"{\"status\":\"ok\"}\n"),
+        ),
         (true, "/readyz") if gw.is_draining() => (
             StatusCode::SERVICE_UNAVAILABLE,
             "application/json",
             Bytes::from_static(b"{\"status\":\"draining\"}\n"),
         ),
-        (true, "/readyz") => (StatusCode::OK, "application/json", Bytes::from_static(b"{\"status\":\"ready\"}\n")),
+        (true, "/readyz") => (
+            StatusCode::OK,
+            "application/json",
+            Bytes::from_static(b"{\"status\":\"ready\"}\n"),
+        ),
         _ => {
             let body = ErrorBody {
                 message: "The admin listener serves GET /metrics, /healthz and /readyz.".into(),
@@ -41,6 +56,7 @@ pub async fn serve(gw: Arc<Gateway>, req: Request<Incoming>) -> Result<Response<
     };
     let mut resp = Response::new(ResponseBody::full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
     Ok(resp)
 }

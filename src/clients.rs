@@ -34,7 +34,10 @@ pub struct Caller {
 impl Caller {
     /// What the access log shows: the client name, else the key fingerprint.
     pub fn label(&self) -> Option<&str> {
-        self.client.as_deref().map(|c| &*c.name).or(self.key_fingerprint.as_deref())
+        self.client
+            .as_deref()
+            .map(|c| &*c.name)
+            .or(self.key_fingerprint.as_deref())
     }
 }
 
@@ -64,7 +67,10 @@ impl Clients {
         let digest = key.map(sha256);
         let key_fingerprint = digest.map(|d| Arc::from(fingerprint(&d)));
         if self.list.is_empty() {
-            return Ok(Caller { client: None, key_fingerprint });
+            return Ok(Caller {
+                client: None,
+                key_fingerprint,
+            });
         }
         let digest = digest.ok_or(GatewayError::MissingApiKey)?;
         // Compare against every client, without stopping early, in constant time per compare.
@@ -75,7 +81,10 @@ impl Clients {
             }
         }
         match found {
-            Some(client) => Ok(Caller { client: Some(client), key_fingerprint }),
+            Some(client) => Ok(Caller {
+                client: Some(client),
+                key_fingerprint,
+            }),
             None => Err(GatewayError::InvalidApiKey),
         }
     }
@@ -178,7 +187,10 @@ pub fn validate(clients: &[ClientConfig], problems: &mut Vec<String>) {
             problems.push(format!("clients[{i}].name: must not be empty"));
         }
         if !names.insert(c.name.as_str()) {
-            problems.push(format!("clients[{i}].name: duplicate client name \"{}\"", c.name));
+            problems.push(format!(
+                "clients[{i}].name: duplicate client name \"{}\"",
+                c.name
+            ));
         }
         if parse_hex32(&c.key_sha256).is_none() {
             problems.push(format!(
@@ -193,7 +205,10 @@ mod tests {
     use super::*;
 
     fn clients() -> Clients {
-        let hex: String = sha256(b"key-a").iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = sha256(b"key-a")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Clients::new(&[ClientConfig {
             name: "team-a".into(),
             key_sha256: hex,
@@ -212,9 +227,18 @@ mod tests {
         let c = clients();
         let caller = c.identify(&auth("Bearer key-a")).unwrap();
         assert_eq!(caller.label(), Some("team-a"));
-        assert!(matches!(c.identify(&auth("Bearer key-b")), Err(GatewayError::InvalidApiKey)));
-        assert!(matches!(c.identify(&HeaderMap::new()), Err(GatewayError::MissingApiKey)));
-        assert!(matches!(c.identify(&auth("Basic abc")), Err(GatewayError::MissingApiKey)));
+        assert!(matches!(
+            c.identify(&auth("Bearer key-b")),
+            Err(GatewayError::InvalidApiKey)
+        ));
+        assert!(matches!(
+            c.identify(&HeaderMap::new()),
+            Err(GatewayError::MissingApiKey)
+        ));
+        assert!(matches!(
+            c.identify(&auth("Basic abc")),
+            Err(GatewayError::MissingApiKey)
+        ));
     }
 
     #[test]

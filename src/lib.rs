@@ -66,7 +66,13 @@ pub async fn run(
         .clients
         .iter()
         .flat_map(|c| c.models.iter().cloned())
-        .chain(settings.config.limits.iter().flat_map(|l| l.matches.models.iter().cloned()));
+        .chain(
+            settings
+                .config
+                .limits
+                .iter()
+                .flat_map(|l| l.matches.models.iter().cloned()),
+        );
     let metrics = Arc::new(Metrics::new(models).map_err(|e| format!("metrics registry: {e}"))?);
     let grace = settings.config.server.shutdown_grace.0;
     let state = State::build(settings, &metrics)?;
@@ -81,7 +87,14 @@ pub async fn run(
             }
         })
     });
-    server::serve_proxy(Arc::clone(&gw), listeners.proxy, listeners.tls, shutdown, grace).await;
+    server::serve_proxy(
+        Arc::clone(&gw),
+        listeners.proxy,
+        listeners.tls,
+        shutdown,
+        grace,
+    )
+    .await;
     admin.abort();
     if let Some(r) = reloader {
         r.abort();
@@ -99,14 +112,21 @@ fn apply_reload(gw: &Gateway, reload: &Reload) {
         }
     };
     let (o, n) = (&old.settings.config.server, &settings.config.server);
-    if o.listen != n.listen || o.admin_listen != n.admin_listen || o.tls.is_some() != n.tls.is_some() {
-        tracing::warn!("listen addresses and TLS apply only at startup; restart ezgate to change them");
+    if o.listen != n.listen
+        || o.admin_listen != n.admin_listen
+        || o.tls.is_some() != n.tls.is_some()
+    {
+        tracing::warn!(
+            "listen addresses and TLS apply only at startup; restart ezgate to change them"
+        );
     }
     match State::build(settings, &gw.metrics) {
         Ok(state) => {
             gw.replace(state);
             tracing::info!(source = %gw.state().settings.source, "config reloaded; new requests use it");
         }
-        Err(e) => tracing::error!(error = %e, "config reload refused; the previous config keeps serving"),
+        Err(e) => {
+            tracing::error!(error = %e, "config reload refused; the previous config keeps serving")
+        }
     }
 }

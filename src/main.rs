@@ -40,7 +40,11 @@ fn env_lookup(name: &str) -> Option<String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = Overrides { listen: cli.listen, admin_listen: cli.admin_listen, upstream: cli.upstream.clone() };
+    let overrides = Overrides {
+        listen: cli.listen,
+        admin_listen: cli.admin_listen,
+        upstream: cli.upstream.clone(),
+    };
     let settings = match Settings::load(cli.config.as_deref(), &overrides, &env_lookup) {
         Ok(s) => s,
         Err(e) => {
@@ -54,7 +58,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&settings);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ezgate: cannot start the async runtime: {e}");
@@ -70,11 +77,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn start(settings: Settings, path: Option<PathBuf>, overrides: Overrides) -> Result<(), String> {
+async fn start(
+    settings: Settings,
+    path: Option<PathBuf>,
+    overrides: Overrides,
+) -> Result<(), String> {
     let listeners = Listeners::bind(&settings).await?;
     let proxy_addr = listeners.proxy.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = listeners.admin.local_addr().map_err(|e| e.to_string())?;
-    let scheme = if listeners.tls.is_some() { "https" } else { "http" };
+    let scheme = if listeners.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, %scheme, upstream = %settings.config.upstream.base_url, "ezgate started");
     // Deliberate, stable lines for scripts and tests that start ezgate on port 0.
     println!("listening on {proxy_addr}");
@@ -89,7 +104,9 @@ async fn start(settings: Settings, path: Option<PathBuf>, overrides: Overrides) 
 }
 
 /// SIGTERM/SIGINT end the returned future; SIGHUP sends a reload request.
-fn signals(reload: tokio::sync::mpsc::Sender<()>) -> Result<impl std::future::Future<Output = ()>, String> {
+fn signals(
+    reload: tokio::sync::mpsc::Sender<()>,
+) -> Result<impl std::future::Future<Output = ()>, String> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
@@ -110,12 +127,21 @@ fn signals(reload: tokio::sync::mpsc::Sender<()>) -> Result<impl std::future::Fu
 
 fn init_logging(settings: &Settings) {
     let log = &settings.config.log;
-    let filter = std::env::var("RUST_LOG").ok().unwrap_or_else(|| log.level.clone());
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .unwrap_or_else(|| log.level.clone());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
     match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.with_ansi(false).init(),
     }
 }

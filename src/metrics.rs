@@ -27,11 +27,32 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 
 /// Models that get their own `model` label value without being named in the config.
 const WELL_KNOWN_MODELS: &[&str] = &[
-    "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4", "gpt-4-turbo",
-    "gpt-3.5-turbo", "gpt-5", "gpt-5-mini", "gpt-5-nano", "o1", "o1-mini", "o3", "o3-mini",
-    "o4-mini", "text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002",
-    "claude-3-5-sonnet", "claude-3-7-sonnet", "claude-sonnet-4", "gemini-2.0-flash",
-    "gemini-2.5-pro", "deepseek-chat", "deepseek-reasoner",
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4.1-nano",
+    "gpt-4",
+    "gpt-4-turbo",
+    "gpt-3.5-turbo",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-5-nano",
+    "o1",
+    "o1-mini",
+    "o3",
+    "o3-mini",
+    "o4-mini",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+    "text-embedding-ada-002",
+    "claude-3-5-sonnet",
+    "claude-3-7-sonnet",
+    "claude-sonnet-4",
+    "gemini-2.0-flash",
+    "gemini-2.5-pro",
+    "deepseek-chat",
+    "deepseek-reasoner",
 ];
 
 pub const DECISIONS: [&str; 4] = ["allowed", "limited", "shadow_limited", "waited"];
@@ -62,25 +83,40 @@ impl Metrics {
     pub fn new(models: impl IntoIterator<Item = String>) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            opts("ezgate_requests_total", "Responses sent, by route, method, exact status and who produced it."),
+            opts(
+                "ezgate_requests_total",
+                "Responses sent, by route, method, exact status and who produced it.",
+            ),
             &["route", "method", "status", "source"],
         )?;
         let duration = HistogramVec::new(
-            HistogramOpts::new("ezgate_request_duration_seconds", "Time from request to the end of the response (streams: to the last event).")
-                .buckets(DURATION_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "ezgate_request_duration_seconds",
+                "Time from request to the end of the response (streams: to the last event).",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
             &["route", "status_class"],
         )?;
         let upstream_responses = IntCounterVec::new(
-            opts("ezgate_upstream_responses_total", "Responses received from the upstream API, by raw status."),
+            opts(
+                "ezgate_upstream_responses_total",
+                "Responses received from the upstream API, by raw status.",
+            ),
             &["status"],
         )?;
         let failures_vec = IntCounterVec::new(
-            opts("ezgate_upstream_failures_total", "Upstream exchanges that failed without a usable response, by kind."),
+            opts(
+                "ezgate_upstream_failures_total",
+                "Upstream exchanges that failed without a usable response, by kind.",
+            ),
             &["kind"],
         )?;
         let header_vec = HistogramVec::new(
-            HistogramOpts::new("ezgate_upstream_header_duration_seconds", "Time from sending a request upstream to its response headers.")
-                .buckets(DURATION_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "ezgate_upstream_header_duration_seconds",
+                "Time from sending a request upstream to its response headers.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
             &["route"],
         )?;
         let overhead_vec = HistogramVec::new(
@@ -89,15 +125,24 @@ impl Metrics {
             &["route"],
         )?;
         let gateway_errors = IntCounterVec::new(
-            opts("ezgate_gateway_errors_total", "Errors ezgate produced itself, by gateway error code."),
+            opts(
+                "ezgate_gateway_errors_total",
+                "Errors ezgate produced itself, by gateway error code.",
+            ),
             &["code"],
         )?;
         let ratelimit_decisions = IntCounterVec::new(
-            opts("ezgate_ratelimit_decisions_total", "Rate-limit decisions, by policy and decision."),
+            opts(
+                "ezgate_ratelimit_decisions_total",
+                "Rate-limit decisions, by policy and decision.",
+            ),
             &["policy", "decision"],
         )?;
         let ratelimit_keys = IntGaugeVec::new(
-            opts("ezgate_ratelimit_keys", "Keys currently tracked by each rate-limit policy."),
+            opts(
+                "ezgate_ratelimit_keys",
+                "Keys currently tracked by each rate-limit policy.",
+            ),
             &["policy"],
         )?;
         let inflight_vec = IntGaugeVec::new(
@@ -105,14 +150,22 @@ impl Metrics {
             &["route"],
         )?;
         let tokens = IntCounterVec::new(
-            opts("ezgate_tokens_total", "Tokens reported by the upstream, by model and kind."),
+            opts(
+                "ezgate_tokens_total",
+                "Tokens reported by the upstream, by model and kind.",
+            ),
             &["model", "kind"],
         )?;
         let build_info = IntGaugeVec::new(
-            opts("ezgate_build_info", "Always 1; the version label says which ezgate runs."),
+            opts(
+                "ezgate_build_info",
+                "Always 1; the version label says which ezgate runs.",
+            ),
             &["version"],
         )?;
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
 
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
@@ -133,14 +186,25 @@ impl Metrics {
             registry.register(c)?;
         }
         let per_route = |v: &HistogramVec| -> Vec<Histogram> {
-            Route::ALL.iter().map(|r| v.with_label_values(&[r.as_str()])).collect()
+            Route::ALL
+                .iter()
+                .map(|r| v.with_label_values(&[r.as_str()]))
+                .collect()
         };
         let header_duration = per_route(&header_vec);
         let overhead = per_route(&overhead_vec);
-        let inflight = Route::ALL.iter().map(|r| inflight_vec.with_label_values(&[r.as_str()])).collect();
-        let upstream_failures =
-            FailureKind::ALL.iter().map(|k| failures_vec.with_label_values(&[k.as_str()])).collect();
-        let models = models.into_iter().filter(|m| !m.contains(['*', '?'])).collect();
+        let inflight = Route::ALL
+            .iter()
+            .map(|r| inflight_vec.with_label_values(&[r.as_str()]))
+            .collect();
+        let upstream_failures = FailureKind::ALL
+            .iter()
+            .map(|k| failures_vec.with_label_values(&[k.as_str()]))
+            .collect();
+        let models = models
+            .into_iter()
+            .filter(|m| !m.contains(['*', '?']))
+            .collect();
         Ok(Metrics {
             registry,
             requests,
@@ -159,7 +223,10 @@ impl Metrics {
     }
 
     fn route_index(route: Route) -> usize {
-        Route::ALL.iter().position(|r| *r == route).unwrap_or(Route::ALL.len() - 1)
+        Route::ALL
+            .iter()
+            .position(|r| *r == route)
+            .unwrap_or(Route::ALL.len() - 1)
     }
 
     pub fn inflight(&self, route: Route) -> &IntGauge {
@@ -170,7 +237,9 @@ impl Metrics {
     pub fn record(&self, o: &Outcome, duration: Duration) {
         let route = o.route.as_str();
         let status = status_code(o.status);
-        self.requests.with_label_values(&[route, o.method, status.as_str(), o.source.as_str()]).inc();
+        self.requests
+            .with_label_values(&[route, o.method, status.as_str(), o.source.as_str()])
+            .inc();
         self.duration
             .with_label_values(&[route, status_class(o.status)])
             .observe(duration.as_secs_f64());
@@ -182,10 +251,15 @@ impl Metrics {
             self.overhead[idx].observe(o.overhead().as_secs_f64());
         }
         if let Some(s) = o.upstream_status {
-            self.upstream_responses.with_label_values(&[status_code(s).as_str()]).inc();
+            self.upstream_responses
+                .with_label_values(&[status_code(s).as_str()])
+                .inc();
         }
         if let Some(kind) = o.upstream_failure {
-            let i = FailureKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+            let i = FailureKind::ALL
+                .iter()
+                .position(|k| *k == kind)
+                .unwrap_or(0);
             self.upstream_failures[i].inc();
         }
         if let Some(code) = o.gateway_code {
@@ -193,17 +267,25 @@ impl Metrics {
         }
         if let Some(usage) = o.usage {
             let model = self.model_label(o.model.as_deref());
-            self.tokens.with_label_values(&[model, "prompt"]).inc_by(usage.prompt);
-            self.tokens.with_label_values(&[model, "completion"]).inc_by(usage.completion);
+            self.tokens
+                .with_label_values(&[model, "prompt"])
+                .inc_by(usage.prompt);
+            self.tokens
+                .with_label_values(&[model, "completion"])
+                .inc_by(usage.completion);
         }
     }
 
     pub fn ratelimit_decision(&self, policy: &str, decision: &'static str) {
-        self.ratelimit_decisions.with_label_values(&[policy, decision]).inc();
+        self.ratelimit_decisions
+            .with_label_values(&[policy, decision])
+            .inc();
     }
 
     pub fn ratelimit_keys(&self, policy: &str, keys: usize) {
-        self.ratelimit_keys.with_label_values(&[policy]).set(i64::try_from(keys).unwrap_or(i64::MAX));
+        self.ratelimit_keys
+            .with_label_values(&[policy])
+            .set(i64::try_from(keys).unwrap_or(i64::MAX));
     }
 
     /// A configured or well-known model name, else `other`: never free text from a request.
@@ -213,7 +295,11 @@ impl Metrics {
             return known;
         }
         let base = strip_snapshot_date(m);
-        WELL_KNOWN_MODELS.iter().find(|k| **k == base).copied().unwrap_or("other")
+        WELL_KNOWN_MODELS
+            .iter()
+            .find(|k| **k == base)
+            .copied()
+            .unwrap_or("other")
     }
 
     /// The text exposition of every metric.
@@ -230,7 +316,13 @@ fn strip_snapshot_date(m: &str) -> &str {
     let b = m.as_bytes();
     if b.len() > 11 && b[b.len() - 11] == b'-' {
         let date = &m[m.len() - 10..];
-        let ok = date.bytes().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == b'-' } else { c.is_ascii_digit() });
+        let ok = date.bytes().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
         if ok {
             return &m[..m.len() - 11];
         }

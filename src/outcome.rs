@@ -95,15 +95,24 @@ impl Outcome {
     /// Time spent in ezgate itself, up to the response headers, not waiting on the upstream.
     pub fn overhead(&self) -> Duration {
         let until = self.responded.unwrap_or_else(Instant::now);
-        until.saturating_duration_since(self.started).saturating_sub(self.upstream_wait)
+        until
+            .saturating_duration_since(self.started)
+            .saturating_sub(self.upstream_wait)
     }
 
     fn log(&self, duration: Duration) {
         if !self.access_log {
             return;
         }
-        let code = self.gateway_code.or(self.upstream_code.as_deref()).unwrap_or("");
-        let code = if self.status == CLIENT_CLOSED { "client_closed_request" } else { code };
+        let code = self
+            .gateway_code
+            .or(self.upstream_code.as_deref())
+            .unwrap_or("");
+        let code = if self.status == CLIENT_CLOSED {
+            "client_closed_request"
+        } else {
+            code
+        };
         tracing::info!(
             target: "ezgate::access",
             request_id = %self.request_id,

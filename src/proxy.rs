@@ -15,7 +15,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER};
+use http::header::{
+    HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -47,14 +49,22 @@ impl State {
         let limits = Limits::new(&settings.config.limits, Arc::clone(metrics));
         let api_key = match &settings.config.upstream.api_key {
             Some(k) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {}", k.expose()))
-                    .map_err(|_| "upstream.api_key: contains characters not allowed in a header".to_owned())?;
+                let mut v =
+                    HeaderValue::from_str(&format!("Bearer {}", k.expose())).map_err(|_| {
+                        "upstream.api_key: contains characters not allowed in a header".to_owned()
+                    })?;
                 v.set_sensitive(true);
                 Some(v)
             }
             None => None,
         };
-        Ok(State { settings, upstream, clients, limits, api_key })
+        Ok(State {
+            settings,
+            upstream,
+            clients,
+            limits,
+            api_key,
+        })
     }
 }
 
@@ -122,8 +132,17 @@ pub async fn serve(
         .map(str::to_owned)
         .unwrap_or_else(headers::new_request_id);
     let access_log = state.settings.config.log.access_log;
-    let mut out = Outcome::start(Arc::clone(&gw.metrics), access_log, request_id, req.method(), route);
-    let result = CatchUnwind { inner: handle(&gw, &state, req, peer, &mut out) }.await;
+    let mut out = Outcome::start(
+        Arc::clone(&gw.metrics),
+        access_log,
+        request_id,
+        req.method(),
+        route,
+    );
+    let result = CatchUnwind {
+        inner: handle(&gw, &state, req, peer, &mut out),
+    }
+    .await;
     let mut resp = match result {
         Ok(Ok(resp)) => resp,
         Ok(Err(err)) => error_response(&err, &mut out),
@@ -134,7 +153,10 @@ pub async fn serve(
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             tracing::error!(request_id = %out.request_id, panic = %what, "request handler panicked");
-            error_response(&GatewayError::Internal("the request handler failed unexpectedly".into()), &mut out)
+            error_response(
+                &GatewayError::Internal("the request handler failed unexpectedly".into()),
+                &mut out,
+            )
         }
     };
     out.responded = Some(Instant::now());
@@ -150,7 +172,11 @@ fn error_response(err: &GatewayError, out: &mut Outcome) -> Response<ResponseBod
     with_parts(status, headers, ResponseBody::full(body))
 }
 
-fn with_parts(status: StatusCode, headers: HeaderMap, body: ResponseBody) -> Response<ResponseBody> {
+fn with_parts(
+    status: StatusCode,
+    headers: HeaderMap,
+    body: ResponseBody,
+) -> Response<ResponseBody> {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
@@ -191,7 +217,8 @@ async fn handle(
     let wants_model = out.route.carries_tokens()
         && parts.method == Method::POST
         && is_json(&parts.headers)
-        && (state.limits.needs_body() || caller.client.as_ref().is_some_and(|c| c.has_model_list()));
+        && (state.limits.needs_body()
+            || caller.client.as_ref().is_some_and(|c| c.has_model_list()));
     let (body, request) = if wants_model {
         let bytes = read_request_body(body, max_body).await?;
         let mut request = crate::limits::tokens::inspect(&bytes);
@@ -201,7 +228,9 @@ async fn handle(
             bytes
         };
         request.body_len = bytes.len();
-        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         (RequestBody::full(bytes), Some(request))
     } else {
         (RequestBody::stream(body, max_body), None)
@@ -272,7 +301,10 @@ async fn handle(
     }
     let watch = if is_event_stream(&rparts.headers) {
         Watch::Sse
-    } else if out.route.carries_tokens() && is_json(&rparts.headers) && !rparts.headers.contains_key(CONTENT_ENCODING) {
+    } else if out.route.carries_tokens()
+        && is_json(&rparts.headers)
+        && !rparts.headers.contains_key(CONTENT_ENCODING)
+    {
         Watch::JsonUsage
     } else {
         Watch::Nothing
@@ -282,7 +314,13 @@ async fn handle(
     Ok(with_parts(rparts.status, rparts.headers, body))
 }
 
-fn rewrite_request(h: &mut HeaderMap, state: &State, request_id: &str, peer: SocketAddr, caller: &Caller) {
+fn rewrite_request(
+    h: &mut HeaderMap,
+    state: &State,
+    request_id: &str,
+    peer: SocketAddr,
+    caller: &Caller,
+) {
     headers::strip_hop_by_hop(h);
     h.remove(HOST);
     if let Ok(v) = HeaderValue::from_str(request_id) {
@@ -306,13 +344,18 @@ async fn upstream_error(
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let idle = state.settings.config.upstream.stream_idle_timeout.0;
-    let (raw, truncated) = match tokio::time::timeout(idle, read_capped(body, MAX_ERROR_BODY)).await {
-        Ok(read) => read,
-        Err(_) => (Vec::new(), false),
-    };
+    let (raw, truncated) = tokio::time::timeout(idle, read_capped(body, MAX_ERROR_BODY))
+        .await
+        .unwrap_or_default();
     out.upstream_wait += started.elapsed();
-    let encoding = headers.get(CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let ctype = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let encoding = headers
+        .get(CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let ctype = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut body = errors::upstream::normalize(
         status.as_u16(),
         encoding.as_deref(),
@@ -324,7 +367,13 @@ async fn upstream_error(
     let retry = headers.get(RETRY_AFTER).and_then(parse_retry_after);
     body.retry_after_ms = retry.map(errors::duration_ms);
     out.upstream_code = body.code.clone();
-    for h in [CONTENT_LENGTH, CONTENT_ENCODING, CONTENT_TYPE, http::header::ETAG, http::header::LAST_MODIFIED] {
+    for h in [
+        CONTENT_LENGTH,
+        CONTENT_ENCODING,
+        CONTENT_TYPE,
+        http::header::ETAG,
+        http::header::LAST_MODIFIED,
+    ] {
         headers.remove(h);
     }
     let retryable = headers.get("x-should-retry").is_none_or(|v| v != "false");
@@ -357,7 +406,9 @@ async fn read_capped(mut body: Incoming, cap: usize) -> (Vec<u8>, bool) {
 async fn read_request_body(mut body: Incoming, max: u64) -> Result<Bytes, GatewayError> {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| GatewayError::BadRequest(format!("the request body could not be read ({e})")))?;
+        let frame = frame.map_err(|e| {
+            GatewayError::BadRequest(format!("the request body could not be read ({e})"))
+        })?;
         if let Some(data) = frame.data_ref() {
             if (buf.len() + data.len()) as u64 > max {
                 return Err(GatewayError::PayloadTooLarge { limit: max });
@@ -373,21 +424,30 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 fn is_json(h: &HeaderMap) -> bool {
-    h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.contains("json"))
+    h.get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.contains("json"))
 }
 
 fn is_event_stream(h: &HeaderMap) -> bool {
-    h.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("text/event-stream"))
+    h.get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/event-stream"))
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date (in the future), capped at one day.
 pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
     let s = v.to_str().ok()?.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
     let when = httpdate_parse(s)?;
-    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or_default().min(Duration::from_secs(86_400)))
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            .min(Duration::from_secs(86_400)),
+    )
 }
 
 /// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form RFC 9110 requires senders to use.
@@ -397,9 +457,11 @@ fn httpdate_parse(s: &str) -> Option<std::time::SystemTime> {
         return None;
     }
     let day: u64 = parts[1].parse().ok()?;
-    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        .iter()
-        .position(|m| *m == parts[2])? as u64
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ]
+    .iter()
+    .position(|m| *m == parts[2])? as u64
         + 1;
     let year: u64 = parts[3].parse().ok()?;
     let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
@@ -407,7 +469,11 @@ fn httpdate_parse(s: &str) -> Option<std::time::SystemTime> {
         return None;
     }
     // Days since the epoch (civil from Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
     let era = y / 400;
     let yoe = y - era * 400;
     let doy = (153 * m + 2) / 5 + day - 1;
@@ -445,20 +511,33 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("3")), Some(Duration::from_secs(3)));
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("0.5")), Some(Duration::from_millis(500)));
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT")), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("3")),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("0.5")),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT")),
+            Some(Duration::ZERO)
+        );
         assert_eq!(
             httpdate_parse("Sun, 06 Nov 1994 08:49:37 GMT"),
             Some(std::time::UNIX_EPOCH + Duration::from_secs(784_111_777))
         );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
-        assert!(parse_retry_after(&HeaderValue::from_static("99999999")).is_some_and(|d| d.as_secs() == 86_400));
+        assert!(parse_retry_after(&HeaderValue::from_static("99999999"))
+            .is_some_and(|d| d.as_secs() == 86_400));
     }
 
     #[test]
     fn timeout_phase_names_the_setting() {
-        let e = GatewayError::UpstreamTimeout(crate::errors::TimeoutPhase::Headers, Duration::from_secs(2));
+        let e = GatewayError::UpstreamTimeout(
+            crate::errors::TimeoutPhase::Headers,
+            Duration::from_secs(2),
+        );
         assert!(e.to_string().contains("upstream.response_timeout"));
     }
 }

@@ -88,8 +88,14 @@ mod tests {
 
     #[test]
     fn templates_are_bounded() {
-        assert_eq!(Route::from_path("/v1/chat/completions"), Route::ChatCompletions);
-        assert_eq!(Route::from_path("/v1/chat/completions/"), Route::ChatCompletions);
+        assert_eq!(
+            Route::from_path("/v1/chat/completions"),
+            Route::ChatCompletions
+        );
+        assert_eq!(
+            Route::from_path("/v1/chat/completions/"),
+            Route::ChatCompletions
+        );
         assert_eq!(Route::from_path("/v1/models/gpt-4o"), Route::Model);
         assert_eq!(Route::from_path("/v1/files/file-123/content"), Route::Files);
         assert_eq!(Route::from_path("/etc/passwd"), Route::Other);

@@ -38,12 +38,18 @@ impl Listeners {
             Some(cfg) => Some(tls_acceptor(cfg)?),
             None => None,
         };
-        let proxy = TcpListener::bind(s.listen)
-            .await
-            .map_err(|e| format!("cannot listen on {} (server.listen / --listen): {e}", s.listen))?;
-        let admin = TcpListener::bind(s.admin_listen)
-            .await
-            .map_err(|e| format!("cannot listen on {} (server.admin_listen / --admin-listen): {e}", s.admin_listen))?;
+        let proxy = TcpListener::bind(s.listen).await.map_err(|e| {
+            format!(
+                "cannot listen on {} (server.listen / --listen): {e}",
+                s.listen
+            )
+        })?;
+        let admin = TcpListener::bind(s.admin_listen).await.map_err(|e| {
+            format!(
+                "cannot listen on {} (server.admin_listen / --admin-listen): {e}",
+                s.admin_listen
+            )
+        })?;
         Ok(Listeners { proxy, admin, tls })
     }
 }
@@ -124,11 +130,17 @@ pub async fn serve_proxy(
             let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
             match tls {
                 None => {
-                    let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await;
+                    let _ = watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), svc))
+                        .await;
                 }
                 Some(acceptor) => {
-                    let Some(tls_stream) = handshake(&acceptor, stream, peer).await else { return };
-                    let _ = watcher.watch(builder.serve_connection(TokioIo::new(tls_stream), svc)).await;
+                    let Some(tls_stream) = handshake(&acceptor, stream, peer).await else {
+                        return;
+                    };
+                    let _ = watcher
+                        .watch(builder.serve_connection(TokioIo::new(tls_stream), svc))
+                        .await;
                 }
             }
         });
@@ -138,7 +150,9 @@ pub async fn serve_proxy(
     tracing::info!(grace = ?grace, "shutting down: listener closed, draining in-flight requests");
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections finished"),
-        Err(_) => tracing::warn!(grace = ?grace, "server.shutdown_grace elapsed; closing remaining connections"),
+        Err(_) => {
+            tracing::warn!(grace = ?grace, "server.shutdown_grace elapsed; closing remaining connections")
+        }
     }
 }
 
@@ -164,7 +178,9 @@ async fn handshake(
 pub async fn serve_admin(gw: Arc<Gateway>, listener: TcpListener) {
     let builder = {
         let mut b = auto::Builder::new(TokioExecutor::new());
-        b.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10));
         b
     };
     loop {

@@ -75,7 +75,10 @@ struct UsageJson {
 
 impl UsageDoc {
     fn usage(&self) -> Option<Usage> {
-        self.usage.as_ref().map(|u| Usage { prompt: u.prompt_tokens, completion: u.completion_tokens })
+        self.usage.as_ref().map(|u| Usage {
+            prompt: u.prompt_tokens,
+            completion: u.completion_tokens,
+        })
     }
 }
 
@@ -103,16 +106,28 @@ impl ResponseBody {
     }
 
     /// The upstream's body, passed through.
-    pub fn upstream(body: Incoming, idle_timeout: Duration, watch: Watch, request_id: String) -> ResponseBody {
+    pub fn upstream(
+        body: Incoming,
+        idle_timeout: Duration,
+        watch: Watch,
+        request_id: String,
+    ) -> ResponseBody {
         let scan = match watch {
             Watch::Nothing => Scan::None,
-            Watch::Sse => Scan::Sse(SseScan { at_boundary: true, ..SseScan::default() }),
+            Watch::Sse => Scan::Sse(SseScan {
+                at_boundary: true,
+                ..SseScan::default()
+            }),
             Watch::JsonUsage => Scan::Json(Vec::new(), 0),
         };
         let now = Instant::now();
         ResponseBody {
             inner: Inner::Upstream(body),
-            idle: Some(Idle { timeout: idle_timeout, sleep: Box::pin(tokio::time::sleep_until(now + idle_timeout)), last: now }),
+            idle: Some(Idle {
+                timeout: idle_timeout,
+                sleep: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+                last: now,
+            }),
             scan,
             ended: false,
             outcome: None,
@@ -138,7 +153,9 @@ impl ResponseBody {
                 for p in &parts {
                     all.extend_from_slice(p);
                 }
-                serde_json::from_slice::<UsageDoc>(&all).ok().and_then(|d| d.usage().map(|u| (u, d.model)))
+                serde_json::from_slice::<UsageDoc>(&all)
+                    .ok()
+                    .and_then(|d| d.usage().map(|u| (u, d.model)))
             }
             _ => None,
         };
@@ -157,7 +174,11 @@ impl ResponseBody {
 
     /// The upstream body failed or went silent. SSE gets a final error event; other bodies
     /// are aborted so the client sees an incomplete response, never a complete-looking one.
-    fn fail(&mut self, err: GatewayError, kind: FailureKind) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(
+        &mut self,
+        err: GatewayError,
+        kind: FailureKind,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(o) = self.outcome.as_deref_mut() {
             o.gateway_error(&err);
             o.upstream_failure = Some(kind);
@@ -201,7 +222,8 @@ impl ResponseBody {
 
 impl SseScan {
     fn feed(&mut self, data: &[u8]) {
-        self.at_boundary = data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n")
+        self.at_boundary = data.ends_with(b"\n\n")
+            || data.ends_with(b"\r\n\r\n")
             || (data == b"\n" && self.carry.is_empty() && !self.at_boundary);
         let Some(last_nl) = data.iter().rposition(|&b| b == b'\n') else {
             self.carry.extend_from_slice(data);
@@ -221,7 +243,9 @@ impl SseScan {
 
     fn scan_lines(&mut self, text: &[u8]) {
         for line in text.split(|&b| b == b'\n') {
-            let Some(payload) = line.strip_prefix(b"data:") else { continue };
+            let Some(payload) = line.strip_prefix(b"data:") else {
+                continue;
+            };
             if !contains(payload, b"\"usage\"") {
                 continue;
             }
@@ -245,7 +269,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if this.ended {
             return Poll::Ready(None);
@@ -287,17 +314,24 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Err(e))) => {
                 let failure = classify(&e, Duration::ZERO);
                 let detail = match failure.error {
-                    GatewayError::UpstreamBadResponse(d) | GatewayError::UpstreamUnreachable(d) => d,
+                    GatewayError::UpstreamBadResponse(d) | GatewayError::UpstreamUnreachable(d) => {
+                        d
+                    }
                     other => other.to_string(),
                 };
-                this.fail(GatewayError::StreamInterrupted(detail), failure.kind.unwrap_or(FailureKind::Reset))
+                this.fail(
+                    GatewayError::StreamInterrupted(detail),
+                    failure.kind.unwrap_or(FailureKind::Reset),
+                )
             }
             Poll::Ready(None) => {
                 this.finish();
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let Some(idle) = &mut this.idle else { return Poll::Pending };
+                let Some(idle) = &mut this.idle else {
+                    return Poll::Pending;
+                };
                 loop {
                     let deadline = idle.last + idle.timeout;
                     if idle.sleep.deadline() != deadline {
@@ -345,13 +379,22 @@ mod tests {
 
     #[test]
     fn sse_usage_across_frame_splits() {
-        let mut s = SseScan { at_boundary: true, ..SseScan::default() };
+        let mut s = SseScan {
+            at_boundary: true,
+            ..SseScan::default()
+        };
         s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
         assert!(s.at_boundary);
         s.feed(b"data: {\"model\":\"gpt-4o\",\"choices\":[],\"usa");
         assert!(!s.at_boundary);
         s.feed(b"ge\":{\"prompt_tokens\":12,\"completion_tokens\":5}}\n\ndata: [DONE]\n\n");
-        assert_eq!(s.usage, Some(Usage { prompt: 12, completion: 5 }));
+        assert_eq!(
+            s.usage,
+            Some(Usage {
+                prompt: 12,
+                completion: 5
+            })
+        );
         assert_eq!(s.model.as_deref(), Some("gpt-4o"));
         assert!(s.at_boundary);
     }

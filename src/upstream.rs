@@ -87,11 +87,19 @@ impl StdError for BodyTooLarge {}
 
 impl RequestBody {
     pub fn stream(body: Incoming, max: u64) -> Self {
-        RequestBody { inner: Inner::Stream(body), seen: 0, max }
+        RequestBody {
+            inner: Inner::Stream(body),
+            seen: 0,
+            max,
+        }
     }
 
     pub fn full(bytes: Bytes) -> Self {
-        RequestBody { inner: Inner::Full(Some(bytes)), seen: 0, max: u64::MAX }
+        RequestBody {
+            inner: Inner::Full(Some(bytes)),
+            seen: 0,
+            max: u64::MAX,
+        }
     }
 }
 
@@ -172,8 +180,14 @@ impl Upstream {
             .pool_idle_timeout(cfg.pool_idle_timeout.0)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .build(https);
-        let scheme = uri.scheme().cloned().ok_or("upstream.base_url has no scheme")?;
-        let authority = uri.authority().cloned().ok_or("upstream.base_url has no host")?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or("upstream.base_url has no scheme")?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or("upstream.base_url has no host")?;
         let prefix = uri.path().trim_end_matches('/').to_owned();
         Ok(Upstream {
             client,
@@ -225,8 +239,8 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
         let _ = roots.add(cert);
     }
     if let Some(path) = &cfg.ca_file {
-        let certs = crate::server::read_certs(path)
-            .map_err(|e| format!("upstream.ca_file: {e}"))?;
+        let certs =
+            crate::server::read_certs(path).map_err(|e| format!("upstream.ca_file: {e}"))?;
         for cert in certs {
             roots
                 .add(cert)
@@ -248,7 +262,10 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
     let mut detail = err.to_string();
     while let Some(e) = source {
         if let Some(too_large) = e.downcast_ref::<BodyTooLarge>() {
-            return Failure { error: GatewayError::PayloadTooLarge { limit: too_large.0 }, kind: None };
+            return Failure {
+                error: GatewayError::PayloadTooLarge { limit: too_large.0 },
+                kind: None,
+            };
         }
         if let Some(ce) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
             is_connect |= ce.is_connect();
@@ -262,7 +279,9 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 return Failure {
-                    error: GatewayError::UpstreamUnreachable(format!("TLS handshake failed ({tls})")),
+                    error: GatewayError::UpstreamUnreachable(format!(
+                        "TLS handshake failed ({tls})"
+                    )),
                     kind: Some(FailureKind::Tls),
                 };
             }
@@ -291,15 +310,21 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
         source = e.source();
     }
     if is_connect {
-        let what = if detail.contains("dns") || detail.contains("resolve") || detail.contains("lookup") {
-            format!("DNS lookup failed ({detail})")
-        } else {
-            format!("connection failed ({detail})")
+        let what =
+            if detail.contains("dns") || detail.contains("resolve") || detail.contains("lookup") {
+                format!("DNS lookup failed ({detail})")
+            } else {
+                format!("connection failed ({detail})")
+            };
+        return Failure {
+            error: GatewayError::UpstreamUnreachable(what),
+            kind: Some(FailureKind::Connect),
         };
-        return Failure { error: GatewayError::UpstreamUnreachable(what), kind: Some(FailureKind::Connect) };
     }
     Failure {
-        error: GatewayError::UpstreamBadResponse(format!("connection lost before a complete response ({detail})")),
+        error: GatewayError::UpstreamBadResponse(format!(
+            "connection lost before a complete response ({detail})"
+        )),
         kind: Some(FailureKind::Reset),
     }
 }

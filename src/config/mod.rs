@@ -109,7 +109,11 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Json, level: "info".to_owned(), access_log: true }
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".to_owned(),
+            access_log: true,
+        }
     }
 }
 
@@ -238,7 +242,10 @@ impl Settings {
         overrides: &Overrides,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        let fail = |problems| ConfigError { source: source.to_owned(), problems };
+        let fail = |problems| ConfigError {
+            source: source.to_owned(),
+            problems,
+        };
         let de = toml::Deserializer::new(text);
         let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -246,10 +253,18 @@ impl Settings {
             let msg = inner.message().trim().to_owned();
             let at = inner
                 .span()
-                .map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
+                .map(|s| {
+                    format!(
+                        " (line {})",
+                        text[..s.start.min(text.len())].lines().count().max(1)
+                    )
+                })
                 .unwrap_or_default();
-            let problem =
-                if path == "." { format!("{msg}{at}") } else { format!("{path}: {msg}{at}") };
+            let problem = if path == "." {
+                format!("{msg}{at}")
+            } else {
+                format!("{path}: {msg}{at}")
+            };
             fail(vec![problem])
         })?;
         if let Some(a) = overrides.listen {
@@ -284,9 +299,11 @@ impl Settings {
         };
         validate(&config, &mut problems);
         match (problems.is_empty(), upstream_uri) {
-            (true, Some(upstream_uri)) => {
-                Ok(Settings { source: source.to_owned(), config, upstream_uri })
-            }
+            (true, Some(upstream_uri)) => Ok(Settings {
+                source: source.to_owned(),
+                config,
+                upstream_uri,
+            }),
             _ => Err(fail(problems)),
         }
     }
@@ -297,10 +314,16 @@ impl Settings {
 }
 
 fn parse_base_url(s: &str) -> Result<Uri, String> {
-    let uri: Uri = s.parse().map_err(|e| format!("\"{s}\" is not a URL ({e})"))?;
+    let uri: Uri = s
+        .parse()
+        .map_err(|e| format!("\"{s}\" is not a URL ({e})"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err(format!("\"{s}\" must start with https:// (or http:// for tests)")),
+        _ => {
+            return Err(format!(
+                "\"{s}\" must start with https:// (or http:// for tests)"
+            ))
+        }
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("\"{s}\" has no host"));
@@ -321,7 +344,10 @@ fn validate(c: &Config, problems: &mut Vec<String>) {
     for (name, d) in [
         ("upstream.connect_timeout", c.upstream.connect_timeout),
         ("upstream.response_timeout", c.upstream.response_timeout),
-        ("upstream.stream_idle_timeout", c.upstream.stream_idle_timeout),
+        (
+            "upstream.stream_idle_timeout",
+            c.upstream.stream_idle_timeout,
+        ),
         ("server.header_read_timeout", c.server.header_read_timeout),
     ] {
         if d.0.is_zero() {
@@ -329,7 +355,10 @@ fn validate(c: &Config, problems: &mut Vec<String>) {
         }
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
-        problems.push(format!("log.level: \"{}\" is not a log filter ({e})", c.log.level));
+        problems.push(format!(
+            "log.level: \"{}\" is not a log filter ({e})",
+            c.log.level
+        ));
     }
     if !c.clients.is_empty() && c.upstream.api_key.is_none() {
         problems.push(
@@ -379,13 +408,21 @@ impl fmt::Display for Settings {
         writeln!(f, "format = \"{format}\"\nlevel = \"{}\"", c.log.level)?;
         writeln!(f, "access_log = {}", c.log.access_log)?;
         for cl in &c.clients {
-            writeln!(f, "\n[[clients]]\nname = \"{}\"\nkey_sha256 = \"<redacted>\"", cl.name)?;
+            writeln!(
+                f,
+                "\n[[clients]]\nname = \"{}\"\nkey_sha256 = \"<redacted>\"",
+                cl.name
+            )?;
             if !cl.models.is_empty() {
                 writeln!(f, "models = {:?}", cl.models)?;
             }
         }
         for l in &c.limits {
-            writeln!(f, "\n[[limits]]\nname = \"{}\"\nkey = \"{}\"", l.name, l.key)?;
+            writeln!(
+                f,
+                "\n[[limits]]\nname = \"{}\"\nkey = \"{}\"",
+                l.name, l.key
+            )?;
             if let Some(r) = l.requests {
                 writeln!(f, "requests = \"{r}\"")?;
             }
@@ -406,8 +443,16 @@ impl fmt::Display for Settings {
                     m.routes, m.models, m.clients
                 )?;
             }
-            let mode = if l.mode == Mode::Shadow { "shadow" } else { "enforce" };
-            let on_limit = if l.on_limit == OnLimit::Wait { "wait" } else { "reject" };
+            let mode = if l.mode == Mode::Shadow {
+                "shadow"
+            } else {
+                "enforce"
+            };
+            let on_limit = if l.on_limit == OnLimit::Wait {
+                "wait"
+            } else {
+                "reject"
+            };
             writeln!(f, "mode = \"{mode}\"\non_limit = \"{on_limit}\"")?;
             if let Some(w) = l.max_wait {
                 writeln!(f, "max_wait = \"{w}\"")?;

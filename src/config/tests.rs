@@ -25,32 +25,54 @@ fn empty_config_is_all_defaults() {
 
 #[test]
 fn shipped_config_is_valid() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/ezgate.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/ezgate.toml"))
+        .unwrap();
     load(&text).unwrap();
 }
 
 #[test]
 fn unknown_key_names_file_and_path() {
     let e = problems("[server]\nlisen = \"127.0.0.1:1\"\n");
-    assert!(e.starts_with("ezgate.toml: server.lisen: unknown field `lisen`"), "{e}");
+    assert!(
+        e.starts_with("ezgate.toml: server.lisen: unknown field `lisen`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_units_name_the_key() {
     let e = problems("[upstream]\nconnect_timeout = \"5 parsecs\"\n");
-    assert!(e.contains("upstream.connect_timeout") && e.contains("not a duration"), "{e}");
+    assert!(
+        e.contains("upstream.connect_timeout") && e.contains("not a duration"),
+        "{e}"
+    );
     let e = problems("[[limits]]\nname = \"a\"\nkey = \"global\"\nrequests = \"10/minute\"\n");
-    assert!(e.contains("limits[0].requests") && e.contains("N/min"), "{e}");
+    assert!(
+        e.contains("limits[0].requests") && e.contains("N/min"),
+        "{e}"
+    );
     let e = problems("[server]\nmax_request_body = 5\n");
-    assert!(e.contains("server.max_request_body") && e.contains("invalid type"), "{e}");
+    assert!(
+        e.contains("server.max_request_body") && e.contains("invalid type"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_env_secret_is_named() {
     let e = problems("[upstream]\napi_key = \"${EZLINK_TEST_UNSET}\"\n");
-    assert!(e.contains("upstream.api_key") && e.contains("EZLINK_TEST_UNSET"), "{e}");
+    assert!(
+        e.contains("upstream.api_key") && e.contains("EZLINK_TEST_UNSET"),
+        "{e}"
+    );
     let env = |k: &str| (k == "K").then(|| "sk-1".to_owned());
-    let s = Settings::from_toml("x", "[upstream]\napi_key = \"${K}\"\n", &Overrides::default(), &env).unwrap();
+    let s = Settings::from_toml(
+        "x",
+        "[upstream]\napi_key = \"${K}\"\n",
+        &Overrides::default(),
+        &env,
+    )
+    .unwrap();
     assert_eq!(s.config.upstream.api_key.unwrap().expose(), "sk-1");
 }
 
@@ -94,14 +116,24 @@ concurrency = 2
 match = { clients = ["ghost"] }
 "#,
     );
-    for needle in ["limits[0] (\"a\").key", "not a key kind", "limits[1] (\"b\").burst", "limits[2] (\"b\").name: duplicate", "client \"ghost\" is not defined"] {
+    for needle in [
+        "limits[0] (\"a\").key",
+        "not a key kind",
+        "limits[1] (\"b\").burst",
+        "limits[2] (\"b\").name: duplicate",
+        "client \"ghost\" is not defined",
+    ] {
         assert!(e.contains(needle), "missing {needle:?} in {e}");
     }
 }
 
 #[test]
 fn overrides_beat_the_file() {
-    let o = Overrides { listen: Some("127.0.0.1:1".parse().unwrap()), upstream: Some("http://127.0.0.1:2".into()), ..Overrides::default() };
+    let o = Overrides {
+        listen: Some("127.0.0.1:1".parse().unwrap()),
+        upstream: Some("http://127.0.0.1:2".into()),
+        ..Overrides::default()
+    };
     let s = Settings::from_toml("x", "[server]\nlisten = \"127.0.0.1:3\"\n", &o, &no_env).unwrap();
     assert_eq!(s.config.server.listen.port(), 1);
     assert_eq!(s.upstream_uri.port_u16(), Some(2));
@@ -110,7 +142,16 @@ fn overrides_beat_the_file() {
 #[test]
 fn redacted_display() {
     let env = |_: &str| Some("sk-very-secret".to_owned());
-    let s = Settings::from_toml("x", "[upstream]\napi_key = \"${K}\"\n", &Overrides::default(), &env).unwrap();
+    let s = Settings::from_toml(
+        "x",
+        "[upstream]\napi_key = \"${K}\"\n",
+        &Overrides::default(),
+        &env,
+    )
+    .unwrap();
     let shown = s.to_string();
-    assert!(!shown.contains("sk-very-secret") && shown.contains("<redacted>"), "{shown}");
+    assert!(
+        !shown.contains("sk-very-secret") && shown.contains("<redacted>"),
+        "{shown}"
+    );
 }

@@ -14,9 +14,12 @@ pub struct Dur(pub Duration);
 impl TryFrom<String> for Dur {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let bad = || format!("\"{s}\" is not a duration; write e.g. \"250ms\", \"30s\", \"5m\", \"1h\"");
+        let bad =
+            || format!("\"{s}\" is not a duration; write e.g. \"250ms\", \"30s\", \"5m\", \"1h\"");
         let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(bad)?;
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(bad)?;
         let (num, unit) = t.split_at(split);
         let n: f64 = num.parse().map_err(|_| bad())?;
         let secs = match unit.trim() {
@@ -107,7 +110,9 @@ impl TryFrom<String> for Rate {
             _ => return Err(bad()),
         };
         if count == 0 {
-            return Err(format!("\"{s}\" is a zero rate; remove the limit or give a positive count"));
+            return Err(format!(
+                "\"{s}\" is a zero rate; remove the limit or give a positive count"
+            ));
         }
         Ok(Rate { count, per })
     }
@@ -183,9 +188,18 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(Dur::try_from("250ms".to_owned()), Ok(Dur(Duration::from_millis(250))));
-        assert_eq!(Dur::try_from("5m".to_owned()), Ok(Dur(Duration::from_secs(300))));
-        assert_eq!(Dur::try_from("1.5s".to_owned()), Ok(Dur(Duration::from_millis(1500))));
+        assert_eq!(
+            Dur::try_from("250ms".to_owned()),
+            Ok(Dur(Duration::from_millis(250)))
+        );
+        assert_eq!(
+            Dur::try_from("5m".to_owned()),
+            Ok(Dur(Duration::from_secs(300)))
+        );
+        assert_eq!(
+            Dur::try_from("1.5s".to_owned()),
+            Ok(Dur(Duration::from_millis(1500)))
+        );
         assert!(Dur::try_from("5".to_owned()).is_err());
         assert!(Dur::try_from("fast".to_owned()).is_err());
         assert!(Dur::try_from("10 years".to_owned()).is_err());
@@ -193,7 +207,10 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(ByteSize::try_from("16MiB".to_owned()), Ok(ByteSize(16 << 20)));
+        assert_eq!(
+            ByteSize::try_from("16MiB".to_owned()),
+            Ok(ByteSize(16 << 20))
+        );
         assert_eq!(ByteSize::try_from("1000".to_owned()), Ok(ByteSize(1000)));
         assert!(ByteSize::try_from("16 megs".to_owned()).is_err());
         assert!(ByteSize::try_from("99999999999999GiB".to_owned()).is_err());
@@ -205,14 +222,21 @@ mod tests {
         assert_eq!((r.count, r.per), (600, Duration::from_secs(60)));
         assert_eq!(r.interval(), Duration::from_millis(100));
         assert_eq!(r.to_string(), "600/min");
-        assert!(Rate::try_from("10/minute".to_owned()).unwrap_err().contains("N/min"));
-        assert!(Rate::try_from("0/s".to_owned()).unwrap_err().contains("zero"));
+        assert!(Rate::try_from("10/minute".to_owned())
+            .unwrap_err()
+            .contains("N/min"));
+        assert!(Rate::try_from("0/s".to_owned())
+            .unwrap_err()
+            .contains("zero"));
     }
 
     #[test]
     fn secrets_never_print() {
         let s = Secret::new("sk-live-123".to_owned());
         assert_eq!(format!("{s} {s:?}"), "<redacted> \"<redacted>\"");
-        assert_eq!(Secret::new("${EZLINK_API_KEY}".to_owned()).env_ref(), Some("EZLINK_API_KEY"));
+        assert_eq!(
+            Secret::new("${EZLINK_API_KEY}".to_owned()).env_ref(),
+            Some("EZLINK_API_KEY")
+        );
     }
 }

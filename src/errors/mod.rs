@@ -32,19 +32,35 @@ pub struct Quota {
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("Rate limit '{policy}' exceeded: {limit}. Retry in {}.", secs(*retry_after))]
-    RateLimited { policy: Arc<str>, limit: String, retry_after: Duration, quota: Quota },
+    RateLimited {
+        policy: Arc<str>,
+        limit: String,
+        retry_after: Duration,
+        quota: Quota,
+    },
     #[error("Token rate limit '{policy}' exceeded: {limit}. Retry in {}.", secs(*retry_after))]
-    TokenRateLimited { policy: Arc<str>, limit: String, retry_after: Duration, quota: Quota },
+    TokenRateLimited {
+        policy: Arc<str>,
+        limit: String,
+        retry_after: Duration,
+        quota: Quota,
+    },
     #[error("Concurrency limit '{policy}' exceeded: at most {limit} requests in flight. Retry when one finishes.")]
     ConcurrencyLimited { policy: Arc<str>, limit: u32 },
     #[error("The upstream API rate-limited this key; ezgate holds further requests until its Retry-After passes. Retry in {}.", secs(*retry_after))]
     UpstreamRateLimited { retry_after: Duration },
-    #[error("No API key: send 'Authorization: Bearer <key>' with a key configured in [[clients]].")]
+    #[error(
+        "No API key: send 'Authorization: Bearer <key>' with a key configured in [[clients]]."
+    )]
     MissingApiKey,
     #[error("Invalid API key: the presented key matches no configured client. Check the key the application sends.")]
     InvalidApiKey,
     #[error("Model '{model}' is not allowed for client '{client}'. Allowed: {allowed}.")]
-    ModelNotAllowed { client: Arc<str>, model: String, allowed: String },
+    ModelNotAllowed {
+        client: Arc<str>,
+        model: String,
+        allowed: String,
+    },
     #[error("Request body exceeds {limit} bytes (server.max_request_body). Send a smaller body or raise the limit.")]
     PayloadTooLarge { limit: u64 },
     #[error("Bad request: {0}")]
@@ -57,7 +73,9 @@ pub enum GatewayError {
     UpstreamBadResponse(String),
     #[error("{}", timeout_message(*.0, *.1))]
     UpstreamTimeout(TimeoutPhase, Duration),
-    #[error("The upstream stream was interrupted: {0}. The response is incomplete; retry the request.")]
+    #[error(
+        "The upstream stream was interrupted: {0}. The response is incomplete; retry the request."
+    )]
     StreamInterrupted(String),
     #[error("ezgate is overloaded: {0}. Retry shortly.")]
     Overloaded(String),
@@ -243,7 +261,11 @@ impl ErrorBody {
 
     /// Status, headers and body of this error; `headers` carries what the caller keeps
     /// (for upstream errors: its `Retry-After`, `x-ratelimit-*`, …).
-    pub fn into_parts(self, mut headers: HeaderMap, retryable: bool) -> (StatusCode, HeaderMap, Bytes) {
+    pub fn into_parts(
+        self,
+        mut headers: HeaderMap,
+        retryable: bool,
+    ) -> (StatusCode, HeaderMap, Bytes) {
         let body = self.to_json();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -267,8 +289,18 @@ impl ErrorBody {
 pub fn render(err: &GatewayError, request_id: &str) -> (StatusCode, HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     let (policy, retry, quota, unit) = match err {
-        GatewayError::RateLimited { policy, retry_after, quota, .. } => (policy, retry_after, quota, "requests"),
-        GatewayError::TokenRateLimited { policy, retry_after, quota, .. } => (policy, retry_after, quota, "tokens"),
+        GatewayError::RateLimited {
+            policy,
+            retry_after,
+            quota,
+            ..
+        } => (policy, retry_after, quota, "requests"),
+        GatewayError::TokenRateLimited {
+            policy,
+            retry_after,
+            quota,
+            ..
+        } => (policy, retry_after, quota, "tokens"),
         _ => return err.body(request_id).into_parts(headers, err.retryable()),
     };
     let reset = reset_text(*retry);
@@ -276,11 +308,20 @@ pub fn render(err: &GatewayError, request_id: &str) -> (StatusCode, HeaderMap, B
         (format!("x-ratelimit-limit-{unit}"), quota.count.to_string()),
         (format!("x-ratelimit-remaining-{unit}"), "0".to_owned()),
         (format!("x-ratelimit-reset-{unit}"), reset),
-        ("ratelimit-policy".to_owned(), format!("\"{policy}\";q={};w={}", quota.count, quota.window)),
-        ("ratelimit".to_owned(), format!("\"{policy}\";r=0;t={}", duration_ms(*retry).div_ceil(1000))),
+        (
+            "ratelimit-policy".to_owned(),
+            format!("\"{policy}\";q={};w={}", quota.count, quota.window),
+        ),
+        (
+            "ratelimit".to_owned(),
+            format!("\"{policy}\";r=0;t={}", duration_ms(*retry).div_ceil(1000)),
+        ),
     ];
     for (name, value) in pairs {
-        if let (Ok(n), Ok(v)) = (http::HeaderName::try_from(name), HeaderValue::try_from(value)) {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::try_from(name),
+            HeaderValue::try_from(value),
+        ) {
             headers.insert(n, v);
         }
     }
@@ -315,7 +356,7 @@ pub fn type_for(status: u16) -> &'static str {
         502 => "bad_gateway",
         503 => "service_unavailable",
         504 => "gateway_timeout",
-        400..=499 => "client_error",
+        _ if status < 500 => "client_error",
         _ => "server_error",
     }
 }

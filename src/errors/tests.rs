@@ -29,7 +29,10 @@ fn rate_limited_renders_every_retry_hint() {
         policy: "per-client".into(),
         limit: "600 requests per minute".into(),
         retry_after: Duration::from_millis(1200),
-        quota: Quota { count: 600, window: 60 },
+        quota: Quota {
+            count: 600,
+            window: 60,
+        },
     };
     let (status, headers, body) = render(&err, "req-1");
     assert_eq!(status, 429);

@@ -38,7 +38,9 @@ pub fn normalize(
     let said = match &decoded {
         Ok(bytes) => read_body(content_type, bytes),
         Err(reason) => Said {
-            message: Some(format!("(upstream error body could not be decoded: {reason})")),
+            message: Some(format!(
+                "(upstream error body could not be decoded: {reason})"
+            )),
             ..Said::default()
         },
     };
@@ -47,7 +49,11 @@ pub fn normalize(
         .map(|m| clip(collapse_ws(&m)))
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| meaning(status).to_owned());
-    let message = if truncated { format!("{message} (upstream body truncated)") } else { message };
+    let message = if truncated {
+        format!("{message} (upstream body truncated)")
+    } else {
+        message
+    };
     ErrorBody {
         message,
         kind: type_for(status),
@@ -68,19 +74,25 @@ fn decode(encoding: Option<&str>, body: &[u8]) -> Result<Vec<u8>, String> {
     let enc = encoding.map(|e| e.trim().to_ascii_lowercase());
     let result = match enc.as_deref() {
         None | Some("") | Some("identity") => return Ok(body.to_vec()),
-        Some("gzip") | Some("x-gzip") => {
-            flate2::read::MultiGzDecoder::new(body).take(limit).read_to_end(&mut out)
-        }
+        Some("gzip") | Some("x-gzip") => flate2::read::MultiGzDecoder::new(body)
+            .take(limit)
+            .read_to_end(&mut out),
         Some("deflate") => {
-            let zlib = flate2::read::ZlibDecoder::new(body).take(limit).read_to_end(&mut out);
+            let zlib = flate2::read::ZlibDecoder::new(body)
+                .take(limit)
+                .read_to_end(&mut out);
             if zlib.is_err() {
                 out.clear();
-                flate2::read::DeflateDecoder::new(body).take(limit).read_to_end(&mut out)
+                flate2::read::DeflateDecoder::new(body)
+                    .take(limit)
+                    .read_to_end(&mut out)
             } else {
                 zlib
             }
         }
-        Some("br") => brotli::Decompressor::new(body, 4096).take(limit).read_to_end(&mut out),
+        Some("br") => brotli::Decompressor::new(body, 4096)
+            .take(limit)
+            .read_to_end(&mut out),
         Some(other) => return Err(format!("unsupported content-encoding '{other}'")),
     };
     match result {
@@ -103,28 +115,49 @@ fn read_body(content_type: Option<&str>, bytes: &[u8]) -> Said {
         }
     }
     let is_html = content_type.is_some_and(|c| c.contains("html"))
-        || trimmed.get(..15).is_some_and(|s| s.to_ascii_lowercase().starts_with("<!doctype html"))
-        || trimmed.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("<html"));
+        || trimmed
+            .get(..15)
+            .is_some_and(|s| s.to_ascii_lowercase().starts_with("<!doctype html"))
+        || trimmed
+            .get(..5)
+            .is_some_and(|s| s.eq_ignore_ascii_case("<html"));
     if is_html {
-        return Said { message: html_text(trimmed), ..Said::default() };
+        return Said {
+            message: html_text(trimmed),
+            ..Said::default()
+        };
     }
-    Said { message: Some(trimmed.to_owned()), ..Said::default() }
+    Said {
+        message: Some(trimmed.to_owned()),
+        ..Said::default()
+    }
 }
 
 fn from_json(value: &Value) -> Said {
     let obj = match value {
         Value::Object(obj) => obj,
         Value::Array(items) => {
-            return Said { message: join_messages(items), ..Said::default() };
+            return Said {
+                message: join_messages(items),
+                ..Said::default()
+            };
         }
-        other => return Said { message: scalar_text(other), ..Said::default() },
+        other => {
+            return Said {
+                message: scalar_text(other),
+                ..Said::default()
+            }
+        }
     };
     if let Some(err) = obj.get("error") {
         return match err {
             Value::Object(inner) => Said {
                 message: inner.get("message").and_then(any_text),
                 code: inner.get("code").and_then(scalar_text).or_else(|| {
-                    inner.get("type").and_then(|t| t.as_str()).map(str::to_owned)
+                    inner
+                        .get("type")
+                        .and_then(|t| t.as_str())
+                        .map(str::to_owned)
                 }),
                 param: inner.get("param").and_then(scalar_text),
             },
@@ -138,11 +171,17 @@ fn from_json(value: &Value) -> Said {
     if let Some(detail) = obj.get("detail") {
         let said = match detail {
             Value::Object(inner) => Said {
-                message: inner.get("message").or_else(|| inner.get("msg")).and_then(any_text),
+                message: inner
+                    .get("message")
+                    .or_else(|| inner.get("msg"))
+                    .and_then(any_text),
                 code: inner.get("code").and_then(scalar_text),
                 param: None,
             },
-            other => Said { message: any_text(other), ..Said::default() },
+            other => Said {
+                message: any_text(other),
+                ..Said::default()
+            },
         };
         if said.message.is_some() {
             return said;
@@ -156,10 +195,20 @@ fn from_json(value: &Value) -> Said {
         };
     }
     if let Some(Value::Array(items)) = obj.get("errors") {
-        let code = items.first().and_then(|e| e.get("code")).and_then(scalar_text);
-        return Said { message: join_messages(items), code, param: None };
+        let code = items
+            .first()
+            .and_then(|e| e.get("code"))
+            .and_then(scalar_text);
+        return Said {
+            message: join_messages(items),
+            code,
+            param: None,
+        };
     }
-    Said { message: Some(value.to_string()), ..Said::default() }
+    Said {
+        message: Some(value.to_string()),
+        ..Said::default()
+    }
 }
 
 /// Text of a message-ish JSON value: a string, a number, an object's `message`/`msg`, or a
@@ -168,7 +217,10 @@ fn any_text(value: &Value) -> Option<String> {
     match value {
         Value::Array(items) => join_messages(items),
         Value::Object(obj) => {
-            let msg = obj.get("message").or_else(|| obj.get("msg")).and_then(any_text)?;
+            let msg = obj
+                .get("message")
+                .or_else(|| obj.get("msg"))
+                .and_then(any_text)?;
             match obj.get("loc").and_then(Value::as_array) {
                 Some(loc) => {
                     let loc: Vec<String> = loc.iter().filter_map(scalar_text).collect();
@@ -279,10 +331,12 @@ pub fn meaning(status: u16) -> &'static str {
         422 => "The upstream API could not process the request (422).",
         429 => "The upstream API rate-limited the request (429). Retry later.",
         500 => "The upstream API failed with an internal error (500). Retrying may help.",
-        502 => "A proxy in front of the upstream API reported a bad gateway (502). Retrying may help.",
+        502 => {
+            "A proxy in front of the upstream API reported a bad gateway (502). Retrying may help."
+        }
         503 => "The upstream API is unavailable (503). Retry later.",
         504 => "A proxy in front of the upstream API timed out (504). Retrying may help.",
-        400..=499 => "The upstream API rejected the request.",
+        _ if status < 500 => "The upstream API rejected the request.",
         _ => "The upstream API failed. Retrying may help.",
     }
 }

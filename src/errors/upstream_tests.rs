@@ -27,32 +27,59 @@ fn other_json_shapes() {
     let cases: &[(&[u8], &str)] = &[
         (br#"{"error":"model overloaded"}"#, "model overloaded"),
         (br#"{"detail":"Not authenticated"}"#, "Not authenticated"),
-        (br#"{"detail":[{"loc":["body","model"],"msg":"field required","type":"value_error"}]}"#, "body.model: field required"),
-        (br#"{"detail":{"message":"quota gone","code":"q"}}"#, "quota gone"),
+        (
+            br#"{"detail":[{"loc":["body","model"],"msg":"field required","type":"value_error"}]}"#,
+            "body.model: field required",
+        ),
+        (
+            br#"{"detail":{"message":"quota gone","code":"q"}}"#,
+            "quota gone",
+        ),
         (br#"{"message":"Internal failure"}"#, "Internal failure"),
         (br#"{"errors":[{"message":"a"},{"message":"b"}]}"#, "a; b"),
         (br#"["x","y"]"#, "x; y"),
     ];
     for (body, want) in cases {
-        assert_eq!(norm(400, None, Some("application/json"), body).message, *want, "{}", String::from_utf8_lossy(body));
+        assert_eq!(
+            norm(400, None, Some("application/json"), body).message,
+            *want,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
     }
 }
 
 #[test]
 fn html_pages_give_their_words_not_markup() {
     let page = b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title><style>body{color:red}</style></head><body><h1>Bad Gateway</h1></body></html>";
-    assert_eq!(norm(502, None, Some("text/html"), page).message, "502 Bad Gateway");
-    let no_title = b"<html><body><script>var x=1;</script><h1>Service &amp; Co down</h1></body></html>";
+    assert_eq!(
+        norm(502, None, Some("text/html"), page).message,
+        "502 Bad Gateway"
+    );
+    let no_title =
+        b"<html><body><script>var x=1;</script><h1>Service &amp; Co down</h1></body></html>";
     assert_eq!(norm(503, None, None, no_title).message, "Service & Co down");
 }
 
 #[test]
 fn empty_text_and_broken_bodies() {
     assert_eq!(norm(503, None, None, b"").message, meaning(503));
-    assert_eq!(norm(500, None, Some("text/plain"), b"  upstream exploded \n").message, "upstream exploded");
+    assert_eq!(
+        norm(500, None, Some("text/plain"), b"  upstream exploded \n").message,
+        "upstream exploded"
+    );
     let b = norm(500, None, Some("text/plain"), b"\xff\xfebad bytes\xc3\x28");
     assert!(b.message.contains("bad bytes"));
-    assert_eq!(norm(500, None, Some("application/json"), br#"{"error": {"message": "cut"#).message, r#"{"error": {"message": "cut"#);
+    assert_eq!(
+        norm(
+            500,
+            None,
+            Some("application/json"),
+            br#"{"error": {"message": "cut"#
+        )
+        .message,
+        r#"{"error": {"message": "cut"#
+    );
 }
 
 #[test]
@@ -61,10 +88,16 @@ fn decodes_gzip_deflate_br() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(body).unwrap();
     let gz = gz.finish().unwrap();
-    assert_eq!(norm(500, Some("gzip"), None, &gz).message, "compressed words");
+    assert_eq!(
+        norm(500, Some("gzip"), None, &gz).message,
+        "compressed words"
+    );
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
     z.write_all(body).unwrap();
-    assert_eq!(norm(500, Some("deflate"), None, &z.finish().unwrap()).message, "compressed words");
+    assert_eq!(
+        norm(500, Some("deflate"), None, &z.finish().unwrap()).message,
+        "compressed words"
+    );
     let mut br = Vec::new();
     {
         let mut w = brotli::CompressorWriter::new(&mut br, 4096, 5, 22);
@@ -72,8 +105,15 @@ fn decodes_gzip_deflate_br() {
     }
     assert_eq!(norm(500, Some("br"), None, &br).message, "compressed words");
     let bad = norm(500, Some("gzip"), None, b"not gzip at all");
-    assert!(bad.message.contains("could not be decoded"), "{}", bad.message);
-    assert_eq!(norm(500, Some("zstd"), None, b"x").message, "(upstream error body could not be decoded: unsupported content-encoding 'zstd')");
+    assert!(
+        bad.message.contains("could not be decoded"),
+        "{}",
+        bad.message
+    );
+    assert_eq!(
+        norm(500, Some("zstd"), None, b"x").message,
+        "(upstream error body could not be decoded: unsupported content-encoding 'zstd')"
+    );
 }
 
 #[test]

@@ -96,9 +96,14 @@ struct Policy<C: Clock> {
 impl<C: Clock> Policy<C> {
     fn covers(&self, r: &LimitRequest<'_>) -> bool {
         (self.routes.is_empty() || self.routes.contains(&r.route))
-            && (self.models.is_empty() || r.model.is_some_and(|m| self.models.iter().any(|p| glob_match(p, m))))
+            && (self.models.is_empty()
+                || r.model
+                    .is_some_and(|m| self.models.iter().any(|p| glob_match(p, m))))
             && (self.clients.is_empty()
-                || r.caller.client.as_ref().is_some_and(|c| self.clients.iter().any(|n| **n == *c.name)))
+                || r.caller
+                    .client
+                    .as_ref()
+                    .is_some_and(|c| self.clients.iter().any(|n| **n == *c.name)))
     }
 
     fn key(&self, r: &LimitRequest<'_>) -> Arc<str> {
@@ -110,7 +115,11 @@ impl<C: Clock> Policy<C> {
                 .map(|c| Arc::clone(&c.name))
                 .or_else(|| r.caller.key_fingerprint.clone())
                 .unwrap_or_else(|| Arc::from("anonymous")),
-            KeyKind::ApiKey => r.caller.key_fingerprint.clone().unwrap_or_else(|| Arc::from("none")),
+            KeyKind::ApiKey => r
+                .caller
+                .key_fingerprint
+                .clone()
+                .unwrap_or_else(|| Arc::from("none")),
             KeyKind::Ip => Arc::from(r.ip.to_string()),
             KeyKind::Header(h) => match r.headers.get(h) {
                 Some(v) => Arc::from(String::from_utf8_lossy(&v.as_bytes()[..v.len().min(128)])),
@@ -122,7 +131,11 @@ impl<C: Clock> Policy<C> {
     }
 
     fn estimate(&self, r: &LimitRequest<'_>) -> u64 {
-        let completion = if r.route == Route::Embeddings { 0 } else { r.max_tokens.unwrap_or(self.default_tokens) };
+        let completion = if r.route == Route::Embeddings {
+            0
+        } else {
+            r.max_tokens.unwrap_or(self.default_tokens)
+        };
         r.prompt_tokens + completion
     }
 }
@@ -249,21 +262,46 @@ where
                     mode: c.mode,
                     on_limit: c.on_limit,
                     max_wait: c.max_wait.map_or(Duration::ZERO, |d| d.0),
-                    routes: c.matches.routes.iter().filter_map(|r| Route::from_template(r)).collect(),
+                    routes: c
+                        .matches
+                        .routes
+                        .iter()
+                        .filter_map(|r| Route::from_template(r))
+                        .collect(),
                     models: c.matches.models.clone(),
                     clients: c.matches.clients.clone(),
                     requests,
-                    tokens: c.tokens.map(|rate| (rate, Arc::new(TokenStore::new(rate, max_keys, clock.clone())))),
-                    concurrency: c.concurrency.map(|n| Arc::new(ConcurrencyStore::new(n, max_keys))),
-                    default_tokens: c.default_tokens.map_or(DEFAULT_COMPLETION_TOKENS, u64::from),
+                    tokens: c.tokens.map(|rate| {
+                        (
+                            rate,
+                            Arc::new(TokenStore::new(rate, max_keys, clock.clone())),
+                        )
+                    }),
+                    concurrency: c
+                        .concurrency
+                        .map(|n| Arc::new(ConcurrencyStore::new(n, max_keys))),
+                    default_tokens: c
+                        .default_tokens
+                        .map_or(DEFAULT_COMPLETION_TOKENS, u64::from),
                 }))
             })
             .collect();
         let needs_usage = policies.iter().any(|p| p.tokens.is_some());
-        let needs_body = needs_usage || policies.iter().any(|p| p.key == KeyKind::Model || !p.models.is_empty());
+        let needs_body = needs_usage
+            || policies
+                .iter()
+                .any(|p| p.key == KeyKind::Model || !p.models.is_empty());
         let start = clock.now();
         Limits {
-            inner: Arc::new(Inner { policies, cooldowns: DashMap::new(), clock, start, metrics, needs_body, needs_usage }),
+            inner: Arc::new(Inner {
+                policies,
+                cooldowns: DashMap::new(),
+                clock,
+                start,
+                metrics,
+                needs_body,
+                needs_usage,
+            }),
         }
     }
 
@@ -285,7 +323,9 @@ where
     /// Notes an upstream 429 with `Retry-After`: requests of this key are held until then.
     pub fn upstream_limited(&self, key: &Arc<str>, wait: Duration) {
         let inner = &self.inner;
-        if wait.is_zero() || (inner.cooldowns.len() >= MAX_COOLDOWN_KEYS && !inner.cooldowns.contains_key(key)) {
+        if wait.is_zero()
+            || (inner.cooldowns.len() >= MAX_COOLDOWN_KEYS && !inner.cooldowns.contains_key(key))
+        {
             return;
         }
         let until = inner.now() + wait.as_nanos() as u64;
@@ -299,19 +339,28 @@ where
         if let Some(until) = inner.cooldowns.get(&cooldown_key).map(|u| *u) {
             let now = inner.now();
             if until > now {
-                return Err(GatewayError::UpstreamRateLimited { retry_after: Duration::from_nanos(until - now) });
+                return Err(GatewayError::UpstreamRateLimited {
+                    retry_after: Duration::from_nanos(until - now),
+                });
             }
             inner.cooldowns.remove_if(&cooldown_key, |_, u| *u <= now);
         }
-        let mut admission = Admission { cooldown_key, ..Admission::default() };
+        let mut admission = Admission {
+            cooldown_key,
+            ..Admission::default()
+        };
         if inner.policies.is_empty() {
             return Ok(admission);
         }
         let started = tokio::time::Instant::now();
         let mut tightest: Option<Remaining> = None;
         let mut decisions: Vec<(Arc<str>, &'static str)> = Vec::new();
-        let covering: Vec<(&Arc<Policy<C>>, Arc<str>)> =
-            inner.policies.iter().filter(|p| p.covers(r)).map(|p| (p, p.key(r))).collect();
+        let covering: Vec<(&Arc<Policy<C>>, Arc<str>)> = inner
+            .policies
+            .iter()
+            .filter(|p| p.covers(r))
+            .map(|p| (p, p.key(r)))
+            .collect();
 
         // Refundable parts first: concurrency and tokens.
         for (p, key) in &covering {
@@ -323,7 +372,15 @@ where
                             admission.permit.slots.push((Arc::clone(store), k));
                             break;
                         }
-                        None => match self.hold_or_refuse(p, started, Duration::from_millis(5), Refusal::Concurrency).await {
+                        None => match self
+                            .hold_or_refuse(
+                                p,
+                                started,
+                                Duration::from_millis(5),
+                                Refusal::Concurrency,
+                            )
+                            .await
+                        {
                             Ok(true) => waited = true,
                             Ok(false) => break,
                             Err(e) => return self.refuse(p, e),
@@ -336,17 +393,27 @@ where
                 loop {
                     match store.reserve(key, want) {
                         Ok(remaining) => {
-                            admission.permit.reservations.push((Arc::clone(store) as Arc<dyn Settle>, Arc::clone(key), want));
-                            consider(&mut tightest, Remaining {
-                                name: Arc::clone(&p.name),
-                                quota: u64::from(rate.count),
-                                window: rate.per.as_secs(),
-                                remaining,
-                                reset: store.reset_after(remaining),
-                            });
+                            admission.permit.reservations.push((
+                                Arc::clone(store) as Arc<dyn Settle>,
+                                Arc::clone(key),
+                                want,
+                            ));
+                            consider(
+                                &mut tightest,
+                                Remaining {
+                                    name: Arc::clone(&p.name),
+                                    quota: u64::from(rate.count),
+                                    window: rate.per.as_secs(),
+                                    remaining,
+                                    reset: store.reset_after(remaining),
+                                },
+                            );
                             break;
                         }
-                        Err(wait) => match self.hold_or_refuse(p, started, wait, Refusal::Tokens(wait)).await {
+                        Err(wait) => match self
+                            .hold_or_refuse(p, started, wait, Refusal::Tokens(wait))
+                            .await
+                        {
                             Ok(true) => waited = true,
                             Ok(false) => break,
                             Err(e) => return self.refuse(p, e),
@@ -354,26 +421,37 @@ where
                     }
                 }
             }
-            decisions.push((Arc::clone(&p.name), if waited { "waited" } else { "allowed" }));
+            decisions.push((
+                Arc::clone(&p.name),
+                if waited { "waited" } else { "allowed" },
+            ));
         }
 
         // Request rates last: a cell taken cannot be given back.
         for (i, (p, key)) in covering.iter().enumerate() {
-            let Some((rate, store)) = &p.requests else { continue };
+            let Some((rate, store)) = &p.requests else {
+                continue;
+            };
             loop {
                 match store.check(key) {
                     Ok(remaining) => {
                         let used = u64::from(store.burst.saturating_sub(remaining));
-                        consider(&mut tightest, Remaining {
-                            name: Arc::clone(&p.name),
-                            quota: u64::from(rate.count),
-                            window: rate.per.as_secs(),
-                            remaining: u64::from(remaining),
-                            reset: store.interval * u32::try_from(used).unwrap_or(u32::MAX),
-                        });
+                        consider(
+                            &mut tightest,
+                            Remaining {
+                                name: Arc::clone(&p.name),
+                                quota: u64::from(rate.count),
+                                window: rate.per.as_secs(),
+                                remaining: u64::from(remaining),
+                                reset: store.interval * u32::try_from(used).unwrap_or(u32::MAX),
+                            },
+                        );
                         break;
                     }
-                    Err(wait) => match self.hold_or_refuse(p, started, wait, Refusal::Requests(wait)).await {
+                    Err(wait) => match self
+                        .hold_or_refuse(p, started, wait, Refusal::Requests(wait))
+                        .await
+                    {
                         Ok(true) => decisions[i].1 = "waited",
                         Ok(false) => break,
                         Err(e) => return self.refuse(p, e),
@@ -400,7 +478,9 @@ where
         refusal: Refusal,
     ) -> Result<bool, GatewayError> {
         if p.mode == Mode::Shadow {
-            self.inner.metrics.ratelimit_decision(&p.name, "shadow_limited");
+            self.inner
+                .metrics
+                .ratelimit_decision(&p.name, "shadow_limited");
             return Ok(false);
         }
         if p.on_limit == OnLimit::Wait && started.elapsed() + wait <= p.max_wait {
@@ -421,22 +501,44 @@ fn refusal_error<C: Clock>(p: &Policy<C>, refusal: Refusal) -> GatewayError {
         Refusal::Requests(wait) => {
             let (rate, store) = match &p.requests {
                 Some((rate, store)) => (*rate, store.burst),
-                None => (Rate { count: 1, per: Duration::from_secs(1) }, 1),
+                None => (
+                    Rate {
+                        count: 1,
+                        per: Duration::from_secs(1),
+                    },
+                    1,
+                ),
             };
             GatewayError::RateLimited {
                 policy: Arc::clone(&p.name),
-                limit: format!("{} requests per {} (burst {store})", rate.count, rate.unit_word()),
+                limit: format!(
+                    "{} requests per {} (burst {store})",
+                    rate.count,
+                    rate.unit_word()
+                ),
                 retry_after: wait,
-                quota: Quota { count: u64::from(rate.count), window: rate.per.as_secs() },
+                quota: Quota {
+                    count: u64::from(rate.count),
+                    window: rate.per.as_secs(),
+                },
             }
         }
         Refusal::Tokens(wait) => {
-            let rate = p.tokens.as_ref().map_or(Rate { count: 1, per: Duration::from_secs(1) }, |t| t.0);
+            let rate = p.tokens.as_ref().map_or(
+                Rate {
+                    count: 1,
+                    per: Duration::from_secs(1),
+                },
+                |t| t.0,
+            );
             GatewayError::TokenRateLimited {
                 policy: Arc::clone(&p.name),
                 limit: format!("{} tokens per {}", rate.count, rate.unit_word()),
                 retry_after: wait,
-                quota: Quota { count: u64::from(rate.count), window: rate.per.as_secs() },
+                quota: Quota {
+                    count: u64::from(rate.count),
+                    window: rate.per.as_secs(),
+                },
             }
         }
         Refusal::Concurrency => GatewayError::ConcurrencyLimited {
@@ -448,14 +550,22 @@ fn refusal_error<C: Clock>(p: &Policy<C>, refusal: Refusal) -> GatewayError {
 
 fn consider(tightest: &mut Option<Remaining>, candidate: Remaining) {
     let ratio = |r: &Remaining| r.remaining as f64 / r.quota.max(1) as f64;
-    if tightest.as_ref().is_none_or(|t| ratio(&candidate) < ratio(t)) {
+    if tightest
+        .as_ref()
+        .is_none_or(|t| ratio(&candidate) < ratio(t))
+    {
         *tightest = Some(candidate);
     }
 }
 
 fn ratelimit_headers(t: &Remaining) -> Vec<(HeaderName, HeaderValue)> {
     let policy = format!("\"{}\";q={};w={}", t.name, t.quota, t.window);
-    let now = format!("\"{}\";r={};t={}", t.name, t.remaining, t.reset.as_secs_f64().ceil() as u64);
+    let now = format!(
+        "\"{}\";r={};t={}",
+        t.name,
+        t.remaining,
+        t.reset.as_secs_f64().ceil() as u64
+    );
     [("ratelimit-policy", policy), ("ratelimit", now)]
         .into_iter()
         .filter_map(|(n, v)| Some((HeaderName::from_static(n), HeaderValue::from_str(&v).ok()?)))
@@ -504,22 +614,30 @@ pub fn validate(limits: &[LimitConfig], clients: &[ClientConfig], problems: &mut
     for (i, l) in limits.iter().enumerate() {
         let at = format!("limits[{i}] (\"{}\")", l.name);
         if l.name.trim().is_empty() || l.name.contains(['"', '\\']) {
-            problems.push(format!("limits[{i}].name: must be a non-empty name without quotes"));
+            problems.push(format!(
+                "limits[{i}].name: must be a non-empty name without quotes"
+            ));
         }
         if !names.insert(l.name.as_str()) {
-            problems.push(format!("{at}.name: duplicate policy name; each policy needs its own"));
+            problems.push(format!(
+                "{at}.name: duplicate policy name; each policy needs its own"
+            ));
         }
         if let Err(e) = KeyKind::parse(&l.key) {
             problems.push(format!("{at}.key: {e}"));
         }
         if l.requests.is_none() && l.tokens.is_none() && l.concurrency.is_none() {
-            problems.push(format!("{at}: sets no limit; give requests, tokens or concurrency"));
+            problems.push(format!(
+                "{at}: sets no limit; give requests, tokens or concurrency"
+            ));
         }
         if l.burst == Some(0) {
             problems.push(format!("{at}.burst: must be at least 1"));
         }
         if l.burst.is_some() && l.requests.is_none() {
-            problems.push(format!("{at}.burst: only applies with requests = \"N/unit\""));
+            problems.push(format!(
+                "{at}.burst: only applies with requests = \"N/unit\""
+            ));
         }
         if l.concurrency == Some(0) {
             problems.push(format!("{at}.concurrency: must be at least 1"));
@@ -528,20 +646,33 @@ pub fn validate(limits: &[LimitConfig], clients: &[ClientConfig], problems: &mut
             problems.push(format!("{at}.max_keys: must be at least 1"));
         }
         if l.on_limit == OnLimit::Wait && l.max_wait.is_none() {
-            problems.push(format!("{at}.max_wait: on_limit = \"wait\" needs max_wait, e.g. \"2s\""));
+            problems.push(format!(
+                "{at}.max_wait: on_limit = \"wait\" needs max_wait, e.g. \"2s\""
+            ));
         }
         if l.on_limit == OnLimit::Reject && l.max_wait.is_some() {
-            problems.push(format!("{at}.max_wait: only applies with on_limit = \"wait\""));
+            problems.push(format!(
+                "{at}.max_wait: only applies with on_limit = \"wait\""
+            ));
         }
         for (j, r) in l.matches.routes.iter().enumerate() {
             if Route::from_template(r).is_none() || r == "other" {
-                let known: Vec<&str> = Route::ALL.iter().map(|r| r.as_str()).filter(|r| *r != "other").collect();
-                problems.push(format!("{at}.match.routes[{j}]: \"{r}\" is not a known route; use one of {}", known.join(", ")));
+                let known: Vec<&str> = Route::ALL
+                    .iter()
+                    .map(|r| r.as_str())
+                    .filter(|r| *r != "other")
+                    .collect();
+                problems.push(format!(
+                    "{at}.match.routes[{j}]: \"{r}\" is not a known route; use one of {}",
+                    known.join(", ")
+                ));
             }
         }
         for (j, c) in l.matches.clients.iter().enumerate() {
             if !client_names.contains(c.as_str()) {
-                problems.push(format!("{at}.match.clients[{j}]: client \"{c}\" is not defined in [[clients]]"));
+                problems.push(format!(
+                    "{at}.match.clients[{j}]: client \"{c}\" is not defined in [[clients]]"
+                ));
             }
         }
         if l.key == "client" && clients.is_empty() {

@@ -34,7 +34,11 @@ pub struct CappedStore {
 
 impl CappedStore {
     fn new(max: usize) -> Self {
-        CappedStore { map: DashMap::new(), count: AtomicUsize::new(0), max }
+        CappedStore {
+            map: DashMap::new(),
+            count: AtomicUsize::new(0),
+            max,
+        }
     }
 }
 
@@ -66,7 +70,12 @@ impl StateStore for CappedStore {
         loop {
             let decoded = (prev != EMPTY).then(|| Nanos::from(prev));
             let (result, next) = f(decoded)?;
-            match entry.compare_exchange_weak(prev, next.as_u64(), Ordering::AcqRel, Ordering::Acquire) {
+            match entry.compare_exchange_weak(
+                prev,
+                next.as_u64(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Ok(result),
                 Err(actual) => prev = actual,
             }
@@ -111,7 +120,12 @@ impl<C: Clock + Clone> RequestStore<C> {
         let limiter: RateLimiter<Arc<str>, CappedStore, C, NoOpMiddleware<C::Instant>> =
             RateLimiter::new(quota, CappedStore::new(max_keys), clock.clone());
         let limiter = limiter.with_middleware::<StateInformationMiddleware>();
-        Some(RequestStore { limiter, clock, burst, interval: rate.interval() })
+        Some(RequestStore {
+            limiter,
+            clock,
+            burst,
+            interval: rate.interval(),
+        })
     }
 
     /// Takes one cell for `key`: `Ok(remaining)` or `Err(wait until one is free)`.
@@ -128,6 +142,10 @@ impl<C: Clock + Clone> RequestStore<C> {
 
     pub fn len(&self) -> usize {
         self.limiter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -185,7 +203,10 @@ impl<C: Clock> TokenStore<C> {
     pub fn reserve(&self, key: &Arc<str>, tokens: u64) -> Result<u64, Duration> {
         let now = self.now();
         let key = self.bounded_key(key);
-        let mut b = self.map.entry(key).or_insert(Bucket { balance: self.capacity, at: now });
+        let mut b = self.map.entry(key).or_insert(Bucket {
+            balance: self.capacity,
+            at: now,
+        });
         self.refill(&mut b, now);
         let want = (tokens as f64).min(self.capacity);
         if b.balance >= want {
@@ -199,7 +220,11 @@ impl<C: Clock> TokenStore<C> {
 
     /// Corrects a reservation once the real usage is known (refund or extra charge).
     pub fn settle(&self, key: &Arc<str>, reserved: u64, used: u64) {
-        if let Some(mut b) = self.map.get_mut(key).or_else(|| self.map.get_mut(OVERFLOW_KEY)) {
+        if let Some(mut b) = self
+            .map
+            .get_mut(key)
+            .or_else(|| self.map.get_mut(OVERFLOW_KEY))
+        {
             b.balance += reserved as f64 - used as f64;
             b.balance = b.balance.min(self.capacity);
         }
@@ -222,6 +247,10 @@ impl<C: Clock> TokenStore<C> {
     pub fn len(&self) -> usize {
         self.map.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Requests in flight per key; a key with none in flight takes no memory.
@@ -233,7 +262,11 @@ pub struct ConcurrencyStore {
 
 impl ConcurrencyStore {
     pub fn new(max: u32, max_keys: usize) -> Self {
-        ConcurrencyStore { map: DashMap::new(), max, max_keys }
+        ConcurrencyStore {
+            map: DashMap::new(),
+            max,
+            max_keys,
+        }
     }
 
     /// Takes a slot, returning the key it was taken under (for the release).
@@ -264,5 +297,9 @@ impl ConcurrencyStore {
 
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }

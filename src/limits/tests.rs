@@ -36,7 +36,10 @@ fn limits(configs: &[LimitConfig]) -> (Limits<FakeRelativeClock>, FakeRelativeCl
 }
 
 fn caller(fp: &str) -> Caller {
-    Caller { client: None, key_fingerprint: Some(Arc::from(fp)) }
+    Caller {
+        client: None,
+        key_fingerprint: Some(Arc::from(fp)),
+    }
 }
 
 struct Req {
@@ -49,7 +52,13 @@ struct Req {
 
 impl Req {
     fn new(fp: &str) -> Req {
-        Req { caller: caller(fp), headers: HeaderMap::new(), model: Some("gpt-4o"), prompt: 10, max: Some(90) }
+        Req {
+            caller: caller(fp),
+            headers: HeaderMap::new(),
+            model: Some("gpt-4o"),
+            prompt: 10,
+            max: Some(90),
+        }
     }
     fn lr(&self) -> LimitRequest<'_> {
         LimitRequest {
@@ -65,7 +74,11 @@ impl Req {
 }
 
 fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 #[test]
@@ -86,7 +99,10 @@ fn burst_then_one_per_interval() {
         clock.advance(Duration::from_secs(9));
         assert!(l.check(&r.lr()).await.is_err());
         clock.advance(Duration::from_secs(1));
-        assert!(l.check(&r.lr()).await.is_ok(), "a retry at Retry-After succeeds");
+        assert!(
+            l.check(&r.lr()).await.is_ok(),
+            "a retry at Retry-After succeeds"
+        );
         assert!(l.check(&r.lr()).await.is_err());
         // Another key has its own budget.
         assert!(l.check(&Req::new("b").lr()).await.is_ok());
@@ -100,7 +116,11 @@ fn admitted_responses_carry_ratelimit_headers() {
     let (l, _) = limits(&[p]);
     let r = Req::new("a");
     let a = block(l.check(&r.lr())).unwrap();
-    let h: std::collections::HashMap<_, _> = a.headers.iter().map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned())).collect();
+    let h: std::collections::HashMap<_, _> = a
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+        .collect();
     assert_eq!(h["ratelimit-policy"], "\"per-key\";q=10;w=1");
     assert_eq!(h["ratelimit"], "\"per-key\";r=9;t=1");
 }
@@ -112,7 +132,10 @@ fn concurrent_tasks_never_exceed_the_quota() {
     p.burst = Some(100);
     let (l, _) = limits(&[p]);
     let l = Arc::new(l);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()
+        .unwrap();
     let admitted = rt.block_on(async {
         let mut tasks = Vec::new();
         for t in 0..50 {
@@ -146,12 +169,19 @@ fn concurrency_slots_are_released_when_the_permit_drops() {
     block(async {
         let a = l.check(&r.lr()).await.unwrap();
         let b = l.check(&r.lr()).await.unwrap();
-        assert!(matches!(l.check(&r.lr()).await, Err(GatewayError::ConcurrencyLimited { .. })));
+        assert!(matches!(
+            l.check(&r.lr()).await,
+            Err(GatewayError::ConcurrencyLimited { .. })
+        ));
         drop(a);
         let c = l.check(&r.lr()).await.unwrap();
         drop((b, c));
     });
-    assert_eq!(l.inner.policies[0].concurrency.as_ref().unwrap().len(), 0, "no key left behind");
+    assert_eq!(
+        l.inner.policies[0].concurrency.as_ref().unwrap().len(),
+        0,
+        "no key left behind"
+    );
 }
 
 #[test]
@@ -165,7 +195,10 @@ fn a_refusal_takes_nothing_from_other_policies() {
     block(async {
         let held = l.check(&r.lr()).await.unwrap();
         for _ in 0..5 {
-            assert!(matches!(l.check(&r.lr()).await, Err(GatewayError::ConcurrencyLimited { .. })));
+            assert!(matches!(
+                l.check(&r.lr()).await,
+                Err(GatewayError::ConcurrencyLimited { .. })
+            ));
         }
         drop(held);
         // The five concurrency refusals spent no request cells: one of two remains.
@@ -189,8 +222,14 @@ fn tokens_are_reserved_then_settled() {
         };
         assert_eq!(retry_after, Duration::from_secs(30));
         // The first request really used 100 tokens: 400 come back.
-        a.permit.settle(Some(Usage { prompt: 80, completion: 20 }));
-        assert!(l.check(&r.lr()).await.is_err(), "400 back is not enough for 500");
+        a.permit.settle(Some(Usage {
+            prompt: 80,
+            completion: 20,
+        }));
+        assert!(
+            l.check(&r.lr()).await.is_err(),
+            "400 back is not enough for 500"
+        );
         r.max = Some(300);
         assert!(l.check(&r.lr()).await.is_ok(), "400 back is enough for 400");
         drop(b);
@@ -212,7 +251,12 @@ fn shadow_mode_counts_but_admits() {
         }
     });
     let text = String::from_utf8(l.inner.metrics.render()).unwrap();
-    assert!(text.contains("ezgate_ratelimit_decisions_total{decision=\"shadow_limited\",policy=\"s\"} 4"), "{text}");
+    assert!(
+        text.contains(
+            "ezgate_ratelimit_decisions_total{decision=\"shadow_limited\",policy=\"s\"} 4"
+        ),
+        "{text}"
+    );
 }
 
 #[test]
@@ -224,19 +268,29 @@ fn wait_mode_holds_then_admits_or_refuses() {
     p.max_wait = Some(Dur(Duration::from_secs(2)));
     // Real clock: the wait is real sleeping, and short.
     let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
-    let l = Limits::with_clock(&[p.clone()], Arc::clone(&metrics), governor::clock::DefaultClock::default());
+    let l = Limits::with_clock(
+        &[p.clone()],
+        Arc::clone(&metrics),
+        governor::clock::DefaultClock::default(),
+    );
     let r = Req::new("a");
     block(async {
         assert!(l.check(&r.lr()).await.is_ok());
         assert!(l.check(&r.lr()).await.is_ok(), "held ~50ms, then admitted");
     });
     let text = String::from_utf8(metrics.render()).unwrap();
-    assert!(text.contains("decision=\"waited\",policy=\"w\"} 1"), "{text}");
+    assert!(
+        text.contains("decision=\"waited\",policy=\"w\"} 1"),
+        "{text}"
+    );
     p.max_wait = Some(Dur(Duration::from_millis(1)));
     let l = Limits::with_clock(&[p], metrics, governor::clock::DefaultClock::default());
     block(async {
         assert!(l.check(&r.lr()).await.is_ok());
-        assert!(matches!(l.check(&r.lr()).await, Err(GatewayError::RateLimited { .. })));
+        assert!(matches!(
+            l.check(&r.lr()).await,
+            Err(GatewayError::RateLimited { .. })
+        ));
     });
 }
 
@@ -251,7 +305,10 @@ fn matches_restrict_policies() {
         assert!(l.check(&r.lr()).await.is_ok());
         assert!(l.check(&r.lr()).await.is_err());
         r.model = Some("text-embedding-3-small");
-        assert!(l.check(&r.lr()).await.is_ok(), "a model outside the match is not limited");
+        assert!(
+            l.check(&r.lr()).await.is_ok(),
+            "a model outside the match is not limited"
+        );
     });
 }
 
@@ -266,7 +323,10 @@ fn upstream_cooldown_answers_locally_until_retry_after() {
             panic!("must be held back")
         };
         assert_eq!(retry_after, Duration::from_secs(3));
-        assert!(l.check(&Req::new("other").lr()).await.is_ok(), "other keys are not held");
+        assert!(
+            l.check(&Req::new("other").lr()).await.is_ok(),
+            "other keys are not held"
+        );
         clock.advance(Duration::from_secs(3));
         assert!(l.check(&r.lr()).await.is_ok());
     });

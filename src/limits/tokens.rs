@@ -52,20 +52,32 @@ struct StreamOptions {
 /// defaults (the upstream will refuse it; ezgate does not guess).
 pub fn inspect(body: &[u8]) -> RequestInfo {
     let Ok(doc) = serde_json::from_slice::<Doc>(body) else {
-        return RequestInfo { body_len: body.len(), ..RequestInfo::default() };
+        return RequestInfo {
+            body_len: body.len(),
+            ..RequestInfo::default()
+        };
     };
     let mut chars = 0usize;
-    for v in [&doc.messages, &doc.prompt, &doc.input].into_iter().flatten() {
+    for v in [&doc.messages, &doc.prompt, &doc.input]
+        .into_iter()
+        .flatten()
+    {
         chars += text_chars(v);
     }
     let prompt_tokens = (chars as u64).div_ceil(4).max(1);
-    let max_tokens = doc.max_tokens.or(doc.max_completion_tokens).or(doc.max_output_tokens);
+    let max_tokens = doc
+        .max_tokens
+        .or(doc.max_completion_tokens)
+        .or(doc.max_output_tokens);
     RequestInfo {
         model: doc.model.map(|m| m.chars().take(256).collect()),
         prompt_tokens,
         max_tokens,
         stream: doc.stream.unwrap_or(false),
-        include_usage: doc.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        include_usage: doc
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
         estimated_tokens: prompt_tokens + max_tokens.unwrap_or(0),
         body_len: body.len(),
     }
@@ -93,8 +105,11 @@ pub fn ask_for_stream_usage(body: &Bytes, info: &RequestInfo) -> Option<Bytes> {
     }
     let mut doc: Value = serde_json::from_slice(body).ok()?;
     let obj = doc.as_object_mut()?;
-    let opts = obj.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
-    opts.as_object_mut()?.insert("include_usage".into(), Value::Bool(true));
+    let opts = obj
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Default::default()));
+    opts.as_object_mut()?
+        .insert("include_usage".into(), Value::Bool(true));
     serde_json::to_vec(&doc).ok().map(Bytes::from)
 }
 

@@ -11,8 +11,15 @@ async fn open_and_abandon(gw: &Gateway, request: String, read_first: bool) {
     s.write_all(request.as_bytes()).await.unwrap();
     if read_first {
         let mut buf = [0u8; 256];
-        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0 && buf.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&buf[..n]));
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0 && buf.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
     } else {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -29,7 +36,8 @@ async fn a_slow_request_is_cancelled_upstream_when_the_client_leaves() {
         body.len()
     );
     open_and_abandon(&gw, req, false).await;
-    emu.wait_state("slow-cancel", "cancelled", Duration::from_secs(1)).await;
+    emu.wait_state("slow-cancel", "cancelled", Duration::from_secs(1))
+        .await;
     let log = gw.access_log("slow-cancel").await;
     assert_eq!(log["status"], 499);
     assert_eq!(log["source"], "gateway");
@@ -46,7 +54,8 @@ async fn a_stream_is_cancelled_upstream_when_the_client_leaves() {
         body.len()
     );
     open_and_abandon(&gw, req, true).await;
-    emu.wait_state("stream-cancel", "cancelled", Duration::from_secs(1)).await;
+    emu.wait_state("stream-cancel", "cancelled", Duration::from_secs(1))
+        .await;
     let log = gw.access_log("stream-cancel").await;
     assert_eq!(log["status"], 499);
 }

@@ -6,7 +6,9 @@ use proptest::prelude::*;
 
 use crate::harness::*;
 
-const STATUSES: [u16; 14] = [400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 502, 503, 504, 520];
+const STATUSES: [u16; 14] = [
+    400, 401, 403, 404, 408, 409, 413, 422, 429, 500, 502, 503, 504, 520,
+];
 const WORDS: &str = "emulated upstream failure";
 
 /// (shape, encoding, expected code, whether the message carries the upstream's words)
@@ -42,11 +44,22 @@ async fn every_upstream_shape_and_status_becomes_the_schema() {
     for &status in &STATUSES {
         for &(shape, encoding, code, has_words) in SHAPES {
             let status_s = status.to_string();
-            let mut headers = vec![("x-emu-status", status_s.as_str()), ("x-emu-body", shape), ("accept-encoding", "gzip, br")];
+            let mut headers = vec![
+                ("x-emu-status", status_s.as_str()),
+                ("x-emu-body", shape),
+                ("accept-encoding", "gzip, br"),
+            ];
             if let Some(enc) = encoding {
                 headers.push(("x-emu-encoding", enc));
             }
-            let r = send(&client, Method::GET, &gw.url("/v1/models"), &headers, Bytes::new()).await;
+            let r = send(
+                &client,
+                Method::GET,
+                &gw.url("/v1/models"),
+                &headers,
+                Bytes::new(),
+            )
+            .await;
             let what = format!("{status} {shape} {encoding:?}");
             assert_eq!(r.status.as_u16(), status, "{what}: status kept");
             let e = r.error();
@@ -58,7 +71,10 @@ async fn every_upstream_shape_and_status_becomes_the_schema() {
             if has_words {
                 assert!(message.contains(WORDS), "{what}: message {message:?}");
             } else {
-                assert!(message.contains(&format!("({status})")) || message.contains("upstream API"), "{what}: {message}");
+                assert!(
+                    message.contains(&format!("({status})")) || message.contains("upstream API"),
+                    "{what}: {message}"
+                );
             }
             assert!(!message.contains('<'), "{what}: no markup: {message}");
             assert!(message.chars().count() <= 1100, "{what}: clipped");
@@ -75,7 +91,12 @@ async fn retry_after_and_ratelimit_headers_are_kept() {
         &http1(),
         Method::GET,
         &gw.url("/v1/models"),
-        &[("x-emu-status", "429"), ("x-emu-retry-after", "7"), ("x-emu-ratelimit-headers", "1"), ("x-emu-code", "insufficient_quota")],
+        &[
+            ("x-emu-status", "429"),
+            ("x-emu-retry-after", "7"),
+            ("x-emu-ratelimit-headers", "1"),
+            ("x-emu-code", "insufficient_quota"),
+        ],
         Bytes::new(),
     )
     .await;
@@ -93,8 +114,22 @@ async fn retry_after_and_ratelimit_headers_are_kept() {
 async fn success_bodies_pass_byte_for_byte_even_when_encoded() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let direct = send(&http1(), Method::GET, &format!("{}/v1/models", emu.url()), &[("x-emu-encoding", "gzip")], Bytes::new()).await;
-    let proxied = send(&http1(), Method::GET, &gw.url("/v1/models"), &[("x-emu-encoding", "gzip")], Bytes::new()).await;
+    let direct = send(
+        &http1(),
+        Method::GET,
+        &format!("{}/v1/models", emu.url()),
+        &[("x-emu-encoding", "gzip")],
+        Bytes::new(),
+    )
+    .await;
+    let proxied = send(
+        &http1(),
+        Method::GET,
+        &gw.url("/v1/models"),
+        &[("x-emu-encoding", "gzip")],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(proxied.status, 200);
     assert_eq!(proxied.header("content-encoding"), Some("gzip"));
     assert_eq!(proxied.body, direct.body, "2xx bodies are untouched");
@@ -116,7 +151,10 @@ fn any_body() -> impl Strategy<Value = Vec<u8>> {
         proptest::collection::vec(any::<u8>(), 0..2048),
         "\\PC{0,300}".prop_map(|s| s.into_bytes()),
         "[{}\\[\\]\":, a-z0-9]{0,200}".prop_map(|s| s.into_bytes()),
-        ("[a-z ]{0,40}", "[a-z_]{0,10}").prop_map(|(m, c)| format!(r#"{{"error":{{"message":"{m}","code":"{c}"}}}}"#).into_bytes()),
+        ("[a-z ]{0,40}", "[a-z_]{0,10}")
+            .prop_map(
+                |(m, c)| format!(r#"{{"error":{{"message":"{m}","code":"{c}"}}}}"#).into_bytes()
+            ),
         "[<>a-z/ !]{0,200}".prop_map(|s| format!("<html><title>{s}</title></html>").into_bytes()),
     ]
 }

@@ -11,7 +11,11 @@ use crate::harness::*;
 #[tokio::test]
 async fn refused_connection_is_502_upstream_unreachable() {
     // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let gw = Gateway::start(&format!("http://127.0.0.1:{port}"), "").await;
     let r = gw.chat(&[]).await;
     assert_eq!(r.status, 502);
@@ -19,29 +23,52 @@ async fn refused_connection_is_502_upstream_unreachable() {
     assert_eq!(e["code"], "upstream_unreachable");
     assert_eq!(e["source"], "gateway");
     assert_eq!(e["type"], "bad_gateway");
-    assert!(e["message"].as_str().unwrap().contains("upstream.base_url"), "{e}");
-    assert_eq!(gw.metric("ezgate_upstream_failures_total{kind=\"connect\"}").await, 1.0);
+    assert!(
+        e["message"].as_str().unwrap().contains("upstream.base_url"),
+        "{e}"
+    );
+    assert_eq!(
+        gw.metric("ezgate_upstream_failures_total{kind=\"connect\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn unknown_host_is_502() {
-    let gw = Gateway::start("http://ezgate-test-no-such-host.invalid", "[upstream]\nconnect_timeout = \"3s\"\n").await;
+    let gw = Gateway::start(
+        "http://ezgate-test-no-such-host.invalid",
+        "[upstream]\nconnect_timeout = \"3s\"\n",
+    )
+    .await;
     let r = gw.chat(&[]).await;
     assert!(r.status == 502 || r.status == 504, "{}", r.status);
     let e = r.error();
-    assert!(e["code"] == "upstream_unreachable" || e["code"] == "upstream_timeout", "{e}");
+    assert!(
+        e["code"] == "upstream_unreachable" || e["code"] == "upstream_timeout",
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn slow_headers_are_504_upstream_timeout() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "[upstream]\nresponse_timeout = \"300ms\"\n").await;
-    let r = gw.chat(&[("x-emu-header-delay-ms", "5000"), ("x-request-id", "slow-headers")]).await;
+    let r = gw
+        .chat(&[
+            ("x-emu-header-delay-ms", "5000"),
+            ("x-request-id", "slow-headers"),
+        ])
+        .await;
     assert_eq!(r.status, 504);
     let e = r.error();
     assert_eq!(e["code"], "upstream_timeout");
-    assert!(e["message"].as_str().unwrap().contains("upstream.response_timeout"));
-    emu.wait_state("slow-headers", "cancelled", Duration::from_secs(2)).await;
+    assert!(e["message"]
+        .as_str()
+        .unwrap()
+        .contains("upstream.response_timeout"));
+    emu.wait_state("slow-headers", "cancelled", Duration::from_secs(2))
+        .await;
 }
 
 #[tokio::test]
@@ -62,21 +89,33 @@ async fn malformed_response_is_502() {
     assert_eq!(r.status, 502);
     let e = r.error();
     assert_eq!(e["code"], "upstream_bad_response");
-    assert_eq!(gw.metric("ezgate_upstream_failures_total{kind=\"protocol\"}").await, 1.0);
+    assert_eq!(
+        gw.metric("ezgate_upstream_failures_total{kind=\"protocol\"}")
+            .await,
+        1.0
+    );
 }
 
 async fn stream_body(gw: &Gateway, headers: &[(&str, &str)]) -> (http::StatusCode, String) {
-    let mut req = http::Request::post(gw.url("/v1/chat/completions")).header("content-type", "application/json");
+    let mut req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let req = req
-        .body(Full::new(Bytes::from(r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#)))
+        .body(Full::new(Bytes::from(
+            r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )))
         .unwrap();
     tokio::time::timeout(DEADLINE, async {
         let resp = http1().request(req).await.unwrap();
         let status = resp.status();
-        let body = resp.into_body().collect().await.expect("the stream ends cleanly").to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("the stream ends cleanly")
+            .to_bytes();
         (status, String::from_utf8(body.to_vec()).unwrap())
     })
     .await
@@ -85,7 +124,9 @@ async fn stream_body(gw: &Gateway, headers: &[(&str, &str)]) -> (http::StatusCod
 
 fn last_event_error(text: &str) -> serde_json::Value {
     let last = text.trim_end().rsplit("\n\n").next().unwrap();
-    let json = last.strip_prefix("data: ").unwrap_or_else(|| panic!("last event is not data: {text}"));
+    let json = last
+        .strip_prefix("data: ")
+        .unwrap_or_else(|| panic!("last event is not data: {text}"));
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
     crate::schema::assert_valid(&v);
     v["error"].clone()
@@ -95,34 +136,64 @@ fn last_event_error(text: &str) -> serde_json::Value {
 async fn a_stream_cut_mid_way_ends_with_an_error_event() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let (status, text) = stream_body(&gw, &[("x-emu-stream-events", "10"), ("x-emu-cut-after", "3")]).await;
+    let (status, text) = stream_body(
+        &gw,
+        &[("x-emu-stream-events", "10"), ("x-emu-cut-after", "3")],
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(text.matches("chat.completion.chunk").count(), 3, "{text}");
     let e = last_event_error(&text);
     assert_eq!(e["code"], "upstream_stream_interrupted");
     assert_eq!(e["source"], "gateway");
-    assert_eq!(gw.metric("ezgate_gateway_errors_total{code=\"upstream_stream_interrupted\"}").await, 1.0);
+    assert_eq!(
+        gw.metric("ezgate_gateway_errors_total{code=\"upstream_stream_interrupted\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn a_silent_stream_ends_with_a_timeout_event() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "[upstream]\nstream_idle_timeout = \"500ms\"\n").await;
-    let (status, text) = stream_body(&gw, &[("x-emu-stream-events", "10"), ("x-emu-stall-after", "2"), ("x-request-id", "stall")]).await;
+    let (status, text) = stream_body(
+        &gw,
+        &[
+            ("x-emu-stream-events", "10"),
+            ("x-emu-stall-after", "2"),
+            ("x-request-id", "stall"),
+        ],
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(text.matches("chat.completion.chunk").count(), 2);
     let e = last_event_error(&text);
     assert_eq!(e["code"], "upstream_timeout");
-    assert!(e["message"].as_str().unwrap().contains("upstream.stream_idle_timeout"));
-    emu.wait_state("stall", "cancelled", Duration::from_secs(2)).await;
+    assert!(e["message"]
+        .as_str()
+        .unwrap()
+        .contains("upstream.stream_idle_timeout"));
+    emu.wait_state("stall", "cancelled", Duration::from_secs(2))
+        .await;
 }
 
 #[tokio::test]
 async fn an_upstream_error_event_inside_a_stream_passes_through() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let (_, text) = stream_body(&gw, &[("x-emu-stream-events", "2"), ("x-emu-stream-error-event", "1")]).await;
-    assert!(text.contains("event: error\ndata: {\"error\":{\"message\":\"emulated in-stream error\""), "{text}");
+    let (_, text) = stream_body(
+        &gw,
+        &[
+            ("x-emu-stream-events", "2"),
+            ("x-emu-stream-error-event", "1"),
+        ],
+    )
+    .await;
+    assert!(
+        text.contains("event: error\ndata: {\"error\":{\"message\":\"emulated in-stream error\""),
+        "{text}"
+    );
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
 
@@ -130,17 +201,32 @@ async fn an_upstream_error_event_inside_a_stream_passes_through() {
 async fn a_plain_body_cut_mid_way_is_never_complete_looking() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let req = http::Request::get(gw.url("/v1/models")).header("x-emu-reset", "body").body(Full::new(Bytes::new())).unwrap();
-    let resp = tokio::time::timeout(DEADLINE, http1().request(req)).await.unwrap().unwrap();
+    let req = http::Request::get(gw.url("/v1/models"))
+        .header("x-emu-reset", "body")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, http1().request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let body = tokio::time::timeout(DEADLINE, resp.into_body().collect()).await.unwrap();
-    assert!(body.is_err(), "the client must see the body fail, not a short success");
+    let body = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+        .await
+        .unwrap();
+    assert!(
+        body.is_err(),
+        "the client must see the body fail, not a short success"
+    );
 }
 
 #[tokio::test]
 async fn the_gateway_survives_every_fault_in_a_row() {
     let emu = Emulator::start().await;
-    let gw = Gateway::start(&emu.url(), "[upstream]\nresponse_timeout = \"500ms\"\nstream_idle_timeout = \"500ms\"\n").await;
+    let gw = Gateway::start(
+        &emu.url(),
+        "[upstream]\nresponse_timeout = \"500ms\"\nstream_idle_timeout = \"500ms\"\n",
+    )
+    .await;
     let faults: &[(&str, &str)] = &[
         ("x-emu-reset", "headers"),
         ("x-emu-malformed", "1"),
@@ -148,7 +234,14 @@ async fn the_gateway_survives_every_fault_in_a_row() {
         ("x-emu-status", "500"),
     ];
     for (k, v) in faults {
-        let r = send(&http1(), Method::GET, &gw.url("/v1/models"), &[(k, v)], Bytes::new()).await;
+        let r = send(
+            &http1(),
+            Method::GET,
+            &gw.url("/v1/models"),
+            &[(k, v)],
+            Bytes::new(),
+        )
+        .await;
         assert!(r.status.as_u16() >= 200, "{k}");
     }
     assert_eq!(gw.get("/v1/models").await.status, 200);

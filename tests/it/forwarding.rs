@@ -13,7 +13,12 @@ fn inspect_headers(r: &Resp) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p[0].as_str().unwrap().to_owned(), p[1].as_str().unwrap().to_owned()))
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_owned(),
+                p[1].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -43,13 +48,27 @@ async fn every_method_path_and_query_reaches_the_upstream() {
     let gw = Gateway::start(&emu.url(), "").await;
     for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
         let m = Method::from_bytes(method.as_bytes()).unwrap();
-        let r = send(&http1(), m, &gw.url("/inspect/a%20b/c?x=1&y=%2F&z"), &[], Bytes::from_static(b"hi")).await;
+        let r = send(
+            &http1(),
+            m,
+            &gw.url("/inspect/a%20b/c?x=1&y=%2F&z"),
+            &[],
+            Bytes::from_static(b"hi"),
+        )
+        .await;
         assert_eq!(r.status, 200, "{method}");
         let v = r.json();
         assert_eq!(v["method"], method);
         assert_eq!(v["uri"], "/inspect/a%20b/c?x=1&y=%2F&z");
     }
-    let r = send(&http1(), Method::HEAD, &gw.url("/v1/models"), &[], Bytes::new()).await;
+    let r = send(
+        &http1(),
+        Method::HEAD,
+        &gw.url("/v1/models"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert!(r.body.is_empty());
 }
@@ -58,13 +77,28 @@ async fn every_method_path_and_query_reaches_the_upstream() {
 async fn a_5_mib_body_passes_byte_identical_both_ways() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let body: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    let r = gw.post("/echo", &[("content-type", "application/octet-stream")], body.clone()).await;
+    let body: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let r = gw
+        .post(
+            "/echo",
+            &[("content-type", "application/octet-stream")],
+            body.clone(),
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), body.len());
     assert!(r.body == body, "echoed body differs");
     // Over h2c too.
-    let r = send(&h2c(), Method::POST, &gw.url("/echo"), &[], Bytes::from(body.clone())).await;
+    let r = send(
+        &h2c(),
+        Method::POST,
+        &gw.url("/echo"),
+        &[],
+        Bytes::from(body.clone()),
+    )
+    .await;
     assert!(r.body == body);
 }
 
@@ -77,18 +111,34 @@ async fn sse_events_arrive_as_the_upstream_produces_them() {
         .header("x-request-id", "sse-first-event")
         .header("x-emu-stream-events", "5")
         .header("x-emu-stream-interval-ms", "400")
-        .body(Full::new(Bytes::from(r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#)))
+        .body(Full::new(Bytes::from(
+            r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )))
         .unwrap();
-    let resp = tokio::time::timeout(DEADLINE, http1().request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(DEADLINE, http1().request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
-    let first = tokio::time::timeout(DEADLINE, body.frame()).await.unwrap().unwrap().unwrap();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let first = first.into_data().unwrap();
     assert!(first.starts_with(b"data: {"), "{first:?}");
     // The upstream is still producing: the first event did not wait for the whole stream.
-    assert_eq!(emu.entry("sse-first-event").await.unwrap()["state"], "in_progress");
-    let rest = tokio::time::timeout(DEADLINE, body.collect()).await.unwrap().unwrap().to_bytes();
+    assert_eq!(
+        emu.entry("sse-first-event").await.unwrap()["state"],
+        "in_progress"
+    );
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
     let text = String::from_utf8_lossy(&rest);
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 }
@@ -115,13 +165,26 @@ async fn headers_are_rewritten_both_ways() {
     )
     .await;
     let h = inspect_headers(&r);
-    for gone in ["x-hop-secret", "keep-alive", "proxy-authorization", "connection"] {
+    for gone in [
+        "x-hop-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "connection",
+    ] {
         assert_eq!(header(&h, gone), None, "{gone} must not be forwarded");
     }
-    assert_eq!(header(&h, "host"), Some(emu.addr.to_string().as_str()), "Host is the upstream's");
+    assert_eq!(
+        header(&h, "host"),
+        Some(emu.addr.to_string().as_str()),
+        "Host is the upstream's"
+    );
     assert_eq!(header(&h, "x-request-id"), Some("client-id-123"));
     assert_eq!(header(&h, "x-forwarded-for"), Some("10.9.8.7, 127.0.0.1"));
-    assert_eq!(header(&h, "authorization"), Some("Bearer sk-passthrough"), "passthrough mode keeps the key");
+    assert_eq!(
+        header(&h, "authorization"),
+        Some("Bearer sk-passthrough"),
+        "passthrough mode keeps the key"
+    );
     assert_eq!(r.header("x-request-id"), Some("client-id-123"));
     assert_eq!(r.header("connection"), None);
 }
@@ -166,8 +229,16 @@ async fn never_an_open_proxy() {
     .await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(text.contains(&format!("[\"host\",\"{}\"]", emu.addr)), "only the configured upstream is contacted: {text}");
-    let out = raw(gw.addr, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n", Duration::from_secs(5)).await;
+    assert!(
+        text.contains(&format!("[\"host\",\"{}\"]", emu.addr)),
+        "only the configured upstream is contacted: {text}"
+    );
+    let out = raw(
+        gw.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 405"), "{text}");
     assert!(text.contains("\"code\":\"method_not_allowed\""), "{text}");
@@ -177,21 +248,50 @@ async fn never_an_open_proxy() {
 async fn bad_input_gets_4xx_or_a_closed_connection() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "[server]\nheader_read_timeout = \"1s\"\n").await;
-    let garbage = raw(gw.addr, b"\x16\x03\x01 not http at all\r\n\r\n", Duration::from_secs(5)).await;
+    let garbage = raw(
+        gw.addr,
+        b"\x16\x03\x01 not http at all\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     let text = String::from_utf8_lossy(&garbage);
-    assert!(garbage.is_empty() || text.starts_with("HTTP/1.1 400"), "{text}");
-    let big = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(100 * 1024));
-    let text = String::from_utf8_lossy(&raw(gw.addr, big.as_bytes(), Duration::from_secs(5)).await).to_string();
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 431"), "{text}");
-    let bad_uri = raw(gw.addr, b"GET /a b c HTTP/1.1\r\nhost: x\r\n\r\n", Duration::from_secs(5)).await;
+    assert!(
+        garbage.is_empty() || text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let text = String::from_utf8_lossy(&raw(gw.addr, big.as_bytes(), Duration::from_secs(5)).await)
+        .to_string();
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+    let bad_uri = raw(
+        gw.addr,
+        b"GET /a b c HTTP/1.1\r\nhost: x\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
     let text = String::from_utf8_lossy(&bad_uri);
-    assert!(bad_uri.is_empty() || text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(
+        bad_uri.is_empty() || text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
     // A slow client that never finishes its headers is cut off by header_read_timeout.
     let started = std::time::Instant::now();
     let slow = raw(gw.addr, b"GET / HTTP/1.1\r\nhost: x\r\n", DEADLINE).await;
-    assert!(started.elapsed() < DEADLINE, "slow client was never cut off");
+    assert!(
+        started.elapsed() < DEADLINE,
+        "slow client was never cut off"
+    );
     let text = String::from_utf8_lossy(&slow);
-    assert!(slow.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        slow.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
     // And the gateway still serves.
     assert_eq!(gw.get("/v1/models").await.status, 200);
 }

@@ -46,7 +46,10 @@ impl Lines {
 }
 
 async fn spawn_listening(mut cmd: Command, want: usize) -> (Child, Vec<SocketAddr>, Lines) {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawn test binary");
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
@@ -64,7 +67,11 @@ async fn spawn_listening(mut cmd: Command, want: usize) -> (Child, Vec<SocketAdd
         while addrs.len() < want {
             match out.next_line().await {
                 Ok(Some(l)) => {
-                    if let Some(a) = l.rsplit("listening on ").next().filter(|_| l.contains("listening on ")) {
+                    if let Some(a) = l
+                        .rsplit("listening on ")
+                        .next()
+                        .filter(|_| l.contains("listening on "))
+                    {
                         addrs.push(a.trim().parse::<SocketAddr>().unwrap());
                     }
                 }
@@ -103,14 +110,25 @@ impl Emulator {
         let mut cmd = Command::new(bin("emulator"));
         cmd.args(["--listen", "127.0.0.1:0"]);
         let (child, addrs, _) = spawn_listening(cmd, 1).await;
-        Emulator { _child: child, addr: addrs[0], tls: false }
+        Emulator {
+            _child: child,
+            addr: addrs[0],
+            tls: false,
+        }
     }
 
     pub async fn start_tls(cert: &Path, key: &Path) -> Emulator {
         let mut cmd = Command::new(bin("emulator"));
-        cmd.args(["--listen", "127.0.0.1:0", "--tls-cert"]).arg(cert).arg("--tls-key").arg(key);
+        cmd.args(["--listen", "127.0.0.1:0", "--tls-cert"])
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key);
         let (child, addrs, _) = spawn_listening(cmd, 1).await;
-        Emulator { _child: child, addr: addrs[0], tls: true }
+        Emulator {
+            _child: child,
+            addr: addrs[0],
+            tls: true,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -123,14 +141,24 @@ impl Emulator {
 
     /// The emulator's request log (plain HTTP only).
     pub async fn log(&self) -> Vec<Value> {
-        let r = send(&http1(), Method::GET, &format!("http://{}/__emu/log", self.addr), &[], Bytes::new()).await;
+        let r = send(
+            &http1(),
+            Method::GET,
+            &format!("http://{}/__emu/log", self.addr),
+            &[],
+            Bytes::new(),
+        )
+        .await;
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         v["requests"].as_array().cloned().unwrap_or_default()
     }
 
     /// The log entry of one request, by its `x-request-id`.
     pub async fn entry(&self, request_id: &str) -> Option<Value> {
-        self.log().await.into_iter().find(|e| e["request_id"] == request_id)
+        self.log()
+            .await
+            .into_iter()
+            .find(|e| e["request_id"] == request_id)
     }
 
     /// Waits until the request's state is `state`, failing after `within`.
@@ -143,7 +171,10 @@ impl Emulator {
                 }
             }
             if start.elapsed() > within {
-                panic!("request {request_id} not {state} within {within:?}: {:?}", self.entry(request_id).await);
+                panic!(
+                    "request {request_id} not {state} within {within:?}: {:?}",
+                    self.entry(request_id).await
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -183,7 +214,13 @@ impl Gateway {
             cmd.env(k, v);
         }
         let (child, addrs, logs) = spawn_listening(cmd, 2).await;
-        Gateway { child, addr: addrs[0], admin: addrs[1], logs, config_path }
+        Gateway {
+            child,
+            addr: addrs[0],
+            admin: addrs[1],
+            logs,
+            config_path,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -195,7 +232,14 @@ impl Gateway {
     }
 
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
-        send(&http1(), Method::POST, &self.url(path), headers, body.into()).await
+        send(
+            &http1(),
+            Method::POST,
+            &self.url(path),
+            headers,
+            body.into(),
+        )
+        .await
     }
 
     pub async fn chat(&self, headers: &[(&str, &str)]) -> Resp {
@@ -205,7 +249,14 @@ impl Gateway {
     }
 
     pub async fn metrics(&self) -> String {
-        let r = send(&http1(), Method::GET, &format!("http://{}/metrics", self.admin), &[], Bytes::new()).await;
+        let r = send(
+            &http1(),
+            Method::GET,
+            &format!("http://{}/metrics", self.admin),
+            &[],
+            Bytes::new(),
+        )
+        .await;
         String::from_utf8(r.body.to_vec()).unwrap()
     }
 
@@ -216,7 +267,11 @@ impl Gateway {
 
     pub fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("gateway running").to_string();
-        let ok = std::process::Command::new("kill").args(["-s", sig, &pid]).status().unwrap().success();
+        let ok = std::process::Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill -s {sig} failed");
     }
 
@@ -229,7 +284,11 @@ impl Gateway {
                     return serde_json::from_str(&l).unwrap();
                 }
             }
-            assert!(start.elapsed() < DEADLINE, "no access log for {request_id}:\n{}", self.logs.text());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no access log for {request_id}:\n{}",
+                self.logs.text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -238,21 +297,27 @@ impl Gateway {
 /// A sample's value from Prometheus text, labels in the exposition's (sorted) order; 0 when absent.
 pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
-pub const CHAT_BODY: &str =
-    r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello to the gateway tests."}]}"#;
+pub const CHAT_BODY: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello to the gateway tests."}]}"#;
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 pub fn http1() -> HttpClient {
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http()
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
 }
 
 pub fn h2c() -> HttpClient {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 /// A complete response.
@@ -265,22 +330,38 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     /// The error object, after checking the body against `docs/error.schema.json`.
     pub fn error(&self) -> Value {
-        assert_eq!(self.headers["content-type"], "application/json", "error content-type");
+        assert_eq!(
+            self.headers["content-type"], "application/json",
+            "error content-type"
+        );
         let v = self.json();
         crate::schema::assert_valid(&v);
-        assert_eq!(v["error"]["status"], self.status.as_u16(), "status member equals HTTP status");
         assert_eq!(
-            self.headers.get("content-length").map(|h| h.to_str().unwrap().to_owned()),
+            v["error"]["status"],
+            self.status.as_u16(),
+            "status member equals HTTP status"
+        );
+        assert_eq!(
+            self.headers
+                .get("content-length")
+                .map(|h| h.to_str().unwrap().to_owned()),
             Some(self.body.len().to_string()),
             "content-length describes the new body"
         );
-        assert!(self.headers.get("content-encoding").is_none(), "error bodies are not encoded");
+        assert!(
+            self.headers.get("content-encoding").is_none(),
+            "error bodies are not encoded"
+        );
         v["error"].clone()
     }
 
@@ -289,17 +370,34 @@ impl Resp {
     }
 }
 
-pub async fn send(client: &HttpClient, method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Resp {
+pub async fn send(
+    client: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Resp {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(body)).unwrap();
     tokio::time::timeout(DEADLINE, async {
-        let resp = client.request(req).await.unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
+        let resp = client
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_else(|e| panic!("body of {url}: {e:?}"));
-        Resp { status: parts.status, headers: parts.headers, body }
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_else(|e| panic!("body of {url}: {e:?}"));
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     })
     .await
     .unwrap_or_else(|_| panic!("request to {url} took longer than {DEADLINE:?}"))

@@ -14,7 +14,9 @@ fn ezgate(args: &[&str], config: Option<&str>) -> std::process::Output {
         std::fs::write(&path, text).unwrap();
         cmd.arg("--config").arg(path);
     }
-    cmd.args(args).env_remove("EZLINK_API_KEY").env_remove("EZGATE_CONFIG");
+    cmd.args(args)
+        .env_remove("EZLINK_API_KEY")
+        .env_remove("EZGATE_CONFIG");
     cmd.output().unwrap()
 }
 
@@ -22,7 +24,10 @@ fn ezgate(args: &[&str], config: Option<&str>) -> std::process::Output {
 fn version_and_help() {
     let out = ezgate(&["--version"], None);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("ezgate {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ezgate {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -40,10 +45,16 @@ fn bad_configs_exit_non_zero_naming_file_key_and_problem() {
         ("this is not toml", "bad.toml"),
     ];
     for (text, want) in cases {
-        let out = ezgate(&["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], Some(text));
+        let out = ezgate(
+            &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+            Some(text),
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text}: {err}");
-        assert!(err.contains("bad.toml: ") && err.contains(want), "{text}:\n{err}");
+        assert!(
+            err.contains("bad.toml: ") && err.contains(want),
+            "{text}:\n{err}"
+        );
         assert!(out.stdout.is_empty(), "nothing was bound or announced");
     }
 }
@@ -62,10 +73,20 @@ fn check_config_prints_the_effective_config_redacted() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("base_url = \"http://127.0.0.1:1\""), "environment beats the file: {text}");
-    assert!(text.contains("api_key = \"<redacted>\"") && !text.contains("sk-check-config-secret"), "{text}");
+    assert!(
+        text.contains("base_url = \"http://127.0.0.1:1\""),
+        "environment beats the file: {text}"
+    );
+    assert!(
+        text.contains("api_key = \"<redacted>\"") && !text.contains("sk-check-config-secret"),
+        "{text}"
+    );
     let shipped = std::process::Command::new(bin("ezgate"))
-        .args(["check-config", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/ezgate.toml")])
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/ezgate.toml"),
+        ])
         .output()
         .unwrap();
     assert!(shipped.status.success(), "the shipped config is valid");
@@ -79,9 +100,14 @@ async fn sigterm_drains_a_stream_in_flight_then_exits_zero() {
         .header("content-type", "application/json")
         .header("x-emu-stream-events", "8")
         .header("x-emu-stream-interval-ms", "150")
-        .body(Full::new(Bytes::from(r#"{"model":"gpt-4o","stream":true,"messages":[]}"#)))
+        .body(Full::new(Bytes::from(
+            r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+        )))
         .unwrap();
-    let resp = tokio::time::timeout(DEADLINE, http1().request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(DEADLINE, http1().request(req))
+        .await
+        .unwrap()
+        .unwrap();
     let mut body = resp.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.is_data());
@@ -99,10 +125,23 @@ async fn sigterm_drains_a_stream_in_flight_then_exits_zero() {
     }
     assert!(saw_draining, "/readyz must turn 503 on SIGTERM");
     // New connections are refused.
-    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err(), "listener must be closed");
-    let rest = tokio::time::timeout(DEADLINE, body.collect()).await.unwrap().unwrap().to_bytes();
-    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"), "the stream finished");
-    let status = tokio::time::timeout(DEADLINE, gw.child.wait()).await.unwrap().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(gw.addr).await.is_err(),
+        "listener must be closed"
+    );
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"),
+        "the stream finished"
+    );
+    let status = tokio::time::timeout(DEADLINE, gw.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -112,7 +151,11 @@ async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
     let gw = Gateway::start(&emu.url(), "").await;
     assert_eq!(gw.chat(&[]).await.status, 200);
     // Valid: a limit of one request per hour, global.
-    std::fs::write(&gw.config_path, "[[limits]]\nname = \"reloaded\"\nkey = \"global\"\nrequests = \"1/h\"\n").unwrap();
+    std::fs::write(
+        &gw.config_path,
+        "[[limits]]\nname = \"reloaded\"\nkey = \"global\"\nrequests = \"1/h\"\n",
+    )
+    .unwrap();
     gw.signal("HUP");
     let mut limited = false;
     for _ in 0..100 {
@@ -124,14 +167,25 @@ async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
     }
     assert!(limited, "the reloaded limit applies to new requests");
     // Invalid: refused, logged, the previous config keeps serving.
-    std::fs::write(&gw.config_path, "[[limits]]\nname = \"broken\"\nkey = \"nobody\"\n").unwrap();
+    std::fs::write(
+        &gw.config_path,
+        "[[limits]]\nname = \"broken\"\nkey = \"nobody\"\n",
+    )
+    .unwrap();
     gw.signal("HUP");
     let start = std::time::Instant::now();
     while !gw.logs.text().contains("config reload refused") {
-        assert!(start.elapsed() < DEADLINE, "no refusal logged:\n{}", gw.logs.text());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no refusal logged:\n{}",
+            gw.logs.text()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let r = gw.chat(&[]).await;
     assert_eq!(r.status, 429);
-    assert_eq!(r.error()["message"].as_str().unwrap().contains("'reloaded'"), true);
+    assert!(r.error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("'reloaded'"));
 }

@@ -8,7 +8,10 @@ use http::Method;
 use crate::harness::*;
 
 fn hash(key: &str) -> String {
-    ezgate::clients::sha256(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    ezgate::clients::sha256(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn managed_config(extra: &str) -> String {
@@ -22,7 +25,12 @@ fn managed_config(extra: &str) -> String {
 #[tokio::test]
 async fn managed_mode_authenticates_and_injects_the_org_key() {
     let emu = Emulator::start().await;
-    let gw = Gateway::start_env(&emu.url(), &managed_config(""), &[("EZLINK_API_KEY", "sk-org-key")]).await;
+    let gw = Gateway::start_env(
+        &emu.url(),
+        &managed_config(""),
+        &[("EZLINK_API_KEY", "sk-org-key")],
+    )
+    .await;
     let r = gw.chat(&[]).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.error()["code"], "missing_api_key");
@@ -30,45 +38,84 @@ async fn managed_mode_authenticates_and_injects_the_org_key() {
     let r = gw.chat(&[("authorization", "Bearer key-unknown")]).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.error()["code"], "invalid_api_key");
-    let r = gw.chat(&[("authorization", "Bearer key-search"), ("x-request-id", "managed-ok")]).await;
+    let r = gw
+        .chat(&[
+            ("authorization", "Bearer key-search"),
+            ("x-request-id", "managed-ok"),
+        ])
+        .await;
     assert_eq!(r.status, 200);
     let seen = emu.entry("managed-ok").await.unwrap();
-    let auth: Vec<&str> = seen["headers"].as_array().unwrap().iter().filter(|h| h[0] == "authorization").map(|h| h[1].as_str().unwrap()).collect();
-    assert_eq!(auth, vec!["Bearer sk-org-key"], "only the organization's key reaches the upstream");
-    assert!(!seen.to_string().contains("key-search"), "the client's key never reaches the upstream");
+    let auth: Vec<&str> = seen["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == "authorization")
+        .map(|h| h[1].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        auth,
+        vec!["Bearer sk-org-key"],
+        "only the organization's key reaches the upstream"
+    );
+    assert!(
+        !seen.to_string().contains("key-search"),
+        "the client's key never reaches the upstream"
+    );
     // Model allow-list.
-    let r = gw.post(
-        "/v1/chat/completions",
-        &[("authorization", "Bearer key-search"), ("content-type", "application/json")],
-        r#"{"model":"o1","messages":[]}"#,
-    )
-    .await;
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                ("authorization", "Bearer key-search"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"model":"o1","messages":[]}"#,
+        )
+        .await;
     assert_eq!(r.status, 403);
     let e = r.error();
     assert_eq!(e["code"], "model_not_allowed");
     assert_eq!(e["param"], "model");
-    let r = gw.post(
-        "/v1/chat/completions",
-        &[("authorization", "Bearer key-batch"), ("content-type", "application/json")],
-        r#"{"model":"o1","messages":[]}"#,
-    )
-    .await;
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                ("authorization", "Bearer key-batch"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"model":"o1","messages":[]}"#,
+        )
+        .await;
     assert_eq!(r.status, 200, "a client without a list may use any model");
 }
 
 #[tokio::test]
 async fn rate_limited_requests_get_429_and_a_retry_at_retry_after_succeeds() {
     let emu = Emulator::start().await;
-    let config = managed_config("\n[[limits]]\nname = \"per-client\"\nkey = \"client\"\nrequests = \"2/s\"\nburst = 2\n");
+    let config = managed_config(
+        "\n[[limits]]\nname = \"per-client\"\nkey = \"client\"\nrequests = \"2/s\"\nburst = 2\n",
+    );
     let gw = Gateway::start_env(&emu.url(), &config, &[("EZLINK_API_KEY", "sk-org")]).await;
     let auth = [("authorization", "Bearer key-batch")];
     let ok = gw.chat(&auth).await;
     assert_eq!(ok.status, 200);
-    assert_eq!(ok.header("ratelimit-policy"), Some("\"per-client\";q=2;w=1"));
-    assert!(ok.header("ratelimit").unwrap().starts_with("\"per-client\";r=1;"));
+    assert_eq!(
+        ok.header("ratelimit-policy"),
+        Some("\"per-client\";q=2;w=1")
+    );
+    assert!(ok
+        .header("ratelimit")
+        .unwrap()
+        .starts_with("\"per-client\";r=1;"));
     assert_eq!(gw.chat(&auth).await.status, 200);
     let before = emu.log().await.len();
-    let r = gw.chat(&[("authorization", "Bearer key-batch"), ("x-request-id", "limited-1")]).await;
+    let r = gw
+        .chat(&[
+            ("authorization", "Bearer key-batch"),
+            ("x-request-id", "limited-1"),
+        ])
+        .await;
     assert_eq!(r.status, 429);
     let e = r.error();
     assert_eq!(e["code"], "rate_limited");
@@ -80,25 +127,54 @@ async fn rate_limited_requests_get_429_and_a_retry_at_retry_after_succeeds() {
     assert_eq!(r.header("x-ratelimit-limit-requests"), Some("2"));
     assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
     assert!(r.header("ratelimit-policy").is_some());
-    assert_eq!(emu.log().await.len(), before, "refused locally: the upstream saw nothing");
+    assert_eq!(
+        emu.log().await.len(),
+        before,
+        "refused locally: the upstream saw nothing"
+    );
     // The other client has its own budget.
-    assert_eq!(gw.chat(&[("authorization", "Bearer key-search")]).await.status, 200);
+    assert_eq!(
+        gw.chat(&[("authorization", "Bearer key-search")])
+            .await
+            .status,
+        200
+    );
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    assert_eq!(gw.chat(&auth).await.status, 200, "a retry at retry-after-ms succeeds");
-    assert_eq!(gw.metric("ezgate_ratelimit_decisions_total{decision=\"limited\",policy=\"per-client\"}").await, 1.0);
-    assert_eq!(gw.metric("ezgate_gateway_errors_total{code=\"rate_limited\"}").await, 1.0);
+    assert_eq!(
+        gw.chat(&auth).await.status,
+        200,
+        "a retry at retry-after-ms succeeds"
+    );
+    assert_eq!(
+        gw.metric("ezgate_ratelimit_decisions_total{decision=\"limited\",policy=\"per-client\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("ezgate_gateway_errors_total{code=\"rate_limited\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn an_upstream_429_holds_back_that_key_until_retry_after() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let key = [("authorization", "Bearer sk-app-one"), ("content-type", "application/json")];
+    let key = [
+        ("authorization", "Bearer sk-app-one"),
+        ("content-type", "application/json"),
+    ];
     let limited = send(
         &http1(),
         Method::POST,
         &gw.url("/v1/embeddings"),
-        &[key[0], key[1], ("x-emu-status", "429"), ("x-emu-retry-after", "2")],
+        &[
+            key[0],
+            key[1],
+            ("x-emu-status", "429"),
+            ("x-emu-retry-after", "2"),
+        ],
         Bytes::from(r#"{"model":"text-embedding-3-small","input":"x"}"#),
     )
     .await;
@@ -106,29 +182,56 @@ async fn an_upstream_429_holds_back_that_key_until_retry_after() {
     assert_eq!(limited.error()["source"], "upstream");
     let before = emu.log().await.len();
     for _ in 0..3 {
-        let r = send(&http1(), Method::POST, &gw.url("/v1/embeddings"), &key, Bytes::from(r#"{"model":"text-embedding-3-small","input":"x"}"#)).await;
+        let r = send(
+            &http1(),
+            Method::POST,
+            &gw.url("/v1/embeddings"),
+            &key,
+            Bytes::from(r#"{"model":"text-embedding-3-small","input":"x"}"#),
+        )
+        .await;
         assert_eq!(r.status, 429);
         let e = r.error();
         assert_eq!(e["code"], "upstream_rate_limited");
         assert_eq!(e["source"], "gateway");
         assert!(e["retry_after_ms"].as_u64().unwrap() <= 2000);
     }
-    assert_eq!(emu.log().await.len(), before, "the upstream received none of the held requests");
-    let other = send(&http1(), Method::POST, &gw.url("/v1/embeddings"), &[("authorization", "Bearer sk-app-two"), key[1]], Bytes::from(r#"{"model":"text-embedding-3-small","input":"x"}"#)).await;
+    assert_eq!(
+        emu.log().await.len(),
+        before,
+        "the upstream received none of the held requests"
+    );
+    let other = send(
+        &http1(),
+        Method::POST,
+        &gw.url("/v1/embeddings"),
+        &[("authorization", "Bearer sk-app-two"), key[1]],
+        Bytes::from(r#"{"model":"text-embedding-3-small","input":"x"}"#),
+    )
+    .await;
     assert_eq!(other.status, 200, "another key is not held back");
 }
 
 #[tokio::test]
 async fn concurrency_slots_are_released_by_cancelled_streams() {
     let emu = Emulator::start().await;
-    let gw = Gateway::start(&emu.url(), "[[limits]]\nname = \"one-at-a-time\"\nkey = \"global\"\nconcurrency = 1\n").await;
-    // A stream that fails mid-way releases its slot.
-    let r = gw.post(
-        "/v1/chat/completions",
-        &[("content-type", "application/json"), ("x-emu-cut-after", "1"), ("x-emu-stream-events", "5")],
-        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    let gw = Gateway::start(
+        &emu.url(),
+        "[[limits]]\nname = \"one-at-a-time\"\nkey = \"global\"\nconcurrency = 1\n",
     )
     .await;
+    // A stream that fails mid-way releases its slot.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                ("content-type", "application/json"),
+                ("x-emu-cut-after", "1"),
+                ("x-emu-stream-events", "5"),
+            ],
+            r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(gw.chat(&[]).await.status, 200);
     // A stream whose client left releases its slot.

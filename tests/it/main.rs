@@ -1,5 +1,11 @@
 //! Integration tests: the real `ezgate` binary against the `ezlink-emulator` upstream.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
 mod harness;
 mod schema;
 

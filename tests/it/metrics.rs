@@ -10,7 +10,10 @@ use http::Method;
 use crate::harness::*;
 
 fn tool(name: &str) -> String {
-    let found = std::process::Command::new("sh").args(["-c", &format!("command -v {name}")]).output().unwrap();
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .unwrap();
     let path = String::from_utf8_lossy(&found.stdout).trim().to_owned();
     assert!(!path.is_empty(), "`{name}` is not installed: run .ci/test (it installs Debian's prometheus package) or `apt-get install prometheus`");
     path
@@ -26,30 +29,109 @@ async fn statuses_are_counted_exactly_by_source() {
     for _ in 0..2 {
         assert_eq!(gw.chat(&[("x-emu-status", "404")]).await.status, 404);
     }
-    assert_eq!(gw.chat(&[("x-emu-status", "500"), ("x-emu-body", "html")]).await.status, 500);
+    assert_eq!(
+        gw.chat(&[("x-emu-status", "500"), ("x-emu-body", "html")])
+            .await
+            .status,
+        500
+    );
     for _ in 0..3 {
-        gw.post("/v1/embeddings", &[("content-type", "application/json")], r#"{"model":"text-embedding-3-small","input":"a"}"#).await;
+        gw.post(
+            "/v1/embeddings",
+            &[("content-type", "application/json")],
+            r#"{"model":"text-embedding-3-small","input":"a"}"#,
+        )
+        .await;
     }
     let m = gw.metrics().await;
     let count = |labels: &str| metric_value(&m, &format!("ezgate_requests_total{{{labels}}}"));
-    assert_eq!(count("method=\"POST\",route=\"/v1/chat/completions\",source=\"upstream\",status=\"200\""), 3.0);
-    assert_eq!(count("method=\"POST\",route=\"/v1/chat/completions\",source=\"upstream\",status=\"404\""), 2.0);
-    assert_eq!(count("method=\"POST\",route=\"/v1/chat/completions\",source=\"upstream\",status=\"500\""), 1.0);
-    assert_eq!(count("method=\"POST\",route=\"/v1/embeddings\",source=\"upstream\",status=\"200\""), 2.0);
-    assert_eq!(count("method=\"POST\",route=\"/v1/embeddings\",source=\"gateway\",status=\"429\""), 1.0);
-    assert_eq!(metric_value(&m, "ezgate_upstream_responses_total{status=\"404\"}"), 2.0);
+    assert_eq!(
+        count("method=\"POST\",route=\"/v1/chat/completions\",source=\"upstream\",status=\"200\""),
+        3.0
+    );
+    assert_eq!(
+        count("method=\"POST\",route=\"/v1/chat/completions\",source=\"upstream\",status=\"404\""),
+        2.0
+    );
+    assert_eq!(
+        count("method=\"POST\",route=\"/v1/chat/completions\",source=\"upstream\",status=\"500\""),
+        1.0
+    );
+    assert_eq!(
+        count("method=\"POST\",route=\"/v1/embeddings\",source=\"upstream\",status=\"200\""),
+        2.0
+    );
+    assert_eq!(
+        count("method=\"POST\",route=\"/v1/embeddings\",source=\"gateway\",status=\"429\""),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&m, "ezgate_upstream_responses_total{status=\"404\"}"),
+        2.0
+    );
     assert_eq!(metric_value(&m, "ezgate_request_duration_seconds_count{route=\"/v1/chat/completions\",status_class=\"2xx\"}"), 3.0);
-    assert_eq!(metric_value(&m, "ezgate_upstream_header_duration_seconds_count{route=\"/v1/chat/completions\"}"), 6.0);
-    assert_eq!(metric_value(&m, "ezgate_overhead_seconds_count{route=\"/v1/embeddings\"}"), 3.0);
-    assert_eq!(metric_value(&m, "ezgate_ratelimit_decisions_total{decision=\"allowed\",policy=\"two\"}"), 2.0);
-    assert_eq!(metric_value(&m, "ezgate_inflight_requests{route=\"/v1/chat/completions\"}"), 0.0);
-    assert_eq!(metric_value(&m, &format!("ezgate_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
-    assert!(m.contains("process_resident_memory_bytes"), "the process collector is registered");
+    assert_eq!(
+        metric_value(
+            &m,
+            "ezgate_upstream_header_duration_seconds_count{route=\"/v1/chat/completions\"}"
+        ),
+        6.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "ezgate_overhead_seconds_count{route=\"/v1/embeddings\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "ezgate_ratelimit_decisions_total{decision=\"allowed\",policy=\"two\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "ezgate_inflight_requests{route=\"/v1/chat/completions\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            &format!(
+                "ezgate_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    assert!(
+        m.contains("process_resident_memory_bytes"),
+        "the process collector is registered"
+    );
     // Tokens from JSON usage (chat) and from the final SSE chunk.
-    let before = metric_value(&m, "ezgate_tokens_total{kind=\"completion\",model=\"gpt-4o\"}");
+    let before = metric_value(
+        &m,
+        "ezgate_tokens_total{kind=\"completion\",model=\"gpt-4o\"}",
+    );
     assert_eq!(before, 21.0, "3 chats × 7 completion tokens");
-    gw.post("/v1/chat/completions", &[("content-type", "application/json"), ("x-emu-stream-events", "4")], r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#).await;
-    assert_eq!(gw.metric("ezgate_tokens_total{kind=\"completion\",model=\"gpt-4o\"}").await, 25.0);
+    gw.post(
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-emu-stream-events", "4"),
+        ],
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(
+        gw.metric("ezgate_tokens_total{kind=\"completion\",model=\"gpt-4o\"}")
+            .await,
+        25.0
+    );
 }
 
 #[tokio::test]
@@ -63,11 +145,25 @@ async fn labels_stay_bounded_under_random_paths_and_models() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let path = if i % 2 == 0 { format!("/v1/{x:x}/{i}?q={x}") } else { "/v1/chat/completions".to_owned() };
+        let path = if i % 2 == 0 {
+            format!("/v1/{x:x}/{i}?q={x}")
+        } else {
+            "/v1/chat/completions".to_owned()
+        };
         let body = format!(r#"{{"model":"model-{x:x}","messages":[]}}"#);
         let c = client.clone();
         let url = gw.url(&path);
-        tasks.push(async move { send(&c, Method::POST, &url, &[("content-type", "application/json")], Bytes::from(body)).await.status });
+        tasks.push(async move {
+            send(
+                &c,
+                Method::POST,
+                &url,
+                &[("content-type", "application/json")],
+                Bytes::from(body),
+            )
+            .await
+            .status
+        });
         if tasks.len() == 64 {
             futures_join(std::mem::take(&mut tasks)).await;
         }
@@ -81,10 +177,12 @@ async fn labels_stay_bounded_under_random_paths_and_models() {
         assert!(!line.contains("?q="), "raw path in a label: {line}");
     }
     assert_eq!(metric_value(&m, "ezgate_requests_total{method=\"POST\",route=\"other\",source=\"upstream\",status=\"404\"}"), 5000.0);
-    assert_eq!(metric_value(&m, "ezgate_tokens_total{kind=\"prompt\",model=\"other\"}") > 0.0, true);
+    assert!(metric_value(&m, "ezgate_tokens_total{kind=\"prompt\",model=\"other\"}") > 0.0);
 }
 
-async fn futures_join(tasks: Vec<impl std::future::Future<Output = http::StatusCode> + Send + 'static>) {
+async fn futures_join(
+    tasks: Vec<impl std::future::Future<Output = http::StatusCode> + Send + 'static>,
+) {
     let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
     for h in handles {
         h.await.unwrap();
@@ -95,7 +193,11 @@ async fn futures_join(tasks: Vec<impl std::future::Future<Output = http::StatusC
 async fn promtool_accepts_the_live_exposition() {
     let promtool = tool("promtool");
     let emu = Emulator::start().await;
-    let gw = Gateway::start(&emu.url(), "[[limits]]\nname = \"p\"\nkey = \"ip\"\nrequests = \"1/h\"\n").await;
+    let gw = Gateway::start(
+        &emu.url(),
+        "[[limits]]\nname = \"p\"\nkey = \"ip\"\nrequests = \"1/h\"\n",
+    )
+    .await;
     gw.chat(&[]).await;
     gw.chat(&[]).await;
     gw.chat(&[("x-emu-status", "503")]).await;
@@ -108,7 +210,12 @@ async fn promtool_accepts_the_live_exposition() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -124,15 +231,25 @@ async fn a_real_prometheus_sees_exactly_the_provoked_counts() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "[[limits]]\nname = \"one\"\nkey = \"global\"\nrequests = \"1/h\"\nmatch = { routes = [\"/v1/embeddings\"] }\n").await;
     let dir = scratch_dir();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     std::fs::write(
         dir.join("prometheus.yml"),
         format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ezgate\n    static_configs:\n      - targets: ['{}']\n", gw.admin),
     )
     .unwrap();
     let mut prom = tokio::process::Command::new(prometheus)
-        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -144,14 +261,65 @@ async fn a_real_prometheus_sees_exactly_the_provoked_counts() {
         assert_eq!(gw.get("/v1/models").await.status, 200);
     }
     for _ in 0..2 {
-        assert_eq!(send(&http1(), Method::GET, &gw.url("/v1/models"), &[("x-emu-status", "404")], Bytes::new()).await.status, 404);
+        assert_eq!(
+            send(
+                &http1(),
+                Method::GET,
+                &gw.url("/v1/models"),
+                &[("x-emu-status", "404")],
+                Bytes::new()
+            )
+            .await
+            .status,
+            404
+        );
     }
     let embed = r#"{"model":"text-embedding-3-small","input":"a"}"#;
-    assert_eq!(gw.post("/v1/embeddings", &[("content-type", "application/json")], embed).await.status, 200);
-    assert_eq!(gw.post("/v1/embeddings", &[("content-type", "application/json")], embed).await.status, 429);
-    assert_eq!(send(&http1(), Method::GET, &gw.url("/v1/models"), &[("x-emu-status", "429")], Bytes::new()).await.status, 429);
+    assert_eq!(
+        gw.post(
+            "/v1/embeddings",
+            &[("content-type", "application/json")],
+            embed
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        gw.post(
+            "/v1/embeddings",
+            &[("content-type", "application/json")],
+            embed
+        )
+        .await
+        .status,
+        429
+    );
+    assert_eq!(
+        send(
+            &http1(),
+            Method::GET,
+            &gw.url("/v1/models"),
+            &[("x-emu-status", "429")],
+            Bytes::new()
+        )
+        .await
+        .status,
+        429
+    );
     for _ in 0..2 {
-        assert_eq!(send(&http1(), Method::GET, &gw.url("/v1/models"), &[("x-emu-malformed", "1")], Bytes::new()).await.status, 502);
+        assert_eq!(
+            send(
+                &http1(),
+                Method::GET,
+                &gw.url("/v1/models"),
+                &[("x-emu-malformed", "1")],
+                Bytes::new()
+            )
+            .await
+            .status,
+            502
+        );
     }
     let want = [
         ("200", "upstream", 4.0),
@@ -164,7 +332,16 @@ async fn a_real_prometheus_sees_exactly_the_provoked_counts() {
     let start = std::time::Instant::now();
     let mut last = String::new();
     loop {
-        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), http1().request(http::Request::get(&query).body(http_body_util::Full::new(Bytes::new())).unwrap())).await {
+        if let Ok(Ok(resp)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            http1().request(
+                http::Request::get(&query)
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap(),
+            ),
+        )
+        .await
+        {
             use http_body_util::BodyExt;
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -182,14 +359,19 @@ async fn a_real_prometheus_sees_exactly_the_provoked_counts() {
                         .collect()
                 })
                 .unwrap_or_default();
-            let matches = want.iter().all(|(s, src, n)| got.iter().any(|(gs, gsrc, gn)| gs == s && gsrc == src && gn == n))
-                && got.len() == want.len();
+            let matches = want.iter().all(|(s, src, n)| {
+                got.iter()
+                    .any(|(gs, gsrc, gn)| gs == s && gsrc == src && gn == n)
+            }) && got.len() == want.len();
             if matches {
                 break;
             }
             last = format!("{got:?}");
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "Prometheus never showed the provoked counts; last: {last}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "Prometheus never showed the provoked counts; last: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let _ = prom.kill().await;

@@ -9,7 +9,11 @@ use serde_json::Value;
 fn schema() -> &'static Value {
     static SCHEMA: OnceLock<Value> = OnceLock::new();
     SCHEMA.get_or_init(|| {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/error.schema.json")).unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/error.schema.json"
+        ))
+        .unwrap();
         serde_json::from_str(&text).unwrap()
     })
 }
@@ -38,7 +42,9 @@ fn type_ok(t: &str, v: &Value) -> bool {
 }
 
 fn check(s: &Value, v: &Value, at: &str) -> Result<(), String> {
-    let Some(obj) = s.as_object() else { return Ok(()) };
+    let Some(obj) = s.as_object() else {
+        return Ok(());
+    };
     for (k, rule) in obj {
         match k.as_str() {
             "$schema" | "$id" | "title" | "description" | "additionalProperties" => {}
@@ -83,7 +89,9 @@ fn check(s: &Value, v: &Value, at: &str) -> Result<(), String> {
                 }
             }
             "minLength" => {
-                if v.as_str().is_some_and(|x| (x.chars().count() as u64) < rule.as_u64().unwrap()) {
+                if v.as_str()
+                    .is_some_and(|x| (x.chars().count() as u64) < rule.as_u64().unwrap())
+                {
                     return Err(format!("{at}: {v} shorter than {rule}"));
                 }
             }

@@ -23,14 +23,23 @@ fn make_pki() -> Pki {
     let dir = scratch_dir();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "ezgate test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ezgate test CA");
     let ca_key = KeyPair::generate().unwrap();
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let pki = Pki { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key"), ca_der: ca.der().to_vec() };
+    let pki = Pki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        ca_der: ca.der().to_vec(),
+    };
     std::fs::write(&pki.ca, ca.pem()).unwrap();
     std::fs::write(&pki.cert, cert.pem()).unwrap();
     std::fs::write(&pki.key, key.serialize_pem()).unwrap();
@@ -47,7 +56,13 @@ async fn upstream_over_tls_with_an_extra_ca() {
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["object"], "chat.completion");
     // Streams too, over the upstream's h2 (ALPN).
-    let r = gw.post("/v1/chat/completions", &[("content-type", "application/json")], r#"{"model":"m","stream":true,"messages":[]}"#).await;
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            r#"{"model":"m","stream":true,"messages":[]}"#,
+        )
+        .await;
     assert!(String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"));
 
     // Without the CA the upstream is untrusted: 502, counted as a TLS failure.
@@ -57,19 +72,39 @@ async fn upstream_over_tls_with_an_extra_ca() {
     let e = r.error();
     assert_eq!(e["code"], "upstream_unreachable");
     assert!(e["message"].as_str().unwrap().contains("TLS"), "{e}");
-    assert_eq!(gw.metric("ezgate_upstream_failures_total{kind=\"tls\"}").await, 1.0);
+    assert_eq!(
+        gw.metric("ezgate_upstream_failures_total{kind=\"tls\"}")
+            .await,
+        1.0
+    );
 }
 
-fn tls_client(ca_der: &[u8], h2: bool) -> Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<Bytes>> {
+fn tls_client(
+    ca_der: &[u8],
+    h2: bool,
+) -> Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(ca_der.to_vec())).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only();
-    let connector = if h2 { builder.enable_http2().build() } else { builder.enable_http1().build() };
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der.to_vec()))
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only();
+    let connector = if h2 {
+        builder.enable_http2().build()
+    } else {
+        builder.enable_http1().build()
+    };
     let mut b = Client::builder(TokioExecutor::new());
     if h2 {
         b.http2_only(true);
@@ -87,13 +122,22 @@ async fn the_proxy_listener_serves_h2_and_http1_over_tls() {
         pki.key.display().to_string()
     );
     let gw = Gateway::start(&emu.url(), &config).await;
-    for (h2, version) in [(true, http::Version::HTTP_2), (false, http::Version::HTTP_11)] {
+    for (h2, version) in [
+        (true, http::Version::HTTP_2),
+        (false, http::Version::HTTP_11),
+    ] {
         let client = tls_client(&pki.ca_der, h2);
-        let req = http::Request::post(format!("https://localhost:{}/v1/chat/completions", gw.addr.port()))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(CHAT_BODY)))
+        let req = http::Request::post(format!(
+            "https://localhost:{}/v1/chat/completions",
+            gw.addr.port()
+        ))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(CHAT_BODY)))
+        .unwrap();
+        let resp = tokio::time::timeout(DEADLINE, client.request(req))
+            .await
+            .unwrap()
             .unwrap();
-        let resp = tokio::time::timeout(DEADLINE, client.request(req)).await.unwrap().unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.version(), version);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
