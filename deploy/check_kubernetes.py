@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Renders the kustomize examples and checks the fields that matter for the ezgate sidecar.
+
+    check_kubernetes.py --kustomize "kubectl kustomize" --out DIR
+
+Renders deploy/kubernetes/examples/{native,classic} with the given kustomize command, writes
+each rendering to DIR/<example>.yaml (built-in kinds, for the schema validator) and
+DIR/<example>.crds.yaml (the PodMonitor), and checks what a schema cannot see:
+
+* native: ezgate is an init container with restartPolicy: Always; classic: a regular one;
+* the config comes from the generated ConfigMap, mounted read-only where EZGATE_CONFIG points,
+  and that ezgate.toml passes check_config.py;
+* EZLINK_API_KEY comes from the Secret of secret.example.yaml (name and key match), never a
+  literal; the proxy binds loopback, the admin port binds 0.0.0.0 on the named container port;
+* the app's OPENAI_BASE_URL is http://127.0.0.1:<proxy port>/v1;
+* liveness /healthz, readiness /readyz (and a startupProbe) on the admin port;
+* terminationGracePeriodSeconds > shutdown_grace (+ the preStop sleep);
+* resource requests and limits; non-root (the Dockerfile's UID), read-only root, no privilege
+  escalation, all capabilities dropped; image tag set by kustomize, not latest;
+* the PodMonitor selects the pod's labels, scrapes the admin port's /metrics, sets job=ezgate;
+  the prometheus.io/* annotations name the same port and path;
+* the two examples' ezgate containers are the same but for restartPolicy and lifecycle.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import check_config  # noqa: E402
+
+DEPLOY = Path(__file__).resolve().parent
+K8S = DEPLOY / "kubernetes"
+EXAMPLES = ("native", "classic")
+BUILTIN_GROUPS = ("v1", "apps/v1", "batch/v1", "policy/v1", "autoscaling/v2", "networking.k8s.io/v1")
+
+
+class Checker:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.where = ""
+
+    def need(self, cond: bool, msg: str) -> bool:
+        if not cond:
+            self.errors.append(f"{self.where}: {msg}")
+        return bool(cond)
+
+
+def dockerfile_uid() -> int | None:
+    """The numeric USER of the Dockerfile's last stage."""
+    uids = re.findall(r"^\s*USER\s+(\d+)", (DEPLOY / "Dockerfile").read_text(), re.M)
+    return int(uids[-1]) if uids else None
+
+
+def env_map(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def port_number(container: dict, port) -> int | None:
+    if isinstance(port, int):
+        return port
+    for p in container.get("ports", []):
+        if p.get("name") == port:
+            return p.get("containerPort")
+    return None
+
+
+def check_example(c: Checker, name: str, docs: list[dict], secret: dict) -> dict | None:
+    c.where = f"examples/{name}"
+    by_kind: dict[str, list[dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d.get("kind"), []).append(d)
+    deps = by_kind.get("Deployment", [])
+    cms = by_kind.get("ConfigMap", [])
+    pms = by_kind.get("PodMonitor", [])
+    if not (c.need(len(deps) == 1, "expected one Deployment") and c.need(len(cms) == 1, "expected one ConfigMap")
+            and c.need(len(pms) == 1, "expected one PodMonitor")):
+        return None
+    dep, cm, pm = deps[0], cms[0], pms[0]
+    spec = dep["spec"]
+    tmpl = spec["template"]
+    pod = tmpl["spec"]
+    labels = tmpl.get("metadata", {}).get("labels", {})
+    sel = spec.get("selector", {}).get("matchLabels", {})
+    c.need(sel and all(labels.get(k) == v for k, v in sel.items()),
+           "Deployment selector does not match the pod template labels")
+    c.need(re.fullmatch(r"ezgate-config-[a-z0-9]{6,}", cm["metadata"]["name"] or ""),
+           f"ConfigMap {cm['metadata']['name']!r} is not the generated, hashed ezgate-config")
+
+    init = [x for x in pod.get("initContainers", []) if x["name"] == "ezgate"]
+    main = [x for x in pod.get("containers", []) if x["name"] == "ezgate"]
+    if name == "native":
+        if not c.need(len(init) == 1 and not main, "ezgate must be an init container (native sidecar)"):
+            return None
+        gw = init[0]
+        c.need(gw.get("restartPolicy") == "Always", "native sidecar needs restartPolicy: Always")
+        c.need("startupProbe" in gw, "native sidecar needs a startupProbe (it gates the app's start)")
+    else:
+        if not c.need(len(main) == 1 and not init, "ezgate must be a regular container (classic)"):
+            return None
+        gw = main[0]
+        c.need("restartPolicy" not in gw, "a classic sidecar has no container restartPolicy")
+    apps = [x for x in pod.get("containers", []) if x["name"] != "ezgate"]
+    c.need(len(apps) >= 1, "no application container beside ezgate")
+
+    # image
+    image = gw.get("image", "")
+    c.need(re.fullmatch(r"[^:@\s]+/[^:@\s]*ezgate(:[A-Za-z0-9._-]+|@sha256:[0-9a-f]{64})", image or "")
+           and not image.endswith(":latest"),
+           f"ezgate image {image!r}: set registry and tag with kustomize images:, not latest")
+
+    env = env_map(gw)
+    # config: EZGATE_CONFIG -> mount -> volume -> generated ConfigMap -> key -> valid toml
+    cfg_path = env.get("EZGATE_CONFIG", {}).get("value", "/etc/ezgate/ezgate.toml")
+    mounts = [m for m in gw.get("volumeMounts", []) if cfg_path.startswith(m["mountPath"].rstrip("/") + "/")]
+    grace_cfg = None
+    if c.need(len(mounts) == 1, f"nothing mounted at {cfg_path} (EZGATE_CONFIG)"):
+        mnt = mounts[0]
+        c.need(mnt.get("readOnly") is True, "config volume must be mounted readOnly")
+        vols = {v["name"]: v for v in pod.get("volumes", [])}
+        vol = vols.get(mnt["name"], {})
+        cm_ref = vol.get("configMap", {}).get("name")
+        if c.need(cm_ref == cm["metadata"]["name"],
+                  f"volume {mnt['name']} refers to ConfigMap {cm_ref!r}, not the generated {cm['metadata']['name']!r}"):
+            key = cfg_path[len(mnt["mountPath"].rstrip("/")) + 1:]
+            if c.need(key in cm.get("data", {}), f"ConfigMap has no key {key!r}"):
+                errs, doc = check_config.check_text(cm["data"][key], f"{c.where} ConfigMap {key}")
+                c.errors.extend(errs)
+                if not errs:
+                    grace_cfg = check_config.shutdown_grace(doc)
+                    c.need(doc.get("upstream", {}).get("api_key") == "${EZLINK_API_KEY}",
+                           "ezgate.toml must read the key as upstream.api_key = \"${EZLINK_API_KEY}\"")
+
+    # secret
+    key_env = env.get("EZLINK_API_KEY", {})
+    ref = key_env.get("valueFrom", {}).get("secretKeyRef", {})
+    c.need("value" not in key_env, "EZLINK_API_KEY must not be a literal value")
+    c.need(ref.get("name") == secret["metadata"]["name"] and ref.get("key") in secret.get("stringData", {}),
+           f"EZLINK_API_KEY must come from Secret {secret['metadata']['name']} key "
+           f"{list(secret.get('stringData', {}))}: got {ref}")
+    for cont in pod.get("containers", []) + pod.get("initContainers", []):
+        for e in cont.get("env", []):
+            if re.search(r"\bsk-[A-Za-z0-9_-]{16,}", str(e.get("value", ""))):
+                c.need(False, f"{cont['name']}: env {e['name']} holds what looks like an API key")
+
+    # listeners and ports
+    listen = env.get("EZGATE_LISTEN", {}).get("value", "")
+    admin = env.get("EZGATE_ADMIN_LISTEN", {}).get("value", "")
+    c.need(listen.startswith("127.0.0.1:"), f"EZGATE_LISTEN={listen!r}: the proxy must bind 127.0.0.1 in a pod")
+    c.need(admin.startswith("0.0.0.0:"), f"EZGATE_ADMIN_LISTEN={admin!r}: probes need 0.0.0.0")
+    proxy_port = int(listen.rsplit(":", 1)[1]) if ":" in listen else None
+    admin_port = int(admin.rsplit(":", 1)[1]) if ":" in admin else None
+    named = {p.get("name"): p.get("containerPort") for p in gw.get("ports", [])}
+    c.need(named.get("ezgate-admin") == admin_port,
+           f"container port ezgate-admin ({named.get('ezgate-admin')}) is not the admin listener ({admin_port})")
+    for app in apps:
+        base = env_map(app).get("OPENAI_BASE_URL", {}).get("value")
+        c.need(base == f"http://127.0.0.1:{proxy_port}/v1",
+               f"{app['name']}: OPENAI_BASE_URL={base!r}, want http://127.0.0.1:{proxy_port}/v1")
+
+    # probes
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", None)):
+        pr = gw.get(probe)
+        if probe == "startupProbe" and pr is None:
+            continue
+        if not c.need(pr is not None and "httpGet" in pr, f"ezgate needs an httpGet {probe}"):
+            continue
+        hg = pr["httpGet"]
+        if path:
+            c.need(hg.get("path") == path, f"{probe} path {hg.get('path')!r}, want {path}")
+        else:
+            c.need(hg.get("path") in ("/readyz", "/healthz"), f"{probe} path {hg.get('path')!r}")
+        c.need(port_number(gw, hg.get("port")) == admin_port, f"{probe} is not on the admin port")
+
+    # shutdown
+    tgp = pod.get("terminationGracePeriodSeconds", 30)
+    sleep = gw.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    if name == "classic":
+        c.need(sleep > 0, "classic sidecar: preStop sleep keeps ezgate serving while the app stops")
+    if grace_cfg is not None:
+        c.need(tgp > grace_cfg + sleep,
+               f"terminationGracePeriodSeconds {tgp} must exceed shutdown_grace {grace_cfg:g}s"
+               + (f" + preStop sleep {sleep}s" if sleep else ""))
+
+    # resources and security
+    res = gw.get("resources", {})
+    c.need({"cpu", "memory"} <= set(res.get("requests", {})), "ezgate needs cpu and memory requests")
+    c.need({"cpu", "memory"} <= set(res.get("limits", {})), "ezgate needs cpu and memory limits")
+    sc = gw.get("securityContext", {})
+    uid = dockerfile_uid()
+    c.need(sc.get("runAsNonRoot") is True, "ezgate: runAsNonRoot: true")
+    c.need(sc.get("runAsUser") not in (None, 0) and sc.get("runAsUser") == uid,
+           f"ezgate: runAsUser {sc.get('runAsUser')} should be the image's USER {uid}")
+    c.need(sc.get("allowPrivilegeEscalation") is False, "ezgate: allowPrivilegeEscalation: false")
+    c.need(sc.get("readOnlyRootFilesystem") is True, "ezgate: readOnlyRootFilesystem: true")
+    c.need("ALL" in sc.get("capabilities", {}).get("drop", []), "ezgate: capabilities drop ALL")
+
+    # discovery: PodMonitor and annotations
+    pms_spec = pm.get("spec", {})
+    ml = pms_spec.get("selector", {}).get("matchLabels", {})
+    c.need(ml and all(labels.get(k) == v for k, v in ml.items()),
+           f"PodMonitor selector {ml} does not select the pod (labels {labels})")
+    eps = pms_spec.get("podMetricsEndpoints", [])
+    if c.need(len(eps) == 1, "PodMonitor needs one podMetricsEndpoint"):
+        ep = eps[0]
+        c.need(ep.get("port") == "ezgate-admin" and "ezgate-admin" in named,
+               f"PodMonitor port {ep.get('port')!r} is not the ezgate container's ezgate-admin port")
+        c.need(ep.get("path", "/metrics") == "/metrics", "PodMonitor path must be /metrics")
+        c.need(any(r.get("targetLabel") == "job" and r.get("replacement") == "ezgate"
+                   for r in ep.get("relabelings", [])),
+               "PodMonitor must set job=ezgate (alerts.yml and the dashboard select it)")
+    ann = tmpl.get("metadata", {}).get("annotations", {})
+    c.need(ann.get("prometheus.io/scrape") == "true", "pod annotation prometheus.io/scrape: \"true\"")
+    c.need(ann.get("prometheus.io/port") == str(admin_port), "prometheus.io/port must be the admin port")
+    c.need(ann.get("prometheus.io/path") == "/metrics", "prometheus.io/path must be /metrics")
+    return gw
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kustomize", default="kubectl kustomize", help="command that renders a kustomization dir")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    c = Checker()
+    secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
+    c.where = "secret.example.yaml"
+    c.need(secret.get("kind") == "Secret" and "EZLINK_API_KEY" in secret.get("stringData", {}),
+           "must be a Secret with stringData.EZLINK_API_KEY")
+    c.need(not re.search(r"sk-[A-Za-z0-9]{16,}", str(secret.get("stringData"))), "holds a real-looking key")
+    sidecars = {}
+    for ex in EXAMPLES:
+        c.where = f"examples/{ex}"
+        cmd = shlex.split(a.kustomize) + [str(K8S / "examples" / ex)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if not c.need(r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr.strip()}"):
+            continue
+        docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+        builtin = [d for d in docs if d.get("apiVersion") in BUILTIN_GROUPS]
+        other = [d for d in docs if d.get("apiVersion") not in BUILTIN_GROUPS]
+        (a.out / f"{ex}.yaml").write_text(yaml.safe_dump_all(builtin, sort_keys=False))
+        (a.out / f"{ex}.crds.yaml").write_text(yaml.safe_dump_all(other, sort_keys=False))
+        gw = check_example(c, ex, docs, secret)
+        if gw is not None:
+            sidecars[ex] = gw
+    if len(sidecars) == 2:
+        c.where = "examples native vs classic"
+        strip = lambda g: {k: v for k, v in g.items() if k not in ("restartPolicy", "lifecycle")}  # noqa: E731
+        diff = sorted(k for k in set(strip(sidecars["native"])) | set(strip(sidecars["classic"]))
+                      if strip(sidecars["native"]).get(k) != strip(sidecars["classic"]).get(k))
+        c.need(not diff, f"the ezgate containers differ in {diff} (only restartPolicy/lifecycle may)")
+    for e in c.errors:
+        print(f"  ERROR {e}", file=sys.stderr)
+    print(f"  checked {len(EXAMPLES)} examples: {len(c.errors)} problem(s)")
+    return 1 if c.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
