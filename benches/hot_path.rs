@@ -110,6 +110,7 @@ fn limiter(c: &mut Criterion) {
         max_tokens: Some(100),
         ip: "127.0.0.1".parse().unwrap(),
         headers: &headers,
+        managed: false,
     };
     for caller in &callers {
         assert!(now(limits.check(&req(caller))).is_ok());

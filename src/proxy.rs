@@ -22,7 +22,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::clients::{Caller, Clients};
+use crate::clients::Clients;
 use crate::config::Settings;
 use crate::errors::{self, upstream::MAX_ERROR_BODY, GatewayError, Source};
 use crate::headers::{self, X_REQUEST_ID};
@@ -250,12 +250,13 @@ async fn handle(
         max_tokens: request.as_ref().and_then(|r| r.max_tokens),
         ip: peer.ip(),
         headers: &parts.headers,
+        managed: state.api_key.is_some(),
     };
     let admission = state.limits.check(&limit_request).await?;
 
     // Forward.
     let uri = state.upstream.target(parts.uri.path_and_query())?;
-    rewrite_request(&mut parts.headers, state, &out.request_id, peer, &caller);
+    rewrite_request(&mut parts.headers, state, &out.request_id, peer);
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method;
     *up_req.uri_mut() = uri;
@@ -314,15 +315,11 @@ async fn handle(
     Ok(with_parts(rparts.status, rparts.headers, body))
 }
 
-fn rewrite_request(
-    h: &mut HeaderMap,
-    state: &State,
-    request_id: &str,
-    peer: SocketAddr,
-    caller: &Caller,
-) {
+fn rewrite_request(h: &mut HeaderMap, state: &State, request_id: &str, peer: SocketAddr) {
     headers::strip_hop_by_hop(h);
     h.remove(HOST);
+    // ezgate already answered any `Expect: 100-continue` by reading the body.
+    h.remove(http::header::EXPECT);
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert(X_REQUEST_ID, v);
     }
@@ -330,7 +327,6 @@ fn rewrite_request(
     if let Some(key) = &state.api_key {
         h.insert(AUTHORIZATION, key.clone());
     }
-    let _ = caller;
 }
 
 /// Reads an upstream error body (at most [`MAX_ERROR_BODY`]), maps it to the schema and

@@ -76,6 +76,8 @@ pub struct LimitRequest<'a> {
     pub max_tokens: Option<u64>,
     pub ip: IpAddr,
     pub headers: &'a HeaderMap,
+    /// Managed mode: every request reaches the upstream with the organization's key.
+    pub managed: bool,
 }
 
 struct Policy<C: Clock> {
@@ -575,7 +577,11 @@ fn ratelimit_headers(t: &Remaining) -> Vec<(HeaderName, HeaderValue)> {
 /// The key an upstream 429 holds back: the upstream credential (the organization's key in
 /// managed mode, else the presented key's fingerprint) and the model.
 fn cooldown_key(r: &LimitRequest<'_>) -> Arc<str> {
-    let who = r.caller.key_fingerprint.as_deref().unwrap_or("anonymous");
+    let who = if r.managed {
+        "org"
+    } else {
+        r.caller.key_fingerprint.as_deref().unwrap_or("anonymous")
+    };
     Arc::from(format!("{who}|{}", r.model.unwrap_or("*")))
 }
 

@@ -69,6 +69,7 @@ impl Req {
             max_tokens: self.max,
             ip: "127.0.0.1".parse().unwrap(),
             headers: &self.headers,
+            managed: false,
         }
     }
 }
