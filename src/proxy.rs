@@ -529,6 +529,26 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_inside_a_request_becomes_a_value() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let caught = rt.block_on(CatchUnwind {
+            inner: async { panic!("handler bug") },
+        });
+        let panic = caught.unwrap_err();
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"handler bug"));
+        let ok = rt.block_on(CatchUnwind { inner: async { 7 } });
+        assert_eq!(ok.unwrap(), 7);
+        let err = GatewayError::Internal("the request handler failed unexpectedly".into());
+        let (status, _, body) = errors::render(&err, "r");
+        assert_eq!(status, 500);
+        assert!(std::str::from_utf8(&body)
+            .unwrap()
+            .contains("\"code\":\"internal_error\""));
+    }
+
+    #[test]
     fn timeout_phase_names_the_setting() {
         let e = GatewayError::UpstreamTimeout(
             crate::errors::TimeoutPhase::Headers,

@@ -277,7 +277,7 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
             };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            if let Some(tls) = rustls_inside(io) {
                 return Failure {
                     error: GatewayError::UpstreamUnreachable(format!(
                         "TLS handshake failed ({tls})"
@@ -326,5 +326,17 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
             "connection lost before a complete response ({detail})"
         )),
         kind: Some(FailureKind::Reset),
+    }
+}
+
+/// The rustls error wrapped inside (possibly nested) `io::Error`s. `io::Error::source()` skips
+/// the wrapped error itself, so the walk in [`classify`] alone would never see it.
+fn rustls_inside(io: &std::io::Error) -> Option<&rustls::Error> {
+    let mut inner: &(dyn StdError + 'static) = io.get_ref()?;
+    loop {
+        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        inner = inner.downcast_ref::<std::io::Error>()?.get_ref()?;
     }
 }

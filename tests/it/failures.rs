@@ -246,3 +246,40 @@ async fn the_gateway_survives_every_fault_in_a_row() {
     }
     assert_eq!(gw.get("/v1/models").await.status, 200);
 }
+
+#[tokio::test]
+async fn too_many_in_flight_is_503_overloaded() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[server]\nmax_inflight = 1\n").await;
+    let url = gw.url("/v1/models");
+    let slow = tokio::spawn(async move {
+        send(
+            &http1(),
+            Method::GET,
+            &url,
+            &[
+                ("x-emu-header-delay-ms", "30000"),
+                ("x-request-id", "hold-the-place"),
+            ],
+            Bytes::new(),
+        )
+        .await
+    });
+    // Once the upstream holds the slow request, ezgate has exactly one in flight.
+    emu.wait_state("hold-the-place", "in_progress", DEADLINE)
+        .await;
+    let r = gw.get("/v1/models").await;
+    assert_eq!(r.status, 503);
+    let e = r.error();
+    assert_eq!(e["code"], "overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("retry-after-ms"), Some("1000"));
+    assert_eq!(e["retry_after_ms"], 1000);
+    // The client of the slow request leaves: its place is given back.
+    slow.abort();
+    let start = std::time::Instant::now();
+    while gw.get("/v1/models").await.status != 200 {
+        assert!(start.elapsed() < DEADLINE, "the place was never given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

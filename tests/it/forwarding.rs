@@ -64,7 +64,7 @@ async fn every_method_path_and_query_reaches_the_upstream() {
     let r = send(
         &http1(),
         Method::HEAD,
-        &gw.url("/v1/models"),
+        &gw.url("/inspect"),
         &[],
         Bytes::new(),
     )

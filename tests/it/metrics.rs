@@ -139,7 +139,9 @@ async fn labels_stay_bounded_under_random_paths_and_models() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
     let client = http1();
+    let series = |m: &str| m.lines().filter(|l| l.starts_with("ezgate_")).count();
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut before = 0;
     let mut tasks = Vec::new();
     for i in 0..10_000u32 {
         x ^= x << 13;
@@ -166,12 +168,19 @@ async fn labels_stay_bounded_under_random_paths_and_models() {
         });
         if tasks.len() == 64 {
             futures_join(std::mem::take(&mut tasks)).await;
+            if i == 127 {
+                before = series(&gw.metrics().await);
+            }
         }
     }
     futures_join(tasks).await;
     let m = gw.metrics().await;
-    let series = m.lines().filter(|l| l.starts_with("ezgate_")).count();
-    assert!(series < 400, "{series} series after 10,000 random requests");
+    let after = series(&m);
+    assert_eq!(
+        after, before,
+        "series grew from {before} to {after} with random paths and models"
+    );
+    assert!(after < 1000, "{after} series");
     for line in m.lines().filter(|l| l.starts_with("ezgate_")) {
         assert!(!line.contains("model-"), "raw model in a label: {line}");
         assert!(!line.contains("?q="), "raw path in a label: {line}");
