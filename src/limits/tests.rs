@@ -350,3 +350,73 @@ fn keys_are_capped_and_evicted() {
     l.maintain();
     assert_eq!(store.len(), 0, "idle keys are evicted");
 }
+
+#[test]
+fn steady_token_traffic_stays_within_ten_percent_of_the_rate() {
+    // 60,000 tokens/min; clients ask for 2,000-token caps but really use 300–700 tokens.
+    let mut p = policy("tpm", "global");
+    p.tokens = rate("60000/min");
+    let (l, clock) = limits(&[p]);
+    let mut r = Req::new("a");
+    r.prompt = 100;
+    r.max = Some(1900);
+    let mut used_total = 0u64;
+    let mut i = 0u64;
+    block(async {
+        // Two simulated minutes, a request attempt every 10 ms.
+        for _ in 0..12_000 {
+            clock.advance(Duration::from_millis(10));
+            if let Ok(a) = l.check(&r.lr()).await {
+                let used = 300 + (i * 37) % 400;
+                i += 1;
+                used_total += used;
+                a.permit.settle(Some(Usage {
+                    prompt: 100,
+                    completion: used - 100,
+                }));
+            }
+        }
+    });
+    // The bucket starts full (one minute's worth), so two minutes admit about three minutes' rate.
+    let expected = 60_000.0 * 3.0;
+    let ratio = used_total as f64 / expected;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "admitted {used_total} tokens, {ratio:.3} of the rate"
+    );
+}
+
+#[test]
+fn a_million_distinct_keys_keep_memory_bounded() {
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+    let mut p = policy("cap", "api_key");
+    p.requests = rate("100/s");
+    p.tokens = rate("1000/min");
+    p.concurrency = Some(4);
+    p.max_keys = Some(10_000);
+    let (l, _) = limits(&[p]);
+    let before = rss_kib();
+    block(async {
+        let mut r = Req::new("x");
+        for i in 0..1_000_000u32 {
+            r.caller.key_fingerprint = Some(Arc::from(format!("fp:{i:012x}")));
+            let _ = l.check(&r.lr()).await;
+        }
+    });
+    let p = &l.inner.policies[0];
+    assert!(p.requests.as_ref().unwrap().1.len() <= 10_001);
+    assert!(p.tokens.as_ref().unwrap().1.len() <= 10_001);
+    assert_eq!(p.concurrency.as_ref().unwrap().len(), 0);
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "resident memory grew by {grown_mib} MiB for 1,000,000 keys"
+    );
+}

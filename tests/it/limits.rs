@@ -257,3 +257,47 @@ async fn concurrency_slots_are_released_by_cancelled_streams() {
     }
     assert!(ok, "the slot came back when the client left");
 }
+
+#[tokio::test]
+async fn token_limits_refuse_with_token_headers() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(
+        &emu.url(),
+        "[[limits]]\nname = \"tpm\"\nkey = \"global\"\ntokens = \"1000/min\"\n",
+    )
+    .await;
+    let body = r#"{"model":"gpt-4o","max_tokens":600,"messages":[{"role":"user","content":"hi"}]}"#;
+    let h = [
+        ("content-type", "application/json"),
+        ("x-emu-completion-tokens", "590"),
+    ];
+    let ok = gw.post("/v1/chat/completions", &h, body).await;
+    assert_eq!(ok.status, 200);
+    assert!(
+        ok.header("ratelimit")
+            .unwrap()
+            .starts_with("\"tpm\";r=399;"),
+        "{:?}",
+        ok.header("ratelimit")
+    );
+    // 601 + 590 used ≈ 1000: the second request's 601-token estimate no longer fits.
+    let r = gw.post("/v1/chat/completions", &h, body).await;
+    assert_eq!(r.status, 429);
+    let e = r.error();
+    assert_eq!(e["code"], "token_rate_limited");
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("1000"));
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("0"));
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("1000 tokens per minute"),
+        "{e}"
+    );
+    // Usage was read from the response and charged.
+    assert_eq!(
+        gw.metric("ezgate_tokens_total{kind=\"completion\",model=\"gpt-4o\"}")
+            .await,
+        590.0
+    );
+}

@@ -1,0 +1,314 @@
+//! The normal OpenAI-compatible API: models, chat completions, text completions, embeddings.
+
+use std::borrow::Cow;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Method, Response, StatusCode};
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::body::Payload;
+use crate::faults::{openai_error, respond, JSON};
+use crate::options::Opts;
+use crate::service::State;
+use crate::sse::{Kind, Plan, SseBody};
+
+const MODELS: &str = concat!(
+    r#"{"object":"list","data":["#,
+    r#"{"id":"gpt-4o","object":"model","created":1715367049,"owned_by":"ezlink"},"#,
+    r#"{"id":"gpt-4o-mini","object":"model","created":1721172741,"owned_by":"ezlink"},"#,
+    r#"{"id":"gpt-4.1","object":"model","created":1744316542,"owned_by":"ezlink"},"#,
+    r#"{"id":"text-embedding-3-small","object":"model","created":1705948997,"owned_by":"ezlink"},"#,
+    r#"{"id":"text-embedding-3-large","object":"model","created":1705953180,"owned_by":"ezlink"}"#,
+    r#"]}"#
+);
+
+/// Non-streamed content holds at most this many pieces, whatever `x-emu-completion-tokens`.
+const MAX_CONTENT_PIECES: u64 = 64;
+const EMBEDDING: [f32; 8] = [
+    0.0023, -0.0093, 0.0157, -0.0076, 0.0311, -0.0188, 0.0042, -0.0271,
+];
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// The text of content piece `index` (0-based): `"tok0 "`, `"tok1 "`, …
+pub fn piece(index: usize) -> String {
+    format!("tok{index} ")
+}
+
+#[derive(Deserialize)]
+struct ApiRequest<'a> {
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default)]
+    prompt: Option<Value>,
+    #[serde(default)]
+    input: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default)]
+    content: Option<Value>,
+}
+
+pub fn models() -> Response<Payload> {
+    respond(StatusCode::OK, JSON, MODELS)
+}
+
+/// `POST /v1/chat/completions` and `POST /v1/completions`.
+pub fn complete(state: &State, kind: Kind, body: &[u8], opts: &Opts) -> Response<Payload> {
+    let request: ApiRequest<'_> = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(err) => return invalid_json(&err),
+    };
+    let chars = match kind {
+        Kind::Chat => request
+            .messages
+            .iter()
+            .flatten()
+            .filter_map(|m| m.content.as_ref())
+            .map(text_chars)
+            .sum(),
+        Kind::Text => request.prompt.as_ref().map_or(0, text_chars),
+    };
+    let prompt_tokens = (chars / 4).max(1) as u64;
+    let model = request.model.as_deref().unwrap_or("gpt-4o");
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-emu{}", state.next_id()),
+        Kind::Text => format!("cmpl-emu{}", state.next_id()),
+    };
+    if request.stream == Some(true) {
+        let include_usage = request
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        let plan = Plan {
+            kind,
+            id,
+            created: now(),
+            model: model.to_owned(),
+            opts: opts.stream,
+            usage: include_usage.then(|| Usage::new(prompt_tokens, opts.stream.events as u64)),
+        };
+        let mut response = Response::new(Payload::Stream(SseBody::new(plan).boxed_unsync()));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return response;
+    }
+    let usage = Usage::new(prompt_tokens, opts.completion_tokens);
+    let content: String = (0..opts.completion_tokens.min(MAX_CONTENT_PIECES) as usize)
+        .map(piece)
+        .collect();
+    let created = now();
+    let body = match kind {
+        Kind::Chat => serde_json::to_vec(&ChatCompletion {
+            id: &id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: [ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: &content,
+                    refusal: None,
+                },
+                logprobs: None,
+                finish_reason: "stop",
+            }],
+            usage,
+            system_fingerprint: "fp_emu",
+        }),
+        Kind::Text => serde_json::to_vec(&TextCompletion {
+            id: &id,
+            object: "text_completion",
+            created,
+            model,
+            choices: [TextChoice {
+                text: &content,
+                index: 0,
+                logprobs: None,
+                finish_reason: "stop",
+            }],
+            usage,
+        }),
+    };
+    respond(StatusCode::OK, JSON, body.unwrap_or_default())
+}
+
+/// `POST /v1/embeddings`: one 8-float embedding per input.
+pub fn embeddings(body: &[u8]) -> Response<Payload> {
+    let request: ApiRequest<'_> = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(err) => return invalid_json(&err),
+    };
+    let inputs = match &request.input {
+        None | Some(Value::Null) => 0,
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => 1,
+        Some(Value::Array(items)) => items.len(),
+        Some(_) => 1,
+    };
+    let chars = request.input.as_ref().map_or(0, text_chars);
+    let prompt_tokens = (chars / 4).max(1) as u64;
+    let data: Vec<Embedding> = (0..inputs)
+        .map(|index| Embedding {
+            object: "embedding",
+            index,
+            embedding: EMBEDDING,
+        })
+        .collect();
+    let body = serde_json::to_vec(&Embeddings {
+        object: "list",
+        data,
+        model: request.model.as_deref().unwrap_or("text-embedding-3-small"),
+        usage: EmbeddingUsage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    });
+    respond(StatusCode::OK, JSON, body.unwrap_or_default())
+}
+
+pub fn not_found(method: &Method, path: &str) -> Response<Payload> {
+    let message = format!("Invalid URL ({method} {path})");
+    openai_error(
+        StatusCode::NOT_FOUND,
+        &message,
+        "invalid_request_error",
+        Some("unknown_url"),
+    )
+}
+
+pub fn too_large(limit: usize) -> Response<Payload> {
+    let message = format!("Request body is larger than the emulator's {limit} byte limit.");
+    openai_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &message,
+        "invalid_request_error",
+        Some("request_too_large"),
+    )
+}
+
+fn invalid_json(err: &serde_json::Error) -> Response<Payload> {
+    let message = format!("We could not parse the JSON body of your request. ({err})");
+    openai_error(
+        StatusCode::BAD_REQUEST,
+        &message,
+        "invalid_request_error",
+        None,
+    )
+}
+
+/// Characters of text in a content value: strings, arrays of them, `{"text": …}` parts;
+/// a number (a token id) counts as 4.
+fn text_chars(value: &Value) -> usize {
+    match value {
+        Value::String(s) => s.chars().count(),
+        Value::Array(items) => items.iter().map(text_chars).sum(),
+        Value::Object(map) => map.get("text").map_or(0, text_chars),
+        Value::Number(_) => 4,
+        Value::Null | Value::Bool(_) => 0,
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Serialize)]
+struct ChatCompletion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [ChatChoice<'a>; 1],
+    usage: Usage,
+    system_fingerprint: &'static str,
+}
+
+#[derive(Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+    refusal: Option<()>,
+}
+
+#[derive(Serialize)]
+struct TextCompletion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [TextChoice<'a>; 1],
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct TextChoice<'a> {
+    text: &'a str,
+    index: u32,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct Embeddings<'a> {
+    object: &'static str,
+    data: Vec<Embedding>,
+    model: &'a str,
+    usage: EmbeddingUsage,
+}
+
+#[derive(Serialize)]
+struct Embedding {
+    object: &'static str,
+    index: usize,
+    embedding: [f32; 8],
+}
+
+#[derive(Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+}

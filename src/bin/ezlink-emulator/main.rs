@@ -1,0 +1,234 @@
+//! `ezlink-emulator` — a local stand-in for the EZLINK AI API (OpenAI-compatible) that can
+//! also produce every failure the real one can. It is the upstream of ezgate's integration
+//! tests and benchmarks; this comment is its reference.
+//!
+//! # Command line
+//!
+//! ```text
+//! ezlink-emulator --listen ADDR [--tls-cert PEM_PATH --tls-key PEM_PATH]
+//! ```
+//!
+//! * `--listen 127.0.0.1:0` picks a free port. Once bound, exactly one line
+//!   `listening on 127.0.0.1:PORT` is printed to stdout (flushed). Diagnostics go to stderr;
+//!   nothing is logged per request.
+//! * Plain: HTTP/1.1 and h2c with prior knowledge. With `--tls-cert`/`--tls-key` (PEM; both
+//!   or neither): TLS via rustls, ALPN `h2` and `http/1.1`.
+//! * Exits 0 on SIGTERM or SIGINT, dropping open connections.
+//!
+//! # Normal API
+//!
+//! * `GET /v1/models` → 200 `{"object":"list","data":[{"id":"gpt-4o","object":"model",
+//!   "created":…,"owned_by":"ezlink"},…]}` with gpt-4o, gpt-4o-mini, gpt-4.1,
+//!   text-embedding-3-small, text-embedding-3-large.
+//! * `POST /v1/chat/completions`, `POST /v1/completions` (OpenAI JSON body). `model` is
+//!   echoed (default `gpt-4o`). `P` = prompt_tokens = max(1, characters of all message
+//!   contents / 4) (completions: of `prompt`; text parts `{"text": …}` count, a number
+//!   counts as 4 characters). Content piece `i` (0-based) is the text `"tok{i} "`.
+//!   * Non-stream → 200 `chat.completion` (resp. `text_completion`) JSON whose content is
+//!     pieces `0..min(C, 64)` concatenated, `finish_reason: "stop"`, and
+//!     `usage: {prompt_tokens: P, completion_tokens: C, total_tokens: P+C}`, where `C` is
+//!     header `x-emu-completion-tokens` (default 7).
+//!   * `"stream": true` → 200 `content-type: text/event-stream`, each event its own body
+//!     frame, produced when polled: `N` events `data: {chunk}\n\n` (header
+//!     `x-emu-stream-events`, default 5), one content piece each (chat: `delta.content`,
+//!     the first also `delta.role: "assistant"`; completions: `choices[0].text`), the last
+//!     with `finish_reason: "stop"`; with `"stream_options": {"include_usage": true}` then
+//!     a chunk with `"choices": []` and `"usage": {"prompt_tokens":P,"completion_tokens":N,
+//!     "total_tokens":P+N}`; then `data: [DONE]\n\n`. `x-emu-stream-interval-ms` (default
+//!     0) is waited before every event after the first (including usage and `[DONE]`).
+//!   * Body not valid JSON (or fields of the wrong type, e.g. `"stream": "yes"`) → 400
+//!     `{"error":{"message":"We could not parse the JSON body of your request. (…)",
+//!     "type":"invalid_request_error","param":null,"code":null}}`. Body over 32 MiB → 413.
+//! * `POST /v1/embeddings` → one embedding of 8 floats per input (`input` a string or a
+//!   token array: 1; an array of strings/arrays: its length), `usage: {prompt_tokens: P,
+//!   total_tokens: P}`, `model` echoed (default `text-embedding-3-small`).
+//! * Any method, path starting `/echo` → 200, the request body streamed back frame by frame
+//!   (never buffered: bounded memory for any size), `content-type` copied from the request
+//!   (else `application/octet-stream`), `x-echo-method`, and `x-echo-uri` (path and query
+//!   as received). A request `content-length` is kept on the response.
+//! * Any method, path starting `/inspect` → 200 `{"method":"…","uri":"/inspect?x=1",
+//!   "version":"HTTP/1.1"|"HTTP/2.0","headers":[["name","value"],…],"body_len":n}`. Header
+//!   names are lowercase, in order of first appearance with repeated names kept but grouped
+//!   (hyper's `HeaderMap` order); HTTP/2 without a `host` header gets `["host", authority]`
+//!   first.
+//! * Anything else → 404 `{"error":{"message":"Invalid URL (METHOD /path)","type":
+//!   "invalid_request_error","param":null,"code":"unknown_url"}}`.
+//!
+//! # Control endpoints (never logged, never faulted)
+//!
+//! * `GET /__emu/log` → `{"requests":[{"request_id": <x-request-id or null>, "method":
+//!   "POST", "uri": "/v1/…?q", "state": "in_progress"|"completed"|"cancelled", "headers":
+//!   [["name","value"],…]}]}` in arrival order (the newest 10 000 are kept).
+//!   `completed`: the last byte of the response body was handed to hyper. `cancelled`: the
+//!   handler or its body was dropped before that — the client went away during a header
+//!   delay, a stall or a stream, or the emulator aborted on purpose (`x-emu-reset`,
+//!   `x-emu-cut-after`). A raw `x-emu-malformed` reply counts as completed.
+//! * `POST /__emu/reset` → 200 `{"reset":true}`; clears the log.
+//!
+//! # Fault injection: request headers, combinable
+//!
+//! Precedence: `x-emu-malformed` > `x-emu-reset: headers` > `x-emu-reset: body` >
+//! `x-emu-status` > the route. An `x-emu-*` value that cannot be parsed → 400 OpenAI error
+//! with `code: "emulator_bad_header"` naming the header. Request bodies are always read
+//! (drained) before the fault, so HTTP/1 connections stay reusable.
+//!
+//! * `x-emu-header-delay-ms: N` — wait N ms before the response (headers). If the client
+//!   closes meanwhile, the request is cancelled at once (HTTP/1: hyper notices the EOF;
+//!   HTTP/2: the stream reset drops the handler).
+//! * `x-emu-status: S` (200–599), `x-emu-body: SHAPE` (default `openai`), `x-emu-message:
+//!   TEXT` (default `emulated upstream failure`), `x-emu-code: CODE` (default
+//!   `emulated_error`; the literal `null` gives JSON null) → status S, any path, body:
+//!   * `openai` `{"error":{"message":TEXT,"type":"invalid_request_error","param":null,
+//!     "code":CODE}}`
+//!   * `error-string` `{"error":TEXT}`; `detail` `{"detail":TEXT}`; `detail-list`
+//!     `{"detail":[{"loc":["body","model"],"msg":TEXT,"type":"value_error"}]}`;
+//!     `detail-object` `{"detail":{"message":TEXT,"code":CODE}}`; `message`
+//!     `{"message":TEXT}`; `errors` `{"errors":[{"message":TEXT,"code":CODE}]}` — all
+//!     `application/json` (keys of these shapes are serialized in alphabetical order)
+//!   * `html` (`text/html`) `<!DOCTYPE html><html><head><title>S TEXT</title><style>body{…}
+//!     </style></head><body><h1>TEXT</h1><hr><center>ezlink-lb</center></body></html>`
+//!     (TEXT HTML-escaped)
+//!   * `text` TEXT as `text/plain`; `empty` no body, `content-length: 0`, no content-type;
+//!     `invalid-utf8` bytes `\xff\xfe` + TEXT + `\xc3\x28` as `text/plain`;
+//!     `invalid-json` `{"error": {"message": "TEXT"` (truncated) as `application/json`
+//!   * `huge` the `openai` shape whose message is TEXT followed by 2 MiB of `x`,
+//!     `application/json`, sent in 64 KiB frames without `content-length` (chunked).
+//! * `x-emu-encoding: gzip|deflate|br` — compress whatever body is sent (deflate = zlib
+//!   format) and set `content-encoding`. Complete bodies keep a `content-length`; streamed
+//!   ones (SSE, echo, huge) are compressed frame by frame with a sync flush, so every SSE
+//!   event is decodable on arrival. `empty` bodies are not encoded.
+//! * `x-emu-retry-after: V` → `retry-after: V`. `x-emu-ratelimit-headers: 1` →
+//!   `x-ratelimit-limit-requests: 100`, `x-ratelimit-remaining-requests: 0`,
+//!   `x-ratelimit-reset-requests: 1s`. Both on any response.
+//! * `x-emu-reset: headers` — no response at all: HTTP/1 closes the TCP connection with an
+//!   RST and zero bytes written; HTTP/2 resets the stream (RST_STREAM INTERNAL_ERROR).
+//! * `x-emu-reset: body` — 200 with `content-length: 1000`, 10 body bytes, then (~20 ms
+//!   later) the abort: HTTP/1 closes the connection (FIN, body incomplete), HTTP/2 resets
+//!   the stream.
+//! * `x-emu-malformed: 1` — on the first request of an HTTP/1 connection (plain or TLS):
+//!   `HTTP/1.1 abc garbage\r\n\r\n`, then close. Elsewhere (HTTP/2, later keep-alive
+//!   requests) it acts like `x-emu-reset: headers`.
+//! * Streamed chat/completions only, `k` counts content events (`k` ≥ N applies after all
+//!   N, before any error/usage/`[DONE]` event):
+//!   * `x-emu-cut-after: k` — after k events, ~20 ms later, abort (HTTP/1: connection
+//!     closed inside the chunked body; HTTP/2: stream reset).
+//!   * `x-emu-stall-after: k` — after k events send nothing more, keeping the connection
+//!     open until the client leaves (then the request is cancelled).
+//!   * `x-emu-stream-error-event: 1` — after the content events send
+//!     `event: error\ndata: {"error":{"message":"emulated in-stream error","type":
+//!     "server_error","code":"stream_error"}}\n\n` (after the usage chunk, if any), then
+//!     `data: [DONE]\n\n`.
+//!
+//! # Modules
+//!
+//! * `conn` — accept, TLS, first-request sniffing (`x-emu-malformed`), the RST switch
+//! * `service` — one request: record → fault plan → body → delay → fault or route → finalize
+//! * `options` — the `x-emu-*` headers; `faults` — error shapes, reset body
+//! * `api` — models, completions, embeddings; `sse` — the streamed completions body
+//! * `echo` — `/echo`, `/inspect`; `encoding` — gzip/deflate/br; `body` — body types,
+//!   `Tracked` (completion); `log` — `/__emu/log`
+
+mod api;
+mod body;
+mod conn;
+mod echo;
+mod encoding;
+mod faults;
+mod log;
+mod options;
+mod service;
+mod sse;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ezlink-emulator",
+    about = "Local stand-in for the EZLINK AI API, with per-request fault injection"
+)]
+struct Cli {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// PEM certificate chain: serve TLS (ALPN h2, http/1.1).
+    #[arg(long, value_name = "PEM_PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "PEM_PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("ezlink-emulator: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ezlink-emulator: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            // Err only if a provider is already installed, which is just as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Some(conn::tls_acceptor(cert, key)?)
+        }
+        _ => None,
+    };
+    let listener = TcpListener::bind(cli.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {addr}")
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("cannot write to stdout: {e}"))?;
+    drop(stdout);
+    let state = Arc::new(service::State::default());
+    conn::serve(listener, tls, state, shutdown_signal()).await;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                eprintln!("ezlink-emulator: cannot watch SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
