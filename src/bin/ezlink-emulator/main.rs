@@ -59,10 +59,11 @@
 //! * `GET /__emu/log` → `{"requests":[{"request_id": <x-request-id or null>, "method":
 //!   "POST", "uri": "/v1/…?q", "state": "in_progress"|"completed"|"cancelled", "headers":
 //!   [["name","value"],…]}]}` in arrival order (the newest 10 000 are kept).
-//!   `completed`: the last byte of the response body was handed to hyper. `cancelled`: the
-//!   handler or its body was dropped before that — the client went away during a header
-//!   delay, a stall or a stream, or the emulator aborted on purpose (`x-emu-reset`,
-//!   `x-emu-cut-after`). A raw `x-emu-malformed` reply counts as completed.
+//!   `completed`: the last byte of the response body was handed to hyper (for `HEAD`: the
+//!   response head). `cancelled`: the handler or its body was dropped before that — the
+//!   client went away during a header delay, a stall or a stream, or the emulator aborted
+//!   on purpose (`x-emu-reset`, `x-emu-cut-after`). A raw `x-emu-malformed` reply counts as
+//!   completed.
 //! * `POST /__emu/reset` → 200 `{"reset":true}`; clears the log.
 //!
 //! # Fault injection: request headers, combinable

@@ -108,7 +108,12 @@ pub async fn handle(
             return Ok(finalize(response, &Opts::default(), Some(guard)));
         }
     };
+    let is_head = request.method() == Method::HEAD;
     let response = respond_to(&state, &conn, request, &opts).await?;
+    if is_head {
+        // Headers are the whole response; hyper drops the body without polling it.
+        guard.complete();
+    }
     Ok(finalize(response, &opts, Some(guard)))
 }
 
