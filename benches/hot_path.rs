@@ -85,6 +85,7 @@ fn policy(name: &str, key: &str) -> LimitConfig {
         max_wait: None,
         default_tokens: None,
         max_keys: None,
+        store: Default::default(),
     }
 }
 

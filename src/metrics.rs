@@ -68,6 +68,7 @@ pub struct Metrics {
     gateway_errors: IntCounterVec,
     ratelimit_decisions: IntCounterVec,
     ratelimit_keys: IntGaugeVec,
+    ratelimit_fallbacks: IntCounterVec,
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
     models: HashSet<String>,
@@ -145,6 +146,13 @@ impl Metrics {
             ),
             &["policy"],
         )?;
+        let ratelimit_fallbacks = IntCounterVec::new(
+            opts(
+                "ezgate_ratelimit_store_fallbacks_total",
+                "Checks of shared (Redis) policies answered by the local fallback (or refused, with on_failure = deny) because Redis was unavailable.",
+            ),
+            &["policy"],
+        )?;
         let inflight_vec = IntGaugeVec::new(
             opts("ezgate_inflight_requests", "Requests in flight, by route."),
             &["route"],
@@ -177,6 +185,7 @@ impl Metrics {
             Box::new(gateway_errors.clone()),
             Box::new(ratelimit_decisions.clone()),
             Box::new(ratelimit_keys.clone()),
+            Box::new(ratelimit_fallbacks.clone()),
             Box::new(inflight_vec.clone()),
             Box::new(tokens.clone()),
             Box::new(build_info),
@@ -216,6 +225,7 @@ impl Metrics {
             gateway_errors,
             ratelimit_decisions,
             ratelimit_keys,
+            ratelimit_fallbacks,
             inflight,
             tokens,
             models,
@@ -280,6 +290,10 @@ impl Metrics {
         self.ratelimit_decisions
             .with_label_values(&[policy, decision])
             .inc();
+    }
+
+    pub fn ratelimit_fallback(&self, policy: &str) {
+        self.ratelimit_fallbacks.with_label_values(&[policy]).inc();
     }
 
     pub fn ratelimit_keys(&self, policy: &str, keys: usize) {

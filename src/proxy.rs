@@ -46,7 +46,11 @@ impl State {
     pub fn build(settings: Settings, metrics: &Arc<Metrics>) -> Result<State, String> {
         let upstream = Upstream::new(&settings)?;
         let clients = Clients::new(&settings.config.clients);
-        let limits = Limits::new(&settings.config.limits, Arc::clone(metrics));
+        let redis = match &settings.config.redis {
+            Some(cfg) => Some(Arc::new(crate::limits::shared::RedisStore::new(cfg)?)),
+            None => None,
+        };
+        let limits = Limits::new(&settings.config.limits, redis, Arc::clone(metrics));
         let api_key = match &settings.config.upstream.api_key {
             Some(k) => {
                 let mut v =

@@ -231,6 +231,11 @@ impl Upstream {
 }
 
 fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+    client_tls(cfg.ca_file.as_deref()).map_err(|e| e.replace("ca_file:", "upstream.ca_file:"))
+}
+
+/// A rustls client config trusting the bundled roots, the system's, and `ca_file`.
+pub fn client_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let native = rustls_native_certs::load_native_certs();
@@ -238,13 +243,12 @@ fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
         // A broken system certificate is skipped; the bundled roots remain.
         let _ = roots.add(cert);
     }
-    if let Some(path) = &cfg.ca_file {
-        let certs =
-            crate::server::read_certs(path).map_err(|e| format!("upstream.ca_file: {e}"))?;
+    if let Some(path) = ca_file {
+        let certs = crate::server::read_certs(path).map_err(|e| format!("ca_file: {e}"))?;
         for cert in certs {
             roots
                 .add(cert)
-                .map_err(|e| format!("upstream.ca_file: {}: {e}", path.display()))?;
+                .map_err(|e| format!("ca_file: {}: {e}", path.display()))?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -24,6 +24,60 @@ pub struct Config {
     pub log: LogConfig,
     pub clients: Vec<ClientConfig>,
     pub limits: Vec<LimitConfig>,
+    pub redis: Option<RedisConfig>,
+}
+
+/// `[redis]`: the store for `store = "redis"` policies, shared by every replica.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. May be `${VAR}`.
+    pub url: Secret,
+    /// Longest wait for one limit check before falling back.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_redis_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// How many ezgate replicas share the limits: the local fallback admits 1/replicas.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// `local` (fall back to a per-replica limiter) or `deny` (refuse while Redis is away).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// A concurrency slot of a replica that died expires after this long.
+    #[serde(default = "default_lease")]
+    pub concurrency_lease: Dur,
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_redis_timeout() -> Dur {
+    Dur(Duration::from_millis(50))
+}
+fn default_redis_connect_timeout() -> Dur {
+    Dur(Duration::from_millis(500))
+}
+fn default_replicas() -> u32 {
+    1
+}
+fn default_lease() -> Dur {
+    Dur(Duration::from_secs(900))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    #[default]
+    Local,
+    Deny,
+}
+
+/// Where a policy keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Store {
+    #[default]
+    Local,
+    Redis,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,6 +227,9 @@ pub struct LimitConfig {
     pub default_tokens: Option<u32>,
     /// Most keys tracked at once; beyond it new keys share one overflow bucket.
     pub max_keys: Option<usize>,
+    /// `local` (this process) or `redis` (shared by every replica, see `[redis]`).
+    #[serde(default)]
+    pub store: Store,
 }
 
 /// Command-line and environment overrides (flag > environment > file > default).
@@ -288,6 +345,32 @@ impl Settings {
                 None if key.expose().contains("${") => problems
                     .push("upstream.api_key: write a secret reference as exactly \"${VAR}\"".to_owned()),
                 None => {}
+            }
+        }
+        if let Some(redis) = &mut config.redis {
+            match redis.url.env_ref() {
+                Some(var) => match env(var) {
+                    Some(v) if !v.is_empty() => redis.url = Secret::new(v),
+                    _ => problems.push(format!("redis.url: environment variable {var} is not set; export it or write the URL")),
+                },
+                None => {
+                    if let Err(e) = crate::limits::redis::Target::parse(redis.url.expose()) {
+                        problems.push(format!("redis.url: {e}"));
+                    }
+                }
+            }
+            if redis.replicas == 0 {
+                problems.push("redis.replicas: must be at least 1".to_owned());
+            }
+        }
+        if config.redis.is_none() {
+            for (i, l) in config.limits.iter().enumerate() {
+                if l.store == Store::Redis {
+                    problems.push(format!(
+                        "limits[{i}] (\"{}\").store: \"redis\" needs a [redis] table with url",
+                        l.name
+                    ));
+                }
             }
         }
         let upstream_uri = match parse_base_url(&config.upstream.base_url) {
@@ -417,12 +500,34 @@ impl fmt::Display for Settings {
                 writeln!(f, "models = {:?}", cl.models)?;
             }
         }
+        if let Some(r) = &c.redis {
+            writeln!(f, "\n[redis]\nurl = \"{}\"", r.url)?;
+            writeln!(
+                f,
+                "timeout = \"{}\"\nconnect_timeout = \"{}\"",
+                r.timeout, r.connect_timeout
+            )?;
+            let on_failure = if r.on_failure == OnFailure::Deny {
+                "deny"
+            } else {
+                "local"
+            };
+            writeln!(
+                f,
+                "replicas = {}\non_failure = \"{on_failure}\"",
+                r.replicas
+            )?;
+            writeln!(f, "concurrency_lease = \"{}\"", r.concurrency_lease)?;
+        }
         for l in &c.limits {
             writeln!(
                 f,
                 "\n[[limits]]\nname = \"{}\"\nkey = \"{}\"",
                 l.name, l.key
             )?;
+            if l.store == Store::Redis {
+                writeln!(f, "store = \"redis\"")?;
+            }
             if let Some(r) = l.requests {
                 writeln!(f, "requests = \"{r}\"")?;
             }

@@ -7,6 +7,8 @@
 //! refuses; request-rate cells are taken last (GCRA cells cannot be given back), so a request
 //! refused on concurrency or tokens takes nothing from any request rate.
 
+pub mod redis;
+pub mod shared;
 pub mod store;
 pub mod tokens;
 
@@ -21,11 +23,12 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
 use crate::clients::{glob_match, Caller};
-use crate::config::{ClientConfig, LimitConfig, Mode, OnLimit, Rate};
+use crate::config::{ClientConfig, LimitConfig, Mode, OnLimit, Rate, Store};
 use crate::errors::{GatewayError, Quota};
 use crate::metrics::Metrics;
 use crate::outcome::Usage;
 use crate::route::Route;
+use shared::{redis_key, RedisStore, Shared, SharedSlot, SharedTokens};
 use store::{ConcurrencyStore, RequestStore, TokenStore};
 
 /// Default cap on keys each policy tracks.
@@ -93,6 +96,13 @@ struct Policy<C: Clock> {
     tokens: Option<(Rate, Arc<TokenStore<C>>)>,
     concurrency: Option<Arc<ConcurrencyStore>>,
     default_tokens: u64,
+    /// `store = "redis"`: the shared store; the local stores above are then the fallback,
+    /// sized to this replica's share.
+    shared: Option<Arc<RedisStore>>,
+    /// Shared keys known to be over their limit, until when (clock nanos): not asked again.
+    denied: DashMap<Arc<str>, u64>,
+    /// The configured (whole, not per-replica) rates and concurrency, for shared checks.
+    full: (Option<(Rate, u32)>, Option<Rate>, Option<u32>),
 }
 
 impl<C: Clock> Policy<C> {
@@ -132,6 +142,50 @@ impl<C: Clock> Policy<C> {
         }
     }
 
+    fn remaining_requests(&self, remaining: u64) -> Remaining {
+        let (rate, burst, interval) = match (self.full.0, &self.requests) {
+            (Some((rate, burst)), Some((_, store))) if self.shared.is_some() => {
+                (rate, burst, store.interval.max(rate.interval()))
+            }
+            (_, Some((rate, store))) => (*rate, store.burst, store.interval),
+            _ => (
+                Rate {
+                    count: 1,
+                    per: Duration::from_secs(1),
+                },
+                1,
+                Duration::from_secs(1),
+            ),
+        };
+        let used = u64::from(burst).saturating_sub(remaining);
+        Remaining {
+            name: Arc::clone(&self.name),
+            quota: u64::from(rate.count),
+            window: rate.per.as_secs(),
+            remaining,
+            reset: interval * u32::try_from(used).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn remaining_tokens(&self, remaining: u64) -> Remaining {
+        let rate = self
+            .full
+            .1
+            .or(self.tokens.as_ref().map(|t| t.0))
+            .unwrap_or(Rate {
+                count: 1,
+                per: Duration::from_secs(1),
+            });
+        let missing = u64::from(rate.count).saturating_sub(remaining);
+        Remaining {
+            name: Arc::clone(&self.name),
+            quota: u64::from(rate.count),
+            window: rate.per.as_secs(),
+            remaining,
+            reset: rate.per.mul_f64(missing as f64 / f64::from(rate.count)),
+        }
+    }
+
     fn estimate(&self, r: &LimitRequest<'_>) -> u64 {
         let completion = if r.route == Route::Embeddings {
             0
@@ -156,11 +210,35 @@ where
     }
 }
 
+/// A concurrency slot held by a request.
+enum Slot {
+    Local(Arc<ConcurrencyStore>, Arc<str>),
+    /// Released by its own `Drop`.
+    Shared(#[allow(dead_code, reason = "held for its Drop")] SharedSlot),
+}
+
+/// Tokens reserved for a request, settled when it ends.
+enum Reservation {
+    Local(Arc<dyn Settle>, Arc<str>, u64),
+    Shared(Arc<SharedTokens>, u64),
+}
+
+impl Reservation {
+    fn settle(self, used: u64) {
+        match self {
+            Reservation::Local(store, key, reserved) => store.settle(&key, reserved, used),
+            Reservation::Shared(tokens, reserved) => tokens.settle(reserved, used),
+        }
+    }
+}
+
 /// What an admitted request holds until it ends: concurrency slots and token reservations.
+/// A permit of a refused request gives everything back.
 #[derive(Default)]
 pub struct Permit {
-    slots: Vec<(Arc<ConcurrencyStore>, Arc<str>)>,
-    reservations: Vec<(Arc<dyn Settle>, Arc<str>, u64)>,
+    slots: Vec<Slot>,
+    reservations: Vec<Reservation>,
+    admitted: bool,
 }
 
 impl Permit {
@@ -168,8 +246,8 @@ impl Permit {
     /// the estimate stays charged. Concurrency slots are released when the permit drops.
     pub fn settle(mut self, usage: Option<Usage>) {
         if let Some(u) = usage {
-            for (store, key, reserved) in self.reservations.drain(..) {
-                store.settle(&key, reserved, u.prompt + u.completion);
+            for r in self.reservations.drain(..) {
+                r.settle(u.prompt + u.completion);
             }
         }
     }
@@ -177,8 +255,15 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        for (store, key) in &self.slots {
-            store.release(key);
+        for slot in &self.slots {
+            if let Slot::Local(store, key) = slot {
+                store.release(key);
+            }
+        }
+        if !self.admitted {
+            for r in self.reservations.drain(..) {
+                r.settle(0);
+            }
         }
     }
 }
@@ -208,8 +293,12 @@ pub struct Limits<C: Clock = DefaultClock> {
 
 impl Limits<DefaultClock> {
     /// Builds the policies (already validated) and, inside a runtime, the eviction task.
-    pub fn new(configs: &[LimitConfig], metrics: Arc<Metrics>) -> Limits {
-        let limits = Limits::with_clock(configs, metrics, DefaultClock::default());
+    pub fn new(
+        configs: &[LimitConfig],
+        redis: Option<Arc<RedisStore>>,
+        metrics: Arc<Metrics>,
+    ) -> Limits {
+        let limits = Limits::build(configs, redis, metrics, DefaultClock::default());
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&limits.inner);
             tokio::spawn(maintain_forever(weak));
@@ -249,10 +338,42 @@ where
     C::Instant: Send + Sync,
 {
     pub fn with_clock(configs: &[LimitConfig], metrics: Arc<Metrics>, clock: C) -> Limits<C> {
+        Self::build(configs, None, metrics, clock)
+    }
+
+    fn build(
+        configs: &[LimitConfig],
+        redis: Option<Arc<RedisStore>>,
+        metrics: Arc<Metrics>,
+        clock: C,
+    ) -> Limits<C> {
         let policies: Vec<Arc<Policy<C>>> = configs
             .iter()
             .filter_map(|c| {
                 let key = KeyKind::parse(&c.key).ok()?;
+                let shared = if c.store == Store::Redis {
+                    redis.clone()
+                } else {
+                    None
+                };
+                let full = (
+                    c.requests.map(|r| (r, c.burst.unwrap_or(r.count))),
+                    c.tokens,
+                    c.concurrency,
+                );
+                // The local stores enforce this replica's share while Redis is away.
+                let share = shared.as_ref().map_or(1, |s| s.replicas);
+                let part = |r: Rate| Rate {
+                    count: (r.count / share).max(1),
+                    ..r
+                };
+                let c = &LimitConfig {
+                    requests: c.requests.map(part),
+                    burst: c.burst.map(|b| (b / share).max(1)),
+                    tokens: c.tokens.map(part),
+                    concurrency: c.concurrency.map(|n| (n / share).max(1)),
+                    ..c.clone()
+                };
                 let max_keys = c.max_keys.unwrap_or(DEFAULT_MAX_KEYS).max(1);
                 let requests = c.requests.and_then(|rate| {
                     let burst = c.burst.unwrap_or(rate.count);
@@ -285,6 +406,9 @@ where
                     default_tokens: c
                         .default_tokens
                         .map_or(DEFAULT_COMPLETION_TOKENS, u64::from),
+                    shared,
+                    denied: DashMap::new(),
+                    full,
                 }))
             })
             .collect();
@@ -367,11 +491,11 @@ where
         // Refundable parts first: concurrency and tokens.
         for (p, key) in &covering {
             let mut waited = false;
-            if let Some(store) = &p.concurrency {
+            if p.concurrency.is_some() {
                 loop {
-                    match store.acquire(key) {
-                        Some(k) => {
-                            admission.permit.slots.push((Arc::clone(store), k));
+                    match self.take_slot(p, key).await? {
+                        Some(slot) => {
+                            admission.permit.slots.push(slot);
                             break;
                         }
                         None => match self
@@ -390,26 +514,13 @@ where
                     }
                 }
             }
-            if let Some((rate, store)) = &p.tokens {
+            if p.tokens.is_some() {
                 let want = p.estimate(r);
                 loop {
-                    match store.reserve(key, want) {
-                        Ok(remaining) => {
-                            admission.permit.reservations.push((
-                                Arc::clone(store) as Arc<dyn Settle>,
-                                Arc::clone(key),
-                                want,
-                            ));
-                            consider(
-                                &mut tightest,
-                                Remaining {
-                                    name: Arc::clone(&p.name),
-                                    quota: u64::from(rate.count),
-                                    window: rate.per.as_secs(),
-                                    remaining,
-                                    reset: store.reset_after(remaining),
-                                },
-                            );
+                    match self.take_tokens(p, key, want).await? {
+                        Ok((reservation, remaining)) => {
+                            admission.permit.reservations.push(reservation);
+                            consider(&mut tightest, p.remaining_tokens(remaining));
                             break;
                         }
                         Err(wait) => match self
@@ -431,23 +542,13 @@ where
 
         // Request rates last: a cell taken cannot be given back.
         for (i, (p, key)) in covering.iter().enumerate() {
-            let Some((rate, store)) = &p.requests else {
+            if p.requests.is_none() {
                 continue;
-            };
+            }
             loop {
-                match store.check(key) {
+                match self.take_request(p, key).await? {
                     Ok(remaining) => {
-                        let used = u64::from(store.burst.saturating_sub(remaining));
-                        consider(
-                            &mut tightest,
-                            Remaining {
-                                name: Arc::clone(&p.name),
-                                quota: u64::from(rate.count),
-                                window: rate.per.as_secs(),
-                                remaining: u64::from(remaining),
-                                reset: store.interval * u32::try_from(used).unwrap_or(u32::MAX),
-                            },
-                        );
+                        consider(&mut tightest, p.remaining_requests(remaining));
                         break;
                     }
                     Err(wait) => match self
@@ -461,6 +562,7 @@ where
                 }
             }
         }
+        admission.permit.admitted = true;
         for (name, decision) in decisions {
             inner.metrics.ratelimit_decision(&name, decision);
         }
@@ -468,6 +570,125 @@ where
             admission.headers = ratelimit_headers(&t);
         }
         Ok(admission)
+    }
+
+    /// The shared store failed: fall back to the local limiter, or refuse (fail closed).
+    fn store_down(&self, p: &Policy<C>, store: &RedisStore) -> Result<(), GatewayError> {
+        self.inner.metrics.ratelimit_fallback(&p.name);
+        if store.fail_closed {
+            return Err(GatewayError::Overloaded(format!(
+                "the shared limit store of policy '{}' is unreachable and redis.on_failure = \"deny\"",
+                p.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// A shared key known to be over its limit: the wait left, without asking Redis.
+    fn known_denied(&self, p: &Policy<C>, key: &Arc<str>) -> Option<Duration> {
+        let until = *p.denied.get(key)?;
+        let now = self.inner.now();
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    fn remember_denied(&self, p: &Policy<C>, key: &Arc<str>, wait: Duration) {
+        if p.denied.len() < MAX_COOLDOWN_KEYS {
+            p.denied
+                .insert(Arc::clone(key), self.inner.now() + wait.as_nanos() as u64);
+        }
+    }
+
+    async fn take_slot(&self, p: &Policy<C>, key: &Arc<str>) -> Result<Option<Slot>, GatewayError> {
+        let Some(local) = &p.concurrency else {
+            return Ok(None);
+        };
+        if let (Some(store), Some(max)) = (&p.shared, p.full.2) {
+            let rkey = redis_key(&p.name, key, "conc");
+            match store.acquire(&rkey, max).await {
+                Ok(Some(id)) => {
+                    return Ok(Some(Slot::Shared(SharedSlot {
+                        store: Arc::clone(store),
+                        key: rkey,
+                        id,
+                    })))
+                }
+                Ok(None) => return Ok(None),
+                Err(_) => self.store_down(p, store)?,
+            }
+        }
+        Ok(local
+            .acquire(key)
+            .map(|k| Slot::Local(Arc::clone(local), k)))
+    }
+
+    async fn take_tokens(
+        &self,
+        p: &Policy<C>,
+        key: &Arc<str>,
+        want: u64,
+    ) -> Result<Result<(Reservation, u64), Duration>, GatewayError> {
+        let Some((_, local)) = &p.tokens else {
+            return Ok(Err(Duration::ZERO));
+        };
+        if let (Some(store), Some(rate)) = (&p.shared, p.full.1) {
+            if let Some(wait) = self.known_denied(p, key) {
+                return Ok(Err(wait));
+            }
+            let rkey = redis_key(&p.name, key, "tokens");
+            let interval = rate.per / rate.count;
+            match store
+                .take(&rkey, interval, u64::from(rate.count), want)
+                .await
+            {
+                Ok(Shared::Allowed { remaining }) => {
+                    let tokens = Arc::new(SharedTokens {
+                        store: Arc::clone(store),
+                        key: rkey,
+                        interval,
+                    });
+                    return Ok(Ok((Reservation::Shared(tokens, want), remaining)));
+                }
+                Ok(Shared::Limited { wait }) => {
+                    self.remember_denied(p, key, wait);
+                    return Ok(Err(wait));
+                }
+                Err(_) => self.store_down(p, store)?,
+            }
+        }
+        Ok(local.reserve(key, want).map(|remaining| {
+            (
+                Reservation::Local(Arc::clone(local) as Arc<dyn Settle>, Arc::clone(key), want),
+                remaining,
+            )
+        }))
+    }
+
+    async fn take_request(
+        &self,
+        p: &Policy<C>,
+        key: &Arc<str>,
+    ) -> Result<Result<u64, Duration>, GatewayError> {
+        let Some((_, local)) = &p.requests else {
+            return Ok(Ok(0));
+        };
+        if let (Some(store), Some((rate, burst))) = (&p.shared, p.full.0) {
+            if let Some(wait) = self.known_denied(p, key) {
+                return Ok(Err(wait));
+            }
+            let rkey = redis_key(&p.name, key, "requests");
+            match store
+                .take(&rkey, rate.interval(), u64::from(burst), 1)
+                .await
+            {
+                Ok(Shared::Allowed { remaining }) => return Ok(Ok(remaining)),
+                Ok(Shared::Limited { wait }) => {
+                    self.remember_denied(p, key, wait);
+                    return Ok(Err(wait));
+                }
+                Err(_) => self.store_down(p, store)?,
+            }
+        }
+        Ok(local.check(key).map(u64::from))
     }
 
     /// A policy part refused: in shadow mode count it and go on (`Ok(false)`); with
@@ -545,7 +766,7 @@ fn refusal_error<C: Clock>(p: &Policy<C>, refusal: Refusal) -> GatewayError {
         }
         Refusal::Concurrency => GatewayError::ConcurrencyLimited {
             policy: Arc::clone(&p.name),
-            limit: p.concurrency.as_ref().map_or(0, |c| c.max),
+            limit: p.full.2.unwrap_or(0),
         },
     }
 }
@@ -596,6 +817,7 @@ impl<C: Clock + Clone> Inner<C> {
         let now = self.now();
         self.cooldowns.retain(|_, until| *until > now);
         for p in &self.policies {
+            p.denied.retain(|_, until| *until > now);
             let mut keys = 0;
             if let Some((_, s)) = &p.requests {
                 s.evict_idle();

@@ -17,4 +17,5 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod metrics;
+mod redis;
 mod tls;

@@ -1,0 +1,207 @@
+//! Shared limits in a real Redis (installed by `.ci/test`): accuracy across replicas, and
+//! what happens when Redis goes away and comes back.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::harness::*;
+
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    async fn start_on(port: u16) -> Redis {
+        let found = std::process::Command::new("sh")
+            .args(["-c", "command -v redis-server"])
+            .output()
+            .unwrap();
+        let bin = String::from_utf8_lossy(&found.stdout).trim().to_owned();
+        assert!(!bin.is_empty(), "`redis-server` is not installed: run .ci/test (it installs Debian's redis-server) or `apt-get install redis-server`");
+        let child = Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(start.elapsed() < DEADLINE, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Redis { child, port }
+    }
+
+    async fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port).await
+    }
+
+    async fn stop(mut self) -> u16 {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+        self.port
+    }
+}
+
+#[tokio::test]
+async fn three_replicas_share_one_quota() {
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = format!(
+        "[log]\naccess_log = false\n[redis]\nurl = \"redis://127.0.0.1:{}\"\nreplicas = 3\n\n[[limits]]\nname = \"org\"\nkey = \"global\"\nrequests = \"300/h\"\nstore = \"redis\"\n",
+        redis.port
+    );
+    let gws = [
+        Gateway::start(&emu.url(), &config).await,
+        Gateway::start(&emu.url(), &config).await,
+        Gateway::start(&emu.url(), &config).await,
+    ];
+    let client = http1();
+    let mut tasks = Vec::new();
+    for round in 0..150 {
+        for gw in &gws {
+            let c = client.clone();
+            let url = gw.url("/v1/models");
+            tasks.push(tokio::spawn(async move {
+                send(&c, http::Method::GET, &url, &[], bytes::Bytes::new())
+                    .await
+                    .status
+            }));
+        }
+        if round % 10 == 9 {
+            for t in tasks.drain(..) {
+                t.await.unwrap();
+            }
+        }
+    }
+    let mut admitted = 0;
+    let mut limited = 0;
+    for gw in &gws {
+        let m = gw.metrics().await;
+        admitted += metric_value(&m, "ezgate_requests_total{method=\"GET\",route=\"/v1/models\",source=\"upstream\",status=\"200\"}") as u32;
+        limited += metric_value(&m, "ezgate_requests_total{method=\"GET\",route=\"/v1/models\",source=\"gateway\",status=\"429\"}") as u32;
+        assert_eq!(
+            metric_value(&m, "ezgate_ratelimit_store_fallbacks_total{policy=\"org\"}"),
+            0.0,
+            "Redis answered every check"
+        );
+    }
+    assert_eq!(admitted + limited, 450);
+    assert!(
+        (297..=303).contains(&admitted),
+        "admitted {admitted} of a shared quota of 300 (±1%), not 3 × 300"
+    );
+    assert_eq!(
+        emu.log().await.len() as u32,
+        admitted,
+        "the upstream saw exactly the admitted requests"
+    );
+}
+
+#[tokio::test]
+async fn redis_outage_falls_back_locally_and_recovers() {
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = format!(
+        "[redis]\nurl = \"redis://127.0.0.1:{}\"\ntimeout = \"50ms\"\n\n[[limits]]\nname = \"shared\"\nkey = \"global\"\nrequests = \"100000/min\"\nstore = \"redis\"\n",
+        redis.port
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    for _ in 0..20 {
+        assert_eq!(gw.get("/v1/models").await.status, 200);
+    }
+    let port = redis.stop().await;
+    // Under the outage: no hang, no error, the local fallback admits.
+    for _ in 0..50 {
+        let r = gw.get("/v1/models").await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    assert!(
+        gw.metric("ezgate_ratelimit_store_fallbacks_total{policy=\"shared\"}")
+            .await
+            >= 50.0
+    );
+    let outage_lines = gw
+        .logs
+        .all()
+        .iter()
+        .filter(|l| l.contains("redis unavailable"))
+        .count();
+    assert_eq!(
+        outage_lines,
+        1,
+        "the outage is logged once, not per request:\n{}",
+        gw.logs.text()
+    );
+    // Redis returns on the same port: shared checks resume by themselves.
+    let _redis = Redis::start_on(port).await;
+    let start = std::time::Instant::now();
+    loop {
+        assert_eq!(gw.get("/v1/models").await.status, 200);
+        if gw.logs.text().contains("redis reachable again") {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "never recovered:\n{}",
+            gw.logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fallbacks = gw
+        .metric("ezgate_ratelimit_store_fallbacks_total{policy=\"shared\"}")
+        .await;
+    for _ in 0..10 {
+        assert_eq!(gw.get("/v1/models").await.status, 200);
+    }
+    assert_eq!(
+        gw.metric("ezgate_ratelimit_store_fallbacks_total{policy=\"shared\"}")
+            .await,
+        fallbacks,
+        "no fallbacks after recovery"
+    );
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_while_redis_is_away() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let emu = Emulator::start().await;
+    let config = format!(
+        "[redis]\nurl = \"redis://127.0.0.1:{port}\"\non_failure = \"deny\"\n\n[[limits]]\nname = \"strict\"\nkey = \"global\"\nrequests = \"10/s\"\nstore = \"redis\"\n"
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    let r = gw.get("/v1/models").await;
+    assert_eq!(r.status, 503);
+    let e = r.error();
+    assert_eq!(e["code"], "overloaded");
+    assert!(
+        e["message"].as_str().unwrap().contains("redis.on_failure"),
+        "{e}"
+    );
+    assert!(emu.log().await.is_empty());
+}
