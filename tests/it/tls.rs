@@ -65,6 +65,29 @@ async fn upstream_over_tls_with_an_extra_ca() {
         .await;
     assert!(String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"));
 
+    // Connection-specific headers would be a protocol error on the upstream's HTTP/2.
+    let r = send(
+        &http1(),
+        http::Method::GET,
+        &gw.url("/inspect"),
+        &[
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["version"],
+        "HTTP/2.0",
+        "the upstream is reached over h2 by ALPN"
+    );
+
     // Without the CA the upstream is untrusted: 502, counted as a TLS failure.
     let gw = Gateway::start(&emu.url(), "").await;
     let r = gw.chat(&[]).await;
