@@ -325,23 +325,29 @@ impl Metrics {
     }
 }
 
-/// `gpt-4o-2024-08-06` → `gpt-4o`.
+/// `gpt-4o-2024-08-06` → `gpt-4o`. Model names come from requests and responses: any
+/// string, so every slice is checked.
 fn strip_snapshot_date(m: &str) -> &str {
-    let b = m.as_bytes();
-    if b.len() > 11 && b[b.len() - 11] == b'-' {
-        let date = &m[m.len() - 10..];
-        let ok = date.bytes().enumerate().all(|(i, c)| {
+    let Some(split) = m.len().checked_sub(11) else {
+        return m;
+    };
+    match (m.get(..split), m.get(split..)) {
+        (Some(base), Some(tail)) if is_date_suffix(tail.as_bytes()) => base,
+        _ => m,
+    }
+}
+
+/// `-YYYY-MM-DD`
+fn is_date_suffix(t: &[u8]) -> bool {
+    t.len() == 11
+        && t[0] == b'-'
+        && t[1..].iter().enumerate().all(|(i, c)| {
             if i == 4 || i == 7 {
-                c == b'-'
+                *c == b'-'
             } else {
                 c.is_ascii_digit()
             }
-        });
-        if ok {
-            return &m[..m.len() - 11];
-        }
-    }
-    m
+        })
 }
 
 fn status_code(status: u16) -> http::StatusCode {
@@ -355,5 +361,33 @@ fn status_class(status: u16) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_labels_are_bounded_and_never_panic() {
+        let m = Metrics::new(vec!["my-finetune".to_owned(), "gpt-*".to_owned()]).unwrap();
+        assert_eq!(m.model_label(Some("gpt-4o-2024-08-06")), "gpt-4o");
+        assert_eq!(m.model_label(Some("my-finetune")), "my-finetune");
+        assert_eq!(
+            m.model_label(Some("gpt-*")),
+            "other",
+            "globs are not label values"
+        );
+        assert_eq!(m.model_label(Some("anything-else")), "other");
+        assert_eq!(m.model_label(None), "other");
+        for weird in [
+            "xxxxxxxxxxx-éééééé",
+            "é",
+            "-2024-08-06",
+            "ab-2024-08-0é",
+            "\u{0}\u{ffff}\u{10ffff}",
+        ] {
+            assert_eq!(m.model_label(Some(weird)), "other");
+        }
     }
 }

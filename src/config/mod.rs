@@ -313,7 +313,7 @@ impl Settings {
                 .map(|s| {
                     format!(
                         " (line {})",
-                        text[..s.start.min(text.len())].lines().count().max(1)
+                        text.get(..s.start).unwrap_or(text).lines().count().max(1)
                     )
                 })
                 .unwrap_or_default();

@@ -283,6 +283,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
     let Some(line_end) = buf.windows(2).position(|w| w == b"\r\n") else {
         return Ok(None);
     };
+    if line_end == 0 {
+        return Err("protocol error: empty reply header".to_owned());
+    }
     let Some(&kind) = buf.first() else {
         return Ok(None);
     };
@@ -360,6 +363,7 @@ mod tests {
         );
         assert_eq!(parse(&arr[..10]).unwrap(), None);
         assert!(parse(b"?x\r\n").is_err());
+        assert!(parse(b"\r\n").is_err());
         assert_eq!(
             parse(b"-NOSCRIPT No matching script\r\n")
                 .unwrap()
