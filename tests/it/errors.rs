@@ -178,3 +178,14 @@ proptest! {
         prop_assert!(crate::schema::validate(&v).is_ok(), "{}", v);
     }
 }
+
+proptest! {
+    #[test]
+    fn any_retry_after_header_is_read_safely(value in "[ -~]{0,40}") {
+        if let Ok(v) = http::HeaderValue::from_str(&value) {
+            if let Some(d) = ezgate::proxy::parse_retry_after(&v) {
+                prop_assert!(d <= std::time::Duration::from_secs(86_400));
+            }
+        }
+    }
+}
