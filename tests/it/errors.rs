@@ -87,19 +87,17 @@ async fn every_upstream_shape_and_status_becomes_the_schema() {
 async fn retry_after_and_ratelimit_headers_are_kept() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let r = send(
-        &http1(),
-        Method::GET,
-        &gw.url("/v1/models"),
-        &[
-            ("x-emu-status", "429"),
-            ("x-emu-retry-after", "7"),
-            ("x-emu-ratelimit-headers", "1"),
-            ("x-emu-code", "insufficient_quota"),
-        ],
-        Bytes::new(),
-    )
-    .await;
+    let r = gw
+        .get_with(
+            "/v1/models",
+            &[
+                ("x-emu-status", "429"),
+                ("x-emu-retry-after", "7"),
+                ("x-emu-ratelimit-headers", "1"),
+                ("x-emu-code", "insufficient_quota"),
+            ],
+        )
+        .await;
     assert_eq!(r.status, 429);
     let e = r.error();
     assert_eq!(e["code"], "insufficient_quota");
@@ -122,14 +120,9 @@ async fn success_bodies_pass_byte_for_byte_even_when_encoded() {
         Bytes::new(),
     )
     .await;
-    let proxied = send(
-        &http1(),
-        Method::GET,
-        &gw.url("/v1/models"),
-        &[("x-emu-encoding", "gzip")],
-        Bytes::new(),
-    )
-    .await;
+    let proxied = gw
+        .get_with("/v1/models", &[("x-emu-encoding", "gzip")])
+        .await;
     assert_eq!(proxied.status, 200);
     assert_eq!(proxied.header("content-encoding"), Some("gzip"));
     assert_eq!(proxied.body, direct.body, "2xx bodies are untouched");

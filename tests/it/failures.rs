@@ -234,14 +234,7 @@ async fn the_gateway_survives_every_fault_in_a_row() {
         ("x-emu-status", "500"),
     ];
     for (k, v) in faults {
-        let r = send(
-            &http1(),
-            Method::GET,
-            &gw.url("/v1/models"),
-            &[(k, v)],
-            Bytes::new(),
-        )
-        .await;
+        let r = gw.get_with("/v1/models", &[(k, v)]).await;
         assert!(r.status.as_u16() >= 200, "{k}");
     }
     assert_eq!(gw.get("/v1/models").await.status, 200);

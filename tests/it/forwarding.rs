@@ -147,23 +147,21 @@ async fn sse_events_arrive_as_the_upstream_produces_them() {
 async fn headers_are_rewritten_both_ways() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let r = send(
-        &http1(),
-        Method::GET,
-        &gw.url("/inspect"),
-        &[
-            ("connection", "x-hop-secret"),
-            ("x-hop-secret", "1"),
-            ("keep-alive", "timeout=5"),
-            ("proxy-authorization", "Basic abc"),
-            ("x-request-id", "client-id-123"),
-            ("x-forwarded-for", "10.9.8.7"),
-            ("authorization", "Bearer sk-passthrough"),
-            ("host", "evil.example"),
-        ],
-        Bytes::new(),
-    )
-    .await;
+    let r = gw
+        .get_with(
+            "/inspect",
+            &[
+                ("connection", "x-hop-secret"),
+                ("x-hop-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authorization", "Basic abc"),
+                ("x-request-id", "client-id-123"),
+                ("x-forwarded-for", "10.9.8.7"),
+                ("authorization", "Bearer sk-passthrough"),
+                ("host", "evil.example"),
+            ],
+        )
+        .await;
     let h = inspect_headers(&r);
     for gone in [
         "x-hop-secret",

@@ -231,6 +231,17 @@ impl Gateway {
         send(&http1(), Method::GET, &self.url(path), &[], Bytes::new()).await
     }
 
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        send(
+            &http1(),
+            Method::GET,
+            &self.url(path),
+            headers,
+            Bytes::new(),
+        )
+        .await
+    }
+
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
         send(
             &http1(),

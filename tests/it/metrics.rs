@@ -271,15 +271,9 @@ async fn a_real_prometheus_sees_exactly_the_provoked_counts() {
     }
     for _ in 0..2 {
         assert_eq!(
-            send(
-                &http1(),
-                Method::GET,
-                &gw.url("/v1/models"),
-                &[("x-emu-status", "404")],
-                Bytes::new()
-            )
-            .await
-            .status,
+            gw.get_with("/v1/models", &[("x-emu-status", "404")])
+                .await
+                .status,
             404
         );
     }
@@ -305,28 +299,16 @@ async fn a_real_prometheus_sees_exactly_the_provoked_counts() {
         429
     );
     assert_eq!(
-        send(
-            &http1(),
-            Method::GET,
-            &gw.url("/v1/models"),
-            &[("x-emu-status", "429")],
-            Bytes::new()
-        )
-        .await
-        .status,
+        gw.get_with("/v1/models", &[("x-emu-status", "429")])
+            .await
+            .status,
         429
     );
     for _ in 0..2 {
         assert_eq!(
-            send(
-                &http1(),
-                Method::GET,
-                &gw.url("/v1/models"),
-                &[("x-emu-malformed", "1")],
-                Bytes::new()
-            )
-            .await
-            .status,
+            gw.get_with("/v1/models", &[("x-emu-malformed", "1")])
+                .await
+                .status,
             502
         );
     }
