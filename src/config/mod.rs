@@ -136,7 +136,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Dur(Duration::from_secs(5)),
             response_timeout: Dur(Duration::from_secs(120)),
             stream_idle_timeout: Dur(Duration::from_secs(60)),
-            pool_idle_timeout: Dur(Duration::from_secs(60)),
+            pool_idle_timeout: Dur(Duration::from_secs(30)),
             pool_max_idle_per_host: 256,
             ca_file: None,
         }
