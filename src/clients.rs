@@ -131,10 +131,12 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// `fp:` and the first 12 hex digits of the key's SHA-256: stable, short, not reversible.
 pub fn fingerprint(digest: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(15);
     s.push_str("fp:");
     for b in &digest[..6] {
-        s.push_str(&format!("{b:02x}"));
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     s
 }

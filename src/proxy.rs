@@ -283,11 +283,12 @@ async fn handle(
     out.status = status.as_u16();
     out.source = Source::Upstream;
     out.upstream_status = Some(status.as_u16());
-    let cooldown_key = admission.cooldown_key.clone();
     out.permit = Some(admission.permit);
     if status == StatusCode::TOO_MANY_REQUESTS {
         if let Some(wait) = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after) {
-            state.limits.upstream_limited(&cooldown_key, wait);
+            let key =
+                crate::limits::cooldown_key(&caller, out.model.as_deref(), state.api_key.is_some());
+            state.limits.upstream_limited(&key, wait);
         }
     }
     let (mut rparts, incoming) = resp.into_parts();

@@ -149,13 +149,11 @@ impl ResponseBody {
         let usage_doc = match std::mem::replace(&mut self.scan, Scan::None) {
             Scan::Sse(s) => s.usage.map(|u| (u, s.model)),
             Scan::Json(parts, len) if len > 0 => {
-                let mut all = Vec::with_capacity(len);
-                for p in &parts {
-                    all.extend_from_slice(p);
-                }
-                serde_json::from_slice::<UsageDoc>(&all)
-                    .ok()
-                    .and_then(|d| d.usage().map(|u| (u, d.model)))
+                let doc = match parts.as_slice() {
+                    [one] => serde_json::from_slice::<UsageDoc>(one),
+                    _ => serde_json::from_slice::<UsageDoc>(&parts.concat()),
+                };
+                doc.ok().and_then(|d| d.usage().map(|u| (u, d.model)))
             }
             _ => None,
         };

@@ -91,6 +91,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Dur,
     /// Requests in flight at once before ezgate answers 503 `overloaded`.
     pub max_inflight: u32,
+    /// Threads serving requests; 0 = one per CPU ezgate may run on (its affinity mask).
+    pub worker_threads: usize,
     pub tls: Option<TlsConfig>,
 }
 
@@ -103,6 +105,7 @@ impl Default for ServerConfig {
             shutdown_grace: Dur(Duration::from_secs(30)),
             header_read_timeout: Dur(Duration::from_secs(10)),
             max_inflight: 10_000,
+            worker_threads: 0,
             tls: None,
         }
     }
@@ -466,6 +469,7 @@ impl fmt::Display for Settings {
         writeln!(f, "shutdown_grace = \"{}\"", s.shutdown_grace)?;
         writeln!(f, "header_read_timeout = \"{}\"", s.header_read_timeout)?;
         writeln!(f, "max_inflight = {}", s.max_inflight)?;
+        writeln!(f, "worker_threads = {}", s.worker_threads)?;
         if let Some(tls) = &s.tls {
             writeln!(f, "tls = {{ cert = {:?}, key = {:?} }}", tls.cert, tls.key)?;
         }

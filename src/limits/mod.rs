@@ -14,6 +14,7 @@ pub mod tokens;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -274,12 +275,13 @@ impl Drop for Permit {
 pub struct Admission {
     pub permit: Permit,
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub cooldown_key: Arc<str>,
 }
 
 struct Inner<C: Clock> {
     policies: Vec<Arc<Policy<C>>>,
     cooldowns: DashMap<Arc<str>, u64>,
+    /// Entries in `cooldowns`, read on every request without touching the map.
+    cooling: AtomicUsize,
     clock: C,
     start: C::Instant,
     metrics: Arc<Metrics>,
@@ -422,6 +424,7 @@ where
             inner: Arc::new(Inner {
                 policies,
                 cooldowns: DashMap::new(),
+                cooling: AtomicUsize::new(0),
                 clock,
                 start,
                 metrics,
@@ -455,26 +458,30 @@ where
             return;
         }
         let until = inner.now() + wait.as_nanos() as u64;
-        inner.cooldowns.insert(Arc::clone(key), until);
+        if inner.cooldowns.insert(Arc::clone(key), until).is_none() {
+            inner.cooling.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Admits the request under every policy that covers it, or refuses it.
     pub async fn check(&self, r: &LimitRequest<'_>) -> Result<Admission, GatewayError> {
         let inner = &self.inner;
-        let cooldown_key = cooldown_key(r);
-        if let Some(until) = inner.cooldowns.get(&cooldown_key).map(|u| *u) {
-            let now = inner.now();
-            if until > now {
-                return Err(GatewayError::UpstreamRateLimited {
-                    retry_after: Duration::from_nanos(until - now),
-                });
+        // Most of the time nothing is cooling down: then no key is even built.
+        if inner.cooling.load(Ordering::Relaxed) > 0 {
+            let key = cooldown_key(r.caller, r.model, r.managed);
+            if let Some(until) = inner.cooldowns.get(&key).map(|u| *u) {
+                let now = inner.now();
+                if until > now {
+                    return Err(GatewayError::UpstreamRateLimited {
+                        retry_after: Duration::from_nanos(until - now),
+                    });
+                }
+                if inner.cooldowns.remove_if(&key, |_, u| *u <= now).is_some() {
+                    inner.cooling.fetch_sub(1, Ordering::Relaxed);
+                }
             }
-            inner.cooldowns.remove_if(&cooldown_key, |_, u| *u <= now);
         }
-        let mut admission = Admission {
-            cooldown_key,
-            ..Admission::default()
-        };
+        let mut admission = Admission::default();
         if inner.policies.is_empty() {
             return Ok(admission);
         }
@@ -797,13 +804,13 @@ fn ratelimit_headers(t: &Remaining) -> Vec<(HeaderName, HeaderValue)> {
 
 /// The key an upstream 429 holds back: the upstream credential (the organization's key in
 /// managed mode, else the presented key's fingerprint) and the model.
-fn cooldown_key(r: &LimitRequest<'_>) -> Arc<str> {
-    let who = if r.managed {
+pub fn cooldown_key(caller: &Caller, model: Option<&str>, managed: bool) -> Arc<str> {
+    let who = if managed {
         "org"
     } else {
-        r.caller.key_fingerprint.as_deref().unwrap_or("anonymous")
+        caller.key_fingerprint.as_deref().unwrap_or("anonymous")
     };
-    Arc::from(format!("{who}|{}", r.model.unwrap_or("*")))
+    Arc::from(format!("{who}|{}", model.unwrap_or("*")))
 }
 
 impl<C: Clock> Inner<C> {
@@ -816,6 +823,7 @@ impl<C: Clock + Clone> Inner<C> {
     fn maintain(&self) {
         let now = self.now();
         self.cooldowns.retain(|_, until| *until > now);
+        self.cooling.store(self.cooldowns.len(), Ordering::Relaxed);
         for p in &self.policies {
             p.denied.retain(|_, until| *until > now);
             let mut keys = 0;

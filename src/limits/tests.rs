@@ -319,8 +319,11 @@ fn upstream_cooldown_answers_locally_until_retry_after() {
     let (l, clock) = limits(&[]);
     let r = Req::new("a");
     block(async {
-        let a = l.check(&r.lr()).await.unwrap();
-        l.upstream_limited(&a.cooldown_key, Duration::from_secs(3));
+        l.check(&r.lr()).await.unwrap();
+        l.upstream_limited(
+            &cooldown_key(&r.caller, r.model, false),
+            Duration::from_secs(3),
+        );
         let Err(GatewayError::UpstreamRateLimited { retry_after }) = l.check(&r.lr()).await else {
             panic!("must be held back")
         };
