@@ -286,10 +286,9 @@ impl Metrics {
         }
     }
 
-    pub fn ratelimit_decision(&self, policy: &str, decision: &'static str) {
-        self.ratelimit_decisions
-            .with_label_values(&[policy, decision])
-            .inc();
+    /// A policy's decision counters, in [`DECISIONS`] order, cached by the policy.
+    pub fn decision_counters(&self, policy: &str) -> [IntCounter; 4] {
+        DECISIONS.map(|d| self.ratelimit_decisions.with_label_values(&[policy, d]))
     }
 
     pub fn ratelimit_fallback(&self, policy: &str) {

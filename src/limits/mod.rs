@@ -71,6 +71,15 @@ impl KeyKind {
     }
 }
 
+/// A policy's verdict on one request; the index of its counter (`metrics::DECISIONS` order).
+#[derive(Debug, Clone, Copy)]
+enum Decision {
+    Allowed = 0,
+    Limited = 1,
+    ShadowLimited = 2,
+    Waited = 3,
+}
+
 /// One request to be limited.
 pub struct LimitRequest<'a> {
     pub caller: &'a Caller,
@@ -102,6 +111,8 @@ struct Policy<C: Clock> {
     shared: Option<Arc<RedisStore>>,
     /// Shared keys known to be over their limit, until when (clock nanos): not asked again.
     denied: DashMap<Arc<str>, u64>,
+    /// `ezgate_ratelimit_decisions_total` for this policy, by [`Decision`].
+    decisions: [prometheus::IntCounter; 4],
     /// The configured (whole, not per-replica) rates and concurrency, for shared checks.
     full: (Option<(Rate, u32)>, Option<Rate>, Option<u32>),
 }
@@ -410,6 +421,7 @@ where
                         .map_or(DEFAULT_COMPLETION_TOKENS, u64::from),
                     shared,
                     denied: DashMap::new(),
+                    decisions: metrics.decision_counters(&c.name),
                     full,
                 }))
             })
@@ -487,7 +499,7 @@ where
         }
         let started = tokio::time::Instant::now();
         let mut tightest: Option<Remaining> = None;
-        let mut decisions: Vec<(Arc<str>, &'static str)> = Vec::new();
+        let mut decisions: Vec<(&Policy<C>, Decision)> = Vec::new();
         let covering: Vec<(&Arc<Policy<C>>, Arc<str>)> = inner
             .policies
             .iter()
@@ -542,8 +554,12 @@ where
                 }
             }
             decisions.push((
-                Arc::clone(&p.name),
-                if waited { "waited" } else { "allowed" },
+                p,
+                if waited {
+                    Decision::Waited
+                } else {
+                    Decision::Allowed
+                },
             ));
         }
 
@@ -562,7 +578,7 @@ where
                         .hold_or_refuse(p, started, wait, Refusal::Requests(wait))
                         .await
                     {
-                        Ok(true) => decisions[i].1 = "waited",
+                        Ok(true) => decisions[i].1 = Decision::Waited,
                         Ok(false) => break,
                         Err(e) => return self.refuse(p, e),
                     },
@@ -570,8 +586,8 @@ where
             }
         }
         admission.permit.admitted = true;
-        for (name, decision) in decisions {
-            inner.metrics.ratelimit_decision(&name, decision);
+        for (p, decision) in decisions {
+            p.decisions[decision as usize].inc();
         }
         if let Some(t) = tightest {
             admission.headers = ratelimit_headers(&t);
@@ -708,9 +724,7 @@ where
         refusal: Refusal,
     ) -> Result<bool, GatewayError> {
         if p.mode == Mode::Shadow {
-            self.inner
-                .metrics
-                .ratelimit_decision(&p.name, "shadow_limited");
+            p.decisions[Decision::ShadowLimited as usize].inc();
             return Ok(false);
         }
         if p.on_limit == OnLimit::Wait && started.elapsed() + wait <= p.max_wait {
@@ -721,7 +735,7 @@ where
     }
 
     fn refuse(&self, p: &Policy<C>, e: GatewayError) -> Result<Admission, GatewayError> {
-        self.inner.metrics.ratelimit_decision(&p.name, "limited");
+        p.decisions[Decision::Limited as usize].inc();
         Err(e)
     }
 }

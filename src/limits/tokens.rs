@@ -25,11 +25,11 @@ struct Doc<'a> {
     #[serde(default, borrow)]
     model: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
-    messages: Option<Value>,
+    messages: TextChars,
     #[serde(default)]
-    prompt: Option<Value>,
+    prompt: TextChars,
     #[serde(default)]
-    input: Option<Value>,
+    input: TextChars,
     #[serde(default)]
     max_tokens: Option<u64>,
     #[serde(default)]
@@ -57,13 +57,7 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
             ..RequestInfo::default()
         };
     };
-    let mut chars = 0usize;
-    for v in [&doc.messages, &doc.prompt, &doc.input]
-        .into_iter()
-        .flatten()
-    {
-        chars += text_chars(v);
-    }
+    let chars = doc.messages.0 + doc.prompt.0 + doc.input.0;
     let prompt_tokens = (chars as u64).div_ceil(4).max(1);
     let max_tokens = doc
         .max_tokens
@@ -83,17 +77,63 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
     }
 }
 
-/// Characters of all strings in a value (message contents, prompt lists, inputs).
-fn text_chars(v: &Value) -> usize {
-    match v {
-        Value::String(s) => s.chars().count(),
-        Value::Array(items) => items.iter().map(text_chars).sum(),
-        Value::Object(map) => map
-            .iter()
-            .filter(|(k, _)| k.as_str() != "role" && k.as_str() != "type")
-            .map(|(_, v)| text_chars(v))
-            .sum(),
-        _ => 0,
+/// Characters of all strings in a JSON value (message contents, prompt lists, inputs),
+/// counted while parsing, without building the value. `role` and `type` members are not text.
+#[derive(Default)]
+struct TextChars(usize);
+
+impl<'de> Deserialize<'de> for TextChars {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CountVisitor).map(TextChars)
+    }
+}
+
+struct CountVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CountVisitor {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<usize, E> {
+        Ok(v.chars().count())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_unit<E>(self) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_none<E>(self) -> Result<usize, E> {
+        Ok(0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let mut n = 0;
+        while let Some(TextChars(c)) = seq.next_element()? {
+            n += c;
+        }
+        Ok(n)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
+        let mut n = 0;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "role" || key == "type" {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            } else {
+                n += map.next_value::<TextChars>()?.0;
+            }
+        }
+        Ok(n)
     }
 }
 
