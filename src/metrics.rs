@@ -2,6 +2,7 @@
 //! [`Metrics::record`] is called once per request, from the request's [`Outcome`].
 
 use std::collections::HashSet;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::core::Collector;
@@ -72,6 +73,29 @@ pub struct Metrics {
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
     models: HashSet<String>,
+    /// Handles created on first use (so only series that happen are exported), then reused.
+    request_cache: Box<[OnceLock<IntCounter>]>,
+    durations: Box<[OnceLock<Histogram>]>,
+    upstream_cache: Box<[OnceLock<IntCounter>]>,
+}
+
+/// The `method` label values, `other` last (see `outcome::method_label`).
+const METHODS: [&str; 8] = [
+    "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other",
+];
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Statuses whose counters are cached; any other status still counts, just more slowly.
+const COMMON_STATUSES: [u16; 24] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429,
+    499, 500, 502, 503, 504,
+];
+
+fn common_status(status: u16) -> Option<usize> {
+    COMMON_STATUSES.iter().position(|s| *s == status)
+}
+
+fn cache<T>(n: usize) -> Box<[OnceLock<T>]> {
+    (0..n).map(|_| OnceLock::new()).collect()
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -229,6 +253,9 @@ impl Metrics {
             inflight,
             tokens,
             models,
+            request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
+            durations: cache(Route::ALL.len() * STATUS_CLASSES.len()),
+            upstream_cache: cache(COMMON_STATUSES.len()),
         })
     }
 
@@ -245,15 +272,15 @@ impl Metrics {
 
     /// Counts one finished request: its response, its errors, its tokens.
     pub fn record(&self, o: &Outcome, duration: Duration) {
-        let route = o.route.as_str();
-        let status = status_code(o.status);
-        self.requests
-            .with_label_values(&[route, o.method, status.as_str(), o.source.as_str()])
-            .inc();
-        self.duration
-            .with_label_values(&[route, status_class(o.status)])
-            .observe(duration.as_secs_f64());
         let idx = Self::route_index(o.route);
+        self.count_request(idx, o);
+        let class = usize::from(o.status / 100).clamp(1, 5) - 1;
+        self.durations[idx * 5 + class]
+            .get_or_init(|| {
+                self.duration
+                    .with_label_values(&[o.route.as_str(), STATUS_CLASSES[class]])
+            })
+            .observe(duration.as_secs_f64());
         if let Some(h) = o.header_wait {
             self.header_duration[idx].observe(h.as_secs_f64());
         }
@@ -261,9 +288,14 @@ impl Metrics {
             self.overhead[idx].observe(o.overhead().as_secs_f64());
         }
         if let Some(s) = o.upstream_status {
-            self.upstream_responses
-                .with_label_values(&[status_code(s).as_str()])
-                .inc();
+            let create = || {
+                self.upstream_responses
+                    .with_label_values(&[status_code(s).as_str()])
+            };
+            match common_status(s) {
+                Some(i) => self.upstream_cache[i].get_or_init(create).inc(),
+                None => create().inc(),
+            }
         }
         if let Some(kind) = o.upstream_failure {
             let i = FailureKind::ALL
@@ -289,6 +321,33 @@ impl Metrics {
     /// A policy's decision counters, in [`DECISIONS`] order, cached by the policy.
     pub fn decision_counters(&self, policy: &str) -> [IntCounter; 4] {
         DECISIONS.map(|d| self.ratelimit_decisions.with_label_values(&[policy, d]))
+    }
+
+    /// `ezgate_requests_total` for this outcome: a cached handle for the common statuses, so
+    /// recording hashes no label strings and takes no lock.
+    fn count_request(&self, route: usize, o: &Outcome) {
+        let method = METHODS
+            .iter()
+            .position(|m| *m == o.method)
+            .unwrap_or(METHODS.len() - 1);
+        let source = usize::from(o.source == crate::errors::Source::Upstream);
+        let create = || {
+            let status = status_code(o.status);
+            self.requests.with_label_values(&[
+                o.route.as_str(),
+                o.method,
+                status.as_str(),
+                o.source.as_str(),
+            ])
+        };
+        match common_status(o.status) {
+            Some(s) => {
+                let slot =
+                    ((route * METHODS.len() + method) * COMMON_STATUSES.len() + s) * 2 + source;
+                self.request_cache[slot].get_or_init(create).inc();
+            }
+            None => create().inc(),
+        }
     }
 
     pub fn ratelimit_fallback(&self, policy: &str) {
@@ -351,16 +410,6 @@ fn is_date_suffix(t: &[u8]) -> bool {
 
 fn status_code(status: u16) -> http::StatusCode {
     http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY)
-}
-
-fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
 
 #[cfg(test)]
