@@ -87,6 +87,7 @@ fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(settings.config.server.header_read_timeout.0)
         .max_buf_size(MAX_HEAD_BYTES)
+        .writev(false)
         .keep_alive(true);
     builder
         .http2()

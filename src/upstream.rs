@@ -179,6 +179,7 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.pool_idle_timeout.0)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .http1_writev(false)
             .build(https);
         let scheme = uri
             .scheme()
