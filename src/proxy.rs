@@ -405,19 +405,30 @@ async fn read_capped(mut body: Incoming, cap: usize) -> (Vec<u8>, bool) {
 
 /// Buffers a JSON request body (needed to see its model and size), refusing it past `max`.
 async fn read_request_body(mut body: Incoming, max: u64) -> Result<Bytes, GatewayError> {
+    // A small body usually arrives as one frame: keep it as it is, without a copy.
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             GatewayError::BadRequest(format!("the request body could not be read ({e})"))
         })?;
-        if let Some(data) = frame.data_ref() {
-            if (buf.len() + data.len()) as u64 > max {
-                return Err(GatewayError::PayloadTooLarge { limit: max });
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
+        if (held + data.len()) as u64 > max {
+            return Err(GatewayError::PayloadTooLarge { limit: max });
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            Some(f) => {
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&data);
             }
-            buf.extend_from_slice(data);
+            None => buf.extend_from_slice(&data),
         }
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

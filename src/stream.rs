@@ -148,13 +148,10 @@ impl ResponseBody {
         self.ended = true;
         let usage_doc = match std::mem::replace(&mut self.scan, Scan::None) {
             Scan::Sse(s) => s.usage.map(|u| (u, s.model)),
-            Scan::Json(parts, len) if len > 0 => {
-                let doc = match parts.as_slice() {
-                    [one] => serde_json::from_slice::<UsageDoc>(one),
-                    _ => serde_json::from_slice::<UsageDoc>(&parts.concat()),
-                };
-                doc.ok().and_then(|d| d.usage().map(|u| (u, d.model)))
-            }
+            Scan::Json(parts, len) if len > 0 => match parts.as_slice() {
+                [one] => json_usage(one),
+                _ => json_usage(&parts.concat()),
+            },
             _ => None,
         };
         if let Some(o) = self.outcome.as_deref_mut() {
@@ -257,6 +254,45 @@ impl SseScan {
             }
         }
     }
+}
+
+/// `usage` and `model` of a JSON response, read where their keys stand instead of parsing the
+/// whole document. A key is `"name"` followed by `:`; inside a JSON string every quote is
+/// escaped, so that byte pattern cannot come from string content.
+fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
+    let usage: UsageJson = value_after_key(doc, b"\"usage\"", true)?;
+    let model: Option<String> = value_after_key(doc, b"\"model\"", false);
+    Some((
+        Usage {
+            prompt: usage.prompt_tokens,
+            completion: usage.completion_tokens,
+        },
+        model,
+    ))
+}
+
+fn value_after_key<T: serde::de::DeserializeOwned>(
+    doc: &[u8],
+    key: &[u8],
+    last: bool,
+) -> Option<T> {
+    let mut search = doc;
+    let mut found = None;
+    while let Some(i) = search.windows(key.len()).position(|w| w == key) {
+        let after = &search[i + key.len()..];
+        let rest = after.trim_ascii_start();
+        if let Some(value) = rest.strip_prefix(b":") {
+            found = Some(value);
+            if !last {
+                break;
+            }
+        }
+        search = after;
+    }
+    serde_json::Deserializer::from_slice(found?)
+        .into_iter::<T>()
+        .next()?
+        .ok()
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -395,6 +431,34 @@ mod tests {
         );
         assert_eq!(s.model.as_deref(), Some("gpt-4o"));
         assert!(s.at_boundary);
+    }
+
+    #[test]
+    fn json_usage_is_read_where_it_stands() {
+        let doc = br#"{"id":"x","model":"gpt-4o","choices":[{"message":{"content":"say \"usage\": {} and \"model\":1"}}],"usage": {"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}"#;
+        assert_eq!(
+            json_usage(doc),
+            Some((
+                Usage {
+                    prompt: 9,
+                    completion: 3
+                },
+                Some("gpt-4o".into())
+            ))
+        );
+        assert_eq!(json_usage(br#"{"usage":null}"#), None);
+        assert_eq!(json_usage(br#"{"choices":[]}"#), None);
+        assert_eq!(
+            json_usage(br#"{"usage":{"input_tokens":4,"output_tokens":5}}"#),
+            Some((
+                Usage {
+                    prompt: 4,
+                    completion: 5
+                },
+                None
+            ))
+        );
+        assert_eq!(json_usage(b"\"usage\":"), None);
     }
 
     #[test]
