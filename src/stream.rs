@@ -38,7 +38,8 @@ enum Inner {
 
 struct Idle {
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// Armed at the first pending poll: most small bodies never wait, and never pay for a timer.
+    sleep: Option<Pin<Box<Sleep>>>,
     last: Instant,
 }
 
@@ -125,7 +126,7 @@ impl ResponseBody {
             inner: Inner::Upstream(body),
             idle: Some(Idle {
                 timeout: idle_timeout,
-                sleep: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+                sleep: None,
                 last: now,
             }),
             scan,
@@ -368,10 +369,13 @@ impl Body for ResponseBody {
                 };
                 loop {
                     let deadline = idle.last + idle.timeout;
-                    if idle.sleep.deadline() != deadline {
-                        idle.sleep.as_mut().reset(deadline);
+                    let sleep = idle
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if sleep.deadline() != deadline {
+                        sleep.as_mut().reset(deadline);
                     }
-                    match idle.sleep.as_mut().poll(cx) {
+                    match sleep.as_mut().poll(cx) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(()) if Instant::now() >= idle.last + idle.timeout => {
                             let t = idle.timeout;
