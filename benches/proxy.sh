@@ -319,8 +319,9 @@ write_cfg "$WORK/ezgate-log.toml" true
 write_cfg "$WORK/ezgate-sse.toml" false
 "$EZGATE" check-config --config "$WORK/ezgate-policies.toml" > "$WORK/check-config.out" 2>&1 \
   || die "ezgate rejects the bench config: $(cat "$WORK/check-config.out")"
-ez() {  # ez NAME CONFIG UPSTREAM STDERR
-  start "$1" "$4" "${PIN_PROXY[@]}" "$EZGATE" --config "$2" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream "http://$3"
+ez() {  # ez NAME CONFIG UPSTREAM STDERR — started as the deploy kit runs it (deploy/)
+  start "$1" "$4" "${PIN_PROXY[@]}" env MIMALLOC_ARENA_EAGER_COMMIT="${MIMALLOC_ARENA_EAGER_COMMIT:-0}" \
+    "$EZGATE" --config "$2" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream "http://$3"
 }
 ez ezgate "$WORK/ezgate-bare.toml" "$EMU_ADDR" "$WORK/ezgate.err"
 ez ezgate-policies "$WORK/ezgate-policies.toml" "$EMU_ADDR" "$WORK/ezgate-policies.err"
