@@ -112,6 +112,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ ${#need[@]} -gt 0 ] && apt_install "${need[@]}"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
@@ -287,6 +288,10 @@ http {
 EOF
 start nginx "$WORK/nginx/logs/stderr.log" "${PIN_PROXY[@]}" "$NGINX" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log" -c "$WORK/nginx/nginx.conf"
 
+# ---------------------------------------------------------------- redis (shared limits)
+REDIS_PORT="$(free_port)"
+start redis "$WORK/redis.err" "${PIN_LOAD[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
+
 # ---------------------------------------------------------------- ezgate (three configs)
 write_cfg() {  # write_cfg FILE ACCESS_LOG [limits]
   {
@@ -313,6 +318,12 @@ EOF
     fi
   } > "$1"
 }
+write_one() {  # write_one FILE STORE : one request policy per API key, local or in Redis
+  printf '[server]\nmax_inflight = %d\n\n[log]\naccess_log = false\n\n[redis]\nurl = "redis://127.0.0.1:%s"\n\n[[limits]]\nname = "per-key"\nkey = "api_key"\nrequests = "1000000/s"\nstore = "%s"\n' \
+    $((HOLD_N * 2 + 1000)) "$REDIS_PORT" "$2" > "$1"
+}
+write_one "$WORK/ezgate-local1.toml" local
+write_one "$WORK/ezgate-redis.toml" redis
 write_cfg "$WORK/ezgate-bare.toml" false
 write_cfg "$WORK/ezgate-policies.toml" false limits
 write_cfg "$WORK/ezgate-log.toml" true
@@ -327,11 +338,13 @@ ez ezgate "$WORK/ezgate-bare.toml" "$EMU_ADDR" "$WORK/ezgate.err"
 ez ezgate-policies "$WORK/ezgate-policies.toml" "$EMU_ADDR" "$WORK/ezgate-policies.err"
 ez ezgate-log "$WORK/ezgate-log.toml" "$EMU_ADDR" /dev/null
 ez ezgate-sse "$WORK/ezgate-sse.toml" "$ORIGIN_ADDR" "$WORK/ezgate-sse.err"
+ez ezgate-local1 "$WORK/ezgate-local1.toml" "$EMU_ADDR" "$WORK/ezgate-local1.err"
+ez ezgate-redis "$WORK/ezgate-redis.toml" "$EMU_ADDR" "$WORK/ezgate-redis.err"
 
 declare -A ADDR ADMIN SSE_ADDR PROCS
 ADDR[direct]="$EMU_ADDR"; SSE_ADDR[direct]="$ORIGIN_ADDR"; PROCS[direct]=""
 ADDR[nginx]="127.0.0.1:$NGINX_PORT"; SSE_ADDR[nginx]="127.0.0.1:$NGINX_SSE_PORT"
-for n in ezgate ezgate-policies ezgate-log ezgate-sse; do
+for n in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis; do
   ADDR[$n]="$(wait_line "$n" '^listening on ([0-9.:]+).*')" || die "$n did not start: $(tail -5 "$WORK/$n.err" 2>/dev/null)"
   ADMIN[$n]="$(wait_line "$n" '^admin listening on ([0-9.:]+).*')" || die "$n printed no admin address"
   PROCS[$n]="$(eval echo "\$PID_${n//-/_}")"
@@ -344,7 +357,7 @@ for _ in $(seq 1 50); do
 done
 PROCS[nginx]="$PID_nginx $(pgrep -P "$PID_nginx" | tr '\n' ' ')"
 PROCS[nginx-sse]="${PROCS[nginx]}"
-for t in direct nginx ezgate ezgate-policies ezgate-log; do post_ok "${ADDR[$t]}"; done
+for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis; do post_ok "${ADDR[$t]}"; done
 log "nginx on ${ADDR[nginx]} (pids ${PROCS[nginx]}); ezgate on ${ADDR[ezgate]}; all answer 200"
 
 TOOL_LAT="python open-loop client (bench_client.py rate)"
@@ -489,16 +502,16 @@ wait_quiet() {  # wait_quiet LABEL
 }
 
 log "warm-up"
-for t in direct nginx ezgate ezgate-policies ezgate-log; do wrk_run "$t" warm 1 1; done
+for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis; do wrk_run "$t" warm 1 1; done
 for r in $(seq 1 "$ROUNDS"); do
   wait_quiet "throughput round $r"
   log "throughput round $r/$ROUNDS (wrk -t1 -c$WRK_CONNS, ${TPUT_S}s each)"
-  for t in direct nginx ezgate ezgate-policies ezgate-log; do with_retries wrk_run "$t" "$r" "$TPUT_S"; done
+  for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis; do with_retries wrk_run "$t" "$r" "$TPUT_S"; done
 done
 for r in $(seq 1 "$ROUNDS"); do
   wait_quiet "fixed-rate round $r"
   log "fixed rate round $r/$ROUNDS ($RATE req/s for ${LAT_S}s; $TOOL_LAT)"
-  for t in direct nginx ezgate; do with_retries lat_run "$t" "$r"; done
+  for t in direct nginx ezgate ezgate-local1 ezgate-redis; do with_retries lat_run "$t" "$r"; done
 done
 for t in nginx ezgate; do
   # shellcheck disable=SC2086
@@ -526,9 +539,12 @@ for t in nginx ezgate; do
   # shellcheck disable=SC2086
   printf '{"phase":"hwm_end","target":"%s","hwm_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" >> "$RESULTS"
 done
-for t in ezgate ezgate-policies ezgate-log ezgate-sse; do
+for t in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis; do
   kill -0 "${PROCS[$t]}" 2>/dev/null || die "$t exited during the run"
 done
+
+fallbacks="$(curl -s --max-time 5 "http://${ADMIN[ezgate-redis]}/metrics" | awk '/^ezgate_ratelimit_store_fallbacks_total/ {s += $2} END {print s + 0}')"
+[ "$fallbacks" = 0 ] || die "ezgate-redis fell back to local limits $fallbacks times: Redis did not answer every check"
 
 echo
 echo "ezgate benchmark ($MODE): $(nproc) cpus, $CPU_MODEL, kernel $(uname -r); $PINNING"

@@ -155,6 +155,15 @@ def main() -> int:
         summary[t] = {"throughput_rps": v, "cpu_us_per_req": c, "ratio_to_bare": ratio, "target": target or None,
                       "verdict": None if ok is None else ("met" if ok else "MISSED")}
 
+    # Shared limits: the same policy local and in Redis (same run).
+    shared = []
+    for t, label in (("ezgate-local1", "ezgate + 1 request policy, local"), ("ezgate-redis", "ezgate + the same policy in Redis")):
+        v = tput(t)
+        if v is None:
+            continue
+        shared.append((label, v, cpu_us("tput", t), lat(t, "p50"), lat(t, "p99")))
+        summary[t] = {"throughput_rps": v, "cpu_us_per_req": cpu_us("tput", t), "p50_us": lat(t, "p50"), "p99_us": lat(t, "p99")}
+
     # Text table.
     hdr = ("measurement", "direct", "nginx", "ezgate", "ez/direct", "ez/nginx", "target", "")
     body = [(l, *v, rd, rn, tg, vd) for (l, v, rd, rn, tg, vd) in lines]
@@ -167,6 +176,9 @@ def main() -> int:
     for label, v, c, ratio, target, vd in extra:
         out.append(f"{label}: {v:,.0f} req/s, {c if c is None else round(c, 1)} CPU µs/req, "
                    f"{ratio:.2f} × bare ezgate  {('target ' + target) if target else ''} {vd}")
+    for label, v, c, p50, p99 in shared:
+        out.append(f"{label}: {v:,.0f} req/s, {c if c is None else round(c, 1)} CPU µs/req, "
+                   f"p50 {f0(p50)} µs, p99 {f0(p99)} µs at {meta.get('rate', 1000):,} req/s")
     noise = [r for r in rows if r["phase"] == "noise"]
     foreign = [r.get("foreign_pct") for r in rows if r.get("foreign_pct") is not None]
     noise_text = ""
@@ -191,6 +203,12 @@ def main() -> int:
         md.append("|---|--:|--:|--:|---|---|")
         for label, v, c, ratio, target, vd in extra:
             md.append(f"| {label} | {v:,.0f} | {'—' if c is None else f'{c:.1f}'} | {ratio:.2f} | {target} | {vd} |")
+        if shared:
+            md.append("")
+            md.append(f"| shared limits | throughput, req/s | CPU µs/req | p50 at {meta.get('rate', 1000):,} req/s, µs | p99, µs |")
+            md.append("|---|--:|--:|--:|--:|")
+            for label, v, c, p50, p99 in shared:
+                md.append(f"| {label} | {v:,.0f} | {'—' if c is None else f'{c:.1f}'} | {f0(p50)} | {f0(p99)} |")
         if noise_text:
             md.append("")
             md.append(noise_text[0].upper() + noise_text[1:] + ".")
