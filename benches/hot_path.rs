@@ -16,7 +16,7 @@ use std::task::{Context, Poll, Waker};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ezgate::clients::Caller;
-use ezgate::config::{LimitConfig, MatchConfig, Mode, OnLimit, Rate};
+use ezgate::config::{LimitConfig, Rate};
 use ezgate::errors::upstream::normalize;
 use ezgate::limits::{LimitRequest, Limits};
 use ezgate::metrics::Metrics;
@@ -70,22 +70,11 @@ fn headers(c: &mut Criterion) {
 
 fn policy(name: &str, key: &str) -> LimitConfig {
     LimitConfig {
-        name: name.into(),
-        key: key.into(),
         requests: Some(Rate {
             count: 1_000_000,
             per: std::time::Duration::from_secs(1),
         }),
-        burst: None,
-        tokens: None,
-        concurrency: None,
-        matches: MatchConfig::default(),
-        mode: Mode::Enforce,
-        on_limit: OnLimit::Reject,
-        max_wait: None,
-        default_tokens: None,
-        max_keys: None,
-        store: Default::default(),
+        ..LimitConfig::new(name, key)
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ezgate::clients::Caller;
-use ezgate::config::{LimitConfig, MatchConfig, Mode, OnLimit, Rate};
+use ezgate::config::{LimitConfig, Rate};
 use ezgate::limits::{LimitRequest, Limits};
 use ezgate::metrics::Metrics;
 use ezgate::route::Route;
@@ -33,19 +33,11 @@ async fn a_million_distinct_keys_keep_memory_bounded() {
         })
     };
     let policy = LimitConfig {
-        name: "cap".into(),
-        key: "api_key".into(),
         requests: rate(100, 1),
-        burst: None,
         tokens: rate(1000, 60),
         concurrency: Some(4),
-        matches: MatchConfig::default(),
-        mode: Mode::Enforce,
-        on_limit: OnLimit::Reject,
-        max_wait: None,
-        default_tokens: None,
         max_keys: Some(10_000),
-        store: Default::default(),
+        ..LimitConfig::new("cap", "api_key")
     };
     let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
     let limits = Limits::with_clock(

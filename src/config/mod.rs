@@ -235,6 +235,27 @@ pub struct LimitConfig {
     pub store: Store,
 }
 
+impl LimitConfig {
+    /// A policy that limits nothing yet: set `requests`, `tokens` or `concurrency`.
+    pub fn new(name: &str, key: &str) -> LimitConfig {
+        LimitConfig {
+            name: name.to_owned(),
+            key: key.to_owned(),
+            requests: None,
+            burst: None,
+            tokens: None,
+            concurrency: None,
+            matches: MatchConfig::default(),
+            mode: Mode::default(),
+            on_limit: OnLimit::default(),
+            max_wait: None,
+            default_tokens: None,
+            max_keys: None,
+            store: Store::default(),
+        }
+    }
+}
+
 /// Command-line and environment overrides (flag > environment > file > default).
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {

@@ -6,24 +6,10 @@ use http::HeaderMap;
 
 use super::*;
 use crate::clients::Caller;
-use crate::config::{Dur, LimitConfig, MatchConfig, Mode, OnLimit};
+use crate::config::{Dur, LimitConfig, Mode, OnLimit};
 
 fn policy(name: &str, key: &str) -> LimitConfig {
-    LimitConfig {
-        name: name.into(),
-        key: key.into(),
-        requests: None,
-        burst: None,
-        tokens: None,
-        concurrency: None,
-        matches: MatchConfig::default(),
-        mode: Mode::Enforce,
-        on_limit: OnLimit::Reject,
-        max_wait: None,
-        default_tokens: None,
-        max_keys: None,
-        store: Default::default(),
-    }
+    LimitConfig::new(name, key)
 }
 
 fn rate(s: &str) -> Option<Rate> {
