@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         println!("# configuration is valid");
         return ExitCode::SUCCESS;
     }
-    init_logging(&settings);
+    let _log_writer = init_logging(&settings);
     let threads = settings.config.server.worker_threads;
     let threads = if threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -136,7 +136,14 @@ fn signals(
     })
 }
 
-fn init_logging(settings: &Settings) {
+/// Logs go to stderr through a writer thread, so a request never waits on a `write(2)`;
+/// the queue blocks rather than drop lines when stderr cannot keep up. The guard flushes it.
+fn init_logging(settings: &Settings) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("ezgate-log")
+        // Lines queued while the thread writes go out together, in one write per batch.
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let log = &settings.config.log;
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -145,7 +152,7 @@ fn init_logging(settings: &Settings) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(true);
     match log.format {
         LogFormat::Json => builder
@@ -155,6 +162,7 @@ fn init_logging(settings: &Settings) {
             .init(),
         LogFormat::Text => builder.with_ansi(false).init(),
     }
+    guard
 }
 
 /// mimalloc: small, frequent allocations (headers, request ids, frames) are ezgate's pattern,
