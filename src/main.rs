@@ -143,7 +143,10 @@ fn init_logging(settings: &Settings) -> tracing_appender::non_blocking::WorkerGu
         .lossy(false)
         .thread_name("ezgate-log")
         // Lines queued while the thread writes go out together, in one write per batch.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let log = &settings.config.log;
     let filter = std::env::var("RUST_LOG")
         .ok()
