@@ -316,7 +316,7 @@ async fn handle(
         Watch::Nothing
     };
     let idle = cfg.upstream.stream_idle_timeout.0;
-    let body = ResponseBody::upstream(incoming, idle, watch, out.request_id.clone());
+    let body = ResponseBody::upstream(incoming, idle, watch);
     Ok(with_parts(rparts.status, rparts.headers, body))
 }
 

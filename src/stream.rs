@@ -28,7 +28,6 @@ pub struct ResponseBody {
     /// Set after an error event was sent: the next poll ends the body.
     ended: bool,
     outcome: Option<Box<Outcome>>,
-    request_id_for_errors: Option<String>,
 }
 
 enum Inner {
@@ -102,17 +101,11 @@ impl ResponseBody {
             scan: Scan::None,
             ended: false,
             outcome: None,
-            request_id_for_errors: None,
         }
     }
 
     /// The upstream's body, passed through.
-    pub fn upstream(
-        body: Incoming,
-        idle_timeout: Duration,
-        watch: Watch,
-        request_id: String,
-    ) -> ResponseBody {
+    pub fn upstream(body: Incoming, idle_timeout: Duration, watch: Watch) -> ResponseBody {
         let scan = match watch {
             Watch::Nothing => Scan::None,
             Watch::Sse => Scan::Sse(SseScan {
@@ -132,7 +125,6 @@ impl ResponseBody {
             scan,
             ended: false,
             outcome: None,
-            request_id_for_errors: Some(request_id),
         }
     }
 
@@ -179,7 +171,12 @@ impl ResponseBody {
             o.gateway_error(&err);
             o.upstream_failure = Some(kind);
         }
-        let rid = self.request_id_for_errors.take().unwrap_or_default();
+        // The request id lives in the outcome, which proxy::serve always attaches.
+        let rid = self
+            .outcome
+            .as_deref()
+            .map_or("unknown", |o| o.request_id.as_str())
+            .to_owned();
         match &self.scan {
             Scan::Sse(s) => {
                 let event = err.body(&rid).to_sse_event(s.at_boundary);
