@@ -8,6 +8,7 @@
 //! refused on concurrency or tokens takes nothing from any request rate.
 
 pub mod redis;
+pub mod scan;
 pub mod shared;
 pub mod store;
 pub mod tokens;
@@ -115,6 +116,8 @@ struct Policy<C: Clock> {
     decisions: [prometheus::IntCounter; 4],
     /// The configured (whole, not per-replica) rates and concurrency, for shared checks.
     full: (Option<(Rate, u32)>, Option<Rate>, Option<u32>),
+    /// `RateLimit-Policy` values of the request and token parts, rendered once.
+    policy_headers: [HeaderValue; 2],
 }
 
 impl<C: Clock> Policy<C> {
@@ -154,7 +157,7 @@ impl<C: Clock> Policy<C> {
         }
     }
 
-    fn remaining_requests(&self, remaining: u64) -> Remaining {
+    fn remaining_requests(&self, remaining: u64) -> Remaining<'_> {
         let (rate, burst, interval) = match (self.full.0, &self.requests) {
             (Some((rate, burst)), Some((_, store))) if self.shared.is_some() => {
                 (rate, burst, store.interval.max(rate.interval()))
@@ -171,7 +174,8 @@ impl<C: Clock> Policy<C> {
         };
         let used = u64::from(burst).saturating_sub(remaining);
         Remaining {
-            name: Arc::clone(&self.name),
+            name: &self.name,
+            policy_header: &self.policy_headers[0],
             quota: u64::from(rate.count),
             window: rate.per.as_secs(),
             remaining,
@@ -179,7 +183,7 @@ impl<C: Clock> Policy<C> {
         }
     }
 
-    fn remaining_tokens(&self, remaining: u64) -> Remaining {
+    fn remaining_tokens(&self, remaining: u64) -> Remaining<'_> {
         let rate = self
             .full
             .1
@@ -190,7 +194,8 @@ impl<C: Clock> Policy<C> {
             });
         let missing = u64::from(rate.count).saturating_sub(remaining);
         Remaining {
-            name: Arc::clone(&self.name),
+            name: &self.name,
+            policy_header: &self.policy_headers[1],
             quota: u64::from(rate.count),
             window: rate.per.as_secs(),
             remaining,
@@ -338,8 +343,9 @@ enum Refusal {
 }
 
 /// One part's remaining quota, for the `RateLimit` headers of the tightest policy.
-struct Remaining {
-    name: Arc<str>,
+struct Remaining<'a> {
+    name: &'a str,
+    policy_header: &'a HeaderValue,
     quota: u64,
     window: u64,
     remaining: u64,
@@ -392,7 +398,7 @@ where
                     let burst = c.burst.unwrap_or(rate.count);
                     RequestStore::new(rate, burst, max_keys, clock.clone()).map(|s| (rate, s))
                 });
-                Some(Arc::new(Policy {
+                let mut policy = Policy {
                     name: Arc::from(c.name.as_str()),
                     key,
                     mode: c.mode,
@@ -423,7 +429,13 @@ where
                     denied: DashMap::new(),
                     decisions: metrics.decision_counters(&c.name),
                     full,
-                }))
+                    policy_headers: [HeaderValue::from_static(""), HeaderValue::from_static("")],
+                };
+                policy.policy_headers = [
+                    policy_header(&policy.remaining_requests(0)),
+                    policy_header(&policy.remaining_tokens(0)),
+                ];
+                Some(Arc::new(policy))
             })
             .collect();
         let needs_usage = policies.iter().any(|p| p.tokens.is_some());
@@ -497,18 +509,18 @@ where
         if inner.policies.is_empty() {
             return Ok(admission);
         }
-        let started = tokio::time::Instant::now();
+        // Set when the first policy holds the request (`on_limit = "wait"`).
+        let mut started = None;
         let mut tightest: Option<Remaining> = None;
-        let mut decisions: Vec<(&Policy<C>, Decision)> = Vec::new();
-        let covering: Vec<(&Arc<Policy<C>>, Arc<str>)> = inner
+        let mut covering: Vec<(&Policy<C>, Arc<str>, Decision)> = inner
             .policies
             .iter()
             .filter(|p| p.covers(r))
-            .map(|p| (p, p.key(r)))
+            .map(|p| (&**p, p.key(r), Decision::Allowed))
             .collect();
 
         // Refundable parts first: concurrency and tokens.
-        for (p, key) in &covering {
+        for (p, key, decision) in &mut covering {
             let mut waited = false;
             if p.concurrency.is_some() {
                 loop {
@@ -520,7 +532,7 @@ where
                         None => match self
                             .hold_or_refuse(
                                 p,
-                                started,
+                                &mut started,
                                 Duration::from_millis(5),
                                 Refusal::Concurrency,
                             )
@@ -543,7 +555,7 @@ where
                             break;
                         }
                         Err(wait) => match self
-                            .hold_or_refuse(p, started, wait, Refusal::Tokens(wait))
+                            .hold_or_refuse(p, &mut started, wait, Refusal::Tokens(wait))
                             .await
                         {
                             Ok(true) => waited = true,
@@ -553,18 +565,13 @@ where
                     }
                 }
             }
-            decisions.push((
-                p,
-                if waited {
-                    Decision::Waited
-                } else {
-                    Decision::Allowed
-                },
-            ));
+            if waited {
+                *decision = Decision::Waited;
+            }
         }
 
         // Request rates last: a cell taken cannot be given back.
-        for (i, (p, key)) in covering.iter().enumerate() {
+        for (p, key, decision) in &mut covering {
             if p.requests.is_none() {
                 continue;
             }
@@ -575,10 +582,10 @@ where
                         break;
                     }
                     Err(wait) => match self
-                        .hold_or_refuse(p, started, wait, Refusal::Requests(wait))
+                        .hold_or_refuse(p, &mut started, wait, Refusal::Requests(wait))
                         .await
                     {
-                        Ok(true) => decisions[i].1 = Decision::Waited,
+                        Ok(true) => *decision = Decision::Waited,
                         Ok(false) => break,
                         Err(e) => return self.refuse(p, e),
                     },
@@ -586,7 +593,7 @@ where
             }
         }
         admission.permit.admitted = true;
-        for (p, decision) in decisions {
+        for (p, _, decision) in covering {
             p.decisions[decision as usize].inc();
         }
         if let Some(t) = tightest {
@@ -719,7 +726,7 @@ where
     async fn hold_or_refuse(
         &self,
         p: &Policy<C>,
-        started: tokio::time::Instant,
+        started: &mut Option<tokio::time::Instant>,
         wait: Duration,
         refusal: Refusal,
     ) -> Result<bool, GatewayError> {
@@ -727,7 +734,13 @@ where
             p.decisions[Decision::ShadowLimited as usize].inc();
             return Ok(false);
         }
-        if p.on_limit == OnLimit::Wait && started.elapsed() + wait <= p.max_wait {
+        if p.on_limit == OnLimit::Wait
+            && started
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed()
+                + wait
+                <= p.max_wait
+        {
             tokio::time::sleep(wait).await;
             return Ok(true);
         }
@@ -792,7 +805,7 @@ fn refusal_error<C: Clock>(p: &Policy<C>, refusal: Refusal) -> GatewayError {
     }
 }
 
-fn consider(tightest: &mut Option<Remaining>, candidate: Remaining) {
+fn consider<'a>(tightest: &mut Option<Remaining<'a>>, candidate: Remaining<'a>) {
     let ratio = |r: &Remaining| r.remaining as f64 / r.quota.max(1) as f64;
     if tightest
         .as_ref()
@@ -802,18 +815,29 @@ fn consider(tightest: &mut Option<Remaining>, candidate: Remaining) {
     }
 }
 
-fn ratelimit_headers(t: &Remaining) -> Vec<(HeaderName, HeaderValue)> {
-    let policy = format!("\"{}\";q={};w={}", t.name, t.quota, t.window);
-    let now = format!(
-        "\"{}\";r={};t={}",
-        t.name,
-        t.remaining,
-        t.reset.as_secs_f64().ceil() as u64
-    );
-    [("ratelimit-policy", policy), ("ratelimit", now)]
-        .into_iter()
-        .filter_map(|(n, v)| Some((HeaderName::from_static(n), HeaderValue::from_str(&v).ok()?)))
-        .collect()
+/// `RateLimit-Policy: "name";q=<quota>;w=<window seconds>`; fixed per policy part.
+fn policy_header(t: &Remaining<'_>) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{}\";q={};w={}", t.name, t.quota, t.window))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// `RateLimit-Policy` and `RateLimit: "name";r=<remaining>;t=<seconds to reset>`.
+fn ratelimit_headers(t: &Remaining<'_>) -> Vec<(HeaderName, HeaderValue)> {
+    use std::fmt::Write;
+    let mut now = String::with_capacity(t.name.len() + 32);
+    let reset = t.reset.as_secs() + u64::from(t.reset.subsec_nanos() > 0);
+    let _ = write!(now, "\"{}\";r={};t={}", t.name, t.remaining, reset);
+    let mut headers = Vec::with_capacity(2);
+    if !t.policy_header.is_empty() {
+        headers.push((
+            HeaderName::from_static("ratelimit-policy"),
+            t.policy_header.clone(),
+        ));
+    }
+    if let Ok(v) = HeaderValue::try_from(now) {
+        headers.push((HeaderName::from_static("ratelimit"), v));
+    }
+    headers
 }
 
 /// The key an upstream 429 holds back: the upstream credential (the organization's key in

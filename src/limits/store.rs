@@ -154,6 +154,8 @@ impl<C: Clock + Clone> RequestStore<C> {
 /// the configured rate.
 pub struct TokenStore<C: Clock> {
     map: DashMap<Arc<str>, Bucket>,
+    /// Entries in `map`: `DashMap::len` would lock every shard on every request.
+    count: AtomicUsize,
     clock: C,
     start: C::Instant,
     /// Tokens per nanosecond.
@@ -173,6 +175,7 @@ impl<C: Clock> TokenStore<C> {
         let start = clock.now();
         TokenStore {
             map: DashMap::new(),
+            count: AtomicUsize::new(0),
             clock,
             start,
             rate: f64::from(rate.count) / rate.per.as_nanos() as f64,
@@ -240,12 +243,16 @@ impl<C: Clock> TokenStore<C> {
         let now = self.now();
         self.map.retain(|_, b| {
             let elapsed = now.saturating_sub(b.at) as f64;
-            b.balance + elapsed * self.rate < self.capacity
+            let keep = b.balance + elapsed * self.rate < self.capacity;
+            if !keep {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            keep
         });
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -256,6 +263,8 @@ impl<C: Clock> TokenStore<C> {
 /// Requests in flight per key; a key with none in flight takes no memory.
 pub struct ConcurrencyStore {
     map: DashMap<Arc<str>, u32>,
+    /// Entries in `map` (see [`TokenStore`]'s).
+    count: AtomicUsize,
     pub max: u32,
     max_keys: usize,
 }
@@ -264,6 +273,7 @@ impl ConcurrencyStore {
     pub fn new(max: u32, max_keys: usize) -> Self {
         ConcurrencyStore {
             map: DashMap::new(),
+            count: AtomicUsize::new(0),
             max,
             max_keys,
         }
@@ -271,24 +281,35 @@ impl ConcurrencyStore {
 
     /// Takes a slot, returning the key it was taken under (for the release).
     pub fn acquire(&self, key: &Arc<str>) -> Option<Arc<str>> {
-        let key = if self.map.len() >= self.max_keys && !self.map.contains_key(key) {
-            Arc::from(OVERFLOW_KEY)
-        } else {
-            Arc::clone(key)
+        let mut n = match self.map.get_mut(key) {
+            Some(n) => n,
+            None => {
+                let key = if self.count.load(Ordering::Relaxed) >= self.max_keys {
+                    Arc::from(OVERFLOW_KEY)
+                } else {
+                    Arc::clone(key)
+                };
+                self.map.entry(key).or_insert_with(|| {
+                    self.count.fetch_add(1, Ordering::Relaxed);
+                    0
+                })
+            }
         };
-        let mut n = self.map.entry(Arc::clone(&key)).or_insert(0);
         if *n >= self.max {
             return None;
         }
         *n += 1;
-        Some(key)
+        Some(Arc::clone(n.key()))
     }
 
     pub fn release(&self, key: &Arc<str>) {
-        self.map.remove_if_mut(key, |_, n| {
+        let removed = self.map.remove_if_mut(key, |_, n| {
             *n = n.saturating_sub(1);
             *n == 0
         });
+        if removed.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub fn in_flight(&self, key: &str) -> u32 {
@@ -296,7 +317,7 @@ impl ConcurrencyStore {
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -2,7 +2,6 @@
 //! with the usage the upstream reports.
 
 use bytes::Bytes;
-use serde::Deserialize;
 use serde_json::Value;
 
 /// What ezgate reads from an OpenAI-style JSON request body.
@@ -20,120 +19,31 @@ pub struct RequestInfo {
     pub body_len: usize,
 }
 
-#[derive(Deserialize)]
-struct Doc<'a> {
-    #[serde(default, borrow)]
-    model: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    messages: TextChars,
-    #[serde(default)]
-    prompt: TextChars,
-    #[serde(default)]
-    input: TextChars,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    #[serde(default)]
-    max_output_tokens: Option<u64>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: Option<bool>,
-}
-
 /// Reads model, prompt size and completion cap. A body that is not JSON yields the
 /// defaults (the upstream will refuse it; ezgate does not guess).
 pub fn inspect(body: &[u8]) -> RequestInfo {
-    let Ok(doc) = serde_json::from_slice::<Doc>(body) else {
+    let Some(doc) = super::scan::request_fields(body) else {
         return RequestInfo {
             body_len: body.len(),
             ..RequestInfo::default()
         };
     };
-    let chars = doc.messages.0 + doc.prompt.0 + doc.input.0;
-    let prompt_tokens = (chars as u64).div_ceil(4).max(1);
+    let prompt_tokens = (doc.chars as u64).div_ceil(4).max(1);
     let max_tokens = doc
         .max_tokens
         .or(doc.max_completion_tokens)
         .or(doc.max_output_tokens);
     RequestInfo {
-        model: doc.model.map(|m| m.chars().take(256).collect()),
+        model: doc.model.map(|m| match m.char_indices().nth(256) {
+            Some((cut, _)) => m[..cut].to_owned(),
+            None => m.into_owned(),
+        }),
         prompt_tokens,
         max_tokens,
         stream: doc.stream.unwrap_or(false),
-        include_usage: doc
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        include_usage: doc.include_usage.unwrap_or(false),
         estimated_tokens: prompt_tokens + max_tokens.unwrap_or(0),
         body_len: body.len(),
-    }
-}
-
-/// Characters of all strings in a JSON value (message contents, prompt lists, inputs),
-/// counted while parsing, without building the value. `role` and `type` members are not text.
-#[derive(Default)]
-struct TextChars(usize);
-
-impl<'de> Deserialize<'de> for TextChars {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(CountVisitor).map(TextChars)
-    }
-}
-
-struct CountVisitor;
-
-impl<'de> serde::de::Visitor<'de> for CountVisitor {
-    type Value = usize;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_str<E>(self, v: &str) -> Result<usize, E> {
-        Ok(v.chars().count())
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_unit<E>(self) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_none<E>(self) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
-        let mut n = 0;
-        while let Some(TextChars(c)) = seq.next_element()? {
-            n += c;
-        }
-        Ok(n)
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<usize, A::Error> {
-        let mut n = 0;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == "role" || key == "type" {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            } else {
-                n += map.next_value::<TextChars>()?.0;
-            }
-        }
-        Ok(n)
     }
 }
 

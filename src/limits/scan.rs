@@ -1,0 +1,531 @@
+//! A one-pass reader of the few members of a JSON request body that rate limits need: the
+//! model, the prompt's size in characters, the completion cap and the stream flags.
+//!
+//! It runs on every request a token or model policy covers, so it builds nothing: strings
+//! are found with a SIMD search for `"` and `\`, prompt characters counted from the bytes,
+//! and every other value skipped. It follows the same rules as reading the body with serde
+//! into the few typed fields (a duplicated field, a wrong type or a malformed document
+//! means "not understood"), so the estimate does not depend on how the body was read.
+//! It is lenient only where the upstream rejects the body anyway (raw control characters
+//! inside strings, the exact number grammar).
+
+use std::borrow::Cow;
+
+/// Nesting deeper than this is refused, as serde_json refuses it.
+const MAX_DEPTH: usize = 128;
+
+/// The members read from a request body.
+#[derive(Debug, Default, PartialEq)]
+pub struct Fields<'a> {
+    pub model: Option<Cow<'a, str>>,
+    /// Characters of the text in `messages`, `prompt` and `input` (values of `role` and
+    /// `type` members are not text).
+    pub chars: usize,
+    pub max_tokens: Option<u64>,
+    pub max_completion_tokens: Option<u64>,
+    pub max_output_tokens: Option<u64>,
+    pub stream: Option<bool>,
+    pub include_usage: Option<bool>,
+}
+
+/// Reads the members of a top-level JSON object; `None` when the body is not one.
+pub fn request_fields(body: &[u8]) -> Option<Fields<'_>> {
+    let mut s = Scan { b: body, i: 0 };
+    let mut f = Fields::default();
+    let mut seen = 0u16;
+    s.expect(b'{')?;
+    if !s.eat(b'}') {
+        loop {
+            let key = s.string()?;
+            s.expect(b':')?;
+            let (bit, known) = match key.raw {
+                b"model" => (1, true),
+                b"messages" => (2, true),
+                b"prompt" => (4, true),
+                b"input" => (8, true),
+                b"max_tokens" => (16, true),
+                b"max_completion_tokens" => (32, true),
+                b"max_output_tokens" => (64, true),
+                b"stream" => (128, true),
+                b"stream_options" => (256, true),
+                _ => (0, false),
+            };
+            if known {
+                if seen & bit != 0 {
+                    return None;
+                }
+                seen |= bit;
+            }
+            match key.raw {
+                b"model" => {
+                    f.model = match s.peek()? {
+                        b'"' => Some(s.string()?.decode()?),
+                        _ => {
+                            s.literal(b"null")?;
+                            None
+                        }
+                    }
+                }
+                b"messages" | b"prompt" | b"input" => f.chars += s.value(true, 0)?,
+                b"max_tokens" => f.max_tokens = s.opt_u64()?,
+                b"max_completion_tokens" => f.max_completion_tokens = s.opt_u64()?,
+                b"max_output_tokens" => f.max_output_tokens = s.opt_u64()?,
+                b"stream" => f.stream = s.opt_bool()?,
+                b"stream_options" => f.include_usage = s.stream_options()?,
+                _ => {
+                    s.value(false, 0)?;
+                }
+            }
+            if s.eat(b',') {
+                continue;
+            }
+            s.expect(b'}')?;
+            break;
+        }
+    }
+    s.ws();
+    (s.i == body.len()).then_some(f)
+}
+
+/// A string as it appears in the document, between its quotes.
+struct Str<'a> {
+    raw: &'a [u8],
+    /// Characters once decoded.
+    chars: usize,
+    escaped: bool,
+}
+
+impl<'a> Str<'a> {
+    fn decode(&self) -> Option<Cow<'a, str>> {
+        if !self.escaped {
+            return std::str::from_utf8(self.raw).ok().map(Cow::Borrowed);
+        }
+        // Rare (a model name with escapes): let serde_json apply the full rules.
+        let mut quoted = Vec::with_capacity(self.raw.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(self.raw);
+        quoted.push(b'"');
+        serde_json::from_slice::<String>(&quoted)
+            .ok()
+            .map(Cow::Owned)
+    }
+}
+
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.b.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        let hit = self.peek() == Some(c);
+        if hit {
+            self.i += 1;
+        }
+        hit
+    }
+
+    fn expect(&mut self, c: u8) -> Option<()> {
+        self.eat(c).then_some(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        self.ws();
+        let end = self.i + word.len();
+        (self.b.get(self.i..end)? == word).then(|| self.i = end)
+    }
+
+    fn string(&mut self) -> Option<Str<'a>> {
+        self.expect(b'"')?;
+        let start = self.i;
+        // Bytes that do not begin a character (UTF-8 continuations, and the extra bytes of
+        // escapes) are subtracted from the byte count.
+        let mut not_chars = 0;
+        let mut escaped = false;
+        loop {
+            let at = self.i + memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?)?;
+            not_chars += continuation_bytes(&self.b[self.i..at]);
+            if self.b[at] == b'"' {
+                self.i = at + 1;
+                let raw = &self.b[start..at];
+                return Some(Str {
+                    raw,
+                    chars: raw.len() - not_chars,
+                    escaped,
+                });
+            }
+            escaped = true;
+            match *self.b.get(at + 1)? {
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
+                    not_chars += 1;
+                    self.i = at + 2;
+                }
+                b'u' => {
+                    let unit = hex4(self.b.get(at + 2..at + 6)?)?;
+                    // A surrogate pair is one character in 12 bytes.
+                    let pair = (0xD800..0xDC00).contains(&unit)
+                        && self.b.get(at + 6..at + 8) == Some(b"\\u")
+                        && self
+                            .b
+                            .get(at + 8..at + 12)
+                            .and_then(hex4)
+                            .is_some_and(|low| (0xDC00..0xE000).contains(&low));
+                    let len = if pair { 12 } else { 6 };
+                    not_chars += len - 1;
+                    self.i = at + len;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Skips one value; with `text`, returns the characters of its strings.
+    fn value(&mut self, text: bool, depth: usize) -> Option<usize> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        match self.peek()? {
+            b'"' => self.string().map(|s| if text { s.chars } else { 0 }),
+            b'{' => {
+                self.i += 1;
+                let mut n = 0;
+                if self.eat(b'}') {
+                    return Some(0);
+                }
+                loop {
+                    let key = self.string()?;
+                    self.expect(b':')?;
+                    let not_text = key.raw == b"role" || key.raw == b"type";
+                    n += self.value(text && !not_text, depth + 1)?;
+                    if self.eat(b',') {
+                        continue;
+                    }
+                    self.expect(b'}')?;
+                    return Some(n);
+                }
+            }
+            b'[' => {
+                self.i += 1;
+                let mut n = 0;
+                if self.eat(b']') {
+                    return Some(0);
+                }
+                loop {
+                    n += self.value(text, depth + 1)?;
+                    if self.eat(b',') {
+                        continue;
+                    }
+                    self.expect(b']')?;
+                    return Some(n);
+                }
+            }
+            b't' => self.literal(b"true").map(|()| 0),
+            b'f' => self.literal(b"false").map(|()| 0),
+            b'n' => self.literal(b"null").map(|()| 0),
+            b'-' | b'0'..=b'9' => self.number().map(|_| 0),
+            _ => None,
+        }
+    }
+
+    /// A number's text.
+    fn number(&mut self) -> Option<&'a [u8]> {
+        self.ws();
+        let start = self.i;
+        while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.b.get(self.i) {
+            self.i += 1;
+        }
+        let text = &self.b[start..self.i];
+        text.iter().any(u8::is_ascii_digit).then_some(text)
+    }
+
+    /// `null`, or a whole number that fits a `u64`.
+    fn opt_u64(&mut self) -> Option<Option<u64>> {
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|()| None);
+        }
+        let text = self.number()?;
+        std::str::from_utf8(text).ok()?.parse().ok().map(Some)
+    }
+
+    fn opt_bool(&mut self) -> Option<Option<bool>> {
+        match self.peek()? {
+            b't' => self.literal(b"true").map(|()| Some(true)),
+            b'f' => self.literal(b"false").map(|()| Some(false)),
+            _ => self.literal(b"null").map(|()| None),
+        }
+    }
+
+    /// `stream_options`: `null`, or an object whose `include_usage` is read.
+    fn stream_options(&mut self) -> Option<Option<bool>> {
+        match self.peek()? {
+            b'n' => return self.literal(b"null").map(|()| None),
+            // serde reads a struct from an array of its fields, in order.
+            b'[' => {
+                self.i += 1;
+                if self.eat(b']') {
+                    return Some(None);
+                }
+                let include = self.opt_bool()?;
+                self.expect(b']')?;
+                return Some(include);
+            }
+            _ => {}
+        }
+        self.expect(b'{')?;
+        let mut include = None;
+        let mut seen = false;
+        if self.eat(b'}') {
+            return Some(None);
+        }
+        loop {
+            let key = self.string()?;
+            self.expect(b':')?;
+            if key.raw == b"include_usage" {
+                if seen {
+                    return None;
+                }
+                seen = true;
+                include = self.opt_bool()?;
+            } else {
+                self.value(false, 1)?;
+            }
+            if self.eat(b',') {
+                continue;
+            }
+            self.expect(b'}')?;
+            return Some(include);
+        }
+    }
+}
+
+/// UTF-8 continuation bytes in `s`, counted in byte-wide lanes (ASCII text has none).
+fn continuation_bytes(s: &[u8]) -> usize {
+    if s.is_ascii() {
+        return 0;
+    }
+    s.chunks(255)
+        .map(|c| usize::from(c.iter().fold(0u8, |n, &b| n + u8::from((b as i8) < -0x40))))
+        .sum()
+}
+
+fn hex4(h: &[u8]) -> Option<u32> {
+    std::str::from_utf8(h)
+        .ok()
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .filter(|_| h.len() == 4 && h.iter().all(u8::is_ascii_hexdigit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde::Deserialize;
+
+    /// The reference: the same members read by serde_json.
+    #[derive(Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        model: Option<String>,
+        #[serde(default)]
+        messages: TextChars,
+        #[serde(default)]
+        prompt: TextChars,
+        #[serde(default)]
+        input: TextChars,
+        #[serde(default)]
+        max_tokens: Option<u64>,
+        #[serde(default)]
+        max_completion_tokens: Option<u64>,
+        #[serde(default)]
+        max_output_tokens: Option<u64>,
+        #[serde(default)]
+        stream: Option<bool>,
+        #[serde(default)]
+        stream_options: Option<StreamOptions>,
+    }
+
+    #[derive(Deserialize)]
+    struct StreamOptions {
+        #[serde(default)]
+        include_usage: Option<bool>,
+    }
+
+    #[derive(Default)]
+    struct TextChars(usize);
+
+    impl<'de> Deserialize<'de> for TextChars {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let v = serde_json::Value::deserialize(d)?;
+            Ok(TextChars(count(&v)))
+        }
+    }
+
+    fn count(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.chars().count(),
+            serde_json::Value::Array(a) => a.iter().map(count).sum(),
+            serde_json::Value::Object(o) => o
+                .iter()
+                .filter(|(k, _)| *k != "role" && *k != "type")
+                .map(|(_, v)| count(v))
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    fn reference(body: &[u8]) -> Option<Fields<'static>> {
+        let d: Doc = serde_json::from_slice(body).ok()?;
+        Some(Fields {
+            model: d.model.map(Cow::Owned),
+            chars: d.messages.0 + d.prompt.0 + d.input.0,
+            max_tokens: d.max_tokens,
+            max_completion_tokens: d.max_completion_tokens,
+            max_output_tokens: d.max_output_tokens,
+            stream: d.stream,
+            include_usage: d.stream_options.and_then(|o| o.include_usage),
+        })
+    }
+
+    fn same(body: &[u8]) {
+        assert_eq!(
+            request_fields(body),
+            reference(body),
+            "body: {}",
+            String::from_utf8_lossy(body)
+        );
+    }
+
+    #[test]
+    fn reads_a_chat_request() {
+        let body = br#"{"model":"gpt-4o","max_tokens":100,"stream":true,
+            "stream_options":{"include_usage":false,"x":[1]},
+            "messages":[{"role":"user","content":"h\u00e9llo \"w\"\n"},
+                        {"role":"system","content":[{"type":"text","text":"abcd"}]}]}"#;
+        let f = request_fields(body).unwrap();
+        assert_eq!(f.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(f.chars, 10 + 4);
+        assert_eq!(f.max_tokens, Some(100));
+        assert_eq!(f.stream, Some(true));
+        assert_eq!(f.include_usage, Some(false));
+        same(body);
+    }
+
+    #[test]
+    fn agrees_with_serde_on_edges() {
+        for body in [
+            &br#"{}"#[..],
+            br#" { "model" : null , "prompt" : ["ab", "c\ud83d\ude00"] } "#,
+            br#"{"model":"m\u0041","input":"x"}"#,
+            br#"{"model":"a","model":"b"}"#,
+            br#"{"max_tokens":1.5}"#,
+            br#"{"max_tokens":-1}"#,
+            br#"{"max_tokens":null,"stream":null,"stream_options":null}"#,
+            br#"{"stream":"yes"}"#,
+            br#"{"model":1}"#,
+            br#"{"messages":[{"role":"user","content":"abc"}],}"#,
+            br#"{"messages":[1,2,]}"#,
+            br#"{"a":tru}"#,
+            br#"{"a":"\x"}"#,
+            br#"{"a":"unterminated"#,
+            br#"{"a":1} trailing"#,
+            br#"[1,2]"#,
+            b"",
+            b"{\"model\":\"\xff\"}",
+        ] {
+            same(body);
+        }
+        let deep = format!("{{\"messages\":{}{}}}", "[".repeat(200), "]".repeat(200));
+        same(deep.as_bytes());
+    }
+
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
+            ".*".prop_map(Value::String),
+            prop::sample::select(vec!["role", "type", "user", "text"])
+                .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                prop::collection::vec(
+                    (
+                        prop::sample::select(vec![
+                            "role",
+                            "type",
+                            "content",
+                            "text",
+                            "model",
+                            "stream",
+                            "include_usage",
+                            "x"
+                        ]),
+                        inner
+                    ),
+                    0..6
+                )
+                .prop_map(|kv| serde_json::Value::Object(
+                    kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                )),
+            ]
+        })
+    }
+
+    fn member() -> impl Strategy<Value = (String, serde_json::Value)> {
+        (
+            prop::sample::select(vec![
+                "model",
+                "messages",
+                "prompt",
+                "input",
+                "max_tokens",
+                "max_completion_tokens",
+                "max_output_tokens",
+                "stream",
+                "stream_options",
+                "temperature",
+            ]),
+            json(),
+        )
+            .prop_map(|(k, v)| (k.to_owned(), v))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any object, written compactly or pretty, reads as serde reads it.
+        #[test]
+        fn matches_serde(members in prop::collection::vec(member(), 0..8), pretty in any::<bool>()) {
+            let obj: serde_json::Map<String, serde_json::Value> = members.into_iter().collect();
+            let v = serde_json::Value::Object(obj);
+            let body = if pretty {
+                serde_json::to_vec_pretty(&v).unwrap()
+            } else {
+                serde_json::to_vec(&v).unwrap()
+            };
+            prop_assert_eq!(request_fields(&body), reference(&body));
+        }
+
+        /// Arbitrary bytes never panic.
+        #[test]
+        fn never_panics(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = request_fields(&body);
+        }
+    }
+}
