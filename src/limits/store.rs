@@ -194,22 +194,26 @@ impl<C: Clock> TokenStore<C> {
         b.at = now;
     }
 
-    fn bounded_key(&self, key: &Arc<str>) -> Arc<str> {
-        if self.map.len() >= self.max_keys && !self.map.contains_key(key) {
-            Arc::from(OVERFLOW_KEY)
-        } else {
-            Arc::clone(key)
-        }
-    }
-
     /// Reserves `tokens`: `Ok(remaining)` or `Err(wait until they are available)`.
     pub fn reserve(&self, key: &Arc<str>, tokens: u64) -> Result<u64, Duration> {
         let now = self.now();
-        let key = self.bounded_key(key);
-        let mut b = self.map.entry(key).or_insert(Bucket {
-            balance: self.capacity,
-            at: now,
-        });
+        let mut b = match self.map.get_mut(key) {
+            Some(b) => b,
+            None => {
+                let key = if self.count.load(Ordering::Relaxed) >= self.max_keys {
+                    Arc::from(OVERFLOW_KEY)
+                } else {
+                    Arc::clone(key)
+                };
+                self.map.entry(key).or_insert_with(|| {
+                    self.count.fetch_add(1, Ordering::Relaxed);
+                    Bucket {
+                        balance: self.capacity,
+                        at: now,
+                    }
+                })
+            }
+        };
         self.refill(&mut b, now);
         let want = (tokens as f64).min(self.capacity);
         if b.balance >= want {
@@ -322,5 +326,37 @@ impl ConcurrencyStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The key counts the caps rely on follow inserts, releases and evictions.
+    #[test]
+    fn key_counts_follow_the_maps() {
+        let conc = ConcurrencyStore::new(1000, 10);
+        let clock = governor::clock::FakeRelativeClock::default();
+        let rate = Rate {
+            count: 1000,
+            per: Duration::from_secs(60),
+        };
+        let tokens = TokenStore::new(rate, 10, clock.clone());
+        let mut held = Vec::new();
+        for i in 0..100 {
+            let k: Arc<str> = Arc::from(format!("k{i}"));
+            held.push(conc.acquire(&k).unwrap());
+            assert!(tokens.reserve(&k, 5).is_ok());
+        }
+        // Ten keys and the shared overflow key, in both stores.
+        assert_eq!((conc.len(), conc.map.len()), (11, 11));
+        assert_eq!((tokens.len(), tokens.map.len()), (11, 11));
+        for k in &held {
+            conc.release(k);
+        }
+        assert_eq!((conc.len(), conc.map.len()), (0, 0));
+        clock.advance(Duration::from_secs(60));
+        tokens.evict_idle();
+        assert_eq!((tokens.len(), tokens.map.len()), (0, 0));
     }
 }
