@@ -260,14 +260,16 @@ async fn handle(
 
     // Forward.
     let uri = state.upstream.target(parts.uri.path_and_query())?;
-    rewrite_request(&mut parts.headers, state, &out.request_id, peer);
+    let request_id = HeaderValue::from_str(&out.request_id).ok();
+    rewrite_request(&mut parts.headers, state, request_id.clone(), peer);
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method;
     *up_req.uri_mut() = uri;
     *up_req.headers_mut() = parts.headers;
     let sent = Instant::now();
     let result = state.upstream.send(up_req).await;
-    let waited = sent.elapsed();
+    let arrived = Instant::now();
+    let waited = arrived.saturating_duration_since(sent);
     out.upstream_wait = waited;
     out.header_wait = Some(waited);
     let resp = match result {
@@ -296,7 +298,7 @@ async fn handle(
     if let Some(theirs) = rparts.headers.remove(X_REQUEST_ID) {
         rparts.headers.insert("x-upstream-request-id", theirs);
     }
-    if let Ok(v) = HeaderValue::from_str(&out.request_id) {
+    if let Some(v) = request_id {
         rparts.headers.insert(X_REQUEST_ID, v);
     }
     for (name, value) in admission.headers {
@@ -316,16 +318,21 @@ async fn handle(
         Watch::Nothing
     };
     let idle = cfg.upstream.stream_idle_timeout.0;
-    let body = ResponseBody::upstream(incoming, idle, watch);
+    let body = ResponseBody::upstream(incoming, idle, watch, arrived);
     Ok(with_parts(rparts.status, rparts.headers, body))
 }
 
-fn rewrite_request(h: &mut HeaderMap, state: &State, request_id: &str, peer: SocketAddr) {
+fn rewrite_request(
+    h: &mut HeaderMap,
+    state: &State,
+    request_id: Option<HeaderValue>,
+    peer: SocketAddr,
+) {
     headers::strip_hop_by_hop(h);
     h.remove(HOST);
     // ezgate already answered any `Expect: 100-continue` by reading the body.
     h.remove(http::header::EXPECT);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
+    if let Some(v) = request_id {
         h.insert(X_REQUEST_ID, v);
     }
     headers::append_forwarded_for(h, peer.ip());

@@ -104,8 +104,13 @@ impl ResponseBody {
         }
     }
 
-    /// The upstream's body, passed through.
-    pub fn upstream(body: Incoming, idle_timeout: Duration, watch: Watch) -> ResponseBody {
+    /// The upstream's body, passed through; `since` is when its headers arrived.
+    pub fn upstream(
+        body: Incoming,
+        idle_timeout: Duration,
+        watch: Watch,
+        since: std::time::Instant,
+    ) -> ResponseBody {
         let scan = match watch {
             Watch::Nothing => Scan::None,
             Watch::Sse => Scan::Sse(SseScan {
@@ -114,13 +119,12 @@ impl ResponseBody {
             }),
             Watch::JsonUsage => Scan::Json(Vec::new(), 0),
         };
-        let now = Instant::now();
         ResponseBody {
             inner: Inner::Upstream(body),
             idle: Some(Idle {
                 timeout: idle_timeout,
                 sleep: None,
-                last: now,
+                last: Instant::from_std(since),
             }),
             scan,
             ended: false,
@@ -274,19 +278,13 @@ fn value_after_key<T: serde::de::DeserializeOwned>(
     key: &[u8],
     last: bool,
 ) -> Option<T> {
-    let mut search = doc;
-    let mut found = None;
-    while let Some(i) = search.windows(key.len()).position(|w| w == key) {
-        let after = &search[i + key.len()..];
-        let rest = after.trim_ascii_start();
-        if let Some(value) = rest.strip_prefix(b":") {
-            found = Some(value);
-            if !last {
-                break;
-            }
-        }
-        search = after;
-    }
+    // OpenAI writes `usage` last and `model` first: search from that end.
+    let value_at = |i: usize| doc[i + key.len()..].trim_ascii_start().strip_prefix(b":");
+    let found = if last {
+        memchr::memmem::rfind_iter(doc, key).find_map(value_at)
+    } else {
+        memchr::memmem::find_iter(doc, key).find_map(value_at)
+    };
     serde_json::Deserializer::from_slice(found?)
         .into_iter::<T>()
         .next()?
@@ -294,7 +292,7 @@ fn value_after_key<T: serde::de::DeserializeOwned>(
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
 }
 
 impl Body for ResponseBody {
@@ -331,15 +329,14 @@ impl Body for ResponseBody {
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(idle) = &mut this.idle {
-                    idle.last = Instant::now();
-                }
                 if let Some(data) = frame.data_ref() {
                     this.observe(data);
                 }
                 // hyper stops polling once the body says it has ended (known length).
                 if matches!(&this.inner, Inner::Upstream(b) if b.is_end_stream()) {
                     this.finish();
+                } else if let Some(idle) = &mut this.idle {
+                    idle.last = Instant::now();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
