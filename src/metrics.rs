@@ -1,7 +1,7 @@
 //! Prometheus metrics (CONTRACT §6), in an owned registry with handles cached at start.
 //! [`Metrics::record`] is called once per request, from the request's [`Outcome`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -72,7 +72,11 @@ pub struct Metrics {
     ratelimit_fallbacks: IntCounterVec,
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
-    models: HashSet<String>,
+    /// Config model names, by their index in the model label table.
+    models: HashMap<String, usize>,
+    model_names: Vec<String>,
+    /// `ezgate_tokens_total` handles (prompt, completion) by model label index.
+    token_cache: Box<[OnceLock<[IntCounter; 2]>]>,
     /// Handles created on first use (so only series that happen are exported), then reused.
     request_cache: Box<[OnceLock<IntCounter>]>,
     durations: Box<[OnceLock<Histogram>]>,
@@ -234,10 +238,18 @@ impl Metrics {
             .iter()
             .map(|k| failures_vec.with_label_values(&[k.as_str()]))
             .collect();
-        let models = models
+        let mut model_names: Vec<String> = models
             .into_iter()
             .filter(|m| !m.contains(['*', '?']))
             .collect();
+        model_names.sort();
+        model_names.dedup();
+        let models = model_names
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.clone(), i))
+            .collect();
+        let token_cache = cache(model_names.len() + WELL_KNOWN_MODELS.len() + 1);
         Ok(Metrics {
             registry,
             requests,
@@ -253,6 +265,8 @@ impl Metrics {
             inflight,
             tokens,
             models,
+            model_names,
+            token_cache,
             request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
             durations: cache(Route::ALL.len() * STATUS_CLASSES.len()),
             upstream_cache: cache(COMMON_STATUSES.len()),
@@ -308,13 +322,16 @@ impl Metrics {
             self.gateway_errors.with_label_values(&[code]).inc();
         }
         if let Some(usage) = o.usage {
-            let model = self.model_label(o.model.as_deref());
-            self.tokens
-                .with_label_values(&[model, "prompt"])
-                .inc_by(usage.prompt);
-            self.tokens
-                .with_label_values(&[model, "completion"])
-                .inc_by(usage.completion);
+            let i = self.model_index(o.model.as_deref());
+            let [prompt, completion] = self.token_cache[i].get_or_init(|| {
+                let model = self.label_at(i);
+                [
+                    self.tokens.with_label_values(&[model, "prompt"]),
+                    self.tokens.with_label_values(&[model, "completion"]),
+                ]
+            });
+            prompt.inc_by(usage.prompt);
+            completion.inc_by(usage.completion);
         }
     }
 
@@ -361,17 +378,33 @@ impl Metrics {
     }
 
     /// A configured or well-known model name, else `other`: never free text from a request.
-    pub fn model_label<'a>(&'a self, model: Option<&'a str>) -> &'a str {
-        let Some(m) = model else { return "other" };
-        if let Some(known) = self.models.get(m) {
-            return known;
+    pub fn model_label(&self, model: Option<&str>) -> &str {
+        self.label_at(self.model_index(model))
+    }
+
+    /// The model's place in the label table: config models, then well-known ones, then
+    /// `other`.
+    fn model_index(&self, model: Option<&str>) -> usize {
+        let other = self.model_names.len() + WELL_KNOWN_MODELS.len();
+        let Some(m) = model else { return other };
+        if let Some(i) = self.models.get(m) {
+            return *i;
         }
         let base = strip_snapshot_date(m);
         WELL_KNOWN_MODELS
             .iter()
-            .find(|k| **k == base)
-            .copied()
-            .unwrap_or("other")
+            .position(|k| *k == base)
+            .map_or(other, |i| self.model_names.len() + i)
+    }
+
+    fn label_at(&self, i: usize) -> &str {
+        match self.model_names.get(i) {
+            Some(m) => m,
+            None => WELL_KNOWN_MODELS
+                .get(i - self.model_names.len())
+                .copied()
+                .unwrap_or("other"),
+        }
     }
 
     /// The text exposition of every metric.

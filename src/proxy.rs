@@ -19,6 +19,7 @@ use http::header::{
     HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -223,7 +224,7 @@ async fn handle(
         && is_json(&parts.headers)
         && (state.limits.needs_body()
             || caller.client.as_ref().is_some_and(|c| c.has_model_list()));
-    let (body, request) = if wants_model {
+    let (body, mut request) = if wants_model {
         let bytes = read_request_body(body, max_body).await?;
         let mut request = crate::limits::tokens::inspect(&bytes);
         let bytes = if state.limits.needs_usage() {
@@ -232,14 +233,17 @@ async fn handle(
             bytes
         };
         request.body_len = bytes.len();
-        parts
-            .headers
-            .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        // The body is now whole: its length replaces chunked framing or an edited length.
+        if content_length(&parts.headers) != Some(bytes.len() as u64) {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        }
         (RequestBody::full(bytes), Some(request))
     } else {
         (RequestBody::stream(body, max_body), None)
     };
-    let model = request.as_ref().and_then(|r| r.model.clone());
+    let model = request.as_mut().and_then(|r| r.model.take());
     if let (Some(client), Some(_)) = (&caller.client, &request) {
         client.check_model(model.as_deref())?;
     }
@@ -305,7 +309,15 @@ async fn handle(
         rparts.headers.insert(name, value);
     }
     if status.as_u16() >= 400 {
-        return Ok(upstream_error(rparts.status, rparts.headers, incoming, state, out).await);
+        // Boxed: the error path's future stays out of every request's state.
+        return Ok(Box::pin(upstream_error(
+            rparts.status,
+            rparts.headers,
+            incoming,
+            state,
+            out,
+        ))
+        .await);
     }
     let watch = if is_event_stream(&rparts.headers) {
         Watch::Sse
@@ -433,6 +445,10 @@ async fn read_request_body(mut body: Incoming, max: u64) -> Result<Bytes, Gatewa
                 buf.extend_from_slice(&data);
             }
             None => buf.extend_from_slice(&data),
+        }
+        // A body of known length ends with its last byte: no need to poll for the end.
+        if body.is_end_stream() {
+            break;
         }
     }
     Ok(first.unwrap_or_else(|| buf.freeze()))

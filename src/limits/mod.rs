@@ -147,7 +147,7 @@ impl<C: Clock> Policy<C> {
                 .key_fingerprint
                 .clone()
                 .unwrap_or_else(|| Arc::from("none")),
-            KeyKind::Ip => Arc::from(r.ip.to_string()),
+            KeyKind::Ip => ip_key(r.ip),
             KeyKind::Header(h) => match r.headers.get(h) {
                 Some(v) => Arc::from(String::from_utf8_lossy(&v.as_bytes()[..v.len().min(128)])),
                 None => Arc::from("none"),
@@ -634,7 +634,8 @@ where
         };
         if let (Some(store), Some(max)) = (&p.shared, p.full.2) {
             let rkey = redis_key(&p.name, key, "conc");
-            match store.acquire(&rkey, max).await {
+            // Boxed: a local check's future stays small (it is moved on every request).
+            match Box::pin(store.acquire(&rkey, max)).await {
                 Ok(Some(id)) => {
                     return Ok(Some(Slot::Shared(SharedSlot {
                         store: Arc::clone(store),
@@ -666,10 +667,7 @@ where
             }
             let rkey = redis_key(&p.name, key, "tokens");
             let interval = rate.per / rate.count;
-            match store
-                .take(&rkey, interval, u64::from(rate.count), want)
-                .await
-            {
+            match Box::pin(store.take(&rkey, interval, u64::from(rate.count), want)).await {
                 Ok(Shared::Allowed { remaining }) => {
                     let tokens = Arc::new(SharedTokens {
                         store: Arc::clone(store),
@@ -706,10 +704,7 @@ where
                 return Ok(Err(wait));
             }
             let rkey = redis_key(&p.name, key, "requests");
-            match store
-                .take(&rkey, rate.interval(), u64::from(burst), 1)
-                .await
-            {
+            match Box::pin(store.take(&rkey, rate.interval(), u64::from(burst), 1)).await {
                 Ok(Shared::Allowed { remaining }) => return Ok(Ok(remaining)),
                 Ok(Shared::Limited { wait }) => {
                     self.remember_denied(p, key, wait);
@@ -741,7 +736,7 @@ where
                 + wait
                 <= p.max_wait
         {
-            tokio::time::sleep(wait).await;
+            Box::pin(tokio::time::sleep(wait)).await;
             return Ok(true);
         }
         Err(refusal_error(p, refusal))
@@ -838,6 +833,29 @@ fn ratelimit_headers(t: &Remaining<'_>) -> Vec<(HeaderName, HeaderValue)> {
         headers.push((HeaderName::from_static("ratelimit"), v));
     }
     headers
+}
+
+/// An IP address as a key, written without `fmt` for IPv4 (the usual sidecar peer).
+fn ip_key(ip: std::net::IpAddr) -> Arc<str> {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return Arc::from(ip.to_string());
+    };
+    // On the stack, then one allocation for the key.
+    let mut buf = [0u8; 15];
+    let mut n = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        for (div, min) in [(100, 100), (10, 10), (1, 0)] {
+            if octet >= min {
+                buf[n] = b'0' + octet / div % 10;
+                n += 1;
+            }
+        }
+    }
+    Arc::from(std::str::from_utf8(&buf[..n]).unwrap_or("0.0.0.0"))
 }
 
 /// The key an upstream 429 holds back: the upstream credential (the organization's key in

@@ -154,7 +154,10 @@ impl<'a> Scan<'a> {
         let mut not_chars = 0;
         let mut escaped = false;
         loop {
-            let at = self.i + memchr::memchr2(b'"', b'\\', self.b.get(self.i..)?)?;
+            let rest = self.b.get(self.i..)?;
+            // Keys and short values end within a few bytes: look there before a SIMD search.
+            let near = rest.iter().take(16).position(|&c| c == b'"' || c == b'\\');
+            let at = self.i + near.or_else(|| memchr::memchr2(b'"', b'\\', rest))?;
             not_chars += continuation_bytes(&self.b[self.i..at]);
             if self.b[at] == b'"' {
                 self.i = at + 1;

@@ -375,3 +375,33 @@ fn steady_token_traffic_stays_within_ten_percent_of_the_rate() {
         "admitted {used_total} tokens, {ratio:.3} of the rate"
     );
 }
+
+/// The admission future is moved into every request's state: keep the shared-store (Redis)
+/// futures out of it.
+#[test]
+fn a_local_check_is_a_small_future() {
+    let (l, _) = limits(&[policy("p", "api_key")]);
+    let r = Req::new("a");
+    let lr = r.lr();
+    let f = l.check(&lr);
+    assert!(
+        std::mem::size_of_val(&f) < 1024,
+        "{} bytes",
+        std::mem::size_of_val(&f)
+    );
+}
+
+#[test]
+fn ip_keys_are_the_usual_text() {
+    for ip in [
+        "0.0.0.0",
+        "10.0.0.1",
+        "127.0.0.1",
+        "192.168.100.255",
+        "::1",
+        "2001:db8::7",
+    ] {
+        let parsed: std::net::IpAddr = ip.parse().unwrap();
+        assert_eq!(&*super::ip_key(parsed), ip);
+    }
+}
