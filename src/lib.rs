@@ -7,7 +7,8 @@
 //! * [`proxy`] — THE request path: identify → limit → forward → respond → record
 //! * [`clients`] — who is asking: client keys, fingerprints, model allow-lists
 //! * [`limits`] — rate, token and concurrency policies; upstream 429 cooldown
-//! * [`upstream`] — pooled client over rustls, timeouts, error classification
+//! * [`upstream`] — where requests go, the response timeout, error classification
+//! * [`pool`] — upstream connections over rustls: an HTTP/1.1 stack or one HTTP/2 connection
 //! * [`stream`] — response body passthrough: idle timeout, usage, SSE error event
 //! * [`errors`] — the error schema: [`errors::GatewayError`], rendering, upstream bodies
 //! * [`outcome`] — what happened to one request; recorded once
@@ -36,6 +37,7 @@ pub mod headers;
 pub mod limits;
 pub mod metrics;
 pub mod outcome;
+pub mod pool;
 pub mod proxy;
 pub mod route;
 pub mod server;

@@ -30,6 +30,7 @@ use crate::headers::{self, X_REQUEST_ID};
 use crate::limits::{LimitRequest, Limits};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
+use crate::pool::UpstreamBody;
 use crate::route::Route;
 use crate::stream::{ResponseBody, Watch};
 use crate::upstream::{RequestBody, Upstream};
@@ -263,15 +264,14 @@ async fn handle(
     let admission = state.limits.check(&limit_request).await?;
 
     // Forward.
-    let uri = state.upstream.target(parts.uri.path_and_query())?;
+    let path = state.upstream.target(parts.uri.path_and_query())?;
     let request_id = HeaderValue::from_str(&out.request_id).ok();
     rewrite_request(&mut parts.headers, state, request_id.clone(), peer);
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method;
-    *up_req.uri_mut() = uri;
     *up_req.headers_mut() = parts.headers;
     let sent = Instant::now();
-    let result = state.upstream.send(up_req).await;
+    let result = state.upstream.send(up_req, path).await;
     let arrived = Instant::now();
     let waited = arrived.saturating_duration_since(sent);
     out.upstream_wait = waited;
@@ -358,7 +358,7 @@ fn rewrite_request(
 async fn upstream_error(
     status: StatusCode,
     mut headers: HeaderMap,
-    body: Incoming,
+    body: UpstreamBody,
     state: &State,
     out: &mut Outcome,
 ) -> Response<ResponseBody> {
@@ -406,7 +406,7 @@ async fn upstream_error(
 }
 
 /// Reads up to `cap` bytes of a body; whatever follows is left unread and dropped.
-async fn read_capped(mut body: Incoming, cap: usize) -> (Vec<u8>, bool) {
+async fn read_capped(mut body: UpstreamBody, cap: usize) -> (Vec<u8>, bool) {
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else { break };

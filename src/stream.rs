@@ -8,9 +8,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
@@ -31,7 +31,7 @@ pub struct ResponseBody {
 }
 
 enum Inner {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
@@ -106,7 +106,7 @@ impl ResponseBody {
 
     /// The upstream's body, passed through; `since` is when its headers arrived.
     pub fn upstream(
-        body: Incoming,
+        body: UpstreamBody,
         idle_timeout: Duration,
         watch: Watch,
         since: std::time::Instant,

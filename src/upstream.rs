@@ -1,5 +1,6 @@
-//! The upstream side: one pooled hyper client over rustls (ALPN h2/http1.1), the request
-//! body type, timeouts, and the one place where client errors are classified.
+//! The upstream side: where requests go (base URL and path prefix), the request body type,
+//! the response timeout, and the one place where client errors are classified. The
+//! connections themselves are in [`crate::pool`] (rustls, ALPN h2/http1.1).
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -9,17 +10,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Uri};
+use http::uri::PathAndQuery;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Settings, UpstreamConfig};
 use crate::errors::{GatewayError, TimeoutPhase};
+use crate::pool::{ConnectError, Pool, PoolConfig, UpstreamBody};
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -149,9 +148,7 @@ impl Body for RequestBody {
 
 /// The pooled upstream client and where it points.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
+    pool: Pool,
     /// A path prefix from `base_url` (e.g. `/openai`), without a trailing slash.
     prefix: String,
     response_timeout: Duration,
@@ -174,13 +171,6 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout.0)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .http1_writev(false)
-            .build(https);
         let scheme = uri
             .scheme()
             .cloned()
@@ -190,10 +180,17 @@ impl Upstream {
             .cloned()
             .ok_or("upstream.base_url has no host")?;
         let prefix = uri.path().trim_end_matches('/').to_owned();
-        Ok(Upstream {
-            client,
+        let pool = Pool::new(
+            https,
             scheme,
             authority,
+            PoolConfig {
+                max_idle: cfg.pool_max_idle_per_host,
+                idle_timeout: cfg.pool_idle_timeout.0,
+            },
+        )?;
+        Ok(Upstream {
+            pool,
             prefix,
             response_timeout: cfg.response_timeout.0,
             connect_timeout: cfg.connect_timeout.0,
@@ -202,27 +199,30 @@ impl Upstream {
 
     /// The upstream URI for a client's path and query. Only ever the configured host:
     /// whatever authority the client named is ignored (ezgate is never an open proxy).
-    pub fn target(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, GatewayError> {
-        let pq = path_and_query.map(PathAndQuery::as_str).unwrap_or("/");
-        let pq = if self.prefix.is_empty() {
-            PathAndQuery::try_from(pq)
-        } else {
-            PathAndQuery::try_from(format!("{}{pq}", self.prefix))
+    pub fn target(
+        &self,
+        path_and_query: Option<&PathAndQuery>,
+    ) -> Result<PathAndQuery, GatewayError> {
+        let invalid = |_| GatewayError::BadRequest("the request target is not a valid path".into());
+        match path_and_query {
+            Some(pq) if self.prefix.is_empty() => Ok(pq.clone()),
+            None if self.prefix.is_empty() => Ok(PathAndQuery::from_static("/")),
+            pq => {
+                let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
+                PathAndQuery::try_from(format!("{}{pq}", self.prefix)).map_err(invalid)
+            }
         }
-        .map_err(|_| GatewayError::BadRequest("the request target is not a valid path".into()))?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|_| GatewayError::BadRequest("the request target is not a valid path".into()))
     }
 
-    /// Sends the request; resolves when the upstream's response headers arrive.
-    pub async fn send(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, Failure> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+    /// Sends the request for `path`; resolves when the upstream's response headers arrive.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        path: PathAndQuery,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        match tokio::time::timeout(self.response_timeout, self.pool.send(req, path)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&e, self.connect_timeout)),
+            Ok(Err(e)) => Err(classify(&*e, self.connect_timeout)),
             Err(_) => Err(Failure {
                 error: GatewayError::UpstreamTimeout(TimeoutPhase::Headers, self.response_timeout),
                 kind: Some(FailureKind::Timeout),
@@ -272,9 +272,7 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
                 kind: None,
             };
         }
-        if let Some(ce) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-            is_connect |= ce.is_connect();
-        }
+        is_connect |= e.is::<ConnectError>();
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Failure {
                 error: GatewayError::UpstreamUnreachable(format!("TLS handshake failed ({tls})")),

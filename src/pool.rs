@@ -1,0 +1,512 @@
+//! Connections to the one upstream, reused across requests.
+//!
+//! ezgate talks to a single origin, so its pool is a stack, not a map: idle HTTP/1.1
+//! connections wait in a `Vec` (the most recently used is taken first), and when the
+//! upstream negotiates HTTP/2 (ALPN over TLS) one shared connection carries every request.
+//! An HTTP/1.1 connection goes back on the stack when its response body has been read to
+//! the end — by [`UpstreamBody`], on the request's own task, with no extra task per request.
+//! A body dropped before its end (client gone, error body cut short) takes the connection
+//! with it, and hyper closes it: a half-read connection is never reused.
+//!
+//! A request that finds its pooled connection closed before anything was written (the
+//! upstream closed an idle keep-alive connection) is retried once on a new connection;
+//! once written, it is never retried.
+//!
+//! A sweeper task drops connections idle longer than `upstream.pool_idle_timeout`, and ends
+//! with the pool.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
+
+use crate::upstream::RequestBody;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The connection to the upstream could not be made (TCP, DNS or TLS).
+#[derive(Debug)]
+pub struct ConnectError(pub BoxError);
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "connecting to the upstream: {}", self.0)
+    }
+}
+
+impl StdError for ConnectError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// Pool settings.
+pub struct PoolConfig {
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+}
+
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`, what the connector dials.
+    base: Uri,
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    max_idle: usize,
+    /// Sweeper ticks: a coarse clock, so returning a connection reads no clock.
+    tick: AtomicU64,
+    /// Ticks after which an idle connection is dropped.
+    idle_ticks: u64,
+}
+
+struct Idle {
+    tx: http1::SendRequest<RequestBody>,
+    since: u64,
+}
+
+impl Shared {
+    fn idle(&self) -> MutexGuard<'_, Vec<Idle>> {
+        // A panic while holding the lock leaves a valid Vec behind: keep using it.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn h2(&self) -> MutexGuard<'_, Option<http2::SendRequest<RequestBody>>> {
+        self.h2.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put_back(&self, tx: http1::SendRequest<RequestBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        let since = self.tick.load(Ordering::Relaxed);
+        let mut idle = self.idle();
+        if idle.len() < self.max_idle {
+            idle.push(Idle { tx, since });
+        }
+    }
+
+    fn take(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.idle();
+        while let Some(c) = idle.pop() {
+            if !c.tx.is_closed() {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    fn sweep(&self) {
+        let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        self.idle()
+            .retain(|c| !c.tx.is_closed() && now - c.since <= self.idle_ticks);
+        let mut h2 = self.h2();
+        if h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
+            *h2 = None;
+        }
+    }
+}
+
+/// A connection to send one request on.
+enum Conn {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        scheme: Scheme,
+        authority: Authority,
+        cfg: PoolConfig,
+    ) -> Result<Pool, String> {
+        let base = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("upstream.base_url: {e}"))?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| format!("upstream.base_url: host: {e}"))?;
+        let mut h1 = http1::Builder::new();
+        // One write per message: headers and a small body leave together.
+        h1.writev(false);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        // The sweeper ticks a few times per idle timeout, at most once per second.
+        let tick = (cfg.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let idle_ticks = (cfg.idle_timeout.as_nanos() / tick.as_nanos().max(1)) as u64;
+        let shared = Arc::new(Shared {
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            max_idle: cfg.max_idle,
+            tick: AtomicU64::new(0),
+            idle_ticks,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep_forever(Arc::downgrade(&shared), tick));
+        }
+        Ok(Pool {
+            connector,
+            base,
+            scheme,
+            authority,
+            host,
+            h1,
+            h2,
+            shared,
+        })
+    }
+
+    /// Sends a request for `path` on a pooled connection (or a new one); resolves with the
+    /// response headers. The request's URI is set here, and `Host` for HTTP/1.1.
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+        path: PathAndQuery,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        let mut reused = true;
+        let mut conn = self.checkout();
+        loop {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => {
+                    reused = false;
+                    self.connect().await?
+                }
+            };
+            match c {
+                Conn::H2(mut tx) => {
+                    *req.uri_mut() = self.absolute(path.clone())?;
+                    req.headers_mut().remove(HOST);
+                    let resp = tx.send_request(req).await?;
+                    return Ok(resp.map(|b| UpstreamBody::new(b, None)));
+                }
+                Conn::H1(mut tx) => {
+                    if tx.ready().await.is_err() {
+                        if reused {
+                            continue;
+                        }
+                        return Err("the new upstream connection closed at once".into());
+                    }
+                    *req.uri_mut() = Uri::from(path.clone());
+                    req.headers_mut().insert(HOST, self.host.clone());
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => {
+                            let back = Returner {
+                                tx,
+                                shared: Arc::clone(&self.shared),
+                            };
+                            return Ok(resp.map(|b| UpstreamBody::new(b, Some(back))));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            // Never written: safe to send again, once, on a new connection.
+                            Some(again) if reused => {
+                                req = again;
+                                reused = false;
+                            }
+                            _ => return Err(e.into_error().into()),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    fn absolute(&self, path: PathAndQuery) -> Result<Uri, BoxError> {
+        Ok(Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()?)
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        {
+            let mut h2 = self.shared.h2();
+            match h2.as_ref() {
+                Some(tx) if !tx.is_closed() => return Some(Conn::H2(tx.clone())),
+                Some(_) => *h2 = None,
+                None => {}
+            }
+        }
+        self.shared.take().map(Conn::H1)
+    }
+
+    async fn connect(&self) -> Result<Conn, BoxError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(ConnectError)?;
+        let io = connector
+            .call(self.base.clone())
+            .await
+            .map_err(ConnectError)?;
+        if io.connected().is_negotiated_h2() {
+            let (tx, conn) = self.h2.handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            *self.shared.h2() = Some(tx.clone());
+            return Ok(Conn::H2(tx));
+        }
+        let (tx, conn) = self.h1.handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(Conn::H1(tx))
+    }
+
+    /// Idle HTTP/1.1 connections (for tests).
+    pub fn idle_count(&self) -> usize {
+        self.shared.idle().len()
+    }
+}
+
+async fn sweep_forever(shared: Weak<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.sweep();
+    }
+}
+
+/// Gives an HTTP/1.1 connection back to the pool.
+struct Returner {
+    tx: http1::SendRequest<RequestBody>,
+    shared: Arc<Shared>,
+}
+
+/// An upstream response body; its end returns the connection to the pool.
+pub struct UpstreamBody {
+    inner: Incoming,
+    back: Option<Returner>,
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, back: Option<Returner>) -> UpstreamBody {
+        let mut body = UpstreamBody { inner, back };
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some(r) = self.back.take() {
+            r.shared.put_back(r.tx);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            // An error: the connection is not reusable; dropping the sender closes it.
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::net::TcpListener;
+
+    /// An HTTP/1.1 upstream that counts the connections it accepted. `close` answers with
+    /// `Connection: close`; a path `/big` answers 64 frames of 16 KiB.
+    async fn upstream(close: bool) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let big = req.uri().path() == "/big";
+                        let _ = req.into_body().collect().await;
+                        let body = if big {
+                            Bytes::from(vec![b'x'; 1 << 20])
+                        } else {
+                            Bytes::from_static(b"{\"ok\":true}")
+                        };
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            body,
+                        )))
+                    });
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    b.keep_alive(!close);
+                    let _ = b
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}"), accepted)
+    }
+
+    fn pool(base: &str, idle_timeout: Duration) -> Pool {
+        let uri: Uri = base.parse().unwrap();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let tls = crate::upstream::client_tls(None).unwrap();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Pool::new(
+            https,
+            uri.scheme().unwrap().clone(),
+            uri.authority().unwrap().clone(),
+            PoolConfig {
+                max_idle: 8,
+                idle_timeout,
+            },
+        )
+        .unwrap()
+    }
+
+    async fn get(pool: &Pool, path: &'static str) -> Response<UpstreamBody> {
+        let req = Request::new(RequestBody::full(Bytes::new()));
+        pool.send(req, PathAndQuery::from_static(path))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let (base, accepted) = upstream(false).await;
+        let pool = pool(&base, Duration::from_secs(30));
+        for _ in 0..5 {
+            let resp = get(&pool, "/").await;
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"{\"ok\":true}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_takes_its_connection_along() {
+        let (base, accepted) = upstream(false).await;
+        let pool = pool(&base, Duration::from_secs(30));
+        let mut body = get(&pool, "/big").await.into_body();
+        let _first = body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a half-read connection is never pooled"
+        );
+        let resp = get(&pool, "/").await;
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes().len(),
+            11
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_the_upstream_closes_are_replaced() {
+        let (base, accepted) = upstream(true).await;
+        let pool = pool(&base, Duration::from_secs(30));
+        for _ in 0..3 {
+            let resp = get(&pool, "/").await;
+            assert_eq!(
+                resp.into_body().collect().await.unwrap().to_bytes().len(),
+                11
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire() {
+        let (base, _) = upstream(false).await;
+        let pool = pool(&base, Duration::from_millis(50));
+        let resp = get(&pool, "/").await;
+        let _ = resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        // Well past the timeout (the sweeper ticks every 12.5 ms here).
+        for _ in 0..200 {
+            if pool.idle_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("an idle connection outlived pool_idle_timeout by seconds");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let pool = pool(&base, Duration::from_secs(30));
+        let req = Request::new(RequestBody::full(Bytes::new()));
+        let Err(err) = pool.send(req, PathAndQuery::from_static("/")).await else {
+            panic!("a closed port answered");
+        };
+        assert!(err.is::<ConnectError>(), "{err}");
+    }
+}
