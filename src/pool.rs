@@ -195,7 +195,9 @@ impl Pool {
                 Some(c) => c,
                 None => {
                     reused = false;
-                    self.connect().await?
+                    // Boxed: the connect future is large and rarely needed; every request
+                    // would otherwise carry (and move) it.
+                    Box::pin(self.connect()).await?
                 }
             };
             match c {

@@ -243,7 +243,7 @@ impl SseScan {
             let Some(payload) = line.strip_prefix(b"data:") else {
                 continue;
             };
-            if !contains(payload, b"\"usage\"") {
+            if finders().usage.find(payload).is_none() {
                 continue;
             }
             if let Ok(doc) = serde_json::from_slice::<UsageDoc>(payload.trim_ascii()) {
@@ -262,8 +262,10 @@ impl SseScan {
 /// whole document. A key is `"name"` followed by `:`; inside a JSON string every quote is
 /// escaped, so that byte pattern cannot come from string content.
 fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
-    let usage: UsageJson = value_after_key(doc, b"\"usage\"", true)?;
-    let model: Option<String> = value_after_key(doc, b"\"model\"", false);
+    // OpenAI writes `usage` last and `model` first: each is searched from that end.
+    let f = finders();
+    let usage: UsageJson = value_after(doc, USAGE_KEY.len(), f.usage_rev.rfind_iter(doc))?;
+    let model: Option<String> = value_after(doc, MODEL_KEY.len(), f.model.find_iter(doc));
     Some((
         Usage {
             prompt: usage.prompt_tokens,
@@ -273,26 +275,36 @@ fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
     ))
 }
 
-fn value_after_key<T: serde::de::DeserializeOwned>(
+const USAGE_KEY: &[u8] = b"\"usage\"";
+const MODEL_KEY: &[u8] = b"\"model\"";
+
+/// Searchers for the keys, built once (building one costs more than a search).
+struct Finders {
+    usage: memchr::memmem::Finder<'static>,
+    usage_rev: memchr::memmem::FinderRev<'static>,
+    model: memchr::memmem::Finder<'static>,
+}
+
+fn finders() -> &'static Finders {
+    static FINDERS: std::sync::OnceLock<Finders> = std::sync::OnceLock::new();
+    FINDERS.get_or_init(|| Finders {
+        usage: memchr::memmem::Finder::new(USAGE_KEY),
+        usage_rev: memchr::memmem::FinderRev::new(USAGE_KEY),
+        model: memchr::memmem::Finder::new(MODEL_KEY),
+    })
+}
+
+/// The value after the first hit (in the iterator's order) that is a key (`"key":`).
+fn value_after<T: serde::de::DeserializeOwned>(
     doc: &[u8],
-    key: &[u8],
-    last: bool,
+    key_len: usize,
+    mut hits: impl Iterator<Item = usize>,
 ) -> Option<T> {
-    // OpenAI writes `usage` last and `model` first: search from that end.
-    let value_at = |i: usize| doc[i + key.len()..].trim_ascii_start().strip_prefix(b":");
-    let found = if last {
-        memchr::memmem::rfind_iter(doc, key).find_map(value_at)
-    } else {
-        memchr::memmem::find_iter(doc, key).find_map(value_at)
-    };
-    serde_json::Deserializer::from_slice(found?)
+    let found = hits.find_map(|i| doc[i + key_len..].trim_ascii_start().strip_prefix(b":"))?;
+    serde_json::Deserializer::from_slice(found)
         .into_iter::<T>()
         .next()?
         .ok()
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(hay, needle).is_some()
 }
 
 impl Body for ResponseBody {
