@@ -12,6 +12,7 @@
 //! * [`stream`] — response body passthrough: idle timeout, usage, SSE error event
 //! * [`errors`] — the error schema: [`errors::GatewayError`], rendering, upstream bodies
 //! * [`outcome`] — what happened to one request; recorded once
+//! * [`access_log`] — the per-request log line, formatted by hand
 //! * [`metrics`] — Prometheus registry and cached handles
 //! * [`headers`] — hop-by-hop removal, request ids, `X-Forwarded-For`
 //! * [`route`] — the bounded set of route templates
@@ -29,6 +30,7 @@
 //! [`metrics::Metrics::record`] and the access log when it ends, or as a 499 when the client
 //! goes away.
 
+pub mod access_log;
 pub mod admin;
 pub mod clients;
 pub mod config;

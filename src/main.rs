@@ -138,6 +138,7 @@ fn signals(
 
 /// Logs go to stderr through a writer thread, so a request never waits on a `write(2)`;
 /// the queue blocks rather than drop lines when stderr cannot keep up. The guard flushes it.
+/// The access log shares the writer, so its lines stay in order with the others.
 fn init_logging(settings: &Settings) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
@@ -155,7 +156,7 @@ fn init_logging(settings: &Settings) -> tracing_appender::non_blocking::WorkerGu
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(writer.clone())
         .with_target(true);
     match log.format {
         LogFormat::Json => builder
@@ -164,6 +165,10 @@ fn init_logging(settings: &Settings) -> tracing_appender::non_blocking::WorkerGu
             .with_current_span(false)
             .init(),
         LogFormat::Text => builder.with_ansi(false).init(),
+    }
+    // Access lines are formatted by ezgate itself but obey the same filter, decided once here.
+    if tracing::enabled!(target: ezgate::access_log::TARGET, tracing::Level::INFO) {
+        ezgate::access_log::install(writer, log.format);
     }
     guard
 }

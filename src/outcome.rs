@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::access_log;
 use crate::errors::{GatewayError, Source};
 use crate::limits::Permit;
 use crate::metrics::Metrics;
@@ -101,35 +102,32 @@ impl Outcome {
     }
 
     fn log(&self, duration: Duration) {
-        if !self.access_log {
+        if !self.access_log || !access_log::enabled() {
             return;
         }
-        let code = self
-            .gateway_code
-            .or(self.upstream_code.as_deref())
-            .unwrap_or("");
         let code = if self.status == CLIENT_CLOSED {
             "client_closed_request"
         } else {
-            code
+            self.gateway_code
+                .or(self.upstream_code.as_deref())
+                .unwrap_or("")
         };
-        tracing::info!(
-            target: "ezgate::access",
-            request_id = %self.request_id,
-            method = self.method,
-            route = self.route.as_str(),
-            status = self.status,
-            source = self.source.as_str(),
+        access_log::write(&access_log::Entry {
+            request_id: &self.request_id,
+            method: self.method,
+            route: self.route.as_str(),
+            status: self.status,
+            source: self.source.as_str(),
             code,
-            upstream_status = self.upstream_status,
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            upstream_ms = self.upstream_wait.as_secs_f64() * 1000.0,
-            bytes = self.bytes_out,
-            client = self.caller.as_deref(),
-            model = self.model.as_deref(),
-            prompt_tokens = self.usage.map(|u| u.prompt),
-            completion_tokens = self.usage.map(|u| u.completion),
-        );
+            upstream_status: self.upstream_status,
+            duration,
+            upstream: self.upstream_wait,
+            bytes: self.bytes_out,
+            client: self.caller.as_deref(),
+            model: self.model.as_deref(),
+            prompt_tokens: self.usage.map(|u| u.prompt),
+            completion_tokens: self.usage.map(|u| u.completion),
+        });
     }
 }
 

@@ -160,7 +160,7 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// `RUST_LOG`-style filter, e.g. "info" or "info,ezgate=debug".
     pub level: String,
-    /// One JSON line per request on stderr.
+    /// One line per request on stderr (target `ezgate::access`), in `format`.
     pub access_log: bool,
 }
 

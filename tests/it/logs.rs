@@ -62,3 +62,60 @@ async fn access_log_has_the_fields_and_never_a_secret() {
         assert!(!metrics.contains(secret), "{secret} leaked into metrics");
     }
 }
+
+#[tokio::test]
+async fn text_format_writes_key_value_access_lines() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[log]\nformat = \"text\"\n").await;
+    let r = gw.chat(&[("x-request-id", "log-text")]).await;
+    assert_eq!(r.status, 200);
+    let line = wait_for_line(&gw, "request_id=log-text").await;
+    assert!(
+        line.contains("  INFO ezgate::access: request_id=log-text method=\"POST\""),
+        "{line}"
+    );
+    for field in [
+        "route=\"/v1/chat/completions\"",
+        "status=200",
+        "source=\"upstream\"",
+        "model=\"gpt-4o\"",
+        "duration_ms=",
+        "prompt_tokens=",
+    ] {
+        assert!(line.contains(field), "access line lacks {field}: {line}");
+    }
+}
+
+#[tokio::test]
+async fn no_access_lines_when_turned_off_or_filtered_out() {
+    let emu = Emulator::start().await;
+    let filtered =
+        Gateway::start_env(&emu.url(), "", &[("RUST_LOG", "info,ezgate::access=off")]).await;
+    let off = Gateway::start(&emu.url(), "[log]\naccess_log = false\n").await;
+    for gw in [filtered, off] {
+        assert_eq!(gw.chat(&[("x-request-id", "log-none")]).await.status, 200);
+        // Every request has been recorded once the drain finished, and its line would
+        // have been queued before this one.
+        gw.signal("TERM");
+        wait_for_line(&gw, "all connections finished").await;
+        let text = gw.logs.text();
+        assert!(text.contains("ezgate started"), "{text}");
+        assert!(!text.contains("ezgate::access"), "{text}");
+        assert!(!text.contains("log-none"), "{text}");
+    }
+}
+
+async fn wait_for_line(gw: &Gateway, needle: &str) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(l) = gw.logs.all().into_iter().find(|l| l.contains(needle)) {
+            return l;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no log line with {needle}:\n{}",
+            gw.logs.text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,566 @@
+//! The access log: one line per request, target `ezgate::access`.
+//!
+//! It is written on every request, so it does not go through `tracing`'s formatter: each line
+//! is formatted by hand into a buffer reused by the thread (JSON with the same fields, names
+//! and shape as the other log lines, or tracing's `key=value` text shape) and handed whole to
+//! the same non-blocking writer as the other logs, which keeps the lines in order and never
+//! drops one. Nothing is written until [`install`] is called, which the `ezgate` command does
+//! at startup when the log filter lets `info` through for `ezgate::access`.
+//!
+//! The fields are names, codes, numbers and durations; never a key or a body.
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing_appender::non_blocking::NonBlocking;
+
+use crate::config::LogFormat;
+
+/// The target of access lines, as in `RUST_LOG=ezgate::access=off`.
+pub const TARGET: &str = "ezgate::access";
+
+/// A buffer that grew past this (a very long model name) is not kept for the next line.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
+/// One request, as the access log shows it. `None` fields are left out of the line.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub route: &'a str,
+    pub status: u16,
+    pub source: &'a str,
+    pub code: &'a str,
+    pub upstream_status: Option<u16>,
+    pub duration: Duration,
+    pub upstream: Duration,
+    pub bytes: u64,
+    pub client: Option<&'a str>,
+    pub model: Option<&'a str>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+}
+
+struct Sink {
+    writer: NonBlocking,
+    format: LogFormat,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// Per thread: the line being formatted, and a handle on the writer (cloning one per line
+/// would touch the shared channel counters on every request).
+struct Local {
+    line: Vec<u8>,
+    writer: Option<NonBlocking>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Local> = const {
+        RefCell::new(Local { line: Vec::new(), writer: None })
+    };
+}
+
+/// Sends access lines to `writer`, formatted as `format`. The first call wins.
+pub fn install(writer: NonBlocking, format: LogFormat) {
+    let _ = SINK.set(Sink { writer, format });
+}
+
+/// Whether [`write`] writes anything.
+pub fn enabled() -> bool {
+    SINK.get().is_some()
+}
+
+/// Writes the line of one request, if the access log is installed.
+pub fn write(entry: &Entry<'_>) {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    let now = SystemTime::now();
+    let written = LOCAL
+        .try_with(|local| match local.try_borrow_mut() {
+            Ok(mut local) => {
+                local.emit(sink, entry, now);
+                true
+            }
+            Err(_) => false,
+        })
+        .unwrap_or(false);
+    if !written {
+        // Thread-local storage is being torn down (or in use): a one-off buffer does.
+        Local {
+            line: Vec::new(),
+            writer: None,
+        }
+        .emit(sink, entry, now);
+    }
+}
+
+impl Local {
+    fn emit(&mut self, sink: &Sink, entry: &Entry<'_>, now: SystemTime) {
+        self.line.clear();
+        format(&mut self.line, sink.format, entry, now);
+        let writer = self.writer.get_or_insert_with(|| sink.writer.clone());
+        // The writer only fails once its thread is gone, at exit; there is nowhere to report.
+        let _ = writer.write_all(&self.line);
+        if self.line.capacity() > KEEP_CAPACITY {
+            self.line = Vec::new();
+        }
+    }
+}
+
+/// Appends the line of `entry`, newline included, as logged at `now`.
+pub fn format(buf: &mut Vec<u8>, format: LogFormat, entry: &Entry<'_>, now: SystemTime) {
+    let json = matches!(format, LogFormat::Json);
+    if json {
+        buf.extend_from_slice(b"{\"timestamp\":\"");
+        push_timestamp(buf, now);
+        buf.extend_from_slice(b"\",\"level\":\"INFO\",");
+    } else {
+        push_timestamp(buf, now);
+        buf.extend_from_slice(b"  INFO ");
+        buf.extend_from_slice(TARGET.as_bytes());
+        buf.extend_from_slice(b": ");
+    }
+    let mut f = Fields {
+        buf,
+        json,
+        first: true,
+    };
+    f.id("request_id", entry.request_id);
+    f.str("method", entry.method);
+    f.str("route", entry.route);
+    f.num("status", entry.status.into());
+    f.str("source", entry.source);
+    f.str("code", entry.code);
+    if let Some(s) = entry.upstream_status {
+        f.num("upstream_status", s.into());
+    }
+    f.millis("duration_ms", entry.duration);
+    f.millis("upstream_ms", entry.upstream);
+    f.num("bytes", entry.bytes);
+    if let Some(c) = entry.client {
+        f.str("client", c);
+    }
+    if let Some(m) = entry.model {
+        f.str("model", m);
+    }
+    if let Some(n) = entry.prompt_tokens {
+        f.num("prompt_tokens", n);
+    }
+    if let Some(n) = entry.completion_tokens {
+        f.num("completion_tokens", n);
+    }
+    if json {
+        buf.extend_from_slice(b",\"target\":\"");
+        buf.extend_from_slice(TARGET.as_bytes());
+        buf.extend_from_slice(b"\"}\n");
+    } else {
+        buf.push(b'\n');
+    }
+}
+
+/// Writes `key:value` pairs of a JSON object, or `key=value` pairs of a text line.
+struct Fields<'b> {
+    buf: &'b mut Vec<u8>,
+    json: bool,
+    first: bool,
+}
+
+impl Fields<'_> {
+    fn key(&mut self, key: &str) {
+        if self.json {
+            if !self.first {
+                self.buf.push(b',');
+            }
+            self.buf.push(b'"');
+            self.buf.extend_from_slice(key.as_bytes());
+            self.buf.extend_from_slice(b"\":");
+        } else {
+            if !self.first {
+                self.buf.push(b' ');
+            }
+            self.buf.extend_from_slice(key.as_bytes());
+            self.buf.push(b'=');
+        }
+        self.first = false;
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        push_quoted(self.buf, value);
+    }
+
+    /// A string that the text format shows bare when it is a plain token (as tracing shows
+    /// the request id), quoted otherwise.
+    fn id(&mut self, key: &str, value: &str) {
+        let plain = !value.is_empty()
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+        if self.json || !plain {
+            self.str(key, value);
+        } else {
+            self.key(key);
+            self.buf.extend_from_slice(value.as_bytes());
+        }
+    }
+
+    fn num(&mut self, key: &str, value: u64) {
+        self.key(key);
+        push_u64(self.buf, value);
+    }
+
+    fn millis(&mut self, key: &str, value: Duration) {
+        self.key(key);
+        push_millis(self.buf, value);
+    }
+}
+
+/// A JSON string literal: quotes, backslash and control characters escaped as serde_json
+/// escapes them; everything else, UTF-8 included, as is.
+fn push_quoted(buf: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    buf.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
+        buf.extend_from_slice(&bytes[start..i]);
+        match b {
+            b'"' => buf.extend_from_slice(b"\\\""),
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            0x08 => buf.extend_from_slice(b"\\b"),
+            0x0c => buf.extend_from_slice(b"\\f"),
+            _ => {
+                buf.extend_from_slice(b"\\u00");
+                buf.push(HEX[usize::from(b >> 4)]);
+                buf.push(HEX[usize::from(b & 0xf)]);
+            }
+        }
+        start = i + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
+    buf.push(b'"');
+}
+
+fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+/// `n` as exactly `width` digits (`n` is below `10^width`).
+fn push_padded(buf: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 6];
+    for d in digits[..width].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    buf.extend_from_slice(&digits[..width]);
+}
+
+/// Milliseconds with up to six decimals, exact to the nanosecond: `2.5`, `0.206748`, `3.0`.
+fn push_millis(buf: &mut Vec<u8>, d: Duration) {
+    let nanos = d.as_nanos();
+    push_u64(buf, u64::try_from(nanos / 1_000_000).unwrap_or(u64::MAX));
+    buf.push(b'.');
+    let mut frac = [b'0'; 6];
+    let mut n = (nanos % 1_000_000) as u32;
+    for d in frac.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    let len = frac
+        .iter()
+        .rposition(|&d| d != b'0')
+        .map_or(1, |last| last + 1);
+    buf.extend_from_slice(&frac[..len]);
+}
+
+/// RFC 3339 in UTC with microseconds, as tracing-subscriber writes it:
+/// `2026-11-25T04:29:45.443892Z`.
+fn push_timestamp(buf: &mut Vec<u8>, now: SystemTime) {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let rem = secs % 86_400;
+    if year > 9999 {
+        buf.push(b'+');
+        push_u64(buf, year);
+    } else {
+        push_padded(buf, year, 4);
+    }
+    buf.push(b'-');
+    push_padded(buf, month, 2);
+    buf.push(b'-');
+    push_padded(buf, day, 2);
+    buf.push(b'T');
+    push_padded(buf, rem / 3600, 2);
+    buf.push(b':');
+    push_padded(buf, rem / 60 % 60, 2);
+    buf.push(b':');
+    push_padded(buf, rem % 60, 2);
+    buf.push(b'.');
+    push_padded(buf, since.subsec_micros().into(), 6);
+    buf.push(b'Z');
+}
+
+/// (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            request_id: "req-1",
+            method: "POST",
+            route: "/v1/chat/completions",
+            status: 200,
+            source: "upstream",
+            code: "",
+            upstream_status: Some(200),
+            duration: Duration::from_nanos(2_682_861),
+            upstream: Duration::from_micros(2_644),
+            bytes: 356,
+            client: Some("search-team"),
+            model: Some("gpt-4o"),
+            prompt_tokens: Some(223),
+            completion_tokens: Some(7),
+        }
+    }
+
+    fn at(secs: u64, micros: u32) -> SystemTime {
+        UNIX_EPOCH + Duration::new(secs, micros * 1000)
+    }
+
+    fn line(format: LogFormat, e: &Entry<'_>) -> String {
+        let mut buf = Vec::new();
+        super::format(&mut buf, format, e, at(1_795_580_985, 443_892));
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn json(e: &Entry<'_>) -> Value {
+        let l = line(LogFormat::Json, e);
+        assert!(l.ends_with('\n') && l.matches('\n').count() == 1, "{l:?}");
+        serde_json::from_str(&l).unwrap()
+    }
+
+    #[test]
+    fn json_line_has_every_field_in_tracing_shape() {
+        let l = line(LogFormat::Json, &entry());
+        assert_eq!(
+            l,
+            concat!(
+                r#"{"timestamp":"2026-11-25T04:29:45.443892Z","level":"INFO","#,
+                r#""request_id":"req-1","method":"POST","route":"/v1/chat/completions","#,
+                r#""status":200,"source":"upstream","code":"","upstream_status":200,"#,
+                r#""duration_ms":2.682861,"upstream_ms":2.644,"bytes":356,"#,
+                r#""client":"search-team","model":"gpt-4o","prompt_tokens":223,"#,
+                r#""completion_tokens":7,"target":"ezgate::access"}"#,
+                "\n"
+            )
+        );
+        let v = json(&entry());
+        assert_eq!(v["duration_ms"].as_f64(), Some(2.682861));
+        assert_eq!(v["target"], TARGET);
+    }
+
+    #[test]
+    fn none_fields_are_left_out() {
+        let e = Entry {
+            upstream_status: None,
+            client: None,
+            model: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            ..entry()
+        };
+        let v = json(&e);
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = vec![
+            "timestamp",
+            "level",
+            "request_id",
+            "method",
+            "route",
+            "status",
+            "source",
+            "code",
+            "duration_ms",
+            "upstream_ms",
+            "bytes",
+            "target",
+        ];
+        let mut keys = keys;
+        keys.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(keys, want);
+        let text = line(LogFormat::Text, &e);
+        for absent in ["upstream_status", "client", "model", "tokens"] {
+            assert!(!text.contains(absent), "{text}");
+        }
+    }
+
+    #[test]
+    fn every_string_round_trips_through_a_json_parser() {
+        let controls: String = (0u8..0x20).map(char::from).collect();
+        let cases = [
+            controls.as_str(),
+            "\"",
+            "\\",
+            "\\\"\\\\\"",
+            "a\"b\\c",
+            "\u{7f}",
+            "é☃ 日本語 🦀",
+            "mixed \u{1}é\"\n🦀\\end",
+            "",
+            "/",
+        ];
+        for s in cases {
+            let e = Entry {
+                request_id: s,
+                model: Some(s),
+                client: Some(s),
+                code: s,
+                ..entry()
+            };
+            let l = line(LogFormat::Json, &e);
+            assert_eq!(l.matches('\n').count(), 1, "a raw newline in {l:?}");
+            let v: Value = serde_json::from_str(&l).unwrap();
+            for field in ["request_id", "model", "client", "code"] {
+                assert_eq!(v[field], s, "{field} of {l:?}");
+            }
+            // The same escaping as serde_json's.
+            let mut quoted = Vec::new();
+            push_quoted(&mut quoted, s);
+            assert_eq!(
+                String::from_utf8(quoted).unwrap(),
+                serde_json::to_string(s).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn every_control_char_is_escaped() {
+        for b in 0u8..0x20 {
+            let s = char::from(b).to_string();
+            let mut quoted = Vec::new();
+            push_quoted(&mut quoted, &s);
+            assert!(quoted.iter().all(|&c| c >= 0x20), "{b:#x}: {quoted:?}");
+            let back: String = serde_json::from_slice(&quoted).unwrap();
+            assert_eq!(back, s);
+        }
+    }
+
+    #[test]
+    fn text_line_is_tracing_shaped() {
+        assert_eq!(
+            line(LogFormat::Text, &entry()),
+            concat!(
+                "2026-11-25T04:29:45.443892Z  INFO ezgate::access: request_id=req-1 ",
+                r#"method="POST" route="/v1/chat/completions" status=200 source="upstream" "#,
+                r#"code="" upstream_status=200 duration_ms=2.682861 upstream_ms=2.644 "#,
+                r#"bytes=356 client="search-team" model="gpt-4o" prompt_tokens=223 "#,
+                "completion_tokens=7\n"
+            )
+        );
+        let e = Entry {
+            request_id: "a\"b",
+            model: Some("line\nbreak"),
+            ..entry()
+        };
+        let l = line(LogFormat::Text, &e);
+        assert!(l.contains(r#"request_id="a\"b""#), "{l}");
+        assert!(l.contains(r#"model="line\nbreak""#), "{l}");
+        assert_eq!(l.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn numbers_and_durations() {
+        for n in [0, 7, 10, 99, 100, 65_535, u64::MAX] {
+            let mut b = Vec::new();
+            push_u64(&mut b, n);
+            assert_eq!(String::from_utf8(b).unwrap(), n.to_string());
+        }
+        for (d, want) in [
+            (Duration::ZERO, "0.0"),
+            (Duration::from_millis(3), "3.0"),
+            (Duration::from_micros(2_500), "2.5"),
+            (Duration::from_nanos(206_748), "0.206748"),
+            (Duration::from_nanos(1), "0.000001"),
+            (Duration::from_secs(90), "90000.0"),
+        ] {
+            let mut b = Vec::new();
+            push_millis(&mut b, d);
+            assert_eq!(String::from_utf8(b).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        for (secs, micros, want) in [
+            (0, 0, "1970-01-01T00:00:00.000000Z"),
+            (951_782_400, 1, "2000-02-29T00:00:00.000001Z"),
+            (1_709_251_199, 999_999, "2024-02-29T23:59:59.999999Z"),
+            (4_102_444_799, 500_000, "2099-12-31T23:59:59.500000Z"),
+        ] {
+            let mut b = Vec::new();
+            push_timestamp(&mut b, at(secs, micros));
+            assert_eq!(String::from_utf8(b).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn calendar_matches_counting_days() {
+        let (mut y, mut m, mut d) = (1970u64, 1u64, 1u64);
+        for days in 0..(400 * 366) {
+            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
+            let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+            let len = match m {
+                2 if leap => 29,
+                2 => 28,
+                4 | 6 | 9 | 11 => 30,
+                _ => 31,
+            };
+            d += 1;
+            if d > len {
+                d = 1;
+                m += 1;
+                if m > 12 {
+                    m = 1;
+                    y += 1;
+                }
+            }
+        }
+    }
+}
