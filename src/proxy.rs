@@ -145,8 +145,10 @@ pub async fn serve(
         req.method(),
         route,
     );
+    // Boxed, and freed once the response headers are out: a response that streams for
+    // minutes holds only its body, not the whole request path's state.
     let result = CatchUnwind {
-        inner: handle(&gw, &state, req, peer, &mut out),
+        inner: Box::pin(handle(&gw, &state, req, peer, &mut out)),
     }
     .await;
     let mut resp = match result {
