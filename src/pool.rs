@@ -166,6 +166,8 @@ impl Pool {
             tick: AtomicU64::new(0),
             idle_ticks,
         });
+        // ezgate builds its pools inside the runtime; a pool built outside one (a test of
+        // config parsing, say) never sends, so it has nothing to sweep.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep_forever(Arc::downgrade(&shared), tick));
         }
