@@ -122,7 +122,7 @@ impl Shared {
     fn sweep(&self) {
         let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
         self.idle()
-            .retain(|c| !c.tx.is_closed() && now - c.since <= self.idle_ticks);
+            .retain(|c| !c.tx.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks);
         let mut h2 = self.h2();
         if h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
             *h2 = None;
@@ -212,6 +212,8 @@ impl Pool {
                 Conn::H1(mut tx) => {
                     if tx.ready().await.is_err() {
                         if reused {
+                            // Closed while idle: the next pooled one, or a new one.
+                            conn = self.checkout();
                             continue;
                         }
                         return Err("the new upstream connection closed at once".into());
@@ -372,8 +374,16 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// An HTTP/1.1 upstream that counts the connections it accepted. `close` answers with
-    /// `Connection: close`; a path `/big` answers 64 frames of 16 KiB.
+    /// `Connection: close`; a path `/big` answers 1 MiB.
     async fn upstream(close: bool) -> (String, Arc<AtomicUsize>) {
+        upstream_with(close, None).await
+    }
+
+    /// As [`upstream`]; `idle_close` closes keep-alive connections idle that long.
+    async fn upstream_with(
+        close: bool,
+        idle_close: Option<Duration>,
+    ) -> (String, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -399,6 +409,9 @@ mod tests {
                     });
                     let mut b = hyper::server::conn::http1::Builder::new();
                     b.keep_alive(!close);
+                    if let Some(idle) = idle_close {
+                        b.timer(TokioTimer::new()).header_read_timeout(idle);
+                    }
                     let _ = b
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                         .await;
@@ -480,6 +493,19 @@ mod tests {
                 resp.into_body().collect().await.unwrap().to_bytes().len(),
                 11
             );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
+        let (base, accepted) = upstream_with(false, Some(Duration::from_millis(30))).await;
+        let pool = pool(&base, Duration::from_secs(30));
+        for _ in 0..3 {
+            let resp = get(&pool, "/").await;
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes().len(), 11);
+            // Long past the upstream's keep-alive timeout.
+            tokio::time::sleep(Duration::from_millis(150)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
