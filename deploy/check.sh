@@ -12,7 +12,8 @@
 #   deploy checks: N passed, M failed
 # Exit status: 0 when none failed. A check that cannot run here (no systemd-analyze; no built
 # ezgate binary) is reported as skipped, not passed. The binary check uses EZGATE_BIN, else
-# the newer of target/release/ezgate and target/debug/ezgate; DEPLOY_CHECK_BUILD=1 builds it.
+# the newer of target/release/ezgate and target/debug/ezgate (under CARGO_TARGET_DIR when set);
+# DEPLOY_CHECK_BUILD=1 builds it.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -229,13 +230,14 @@ fi
 check "docs/deploy.md: names real files, every alert, the client URL" "$PY" "$DEPLOY/check_host.py" docs
 
 # ---- the binary the image would hold -----------------------------------------------------------
+TARGET=${CARGO_TARGET_DIR:-target}
 bin=${EZGATE_BIN:-}
 if [ -z "$bin" ] && [ "${DEPLOY_CHECK_BUILD:-0}" = 1 ]; then
     say "setup: cargo build --release --bin ezgate"
-    cargo build --quiet --release --bin ezgate && bin=target/release/ezgate
+    cargo build --quiet --release --bin ezgate && bin=$TARGET/release/ezgate
 fi
 if [ -z "$bin" ]; then
-    for b in target/release/ezgate target/debug/ezgate; do
+    for b in "$TARGET/release/ezgate" "$TARGET/debug/ezgate"; do
         if [ -x "$b" ] && { [ -z "$bin" ] || [ "$b" -nt "$bin" ]; }; then bin=$b; fi
     done
 fi
@@ -244,7 +246,7 @@ if [ -n "$bin" ]; then
         "$PY" "$DEPLOY/check_binary.py" "$bin" --out "$OUT/binary" --promtool "$(command -v promtool || echo promtool)"
 else
     skip "binary: check-config, probes, metrics, SIGHUP, SIGTERM" \
-        "no target/{release,debug}/ezgate; set EZGATE_BIN or DEPLOY_CHECK_BUILD=1"
+        "no $TARGET/{release,debug}/ezgate; set EZGATE_BIN or DEPLOY_CHECK_BUILD=1"
 fi
 
 # ---- summary ---------------------------------------------------------------------------------
