@@ -503,7 +503,10 @@ mod tests {
         let pool = pool(&base, Duration::from_secs(30));
         for _ in 0..3 {
             let resp = get(&pool, "/").await;
-            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes().len(), 11);
+            assert_eq!(
+                resp.into_body().collect().await.unwrap().to_bytes().len(),
+                11
+            );
             // Long past the upstream's keep-alive timeout.
             tokio::time::sleep(Duration::from_millis(150)).await;
         }

@@ -273,7 +273,7 @@ async fn handle(
     *up_req.method_mut() = parts.method;
     *up_req.headers_mut() = parts.headers;
     let sent = Instant::now();
-    let result = state.upstream.send(up_req, path).await;
+    let result = state.upstream.send(up_req, path, sent).await;
     let arrived = Instant::now();
     let waited = arrived.saturating_duration_since(sent);
     out.upstream_wait = waited;

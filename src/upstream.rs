@@ -215,12 +215,15 @@ impl Upstream {
     }
 
     /// Sends the request for `path`; resolves when the upstream's response headers arrive.
+    /// `sent` is when the caller started the exchange (the timeout counts from there).
     pub async fn send(
         &self,
         req: Request<RequestBody>,
         path: PathAndQuery,
+        sent: std::time::Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
-        match tokio::time::timeout(self.response_timeout, self.pool.send(req, path)).await {
+        let deadline = tokio::time::Instant::from_std(sent) + self.response_timeout;
+        match tokio::time::timeout_at(deadline, self.pool.send(req, path)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&*e, self.connect_timeout)),
             Err(_) => Err(Failure {
