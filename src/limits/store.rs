@@ -23,6 +23,29 @@ use crate::config::Rate;
 
 /// The key every new key shares once a policy tracks `max_keys` keys.
 pub const OVERFLOW_KEY: &str = "\u{0}overflow";
+
+/// The entry of `key`, created when missing and counted in `count`; once `max` keys are
+/// tracked, new keys share the [`OVERFLOW_KEY`] entry (stricter, never looser).
+fn capped_entry<'a, V>(
+    map: &'a DashMap<Arc<str>, V>,
+    count: &AtomicUsize,
+    max: usize,
+    key: &Arc<str>,
+    new: impl FnOnce() -> V,
+) -> dashmap::mapref::one::RefMut<'a, Arc<str>, V> {
+    if let Some(entry) = map.get_mut(key) {
+        return entry;
+    }
+    let key = if count.load(Ordering::Relaxed) >= max {
+        Arc::from(OVERFLOW_KEY)
+    } else {
+        Arc::clone(key)
+    };
+    map.entry(key).or_insert_with(|| {
+        count.fetch_add(1, Ordering::Relaxed);
+        new()
+    })
+}
 const EMPTY: u64 = u64::MAX;
 
 /// A DashMap of GCRA states that never holds more than `max` keys (plus the overflow key).
@@ -197,23 +220,10 @@ impl<C: Clock> TokenStore<C> {
     /// Reserves `tokens`: `Ok(remaining)` or `Err(wait until they are available)`.
     pub fn reserve(&self, key: &Arc<str>, tokens: u64) -> Result<u64, Duration> {
         let now = self.now();
-        let mut b = match self.map.get_mut(key) {
-            Some(b) => b,
-            None => {
-                let key = if self.count.load(Ordering::Relaxed) >= self.max_keys {
-                    Arc::from(OVERFLOW_KEY)
-                } else {
-                    Arc::clone(key)
-                };
-                self.map.entry(key).or_insert_with(|| {
-                    self.count.fetch_add(1, Ordering::Relaxed);
-                    Bucket {
-                        balance: self.capacity,
-                        at: now,
-                    }
-                })
-            }
-        };
+        let mut b = capped_entry(&self.map, &self.count, self.max_keys, key, || Bucket {
+            balance: self.capacity,
+            at: now,
+        });
         self.refill(&mut b, now);
         let want = (tokens as f64).min(self.capacity);
         if b.balance >= want {
@@ -285,20 +295,7 @@ impl ConcurrencyStore {
 
     /// Takes a slot, returning the key it was taken under (for the release).
     pub fn acquire(&self, key: &Arc<str>) -> Option<Arc<str>> {
-        let mut n = match self.map.get_mut(key) {
-            Some(n) => n,
-            None => {
-                let key = if self.count.load(Ordering::Relaxed) >= self.max_keys {
-                    Arc::from(OVERFLOW_KEY)
-                } else {
-                    Arc::clone(key)
-                };
-                self.map.entry(key).or_insert_with(|| {
-                    self.count.fetch_add(1, Ordering::Relaxed);
-                    0
-                })
-            }
-        };
+        let mut n = capped_entry(&self.map, &self.count, self.max_keys, key, || 0);
         if *n >= self.max {
             return None;
         }
