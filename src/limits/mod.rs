@@ -253,9 +253,15 @@ impl Reservation {
 /// A permit of a refused request gives everything back.
 #[derive(Default)]
 pub struct Permit {
-    slots: Vec<Slot>,
-    reservations: Vec<Reservation>,
+    held: Vec<Held>,
     admitted: bool,
+}
+
+/// One part of a permit (one allocation for all of a request's parts).
+enum Held {
+    Slot(Slot),
+    /// `None` once settled.
+    Tokens(Option<Reservation>),
 }
 
 impl Permit {
@@ -263,23 +269,37 @@ impl Permit {
     /// the estimate stays charged. Concurrency slots are released when the permit drops.
     pub fn settle(mut self, usage: Option<Usage>) {
         if let Some(u) = usage {
-            for r in self.reservations.drain(..) {
-                r.settle(u.prompt + u.completion);
+            for h in &mut self.held {
+                if let Held::Tokens(r) = h {
+                    if let Some(r) = r.take() {
+                        r.settle(u.prompt + u.completion);
+                    }
+                }
             }
         }
+    }
+
+    fn push(&mut self, part: Held) {
+        if self.held.capacity() == 0 {
+            self.held.reserve_exact(4);
+        }
+        self.held.push(part);
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        for slot in &self.slots {
-            if let Slot::Local(store, key) = slot {
-                store.release(key);
-            }
-        }
-        if !self.admitted {
-            for r in self.reservations.drain(..) {
-                r.settle(0);
+        for h in &mut self.held {
+            match h {
+                Held::Slot(Slot::Local(store, key)) => store.release(key),
+                Held::Slot(Slot::Shared(_)) => {}
+                Held::Tokens(r) => {
+                    if !self.admitted {
+                        if let Some(r) = r.take() {
+                            r.settle(0);
+                        }
+                    }
+                }
             }
         }
     }
@@ -526,7 +546,7 @@ where
                 loop {
                     match self.take_slot(p, key).await? {
                         Some(slot) => {
-                            admission.permit.slots.push(slot);
+                            admission.permit.push(Held::Slot(slot));
                             break;
                         }
                         None => match self
@@ -550,7 +570,7 @@ where
                 loop {
                     match self.take_tokens(p, key, want).await? {
                         Ok((reservation, remaining)) => {
-                            admission.permit.reservations.push(reservation);
+                            admission.permit.push(Held::Tokens(Some(reservation)));
                             consider(&mut tightest, p.remaining_tokens(remaining));
                             break;
                         }
@@ -835,8 +855,28 @@ fn ratelimit_headers(t: &Remaining<'_>) -> Vec<(HeaderName, HeaderValue)> {
     headers
 }
 
-/// An IP address as a key, written without `fmt` for IPv4 (the usual sidecar peer).
+/// An IP address as a key. A sidecar hears from very few peers (often only 127.0.0.1), so
+/// each thread remembers the last one and hands out the same key.
 fn ip_key(ip: std::net::IpAddr) -> Arc<str> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::IpAddr, Arc<str>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((seen, key)) if *seen == ip => Arc::clone(key),
+            _ => {
+                let key = format_ip(ip);
+                *last = Some((ip, Arc::clone(&key)));
+                key
+            }
+        }
+    })
+}
+
+/// An IP address as text, written without `fmt` for IPv4.
+fn format_ip(ip: std::net::IpAddr) -> Arc<str> {
     let std::net::IpAddr::V4(v4) = ip else {
         return Arc::from(ip.to_string());
     };

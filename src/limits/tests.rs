@@ -403,5 +403,7 @@ fn ip_keys_are_the_usual_text() {
     ] {
         let parsed: std::net::IpAddr = ip.parse().unwrap();
         assert_eq!(&*super::ip_key(parsed), ip);
+        // The same peer again: the same key, not a new one.
+        assert!(Arc::ptr_eq(&super::ip_key(parsed), &super::ip_key(parsed)));
     }
 }
