@@ -114,6 +114,17 @@ fn limiter(c: &mut Criterion) {
     });
 }
 
+/// The 1 KB chat request of `benches/proxy.sh`, read the way a token policy reads it.
+fn request_scan(c: &mut Criterion) {
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","max_tokens":64,"temperature":0.2,"messages":[{{"role":"system","content":"You are a concise assistant for an internal support tool."}},{{"role":"user","content":"{}"}}]}}"#,
+        "please summarise the following ticket and suggest the next step ".repeat(13)
+    );
+    c.bench_function("limits/inspect a 1 KB chat request body", |b| {
+        b.iter(|| ezgate::limits::tokens::inspect(std::hint::black_box(body.as_bytes())))
+    });
+}
+
 fn metrics(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
     let method = http::Method::POST;
@@ -153,5 +164,5 @@ fn errors(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, headers, limiter, metrics, errors);
+criterion_group!(benches, headers, limiter, request_scan, metrics, errors);
 criterion_main!(benches);
