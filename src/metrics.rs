@@ -1,7 +1,6 @@
 //! Prometheus metrics (CONTRACT §6), in an owned registry with handles cached at start.
 //! [`Metrics::record`] is called once per request, from the request's [`Outcome`].
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -72,8 +71,7 @@ pub struct Metrics {
     ratelimit_fallbacks: IntCounterVec,
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
-    /// Config model names, by their index in the model label table.
-    models: HashMap<String, usize>,
+    /// Config model names (exact, sorted): the first entries of the model label table.
     model_names: Vec<String>,
     /// `ezgate_tokens_total` handles (prompt, completion) by model label index.
     token_cache: Box<[OnceLock<[IntCounter; 2]>]>,
@@ -244,11 +242,6 @@ impl Metrics {
             .collect();
         model_names.sort();
         model_names.dedup();
-        let models = model_names
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.clone(), i))
-            .collect();
         let token_cache = cache(model_names.len() + WELL_KNOWN_MODELS.len() + 1);
         Ok(Metrics {
             registry,
@@ -264,7 +257,6 @@ impl Metrics {
             ratelimit_fallbacks,
             inflight,
             tokens,
-            models,
             model_names,
             token_cache,
             request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
@@ -387,8 +379,8 @@ impl Metrics {
     fn model_index(&self, model: Option<&str>) -> usize {
         let other = self.model_names.len() + WELL_KNOWN_MODELS.len();
         let Some(m) = model else { return other };
-        if let Some(i) = self.models.get(m) {
-            return *i;
+        if let Ok(i) = self.model_names.binary_search_by(|n| n.as_str().cmp(m)) {
+            return i;
         }
         let base = strip_snapshot_date(m);
         WELL_KNOWN_MODELS

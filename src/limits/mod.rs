@@ -278,13 +278,6 @@ impl Permit {
             }
         }
     }
-
-    fn push(&mut self, part: Held) {
-        if self.held.capacity() == 0 {
-            self.held.reserve_exact(4);
-        }
-        self.held.push(part);
-    }
 }
 
 impl Drop for Permit {
@@ -546,7 +539,7 @@ where
                 loop {
                     match self.take_slot(p, key).await? {
                         Some(slot) => {
-                            admission.permit.push(Held::Slot(slot));
+                            admission.permit.held.push(Held::Slot(slot));
                             break;
                         }
                         None => match self
@@ -570,7 +563,7 @@ where
                 loop {
                     match self.take_tokens(p, key, want).await? {
                         Ok((reservation, remaining)) => {
-                            admission.permit.push(Held::Tokens(Some(reservation)));
+                            admission.permit.held.push(Held::Tokens(Some(reservation)));
                             consider(&mut tightest, p.remaining_tokens(remaining));
                             break;
                         }
@@ -867,35 +860,12 @@ fn ip_key(ip: std::net::IpAddr) -> Arc<str> {
         match &*last {
             Some((seen, key)) if *seen == ip => Arc::clone(key),
             _ => {
-                let key = format_ip(ip);
+                let key: Arc<str> = Arc::from(ip.to_string());
                 *last = Some((ip, Arc::clone(&key)));
                 key
             }
         }
     })
-}
-
-/// An IP address as text, written without `fmt` for IPv4.
-fn format_ip(ip: std::net::IpAddr) -> Arc<str> {
-    let std::net::IpAddr::V4(v4) = ip else {
-        return Arc::from(ip.to_string());
-    };
-    // On the stack, then one allocation for the key.
-    let mut buf = [0u8; 15];
-    let mut n = 0;
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            buf[n] = b'.';
-            n += 1;
-        }
-        for (div, min) in [(100, 100), (10, 10), (1, 0)] {
-            if octet >= min {
-                buf[n] = b'0' + octet / div % 10;
-                n += 1;
-            }
-        }
-    }
-    Arc::from(std::str::from_utf8(&buf[..n]).unwrap_or("0.0.0.0"))
 }
 
 /// The key an upstream 429 holds back: the upstream credential (the organization's key in
