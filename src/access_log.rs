@@ -280,17 +280,12 @@ fn push_millis(buf: &mut Vec<u8>, d: Duration) {
     let nanos = d.as_nanos();
     push_u64(buf, u64::try_from(nanos / 1_000_000).unwrap_or(u64::MAX));
     buf.push(b'.');
-    let mut frac = [b'0'; 6];
-    let mut n = (nanos % 1_000_000) as u32;
-    for d in frac.iter_mut().rev() {
-        *d = b'0' + (n % 10) as u8;
-        n /= 10;
+    let point = buf.len();
+    push_padded(buf, (nanos % 1_000_000) as u64, 6);
+    // Trailing zeros go, one digit stays: `2.5`, `3.0`.
+    while buf.len() > point + 1 && buf.last() == Some(&b'0') {
+        buf.pop();
     }
-    let len = frac
-        .iter()
-        .rposition(|&d| d != b'0')
-        .map_or(1, |last| last + 1);
-    buf.extend_from_slice(&frac[..len]);
 }
 
 /// RFC 3339 in UTC with microseconds, as tracing-subscriber writes it:

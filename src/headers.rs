@@ -116,8 +116,8 @@ pub fn new_request_id() -> String {
     let lo = (r2 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
     // 8-4-4-4-12 hex digits of the 128 bits `hi`, `lo`.
     let mut id = String::with_capacity(36);
-    for (i, nibble) in (0..32).enumerate() {
-        if matches!(i, 8 | 12 | 16 | 20) {
+    for nibble in 0..32 {
+        if matches!(nibble, 8 | 12 | 16 | 20) {
             id.push('-');
         }
         let bits = if nibble < 16 { hi } else { lo };

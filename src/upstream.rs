@@ -197,8 +197,9 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for a client's path and query. Only ever the configured host:
-    /// whatever authority the client named is ignored (ezgate is never an open proxy).
+    /// The upstream path (base-URL prefix included) for a client's path and query. Only
+    /// the path is taken: whatever authority the client named is ignored, and the pool
+    /// only ever talks to the configured host (ezgate is never an open proxy).
     pub fn target(
         &self,
         path_and_query: Option<&PathAndQuery>,
