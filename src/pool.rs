@@ -8,6 +8,14 @@
 //! A body dropped before its end (client gone, error body cut short) takes the connection
 //! with it, and hyper closes it: a half-read connection is never reused.
 //!
+//! An HTTP/1.1 connection has no task of its own: whoever holds it drives it. While the
+//! request waits for its response headers, the request's future polls the connection
+//! beside the response; then [`UpstreamBody`] polls it before each read of the body, on the
+//! task that writes the response to the client. No wake-up crosses tasks between the
+//! upstream socket and the client socket, and a client that goes away drops the connection
+//! with its request. An idle connection is polled by the sweeper, which notices connections
+//! the upstream closed. An HTTP/2 connection is shared, so it runs on a task of its own.
+//!
 //! A request that finds its pooled connection closed before anything was written (the
 //! upstream closed an idle keep-alive connection) is retried once on a new connection;
 //! once written, it is never retried.
@@ -17,6 +25,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -30,14 +39,65 @@ use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower_service::Service;
 
 use crate::upstream::RequestBody;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// An HTTP/1.1 connection's I/O half: boxed once per connection, so handing it from the
+/// pool to a request and on to its body moves a pointer.
+type H1Conn = Box<http1::Connection<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>, RequestBody>>;
+
+/// An HTTP/1.1 connection: the sender of requests, and the I/O half that whoever holds the
+/// connection drives (`None` once it has finished).
+struct H1 {
+    tx: http1::SendRequest<RequestBody>,
+    conn: Option<H1Conn>,
+}
+
+impl H1 {
+    /// Polls the connection's I/O once; on its end, lets it go.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = self.conn.as_mut() {
+            if let Poll::Ready(end) = Pin::new(conn).poll(cx) {
+                if let Err(e) = end {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                self.conn = None;
+            }
+        }
+    }
+
+    /// Awaits `fut` while driving the connection, which it needs to make progress.
+    async fn with<F: Future + Unpin>(&mut self, mut fut: F) -> F::Output {
+        poll_fn(|cx| {
+            // The connection first: what it reads or writes may complete `fut` in this pass.
+            self.drive(cx);
+            Pin::new(&mut fut).poll(cx)
+        })
+        .await
+    }
+
+    /// Awaits the connection's readiness for a request (the end of the previous one).
+    async fn ready(&mut self) -> hyper::Result<()> {
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = self.tx.poll_ready(cx) {
+                return Poll::Ready(r);
+            }
+            self.drive(cx);
+            self.tx.poll_ready(cx)
+        })
+        .await
+    }
+
+    fn is_closed(&self) -> bool {
+        self.conn.is_none() || self.tx.is_closed()
+    }
+}
 
 /// The connection to the upstream could not be made (TCP, DNS or TLS).
 #[derive(Debug)]
@@ -84,7 +144,7 @@ struct Shared {
 }
 
 struct Idle {
-    tx: http1::SendRequest<RequestBody>,
+    h1: H1,
     since: u64,
 }
 
@@ -98,22 +158,22 @@ impl Shared {
         self.h2.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn put_back(&self, tx: http1::SendRequest<RequestBody>) {
-        if tx.is_closed() {
+    fn put_back(&self, h1: H1) {
+        if h1.is_closed() {
             return;
         }
         let since = self.tick.load(Ordering::Relaxed);
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
-            idle.push(Idle { tx, since });
+            idle.push(Idle { h1, since });
         }
     }
 
-    fn take(&self) -> Option<http1::SendRequest<RequestBody>> {
+    fn take(&self) -> Option<H1> {
         let mut idle = self.idle();
         while let Some(c) = idle.pop() {
-            if !c.tx.is_closed() {
-                return Some(c.tx);
+            if !c.h1.is_closed() {
+                return Some(c.h1);
             }
         }
         None
@@ -121,8 +181,13 @@ impl Shared {
 
     fn sweep(&self) {
         let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        self.idle()
-            .retain(|c| !c.tx.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks);
+        // Idle connections have no task: a poll here reads what the upstream sent since,
+        // usually nothing, or the end of a connection it closed. No one needs waking then.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.idle().retain_mut(|c| {
+            c.h1.drive(&mut cx);
+            !c.h1.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks
+        });
         let mut h2 = self.h2();
         if h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
             *h2 = None;
@@ -132,7 +197,7 @@ impl Shared {
 
 /// A connection to send one request on.
 enum Conn {
-    H1(http1::SendRequest<RequestBody>),
+    H1(H1),
     H2(http2::SendRequest<RequestBody>),
 }
 
@@ -209,8 +274,8 @@ impl Pool {
                     let resp = tx.send_request(req).await?;
                     return Ok(resp.map(|b| UpstreamBody::new(b, None)));
                 }
-                Conn::H1(mut tx) => {
-                    if tx.ready().await.is_err() {
+                Conn::H1(mut h1) => {
+                    if h1.ready().await.is_err() {
                         if reused {
                             // Closed while idle: the next pooled one, or a new one.
                             conn = self.checkout();
@@ -220,10 +285,11 @@ impl Pool {
                     }
                     *req.uri_mut() = Uri::from(path.clone());
                     req.headers_mut().insert(HOST, self.host.clone());
-                    match tx.try_send_request(req).await {
+                    let sent = std::pin::pin!(h1.tx.try_send_request(req));
+                    match h1.with(sent).await {
                         Ok(resp) => {
                             let back = Returner {
-                                tx,
+                                h1,
                                 shared: Arc::clone(&self.shared),
                             };
                             return Ok(resp.map(|b| UpstreamBody::new(b, Some(back))));
@@ -282,12 +348,10 @@ impl Pool {
             return Ok(Conn::H2(tx));
         }
         let (tx, conn) = self.h1.handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(Conn::H1(tx))
+        Ok(Conn::H1(H1 {
+            tx,
+            conn: Some(Box::new(conn)),
+        }))
     }
 
     /// Idle HTTP/1.1 connections (for tests).
@@ -309,9 +373,9 @@ async fn sweep_forever(shared: Weak<Shared>, every: Duration) {
     }
 }
 
-/// Gives an HTTP/1.1 connection back to the pool.
+/// An HTTP/1.1 connection on loan to a response body, which gives it back to the pool.
 struct Returner {
-    tx: http1::SendRequest<RequestBody>,
+    h1: H1,
     shared: Arc<Shared>,
 }
 
@@ -332,7 +396,7 @@ impl UpstreamBody {
 
     fn release(&mut self) {
         if let Some(r) = self.back.take() {
-            r.shared.put_back(r.tx);
+            r.shared.put_back(r.h1);
         }
     }
 }
@@ -346,7 +410,14 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() {
+            // The connection reads the socket into the body: drive it, then look again.
+            if let Some(r) = this.back.as_mut() {
+                r.h1.drive(cx);
+                polled = Pin::new(&mut this.inner).poll_frame(cx);
+            }
+        }
         match &polled {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
@@ -461,6 +532,37 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_large_body_read_to_its_end_gives_its_connection_back() {
+        let (base, accepted) = upstream(false).await;
+        let pool = pool(&base, Duration::from_secs(30));
+        for _ in 0..3 {
+            let body = get(&pool, "/big").await.into_body();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            assert_eq!(bytes.len(), 1 << 20);
+            assert!(bytes.iter().all(|&b| b == b'x'));
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_drops_a_connection_the_upstream_closed() {
+        let (base, _) = upstream_with(false, Some(Duration::from_millis(30))).await;
+        // Expiry is 10 s away: only noticing the close can empty the pool sooner.
+        let pool = pool(&base, Duration::from_secs(10));
+        let resp = get(&pool, "/").await;
+        let _ = resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        for _ in 0..100 {
+            if pool.idle_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("a connection the upstream closed stayed in the pool");
     }
 
     #[tokio::test]
