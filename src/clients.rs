@@ -63,9 +63,13 @@ impl Clients {
 
     /// Identifies the caller. With clients configured, a known key is required.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Caller, GatewayError> {
-        let key = bearer(headers);
-        let digest = key.map(sha256);
-        let key_fingerprint = digest.map(|d| Arc::from(fingerprint(&d)));
+        let (digest, key_fingerprint) = match bearer(headers) {
+            Some(key) => {
+                let (d, fp) = digest_of(key);
+                (Some(d), Some(fp))
+            }
+            None => (None, None),
+        };
         if self.list.is_empty() {
             return Ok(Caller {
                 client: None,
@@ -122,6 +126,33 @@ pub fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
+/// A key's SHA-256 and fingerprint. A sidecar sees few distinct keys, often one, so each
+/// thread remembers the last key it hashed; a presented key is compared with it in constant
+/// time (the remembered key may be another client's).
+fn digest_of(key: &[u8]) -> ([u8; 32], Arc<str>) {
+    type Last = Option<(Box<[u8]>, [u8; 32], Arc<str>)>;
+    thread_local! {
+        static LAST: std::cell::RefCell<Last> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((seen, digest, fp)) = &*last {
+            if ct_eq(seen, key) {
+                return (*digest, Arc::clone(fp));
+            }
+        }
+        let digest = sha256(key);
+        let fp: Arc<str> = Arc::from(fingerprint(&digest));
+        *last = Some((key.into(), digest, Arc::clone(&fp)));
+        (digest, fp)
+    })
+}
+
+/// Equality that takes the same time wherever the inputs differ (the lengths may show).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, data);
     let mut out = [0u8; 32];
@@ -142,8 +173,7 @@ pub fn fingerprint(digest: &[u8; 32]) -> String {
 }
 
 fn ring_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    // Constant time: fold all byte differences, then test once.
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    ct_eq(a, b)
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
@@ -259,6 +289,37 @@ mod tests {
         assert!(glob_match("*-embedding-?", "text-embedding-3"));
         assert!(!glob_match("gpt-4o", "gpt-4o-mini"));
         assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn alternating_keys_are_each_identified_by_their_own_digest() {
+        let c = clients();
+        // The per-thread memory of the last key must never answer for a different key,
+        // including one that shares its length or its prefix.
+        for _ in 0..3 {
+            assert_eq!(
+                c.identify(&auth("Bearer key-a")).unwrap().label(),
+                Some("team-a")
+            );
+            for other in ["key-b", "key-a2", "key-", "kez-a"] {
+                assert!(matches!(
+                    c.identify(&auth(&format!("Bearer {other}"))),
+                    Err(GatewayError::InvalidApiKey)
+                ));
+            }
+        }
+        let open = Clients::default();
+        let fp = |k: &str| {
+            open.identify(&auth(&format!("Bearer {k}")))
+                .unwrap()
+                .key_fingerprint
+                .unwrap()
+        };
+        let (a, b) = (fp("sk-one"), fp("sk-two"));
+        assert_ne!(a, b);
+        assert_eq!(fp("sk-one"), a);
+        assert_eq!(*a, *fingerprint(&sha256(b"sk-one")));
+        assert_eq!(fp("sk-two"), b);
     }
 
     #[test]

@@ -62,17 +62,43 @@ pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
 /// Appends the peer to `X-Forwarded-For`, keeping what earlier proxies wrote.
 pub fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     use std::fmt::Write;
-    let mut value = String::with_capacity(48);
-    if let Some(prev) = headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        if !prev.trim().is_empty() {
-            value.push_str(prev);
-            value.push_str(", ");
-        }
-    }
+    let prev = headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| !p.trim().is_empty());
+    let Some(prev) = prev else {
+        // The usual case, a first hop: the peer's address alone, which each thread keeps
+        // rendered for the last peer it saw (a sidecar hears from very few).
+        headers.insert(X_FORWARDED_FOR, peer_value(peer));
+        return;
+    };
+    let mut value = String::with_capacity(prev.len() + 48);
+    value.push_str(prev);
+    value.push_str(", ");
     let _ = write!(value, "{peer}");
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR, v);
     }
+}
+
+/// `peer` as a header value, remembered per thread for the last peer.
+fn peer_value(peer: IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((seen, v)) if *seen == peer => v.clone(),
+            _ => {
+                let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(peer.to_string()))
+                    .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+                *last = Some((peer, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 thread_local! {
@@ -184,5 +210,16 @@ mod tests {
         append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
         append_forwarded_for(&mut h, "127.0.0.1".parse().unwrap());
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        // A first hop gets its own address, whichever peer the thread saw before.
+        for peer in ["127.0.0.1", "::1", "127.0.0.1", "10.1.2.3"] {
+            let mut h = HeaderMap::new();
+            append_forwarded_for(&mut h, peer.parse().unwrap());
+            assert_eq!(h[X_FORWARDED_FOR], peer);
+        }
+        // A blank header counts as none.
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("  "));
+        append_forwarded_for(&mut h, "10.0.0.9".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9");
     }
 }
