@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use crate::errors::GatewayError;
+use crate::limits::scan;
 use crate::outcome::{Outcome, Usage};
 use crate::upstream::{classify, BoxError, FailureKind};
 
@@ -264,15 +265,15 @@ impl SseScan {
 fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
     // OpenAI writes `usage` last and `model` first: each is searched from that end.
     let f = finders();
-    let usage: UsageJson = value_after(doc, USAGE_KEY.len(), f.usage_rev.rfind_iter(doc))?;
-    let model: Option<String> = value_after(doc, MODEL_KEY.len(), f.model.find_iter(doc));
-    Some((
-        Usage {
-            prompt: usage.prompt_tokens,
-            completion: usage.completion_tokens,
-        },
-        model,
-    ))
+    let (prompt, completion) = scan::usage_counts(value_after(
+        doc,
+        USAGE_KEY.len(),
+        f.usage_rev.rfind_iter(doc),
+    )?)?;
+    let model = value_after(doc, MODEL_KEY.len(), f.model.find_iter(doc))
+        .and_then(scan::string_at)
+        .map(String::from);
+    Some((Usage { prompt, completion }, model))
 }
 
 const USAGE_KEY: &[u8] = b"\"usage\"";
@@ -294,17 +295,10 @@ fn finders() -> &'static Finders {
     })
 }
 
-/// The value after the first hit (in the iterator's order) that is a key (`"key":`).
-fn value_after<T: serde::de::DeserializeOwned>(
-    doc: &[u8],
-    key_len: usize,
-    mut hits: impl Iterator<Item = usize>,
-) -> Option<T> {
-    let found = hits.find_map(|i| doc[i + key_len..].trim_ascii_start().strip_prefix(b":"))?;
-    serde_json::Deserializer::from_slice(found)
-        .into_iter::<T>()
-        .next()?
-        .ok()
+/// The text after the first hit (in the iterator's order) that is a key (`"key":`): where
+/// its value starts.
+fn value_after(doc: &[u8], key_len: usize, mut hits: impl Iterator<Item = usize>) -> Option<&[u8]> {
+    hits.find_map(|i| doc[i + key_len..].trim_ascii_start().strip_prefix(b":"))
 }
 
 impl Body for ResponseBody {

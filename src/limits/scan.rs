@@ -92,6 +92,66 @@ pub fn request_fields(body: &[u8]) -> Option<Fields<'_>> {
     (s.i == body.len()).then_some(f)
 }
 
+/// The token counts of a `usage` object at the start of `doc` (after spaces): the
+/// `prompt_tokens` (or `input_tokens`) and `completion_tokens` (or `output_tokens`) members,
+/// 0 when absent, other members skipped. As serde reads them into `u64` fields: a value that
+/// is not a whole number, or a count given twice, means `None`. What follows the object is
+/// not looked at.
+pub fn usage_counts(doc: &[u8]) -> Option<(u64, u64)> {
+    let mut s = Scan {
+        b: doc,
+        i: 0,
+        // Characters are not counted here.
+        ascii: true,
+    };
+    let (mut prompt, mut completion) = (None, None);
+    s.expect(b'{')?;
+    if s.eat(b'}') {
+        return Some((0, 0));
+    }
+    loop {
+        let key = s.string()?;
+        s.expect(b':')?;
+        let slot = match key.raw {
+            b"prompt_tokens" | b"input_tokens" => &mut prompt,
+            b"completion_tokens" | b"output_tokens" => &mut completion,
+            _ => {
+                s.value(false, 0)?;
+                if s.eat(b',') {
+                    continue;
+                }
+                s.expect(b'}')?;
+                break;
+            }
+        };
+        if slot.is_some() {
+            return None;
+        }
+        let text = s.number()?;
+        *slot = Some(std::str::from_utf8(text).ok()?.parse::<u64>().ok()?);
+        if s.eat(b',') {
+            continue;
+        }
+        s.expect(b'}')?;
+        break;
+    }
+    Some((prompt.unwrap_or(0), completion.unwrap_or(0)))
+}
+
+/// The string at the start of `doc` (after spaces), decoded; `None` for any other value.
+pub fn string_at(doc: &[u8]) -> Option<Cow<'_, str>> {
+    let mut s = Scan {
+        b: doc,
+        i: 0,
+        // Characters are not counted here.
+        ascii: true,
+    };
+    if s.peek()? != b'"' {
+        return None;
+    }
+    s.string()?.decode()
+}
+
 /// A string as it appears in the document, between its quotes.
 struct Str<'a> {
     raw: &'a [u8],
@@ -494,6 +554,38 @@ mod tests {
         })
     }
 
+    #[derive(Deserialize)]
+    struct UsageRef {
+        #[serde(default, alias = "input_tokens")]
+        prompt_tokens: u64,
+        #[serde(default, alias = "output_tokens")]
+        completion_tokens: u64,
+    }
+
+    /// A member of a `usage` object: a count (well or badly typed) or anything else.
+    fn usage_member() -> impl Strategy<Value = (String, String)> {
+        let key = prop::sample::select(vec![
+            "prompt_tokens",
+            "input_tokens",
+            "completion_tokens",
+            "output_tokens",
+            "total_tokens",
+            "prompt_tokens_details",
+        ]);
+        let value = prop_oneof![
+            any::<u64>().prop_map(|n| n.to_string()),
+            (0u64..100_000).prop_map(|n| n.to_string()),
+            Just("null".to_owned()),
+            Just("-1".to_owned()),
+            Just("1.5".to_owned()),
+            Just("1e3".to_owned()),
+            Just("\"12\"".to_owned()),
+            Just("18446744073709551616".to_owned()),
+            json().prop_map(|v| serde_json::to_string(&v).unwrap()),
+        ];
+        (key, value).prop_map(|(k, v)| (k.to_owned(), v))
+    }
+
     fn member() -> impl Strategy<Value = (String, serde_json::Value)> {
         (
             prop::sample::select(vec![
@@ -533,6 +625,38 @@ mod tests {
         #[test]
         fn never_panics(body in prop::collection::vec(any::<u8>(), 0..256)) {
             let _ = request_fields(&body);
+            let _ = usage_counts(&body);
+            let _ = string_at(&body);
+        }
+
+        /// A `usage` object (members written by hand, so a count may come twice) reads as
+        /// serde reads it into the two counts; what follows it does not matter.
+        #[test]
+        fn usage_matches_serde(
+            members in prop::collection::vec(usage_member(), 0..6),
+            tail in prop::sample::select(vec!["", "}", ",\"model\":1}", " garbage"]),
+        ) {
+            let inner: Vec<String> = members
+                .iter()
+                .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v))
+                .collect();
+            let object = format!("{{{}}}", inner.join(","));
+            let reference = serde_json::from_str::<UsageRef>(&object)
+                .ok()
+                .map(|u| (u.prompt_tokens, u.completion_tokens));
+            let doc = format!("{object}{tail}");
+            prop_assert_eq!(usage_counts(doc.as_bytes()), reference, "{}", doc);
+        }
+
+        /// A string value reads as serde reads a `String`; any other value is none.
+        #[test]
+        fn string_matches_serde(v in json()) {
+            let text = serde_json::to_string(&v).unwrap();
+            let reference = match &v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                _ => None,
+            };
+            prop_assert_eq!(string_at(text.as_bytes()).map(String::from), reference);
         }
     }
 }
