@@ -140,19 +140,20 @@ pub fn new_request_id() -> String {
     let (r1, r2) = (next_random(), next_random());
     let hi = (ms << 16) | 0x7000 | (r1 & 0x0fff);
     let lo = (r2 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    // 8-4-4-4-12 hex digits of the 128 bits `hi`, `lo`.
-    let mut id = String::with_capacity(36);
+    // 8-4-4-4-12 hex digits of the 128 bits `hi`, `lo`, written into place.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = *b"00000000-0000-4000-8000-000000000000";
+    let mut at = 0;
     for nibble in 0..32 {
         if matches!(nibble, 8 | 12 | 16 | 20) {
-            id.push('-');
+            at += 1;
         }
         let bits = if nibble < 16 { hi } else { lo };
-        let shift = 60 - 4 * (nibble % 16);
-        id.push(char::from(
-            b"0123456789abcdef"[((bits >> shift) & 0xf) as usize],
-        ));
+        id[at] = HEX[((bits >> (60 - 4 * (nibble % 16))) & 0xf) as usize];
+        at += 1;
     }
-    id
+    // Hex digits and dashes only: always valid.
+    std::str::from_utf8(&id).unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]

@@ -152,8 +152,8 @@ impl<C: Clock> Policy<C> {
                 Some(v) => Arc::from(String::from_utf8_lossy(&v.as_bytes()[..v.len().min(128)])),
                 None => Arc::from("none"),
             },
-            KeyKind::Model => Arc::from(r.model.unwrap_or("none")),
-            KeyKind::Global => Arc::from(""),
+            KeyKind::Model => text_key(r.model.unwrap_or("none")),
+            KeyKind::Global => text_key(""),
         }
     }
 
@@ -831,10 +831,15 @@ fn policy_header(t: &Remaining<'_>) -> HeaderValue {
 
 /// `RateLimit-Policy` and `RateLimit: "name";r=<remaining>;t=<seconds to reset>`.
 fn ratelimit_headers(t: &Remaining<'_>) -> Vec<(HeaderName, HeaderValue)> {
-    use std::fmt::Write;
-    let mut now = String::with_capacity(t.name.len() + 32);
+    let mut now = String::with_capacity(t.name.len() + 48);
     let reset = t.reset.as_secs() + u64::from(t.reset.subsec_nanos() > 0);
-    let _ = write!(now, "\"{}\";r={};t={}", t.name, t.remaining, reset);
+    // `"name";r=R;t=T`, without the formatting machinery (this is on every admitted request).
+    now.push('"');
+    now.push_str(t.name);
+    now.push_str("\";r=");
+    push_u64(&mut now, t.remaining);
+    now.push_str(";t=");
+    push_u64(&mut now, reset);
     let mut headers = Vec::with_capacity(2);
     if !t.policy_header.is_empty() {
         headers.push((
@@ -846,6 +851,40 @@ fn ratelimit_headers(t: &Remaining<'_>) -> Vec<(HeaderName, HeaderValue)> {
         headers.push((HeaderName::from_static("ratelimit"), v));
     }
     headers
+}
+
+/// The decimal digits of `n`.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
+}
+
+/// A text key (a model, or the one global key). Requests mostly name the same few models, so
+/// each thread remembers the last key it built.
+fn text_key(text: &str) -> Arc<str> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some(key) if **key == *text => Arc::clone(key),
+            _ => {
+                let key: Arc<str> = Arc::from(text);
+                *last = Some(Arc::clone(&key));
+                key
+            }
+        }
+    })
 }
 
 /// An IP address as a key. A sidecar hears from very few peers (often only 127.0.0.1), so
