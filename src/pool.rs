@@ -1,8 +1,11 @@
 //! Connections to the one upstream, reused across requests.
 //!
 //! ezgate talks to a single origin, so its pool is a stack, not a map: idle HTTP/1.1
-//! connections wait in a `Vec` (the most recently used is taken first), and when the
-//! upstream negotiates HTTP/2 (ALPN over TLS) one shared connection carries every request.
+//! connections wait in a `Vec` (the most recently used is taken first). When the upstream
+//! speaks HTTP/2 (chosen by ALPN over TLS, or `upstream.http2 = "always"`), requests share
+//! connections as streams: each connection carries as many as the upstream allows at once
+//! (its `SETTINGS_MAX_CONCURRENT_STREAMS`), and a request that finds them all full opens
+//! another connection instead of queueing behind streams that may last minutes (SSE).
 //! An HTTP/1.1 connection goes back on the stack when its response body has been read to
 //! the end — by [`UpstreamBody`], on the request's own task, with no extra task per request.
 //! A body dropped before its end (client gone, error body cut short) takes the connection
@@ -21,13 +24,13 @@
 //! once written, it is never retried.
 //!
 //! A sweeper task drops connections idle longer than `upstream.pool_idle_timeout`, and ends
-//! with the pool.
+//! with the pool, and HTTP/2 connections left without streams for as long.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -47,6 +50,10 @@ use tower_service::Service;
 use crate::upstream::RequestBody;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Streams an HTTP/2 connection is assumed to allow until the upstream's SETTINGS say (the
+/// least RFC 9113 recommends servers allow).
+const DEFAULT_MAX_STREAMS: usize = 100;
 
 /// An HTTP/1.1 connection's I/O half: boxed once per connection, so handing it from the
 /// pool to a request and on to its body moves a pointer.
@@ -119,6 +126,8 @@ impl StdError for ConnectError {
 pub struct PoolConfig {
     pub max_idle: usize,
     pub idle_timeout: Duration,
+    /// HTTP/2 on every connection, negotiated or not (prior knowledge on `http://`).
+    pub http2_only: bool,
 }
 
 pub struct Pool {
@@ -130,12 +139,13 @@ pub struct Pool {
     host: HeaderValue,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    http2_only: bool,
     shared: Arc<Shared>,
 }
 
 struct Shared {
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    h2: Mutex<Vec<H2>>,
     max_idle: usize,
     /// Sweeper ticks: a coarse clock, so returning a connection reads no clock.
     tick: AtomicU64,
@@ -148,14 +158,60 @@ struct Idle {
     since: u64,
 }
 
+/// A shared HTTP/2 connection.
+struct H2 {
+    tx: http2::SendRequest<RequestBody>,
+    load: Arc<H2Load>,
+}
+
+struct H2Load {
+    /// Streams open on the connection: requests sent whose response bodies have not ended.
+    streams: AtomicUsize,
+    /// How many the upstream allows at once, as its latest SETTINGS said.
+    max: AtomicUsize,
+    /// The sweeper tick when its last stream ended.
+    since: AtomicU64,
+}
+
+/// One open stream of a shared HTTP/2 connection; dropping it frees the place.
+struct Stream {
+    load: Arc<H2Load>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.load.streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let now = self.shared.tick.load(Ordering::Relaxed);
+            self.load.since.store(now, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Shared {
     fn idle(&self) -> MutexGuard<'_, Vec<Idle>> {
         // A panic while holding the lock leaves a valid Vec behind: keep using it.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn h2(&self) -> MutexGuard<'_, Option<http2::SendRequest<RequestBody>>> {
+    fn h2(&self) -> MutexGuard<'_, Vec<H2>> {
         self.h2.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place on a shared HTTP/2 connection with room for one more stream.
+    fn h2_stream(self: &Arc<Self>) -> Option<Conn> {
+        let mut h2 = self.h2();
+        h2.retain(|c| !c.tx.is_closed());
+        // Under the lock, so two requests cannot both take the last place.
+        let c = h2.iter().find(|c| {
+            c.load.streams.load(Ordering::Relaxed) < c.load.max.load(Ordering::Relaxed)
+        })?;
+        c.load.streams.fetch_add(1, Ordering::Relaxed);
+        let stream = Stream {
+            load: Arc::clone(&c.load),
+            shared: Arc::clone(self),
+        };
+        Some(Conn::H2(c.tx.clone(), stream))
     }
 
     fn put_back(&self, h1: H1) {
@@ -188,17 +244,18 @@ impl Shared {
             c.h1.drive(&mut cx);
             !c.h1.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks
         });
-        let mut h2 = self.h2();
-        if h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
-            *h2 = None;
-        }
+        self.h2().retain(|c| {
+            let idle = c.load.streams.load(Ordering::Relaxed) == 0
+                && now.saturating_sub(c.load.since.load(Ordering::Relaxed)) > self.idle_ticks;
+            !c.tx.is_closed() && !idle
+        });
     }
 }
 
 /// A connection to send one request on.
 enum Conn {
     H1(H1),
-    H2(http2::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>, Stream),
 }
 
 impl Pool {
@@ -226,7 +283,7 @@ impl Pool {
         let idle_ticks = (cfg.idle_timeout.as_nanos() / tick.as_nanos().max(1)) as u64;
         let shared = Arc::new(Shared {
             idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
+            h2: Mutex::new(Vec::new()),
             max_idle: cfg.max_idle,
             tick: AtomicU64::new(0),
             idle_ticks,
@@ -244,6 +301,7 @@ impl Pool {
             host,
             h1,
             h2,
+            http2_only: cfg.http2_only,
             shared,
         })
     }
@@ -268,11 +326,24 @@ impl Pool {
                 }
             };
             match c {
-                Conn::H2(mut tx) => {
+                Conn::H2(mut tx, stream) => {
                     *req.uri_mut() = self.absolute(path.clone())?;
                     req.headers_mut().remove(HOST);
-                    let resp = tx.send_request(req).await?;
-                    return Ok(resp.map(|b| UpstreamBody::new(b, None)));
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => {
+                            return Ok(
+                                resp.map(|b| UpstreamBody::new(b, Back::H2 { _stream: stream }))
+                            )
+                        }
+                        Err(mut e) => match e.take_message() {
+                            // Never sent (the connection was going away): once more, on a new one.
+                            Some(again) if reused => {
+                                req = again;
+                                reused = false;
+                            }
+                            _ => return Err(e.into_error().into()),
+                        },
+                    }
                 }
                 Conn::H1(mut h1) => {
                     if h1.ready().await.is_err() {
@@ -288,11 +359,8 @@ impl Pool {
                     let sent = std::pin::pin!(h1.tx.try_send_request(req));
                     match h1.with(sent).await {
                         Ok(resp) => {
-                            let back = Returner {
-                                h1,
-                                shared: Arc::clone(&self.shared),
-                            };
-                            return Ok(resp.map(|b| UpstreamBody::new(b, Some(back))));
+                            let back = Back::H1(h1, Arc::clone(&self.shared));
+                            return Ok(resp.map(|b| UpstreamBody::new(b, back)));
                         }
                         Err(mut e) => match e.take_message() {
                             // Never written: safe to send again, once, on a new connection.
@@ -317,15 +385,9 @@ impl Pool {
     }
 
     fn checkout(&self) -> Option<Conn> {
-        {
-            let mut h2 = self.shared.h2();
-            match h2.as_ref() {
-                Some(tx) if !tx.is_closed() => return Some(Conn::H2(tx.clone())),
-                Some(_) => *h2 = None,
-                None => {}
-            }
-        }
-        self.shared.take().map(Conn::H1)
+        self.shared
+            .h2_stream()
+            .or_else(|| self.shared.take().map(Conn::H1))
     }
 
     async fn connect(&self) -> Result<Conn, BoxError> {
@@ -337,15 +399,38 @@ impl Pool {
             .call(self.base.clone())
             .await
             .map_err(ConnectError)?;
-        if io.connected().is_negotiated_h2() {
+        if self.http2_only || io.connected().is_negotiated_h2() {
             let (tx, conn) = self.h2.handshake(io).await?;
+            // Shared from now on, with this request's stream open on it.
+            let load = Arc::new(H2Load {
+                streams: AtomicUsize::new(1),
+                max: AtomicUsize::new(DEFAULT_MAX_STREAMS),
+                since: AtomicU64::new(self.shared.tick.load(Ordering::Relaxed)),
+            });
+            let seen = Arc::clone(&load);
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let mut conn = std::pin::pin!(conn);
+                let end = poll_fn(|cx| {
+                    let polled = conn.as_mut().poll(cx);
+                    // The upstream's limit arrives in SETTINGS, and may change.
+                    seen.max
+                        .store(conn.current_max_send_streams(), Ordering::Relaxed);
+                    polled
+                })
+                .await;
+                if let Err(e) = end {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            *self.shared.h2() = Some(tx.clone());
-            return Ok(Conn::H2(tx));
+            self.shared.h2().push(H2 {
+                tx: tx.clone(),
+                load: Arc::clone(&load),
+            });
+            let stream = Stream {
+                load,
+                shared: Arc::clone(&self.shared),
+            };
+            return Ok(Conn::H2(tx, stream));
         }
         let (tx, conn) = self.h1.handshake(io).await?;
         Ok(Conn::H1(H1 {
@@ -357,6 +442,15 @@ impl Pool {
     /// Idle HTTP/1.1 connections (for tests).
     pub fn idle_count(&self) -> usize {
         self.shared.idle().len()
+    }
+
+    /// HTTP/2 connections, and the streams open on each (for tests).
+    pub fn h2_streams(&self) -> Vec<usize> {
+        self.shared
+            .h2()
+            .iter()
+            .map(|c| c.load.streams.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -373,20 +467,24 @@ async fn sweep_forever(shared: Weak<Shared>, every: Duration) {
     }
 }
 
-/// An HTTP/1.1 connection on loan to a response body, which gives it back to the pool.
-struct Returner {
-    h1: H1,
-    shared: Arc<Shared>,
+/// What a response body holds of its connection until its end.
+enum Back {
+    /// Nothing more (the body ended, or failed).
+    Done,
+    /// An HTTP/1.1 connection on loan, which goes back to the pool.
+    H1(H1, Arc<Shared>),
+    /// A stream's place on a shared HTTP/2 connection, freed when dropped.
+    H2 { _stream: Stream },
 }
 
 /// An upstream response body; its end returns the connection to the pool.
 pub struct UpstreamBody {
     inner: Incoming,
-    back: Option<Returner>,
+    back: Back,
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, back: Option<Returner>) -> UpstreamBody {
+    fn new(inner: Incoming, back: Back) -> UpstreamBody {
         let mut body = UpstreamBody { inner, back };
         if body.inner.is_end_stream() {
             body.release();
@@ -395,8 +493,8 @@ impl UpstreamBody {
     }
 
     fn release(&mut self) {
-        if let Some(r) = self.back.take() {
-            r.shared.put_back(r.h1);
+        if let Back::H1(h1, shared) = std::mem::replace(&mut self.back, Back::Done) {
+            shared.put_back(h1);
         }
     }
 }
@@ -413,8 +511,8 @@ impl Body for UpstreamBody {
         let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
         if polled.is_pending() {
             // The connection reads the socket into the body: drive it, then look again.
-            if let Some(r) = this.back.as_mut() {
-                r.h1.drive(cx);
+            if let Back::H1(h1, _) = &mut this.back {
+                h1.drive(cx);
                 polled = Pin::new(&mut this.inner).poll_frame(cx);
             }
         }
@@ -422,7 +520,7 @@ impl Body for UpstreamBody {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
             // An error: the connection is not reusable; dropping the sender closes it.
-            Poll::Ready(Some(Err(_))) => this.back = None,
+            Poll::Ready(Some(Err(_))) => this.back = Back::Done,
             _ => {}
         }
         polled
@@ -492,7 +590,63 @@ mod tests {
         (format!("http://{addr}"), accepted)
     }
 
+    /// A body that sends one byte, then ends after `hold`.
+    struct Held {
+        first: bool,
+        hold: Pin<Box<tokio::time::Sleep>>,
+    }
+
+    impl Body for Held {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.first {
+                self.first = false;
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"x")))));
+            }
+            self.hold.as_mut().poll(cx).map(|()| None)
+        }
+    }
+
+    /// An h2c upstream (prior knowledge) that allows `max_streams` at once and counts its
+    /// connections; each response body lasts 300 ms.
+    async fn upstream_h2(max_streams: u32) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(Held {
+                            first: true,
+                            hold: Box::pin(tokio::time::sleep(Duration::from_millis(300))),
+                        }))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}"), accepted)
+    }
+
     fn pool(base: &str, idle_timeout: Duration) -> Pool {
+        pool_with(base, idle_timeout, false)
+    }
+
+    fn pool_with(base: &str, idle_timeout: Duration, http2_only: bool) -> Pool {
         let uri: Uri = base.parse().unwrap();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -509,6 +663,7 @@ mod tests {
             PoolConfig {
                 max_idle: 8,
                 idle_timeout,
+                http2_only,
             },
         )
         .unwrap()
@@ -630,6 +785,49 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("an idle connection outlived pool_idle_timeout by seconds");
+    }
+
+    #[tokio::test]
+    async fn http2_streams_fill_each_connection_up_to_the_upstreams_limit() {
+        let (base, accepted) = upstream_h2(2).await;
+        let pool = pool_with(&base, Duration::from_secs(30), true);
+        // One request first: by its end the upstream's SETTINGS (2 streams) are known.
+        let _ = get(&pool, "/").await.into_body().collect().await.unwrap();
+        assert_eq!(pool.h2_streams(), [0]);
+        // Five long responses at once: two per connection, never queued behind each other.
+        let mut open = Vec::new();
+        for _ in 0..5 {
+            open.push(get(&pool, "/").await.into_body());
+        }
+        assert_eq!(pool.h2_streams(), [2, 2, 1]);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        for body in open {
+            let bytes = body.collect().await.unwrap().to_bytes();
+            assert_eq!(&bytes[..], b"x");
+        }
+        assert_eq!(pool.h2_streams(), [0, 0, 0]);
+        // A body dropped half-read frees its place too.
+        let mut body = get(&pool, "/").await.into_body();
+        let _ = body.frame().await.unwrap().unwrap();
+        assert_eq!(pool.h2_streams().iter().sum::<usize>(), 1);
+        drop(body);
+        assert_eq!(pool.h2_streams().iter().sum::<usize>(), 0);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "free places are reused");
+    }
+
+    #[tokio::test]
+    async fn http2_connections_without_streams_expire() {
+        let (base, _) = upstream_h2(100).await;
+        let pool = pool_with(&base, Duration::from_millis(50), true);
+        let _ = get(&pool, "/").await.into_body().collect().await.unwrap();
+        assert_eq!(pool.h2_streams(), [0]);
+        for _ in 0..200 {
+            if pool.h2_streams().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("an HTTP/2 connection without streams outlived pool_idle_timeout by seconds");
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::config::{Settings, UpstreamConfig};
+use crate::config::{Http2, Settings, UpstreamConfig};
 use crate::errors::{GatewayError, TimeoutPhase};
 use crate::pool::{ConnectError, Pool, PoolConfig, UpstreamBody};
 
@@ -165,12 +165,15 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout.0));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        // What ALPN offers over TLS; `always` also speaks HTTP/2 on plain connections.
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+            .https_or_http();
+        let https = match cfg.http2 {
+            Http2::Auto => https.enable_http1().enable_http2().wrap_connector(http),
+            Http2::Always => https.enable_http2().wrap_connector(http),
+            Http2::Never => https.enable_http1().wrap_connector(http),
+        };
         let scheme = uri
             .scheme()
             .cloned()
@@ -187,6 +190,7 @@ impl Upstream {
             PoolConfig {
                 max_idle: cfg.pool_max_idle_per_host,
                 idle_timeout: cfg.pool_idle_timeout.0,
+                http2_only: cfg.http2 == Http2::Always,
             },
         )?;
         Ok(Upstream {

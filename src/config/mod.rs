@@ -129,6 +129,31 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Dur,
     pub pool_max_idle_per_host: usize,
     pub ca_file: Option<PathBuf>,
+    pub http2: Http2,
+}
+
+/// Whether ezgate speaks HTTP/2 to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Http2 {
+    /// HTTP/2 when the upstream picks it by ALPN (TLS); HTTP/1.1 otherwise.
+    #[default]
+    Auto,
+    /// HTTP/2 only: offered alone by ALPN over TLS, spoken with prior knowledge (h2c)
+    /// to an `http://` upstream.
+    Always,
+    /// HTTP/1.1 only.
+    Never,
+}
+
+impl fmt::Display for Http2 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Http2::Auto => "auto",
+            Http2::Always => "always",
+            Http2::Never => "never",
+        })
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -142,6 +167,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: Dur(Duration::from_secs(30)),
             pool_max_idle_per_host: 256,
             ca_file: None,
+            http2: Http2::Auto,
         }
     }
 }
@@ -505,6 +531,7 @@ impl fmt::Display for Settings {
         writeln!(f, "stream_idle_timeout = \"{}\"", u.stream_idle_timeout)?;
         writeln!(f, "pool_idle_timeout = \"{}\"", u.pool_idle_timeout)?;
         writeln!(f, "pool_max_idle_per_host = {}", u.pool_max_idle_per_host)?;
+        writeln!(f, "http2 = \"{}\"", u.http2)?;
         if let Some(ca) = &u.ca_file {
             writeln!(f, "ca_file = {ca:?}")?;
         }

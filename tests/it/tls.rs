@@ -167,3 +167,35 @@ async fn the_proxy_listener_serves_h2_and_http1_over_tls() {
         assert!(body.starts_with(b"{"));
     }
 }
+
+#[tokio::test]
+async fn upstream_http2_can_be_required_or_refused() {
+    // `always` over plain HTTP: HTTP/2 with prior knowledge (h2c), streams included.
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[upstream]\nhttp2 = \"always\"\n").await;
+    let r = gw.get("/inspect").await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["version"], "HTTP/2.0");
+    let r = gw.chat(&[]).await;
+    assert_eq!(r.status, 200);
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            r#"{"model":"m","stream":true,"messages":[]}"#,
+        )
+        .await;
+    assert!(String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"));
+
+    // `never` over TLS: ALPN offers HTTP/1.1 only, though the upstream speaks h2.
+    let pki = make_pki();
+    let emu = Emulator::start_tls(&pki.cert, &pki.key).await;
+    let config = format!(
+        "[upstream]\nca_file = {:?}\nhttp2 = \"never\"\n",
+        pki.ca.display().to_string()
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    let r = gw.get("/inspect").await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+}
