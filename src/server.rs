@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -80,21 +81,73 @@ pub fn tls_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.config.server.header_read_timeout.0)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .writev(false)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(1000)
-        .max_header_list_size(MAX_HEAD_BYTES as u32);
-    builder
+/// The two protocol builders. A plain connection's first bytes, looked at without taking
+/// them, pick HTTP/1.1 or h2c (the HTTP/2 preface); a TLS connection's ALPN picks. (hyper-util's
+/// `auto` builder reads the first bytes and replays them: a layer on every read, and a read
+/// buffer that grows to 16 KiB on the first request because the replayed bytes arrive as a
+/// read of their own; nor can it cap the request head exactly.)
+#[derive(Clone)]
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+impl Builders {
+    fn new(settings: &Settings) -> Builders {
+        let header_read_timeout = settings.config.server.header_read_timeout.0;
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            // The exact cap on the request line and headers; `max_buf_size` alone is only
+            // checked between reads, so a head that arrives in large reads could pass it.
+            .max_header_size(MAX_HEAD_BYTES)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .writev(false)
+            .keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_header_list_size(MAX_HEAD_BYTES as u32);
+        Builders {
+            h1,
+            h2,
+            header_read_timeout,
+        }
+    }
+}
+
+/// Streams one client connection may have open at once over HTTP/2.
+const MAX_STREAMS: u32 = 1000;
+
+/// What a plain connection's first bytes say.
+enum FirstBytes {
+    Http1,
+    Http2,
+    /// Closed, failed, or silent past the header read timeout.
+    Nothing,
+}
+
+/// Looks at the first bytes without taking them: the HTTP/2 preface, or anything else.
+async fn first_bytes(stream: &TcpStream, within: Duration) -> FirstBytes {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let look = async {
+        let mut buf = [0u8; 24];
+        loop {
+            match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return FirstBytes::Nothing,
+                Ok(n) if buf[..n] != PREFACE[..n] => return FirstBytes::Http1,
+                Ok(24) => return FirstBytes::Http2,
+                // A beginning of the preface, split by the network (rare): the bytes stay
+                // readable, so peeking again at once would spin; look again shortly.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    };
+    // The same bound as on the headers that follow: a slow client gets at most twice it.
+    tokio::time::timeout(within, look)
+        .await
+        .unwrap_or(FirstBytes::Nothing)
 }
 
 /// Accepts proxy connections until `shutdown` resolves, then drains: `/readyz` turns 503,
@@ -107,7 +160,7 @@ pub async fn serve_proxy(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = connection_builder(&gw.state().settings);
+    let builders = Builders::new(&gw.state().settings);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -124,25 +177,35 @@ pub async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let b = builders.clone();
         let gw = Arc::clone(&gw);
         let tls = tls.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
-            match tls {
-                None => {
-                    let _ = watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), svc))
-                        .await;
+            let Some(acceptor) = tls else {
+                // Connection errors (client gone, bad input) were answered or logged by hyper.
+                match first_bytes(&stream, b.header_read_timeout).await {
+                    FirstBytes::Http1 => {
+                        let conn = b.h1.serve_connection(TokioIo::new(stream), svc);
+                        let _ = watcher.watch(conn).await;
+                    }
+                    FirstBytes::Http2 => {
+                        let conn = b.h2.serve_connection(TokioIo::new(stream), svc);
+                        let _ = watcher.watch(conn).await;
+                    }
+                    FirstBytes::Nothing => {}
                 }
-                Some(acceptor) => {
-                    let Some(tls_stream) = handshake(&acceptor, stream, peer).await else {
-                        return;
-                    };
-                    let _ = watcher
-                        .watch(builder.serve_connection(TokioIo::new(tls_stream), svc))
-                        .await;
-                }
+                return;
+            };
+            let Some(tls_stream) = handshake(&acceptor, stream, peer).await else {
+                return;
+            };
+            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let conn = b.h2.serve_connection(TokioIo::new(tls_stream), svc);
+                let _ = watcher.watch(conn).await;
+            } else {
+                let conn = b.h1.serve_connection(TokioIo::new(tls_stream), svc);
+                let _ = watcher.watch(conn).await;
             }
         });
     }

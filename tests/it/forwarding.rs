@@ -258,16 +258,20 @@ async fn bad_input_gets_4xx_or_a_closed_connection() {
         garbage.is_empty() || text.starts_with("HTTP/1.1 400"),
         "{text}"
     );
-    let big = format!(
-        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
-        "a".repeat(100 * 1024)
-    );
-    let text = String::from_utf8_lossy(&raw(gw.addr, big.as_bytes(), Duration::from_secs(5)).await)
-        .to_string();
-    assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 431"),
-        "{text}"
-    );
+    // Request heads over 64 KiB are refused however they arrive (one read or many).
+    for kib in [65, 70, 100, 300] {
+        let big = format!(
+            "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+            "a".repeat(kib * 1024)
+        );
+        let text =
+            String::from_utf8_lossy(&raw(gw.addr, big.as_bytes(), Duration::from_secs(5)).await)
+                .to_string();
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 431"),
+            "{kib} KiB: {text}"
+        );
+    }
     let bad_uri = raw(
         gw.addr,
         b"GET /a b c HTTP/1.1\r\nhost: x\r\n\r\n",
@@ -292,5 +296,53 @@ async fn bad_input_gets_4xx_or_a_closed_connection() {
         "{text}"
     );
     // And the gateway still serves.
+    assert_eq!(gw.get("/v1/models").await.status, 200);
+}
+
+/// The listener tells HTTP/1.1 from h2c by the first bytes, however they are split.
+#[tokio::test]
+async fn first_bytes_pick_the_protocol_however_they_arrive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[server]\nheader_read_timeout = \"1s\"\n").await;
+    let pause = || tokio::time::sleep(Duration::from_millis(100));
+
+    // The HTTP/2 preface in two pieces, then the client's SETTINGS: the server's SETTINGS
+    // frame (type 4) answers.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    pause().await;
+    s.write_all(b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head[3], 4, "expected a SETTINGS frame, got {head:?}");
+
+    // An HTTP/1.1 request whose first byte could begin the preface.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"P").await.unwrap();
+    pause().await;
+    s.write_all(
+        b"UT /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 "), "{text}");
+
+    // A client that connects and says nothing is let go after header_read_timeout.
+    let started = std::time::Instant::now();
+    let silent = raw(gw.addr, b"", DEADLINE).await;
+    assert!(silent.is_empty());
+    assert!(
+        started.elapsed() < DEADLINE,
+        "a silent client was never cut off"
+    );
     assert_eq!(gw.get("/v1/models").await.status, 200);
 }
