@@ -328,6 +328,10 @@ write_cfg "$WORK/ezgate-bare.toml" false
 write_cfg "$WORK/ezgate-policies.toml" false limits
 write_cfg "$WORK/ezgate-log.toml" true
 write_cfg "$WORK/ezgate-sse.toml" false
+# The same gateway with an HTTP/2 upstream (h2c to the emulator), as EZLINK over TLS is reached:
+# streams share upstream connections instead of holding one each.
+write_cfg "$WORK/ezgate-h2.toml" false
+sed -i 's/^\[upstream\]$/[upstream]\nhttp2 = "always"/' "$WORK/ezgate-h2.toml"
 "$EZGATE" check-config --config "$WORK/ezgate-policies.toml" > "$WORK/check-config.out" 2>&1 \
   || die "ezgate rejects the bench config: $(cat "$WORK/check-config.out")"
 ez() {  # ez NAME CONFIG UPSTREAM STDERR — started as the deploy kit runs it (deploy/)
@@ -340,11 +344,12 @@ ez ezgate-log "$WORK/ezgate-log.toml" "$EMU_ADDR" /dev/null
 ez ezgate-sse "$WORK/ezgate-sse.toml" "$ORIGIN_ADDR" "$WORK/ezgate-sse.err"
 ez ezgate-local1 "$WORK/ezgate-local1.toml" "$EMU_ADDR" "$WORK/ezgate-local1.err"
 ez ezgate-redis "$WORK/ezgate-redis.toml" "$EMU_ADDR" "$WORK/ezgate-redis.err"
+ez ezgate-h2 "$WORK/ezgate-h2.toml" "$EMU_ADDR" "$WORK/ezgate-h2.err"
 
 declare -A ADDR ADMIN SSE_ADDR PROCS
 ADDR[direct]="$EMU_ADDR"; SSE_ADDR[direct]="$ORIGIN_ADDR"; PROCS[direct]=""
 ADDR[nginx]="127.0.0.1:$NGINX_PORT"; SSE_ADDR[nginx]="127.0.0.1:$NGINX_SSE_PORT"
-for n in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis; do
+for n in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-h2; do
   ADDR[$n]="$(wait_line "$n" '^listening on ([0-9.:]+).*')" || die "$n did not start: $(tail -5 "$WORK/$n.err" 2>/dev/null)"
   ADMIN[$n]="$(wait_line "$n" '^admin listening on ([0-9.:]+).*')" || die "$n printed no admin address"
   PROCS[$n]="$(eval echo "\$PID_${n//-/_}")"
@@ -357,7 +362,7 @@ for _ in $(seq 1 50); do
 done
 PROCS[nginx]="$PID_nginx $(pgrep -P "$PID_nginx" | tr '\n' ' ')"
 PROCS[nginx-sse]="${PROCS[nginx]}"
-for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis; do post_ok "${ADDR[$t]}"; done
+for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-h2; do post_ok "${ADDR[$t]}"; done
 log "nginx on ${ADDR[nginx]} (pids ${PROCS[nginx]}); ezgate on ${ADDR[ezgate]}; all answer 200"
 
 TOOL_LAT="python open-loop client (bench_client.py rate)"
@@ -526,7 +531,7 @@ fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 EMU_FDS_IDLE="$(fd_count "$PID_emu")"
 wait_quiet "streams"
 log "$HOLD_N SSE streams open at once"
-for t in direct nginx ezgate; do
+for t in direct nginx ezgate ezgate-h2; do
   hold_run "$t"
   # The upstream holds one socket per stream until it notices the client left (within one
   # event interval): wait (bounded) so the next target starts with the upstream's fds free.
@@ -539,7 +544,7 @@ for t in nginx ezgate; do
   # shellcheck disable=SC2086
   printf '{"phase":"hwm_end","target":"%s","hwm_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" >> "$RESULTS"
 done
-for t in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis; do
+for t in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-h2; do
   kill -0 "${PROCS[$t]}" 2>/dev/null || die "$t exited during the run"
 done
 
