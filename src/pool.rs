@@ -11,13 +11,9 @@
 //! A body dropped before its end (client gone, error body cut short) takes the connection
 //! with it, and hyper closes it: a half-read connection is never reused.
 //!
-//! An HTTP/1.1 connection has no task of its own: whoever holds it drives it. While the
-//! request waits for its response headers, the request's future polls the connection
-//! beside the response; then [`UpstreamBody`] polls it before each read of the body, on the
-//! task that writes the response to the client. No wake-up crosses tasks between the
-//! upstream socket and the client socket, and a client that goes away drops the connection
-//! with its request. An idle connection is polled by the sweeper, which notices connections
-//! the upstream closed. An HTTP/2 connection is shared, so it runs on a task of its own.
+//! Each connection's I/O runs on a task of its own. (Driving an HTTP/1.1 connection from the
+//! request's task instead, which saves that task and its wake-ups, measured 5–10 % more CPU
+//! per request: the client connection's task then polls both sides on every wake-up.)
 //!
 //! A request that finds its pooled connection closed before anything was written (the
 //! upstream closed an idle keep-alive connection) is retried once on a new connection;
@@ -42,9 +38,9 @@ use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
 use crate::upstream::RequestBody;
@@ -55,54 +51,14 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// least RFC 9113 recommends servers allow).
 const DEFAULT_MAX_STREAMS: usize = 100;
 
-/// An HTTP/1.1 connection's I/O half: boxed once per connection, so handing it from the
-/// pool to a request and on to its body moves a pointer.
-type H1Conn = Box<http1::Connection<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>, RequestBody>>;
-
-/// An HTTP/1.1 connection: the sender of requests, and the I/O half that whoever holds the
-/// connection drives (`None` once it has finished).
+/// An HTTP/1.1 connection: the sender of requests (its I/O runs on its own task).
 struct H1 {
     tx: http1::SendRequest<RequestBody>,
-    conn: Option<H1Conn>,
 }
 
 impl H1 {
-    /// Polls the connection's I/O once; on its end, lets it go.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = self.conn.as_mut() {
-            if let Poll::Ready(end) = Pin::new(conn).poll(cx) {
-                if let Err(e) = end {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-                self.conn = None;
-            }
-        }
-    }
-
-    /// Awaits `fut` while driving the connection, which it needs to make progress.
-    async fn with<F: Future + Unpin>(&mut self, mut fut: F) -> F::Output {
-        poll_fn(|cx| {
-            // The connection first: what it reads or writes may complete `fut` in this pass.
-            self.drive(cx);
-            Pin::new(&mut fut).poll(cx)
-        })
-        .await
-    }
-
-    /// Awaits the connection's readiness for a request (the end of the previous one).
-    async fn ready(&mut self) -> hyper::Result<()> {
-        poll_fn(|cx| {
-            if let Poll::Ready(r) = self.tx.poll_ready(cx) {
-                return Poll::Ready(r);
-            }
-            self.drive(cx);
-            self.tx.poll_ready(cx)
-        })
-        .await
-    }
-
     fn is_closed(&self) -> bool {
-        self.conn.is_none() || self.tx.is_closed()
+        self.tx.is_closed()
     }
 }
 
@@ -237,13 +193,8 @@ impl Shared {
 
     fn sweep(&self) {
         let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        // Idle connections have no task: a poll here reads what the upstream sent since,
-        // usually nothing, or the end of a connection it closed. No one needs waking then.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.idle().retain_mut(|c| {
-            c.h1.drive(&mut cx);
-            !c.h1.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks
-        });
+        self.idle()
+            .retain(|c| !c.h1.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks);
         self.h2().retain(|c| {
             let idle = c.load.streams.load(Ordering::Relaxed) == 0
                 && now.saturating_sub(c.load.since.load(Ordering::Relaxed)) > self.idle_ticks;
@@ -346,7 +297,7 @@ impl Pool {
                     }
                 }
                 Conn::H1(mut h1) => {
-                    if h1.ready().await.is_err() {
+                    if h1.tx.ready().await.is_err() {
                         if reused {
                             // Closed while idle: the next pooled one, or a new one.
                             conn = self.checkout();
@@ -356,8 +307,7 @@ impl Pool {
                     }
                     *req.uri_mut() = Uri::from(path.clone());
                     req.headers_mut().insert(HOST, self.host.clone());
-                    let sent = std::pin::pin!(h1.tx.try_send_request(req));
-                    match h1.with(sent).await {
+                    match h1.tx.try_send_request(req).await {
                         Ok(resp) => {
                             let back = Back::H1(h1, Arc::clone(&self.shared));
                             return Ok(resp.map(|b| UpstreamBody::new(b, back)));
@@ -433,10 +383,12 @@ impl Pool {
             return Ok(Conn::H2(tx, stream));
         }
         let (tx, conn) = self.h1.handshake(io).await?;
-        Ok(Conn::H1(H1 {
-            tx,
-            conn: Some(Box::new(conn)),
-        }))
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(Conn::H1(H1 { tx }))
     }
 
     /// Idle HTTP/1.1 connections (for tests).
@@ -508,14 +460,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending() {
-            // The connection reads the socket into the body: drive it, then look again.
-            if let Back::H1(h1, _) = &mut this.back {
-                h1.drive(cx);
-                polled = Pin::new(&mut this.inner).poll_frame(cx);
-            }
-        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
