@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""benches/ab.py — CPU per request of two ezgate builds (or configs), loaded at the same time.
+
+    python3 benches/ab.py A_BIN B_BIN [--config-a F] [--config-b F] [--rounds 8] [--secs 3]
+
+On a shared virtual machine CPU time per request moves by ±20 % between runs a few seconds
+apart, so two builds measured one after the other cannot be told apart by less than that.
+Loaded at the same moment, both see the same machine: each round runs `wrk -t1 -c32` against
+A and against B together (the two wrk on the load core, both gateways on the proxy core, one
+emulator), reads each gateway's CPU time from /proc/PID/stat, and divides by its requests.
+The ratio B/A per round is steady to ±1–2 %; the order in which the two loads start is
+swapped every round, which cancels the small advantage of starting second.
+
+Prints the median of the per-round ratios and every round. Needs wrk and taskset; starts the
+release emulator. Traffic goes only to 127.0.0.1, bounded in time; every process it starts is
+stopped on exit.
+"""
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_http(url, proc):
+    for _ in range(150):
+        if proc.poll() is not None:
+            sys.exit(f"ab.py: {proc.args[0]} exited: see its output above")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except Exception:
+            time.sleep(0.1)
+    sys.exit(f"ab.py: {url} did not answer")
+
+
+def ticks(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def pin(cpu):
+    try:
+        subprocess.run(["taskset", "-c", str(cpu), "true"], check=True, capture_output=True)
+        return ["taskset", "-c", str(cpu)]
+    except (OSError, subprocess.CalledProcessError):
+        return []
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("a")
+    ap.add_argument("b")
+    ap.add_argument("--config-a")
+    ap.add_argument("--config-b")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--secs", type=int, default=3)
+    args = ap.parse_args()
+    if not 1 <= args.rounds <= 50 or not 1 <= args.secs <= 30:
+        sys.exit("ab.py: --rounds 1..50 and --secs 1..30")
+
+    work = subprocess.run(["mktemp", "-d"], capture_output=True, text=True, check=True).stdout.strip()
+    body = os.path.join(work, "body.json")
+    msg = {"model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0.2, "messages": [
+        {"role": "system", "content": "You are a concise assistant for an internal support tool."},
+        {"role": "user", "content": ""}]}
+    base = len(json.dumps(msg, separators=(",", ":")))
+    words = ("please summarise the following ticket and suggest the next step for the on-call "
+             "engineer who owns the billing service ") * 20
+    msg["messages"][1]["content"] = words[: 1024 - base].rstrip()
+    text = json.dumps(msg, separators=(",", ":"))
+    open(body, "w").write(text + " " * (1024 - len(text)))
+    bare = os.path.join(work, "bare.toml")
+    open(bare, "w").write("[log]\naccess_log = false\n")
+
+    procs = []
+    try:
+        emu_port = free_port()
+        emu = subprocess.Popen(pin(1) + [os.path.join(ROOT, "target/release/ezlink-emulator"),
+                                         "--listen", f"127.0.0.1:{emu_port}"], stdout=subprocess.DEVNULL)
+        procs.append(emu)
+        wait_http(f"http://127.0.0.1:{emu_port}/v1/models", emu)
+        gates = []
+        for label, binary, config in (("A", args.a, args.config_a), ("B", args.b, args.config_b)):
+            port, admin = free_port(), free_port()
+            p = subprocess.Popen(pin(0) + [binary, "--config", config or bare, "--listen", f"127.0.0.1:{port}",
+                                           "--admin-listen", f"127.0.0.1:{admin}",
+                                           "--upstream", f"http://127.0.0.1:{emu_port}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env=dict(os.environ, MIMALLOC_ARENA_EAGER_COMMIT="0"))
+            procs.append(p)
+            wait_http(f"http://127.0.0.1:{admin}/healthz", p)
+            gates.append((label, port, p.pid))
+
+        env = dict(os.environ, BENCH_BODY_FILE=body)
+
+        def load(port, secs):
+            return subprocess.Popen(pin(1) + ["wrk", "-t1", "-c32", f"-d{secs}s", "-s",
+                                              os.path.join(ROOT, "benches/chat.lua"), f"http://127.0.0.1:{port}"],
+                                    stdout=subprocess.PIPE, text=True, env=env)
+
+        for _, port, _ in gates:  # warm-up
+            load(port, 1).communicate()
+        ratios, cpu = [], {"A": [], "B": []}
+        for r in range(args.rounds):
+            order = gates if r % 2 == 0 else gates[::-1]
+            before = {label: ticks(pid) for label, _, pid in gates}
+            running = [(label, load(port, args.secs)) for label, port, _ in order]
+            per = {}
+            for label, w in running:
+                out = w.communicate(timeout=args.secs + 30)[0]
+                m = re.search(r"WRKJSON (.*)", out)
+                if not m:
+                    sys.exit(f"ab.py: wrk printed no summary: {out}")
+                j = json.loads(m.group(1))
+                if sum(j["errors"].values()):
+                    sys.exit(f"ab.py: errors against {label}: {j['errors']}")
+                pid = dict((g[0], g[2]) for g in gates)[label]
+                per[label] = (ticks(pid) - before[label]) * 1e6 / os.sysconf("SC_CLK_TCK") / j["requests"]
+            for label in per:
+                cpu[label].append(per[label])
+            ratios.append(per["B"] / per["A"])
+        print(f"B/A CPU per request: median {statistics.median(ratios):.3f}; rounds "
+              + " ".join(f"{x:.3f}" for x in ratios))
+        for label in ("A", "B"):
+            print(f"{label}: median {statistics.median(cpu[label]):.1f} µs; rounds "
+                  + " ".join(f"{x:.1f}" for x in cpu[label]))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(["rm", "-rf", work])
+
+
+if __name__ == "__main__":
+    main()
