@@ -76,15 +76,7 @@ def main():
 
     work = subprocess.run(["mktemp", "-d"], capture_output=True, text=True, check=True).stdout.strip()
     body = os.path.join(work, "body.json")
-    msg = {"model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0.2, "messages": [
-        {"role": "system", "content": "You are a concise assistant for an internal support tool."},
-        {"role": "user", "content": ""}]}
-    base = len(json.dumps(msg, separators=(",", ":")))
-    words = ("please summarise the following ticket and suggest the next step for the on-call "
-             "engineer who owns the billing service ") * 20
-    msg["messages"][1]["content"] = words[: 1024 - base].rstrip()
-    text = json.dumps(msg, separators=(",", ":"))
-    open(body, "w").write(text + " " * (1024 - len(text)))
+    subprocess.run([sys.executable, os.path.join(ROOT, "benches/bench_client.py"), "body", body], check=True)
     bare = os.path.join(work, "bare.toml")
     open(bare, "w").write("[log]\naccess_log = false\n")
 

@@ -472,6 +472,21 @@ def cmd_show(a) -> int:
     return 0
 
 
+def cmd_body(a) -> int:
+    """Writes the benchmark's request: a ~1 KB chat completion (the size of a short prompt)."""
+    msg = {"model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0.2, "messages": [
+        {"role": "system", "content": "You are a concise assistant for an internal support tool."},
+        {"role": "user", "content": ""}]}
+    base = len(json.dumps(msg, separators=(",", ":")))
+    words = ("please summarise the following ticket and suggest the next step for the on-call "
+             "engineer who owns the billing service ") * 20
+    msg["messages"][1]["content"] = words[: 1024 - base].rstrip()
+    body = json.dumps(msg, separators=(",", ":"))
+    with open(a.file, "w") as f:
+        f.write(body + " " * (1024 - len(body)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -499,6 +514,8 @@ def main() -> int:
     r.add_argument("--conns", type=int, default=32)
     r.add_argument("--body-file", required=True)
     r.add_argument("--timeout", type=float, default=30)
+    b = sub.add_parser("body")
+    b.add_argument("file")
     o = sub.add_parser("oha-json")
     o.add_argument("expected", type=int)
     w = sub.add_parser("show")
@@ -506,6 +523,8 @@ def main() -> int:
     w.add_argument("json")
     w.add_argument("target")
     a = ap.parse_args()
+    if a.cmd == "body":
+        return cmd_body(a)
     if a.cmd == "oha-json":
         return cmd_oha_json(a)
     if a.cmd == "show":

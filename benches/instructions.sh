@@ -43,18 +43,7 @@ wait_http() { for _ in $(seq 1 150); do curl -s -o /dev/null --max-time 1 "$1" &
 
 # The same ~1 KB chat-completion body as proxy.sh.
 export BENCH_BODY_FILE="$OUT/body.json"
-python3 - "$BENCH_BODY_FILE" <<'EOF'
-import json, sys
-msg = {"model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0.2, "messages": [
-    {"role": "system", "content": "You are a concise assistant for an internal support tool."},
-    {"role": "user", "content": ""}]}
-base = len(json.dumps(msg, separators=(",", ":")))
-words = ("please summarise the following ticket and suggest the next step for the on-call "
-         "engineer who owns the billing service ") * 20
-msg["messages"][1]["content"] = words[: 1024 - base].rstrip()
-body = json.dumps(msg, separators=(",", ":"))
-open(sys.argv[1], "w").write(body + " " * (1024 - len(body)))
-EOF
+python3 "$ROOT/benches/bench_client.py" body "$BENCH_BODY_FILE"
 
 EMU_PORT="$(free_port)"
 # shellcheck disable=SC2046

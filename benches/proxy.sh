@@ -225,18 +225,7 @@ post_ok() {  # post_ok URL : one chat completion must answer 200
 
 # A ~1 KB chat-completion body (the size of a short real prompt).
 BODY="$WORK/body.json"
-python3 - "$BODY" <<'EOF'
-import json, sys
-msg = {"model": "gpt-4o-mini", "max_tokens": 64, "temperature": 0.2, "messages": [
-    {"role": "system", "content": "You are a concise assistant for an internal support tool."},
-    {"role": "user", "content": ""}]}
-base = len(json.dumps(msg, separators=(",", ":")))
-words = ("please summarise the following ticket and suggest the next step for the on-call "
-         "engineer who owns the billing service ") * 20
-msg["messages"][1]["content"] = words[: 1024 - base].rstrip()
-body = json.dumps(msg, separators=(",", ":"))
-open(sys.argv[1], "w").write(body + " " * (1024 - len(body)))
-EOF
+python3 "$BENCH/bench_client.py" body "$BODY"
 export BENCH_BODY_FILE="$BODY"
 
 # ---------------------------------------------------------------- upstreams

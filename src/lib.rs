@@ -8,7 +8,7 @@
 //! * [`clients`] — who is asking: client keys, fingerprints, model allow-lists
 //! * [`limits`] — rate, token and concurrency policies; upstream 429 cooldown
 //! * [`upstream`] — where requests go, the response timeout, error classification
-//! * [`pool`] — upstream connections over rustls: an HTTP/1.1 stack or one HTTP/2 connection
+//! * [`pool`] — upstream connections over rustls: an HTTP/1.1 stack, HTTP/2 connections shared by streams
 //! * [`stream`] — response body passthrough: idle timeout, usage, SSE error event
 //! * [`errors`] — the error schema: [`errors::GatewayError`], rendering, upstream bodies
 //! * [`outcome`] — what happened to one request; recorded once

@@ -493,46 +493,51 @@ mod tests {
         upstream_with(close, None).await
     }
 
-    /// As [`upstream`]; `idle_close` closes keep-alive connections idle that long.
-    async fn upstream_with(
-        close: bool,
-        idle_close: Option<Duration>,
-    ) -> (String, Arc<AtomicUsize>) {
+    /// A local upstream: each accepted connection is counted and handed to `serve`.
+    async fn counting_upstream<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
         tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
+            while let Ok((tcp, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        let big = req.uri().path() == "/big";
-                        let _ = req.into_body().collect().await;
-                        let body = if big {
-                            Bytes::from(vec![b'x'; 1 << 20])
-                        } else {
-                            Bytes::from_static(b"{\"ok\":true}")
-                        };
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            body,
-                        )))
-                    });
-                    let mut b = hyper::server::conn::http1::Builder::new();
-                    b.keep_alive(!close);
-                    if let Some(idle) = idle_close {
-                        b.timer(TokioTimer::new()).header_read_timeout(idle);
-                    }
-                    let _ = b
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
-                });
+                tokio::spawn(serve(tcp));
             }
         });
         (format!("http://{addr}"), accepted)
+    }
+
+    /// As [`upstream`]; `idle_close` closes keep-alive connections idle that long.
+    async fn upstream_with(
+        close: bool,
+        idle_close: Option<Duration>,
+    ) -> (String, Arc<AtomicUsize>) {
+        counting_upstream(move |tcp| async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let big = req.uri().path() == "/big";
+                let _ = req.into_body().collect().await;
+                let body = if big {
+                    Bytes::from(vec![b'x'; 1 << 20])
+                } else {
+                    Bytes::from_static(b"{\"ok\":true}")
+                };
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(body)))
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.keep_alive(!close);
+            if let Some(idle) = idle_close {
+                b.timer(TokioTimer::new()).header_read_timeout(idle);
+            }
+            let _ = b
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        })
+        .await
     }
 
     /// A body that sends one byte, then ends after `hold`.
@@ -560,31 +565,19 @@ mod tests {
     /// An h2c upstream (prior knowledge) that allows `max_streams` at once and counts its
     /// connections; each response body lasts 300 ms.
     async fn upstream_h2(max_streams: u32) -> (String, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async move {
-                        Ok::<_, std::convert::Infallible>(Response::new(Held {
-                            first: true,
-                            hold: Box::pin(tokio::time::sleep(Duration::from_millis(300))),
-                        }))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .max_concurrent_streams(max_streams)
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
-        (format!("http://{addr}"), accepted)
+        counting_upstream(move |tcp| async move {
+            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+                Ok::<_, std::convert::Infallible>(Response::new(Held {
+                    first: true,
+                    hold: Box::pin(tokio::time::sleep(Duration::from_millis(300))),
+                }))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(max_streams)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        })
+        .await
     }
 
     fn pool(base: &str, idle_timeout: Duration) -> Pool {

@@ -38,56 +38,47 @@ pub fn request_fields(body: &[u8]) -> Option<Fields<'_>> {
     };
     let mut f = Fields::default();
     let mut seen = 0u16;
-    s.expect(b'{')?;
-    if !s.eat(b'}') {
-        loop {
-            let key = s.string()?;
-            s.expect(b':')?;
-            let (bit, known) = match key.raw {
-                b"model" => (1, true),
-                b"messages" => (2, true),
-                b"prompt" => (4, true),
-                b"input" => (8, true),
-                b"max_tokens" => (16, true),
-                b"max_completion_tokens" => (32, true),
-                b"max_output_tokens" => (64, true),
-                b"stream" => (128, true),
-                b"stream_options" => (256, true),
-                _ => (0, false),
-            };
-            if known {
-                if seen & bit != 0 {
-                    return None;
-                }
-                seen |= bit;
+    s.members(|s, key| {
+        let (bit, known) = match key.raw {
+            b"model" => (1, true),
+            b"messages" => (2, true),
+            b"prompt" => (4, true),
+            b"input" => (8, true),
+            b"max_tokens" => (16, true),
+            b"max_completion_tokens" => (32, true),
+            b"max_output_tokens" => (64, true),
+            b"stream" => (128, true),
+            b"stream_options" => (256, true),
+            _ => (0, false),
+        };
+        if known {
+            if seen & bit != 0 {
+                return None;
             }
-            match key.raw {
-                b"model" => {
-                    f.model = match s.peek()? {
-                        b'"' => Some(s.string()?.decode()?),
-                        _ => {
-                            s.literal(b"null")?;
-                            None
-                        }
+            seen |= bit;
+        }
+        match key.raw {
+            b"model" => {
+                f.model = match s.peek()? {
+                    b'"' => Some(s.string()?.decode()?),
+                    _ => {
+                        s.literal(b"null")?;
+                        None
                     }
                 }
-                b"messages" | b"prompt" | b"input" => f.chars += s.value(true, 0)?,
-                b"max_tokens" => f.max_tokens = s.opt_u64()?,
-                b"max_completion_tokens" => f.max_completion_tokens = s.opt_u64()?,
-                b"max_output_tokens" => f.max_output_tokens = s.opt_u64()?,
-                b"stream" => f.stream = s.opt_bool()?,
-                b"stream_options" => f.include_usage = s.stream_options()?,
-                _ => {
-                    s.value(false, 0)?;
-                }
             }
-            if s.eat(b',') {
-                continue;
+            b"messages" | b"prompt" | b"input" => f.chars += s.value(true, 0)?,
+            b"max_tokens" => f.max_tokens = s.opt_u64()?,
+            b"max_completion_tokens" => f.max_completion_tokens = s.opt_u64()?,
+            b"max_output_tokens" => f.max_output_tokens = s.opt_u64()?,
+            b"stream" => f.stream = s.opt_bool()?,
+            b"stream_options" => f.include_usage = s.stream_options()?,
+            _ => {
+                s.value(false, 0)?;
             }
-            s.expect(b'}')?;
-            break;
         }
-    }
+        Some(())
+    })?;
     s.ws();
     (s.i == body.len()).then_some(f)
 }
@@ -105,36 +96,19 @@ pub fn usage_counts(doc: &[u8]) -> Option<(u64, u64)> {
         ascii: true,
     };
     let (mut prompt, mut completion) = (None, None);
-    s.expect(b'{')?;
-    if s.eat(b'}') {
-        return Some((0, 0));
-    }
-    loop {
-        let key = s.string()?;
-        s.expect(b':')?;
+    s.members(|s, key| {
         let slot = match key.raw {
             b"prompt_tokens" | b"input_tokens" => &mut prompt,
             b"completion_tokens" | b"output_tokens" => &mut completion,
-            _ => {
-                s.value(false, 0)?;
-                if s.eat(b',') {
-                    continue;
-                }
-                s.expect(b'}')?;
-                break;
-            }
+            _ => return s.value(false, 0).map(|_| ()),
         };
         if slot.is_some() {
             return None;
         }
         let text = s.number()?;
         *slot = Some(std::str::from_utf8(text).ok()?.parse::<u64>().ok()?);
-        if s.eat(b',') {
-            continue;
-        }
-        s.expect(b'}')?;
-        break;
-    }
+        Some(())
+    })?;
     Some((prompt.unwrap_or(0), completion.unwrap_or(0)))
 }
 
@@ -184,6 +158,23 @@ struct Scan<'a> {
 }
 
 impl<'a> Scan<'a> {
+    /// An object: `each` reads the value of every member, given its key.
+    fn members(&mut self, mut each: impl FnMut(&mut Self, Str<'a>) -> Option<()>) -> Option<()> {
+        self.expect(b'{')?;
+        if self.eat(b'}') {
+            return Some(());
+        }
+        loop {
+            let key = self.string()?;
+            self.expect(b':')?;
+            each(self, key)?;
+            if self.eat(b',') {
+                continue;
+            }
+            return self.expect(b'}');
+        }
+    }
+
     fn ws(&mut self) {
         while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.b.get(self.i) {
             self.i += 1;

@@ -56,14 +56,7 @@ async fn upstream_over_tls_with_an_extra_ca() {
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["object"], "chat.completion");
     // Streams too, over the upstream's h2 (ALPN).
-    let r = gw
-        .post(
-            "/v1/chat/completions",
-            &[("content-type", "application/json")],
-            r#"{"model":"m","stream":true,"messages":[]}"#,
-        )
-        .await;
-    assert!(String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"));
+    assert_streams_to_the_end(&gw).await;
 
     // Connection-specific headers would be a protocol error on the upstream's HTTP/2.
     let r = send(
@@ -100,6 +93,18 @@ async fn upstream_over_tls_with_an_extra_ca() {
             .await,
         1.0
     );
+}
+
+/// A streamed completion through `gw` arrives whole, down to its `[DONE]` event.
+async fn assert_streams_to_the_end(gw: &Gateway) {
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            r#"{"model":"m","stream":true,"messages":[]}"#,
+        )
+        .await;
+    assert!(String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"));
 }
 
 fn tls_client(
@@ -178,14 +183,7 @@ async fn upstream_http2_can_be_required_or_refused() {
     assert_eq!(r.json()["version"], "HTTP/2.0");
     let r = gw.chat(&[]).await;
     assert_eq!(r.status, 200);
-    let r = gw
-        .post(
-            "/v1/chat/completions",
-            &[("content-type", "application/json")],
-            r#"{"model":"m","stream":true,"messages":[]}"#,
-        )
-        .await;
-    assert!(String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"));
+    assert_streams_to_the_end(&gw).await;
 
     // `never` over TLS: ALPN offers HTTP/1.1 only, though the upstream speaks h2.
     let pki = make_pki();
