@@ -80,7 +80,7 @@ impl Clients {
         // Compare against every client, without stopping early, in constant time per compare.
         let mut found = None;
         for c in &self.list {
-            if ring_eq(&c.key_sha256, &digest) {
+            if ct_eq(&c.key_sha256, &digest) {
                 found = Some(Arc::clone(c));
             }
         }
@@ -170,10 +170,6 @@ pub fn fingerprint(digest: &[u8; 32]) -> String {
         s.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     s
-}
-
-fn ring_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    ct_eq(a, b)
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {

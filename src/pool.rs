@@ -51,17 +51,6 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// least RFC 9113 recommends servers allow).
 const DEFAULT_MAX_STREAMS: usize = 100;
 
-/// An HTTP/1.1 connection: the sender of requests (its I/O runs on its own task).
-struct H1 {
-    tx: http1::SendRequest<RequestBody>,
-}
-
-impl H1 {
-    fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
-}
-
 /// The connection to the upstream could not be made (TCP, DNS or TLS).
 #[derive(Debug)]
 pub struct ConnectError(pub BoxError);
@@ -110,7 +99,7 @@ struct Shared {
 }
 
 struct Idle {
-    h1: H1,
+    tx: http1::SendRequest<RequestBody>,
     since: u64,
 }
 
@@ -170,22 +159,22 @@ impl Shared {
         Some(Conn::H2(c.tx.clone(), stream))
     }
 
-    fn put_back(&self, h1: H1) {
-        if h1.is_closed() {
+    fn put_back(&self, tx: http1::SendRequest<RequestBody>) {
+        if tx.is_closed() {
             return;
         }
         let since = self.tick.load(Ordering::Relaxed);
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
-            idle.push(Idle { h1, since });
+            idle.push(Idle { tx, since });
         }
     }
 
-    fn take(&self) -> Option<H1> {
+    fn take(&self) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = self.idle();
         while let Some(c) = idle.pop() {
-            if !c.h1.is_closed() {
-                return Some(c.h1);
+            if !c.tx.is_closed() {
+                return Some(c.tx);
             }
         }
         None
@@ -194,7 +183,7 @@ impl Shared {
     fn sweep(&self) {
         let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
         self.idle()
-            .retain(|c| !c.h1.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks);
+            .retain(|c| !c.tx.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks);
         self.h2().retain(|c| {
             let idle = c.load.streams.load(Ordering::Relaxed) == 0
                 && now.saturating_sub(c.load.since.load(Ordering::Relaxed)) > self.idle_ticks;
@@ -205,7 +194,7 @@ impl Shared {
 
 /// A connection to send one request on.
 enum Conn {
-    H1(H1),
+    H1(http1::SendRequest<RequestBody>),
     H2(http2::SendRequest<RequestBody>, Stream),
 }
 
@@ -296,8 +285,8 @@ impl Pool {
                         },
                     }
                 }
-                Conn::H1(mut h1) => {
-                    if h1.tx.ready().await.is_err() {
+                Conn::H1(mut tx) => {
+                    if tx.ready().await.is_err() {
                         if reused {
                             // Closed while idle: the next pooled one, or a new one.
                             conn = self.checkout();
@@ -307,9 +296,9 @@ impl Pool {
                     }
                     *req.uri_mut() = Uri::from(path.clone());
                     req.headers_mut().insert(HOST, self.host.clone());
-                    match h1.tx.try_send_request(req).await {
+                    match tx.try_send_request(req).await {
                         Ok(resp) => {
-                            let back = Back::H1(h1, Arc::clone(&self.shared));
+                            let back = Back::H1(tx, Arc::clone(&self.shared));
                             return Ok(resp.map(|b| UpstreamBody::new(b, back)));
                         }
                         Err(mut e) => match e.take_message() {
@@ -388,7 +377,7 @@ impl Pool {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });
-        Ok(Conn::H1(H1 { tx }))
+        Ok(Conn::H1(tx))
     }
 
     /// Idle HTTP/1.1 connections (for tests).
@@ -424,7 +413,7 @@ enum Back {
     /// Nothing more (the body ended, or failed).
     Done,
     /// An HTTP/1.1 connection on loan, which goes back to the pool.
-    H1(H1, Arc<Shared>),
+    H1(http1::SendRequest<RequestBody>, Arc<Shared>),
     /// A stream's place on a shared HTTP/2 connection, freed when dropped.
     H2 { _stream: Stream },
 }
@@ -445,8 +434,8 @@ impl UpstreamBody {
     }
 
     fn release(&mut self) {
-        if let Back::H1(h1, shared) = std::mem::replace(&mut self.back, Back::Done) {
-            shared.put_back(h1);
+        if let Back::H1(tx, shared) = std::mem::replace(&mut self.back, Back::Done) {
+            shared.put_back(tx);
         }
     }
 }
