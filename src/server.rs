@@ -7,11 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body::Body;
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
+use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -115,6 +118,29 @@ impl Builders {
             header_read_timeout,
         }
     }
+
+    /// Serves one connection in the protocol chosen, until it ends or the drain closes it.
+    async fn serve<I, S>(&self, io: I, h2: bool, svc: S, watcher: Watcher)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+        S: HttpService<Incoming> + Send + 'static,
+        S::Future: Send + 'static,
+        S::ResBody: Send + 'static,
+        <S::ResBody as Body>::Data: Send,
+        <S::ResBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // Connection errors (client gone, bad input) were answered or logged by hyper.
+        if h2 {
+            let _ = watcher
+                .watch(self.h2.serve_connection(TokioIo::new(io), svc))
+                .await;
+        } else {
+            let _ = watcher
+                .watch(self.h1.serve_connection(TokioIo::new(io), svc))
+                .await;
+        }
+    }
 }
 
 /// Streams one client connection may have open at once over HTTP/2.
@@ -183,30 +209,18 @@ pub async fn serve_proxy(
         tokio::spawn(async move {
             let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
             let Some(acceptor) = tls else {
-                // Connection errors (client gone, bad input) were answered or logged by hyper.
-                match first_bytes(&stream, b.header_read_timeout).await {
-                    FirstBytes::Http1 => {
-                        let conn = b.h1.serve_connection(TokioIo::new(stream), svc);
-                        let _ = watcher.watch(conn).await;
-                    }
-                    FirstBytes::Http2 => {
-                        let conn = b.h2.serve_connection(TokioIo::new(stream), svc);
-                        let _ = watcher.watch(conn).await;
-                    }
-                    FirstBytes::Nothing => {}
-                }
-                return;
+                let h2 = match first_bytes(&stream, b.header_read_timeout).await {
+                    FirstBytes::Http1 => false,
+                    FirstBytes::Http2 => true,
+                    FirstBytes::Nothing => return,
+                };
+                return b.serve(stream, h2, svc, watcher).await;
             };
             let Some(tls_stream) = handshake(&acceptor, stream, peer).await else {
                 return;
             };
-            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                let conn = b.h2.serve_connection(TokioIo::new(tls_stream), svc);
-                let _ = watcher.watch(conn).await;
-            } else {
-                let conn = b.h1.serve_connection(TokioIo::new(tls_stream), svc);
-                let _ = watcher.watch(conn).await;
-            }
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            b.serve(tls_stream, h2, svc, watcher).await;
         });
     }
     gw.drain();
