@@ -251,7 +251,8 @@ fn push_quoted(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
 }
 
-fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+/// The decimal digits of `n`, written by hand (also for the `RateLimit` header).
+pub(crate) fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {

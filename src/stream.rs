@@ -11,7 +11,6 @@ use std::time::Duration;
 use crate::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use serde::Deserialize;
 use tokio::time::{Instant, Sleep};
 
 use crate::errors::GatewayError;
@@ -56,31 +55,6 @@ struct SseScan {
     at_boundary: bool,
     usage: Option<Usage>,
     model: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct UsageDoc {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    usage: Option<UsageJson>,
-}
-
-#[derive(Deserialize)]
-struct UsageJson {
-    #[serde(default, alias = "input_tokens")]
-    prompt_tokens: u64,
-    #[serde(default, alias = "output_tokens")]
-    completion_tokens: u64,
-}
-
-impl UsageDoc {
-    fn usage(&self) -> Option<Usage> {
-        self.usage.as_ref().map(|u| Usage {
-            prompt: u.prompt_tokens,
-            completion: u.completion_tokens,
-        })
-    }
 }
 
 /// What to read from a passed-through body.
@@ -247,12 +221,11 @@ impl SseScan {
             if finders().usage.find(payload).is_none() {
                 continue;
             }
-            if let Ok(doc) = serde_json::from_slice::<UsageDoc>(payload.trim_ascii()) {
-                if let Some(u) = doc.usage() {
-                    self.usage = Some(u);
-                    if doc.model.is_some() {
-                        self.model = doc.model;
-                    }
+            // The same reader as for a JSON response: an SSE chunk is one JSON document.
+            if let Some((usage, model)) = json_usage(payload.trim_ascii()) {
+                self.usage = Some(usage);
+                if model.is_some() {
+                    self.model = model;
                 }
             }
         }

@@ -24,6 +24,7 @@ use governor::clock::{Clock, DefaultClock, Reference};
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
+use crate::access_log::push_u64;
 use crate::clients::{glob_match, Caller};
 use crate::config::{ClientConfig, LimitConfig, Mode, OnLimit, Rate, Store};
 use crate::errors::{GatewayError, Quota};
@@ -831,14 +832,14 @@ fn policy_header(t: &Remaining<'_>) -> HeaderValue {
 
 /// `RateLimit-Policy` and `RateLimit: "name";r=<remaining>;t=<seconds to reset>`.
 fn ratelimit_headers(t: &Remaining<'_>) -> Vec<(HeaderName, HeaderValue)> {
-    let mut now = String::with_capacity(t.name.len() + 48);
+    let mut now = Vec::with_capacity(t.name.len() + 48);
     let reset = t.reset.as_secs() + u64::from(t.reset.subsec_nanos() > 0);
     // `"name";r=R;t=T`, without the formatting machinery (this is on every admitted request).
-    now.push('"');
-    now.push_str(t.name);
-    now.push_str("\";r=");
+    now.push(b'"');
+    now.extend_from_slice(t.name.as_bytes());
+    now.extend_from_slice(b"\";r=");
     push_u64(&mut now, t.remaining);
-    now.push_str(";t=");
+    now.extend_from_slice(b";t=");
     push_u64(&mut now, reset);
     let mut headers = Vec::with_capacity(2);
     if !t.policy_header.is_empty() {
@@ -851,21 +852,6 @@ fn ratelimit_headers(t: &Remaining<'_>) -> Vec<(HeaderName, HeaderValue)> {
         headers.push((HeaderName::from_static("ratelimit"), v));
     }
     headers
-}
-
-/// The decimal digits of `n`.
-fn push_u64(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// A text key (a model, or the one global key). Requests mostly name the same few models, so
