@@ -126,8 +126,18 @@ impl Drop for InflightSlot {
     }
 }
 
+/// What [`serve`] returns: boxed, so a connection holds a pointer to it, and the request
+/// path's state is freed as soon as the response headers are out (a response that streams for
+/// minutes holds only its body).
+pub type ServeFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
 /// The service for every proxied request.
-pub async fn serve(
+pub fn serve(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> ServeFuture {
+    Box::pin(serve_request(gw, req, peer))
+}
+
+async fn serve_request(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -145,10 +155,8 @@ pub async fn serve(
         req.method(),
         route,
     );
-    // Boxed, and freed once the response headers are out: a response that streams for
-    // minutes holds only its body, not the whole request path's state.
     let result = CatchUnwind {
-        inner: Box::pin(handle(&gw, &state, req, peer, &mut out)),
+        inner: handle(&gw, &state, req, peer, &mut out),
     }
     .await;
     let mut resp = match result {

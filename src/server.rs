@@ -89,7 +89,6 @@ pub fn tls_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
 /// `auto` builder reads the first bytes and replays them: a layer on every read, and a read
 /// buffer that grows to 16 KiB on the first request because the replayed bytes arrive as a
 /// read of their own; nor can it cap the request head exactly.)
-#[derive(Clone)]
 struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
@@ -120,6 +119,8 @@ impl Builders {
     }
 
     /// Serves one connection in the protocol chosen, until it ends or the drain closes it.
+    /// HTTP/2 connections are few and long; their state is boxed so that the task of every
+    /// HTTP/1.1 connection (one per open stream with most clients) is sized for HTTP/1.1 only.
     async fn serve<I, S>(&self, io: I, h2: bool, svc: S, watcher: Watcher)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
@@ -132,14 +133,48 @@ impl Builders {
     {
         // Connection errors (client gone, bad input) were answered or logged by hyper.
         if h2 {
-            let _ = watcher
-                .watch(self.h2.serve_connection(TokioIo::new(io), svc))
-                .await;
+            let conn = self.h2.serve_connection(TokioIo::new(io), svc);
+            let _ = Box::pin(watcher.watch(conn)).await;
         } else {
             let _ = watcher
                 .watch(self.h1.serve_connection(TokioIo::new(io), svc))
                 .await;
         }
+    }
+
+    /// A plain connection: HTTP/1.1 or h2c, as its first bytes say.
+    async fn serve_plain(
+        self: Arc<Self>,
+        stream: TcpStream,
+        gw: Arc<Gateway>,
+        peer: SocketAddr,
+        watcher: Watcher,
+    ) {
+        let h2 = match first_bytes(&stream, self.header_read_timeout).await {
+            FirstBytes::Http1 => false,
+            FirstBytes::Http2 => true,
+            FirstBytes::Nothing => return,
+        };
+        let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
+        self.serve(stream, h2, svc, watcher).await;
+    }
+
+    /// A TLS connection: the handshake, then HTTP/2 or HTTP/1.1 as ALPN chose. Its own task,
+    /// so that the TLS session's state never sizes the tasks of plain connections.
+    async fn serve_tls(
+        self: Arc<Self>,
+        acceptor: TlsAcceptor,
+        stream: TcpStream,
+        gw: Arc<Gateway>,
+        peer: SocketAddr,
+        watcher: Watcher,
+    ) {
+        let Some(tls_stream) = handshake(&acceptor, stream, peer).await else {
+            return;
+        };
+        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
+        self.serve(tls_stream, h2, svc, watcher).await;
     }
 }
 
@@ -186,7 +221,7 @@ pub async fn serve_proxy(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builders = Builders::new(&gw.state().settings);
+    let builders = Arc::new(Builders::new(&gw.state().settings));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -203,25 +238,14 @@ pub async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
-        let b = builders.clone();
+        let b = Arc::clone(&builders);
         let gw = Arc::clone(&gw);
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
-            let Some(acceptor) = tls else {
-                let h2 = match first_bytes(&stream, b.header_read_timeout).await {
-                    FirstBytes::Http1 => false,
-                    FirstBytes::Http2 => true,
-                    FirstBytes::Nothing => return,
-                };
-                return b.serve(stream, h2, svc, watcher).await;
-            };
-            let Some(tls_stream) = handshake(&acceptor, stream, peer).await else {
-                return;
-            };
-            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            b.serve(tls_stream, h2, svc, watcher).await;
-        });
+        match &tls {
+            None => tokio::spawn(b.serve_plain(stream, gw, peer, watcher)),
+            Some(acceptor) => {
+                tokio::spawn(b.serve_tls(acceptor.clone(), stream, gw, peer, watcher))
+            }
+        };
     }
     gw.drain();
     drop(listener);
