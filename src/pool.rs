@@ -5,7 +5,9 @@
 //! speaks HTTP/2 (chosen by ALPN over TLS, or `upstream.http2 = "always"`), requests share
 //! connections as streams: each connection carries as many as the upstream allows at once
 //! (its `SETTINGS_MAX_CONCURRENT_STREAMS`), and a request that finds them all full opens
-//! another connection instead of queueing behind streams that may last minutes (SSE).
+//! another connection instead of queueing behind streams that may last minutes (SSE) — or,
+//! while another request is already opening one, waits for that one: a burst of requests
+//! at startup opens a few connections, not one per request.
 //! An HTTP/1.1 connection goes back on the stack when its response body has been read to
 //! the end — by [`UpstreamBody`], on the request's own task, with no extra task per request.
 //! A body dropped before its end (client gone, error body cut short) takes the connection
@@ -96,6 +98,29 @@ struct Shared {
     tick: AtomicU64,
     /// Ticks after which an idle connection is dropped.
     idle_ticks: u64,
+    /// HTTP/2 connections being opened, and the requests waiting for them.
+    opening: Mutex<Opening>,
+    /// Notified when an HTTP/2 connection being opened is ready, or failed.
+    opened: tokio::sync::Notify,
+    /// The last connection made spoke HTTP/2 (so the next one most likely will).
+    h2_seen: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct Opening {
+    connects: usize,
+    waiting: usize,
+}
+
+/// Marks an HTTP/2 connection as being opened; when dropped (made, failed or abandoned),
+/// wakes the requests waiting for it.
+struct OpeningGuard<'a>(&'a Shared);
+
+impl Drop for OpeningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.opening().connects -= 1;
+        self.0.opened.notify_waiters();
+    }
 }
 
 struct Idle {
@@ -141,6 +166,37 @@ impl Shared {
 
     fn h2(&self) -> MutexGuard<'_, Vec<H2>> {
         self.h2.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn opening(&self) -> MutexGuard<'_, Opening> {
+        self.opening.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// With an HTTP/2 upstream, a request that found every connection full waits for one
+    /// that another request is opening, as long as that connection can be expected to take
+    /// it (the streams it may carry are promised to the first waiters). `None`: no such
+    /// connection; the request opens its own.
+    async fn wait_for_opening(self: &Arc<Self>) -> Option<Conn> {
+        if !self.h2_seen.load(Ordering::Relaxed) {
+            return None;
+        }
+        let notified = {
+            let mut o = self.opening();
+            // Each connection being opened carries its opener's stream and up to
+            // `DEFAULT_MAX_STREAMS - 1` waiters.
+            if o.waiting >= o.connects * (DEFAULT_MAX_STREAMS - 1) {
+                return None;
+            }
+            o.waiting += 1;
+            // Registered before the lock is released: a connection that completes from
+            // now on wakes this request.
+            self.opened.notified()
+        };
+        notified.await;
+        self.opening().waiting -= 1;
+        // Only once: if the connection failed, or the upstream allows fewer streams than
+        // were promised, the request opens its own.
+        self.h2_stream()
     }
 
     /// A place on a shared HTTP/2 connection with room for one more stream.
@@ -227,6 +283,9 @@ impl Pool {
             max_idle: cfg.max_idle,
             tick: AtomicU64::new(0),
             idle_ticks,
+            opening: Mutex::new(Opening::default()),
+            opened: tokio::sync::Notify::new(),
+            h2_seen: std::sync::atomic::AtomicBool::new(cfg.http2_only),
         });
         // ezgate builds its pools inside the runtime; a pool built outside one (a test of
         // config parsing, say) never sends, so it has nothing to sweep.
@@ -254,7 +313,10 @@ impl Pool {
         path: PathAndQuery,
     ) -> Result<Response<UpstreamBody>, BoxError> {
         let mut reused = true;
-        let mut conn = self.checkout();
+        let mut conn = match self.checkout() {
+            Some(c) => Some(c),
+            None => self.shared.wait_for_opening().await,
+        };
         loop {
             let c = match conn.take() {
                 Some(c) => c,
@@ -330,6 +392,11 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Conn, BoxError> {
+        // Requests that find no room meanwhile wait for this connection if it will be HTTP/2.
+        let _opening = self.shared.h2_seen.load(Ordering::Relaxed).then(|| {
+            self.shared.opening().connects += 1;
+            OpeningGuard(&self.shared)
+        });
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -338,7 +405,9 @@ impl Pool {
             .call(self.base.clone())
             .await
             .map_err(ConnectError)?;
-        if self.http2_only || io.connected().is_negotiated_h2() {
+        let h2 = self.http2_only || io.connected().is_negotiated_h2();
+        self.shared.h2_seen.store(h2, Ordering::Relaxed);
+        if h2 {
             let (tx, conn) = self.h2.handshake(io).await?;
             // Shared from now on, with this request's stream open on it.
             let load = Arc::new(H2Load {
@@ -740,6 +809,52 @@ mod tests {
         drop(body);
         assert_eq!(pool.h2_streams().iter().sum::<usize>(), 0);
         assert_eq!(accepted.load(Ordering::SeqCst), 3, "free places are reused");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_http2_requests_shares_the_connection_being_opened() {
+        let (base, accepted) = upstream_h2(100).await;
+        let pool = Arc::new(pool_with(&base, Duration::from_secs(30), true));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move { get(&pool, "/").await.into_body() })
+            })
+            .collect();
+        let mut open = Vec::new();
+        for t in tasks {
+            open.push(t.await.unwrap());
+        }
+        assert_eq!(pool.h2_streams(), [50]);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection, not one per request"
+        );
+        for body in open {
+            assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_for_a_connection_that_fails_report_the_failure() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let pool = Arc::new(pool_with(&base, Duration::from_secs(30), true));
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move {
+                    let req = Request::new(RequestBody::full(Bytes::new()));
+                    pool.send(req, PathAndQuery::from_static("/")).await.err()
+                })
+            })
+            .collect();
+        for t in tasks {
+            let err = t.await.unwrap().expect("a closed port answered");
+            assert!(err.is::<ConnectError>(), "{err}");
+        }
     }
 
     #[tokio::test]
