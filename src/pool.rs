@@ -112,6 +112,15 @@ struct Opening {
     waiting: usize,
 }
 
+/// One request waiting for a connection being opened; dropped when it stops waiting.
+struct WaitingGuard<'a>(&'a Shared);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.opening().waiting -= 1;
+    }
+}
+
 /// Marks an HTTP/2 connection as being opened; when dropped (made, failed or abandoned),
 /// wakes the requests waiting for it.
 struct OpeningGuard<'a>(&'a Shared);
@@ -192,8 +201,10 @@ impl Shared {
             // now on wakes this request.
             self.opened.notified()
         };
+        // Counted out however the wait ends, also when the request is dropped meanwhile
+        // (its client left, or its deadline passed).
+        let _waiting = WaitingGuard(self);
         notified.await;
-        self.opening().waiting -= 1;
         // Only once: if the connection failed, or the upstream allows fewer streams than
         // were promised, the request opens its own.
         self.h2_stream()
@@ -452,6 +463,13 @@ impl Pool {
     /// Idle HTTP/1.1 connections (for tests).
     pub fn idle_count(&self) -> usize {
         self.shared.idle().len()
+    }
+
+    /// HTTP/2 connections being opened, and requests waiting for them (for tests).
+    #[cfg(test)]
+    fn opening_counts(&self) -> (usize, usize) {
+        let o = self.shared.opening();
+        (o.connects, o.waiting)
     }
 
     /// HTTP/2 connections, and the streams open on each (for tests).
@@ -855,6 +873,45 @@ mod tests {
             let err = t.await.unwrap().expect("a closed port answered");
             assert!(err.is::<ConnectError>(), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn requests_that_stop_waiting_for_a_connection_are_counted_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("https://{}", listener.local_addr().unwrap());
+        // Accepts and never answers the TLS handshake: the connection stays being opened.
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                sockets.push(s);
+            }
+        });
+        let pool = Arc::new(pool_with(&base, Duration::from_secs(30), true));
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move {
+                    let req = Request::new(RequestBody::full(Bytes::new()));
+                    let _ = pool.send(req, PathAndQuery::from_static("/")).await;
+                })
+            })
+            .collect();
+        for _ in 0..200 {
+            if pool.opening_counts() == (1, 4) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(pool.opening_counts(), (1, 4), "one opens, four wait for it");
+        // The clients leave: their requests are dropped mid-wait.
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        assert_eq!(pool.opening_counts(), (0, 0));
+        held.abort();
     }
 
     #[tokio::test]
