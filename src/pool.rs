@@ -75,6 +75,8 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// HTTP/2 on every connection, negotiated or not (prior knowledge on `http://`).
     pub http2_only: bool,
+    /// HTTP/2 offered by ALPN on `https://` connections.
+    pub http2_offered: bool,
 }
 
 pub struct Pool {
@@ -296,7 +298,12 @@ impl Pool {
             idle_ticks,
             opening: Mutex::new(Opening::default()),
             opened: tokio::sync::Notify::new(),
-            h2_seen: std::sync::atomic::AtomicBool::new(cfg.http2_only),
+            // Until the first connection says, HTTP/2 is expected wherever it is offered: a
+            // burst at startup then waits for the first connection instead of opening one per
+            // request (if the upstream picks HTTP/1.1, the waiters open their own).
+            h2_seen: std::sync::atomic::AtomicBool::new(
+                cfg.http2_only || (cfg.http2_offered && scheme == Scheme::HTTPS),
+            ),
         });
         // ezgate builds its pools inside the runtime; a pool built outside one (a test of
         // config parsing, say) never sends, so it has nothing to sweep.
@@ -678,6 +685,7 @@ mod tests {
                 max_idle: 8,
                 idle_timeout,
                 http2_only,
+                http2_offered: http2_only,
             },
         )
         .unwrap()

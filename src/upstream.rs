@@ -191,6 +191,7 @@ impl Upstream {
                 max_idle: cfg.pool_max_idle_per_host,
                 idle_timeout: cfg.pool_idle_timeout.0,
                 http2_only: cfg.http2 == Http2::Always,
+                http2_offered: cfg.http2 != Http2::Never,
             },
         )?;
         Ok(Upstream {
