@@ -7,7 +7,9 @@
 //! (its `SETTINGS_MAX_CONCURRENT_STREAMS`), and a request that finds them all full opens
 //! another connection instead of queueing behind streams that may last minutes (SSE) — or,
 //! while another request is already opening one, waits for that one: a burst of requests
-//! at startup opens a few connections, not one per request.
+//! at startup opens a few connections, not one per request. Until the first connection says
+//! which protocol the upstream speaks, HTTP/2 is expected wherever ALPN offers it; if the
+//! upstream picks HTTP/1.1, the requests that waited open their own connections.
 //! An HTTP/1.1 connection goes back on the stack when its response body has been read to
 //! the end — by [`UpstreamBody`], on the request's own task, with no extra task per request.
 //! A body dropped before its end (client gone, error body cut short) takes the connection
