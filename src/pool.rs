@@ -185,33 +185,48 @@ impl Shared {
         self.opening.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// With an HTTP/2 upstream, a request that found every connection full waits for one
-    /// that another request is opening, as long as that connection can be expected to take
-    /// it (the streams it may carry are promised to the first waiters). `None`: no such
-    /// connection; the request opens its own.
-    async fn wait_for_opening(self: &Arc<Self>) -> Option<Conn> {
+    /// For a request that found every connection full: with an HTTP/2 upstream, a place on a
+    /// connection another request is opening, as long as that connection can be expected to
+    /// take it (the streams it may carry are promised to the first waiters); else the duty
+    /// to open one (`Err`), registered under the same lock that waiters check, so that two
+    /// requests never both decide to open the first connection. The guard is `None` when no
+    /// HTTP/2 is expected: nobody waits for an HTTP/1.1 connection.
+    async fn place_or_open(self: &Arc<Self>) -> Result<Conn, Option<OpeningGuard<'_>>> {
         if !self.h2_seen.load(Ordering::Relaxed) {
-            return None;
+            return Err(None);
         }
         let notified = {
             let mut o = self.opening();
+            // A connection made since this request looked.
+            if let Some(c) = self.h2_stream() {
+                return Ok(c);
+            }
             // Each connection being opened carries its opener's stream and up to
             // `DEFAULT_MAX_STREAMS - 1` waiters.
             if o.waiting >= o.connects * (DEFAULT_MAX_STREAMS - 1) {
-                return None;
+                o.connects += 1;
+                return Err(Some(OpeningGuard(self)));
             }
             o.waiting += 1;
             // Registered before the lock is released: a connection that completes from
             // now on wakes this request.
             self.opened.notified()
         };
-        // Counted out however the wait ends, also when the request is dropped meanwhile
-        // (its client left, or its deadline passed).
-        let _waiting = WaitingGuard(self);
-        notified.await;
+        {
+            // Counted out however the wait ends, also when the request is dropped meanwhile
+            // (its client left, or its deadline passed).
+            let _waiting = WaitingGuard(self);
+            notified.await;
+        }
         // Only once: if the connection failed, or the upstream allows fewer streams than
         // were promised, the request opens its own.
-        self.h2_stream()
+        match self.h2_stream() {
+            Some(c) => Ok(c),
+            None => {
+                self.opening().connects += 1;
+                Err(Some(OpeningGuard(self)))
+            }
+        }
     }
 
     /// A place on a shared HTTP/2 connection with room for one more stream.
@@ -333,18 +348,18 @@ impl Pool {
         path: PathAndQuery,
     ) -> Result<Response<UpstreamBody>, BoxError> {
         let mut reused = true;
-        let mut conn = match self.checkout() {
-            Some(c) => Some(c),
-            None => self.shared.wait_for_opening().await,
-        };
+        let mut conn = self.checkout();
         loop {
             let c = match conn.take() {
                 Some(c) => c,
                 None => {
                     reused = false;
-                    // Boxed: the connect future is large and rarely needed; every request
-                    // would otherwise carry (and move) it.
-                    Box::pin(self.connect()).await?
+                    match self.shared.place_or_open().await {
+                        Ok(c) => c,
+                        // Boxed: the connect future is large and rarely needed; every
+                        // request would otherwise carry (and move) it.
+                        Err(opening) => Box::pin(self.connect(opening)).await?,
+                    }
                 }
             };
             match c {
@@ -411,12 +426,9 @@ impl Pool {
             .or_else(|| self.shared.take().map(Conn::H1))
     }
 
-    async fn connect(&self) -> Result<Conn, BoxError> {
-        // Requests that find no room meanwhile wait for this connection if it will be HTTP/2.
-        let _opening = self.shared.h2_seen.load(Ordering::Relaxed).then(|| {
-            self.shared.opening().connects += 1;
-            OpeningGuard(&self.shared)
-        });
+    /// Opens a connection; `_opening`, held until it is made or has failed, lets other
+    /// requests wait for it.
+    async fn connect(&self, _opening: Option<OpeningGuard<'_>>) -> Result<Conn, BoxError> {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -700,6 +712,22 @@ mod tests {
             .unwrap()
     }
 
+    /// `n` requests for `/` sent at once, each on a task of its own.
+    fn send_at_once(
+        pool: &Arc<Pool>,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<Response<UpstreamBody>, BoxError>>> {
+        (0..n)
+            .map(|_| {
+                let pool = Arc::clone(pool);
+                tokio::spawn(async move {
+                    let req = Request::new(RequestBody::full(Bytes::new()));
+                    pool.send(req, PathAndQuery::from_static("/")).await
+                })
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn sequential_requests_share_one_connection() {
         let (base, accepted) = upstream(false).await;
@@ -843,15 +871,9 @@ mod tests {
     async fn a_burst_of_http2_requests_shares_the_connection_being_opened() {
         let (base, accepted) = upstream_h2(100).await;
         let pool = Arc::new(pool_with(&base, Duration::from_secs(30), true));
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
-                let pool = Arc::clone(&pool);
-                tokio::spawn(async move { get(&pool, "/").await.into_body() })
-            })
-            .collect();
         let mut open = Vec::new();
-        for t in tasks {
-            open.push(t.await.unwrap());
+        for t in send_at_once(&pool, 50) {
+            open.push(t.await.unwrap().unwrap().into_body());
         }
         assert_eq!(pool.h2_streams(), [50]);
         assert_eq!(
@@ -870,17 +892,8 @@ mod tests {
         let base = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
         let pool = Arc::new(pool_with(&base, Duration::from_secs(30), true));
-        let tasks: Vec<_> = (0..5)
-            .map(|_| {
-                let pool = Arc::clone(&pool);
-                tokio::spawn(async move {
-                    let req = Request::new(RequestBody::full(Bytes::new()));
-                    pool.send(req, PathAndQuery::from_static("/")).await.err()
-                })
-            })
-            .collect();
-        for t in tasks {
-            let err = t.await.unwrap().expect("a closed port answered");
+        for t in send_at_once(&pool, 5) {
+            let err = t.await.unwrap().err().expect("a closed port answered");
             assert!(err.is::<ConnectError>(), "{err}");
         }
     }
@@ -897,15 +910,7 @@ mod tests {
             }
         });
         let pool = Arc::new(pool_with(&base, Duration::from_secs(30), true));
-        let tasks: Vec<_> = (0..5)
-            .map(|_| {
-                let pool = Arc::clone(&pool);
-                tokio::spawn(async move {
-                    let req = Request::new(RequestBody::full(Bytes::new()));
-                    let _ = pool.send(req, PathAndQuery::from_static("/")).await;
-                })
-            })
-            .collect();
+        let tasks = send_at_once(&pool, 5);
         for _ in 0..200 {
             if pool.opening_counts() == (1, 4) {
                 break;
