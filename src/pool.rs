@@ -682,15 +682,30 @@ mod tests {
     }
 
     fn pool_with(base: &str, idle_timeout: Duration, http2_only: bool) -> Pool {
+        let tls = crate::upstream::client_tls(None).unwrap();
+        build_pool(base, idle_timeout, tls, http2_only, http2_only)
+    }
+
+    /// A pool as `upstream.rs` builds one: `offer_h2` is ALPN's h2 on `https://` (and
+    /// prior knowledge on `http://` when `http2_only`).
+    fn build_pool(
+        base: &str,
+        idle_timeout: Duration,
+        tls: rustls::ClientConfig,
+        http2_only: bool,
+        offer_h2: bool,
+    ) -> Pool {
         let uri: Uri = base.parse().unwrap();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        let tls = crate::upstream::client_tls(None).unwrap();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+            .https_or_http();
+        let https = if offer_h2 && !http2_only {
+            https.enable_http1().enable_http2().wrap_connector(http)
+        } else {
+            https.enable_http1().wrap_connector(http)
+        };
         Pool::new(
             https,
             uri.scheme().unwrap().clone(),
@@ -699,10 +714,76 @@ mod tests {
                 max_idle: 8,
                 idle_timeout,
                 http2_only,
-                http2_offered: http2_only,
+                http2_offered: offer_h2,
             },
         )
         .unwrap()
+    }
+
+    /// A TLS upstream on 127.0.0.1, signed by a CA made here, whose ALPN offers only
+    /// `alpn`; it counts its connections and serves [`Held`] bodies over what ALPN chose.
+    /// Returns a pool that trusts the CA and offers h2 and HTTP/1.1, and the connection count.
+    async fn tls_upstream(alpn: &'static [u8]) -> (Arc<Pool>, Arc<AtomicUsize>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        server.alpn_protocols = vec![alpn.to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let (base, accepted) = counting_upstream(move |tcp| {
+            let acceptor = acceptor.clone();
+            async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let io = hyper_util::rt::TokioIo::new(tls);
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(Held {
+                        first: true,
+                        hold: Box::pin(tokio::time::sleep(Duration::from_millis(300))),
+                    }))
+                });
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                }
+            }
+        })
+        .await;
+        let ca_file = std::env::temp_dir().join(format!(
+            "ezgate-pool-ca-{}-{}.pem",
+            std::process::id(),
+            base.rsplit(':').next().unwrap_or("0")
+        ));
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let tls = crate::upstream::client_tls(Some(&ca_file)).unwrap();
+        let _ = std::fs::remove_file(&ca_file);
+        let base = base.replace("http://", "https://");
+        let pool = build_pool(&base, Duration::from_secs(30), tls, false, true);
+        (Arc::new(pool), accepted)
     }
 
     async fn get(pool: &Pool, path: &'static str) -> Response<UpstreamBody> {
@@ -880,6 +961,42 @@ mod tests {
             accepted.load(Ordering::SeqCst),
             1,
             "one connection, not one per request"
+        );
+        for body in open {
+            assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_over_tls_expects_http2_where_alpn_offers_it() {
+        let (pool, accepted) = tls_upstream(b"h2").await;
+        let mut open = Vec::new();
+        for t in send_at_once(&pool, 20) {
+            open.push(t.await.unwrap().unwrap().into_body());
+        }
+        assert_eq!(pool.h2_streams(), [20]);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection, not one per request"
+        );
+        for body in open {
+            assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_over_tls_opens_its_own_connections_when_the_upstream_picks_http1() {
+        let (pool, accepted) = tls_upstream(b"http/1.1").await;
+        let mut open = Vec::new();
+        for t in send_at_once(&pool, 5) {
+            open.push(t.await.unwrap().unwrap().into_body());
+        }
+        assert!(pool.h2_streams().is_empty());
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            5,
+            "one HTTP/1.1 connection per request"
         );
         for body in open {
             assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
