@@ -7,11 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body::Body;
-use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -121,16 +118,11 @@ impl Builders {
     /// Serves one connection in the protocol chosen, until it ends or the drain closes it.
     /// HTTP/2 connections are few and long; their state is boxed so that the task of every
     /// HTTP/1.1 connection (one per open stream with most clients) is sized for HTTP/1.1 only.
-    async fn serve<I, S>(&self, io: I, h2: bool, svc: S, watcher: Watcher)
+    async fn serve<I>(&self, io: I, h2: bool, gw: Arc<Gateway>, peer: SocketAddr, watcher: Watcher)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-        S: HttpService<Incoming> + Send + 'static,
-        S::Future: Send + 'static,
-        S::ResBody: Send + 'static,
-        <S::ResBody as Body>::Data: Send,
-        <S::ResBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
         // Connection errors (client gone, bad input) were answered or logged by hyper.
         if h2 {
             let conn = self.h2.serve_connection(TokioIo::new(io), svc);
@@ -155,8 +147,7 @@ impl Builders {
             FirstBytes::Http2 => true,
             FirstBytes::Nothing => return,
         };
-        let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
-        self.serve(stream, h2, svc, watcher).await;
+        self.serve(stream, h2, gw, peer, watcher).await;
     }
 
     /// A TLS connection: the handshake, then HTTP/2 or HTTP/1.1 as ALPN chose. Its own task,
@@ -173,8 +164,7 @@ impl Builders {
             return;
         };
         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
-        self.serve(tls_stream, h2, svc, watcher).await;
+        self.serve(tls_stream, h2, gw, peer, watcher).await;
     }
 }
 
