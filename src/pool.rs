@@ -825,6 +825,23 @@ mod tests {
             .collect()
     }
 
+    /// Sends `n` requests at once and waits for all their response headers; the bodies stay
+    /// unread, so each request keeps its place on its connection.
+    async fn open_at_once(pool: &Arc<Pool>, n: usize) -> Vec<UpstreamBody> {
+        let mut open = Vec::new();
+        for t in send_at_once(pool, n) {
+            open.push(t.await.unwrap().unwrap().into_body());
+        }
+        open
+    }
+
+    /// Reads each body to its end: every test upstream answers `x`.
+    async fn read_all(open: Vec<UpstreamBody>) {
+        for body in open {
+            assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
+        }
+    }
+
     #[tokio::test]
     async fn sequential_requests_share_one_connection() {
         let (base, accepted) = upstream(false).await;
@@ -968,55 +985,40 @@ mod tests {
     async fn a_burst_of_http2_requests_shares_the_connection_being_opened() {
         let (base, accepted) = upstream_h2(100).await;
         let pool = Arc::new(pool_with(&base, Duration::from_secs(30), true));
-        let mut open = Vec::new();
-        for t in send_at_once(&pool, 50) {
-            open.push(t.await.unwrap().unwrap().into_body());
-        }
+        let open = open_at_once(&pool, 50).await;
         assert_eq!(pool.h2_streams(), [50]);
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             1,
             "one connection, not one per request"
         );
-        for body in open {
-            assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
-        }
+        read_all(open).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_over_tls_expects_http2_where_alpn_offers_it() {
         let (pool, accepted) = tls_upstream(b"h2").await;
-        let mut open = Vec::new();
-        for t in send_at_once(&pool, 20) {
-            open.push(t.await.unwrap().unwrap().into_body());
-        }
+        let open = open_at_once(&pool, 20).await;
         assert_eq!(pool.h2_streams(), [20]);
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             1,
             "one connection, not one per request"
         );
-        for body in open {
-            assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
-        }
+        read_all(open).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_over_tls_opens_its_own_connections_when_the_upstream_picks_http1() {
         let (pool, accepted) = tls_upstream(b"http/1.1").await;
-        let mut open = Vec::new();
-        for t in send_at_once(&pool, 5) {
-            open.push(t.await.unwrap().unwrap().into_body());
-        }
+        let open = open_at_once(&pool, 5).await;
         assert!(pool.h2_streams().is_empty());
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             5,
             "one HTTP/1.1 connection per request"
         );
-        for body in open {
-            assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"x");
-        }
+        read_all(open).await;
     }
 
     #[tokio::test]

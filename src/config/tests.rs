@@ -78,28 +78,9 @@ fn missing_env_secret_is_named() {
 
 #[test]
 fn policy_problems_are_all_reported() {
-    let e = problems(
-        r#"
-[[limits]]
-name = "a"
-key = "tenant"
-requests = "0/s"
-[[limits]]
-name = "b"
-key = "global"
-requests = "5/s"
-burst = 0
-[[limits]]
-name = "b"
-key = "client"
-concurrency = 2
-match = { clients = ["ghost"] }
-"#,
-    );
-    assert!(e.contains("zero rate"), "{e}");
-    // Serde stops at the first type error; fix it and the rest are reported together.
-    let e = problems(
-        r#"
+    // Four problems: a key that does not exist, a zero burst, a name used twice, an unknown
+    // client; and, in the first version, a zero rate.
+    const POLICIES: &str = r#"
 [[limits]]
 name = "a"
 key = "tenant"
@@ -114,8 +95,11 @@ name = "b"
 key = "client"
 concurrency = 2
 match = { clients = ["ghost"] }
-"#,
-    );
+"#;
+    let e = problems(&POLICIES.replacen(r#"requests = "1/s""#, r#"requests = "0/s""#, 1));
+    assert!(e.contains("zero rate"), "{e}");
+    // Serde stops at the first type error; fix it and the rest are reported together.
+    let e = problems(POLICIES);
     for needle in [
         "limits[0] (\"a\").key",
         "not a key kind",
