@@ -589,6 +589,8 @@ impl Body for UpstreamBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::net::TcpListener;
 
     #[test]
     fn connection_tasks_are_not_sized_for_tls() {
@@ -597,8 +599,6 @@ mod tests {
         let h1 = std::mem::size_of::<http1::Connection<UpstreamIo, RequestBody>>();
         assert!(h1 <= 1024, "HTTP/1.1 connection future is {h1} bytes");
     }
-    use std::sync::atomic::AtomicUsize;
-    use tokio::net::TcpListener;
 
     /// An HTTP/1.1 upstream that counts the connections it accepted. `close` answers with
     /// `Connection: close`; a path `/big` answers 1 MiB.
