@@ -2,6 +2,7 @@
 """benches/ab.py — CPU per request of two ezgate builds (or configs), loaded at the same time.
 
     python3 benches/ab.py A_BIN B_BIN [--config-a F] [--config-b F] [--rounds 8] [--secs 3]
+    python3 benches/ab.py nginx B_BIN          (A is nginx, configured as in proxy.sh)
 
 On a shared virtual machine CPU time per request moves by ±20 % between runs a few seconds
 apart, so two builds measured one after the other cannot be told apart by less than that.
@@ -9,7 +10,9 @@ Loaded at the same moment, both see the same machine: each round runs `wrk -t1 -
 A and against B together (the two wrk on the load core, both gateways on the proxy core, one
 emulator), reads each gateway's CPU time from /proc/PID/stat, and divides by its requests.
 The ratio B/A per round is steady to ±1–2 %; the order in which the two loads start is
-swapped every round, which cancels the small advantage of starting second.
+swapped every round, which cancels the small advantage of starting second. `nginx` in place
+of a binary runs nginx as benches/proxy.sh configures it (its master and worker are counted):
+ezgate's CPU per request against nginx's, free of the drift between sequential runs.
 
 Prints the median of the per-round ratios and every round. Needs wrk and taskset; starts the
 release emulator. Traffic goes only to 127.0.0.1, bounded in time; every process it starts is
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -49,9 +53,46 @@ def wait_http(url, proc):
     sys.exit(f"ab.py: {url} did not answer")
 
 
-def ticks(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+def ticks(pids):
+    total = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/body;
+  proxy_temp_path {work}/proxy;
+  fastcgi_temp_path {work}/fastcgi;
+  uwsgi_temp_path {work}/uwsgi;
+  scgi_temp_path {work}/scgi;
+  keepalive_requests 1000000;
+  upstream emu {{ server 127.0.0.1:{emu}; keepalive 512; keepalive_requests 1000000; }}
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_buffering off;
+  proxy_request_buffering off;
+  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ proxy_pass http://emu; }} }}
+}}
+"""
+
+
+def start_nginx(work, emu_port, port):
+    """nginx as benches/proxy.sh runs it (one worker, upstream keepalive, no buffering); its
+    processes, master and worker, are what is measured."""
+    conf = os.path.join(work, "nginx.conf")
+    open(conf, "w").write(NGINX_CONF.format(work=work, emu=emu_port, port=port))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    p = subprocess.Popen(pin(0) + [nginx, "-p", work, "-e", os.path.join(work, "nginx-error.log"), "-c", conf],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return p
 
 
 def pin(cpu):
@@ -90,6 +131,13 @@ def main():
         gates = []
         for label, binary, config in (("A", args.a, args.config_a), ("B", args.b, args.config_b)):
             port, admin = free_port(), free_port()
+            if binary == "nginx":
+                p = start_nginx(work, emu_port, port)
+                procs.append(p)
+                wait_http(f"http://127.0.0.1:{port}/v1/models", p)
+                worker = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+                gates.append((label, port, [p.pid] + [int(w) for w in worker]))
+                continue
             p = subprocess.Popen(pin(0) + [binary, "--config", config or bare, "--listen", f"127.0.0.1:{port}",
                                            "--admin-listen", f"127.0.0.1:{admin}",
                                            "--upstream", f"http://127.0.0.1:{emu_port}"],
@@ -97,7 +145,7 @@ def main():
                                  env=dict(os.environ, MIMALLOC_ARENA_EAGER_COMMIT="0"))
             procs.append(p)
             wait_http(f"http://127.0.0.1:{admin}/healthz", p)
-            gates.append((label, port, p.pid))
+            gates.append((label, port, [p.pid]))
 
         env = dict(os.environ, BENCH_BODY_FILE=body)
 
@@ -111,7 +159,7 @@ def main():
         ratios, cpu = [], {"A": [], "B": []}
         for r in range(args.rounds):
             order = gates if r % 2 == 0 else gates[::-1]
-            before = {label: ticks(pid) for label, _, pid in gates}
+            before = {label: ticks(pids) for label, _, pids in gates}
             running = [(label, load(port, args.secs)) for label, port, _ in order]
             per = {}
             for label, w in running:
@@ -122,8 +170,8 @@ def main():
                 j = json.loads(m.group(1))
                 if sum(j["errors"].values()):
                     sys.exit(f"ab.py: errors against {label}: {j['errors']}")
-                pid = dict((g[0], g[2]) for g in gates)[label]
-                per[label] = (ticks(pid) - before[label]) * 1e6 / os.sysconf("SC_CLK_TCK") / j["requests"]
+                pids = dict((g[0], g[2]) for g in gates)[label]
+                per[label] = (ticks(pids) - before[label]) * 1e6 / os.sysconf("SC_CLK_TCK") / j["requests"]
             for label in per:
                 cpu[label].append(per[label])
             ratios.append(per["B"] / per["A"])
