@@ -90,9 +90,8 @@ def start_nginx(work, emu_port, port):
     conf = os.path.join(work, "nginx.conf")
     open(conf, "w").write(NGINX_CONF.format(work=work, emu=emu_port, port=port))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    p = subprocess.Popen(pin(0) + [nginx, "-p", work, "-e", os.path.join(work, "nginx-error.log"), "-c", conf],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return p
+    return subprocess.Popen(pin(0) + [nginx, "-p", work, "-e", os.path.join(work, "nginx-error.log"), "-c", conf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def pin(cpu):

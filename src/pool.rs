@@ -835,6 +835,18 @@ mod tests {
         open
     }
 
+    /// `n` requests sent at once to an HTTP/2 upstream all open on one connection.
+    async fn shares_one_connection(pool: &Arc<Pool>, accepted: &AtomicUsize, n: usize) {
+        let open = open_at_once(pool, n).await;
+        assert_eq!(pool.h2_streams(), [n]);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection, not one per request"
+        );
+        read_all(open).await;
+    }
+
     /// Reads each body to its end: every test upstream answers `x`.
     async fn read_all(open: Vec<UpstreamBody>) {
         for body in open {
@@ -985,27 +997,13 @@ mod tests {
     async fn a_burst_of_http2_requests_shares_the_connection_being_opened() {
         let (base, accepted) = upstream_h2(100).await;
         let pool = Arc::new(pool_with(&base, Duration::from_secs(30), true));
-        let open = open_at_once(&pool, 50).await;
-        assert_eq!(pool.h2_streams(), [50]);
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "one connection, not one per request"
-        );
-        read_all(open).await;
+        shares_one_connection(&pool, &accepted, 50).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_over_tls_expects_http2_where_alpn_offers_it() {
         let (pool, accepted) = tls_upstream(b"h2").await;
-        let open = open_at_once(&pool, 20).await;
-        assert_eq!(pool.h2_streams(), [20]);
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "one connection, not one per request"
-        );
-        read_all(open).await;
+        shares_one_connection(&pool, &accepted, 20).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
