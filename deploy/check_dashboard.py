@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks every PromQL query of the deploy kit against the metrics ezgate exports.
 
-    check_dashboard.py [--dashboard FILE] [--rules FILE] [--contract FILE]
+    check_dashboard.py [--dashboard FILE] [--rules FILE] [--catalogue docs/metrics.md]
     check_dashboard.py --rule-tests FILE      # every alert fires in a test and stays quiet in one
     check_dashboard.py --exposition FILE      # a scraped /metrics text, checked the same way
 
@@ -9,7 +9,7 @@ Each `expr` of the Grafana dashboard (panels and template variables) and of the 
 rules is parsed with a real PromQL parser (promql-parser, the Rust parser's Python binding),
 then walked:
 
-* every selector names a series ezgate exports (CONTRACT §6; histograms as _bucket/_sum/
+* every selector names a series ezgate exports (docs/metrics.md; histograms as _bucket/_sum/
   _count), `up`, or nothing else;
 * every label in a selector, `by`/`without`, `on`/`ignoring`, `group_left/right`,
   `label_replace`, a Grafana legend `{{label}}` or an alert template `$labels.x` exists on
@@ -20,8 +20,8 @@ then walked:
 * rate()/increase() only see counters, histogram_quantile() only _bucket series with `le`;
 * the dashboard covers every ezgate_* family and the views the deploy issue asks for.
 
-With --contract, the metric table here is compared with CONTRACT.md §6 so that the two cannot
-drift apart silently. Exit status 1 and one line per problem on failure.
+With --catalogue, the metric table here is compared with the table of docs/metrics.md, the
+users' reference, so that the two cannot drift apart silently. Exit status 1 and one line per problem on failure.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("check_dashboard.py: needs PyYAML (pip install pyyaml)")
 
-# ---- what ezgate exports (CONTRACT §6) ------------------------------------------------------
+# ---- what ezgate exports (docs/metrics.md) --------------------------------------------------
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_requests_total": ("counter", ("route", "method", "status", "source")),
     "ezgate_request_duration_seconds": ("histogram", ("route", "status_class")),
@@ -52,8 +52,9 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_gateway_errors_total": ("counter", ("code",)),
     "ezgate_ratelimit_decisions_total": ("counter", ("policy", "decision")),
     "ezgate_ratelimit_keys": ("gauge", ("policy",)),
+    "ezgate_ratelimit_store_fallbacks_total": ("counter", ("policy",)),
     "ezgate_inflight_requests": ("gauge", ("route",)),
-    "ezgate_tokens_total": ("counter", ("model", "kind")),
+    "ezgate_tokens_total": ("counter", ("model", "kind", "client")),
     "ezgate_build_info": ("gauge", ("version",)),
     # prometheus crate, process collector
     "process_cpu_seconds_total": ("counter", ()),
@@ -544,7 +545,7 @@ def check_exposition(path: Path, errors: list[str]) -> int:
         labels = dict(LABEL_RE.findall(m.group(3) or ""))
         if name not in SERIES:
             errors.append(f"{path.name}: exports {name}, which the deploy kit does not know "
-                          "(add it to check_dashboard.py FAMILIES, and to CONTRACT §6)")
+                          "(add it to check_dashboard.py FAMILIES, and to docs/metrics.md)")
             continue
         family, _, expected = SERIES[name]
         if set(labels) != set(expected):
@@ -556,16 +557,13 @@ def check_exposition(path: Path, errors: list[str]) -> int:
     return n
 
 
-# ---- the contract ---------------------------------------------------------------------------
-def check_contract(path: Path, errors: list[str]) -> int:
-    text = path.read_text()
-    sec = re.search(r"^## 6\..*?(?=^## )", text, re.S | re.M)
-    if not sec:
-        errors.append(f"{path}: no section 6 (metrics) found")
-        return 0
+# ---- the catalogue --------------------------------------------------------------------------
+def check_catalogue(path: Path, errors: list[str]) -> int:
+    """The metric table of docs/metrics.md (metric | type | labels | meaning) equals FAMILIES."""
     seen = {}
-    for row in re.findall(r"^\|\s*`([a-z_]+)`\s*\|\s*([a-z]+)\s*\|(.*)\|\s*$", sec.group(0), re.M):
-        name, kind, labels_col = row
+    for name, kind, labels_col in re.findall(
+        r"^\|\s*`([a-z_]+)`\s*\|\s*([a-z]+)\s*\|([^|]*)\|", path.read_text(), re.M
+    ):
         labels_col = re.sub(r"\([^()]*\)", "", labels_col)
         seen[name] = (kind, tuple(re.findall(r"`([a-z_]+)`", labels_col)))
     n = 0
@@ -573,14 +571,14 @@ def check_contract(path: Path, errors: list[str]) -> int:
     for name, (kind, labels) in seen.items():
         n += 1
         if name not in ours:
-            errors.append(f"CONTRACT §6 lists {name}; check_dashboard.py FAMILIES does not")
+            errors.append(f"{path.name} lists {name}; check_dashboard.py FAMILIES does not")
         elif ours[name] != (kind, labels):
-            errors.append(f"CONTRACT §6: {name} is {kind} {labels}; FAMILIES says {ours[name]}")
+            errors.append(f"{path.name}: {name} is {kind} {labels}; FAMILIES says {ours[name]}")
     for name in ours:
         if name not in seen:
-            errors.append(f"FAMILIES has {name}; CONTRACT §6 does not")
+            errors.append(f"FAMILIES has {name}; {path.name} does not")
     if not seen:
-        errors.append(f"{path}: found no metric rows in §6")
+        errors.append(f"{path}: found no metric table")
     return n
 
 
@@ -590,7 +588,7 @@ def main() -> int:
     ap.add_argument("--rules", type=Path, action="append", default=[])
     ap.add_argument("--rule-tests", type=Path, action="append", default=[])
     ap.add_argument("--exposition", type=Path, action="append", default=[])
-    ap.add_argument("--contract", type=Path)
+    ap.add_argument("--catalogue", type=Path)
     ap.add_argument("--emit-rules", type=Path, metavar="FILE",
                     help="also write the dashboard queries as recording rules, for `promtool check rules`")
     a = ap.parse_args()
@@ -606,8 +604,8 @@ def main() -> int:
         counts.append(f"{check_rule_tests(t, errors)} alerts with tests")
     for e in a.exposition:
         counts.append(f"{check_exposition(e, errors)} scraped series")
-    if a.contract:
-        counts.append(f"{check_contract(a.contract, errors)} contract metrics")
+    if a.catalogue:
+        counts.append(f"{check_catalogue(a.catalogue, errors)} documented metrics")
     for e in errors:
         print(f"  ERROR {e}", file=sys.stderr)
     print(f"  checked {', '.join(counts) or 'nothing'}: {len(errors)} problem(s)")
