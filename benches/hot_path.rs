@@ -98,6 +98,7 @@ fn limiter(c: &mut Criterion) {
         model: Some("gpt-4o"),
         prompt_tokens: 10,
         max_tokens: Some(100),
+        post: true,
         ip: "127.0.0.1".parse().unwrap(),
         headers: &headers,
         managed: false,

@@ -41,6 +41,8 @@ pub struct Entry<'a> {
     pub model: Option<&'a str>,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// Tokens a token policy charged in the end (reported, estimated, or 0 when refunded).
+    pub charged_tokens: Option<u64>,
 }
 
 struct Sink {
@@ -152,6 +154,9 @@ pub fn format(buf: &mut Vec<u8>, format: LogFormat, entry: &Entry<'_>, now: Syst
     }
     if let Some(n) = entry.completion_tokens {
         f.num("completion_tokens", n);
+    }
+    if let Some(n) = entry.charged_tokens {
+        f.num("charged_tokens", n);
     }
     if json {
         buf.extend_from_slice(b",\"target\":\"");
@@ -352,6 +357,7 @@ mod tests {
             model: Some("gpt-4o"),
             prompt_tokens: Some(223),
             completion_tokens: Some(7),
+            charged_tokens: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Prometheus metrics (CONTRACT §6), in an owned registry with handles cached at start.
 //! [`Metrics::record`] is called once per request, from the request's [`Outcome`].
 
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus::core::Collector;
@@ -73,13 +73,17 @@ pub struct Metrics {
     tokens: IntCounterVec,
     /// Config model names (exact, sorted): the first entries of the model label table.
     model_names: Vec<String>,
-    /// `ezgate_tokens_total` handles (prompt, completion) by model label index.
-    token_cache: Box<[OnceLock<[IntCounter; 2]>]>,
+    /// `ezgate_tokens_total` handles (prompt, completion) by model label index, then by
+    /// client label (a handful: the configured clients, `anonymous`, `other`).
+    token_cache: Box<[RwLock<Vec<ClientTokens>>]>,
     /// Handles created on first use (so only series that happen are exported), then reused.
     request_cache: Box<[OnceLock<IntCounter>]>,
     durations: Box<[OnceLock<Histogram>]>,
     upstream_cache: Box<[OnceLock<IntCounter>]>,
 }
+
+/// One client label's (prompt, completion) token counters.
+type ClientTokens = (Box<str>, [IntCounter; 2]);
 
 /// The `method` label values, `other` last (see `outcome::method_label`).
 const METHODS: [&str; 8] = [
@@ -186,9 +190,9 @@ impl Metrics {
         let tokens = IntCounterVec::new(
             opts(
                 "ezgate_tokens_total",
-                "Tokens reported by the upstream, by model and kind.",
+                "Tokens reported by the upstream, by model, kind and client.",
             ),
-            &["model", "kind"],
+            &["model", "kind", "client"],
         )?;
         let build_info = IntGaugeVec::new(
             opts(
@@ -242,7 +246,9 @@ impl Metrics {
             .collect();
         model_names.sort();
         model_names.dedup();
-        let token_cache = cache(model_names.len() + WELL_KNOWN_MODELS.len() + 1);
+        let token_cache = (0..model_names.len() + WELL_KNOWN_MODELS.len() + 1)
+            .map(|_| RwLock::new(Vec::new()))
+            .collect();
         Ok(Metrics {
             registry,
             requests,
@@ -314,17 +320,31 @@ impl Metrics {
             self.gateway_errors.with_label_values(&[code]).inc();
         }
         if let Some(usage) = o.usage {
-            let i = self.model_index(o.model.as_deref());
-            let [prompt, completion] = self.token_cache[i].get_or_init(|| {
-                let model = self.label_at(i);
-                [
-                    self.tokens.with_label_values(&[model, "prompt"]),
-                    self.tokens.with_label_values(&[model, "completion"]),
-                ]
-            });
+            let [prompt, completion] =
+                self.token_counters(self.model_index(o.model.as_deref()), o.client.as_str());
             prompt.inc_by(usage.prompt);
             completion.inc_by(usage.completion);
         }
+    }
+
+    /// The (prompt, completion) counters of a model label and a client label.
+    fn token_counters(&self, model: usize, client: &str) -> [IntCounter; 2] {
+        let slot = &self.token_cache[model];
+        let read = slot.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = read.iter().find(|(name, _)| &**name == client) {
+            return c.clone();
+        }
+        drop(read);
+        let model_label = self.label_at(model);
+        let counters = [
+            self.tokens
+                .with_label_values(&[model_label, "prompt", client]),
+            self.tokens
+                .with_label_values(&[model_label, "completion", client]),
+        ];
+        let mut write = slot.write().unwrap_or_else(|p| p.into_inner());
+        write.push((client.into(), counters.clone()));
+        counters
     }
 
     /// A policy's decision counters, in [`DECISIONS`] order, cached by the policy.

@@ -15,6 +15,28 @@ use crate::upstream::FailureKind;
 /// Status recorded for a request whose client disconnected before the response finished.
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// Who spent what, as a bounded label: never a key or a fingerprint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ClientLabel {
+    /// A configured `[[clients]]` entry.
+    Named(Arc<str>),
+    /// No client is identified (no `[[clients]]` configured).
+    #[default]
+    Anonymous,
+    /// Clients are configured, and this request matched none of them.
+    Other,
+}
+
+impl ClientLabel {
+    pub fn as_str(&self) -> &str {
+        match self {
+            ClientLabel::Named(n) => n,
+            ClientLabel::Anonymous => "anonymous",
+            ClientLabel::Other => "other",
+        }
+    }
+}
+
 /// Token usage reported by the upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -42,8 +64,17 @@ pub struct Outcome {
     pub header_wait: Option<Duration>,
     pub bytes_out: u64,
     pub caller: Option<Arc<str>>,
+    /// The `client` label: a configured client's name, `anonymous` or `other`.
+    pub client: ClientLabel,
     pub model: Option<String>,
     pub usage: Option<Usage>,
+    /// The request's prompt, estimated before it was sent (model routes).
+    pub prompt_estimate: u64,
+    /// The response's generated tokens, estimated from what streamed (for a response that
+    /// ended without a usage report).
+    pub output_estimate: u64,
+    /// Tokens the request was charged in the end, when a token policy covered it.
+    pub charged: Option<u64>,
     pub permit: Option<Permit>,
     /// The request's place under `server.max_inflight`.
     pub slot: Option<crate::proxy::InflightSlot>,
@@ -78,8 +109,12 @@ impl Outcome {
             header_wait: None,
             bytes_out: 0,
             caller: None,
+            client: ClientLabel::Anonymous,
             model: None,
             usage: None,
+            prompt_estimate: 0,
+            output_estimate: 0,
+            charged: None,
             permit: None,
             slot: None,
             finished: false,
@@ -91,6 +126,26 @@ impl Outcome {
     /// Notes a gateway error as the response (or the end of a stream).
     pub fn gateway_error(&mut self, err: &GatewayError) {
         self.gateway_code = Some(err.code());
+    }
+
+    /// The tokens this request spent, as far as ezgate can tell (`docs/rate-limits.md`,
+    /// "What a request is charged"): the reported usage; nothing when the upstream failed
+    /// before sending a body or answered an error; else the prompt estimate and what
+    /// streamed.
+    pub fn tokens_spent(&self) -> u64 {
+        if let Some(u) = self.usage {
+            return u.prompt + u.completion;
+        }
+        match self.upstream_status {
+            // No response: the upstream failed (refunded) or the client left while it was
+            // working on the prompt.
+            None if self.status == CLIENT_CLOSED => self.prompt_estimate,
+            None => 0,
+            Some(s) if !(200..300).contains(&s) => 0,
+            // The upstream broke before any body byte: nothing was generated.
+            Some(_) if self.upstream_failure.is_some() && self.bytes_out == 0 => 0,
+            Some(_) => self.prompt_estimate + self.output_estimate,
+        }
     }
 
     /// Time spent in ezgate itself, up to the response headers, not waiting on the upstream.
@@ -127,6 +182,7 @@ impl Outcome {
             model: self.model.as_deref(),
             prompt_tokens: self.usage.map(|u| u.prompt),
             completion_tokens: self.usage.map(|u| u.completion),
+            charged_tokens: self.charged,
         });
     }
 }
@@ -139,7 +195,11 @@ impl Drop for Outcome {
             self.gateway_code = None;
         }
         if let Some(permit) = self.permit.take() {
-            permit.settle(self.usage);
+            if permit.reserves_tokens() {
+                let spent = self.tokens_spent();
+                self.charged = Some(spent);
+                permit.settle(spent);
+            }
         }
         let duration = self.started.elapsed();
         self.metrics.inflight(self.route).dec();

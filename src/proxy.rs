@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER,
+    HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
+    HOST, RETRY_AFTER,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body as _;
@@ -29,7 +30,7 @@ use crate::errors::{self, upstream::MAX_ERROR_BODY, GatewayError, Source};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::limits::{LimitRequest, Limits};
 use crate::metrics::Metrics;
-use crate::outcome::Outcome;
+use crate::outcome::{ClientLabel, Outcome};
 use crate::pool::UpstreamBody;
 use crate::route::Route;
 use crate::stream::{ResponseBody, Watch};
@@ -223,55 +224,86 @@ async fn handle(
     out.slot = Some(InflightSlot(Arc::clone(&gw.inflight)));
 
     // Identify: who is asking.
-    let caller = state.clients.identify(req.headers())?;
+    let caller = state.clients.identify(req.headers()).inspect_err(|_| {
+        out.client = ClientLabel::Other;
+    })?;
     out.caller = caller.label().map(Arc::from);
+    if let Some(c) = &caller.client {
+        out.client = ClientLabel::Named(Arc::clone(&c.name));
+    }
     let (mut parts, body) = req.into_parts();
     let max_body = cfg.server.max_request_body.0;
     if content_length(&parts.headers).is_some_and(|len| len > max_body) {
         return Err(GatewayError::PayloadTooLarge { limit: max_body });
     }
-    let wants_model = out.route.carries_tokens()
-        && parts.method == Method::POST
-        && is_json(&parts.headers)
-        && (state.limits.needs_body()
+    // The body of a model route is read when a check needs its model or size, or to ask
+    // the upstream for the usage of a stream; whatever its content type says.
+    let post = parts.method == Method::POST;
+    let checks = post
+        && out.route.carries_model()
+        && (state.limits.needs_body(out.route)
             || caller.client.as_ref().is_some_and(|c| c.has_model_list()));
-    let (body, mut request) = if wants_model {
+    let ask_usage = post
+        && cfg.upstream.stream_usage
+        && matches!(out.route, Route::ChatCompletions | Route::Completions);
+    let mut strip = false;
+    let (body, mut request) = if checks || ask_usage {
         let bytes = read_request_body(body, max_body).await?;
-        let mut request = crate::limits::tokens::inspect(&bytes);
-        let bytes = if state.limits.needs_usage() {
-            crate::limits::tokens::ask_for_stream_usage(&bytes, &request).unwrap_or(bytes)
-        } else {
-            bytes
-        };
-        request.body_len = bytes.len();
-        // The body is now whole: its length replaces chunked framing or an edited length.
-        if content_length(&parts.headers) != Some(bytes.len() as u64) {
-            parts
-                .headers
-                .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        let request = crate::limits::tokens::inspect(&bytes);
+        if checks && !request.understood {
+            return Err(GatewayError::BadRequest(format!(
+                "the body of POST {} must be one JSON object (uncompressed): ezgate reads its model and size for the policies that cover it",
+                out.route.as_str()
+            )));
         }
-        (RequestBody::full(bytes), Some(request))
+        let body = match ask_usage
+            .then(|| crate::limits::tokens::ask_for_stream_usage(&bytes, &request))
+            .flatten()
+        {
+            Some(pieces) => {
+                strip = true;
+                RequestBody::pieces(pieces)
+            }
+            None => RequestBody::full(bytes),
+        };
+        // The body is now whole: its length replaces chunked framing or an edited length.
+        let len = body.size_hint().exact().unwrap_or(0);
+        if content_length(&parts.headers) != Some(len) {
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        (body, Some(request))
     } else {
         (RequestBody::stream(body, max_body), None)
     };
     let model = request.as_mut().and_then(|r| r.model.take());
-    if let (Some(client), Some(_)) = (&caller.client, &request) {
+    if let (Some(client), true) = (&caller.client, checks) {
         client.check_model(model.as_deref())?;
     }
     out.model = model;
+    out.prompt_estimate = request.as_ref().map_or(0, |r| r.prompt_tokens);
 
     // Limit: every policy that covers this request must admit it.
     let limit_request = LimitRequest {
         caller: &caller,
         route: out.route,
         model: out.model.as_deref(),
-        prompt_tokens: request.as_ref().map_or(0, |r| r.prompt_tokens),
+        prompt_tokens: out.prompt_estimate,
         max_tokens: request.as_ref().and_then(|r| r.max_tokens),
+        post,
         ip: peer.ip(),
         headers: &parts.headers,
         managed: state.api_key.is_some(),
     };
     let admission = state.limits.check(&limit_request).await?;
+    // From here the permit is settled with what the request spends, whatever happens.
+    out.permit = Some(admission.permit);
+    let admission_headers = admission.headers;
+    if strip {
+        // What ezgate removes from the stream must be readable: no compressed events.
+        parts
+            .headers
+            .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
 
     // Forward.
     let path = state.upstream.target(parts.uri.path_and_query())?;
@@ -299,7 +331,6 @@ async fn handle(
     out.status = status.as_u16();
     out.source = Source::Upstream;
     out.upstream_status = Some(status.as_u16());
-    out.permit = Some(admission.permit);
     if status == StatusCode::TOO_MANY_REQUESTS {
         if let Some(wait) = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after) {
             let key =
@@ -315,7 +346,7 @@ async fn handle(
     if let Some(v) = request_id {
         rparts.headers.insert(X_REQUEST_ID, v);
     }
-    for (name, value) in admission.headers {
+    for (name, value) in admission_headers {
         rparts.headers.insert(name, value);
     }
     if status.as_u16() >= 400 {
@@ -329,12 +360,14 @@ async fn handle(
         ))
         .await);
     }
-    let watch = if is_event_stream(&rparts.headers) {
-        Watch::Sse
-    } else if out.route.carries_tokens()
-        && is_json(&rparts.headers)
-        && !rparts.headers.contains_key(CONTENT_ENCODING)
-    {
+    let encoded = rparts.headers.contains_key(CONTENT_ENCODING);
+    let watch = if is_event_stream(&rparts.headers) && !encoded {
+        if strip {
+            // Events may be removed: the upstream's length no longer describes the body.
+            rparts.headers.remove(CONTENT_LENGTH);
+        }
+        Watch::Sse { strip }
+    } else if out.route.carries_tokens() && is_json(&rparts.headers) && !encoded {
         Watch::JsonUsage
     } else {
         Watch::Nothing
@@ -470,14 +503,20 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 
 fn is_json(h: &HeaderMap) -> bool {
     // A byte window, not `str::contains`, whose searcher costs more to build than this.
-    h.get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().windows(4).any(|w| w == b"json"))
+    h.get(CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+    })
 }
 
 fn is_event_stream(h: &HeaderMap) -> bool {
-    h.get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.starts_with("text/event-stream"))
+    // Media types are case-insensitive.
+    h.get(CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .get(..17)
+            .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
+    })
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date (in the future), capped at one day.

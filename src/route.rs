@@ -73,6 +73,15 @@ impl Route {
         Route::ALL.into_iter().find(|r| r.as_str() == s)
     }
 
+    /// Routes whose JSON request names the model that serves it.
+    pub fn carries_model(self) -> bool {
+        self.carries_tokens()
+            || matches!(
+                self,
+                Route::Moderations | Route::ImagesGenerations | Route::AudioSpeech
+            )
+    }
+
     /// Routes whose JSON request names a model and whose response reports token usage.
     pub fn carries_tokens(self) -> bool {
         matches!(

@@ -69,7 +69,12 @@ pub struct RequestBody {
 
 enum Inner {
     Stream(Incoming),
-    Full(Option<Bytes>),
+    /// A body ezgate holds, in up to three pieces sent in order (a body with a splice).
+    Full {
+        parts: [Bytes; 3],
+        next: usize,
+        left: u64,
+    },
 }
 
 /// The client's body went over `server.max_request_body` while streaming.
@@ -94,8 +99,18 @@ impl RequestBody {
     }
 
     pub fn full(bytes: Bytes) -> Self {
+        Self::pieces([bytes, Bytes::new(), Bytes::new()])
+    }
+
+    /// A body made of `parts`, sent one after the other.
+    pub fn pieces(parts: [Bytes; 3]) -> Self {
+        let left = parts.iter().map(|p| p.len() as u64).sum();
         RequestBody {
-            inner: Inner::Full(Some(bytes)),
+            inner: Inner::Full {
+                parts,
+                next: 0,
+                left,
+            },
             seen: 0,
             max: u64::MAX,
         }
@@ -112,7 +127,17 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match &mut this.inner {
-            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Full { parts, next, left } => {
+                while let Some(part) = parts.get_mut(*next) {
+                    *next += 1;
+                    if !part.is_empty() {
+                        let part = std::mem::take(part);
+                        *left -= part.len() as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(part))));
+                    }
+                }
+                Poll::Ready(None)
+            }
             Inner::Stream(body) => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
@@ -132,15 +157,14 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Full(b) => b.is_none(),
+            Inner::Full { left, .. } => *left == 0,
             Inner::Stream(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Full { left, .. } => SizeHint::with_exact(*left),
             Inner::Stream(body) => body.size_hint(),
         }
     }

@@ -58,6 +58,7 @@ async fn a_million_distinct_keys_keep_memory_bounded() {
             model: Some("gpt-4o"),
             prompt_tokens: 10,
             max_tokens: Some(10),
+            post: true,
             ip: "127.0.0.1".parse().unwrap(),
             headers: &headers,
             managed: false,

@@ -14,6 +14,10 @@ use serde::Deserialize;
 pub use units::{ByteSize, Dur, Rate, Secret};
 
 pub const DEFAULT_UPSTREAM: &str = "https://api.ezlinkai.com";
+/// Default cap on keys each policy tracks.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+/// Completion tokens charged up front when a request sets no `max_tokens`.
+pub const DEFAULT_COMPLETION_TOKENS: u32 = 1000;
 
 /// The whole config file. Every table is optional; a missing file means all defaults.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -130,6 +134,9 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     pub ca_file: Option<PathBuf>,
     pub http2: Http2,
+    /// Ask the upstream to report usage on streamed chat and text completions
+    /// (`stream_options.include_usage`), hidden from clients that did not ask for it.
+    pub stream_usage: bool,
 }
 
 /// Whether ezgate speaks HTTP/2 to the upstream.
@@ -168,6 +175,7 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 256,
             ca_file: None,
             http2: Http2::Auto,
+            stream_usage: true,
         }
     }
 }
@@ -262,6 +270,19 @@ pub struct LimitConfig {
 }
 
 impl LimitConfig {
+    /// `burst`, or the per-unit count of `requests`.
+    pub fn effective_burst(&self) -> Option<u32> {
+        self.requests.map(|r| self.burst.unwrap_or(r.count))
+    }
+
+    pub fn effective_default_tokens(&self) -> u32 {
+        self.default_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)
+    }
+
+    pub fn effective_max_keys(&self) -> usize {
+        self.max_keys.unwrap_or(DEFAULT_MAX_KEYS).max(1)
+    }
+
     /// A policy that limits nothing yet: set `requests`, `tokens` or `concurrency`.
     pub fn new(name: &str, key: &str) -> LimitConfig {
         LimitConfig {
@@ -532,6 +553,7 @@ impl fmt::Display for Settings {
         writeln!(f, "pool_idle_timeout = \"{}\"", u.pool_idle_timeout)?;
         writeln!(f, "pool_max_idle_per_host = {}", u.pool_max_idle_per_host)?;
         writeln!(f, "http2 = \"{}\"", u.http2)?;
+        writeln!(f, "stream_usage = {}", u.stream_usage)?;
         if let Some(ca) = &u.ca_file {
             writeln!(f, "ca_file = {ca:?}")?;
         }
@@ -577,17 +599,21 @@ impl fmt::Display for Settings {
                 "\n[[limits]]\nname = \"{}\"\nkey = \"{}\"",
                 l.name, l.key
             )?;
-            if l.store == Store::Redis {
-                writeln!(f, "store = \"redis\"")?;
-            }
+            let store = if l.store == Store::Redis {
+                "redis"
+            } else {
+                "local"
+            };
+            writeln!(f, "store = \"{store}\"")?;
             if let Some(r) = l.requests {
                 writeln!(f, "requests = \"{r}\"")?;
             }
-            if let Some(b) = l.burst {
+            if let Some(b) = l.effective_burst() {
                 writeln!(f, "burst = {b}")?;
             }
             if let Some(t) = l.tokens {
                 writeln!(f, "tokens = \"{t}\"")?;
+                writeln!(f, "default_tokens = {}", l.effective_default_tokens())?;
             }
             if let Some(n) = l.concurrency {
                 writeln!(f, "concurrency = {n}")?;
@@ -614,6 +640,7 @@ impl fmt::Display for Settings {
             if let Some(w) = l.max_wait {
                 writeln!(f, "max_wait = \"{w}\"")?;
             }
+            writeln!(f, "max_keys = {}", l.effective_max_keys())?;
         }
         Ok(())
     }

@@ -38,12 +38,16 @@ pub enum GatewayError {
         retry_after: Duration,
         quota: Quota,
     },
-    #[error("Token rate limit '{policy}' exceeded: {limit}. Retry in {}.", secs(*retry_after))]
+    #[error("Token rate limit '{policy}' exceeded: {limit}, {remaining} left; this request is estimated at {estimate}. Retry in {}.", secs(*retry_after))]
     TokenRateLimited {
         policy: Arc<str>,
         limit: String,
         retry_after: Duration,
         quota: Quota,
+        /// Tokens left in the bucket (the request needed more).
+        remaining: u64,
+        /// What the request was estimated at, and how.
+        estimate: String,
     },
     #[error("Concurrency limit '{policy}' exceeded: at most {limit} requests in flight. Retry when one finishes.")]
     ConcurrencyLimited { policy: Arc<str>, limit: u32 },
@@ -288,25 +292,29 @@ impl ErrorBody {
 /// happen once, from the request's outcome.
 pub fn render(err: &GatewayError, request_id: &str) -> (StatusCode, HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
-    let (policy, retry, quota, unit) = match err {
+    let (policy, retry, quota, unit, remaining) = match err {
         GatewayError::RateLimited {
             policy,
             retry_after,
             quota,
             ..
-        } => (policy, retry_after, quota, "requests"),
+        } => (policy, retry_after, quota, "requests", 0),
         GatewayError::TokenRateLimited {
             policy,
             retry_after,
             quota,
+            remaining,
             ..
-        } => (policy, retry_after, quota, "tokens"),
+        } => (policy, retry_after, quota, "tokens", *remaining),
         _ => return err.body(request_id).into_parts(headers, err.retryable()),
     };
     let reset = reset_text(*retry);
     let pairs = [
         (format!("x-ratelimit-limit-{unit}"), quota.count.to_string()),
-        (format!("x-ratelimit-remaining-{unit}"), "0".to_owned()),
+        (
+            format!("x-ratelimit-remaining-{unit}"),
+            remaining.to_string(),
+        ),
         (format!("x-ratelimit-reset-{unit}"), reset),
         (
             "ratelimit-policy".to_owned(),
@@ -314,7 +322,10 @@ pub fn render(err: &GatewayError, request_id: &str) -> (StatusCode, HeaderMap, B
         ),
         (
             "ratelimit".to_owned(),
-            format!("\"{policy}\";r=0;t={}", duration_ms(*retry).div_ceil(1000)),
+            format!(
+                "\"{policy}\";r={remaining};t={}",
+                duration_ms(*retry).div_ceil(1000)
+            ),
         ),
     ];
     for (name, value) in pairs {

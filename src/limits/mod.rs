@@ -29,15 +29,10 @@ use crate::clients::{glob_match, Caller};
 use crate::config::{ClientConfig, LimitConfig, Mode, OnLimit, Rate, Store};
 use crate::errors::{GatewayError, Quota};
 use crate::metrics::Metrics;
-use crate::outcome::Usage;
 use crate::route::Route;
 use shared::{redis_key, RedisStore, Shared, SharedSlot, SharedTokens};
 use store::{ConcurrencyStore, RequestStore, TokenStore};
 
-/// Default cap on keys each policy tracks.
-pub const DEFAULT_MAX_KEYS: usize = 100_000;
-/// Completion tokens charged up front when a request sets no `max_tokens`.
-pub const DEFAULT_COMPLETION_TOKENS: u64 = 1000;
 const MAX_COOLDOWN_KEYS: usize = 10_000;
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 
@@ -89,6 +84,8 @@ pub struct LimitRequest<'a> {
     pub model: Option<&'a str>,
     pub prompt_tokens: u64,
     pub max_tokens: Option<u64>,
+    /// A `POST`: a request that can spend tokens (token policies charge nothing else).
+    pub post: bool,
     pub ip: IpAddr,
     pub headers: &'a HeaderMap,
     /// Managed mode: every request reaches the upstream with the organization's key.
@@ -204,14 +201,81 @@ impl<C: Clock> Policy<C> {
         }
     }
 
-    fn estimate(&self, r: &LimitRequest<'_>) -> u64 {
-        let completion = if r.route == Route::Embeddings {
-            0
-        } else {
-            r.max_tokens.unwrap_or(self.default_tokens)
-        };
-        r.prompt_tokens + completion
+    /// Whether this policy's token part charges the request: a `POST` on a model route
+    /// (or on a route the policy's `match.routes` names).
+    fn charges_tokens(&self, r: &LimitRequest<'_>) -> bool {
+        self.tokens.is_some() && r.post && (!self.routes.is_empty() || r.route.carries_tokens())
     }
+
+    fn estimate(&self, r: &LimitRequest<'_>) -> Estimate {
+        let completion = if r.route == Route::Embeddings {
+            Completion::None
+        } else {
+            match r.max_tokens {
+                Some(n) => Completion::MaxTokens(n),
+                None => Completion::Default(self.default_tokens),
+            }
+        };
+        Estimate {
+            prompt: r.prompt_tokens,
+            completion,
+        }
+    }
+}
+
+/// What a request is estimated to cost before it is sent.
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    prompt: u64,
+    completion: Completion,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Completion {
+    /// Embeddings: no completion.
+    None,
+    MaxTokens(u64),
+    /// The request sets no cap: the policy's `default_tokens`.
+    Default(u64),
+}
+
+impl Estimate {
+    fn total(&self) -> u64 {
+        self.prompt
+            + match self.completion {
+                Completion::None => 0,
+                Completion::MaxTokens(n) | Completion::Default(n) => n,
+            }
+    }
+
+    /// `1,050 tokens (50 prompt + 1,000 max_tokens; set max_tokens to lower the estimate)`.
+    fn describe(&self) -> String {
+        let (total, prompt) = (thousands(self.total()), thousands(self.prompt));
+        match self.completion {
+            Completion::None => format!("{total} tokens ({prompt} prompt)"),
+            Completion::MaxTokens(n) => format!(
+                "{total} tokens ({prompt} prompt + {} max_tokens; set max_tokens to lower the estimate)",
+                thousands(n)
+            ),
+            Completion::Default(n) => format!(
+                "{total} tokens ({prompt} prompt + {} default_tokens, as the request sets no max_tokens; set max_tokens to lower the estimate)",
+                thousands(n)
+            ),
+        }
+    }
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Settles a token reservation; type-erased over the clock.
@@ -251,11 +315,12 @@ impl Reservation {
 }
 
 /// What an admitted request holds until it ends: concurrency slots and token reservations.
-/// A permit of a refused request gives everything back.
+/// Token reservations are settled once, with [`Permit::settle`]; a permit dropped without
+/// it (a refused request, a request that failed before reaching the upstream) gives every
+/// token back.
 #[derive(Default)]
 pub struct Permit {
     held: Vec<Held>,
-    admitted: bool,
 }
 
 /// One part of a permit (one allocation for all of a request's parts).
@@ -266,18 +331,22 @@ enum Held {
 }
 
 impl Permit {
-    /// Settles token reservations with the usage the upstream reported; without a report
-    /// the estimate stays charged. Concurrency slots are released when the permit drops.
-    pub fn settle(mut self, usage: Option<Usage>) {
-        if let Some(u) = usage {
-            for h in &mut self.held {
-                if let Held::Tokens(r) = h {
-                    if let Some(r) = r.take() {
-                        r.settle(u.prompt + u.completion);
-                    }
+    /// Settles every token reservation at `used` tokens (what the request spent: reported,
+    /// or estimated when no report came). Concurrency slots are released when the permit
+    /// drops.
+    pub fn settle(mut self, used: u64) {
+        for h in &mut self.held {
+            if let Held::Tokens(r) = h {
+                if let Some(r) = r.take() {
+                    r.settle(used);
                 }
             }
         }
+    }
+
+    /// True when the permit holds a token reservation.
+    pub fn reserves_tokens(&self) -> bool {
+        self.held.iter().any(|h| matches!(h, Held::Tokens(Some(_))))
     }
 }
 
@@ -287,11 +356,10 @@ impl Drop for Permit {
             match h {
                 Held::Slot(Slot::Local(store, key)) => store.release(key),
                 Held::Slot(Slot::Shared(_)) => {}
+                // Not settled: nothing was spent.
                 Held::Tokens(r) => {
-                    if !self.admitted {
-                        if let Some(r) = r.take() {
-                            r.settle(0);
-                        }
+                    if let Some(r) = r.take() {
+                        r.settle(0);
                     }
                 }
             }
@@ -315,7 +383,9 @@ struct Inner<C: Clock> {
     clock: C,
     start: C::Instant,
     metrics: Arc<Metrics>,
-    needs_body: bool,
+    /// Routes (bits by [`Route::ALL`] position) where some policy needs the body's model
+    /// or size.
+    body_routes: u32,
     needs_usage: bool,
 }
 
@@ -352,7 +422,11 @@ async fn maintain_forever(weak: Weak<Inner<DefaultClock>>) {
 /// A refusal candidate from one policy part.
 enum Refusal {
     Requests(Duration),
-    Tokens(Duration),
+    Tokens {
+        wait: Duration,
+        remaining: u64,
+        estimate: Estimate,
+    },
     Concurrency,
 }
 
@@ -407,7 +481,7 @@ where
                     concurrency: c.concurrency.map(|n| (n / share).max(1)),
                     ..c.clone()
                 };
-                let max_keys = c.max_keys.unwrap_or(DEFAULT_MAX_KEYS).max(1);
+                let max_keys = c.effective_max_keys();
                 let requests = c.requests.and_then(|rate| {
                     let burst = c.burst.unwrap_or(rate.count);
                     RequestStore::new(rate, burst, max_keys, clock.clone()).map(|s| (rate, s))
@@ -436,9 +510,7 @@ where
                     concurrency: c
                         .concurrency
                         .map(|n| Arc::new(ConcurrencyStore::new(n, max_keys))),
-                    default_tokens: c
-                        .default_tokens
-                        .map_or(DEFAULT_COMPLETION_TOKENS, u64::from),
+                    default_tokens: u64::from(c.effective_default_tokens()),
                     shared,
                     denied: DashMap::new(),
                     decisions: metrics.decision_counters(&c.name),
@@ -453,10 +525,16 @@ where
             })
             .collect();
         let needs_usage = policies.iter().any(|p| p.tokens.is_some());
-        let needs_body = needs_usage
-            || policies
-                .iter()
-                .any(|p| p.key == KeyKind::Model || !p.models.is_empty());
+        let mut body_routes = 0u32;
+        for p in &policies {
+            if p.tokens.is_some() || p.key == KeyKind::Model || !p.models.is_empty() {
+                for (i, route) in Route::ALL.iter().enumerate() {
+                    if p.routes.is_empty() || p.routes.contains(route) {
+                        body_routes |= 1 << i;
+                    }
+                }
+            }
+        }
         let start = clock.now();
         Limits {
             inner: Arc::new(Inner {
@@ -466,15 +544,17 @@ where
                 clock,
                 start,
                 metrics,
-                needs_body,
+                body_routes,
                 needs_usage,
             }),
         }
     }
 
-    /// True when some policy needs the request's model or token estimate.
-    pub fn needs_body(&self) -> bool {
-        self.inner.needs_body
+    /// True when some policy that may cover a request of `route` needs its model or token
+    /// estimate.
+    pub fn needs_body(&self, route: Route) -> bool {
+        let i = Route::ALL.iter().position(|r| *r == route).unwrap_or(0);
+        self.inner.body_routes & (1 << i) != 0
     }
 
     /// True when some policy settles tokens with the reported usage.
@@ -559,17 +639,26 @@ where
                     }
                 }
             }
-            if p.tokens.is_some() {
-                let want = p.estimate(r);
+            if p.charges_tokens(r) {
+                let estimate = p.estimate(r);
                 loop {
-                    match self.take_tokens(p, key, want).await? {
+                    match self.take_tokens(p, key, estimate.total()).await? {
                         Ok((reservation, remaining)) => {
                             admission.permit.held.push(Held::Tokens(Some(reservation)));
                             consider(&mut tightest, p.remaining_tokens(remaining));
                             break;
                         }
-                        Err(wait) => match self
-                            .hold_or_refuse(p, &mut started, wait, Refusal::Tokens(wait))
+                        Err((wait, remaining)) => match self
+                            .hold_or_refuse(
+                                p,
+                                &mut started,
+                                wait,
+                                Refusal::Tokens {
+                                    wait,
+                                    remaining,
+                                    estimate,
+                                },
+                            )
                             .await
                         {
                             Ok(true) => waited = true,
@@ -606,7 +695,6 @@ where
                 }
             }
         }
-        admission.permit.admitted = true;
         for (p, _, decision) in covering {
             p.decisions[decision as usize].inc();
         }
@@ -671,13 +759,13 @@ where
         p: &Policy<C>,
         key: &Arc<str>,
         want: u64,
-    ) -> Result<Result<(Reservation, u64), Duration>, GatewayError> {
+    ) -> Result<Result<(Reservation, u64), (Duration, u64)>, GatewayError> {
         let Some((_, local)) = &p.tokens else {
-            return Ok(Err(Duration::ZERO));
+            return Ok(Err((Duration::ZERO, 0)));
         };
         if let (Some(store), Some(rate)) = (&p.shared, p.full.1) {
             if let Some(wait) = self.known_denied(p, key) {
-                return Ok(Err(wait));
+                return Ok(Err((wait, 0)));
             }
             let rkey = redis_key(&p.name, key, "tokens");
             let interval = rate.per / rate.count;
@@ -690,9 +778,13 @@ where
                     });
                     return Ok(Ok((Reservation::Shared(tokens, want), remaining)));
                 }
-                Ok(Shared::Limited { wait }) => {
-                    self.remember_denied(p, key, wait);
-                    return Ok(Err(wait));
+                Ok(Shared::Limited { wait, remaining }) => {
+                    // A later request may be small enough to fit: only a full bucket's
+                    // worth of waiting is remembered.
+                    if remaining == 0 {
+                        self.remember_denied(p, key, wait);
+                    }
+                    return Ok(Err((wait, remaining)));
                 }
                 Err(_) => self.store_down(p, store)?,
             }
@@ -720,7 +812,7 @@ where
             let rkey = redis_key(&p.name, key, "requests");
             match Box::pin(store.take(&rkey, rate.interval(), u64::from(burst), 1)).await {
                 Ok(Shared::Allowed { remaining }) => return Ok(Ok(remaining)),
-                Ok(Shared::Limited { wait }) => {
+                Ok(Shared::Limited { wait, .. }) => {
                     self.remember_denied(p, key, wait);
                     return Ok(Err(wait));
                 }
@@ -789,22 +881,30 @@ fn refusal_error<C: Clock>(p: &Policy<C>, refusal: Refusal) -> GatewayError {
                 },
             }
         }
-        Refusal::Tokens(wait) => {
-            let rate = p.tokens.as_ref().map_or(
-                Rate {
-                    count: 1,
-                    per: Duration::from_secs(1),
-                },
-                |t| t.0,
-            );
+        Refusal::Tokens {
+            wait,
+            remaining,
+            estimate,
+        } => {
+            // The whole policy's rate (a shared policy's local rate is this replica's share).
+            let rate = p.full.1.or(p.tokens.as_ref().map(|t| t.0)).unwrap_or(Rate {
+                count: 1,
+                per: Duration::from_secs(1),
+            });
             GatewayError::TokenRateLimited {
                 policy: Arc::clone(&p.name),
-                limit: format!("{} tokens per {}", rate.count, rate.unit_word()),
+                limit: format!(
+                    "{} tokens per {}",
+                    thousands(u64::from(rate.count)),
+                    rate.unit_word()
+                ),
                 retry_after: wait,
                 quota: Quota {
                     count: u64::from(rate.count),
                     window: rate.per.as_secs(),
                 },
+                remaining,
+                estimate: estimate.describe(),
             }
         }
         Refusal::Concurrency => GatewayError::ConcurrencyLimited {

@@ -10,6 +10,7 @@
 //! inside strings, the exact number grammar).
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 /// Nesting deeper than this is refused, as serde_json refuses it.
 const MAX_DEPTH: usize = 128;
@@ -370,6 +371,79 @@ impl<'a> Scan<'a> {
     }
 }
 
+/// One member of a JSON object, as byte ranges of its document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// From the key's opening quote to the end of the value.
+    pub whole: Range<usize>,
+    pub value: Range<usize>,
+}
+
+/// The object at the start of `doc` (after spaces): `each` sees every member (the key as
+/// written, without its quotes) in order; returns the object's range, braces included, or
+/// `None` when `doc` does not start with a well-formed object.
+pub fn object_members(doc: &[u8], mut each: impl FnMut(&[u8], Member)) -> Option<Range<usize>> {
+    let mut s = Scan {
+        b: doc,
+        i: 0,
+        // Characters are not counted here.
+        ascii: true,
+    };
+    s.ws();
+    let open = s.i;
+    s.expect(b'{')?;
+    if s.eat(b'}') {
+        return Some(open..s.i);
+    }
+    loop {
+        s.ws();
+        let start = s.i;
+        let key = s.string()?;
+        s.expect(b':')?;
+        s.ws();
+        let value = s.i;
+        s.value(false, 1)?;
+        each(
+            key.raw,
+            Member {
+                whole: start..s.i,
+                value: value..s.i,
+            },
+        );
+        if s.eat(b',') {
+            continue;
+        }
+        s.expect(b'}')?;
+        return Some(open..s.i);
+    }
+}
+
+/// The member `key` of the object at the start of `doc`, and the bytes to cut so that the
+/// object stays well-formed without it (its comma and spaces included).
+pub fn member_cut(doc: &[u8], key: &[u8]) -> Option<(Member, Range<usize>)> {
+    let mut prev_end = None;
+    let mut found: Option<(Member, Option<usize>)> = None;
+    let mut next_start = None;
+    object_members(doc, |k, m| match &found {
+        None if k == key => found = Some((m, prev_end)),
+        None => prev_end = Some(m.whole.end),
+        Some(_) => {
+            if next_start.is_none() {
+                next_start = Some(m.whole.start);
+            }
+        }
+    })?;
+    let (m, prev_end) = found?;
+    let cut = match (prev_end, next_start) {
+        // `, "key": value` after the previous member.
+        (Some(end), _) => end..m.whole.end,
+        // `"key": value, ` before the next one.
+        (None, Some(next)) => m.whole.start..next,
+        (None, None) => m.whole.clone(),
+    };
+    Some((m, cut))
+}
+
 /// UTF-8 continuation bytes in `s`, counted in byte-wide lanes (ASCII text has none).
 fn continuation_bytes(s: &[u8]) -> usize {
     s.chunks(255)
@@ -649,5 +723,41 @@ mod tests {
             };
             prop_assert_eq!(string_at(text.as_bytes()).map(String::from), reference);
         }
+    }
+
+    #[test]
+    fn members_and_cuts_keep_the_object_well_formed() {
+        let doc = br#" {"a":1, "usage" : null ,"b":{"c":[2]}} "#;
+        let mut keys = Vec::new();
+        let whole = object_members(doc, |k, m| keys.push((k.to_vec(), m.value))).unwrap();
+        assert_eq!(
+            &doc[whole],
+            &br#"{"a":1, "usage" : null ,"b":{"c":[2]}}"#[..]
+        );
+        assert_eq!(keys.len(), 3);
+        assert_eq!(&doc[keys[2].1.clone()], b"{\"c\":[2]}");
+        for (doc, key, left) in [
+            (
+                &br#"{"a":1,"usage":null}"#[..],
+                &b"usage"[..],
+                &br#"{"a":1}"#[..],
+            ),
+            (br#"{"usage":null, "a":1}"#, b"usage", br#"{"a":1}"#),
+            (br#"{"usage":{"x":1}}"#, b"usage", br#"{}"#),
+            (
+                br#"{"a":1, "usage" : null ,"b":2}"#,
+                b"usage",
+                br#"{"a":1 ,"b":2}"#,
+            ),
+        ] {
+            let (_, cut) = member_cut(doc, key).unwrap();
+            let mut out = doc[..cut.start].to_vec();
+            out.extend_from_slice(&doc[cut.end..]);
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(left));
+            assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+        }
+        assert!(member_cut(br#"{"a":"usage"}"#, b"usage").is_none());
+        assert!(object_members(b"[1]", |_, _| {}).is_none());
+        assert!(object_members(br#"{"a":1"#, |_, _| {}).is_none());
     }
 }

@@ -23,7 +23,7 @@ if not tat or tat < now then tat = now end
 local limit = burst * interval
 local need = math.min(cost, burst) * interval
 if tat - now > limit - need then
-  return {0, math.ceil((tat - now) - (limit - need)), 0}
+  return {0, math.ceil((tat - now) - (limit - need)), math.max(0, math.floor((limit - (tat - now)) / interval))}
 end
 local new_tat = tat + cost * interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
@@ -70,8 +70,14 @@ impl Script {
 /// The outcome of one shared check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shared {
-    Allowed { remaining: u64 },
-    Limited { wait: Duration },
+    Allowed {
+        remaining: u64,
+    },
+    /// `remaining`: units left, fewer than the check needed.
+    Limited {
+        wait: Duration,
+        remaining: u64,
+    },
 }
 
 /// The connection to Redis and what every shared policy needs from it.
@@ -191,6 +197,7 @@ impl RedisStore {
         } else {
             Shared::Limited {
                 wait: Duration::from_micros(u64::try_from(n(1)).unwrap_or(0)),
+                remaining: u64::try_from(n(2)).unwrap_or(0),
             }
         })
     }

@@ -217,8 +217,9 @@ impl<C: Clock> TokenStore<C> {
         b.at = now;
     }
 
-    /// Reserves `tokens`: `Ok(remaining)` or `Err(wait until they are available)`.
-    pub fn reserve(&self, key: &Arc<str>, tokens: u64) -> Result<u64, Duration> {
+    /// Reserves `tokens`: `Ok(remaining after the reservation)`, or `Err((wait until they
+    /// are available, remaining now))`.
+    pub fn reserve(&self, key: &Arc<str>, tokens: u64) -> Result<u64, (Duration, u64)> {
         let now = self.now();
         let mut b = capped_entry(&self.map, &self.count, self.max_keys, key, || Bucket {
             balance: self.capacity,
@@ -231,7 +232,10 @@ impl<C: Clock> TokenStore<C> {
             Ok(b.balance.max(0.0) as u64)
         } else {
             let missing = want - b.balance;
-            Err(Duration::from_nanos((missing / self.rate).ceil() as u64))
+            Err((
+                Duration::from_nanos((missing / self.rate).ceil() as u64),
+                b.balance.max(0.0) as u64,
+            ))
         }
     }
 

@@ -35,6 +35,8 @@ struct Req {
     model: Option<&'static str>,
     prompt: u64,
     max: Option<u64>,
+    route: Route,
+    post: bool,
 }
 
 impl Req {
@@ -45,15 +47,18 @@ impl Req {
             model: Some("gpt-4o"),
             prompt: 10,
             max: Some(90),
+            route: Route::ChatCompletions,
+            post: true,
         }
     }
     fn lr(&self) -> LimitRequest<'_> {
         LimitRequest {
             caller: &self.caller,
-            route: Route::ChatCompletions,
+            route: self.route,
             model: self.model,
             prompt_tokens: self.prompt,
             max_tokens: self.max,
+            post: self.post,
             ip: "127.0.0.1".parse().unwrap(),
             headers: &self.headers,
             managed: false,
@@ -210,19 +215,117 @@ fn tokens_are_reserved_then_settled() {
         };
         assert_eq!(retry_after, Duration::from_secs(30));
         // The first request really used 100 tokens: 400 come back.
-        a.permit.settle(Some(Usage {
-            prompt: 80,
-            completion: 20,
-        }));
+        a.permit.settle(80 + 20);
         assert!(
             l.check(&r.lr()).await.is_err(),
             "400 back is not enough for 500"
         );
         r.max = Some(300);
-        assert!(l.check(&r.lr()).await.is_ok(), "400 back is enough for 400");
+        let c = l.check(&r.lr()).await.unwrap();
+        // A permit dropped unsettled (the request failed before the upstream) refunds all.
         drop(b);
+        drop(c);
+        r.max = Some(800);
+        let d = l.check(&r.lr()).await.expect("900 of 1,000 are back");
+        d.permit.settle(900);
         clock.advance(Duration::from_secs(60));
         assert!(l.check(&r.lr()).await.is_ok());
+    });
+}
+
+#[test]
+fn token_policies_charge_only_requests_that_spend_tokens() {
+    let mut p = policy("tpm", "global");
+    p.tokens = rate("2000/min");
+    let (l, _) = limits(&[p]);
+    let mut models = Req::new("a");
+    models.route = Route::Models;
+    models.post = false;
+    let mut get_chat = Req::new("a");
+    get_chat.post = false;
+    block(async {
+        for _ in 0..10 {
+            let a = l
+                .check(&models.lr())
+                .await
+                .expect("a model listing is never charged");
+            assert!(!a.permit.reserves_tokens());
+            assert!(!l
+                .check(&get_chat.lr())
+                .await
+                .unwrap()
+                .permit
+                .reserves_tokens());
+        }
+        // The chat route is: 1,900 of 2,000 after a 100-token estimate.
+        let a = l.check(&Req::new("a").lr()).await.unwrap();
+        assert!(a.permit.reserves_tokens());
+        assert!(
+            format!("{:?}", a.headers).contains("r=1900"),
+            "{:?}",
+            a.headers
+        );
+    });
+    // A policy that names a route charges it, model route or not.
+    let mut p = policy("images", "global");
+    p.tokens = rate("2000/min");
+    p.matches.routes = vec!["/v1/images/generations".into()];
+    let (l, _) = limits(&[p]);
+    let mut images = Req::new("a");
+    images.route = Route::ImagesGenerations;
+    images.max = None;
+    block(async {
+        let a = l.check(&images.lr()).await.unwrap();
+        assert!(
+            a.permit.reserves_tokens(),
+            "10 prompt + 1,000 default_tokens"
+        );
+        assert!(
+            format!("{:?}", a.headers).contains("r=990"),
+            "{:?}",
+            a.headers
+        );
+    });
+}
+
+#[test]
+fn a_token_refusal_says_what_was_estimated_and_what_is_left() {
+    let mut p = policy("tpm", "global");
+    p.tokens = rate("2000/min");
+    let (l, _) = limits(&[p]);
+    let mut r = Req::new("a");
+    r.prompt = 50;
+    r.max = Some(1751);
+    block(async {
+        let _held = l.check(&r.lr()).await.unwrap();
+        r.max = Some(1000);
+        let Err(e) = l.check(&r.lr()).await else {
+            panic!("199 left, 1,050 wanted")
+        };
+        let GatewayError::TokenRateLimited { remaining, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(*remaining, 199);
+        assert!(
+            e.to_string().contains(
+                "2,000 tokens per minute, 199 left; this request is estimated at 1,050 tokens (50 prompt + 1,000 max_tokens; set max_tokens to lower the estimate)"
+            ),
+            "{e}"
+        );
+        let (_, headers, _) = crate::errors::render(&e, "r");
+        assert_eq!(headers["x-ratelimit-remaining-tokens"], "199");
+        assert!(headers["ratelimit"].to_str().unwrap().contains("r=199"));
+        r.max = None;
+        let Err(e) = l.check(&r.lr()).await else {
+            panic!("still 199 left")
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains(
+                "1,050 tokens (50 prompt + 1,000 default_tokens, as the request sets no max_tokens"
+            ),
+            "{e}"
+        );
     });
 }
 
@@ -360,10 +463,7 @@ fn steady_token_traffic_stays_within_ten_percent_of_the_rate() {
                 let used = 300 + (i * 37) % 400;
                 i += 1;
                 used_total += used;
-                a.permit.settle(Some(Usage {
-                    prompt: 100,
-                    completion: used - 100,
-                }));
+                a.permit.settle(used);
             }
         }
     });

@@ -2,11 +2,14 @@
 //! with the usage the upstream reports.
 
 use bytes::Bytes;
-use serde_json::Value;
+
+use super::scan;
 
 /// What ezgate reads from an OpenAI-style JSON request body.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestInfo {
+    /// The body is one JSON object whose members ezgate read.
+    pub understood: bool,
     pub model: Option<String>,
     /// Prompt size estimate: characters of the prompt text / 4, at least 1.
     pub prompt_tokens: u64,
@@ -34,6 +37,7 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
         .or(doc.max_completion_tokens)
         .or(doc.max_output_tokens);
     RequestInfo {
+        understood: true,
         model: doc.model.map(|m| match m.char_indices().nth(256) {
             Some((cut, _)) => m[..cut].to_owned(),
             None => m.into_owned(),
@@ -49,18 +53,62 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
 
 /// For a streamed request that did not ask for usage, the body with
 /// `stream_options.include_usage = true`, so the final chunk reports the tokens used.
-pub fn ask_for_stream_usage(body: &Bytes, info: &RequestInfo) -> Option<Bytes> {
+///
+/// The edit is a splice, not a rewrite: the result is the body's own bytes before and after
+/// the edit (slices of `body`, not copies) with the few bytes that ask for usage between them,
+/// so a request of any size costs no more memory than it already holds.
+pub fn ask_for_stream_usage(body: &Bytes, info: &RequestInfo) -> Option<[Bytes; 3]> {
     if !info.stream || info.include_usage {
         return None;
     }
-    let mut doc: Value = serde_json::from_slice(body).ok()?;
-    let obj = doc.as_object_mut()?;
-    let opts = obj
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Default::default()));
-    opts.as_object_mut()?
-        .insert("include_usage".into(), Value::Bool(true));
-    serde_json::to_vec(&doc).ok().map(Bytes::from)
+    let mut options = None;
+    let whole = scan::object_members(body, |key, m| {
+        if key == b"stream_options" {
+            options = Some(m);
+        }
+    })?;
+    let (at, end, insert): (usize, usize, &'static [u8]) = match options {
+        // The first member of the request: nothing before it needs a comma.
+        None => (
+            whole.start + 1,
+            whole.start + 1,
+            br#""stream_options":{"include_usage":true},"#,
+        ),
+        Some(m) => {
+            let value = m.value.start;
+            let mut include = None;
+            let mut members = 0;
+            match scan::object_members(&body[m.value.clone()], |key, im| {
+                members += 1;
+                if key == b"include_usage" {
+                    include = Some(im);
+                }
+            }) {
+                // `"include_usage": false` (or null): the value becomes `true`.
+                Some(_) if include.is_some() => {
+                    let v = include.map(|im| im.value)?;
+                    (value + v.start, value + v.end, b"true")
+                }
+                Some(obj) if members == 0 => (
+                    value + obj.start + 1,
+                    value + obj.start + 1,
+                    br#""include_usage":true"#,
+                ),
+                Some(obj) => (
+                    value + obj.start + 1,
+                    value + obj.start + 1,
+                    br#""include_usage":true,"#,
+                ),
+                // `null`, or a form the upstream would refuse anyway: replaced whole.
+                None => (m.value.start, m.value.end, br#"{"include_usage":true}"#),
+            }
+        }
+    };
+    Some([
+        body.slice(..at),
+        Bytes::from_static(insert),
+        body.slice(end..),
+    ])
 }
 
 #[cfg(test)]
@@ -84,13 +132,68 @@ mod tests {
         assert_eq!(info.estimated_tokens, 0);
     }
 
+    fn spliced(body: &str) -> Option<String> {
+        let body = Bytes::from(body.to_owned());
+        let parts = ask_for_stream_usage(&body, &inspect(&body))?;
+        Some(String::from_utf8(parts.concat()).unwrap())
+    }
+
     #[test]
     fn asks_for_usage_on_streams_only() {
-        let body = Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#);
-        let info = inspect(&body);
-        let new = ask_for_stream_usage(&body, &info).unwrap();
-        assert!(inspect(&new).include_usage);
-        let plain = Bytes::from_static(br#"{"model":"m","messages":[]}"#);
-        assert!(ask_for_stream_usage(&plain, &inspect(&plain)).is_none());
+        for (body, want) in [
+            (
+                r#"{"model":"m","stream":true,"messages":[]}"#,
+                r#"{"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#,
+            ),
+            (
+                r#" {"stream":true,"stream_options":{"include_usage":false}}"#,
+                r#" {"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{ "include_usage" : null }}"#,
+                r#"{"stream":true,"stream_options":{ "include_usage" : true }}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{}}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":{"x":1}}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true,"x":1}}"#,
+            ),
+            (
+                r#"{"stream":true,"stream_options":null}"#,
+                r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+        ] {
+            let got = spliced(body).unwrap();
+            assert_eq!(got, want);
+            assert!(inspect(got.as_bytes()).include_usage);
+        }
+        // Not streamed, already asked, or not understood: left alone.
+        assert!(spliced(r#"{"model":"m","messages":[]}"#).is_none());
+        assert!(spliced(r#"{"stream":true,"stream_options":{"include_usage":true}}"#).is_none());
+        assert!(spliced(r#"{"stream":true,"stream":true}"#).is_none());
+        assert!(spliced(r#"[{"stream":true}]"#).is_none());
+    }
+
+    #[test]
+    fn the_splice_keeps_every_other_byte() {
+        let body = format!(
+            r#"{{"model":"gpt-4o","stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "x\\\"y".repeat(1000)
+        );
+        let got = spliced(&body).unwrap();
+        let (a, b): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_str(&body).unwrap(),
+            serde_json::from_str(&got).unwrap(),
+        );
+        let mut b = b;
+        b.as_object_mut().unwrap().remove("stream_options");
+        assert_eq!(a, b);
+        assert_eq!(
+            got.len(),
+            body.len() + r#""stream_options":{"include_usage":true},"#.len()
+        );
     }
 }

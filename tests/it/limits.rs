@@ -286,17 +286,17 @@ async fn token_limits_refuse_with_token_headers() {
     let e = r.error();
     assert_eq!(e["code"], "token_rate_limited");
     assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("1000"));
-    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("0"));
+    // What is left after the first request settled at its reported 591 tokens.
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("409"));
     assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("1000 tokens per minute"),
+        e["message"].as_str().unwrap().contains(
+            "1,000 tokens per minute, 409 left; this request is estimated at 601 tokens (1 prompt + 600 max_tokens"
+        ),
         "{e}"
     );
     // Usage was read from the response and charged.
     assert_eq!(
-        gw.metric("ezgate_tokens_total{kind=\"completion\",model=\"gpt-4o\"}")
+        gw.metric("ezgate_tokens_total{client=\"anonymous\",kind=\"completion\",model=\"gpt-4o\"}")
             .await,
         590.0
     );

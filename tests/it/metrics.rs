@@ -115,7 +115,7 @@ async fn statuses_are_counted_exactly_by_source() {
     // Tokens from JSON usage (chat) and from the final SSE chunk.
     let before = metric_value(
         &m,
-        "ezgate_tokens_total{kind=\"completion\",model=\"gpt-4o\"}",
+        "ezgate_tokens_total{client=\"anonymous\",kind=\"completion\",model=\"gpt-4o\"}",
     );
     assert_eq!(before, 21.0, "3 chats × 7 completion tokens");
     gw.post(
@@ -128,7 +128,7 @@ async fn statuses_are_counted_exactly_by_source() {
     )
     .await;
     assert_eq!(
-        gw.metric("ezgate_tokens_total{kind=\"completion\",model=\"gpt-4o\"}")
+        gw.metric("ezgate_tokens_total{client=\"anonymous\",kind=\"completion\",model=\"gpt-4o\"}")
             .await,
         25.0
     );
@@ -186,7 +186,12 @@ async fn labels_stay_bounded_under_random_paths_and_models() {
         assert!(!line.contains("?q="), "raw path in a label: {line}");
     }
     assert_eq!(metric_value(&m, "ezgate_requests_total{method=\"POST\",route=\"other\",source=\"upstream\",status=\"404\"}"), 5000.0);
-    assert!(metric_value(&m, "ezgate_tokens_total{kind=\"prompt\",model=\"other\"}") > 0.0);
+    assert!(
+        metric_value(
+            &m,
+            "ezgate_tokens_total{client=\"anonymous\",kind=\"prompt\",model=\"other\"}"
+        ) > 0.0
+    );
 }
 
 async fn futures_join(

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::body::Payload;
 use crate::faults::{openai_error, respond, JSON};
+use crate::log::Tokens;
 use crate::options::Opts;
 use crate::service::State;
 use crate::sse::{Kind, Plan, SseBody};
@@ -67,6 +68,8 @@ struct ApiRequest<'a> {
     prompt: Option<Value>,
     #[serde(default)]
     input: Option<Value>,
+    #[serde(default)]
+    instructions: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -85,8 +88,17 @@ pub fn models() -> Response<Payload> {
     respond(StatusCode::OK, JSON, MODELS)
 }
 
-/// `POST /v1/chat/completions` and `POST /v1/completions`.
-pub fn complete(state: &State, kind: Kind, body: &[u8], opts: &Opts) -> Response<Payload> {
+/// Seconds since the epoch written into responses with `x-emu-id`.
+const FIXED_CREATED: u64 = 1_700_000_000;
+
+/// `POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/responses`.
+pub fn complete(
+    state: &State,
+    kind: Kind,
+    body: &[u8],
+    opts: &Opts,
+    tokens: &Tokens,
+) -> Response<Payload> {
     let request: ApiRequest<'_> = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(err) => return invalid_json(&err),
@@ -100,25 +112,40 @@ pub fn complete(state: &State, kind: Kind, body: &[u8], opts: &Opts) -> Response
             .map(text_chars)
             .sum(),
         Kind::Text => request.prompt.as_ref().map_or(0, text_chars),
+        Kind::Responses => {
+            request.input.as_ref().map_or(0, text_chars)
+                + request.instructions.as_ref().map_or(0, text_chars)
+        }
     };
     let prompt_tokens = (chars / 4).max(1) as u64;
     let model = request.model.as_deref().unwrap_or("gpt-4o");
-    let id = match kind {
-        Kind::Chat => format!("chatcmpl-emu{}", state.next_id()),
-        Kind::Text => format!("cmpl-emu{}", state.next_id()),
+    let (id, created) = match &opts.fixed_id {
+        Some(id) => (id.clone(), FIXED_CREATED),
+        None => (
+            match kind {
+                Kind::Chat => format!("chatcmpl-emu{}", state.next_id()),
+                Kind::Text => format!("cmpl-emu{}", state.next_id()),
+                Kind::Responses => format!("resp_emu{}", state.next_id()),
+            },
+            now(),
+        ),
     };
     if request.stream == Some(true) {
-        let include_usage = request
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
+        // The Responses API always reports usage, in its `response.completed` event.
+        let include_usage = kind == Kind::Responses
+            || request
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false);
+        tokens.set(prompt_tokens, 0);
         let plan = Plan {
             kind,
             id,
-            created: now(),
+            created,
             model: model.to_owned(),
             opts: opts.stream,
             usage: include_usage.then(|| Usage::new(prompt_tokens, opts.stream.events as u64)),
+            tokens: tokens.clone(),
         };
         let mut response = Response::new(Payload::Stream(SseBody::new(plan).boxed_unsync()));
         let headers = response.headers_mut();
@@ -127,10 +154,10 @@ pub fn complete(state: &State, kind: Kind, body: &[u8], opts: &Opts) -> Response
         return response;
     }
     let usage = Usage::new(prompt_tokens, opts.completion_tokens);
+    tokens.set(prompt_tokens, opts.completion_tokens);
     let content: String = (0..opts.completion_tokens.min(MAX_CONTENT_PIECES) as usize)
         .map(piece)
         .collect();
-    let created = now();
     let body = match kind {
         Kind::Chat => serde_json::to_vec(&ChatCompletion {
             id: &id,
@@ -163,12 +190,110 @@ pub fn complete(state: &State, kind: Kind, body: &[u8], opts: &Opts) -> Response
             }],
             usage,
         }),
+        Kind::Responses => serde_json::to_vec(&response_object(
+            &id,
+            created,
+            model,
+            "completed",
+            &content,
+            Some(usage),
+        )),
     };
     respond(StatusCode::OK, JSON, body.unwrap_or_default())
 }
 
+/// A Responses API `response` object (`status` `in_progress` has no output or usage yet).
+pub fn response_object<'a>(
+    id: &'a str,
+    created_at: u64,
+    model: &'a str,
+    status: &'static str,
+    text: &'a str,
+    usage: Option<Usage>,
+) -> ResponseObject<'a> {
+    let done = status == "completed";
+    ResponseObject {
+        id,
+        object: "response",
+        created_at,
+        status,
+        model,
+        output: done
+            .then(|| OutputMessage {
+                kind: "message",
+                id: format!("msg_{id}"),
+                status: "completed",
+                role: "assistant",
+                content: [OutputText {
+                    kind: "output_text",
+                    text,
+                    annotations: [],
+                }],
+            })
+            .into_iter()
+            .collect(),
+        usage: usage.map(|u| ResponsesUsage {
+            input_tokens: u.prompt_tokens,
+            input_tokens_details: CachedTokens { cached_tokens: 0 },
+            output_tokens: u.completion_tokens,
+            output_tokens_details: ReasoningTokens {
+                reasoning_tokens: 0,
+            },
+            total_tokens: u.total_tokens,
+        }),
+    }
+}
+
+#[derive(Serialize)]
+pub struct ResponseObject<'a> {
+    id: &'a str,
+    object: &'static str,
+    created_at: u64,
+    status: &'static str,
+    model: &'a str,
+    output: Vec<OutputMessage<'a>>,
+    usage: Option<ResponsesUsage>,
+}
+
+#[derive(Serialize)]
+struct OutputMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: String,
+    status: &'static str,
+    role: &'static str,
+    content: [OutputText<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct OutputText<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    annotations: [(); 0],
+}
+
+#[derive(Serialize)]
+struct ResponsesUsage {
+    input_tokens: u64,
+    input_tokens_details: CachedTokens,
+    output_tokens: u64,
+    output_tokens_details: ReasoningTokens,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct CachedTokens {
+    cached_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct ReasoningTokens {
+    reasoning_tokens: u64,
+}
+
 /// `POST /v1/embeddings`: one 8-float embedding per input.
-pub fn embeddings(body: &[u8]) -> Response<Payload> {
+pub fn embeddings(body: &[u8], tokens: &Tokens) -> Response<Payload> {
     let request: ApiRequest<'_> = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(err) => return invalid_json(&err),
@@ -181,6 +306,7 @@ pub fn embeddings(body: &[u8]) -> Response<Payload> {
     };
     let chars = request.input.as_ref().map_or(0, text_chars);
     let prompt_tokens = (chars / 4).max(1) as u64;
+    tokens.set(prompt_tokens, 0);
     let data: Vec<Embedding> = (0..inputs)
         .map(|index| Embedding {
             object: "embedding",
@@ -230,13 +356,18 @@ fn invalid_json(err: &serde_json::Error) -> Response<Payload> {
     )
 }
 
-/// Characters of text in a content value: strings, arrays of them, `{"text": …}` parts;
+/// Characters of text in a content value: strings, arrays of them, `{"text": …}` parts and
+/// `{"content": …}` messages;
 /// a number (a token id) counts as 4.
 fn text_chars(value: &Value) -> usize {
     match value {
         Value::String(s) => s.chars().count(),
         Value::Array(items) => items.iter().map(text_chars).sum(),
-        Value::Object(map) => map.get("text").map_or(0, text_chars),
+        Value::Object(map) => ["text", "content"]
+            .iter()
+            .filter_map(|k| map.get(*k))
+            .map(text_chars)
+            .sum(),
         Value::Number(_) => 4,
         Value::Null | Value::Bool(_) => 0,
     }

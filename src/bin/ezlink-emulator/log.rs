@@ -2,7 +2,7 @@
 //! state a [`Guard`] settles exactly once (completed, or cancelled when dropped unfinished).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use http::{HeaderMap, Method};
@@ -26,6 +26,31 @@ pub struct Entry {
     uri: String,
     headers: Vec<(String, String)>,
     state: AtomicU8,
+    /// Tokens the emulator counted for this request ([`NONE`] until a route sets them).
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+const NONE: u64 = u64::MAX;
+
+/// The token counts of one log entry, written by the route that answers it: a stream adds
+/// each content event as it is sent, so a cancelled stream shows what was generated.
+#[derive(Clone)]
+pub struct Tokens(Option<Arc<Entry>>);
+
+impl Tokens {
+    pub fn set(&self, prompt: u64, completion: u64) {
+        if let Some(e) = &self.0 {
+            e.prompt_tokens.store(prompt, Ordering::Release);
+            e.completion_tokens.store(completion, Ordering::Release);
+        }
+    }
+
+    pub fn add_completion(&self, n: u64) {
+        if let Some(e) = &self.0 {
+            e.completion_tokens.fetch_add(n, Ordering::AcqRel);
+        }
+    }
 }
 
 /// Held by the handler future, then by the response body. Dropping it before
@@ -56,6 +81,8 @@ impl RequestLog {
             uri: uri.to_owned(),
             headers,
             state: AtomicU8::new(IN_PROGRESS),
+            prompt_tokens: AtomicU64::new(NONE),
+            completion_tokens: AtomicU64::new(NONE),
         });
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.len() >= CAPACITY {
@@ -100,12 +127,18 @@ impl Entry {
             CANCELLED => "cancelled",
             _ => "in_progress",
         };
+        let prompt_tokens = self.prompt_tokens.load(Ordering::Acquire);
+        let usage = (prompt_tokens != NONE).then(|| UsageView {
+            prompt_tokens,
+            completion_tokens: self.completion_tokens.load(Ordering::Acquire),
+        });
         EntryView {
             request_id: self.request_id.as_deref(),
             method: &self.method,
             uri: &self.uri,
             state,
             headers: &self.headers,
+            usage,
         }
     }
 }
@@ -113,6 +146,10 @@ impl Entry {
 impl Guard {
     pub fn complete(&self) {
         self.0.settle(COMPLETED);
+    }
+
+    pub fn tokens(&self) -> Tokens {
+        Tokens(Some(Arc::clone(&self.0)))
     }
 }
 
@@ -134,4 +171,11 @@ struct EntryView<'a> {
     uri: &'a str,
     state: &'static str,
     headers: &'a [(String, String)],
+    usage: Option<UsageView>,
+}
+
+#[derive(Serialize)]
+struct UsageView {
+    prompt_tokens: u64,
+    completion_tokens: u64,
 }

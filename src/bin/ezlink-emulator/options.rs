@@ -31,6 +31,8 @@ pub struct Opts {
     pub stream: StreamOpts,
     /// `x-emu-completion-tokens` (non-streamed responses).
     pub completion_tokens: u64,
+    /// `x-emu-id`: the response's id, with a fixed creation time (byte-comparable bodies).
+    pub fixed_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -92,6 +94,7 @@ impl Default for Opts {
                 error_event: false,
             },
             completion_tokens: 7,
+            fixed_id: None,
         }
     }
 }
@@ -141,6 +144,7 @@ impl Opts {
         if let Some(tokens) = number::<u64>(headers, "x-emu-completion-tokens", "an integer")? {
             opts.completion_tokens = tokens;
         }
+        opts.fixed_id = text(headers, "x-emu-id")?.map(str::to_owned);
         Ok(opts)
     }
 

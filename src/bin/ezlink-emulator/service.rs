@@ -17,7 +17,7 @@ use crate::conn::ConnCtl;
 use crate::echo::{self, path_and_query};
 use crate::encoding::{self, Encoded};
 use crate::faults::{self, openai_error, respond, JSON};
-use crate::log::{Guard, RequestLog};
+use crate::log::{Guard, RequestLog, Tokens};
 use crate::options::{Opts, Reset};
 use crate::sse::Kind;
 
@@ -57,6 +57,7 @@ enum Route {
     Chat,
     Completions,
     Embeddings,
+    Responses,
     Echo,
     Inspect,
     NotFound,
@@ -74,6 +75,7 @@ fn route(method: &Method, path: &str) -> Route {
         (&Method::POST, "/v1/chat/completions") => Route::Chat,
         (&Method::POST, "/v1/completions") => Route::Completions,
         (&Method::POST, "/v1/embeddings") => Route::Embeddings,
+        (&Method::POST, "/v1/responses") => Route::Responses,
         _ => Route::NotFound,
     }
 }
@@ -109,7 +111,7 @@ pub async fn handle(
         }
     };
     let is_head = request.method() == Method::HEAD;
-    let response = respond_to(&state, &conn, request, &opts).await?;
+    let response = respond_to(&state, &conn, request, &opts, &guard.tokens()).await?;
     if is_head {
         // Headers are the whole response; hyper drops the body without polling it.
         guard.complete();
@@ -122,6 +124,7 @@ async fn respond_to(
     conn: &ConnCtl,
     request: Request<Incoming>,
     opts: &Opts,
+    tokens: &Tokens,
 ) -> Result<Response<Payload>, Abort> {
     let route = route(request.method(), request.uri().path());
     if route == Route::Echo && !opts.overrides_route() {
@@ -129,7 +132,10 @@ async fn respond_to(
         return Ok(echo::echo(request));
     }
     let (parts, incoming) = request.into_parts();
-    let reads_json = matches!(route, Route::Chat | Route::Completions | Route::Embeddings);
+    let reads_json = matches!(
+        route,
+        Route::Chat | Route::Completions | Route::Embeddings | Route::Responses
+    );
     let (body, body_len) = if reads_json && !opts.overrides_route() {
         match read(incoming).await? {
             Some(body) => {
@@ -160,9 +166,10 @@ async fn respond_to(
     }
     Ok(match route {
         Route::Models => api::models(),
-        Route::Chat => api::complete(state, Kind::Chat, &body, opts),
-        Route::Completions => api::complete(state, Kind::Text, &body, opts),
-        Route::Embeddings => api::embeddings(&body),
+        Route::Chat => api::complete(state, Kind::Chat, &body, opts, tokens),
+        Route::Completions => api::complete(state, Kind::Text, &body, opts, tokens),
+        Route::Responses => api::complete(state, Kind::Responses, &body, opts, tokens),
+        Route::Embeddings => api::embeddings(&body, tokens),
         Route::Inspect => echo::inspect(&parts, body_len),
         Route::Echo | Route::NotFound => api::not_found(&parts.method, parts.uri.path()),
     })

@@ -1,5 +1,6 @@
-//! Streamed (`"stream": true`) chat and text completions: one SSE event per body frame,
-//! produced on demand, with the stream faults (cut, stall, in-stream error event).
+//! Streamed (`"stream": true`) chat and text completions and Responses API responses: one
+//! SSE event per body frame, produced on demand, with the stream faults (cut, stall,
+//! in-stream error event).
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -10,8 +11,9 @@ use http_body::{Body as HttpBody, Frame};
 use serde::Serialize;
 use tokio::time::{Instant, Sleep};
 
-use crate::api::{piece, Usage};
+use crate::api::{piece, response_object, Usage};
 use crate::body::{BoxError, SETTLE_BEFORE_ABORT};
+use crate::log::Tokens;
 use crate::options::StreamOpts;
 
 const ERROR_EVENT: &[u8] =
@@ -23,6 +25,9 @@ const DONE: &[u8] = b"data: [DONE]\n\n";
 pub enum Kind {
     Chat,
     Text,
+    /// The Responses API: `response.created`, `response.output_text.delta` events, then
+    /// `response.completed` with the usage; no `[DONE]`.
+    Responses,
 }
 
 /// Everything one stream needs to know up front.
@@ -32,12 +37,17 @@ pub struct Plan {
     pub created: u64,
     pub model: String,
     pub opts: StreamOpts,
-    /// `Some` when the request asked for `stream_options.include_usage`.
+    /// `Some` when the request asked for `stream_options.include_usage` (then every chunk
+    /// also carries `"usage": null`, as OpenAI's do); always for the Responses API.
     pub usage: Option<Usage>,
+    /// The log entry's counts: each content event sent adds one.
+    pub tokens: Tokens,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
+    /// `response.created` (Responses API only).
+    Start,
     Content(usize),
     ErrorEvent,
     Usage,
@@ -58,9 +68,14 @@ pub struct SseBody {
 
 impl SseBody {
     pub fn new(plan: Plan) -> Self {
+        let step = if plan.kind == Kind::Responses {
+            Step::Start
+        } else {
+            Step::Content(0)
+        };
         SseBody {
             plan,
-            step: Step::Content(0),
+            step,
             pause_due: false,
             cutting: false,
             timer: None,
@@ -89,9 +104,29 @@ impl SseBody {
 
     fn content_sent(&self) -> usize {
         match self.step {
+            Step::Start => 0,
             Step::Content(i) => i,
             _ => self.plan.opts.events,
         }
+    }
+
+    fn start_event(&self) -> Bytes {
+        let plan = &self.plan;
+        named_event(
+            "response.created",
+            &ResponseEvent {
+                kind: "response.created",
+                sequence_number: 0,
+                response: response_object(
+                    &plan.id,
+                    plan.created,
+                    &plan.model,
+                    "in_progress",
+                    "",
+                    None,
+                ),
+            },
+        )
     }
 
     fn event(&self, index: usize) -> Bytes {
@@ -99,6 +134,7 @@ impl SseBody {
         let last = index + 1 == plan.opts.events;
         let finish_reason = if last { Some("stop") } else { None };
         let text = piece(index);
+        let usage = plan.usage.map(|_| ());
         match plan.kind {
             Kind::Chat => data_event(&ChatChunk {
                 id: &plan.id,
@@ -115,6 +151,7 @@ impl SseBody {
                     logprobs: None,
                     finish_reason,
                 }],
+                usage,
             }),
             Kind::Text => data_event(&TextChunk {
                 id: &plan.id,
@@ -127,7 +164,19 @@ impl SseBody {
                     logprobs: None,
                     finish_reason,
                 }],
+                usage,
             }),
+            Kind::Responses => named_event(
+                "response.output_text.delta",
+                &DeltaEvent {
+                    kind: "response.output_text.delta",
+                    sequence_number: index + 1,
+                    item_id: format!("msg_{}", plan.id),
+                    output_index: 0,
+                    content_index: 0,
+                    delta: &text,
+                },
+            ),
         }
     }
 
@@ -136,6 +185,24 @@ impl SseBody {
         let object = match plan.kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Text => "text_completion",
+            Kind::Responses => {
+                let text: String = (0..plan.opts.events).map(piece).collect();
+                return named_event(
+                    "response.completed",
+                    &ResponseEvent {
+                        kind: "response.completed",
+                        sequence_number: plan.opts.events + 1,
+                        response: response_object(
+                            &plan.id,
+                            plan.created,
+                            &plan.model,
+                            "completed",
+                            &text,
+                            Some(usage),
+                        ),
+                    },
+                );
+            }
         };
         data_event(&UsageChunk {
             id: &plan.id,
@@ -150,9 +217,16 @@ impl SseBody {
     /// The step after `step`, skipping what the plan does not include.
     fn after(&self, step: Step) -> Step {
         match step {
+            Step::Start if self.plan.opts.events > 0 => Step::Content(0),
+            Step::Start => self.after(Step::Content(0)),
             Step::Content(i) if i + 1 < self.plan.opts.events => Step::Content(i + 1),
             Step::Content(_) if self.plan.usage.is_some() => Step::Usage,
             Step::Content(_) | Step::Usage if self.plan.opts.error_event => Step::ErrorEvent,
+            Step::Content(_) | Step::Usage | Step::ErrorEvent
+                if self.plan.kind == Kind::Responses =>
+            {
+                Step::End
+            }
             Step::Content(_) | Step::Usage | Step::ErrorEvent => Step::Done,
             Step::Done | Step::End => Step::End,
         }
@@ -195,7 +269,11 @@ impl HttpBody for SseBody {
             this.pause_due = false;
         }
         let frame = match this.step {
-            Step::Content(i) => this.event(i),
+            Step::Start => this.start_event(),
+            Step::Content(i) => {
+                this.plan.tokens.add_completion(1);
+                this.event(i)
+            }
             Step::ErrorEvent => Bytes::from_static(ERROR_EVENT),
             Step::Usage => match this.plan.usage {
                 Some(usage) => this.usage_event(usage),
@@ -212,6 +290,16 @@ impl HttpBody for SseBody {
     fn is_end_stream(&self) -> bool {
         self.step == Step::End
     }
+}
+
+/// `event: NAME` then `data: {chunk}` (the Responses API names its events).
+fn named_event<T: Serialize>(name: &str, chunk: &T) -> Bytes {
+    let mut out = Vec::with_capacity(400);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(&data_event(chunk));
+    Bytes::from(out)
 }
 
 fn data_event<T: Serialize>(chunk: &T) -> Bytes {
@@ -232,6 +320,9 @@ struct ChatChunk<'a> {
     model: &'a str,
     system_fingerprint: &'static str,
     choices: [ChatChunkChoice<'a>; 1],
+    /// `null` in every chunk of a stream that asked for usage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<()>,
 }
 
 #[derive(Serialize)]
@@ -256,6 +347,8 @@ struct TextChunk<'a> {
     created: u64,
     model: &'a str,
     choices: [TextChunkChoice<'a>; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<()>,
 }
 
 #[derive(Serialize)]
@@ -274,4 +367,23 @@ struct UsageChunk<'a> {
     model: &'a str,
     choices: [(); 0],
     usage: Usage,
+}
+
+#[derive(Serialize)]
+struct ResponseEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: usize,
+    response: crate::api::ResponseObject<'a>,
+}
+
+#[derive(Serialize)]
+struct DeltaEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: usize,
+    item_id: String,
+    output_index: u32,
+    content_index: u32,
+    delta: &'a str,
 }

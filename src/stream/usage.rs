@@ -1,0 +1,151 @@
+//! Reading a response's JSON where the few members ezgate needs stand: `usage`, `model`, and
+//! how much content a streamed chunk carried. Nothing is parsed whole: keys are found with a
+//! SIMD substring search. A key is `"name"` followed by `:`; inside a JSON string every quote
+//! is escaped, so that byte pattern cannot come from string content.
+
+use memchr::memmem::{Finder, FinderRev};
+
+use crate::limits::scan;
+use crate::outcome::Usage;
+
+const USAGE_KEY: &[u8] = b"\"usage\"";
+const MODEL_KEY: &[u8] = b"\"model\"";
+/// Members whose string values are generated text: chat deltas and messages, text
+/// completions, Responses API deltas, tool-call arguments, refusals.
+const CONTENT_KEYS: [&[u8]; 5] = [
+    b"\"content\"",
+    b"\"text\"",
+    b"\"delta\"",
+    b"\"arguments\"",
+    b"\"refusal\"",
+];
+
+/// Searchers for the keys, built once (building one costs more than a search).
+struct Finders {
+    usage: Finder<'static>,
+    usage_rev: FinderRev<'static>,
+    model: Finder<'static>,
+    content: [Finder<'static>; 5],
+}
+
+fn finders() -> &'static Finders {
+    static FINDERS: std::sync::OnceLock<Finders> = std::sync::OnceLock::new();
+    FINDERS.get_or_init(|| Finders {
+        usage: Finder::new(USAGE_KEY),
+        usage_rev: FinderRev::new(USAGE_KEY),
+        model: Finder::new(MODEL_KEY),
+        content: CONTENT_KEYS.map(Finder::new),
+    })
+}
+
+/// True when `doc` holds the bytes `"usage"` anywhere (a cheap first look).
+pub fn mentions_usage(doc: &[u8]) -> bool {
+    finders().usage.find(doc).is_some()
+}
+
+/// `usage` and `model` of a JSON response or chunk. OpenAI writes `usage` last and `model`
+/// first: each is searched from that end. `None` when there is no usable usage (absent,
+/// `null`, or not whole numbers).
+pub fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
+    let f = finders();
+    let (prompt, completion) = scan::usage_counts(value_after(
+        doc,
+        USAGE_KEY.len(),
+        f.usage_rev.rfind_iter(doc),
+    )?)?;
+    let model = value_after(doc, MODEL_KEY.len(), f.model.find_iter(doc))
+        .and_then(scan::string_at)
+        .map(String::from);
+    Some((Usage { prompt, completion }, model))
+}
+
+/// Characters of generated text in one streamed chunk (0 when it carries none).
+pub fn content_chars(doc: &[u8]) -> u64 {
+    let f = finders();
+    let mut chars = 0;
+    for (finder, key) in f.content.iter().zip(CONTENT_KEYS) {
+        for i in finder.find_iter(doc) {
+            let Some(value) = doc[i + key.len()..].trim_ascii_start().strip_prefix(b":") else {
+                continue;
+            };
+            if let Some(text) = scan::string_at(value) {
+                chars += text.chars().count() as u64;
+            }
+        }
+    }
+    chars
+}
+
+/// The text after the first hit (in the iterator's order) that is a key (`"key":`): where
+/// its value starts.
+fn value_after(doc: &[u8], key_len: usize, mut hits: impl Iterator<Item = usize>) -> Option<&[u8]> {
+    hits.find_map(|i| doc[i + key_len..].trim_ascii_start().strip_prefix(b":"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_usage_is_read_where_it_stands() {
+        let doc = br#"{"id":"x","model":"gpt-4o","choices":[{"message":{"content":"say \"usage\": {} and \"model\":1"}}],"usage": {"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}"#;
+        assert_eq!(
+            json_usage(doc),
+            Some((
+                Usage {
+                    prompt: 9,
+                    completion: 3
+                },
+                Some("gpt-4o".into())
+            ))
+        );
+        assert_eq!(json_usage(br#"{"usage":null}"#), None);
+        assert_eq!(json_usage(br#"{"choices":[]}"#), None);
+        assert_eq!(
+            json_usage(br#"{"usage":{"input_tokens":4,"output_tokens":5}}"#),
+            Some((
+                Usage {
+                    prompt: 4,
+                    completion: 5
+                },
+                None
+            ))
+        );
+        assert_eq!(json_usage(b"\"usage\":"), None);
+        // The Responses API: usage inside the completed response.
+        let done = br#"{"type":"response.completed","response":{"id":"r","model":"gpt-4o","usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},"output_tokens":30,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":42}}}"#;
+        assert_eq!(
+            json_usage(done).map(|(u, _)| u),
+            Some(Usage {
+                prompt: 12,
+                completion: 30
+            })
+        );
+    }
+
+    #[test]
+    fn content_is_counted_in_every_shape() {
+        let chat = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"h\u00e9llo"},"finish_reason":null}]}"#;
+        assert_eq!(content_chars(chat), 5);
+        assert_eq!(
+            content_chars(br#"{"choices":[{"text":"abc","index":0}]}"#),
+            3
+        );
+        assert_eq!(
+            content_chars(r#"{"type":"response.output_text.delta","delta":"你好"}"#.as_bytes()),
+            2
+        );
+        assert_eq!(
+            content_chars(br#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]}}]}"#),
+            7
+        );
+        assert_eq!(
+            content_chars(br#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#),
+            0
+        );
+        assert_eq!(
+            content_chars(br#"{"choices":[],"usage":{"prompt_tokens":1}}"#),
+            0
+        );
+    }
+}
