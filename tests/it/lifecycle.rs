@@ -63,7 +63,11 @@ fn bad_configs_exit_non_zero_naming_file_key_and_problem() {
 fn check_config_prints_the_effective_config_redacted() {
     let dir = scratch_dir();
     let path = dir.join("ezgate.toml");
-    std::fs::write(&path, "[upstream]\napi_key = \"${EZGATE_TEST_KEY}\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[upstream]\napi_key = \"${EZGATE_TEST_KEY}\"\n\n[[limits]]\nname = \"p\"\nkey = \"client\"\nrequests = \"600/min\"\ntokens = \"20000/min\"\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(bin("ezgate"))
         .args(["check-config", "--config"])
         .arg(&path)
@@ -81,6 +85,16 @@ fn check_config_prints_the_effective_config_redacted() {
         text.contains("api_key = \"<redacted>\"") && !text.contains("sk-check-config-secret"),
         "{text}"
     );
+    // The effective defaults of every policy, written out.
+    for line in [
+        "store = \"local\"",
+        "burst = 600",
+        "default_tokens = 1000",
+        "max_keys = 100000",
+        "stream_usage = true",
+    ] {
+        assert!(text.contains(line), "{line} missing: {text}");
+    }
     let shipped = std::process::Command::new(bin("ezgate"))
         .args([
             "check-config",

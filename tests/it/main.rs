@@ -19,3 +19,4 @@ mod logs;
 mod metrics;
 mod redis;
 mod tls;
+mod tokens;

@@ -8,13 +8,13 @@ use tokio::process::{Child, Command};
 
 use crate::harness::*;
 
-struct Redis {
+pub struct Redis {
     child: Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl Redis {
-    async fn start_on(port: u16) -> Redis {
+    pub async fn start_on(port: u16) -> Redis {
         let found = std::process::Command::new("sh")
             .args(["-c", "command -v redis-server"])
             .output()
@@ -48,7 +48,7 @@ impl Redis {
         Redis { child, port }
     }
 
-    async fn start() -> Redis {
+    pub async fn start() -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
