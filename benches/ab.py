@@ -2,7 +2,11 @@
 """benches/ab.py — CPU per request of two ezgate builds (or configs), loaded at the same time.
 
     python3 benches/ab.py A_BIN B_BIN [--config-a F] [--config-b F] [--rounds 8] [--secs 3]
+                          [--load chat|sse]
     python3 benches/ab.py nginx B_BIN          (A is nginx, configured as in proxy.sh)
+
+`--load sse` streams each completion (20 events, benches/sse.lua) instead of the plain ~1 KB
+chat completion (benches/chat.lua).
 
 On a shared virtual machine CPU time per request moves by ±20 % between runs a few seconds
 apart, so two builds measured one after the other cannot be told apart by less than that.
@@ -110,6 +114,7 @@ def main():
     ap.add_argument("--config-b")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--secs", type=int, default=3)
+    ap.add_argument("--load", choices=("chat", "sse"), default="chat")
     args = ap.parse_args()
     if not 1 <= args.rounds <= 50 or not 1 <= args.secs <= 30:
         sys.exit("ab.py: --rounds 1..50 and --secs 1..30")
@@ -150,7 +155,7 @@ def main():
 
         def load(port, secs):
             return subprocess.Popen(pin(1) + ["wrk", "-t1", "-c32", f"-d{secs}s", "-s",
-                                              os.path.join(ROOT, "benches/chat.lua"), f"http://127.0.0.1:{port}"],
+                                              os.path.join(ROOT, f"benches/{args.load}.lua"), f"http://127.0.0.1:{port}"],
                                     stdout=subprocess.PIPE, text=True, env=env)
 
         for _, port, _ in gates:  # warm-up

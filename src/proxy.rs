@@ -32,7 +32,7 @@ use crate::limits::{LimitRequest, Limits};
 use crate::metrics::Metrics;
 use crate::outcome::{ClientLabel, Outcome};
 use crate::pool::UpstreamBody;
-use crate::route::Route;
+use crate::route::{PathError, Route};
 use crate::stream::{ResponseBody, Watch};
 use crate::upstream::{RequestBody, Upstream};
 
@@ -144,7 +144,13 @@ async fn serve_request(
     peer: SocketAddr,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let state = gw.state();
-    let route = Route::from_path(req.uri().path());
+    // Canonical before anything looks at it: routing, limits, the upstream prefix.
+    let path = crate::route::normalize(req.uri().path());
+    let route = match &path {
+        Ok(Some(p)) => Route::from_path(p),
+        Ok(None) => Route::from_path(req.uri().path()),
+        Err(_) => Route::Other,
+    };
     let request_id = headers::client_request_id(req.headers())
         .map(str::to_owned)
         .unwrap_or_else(headers::new_request_id);
@@ -157,7 +163,7 @@ async fn serve_request(
         route,
     );
     let result = CatchUnwind {
-        inner: handle(&gw, &state, req, peer, &mut out),
+        inner: handle(&gw, &state, req, path, peer, &mut out),
     }
     .await;
     let mut resp = match result {
@@ -204,6 +210,7 @@ async fn handle(
     gw: &Gateway,
     state: &State,
     req: Request<Incoming>,
+    path: Result<Option<String>, PathError>,
     peer: SocketAddr,
     out: &mut Outcome,
 ) -> Result<Response<ResponseBody>, GatewayError> {
@@ -211,6 +218,7 @@ async fn handle(
     if req.method() == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed("CONNECT".into()));
     }
+    let path = path.map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     if gw.is_draining() {
         return Err(GatewayError::ShuttingDown);
     }
@@ -248,7 +256,7 @@ async fn handle(
         && matches!(out.route, Route::ChatCompletions | Route::Completions);
     let mut strip = false;
     let (body, mut request) = if checks || ask_usage {
-        let bytes = read_request_body(body, max_body).await?;
+        let bytes = read_request_body(body, max_body, cfg.server.request_body_timeout.0).await?;
         let request = crate::limits::tokens::inspect(&bytes);
         if checks && !request.understood {
             return Err(GatewayError::BadRequest(format!(
@@ -273,7 +281,10 @@ async fn handle(
         }
         (body, Some(request))
     } else {
-        (RequestBody::stream(body, max_body), None)
+        (
+            RequestBody::stream(body, max_body, cfg.server.request_body_timeout.0),
+            None,
+        )
     };
     let model = request.as_mut().and_then(|r| r.model.take());
     if let (Some(client), true) = (&caller.client, checks) {
@@ -306,7 +317,9 @@ async fn handle(
     }
 
     // Forward.
-    let path = state.upstream.target(parts.uri.path_and_query())?;
+    let path = state
+        .upstream
+        .target(parts.uri.path_and_query(), path.as_deref())?;
     let request_id = HeaderValue::from_str(&out.request_id).ok();
     rewrite_request(&mut parts.headers, state, request_id.clone(), peer);
     let mut up_req = Request::new(body);
@@ -465,36 +478,44 @@ async fn read_capped(mut body: UpstreamBody, cap: usize) -> (Vec<u8>, bool) {
     (buf, false)
 }
 
-/// Buffers a JSON request body (needed to see its model and size), refusing it past `max`.
-async fn read_request_body(mut body: Incoming, max: u64) -> Result<Bytes, GatewayError> {
-    // A small body usually arrives as one frame: keep it as it is, without a copy.
-    let mut first: Option<Bytes> = None;
+/// Buffers a request body (needed to see its model and size), refusing it past `max` and
+/// giving up when the client pauses longer than `idle` between two pieces. Memory is the
+/// body's own size: a body of known length is read into one buffer of that length, and a
+/// small body that arrives as one frame is kept as it is, without a copy.
+async fn read_request_body(
+    mut body: Incoming,
+    max: u64,
+    idle: Duration,
+) -> Result<Bytes, GatewayError> {
     let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            GatewayError::BadRequest(format!("the request body could not be read ({e})"))
-        })?;
+    let declared = body.size_hint().exact().filter(|n| *n <= max);
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(GatewayError::RequestTimeout(idle)),
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(_))) => return Err(GatewayError::ClientClosed),
+        };
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
-        if (held + data.len()) as u64 > max {
+        if (buf.len() + data.len()) as u64 > max {
             return Err(GatewayError::PayloadTooLarge { limit: max });
         }
-        match first.take() {
-            None if buf.is_empty() => first = Some(data),
-            Some(f) => {
-                buf.extend_from_slice(&f);
-                buf.extend_from_slice(&data);
-            }
-            None => buf.extend_from_slice(&data),
-        }
         // A body of known length ends with its last byte: no need to poll for the end.
-        if body.is_end_stream() {
+        let end = body.is_end_stream();
+        if buf.is_empty() && end {
+            return Ok(data);
+        }
+        if buf.is_empty() {
+            buf.reserve(declared.map_or(data.len(), |n| n as usize));
+        }
+        buf.extend_from_slice(&data);
+        if end {
             break;
         }
     }
-    Ok(first.unwrap_or_else(|| buf.freeze()))
+    Ok(buf.freeze())
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

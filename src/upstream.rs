@@ -4,6 +4,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -59,12 +60,16 @@ pub struct Failure {
     pub kind: Option<FailureKind>,
 }
 
-/// The request body sent upstream: the client's body streamed through a size cap, or a body
-/// ezgate already holds.
+/// The request body sent upstream: the client's body streamed through a size cap and an
+/// inactivity deadline, or a body ezgate already holds.
 pub struct RequestBody {
     inner: Inner,
     seen: u64,
     max: u64,
+    /// Longest pause allowed between two frames of the client's body.
+    idle: Duration,
+    /// Armed at the first pending poll, reset by every frame.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum Inner {
@@ -76,6 +81,9 @@ enum Inner {
         left: u64,
     },
 }
+
+/// Largest frame of a body ezgate holds, as it is sent upstream.
+const MAX_FRAME: usize = 64 * 1024;
 
 /// The client's body went over `server.max_request_body` while streaming.
 #[derive(Debug)]
@@ -89,12 +97,40 @@ impl fmt::Display for BodyTooLarge {
 
 impl StdError for BodyTooLarge {}
 
+/// The client's body paused longer than `server.request_body_timeout`.
+#[derive(Debug)]
+pub struct BodyStalled(pub Duration);
+
+impl fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the request body stalled for {:?}", self.0)
+    }
+}
+
+impl StdError for BodyStalled {}
+
+/// The client's body failed (the client went away mid-body): the client's fault, not the
+/// upstream's.
+#[derive(Debug)]
+pub struct ClientBodyFailed(pub hyper::Error);
+
+impl fmt::Display for ClientBodyFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the client's request body failed ({})", self.0)
+    }
+}
+
+impl StdError for ClientBodyFailed {}
+
 impl RequestBody {
-    pub fn stream(body: Incoming, max: u64) -> Self {
+    /// The client's body, streamed; refused past `max` bytes or a pause of `idle`.
+    pub fn stream(body: Incoming, max: u64, idle: Duration) -> Self {
         RequestBody {
             inner: Inner::Stream(body),
             seen: 0,
             max,
+            idle,
+            stall: None,
         }
     }
 
@@ -113,6 +149,8 @@ impl RequestBody {
             },
             seen: 0,
             max: u64::MAX,
+            idle: Duration::MAX,
+            stall: None,
         }
     }
 }
@@ -129,12 +167,15 @@ impl Body for RequestBody {
         match &mut this.inner {
             Inner::Full { parts, next, left } => {
                 while let Some(part) = parts.get_mut(*next) {
-                    *next += 1;
-                    if !part.is_empty() {
-                        let part = std::mem::take(part);
-                        *left -= part.len() as u64;
-                        return Poll::Ready(Some(Ok(Frame::data(part))));
+                    if part.is_empty() {
+                        *next += 1;
+                        continue;
                     }
+                    // In frames of at most 64 KiB (slices, not copies): hyper copies each
+                    // frame into its write buffer, which it bounds only between frames.
+                    let frame = part.split_to(part.len().min(MAX_FRAME));
+                    *left -= frame.len() as u64;
+                    return Poll::Ready(Some(Ok(Frame::data(frame))));
                 }
                 Poll::Ready(None)
             }
@@ -146,11 +187,25 @@ impl Body for RequestBody {
                             return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.max)))));
                         }
                     }
+                    if let Some(stall) = &mut this.stall {
+                        stall
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + this.idle);
+                    }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyFailed(e))))),
                 Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    let idle = this.idle;
+                    let stall = this
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    match stall.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(idle))))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
             },
         }
     }
@@ -226,20 +281,29 @@ impl Upstream {
         })
     }
 
-    /// The upstream path (base-URL prefix included) for a client's path and query. Only
-    /// the path is taken: whatever authority the client named is ignored, and the pool
-    /// only ever talks to the configured host (ezgate is never an open proxy).
+    /// The upstream path (base-URL prefix included) for a client's path and query;
+    /// `normalized` is the path made canonical, when it was not. Only the path is taken:
+    /// whatever authority the client named is ignored, and the pool only ever talks to the
+    /// configured host (ezgate is never an open proxy).
     pub fn target(
         &self,
         path_and_query: Option<&PathAndQuery>,
+        normalized: Option<&str>,
     ) -> Result<PathAndQuery, GatewayError> {
         let invalid = |_| GatewayError::BadRequest("the request target is not a valid path".into());
-        match path_and_query {
-            Some(pq) if self.prefix.is_empty() => Ok(pq.clone()),
-            None if self.prefix.is_empty() => Ok(PathAndQuery::from_static("/")),
-            pq => {
-                let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
-                PathAndQuery::try_from(format!("{}{pq}", self.prefix)).map_err(invalid)
+        match (path_and_query, normalized) {
+            (Some(pq), None) if self.prefix.is_empty() => Ok(pq.clone()),
+            (None, None) if self.prefix.is_empty() => Ok(PathAndQuery::from_static("/")),
+            (pq, normalized) => {
+                let path = normalized.unwrap_or_else(|| pq.map_or("/", PathAndQuery::path));
+                let mut target = String::with_capacity(self.prefix.len() + path.len() + 64);
+                target.push_str(&self.prefix);
+                target.push_str(path);
+                if let Some(q) = pq.and_then(PathAndQuery::query) {
+                    target.push('?');
+                    target.push_str(q);
+                }
+                PathAndQuery::try_from(target).map_err(invalid)
             }
         }
     }
@@ -302,6 +366,19 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
         if let Some(too_large) = e.downcast_ref::<BodyTooLarge>() {
             return Failure {
                 error: GatewayError::PayloadTooLarge { limit: too_large.0 },
+                kind: None,
+            };
+        }
+        // The client's body, not the upstream, failed: the client's fault.
+        if let Some(stalled) = e.downcast_ref::<BodyStalled>() {
+            return Failure {
+                error: GatewayError::RequestTimeout(stalled.0),
+                kind: None,
+            };
+        }
+        if e.is::<ClientBodyFailed>() {
+            return Failure {
+                error: GatewayError::ClientClosed,
                 kind: None,
             };
         }

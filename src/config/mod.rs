@@ -93,6 +93,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Dur,
     /// Slow clients: time allowed to send a request's headers.
     pub header_read_timeout: Dur,
+    /// Slow clients: longest pause between two pieces of a request body.
+    pub request_body_timeout: Dur,
     /// Requests in flight at once before ezgate answers 503 `overloaded`.
     pub max_inflight: u32,
     /// Threads serving requests; 0 = one per CPU ezgate may run on (its affinity mask).
@@ -108,6 +110,7 @@ impl Default for ServerConfig {
             max_request_body: ByteSize(16 << 20),
             shutdown_grace: Dur(Duration::from_secs(30)),
             header_read_timeout: Dur(Duration::from_secs(10)),
+            request_body_timeout: Dur(Duration::from_secs(30)),
             max_inflight: 10_000,
             worker_threads: 0,
             tls: None,
@@ -503,6 +506,7 @@ fn validate(c: &Config, problems: &mut Vec<String>) {
             c.upstream.stream_idle_timeout,
         ),
         ("server.header_read_timeout", c.server.header_read_timeout),
+        ("server.request_body_timeout", c.server.request_body_timeout),
     ] {
         if d.0.is_zero() {
             problems.push(format!("{name}: must be above zero"));
@@ -536,6 +540,7 @@ impl fmt::Display for Settings {
         writeln!(f, "max_request_body = \"{}\"", s.max_request_body)?;
         writeln!(f, "shutdown_grace = \"{}\"", s.shutdown_grace)?;
         writeln!(f, "header_read_timeout = \"{}\"", s.header_read_timeout)?;
+        writeln!(f, "request_body_timeout = \"{}\"", s.request_body_timeout)?;
         writeln!(f, "max_inflight = {}", s.max_inflight)?;
         writeln!(f, "worker_threads = {}", s.worker_threads)?;
         if let Some(tls) = &s.tls {

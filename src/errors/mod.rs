@@ -69,6 +69,11 @@ pub enum GatewayError {
     PayloadTooLarge { limit: u64 },
     #[error("Bad request: {0}")]
     BadRequest(String),
+    #[error("The request body stalled: no byte arrived for {} (server.request_body_timeout). Send the body without pauses.", secs(*.0))]
+    RequestTimeout(Duration),
+    /// The client went away while its request body was being read (counted as 499).
+    #[error("The client closed the connection before its request body was complete.")]
+    ClientClosed,
     #[error("Method {0} is not supported by this gateway.")]
     MethodNotAllowed(String),
     #[error("Could not reach the upstream API: {0}. Check upstream.base_url and the network.")]
@@ -121,6 +126,9 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            // nginx's "client closed request": never seen by the client, counted as such.
+            Self::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamUnreachable(_)
             | Self::UpstreamBadResponse(_)
@@ -143,6 +151,8 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => "model_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BadRequest(_) => "bad_request",
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::ClientClosed => "client_closed_request",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamBadResponse(_) => "upstream_bad_response",

@@ -9,6 +9,7 @@
 mod harness;
 mod schema;
 
+mod attacks;
 mod cancellation;
 mod errors;
 mod failures;
