@@ -78,6 +78,8 @@ pub struct Outcome {
     pub permit: Option<Permit>,
     /// The request's place under `server.max_inflight`.
     pub slot: Option<crate::proxy::InflightSlot>,
+    /// The request's stream on its HTTP/2 connection.
+    pub stream: Option<crate::proxy::StreamSlot>,
     /// Set once the response reached its end (or its final error event).
     pub finished: bool,
     metrics: Arc<Metrics>,
@@ -117,6 +119,7 @@ impl Outcome {
             charged: None,
             permit: None,
             slot: None,
+            stream: None,
             finished: false,
             metrics,
             access_log,
@@ -200,6 +203,9 @@ impl Drop for Outcome {
                 self.charged = Some(spent);
                 permit.settle(spent);
             }
+        }
+        if let Some(stream) = self.stream.take() {
+            stream.end(self.status == CLIENT_CLOSED);
         }
         let duration = self.started.elapsed();
         self.metrics.inflight(self.route).dec();

@@ -10,19 +10,20 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
-    HOST, RETRY_AFTER,
+    HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH,
+    CONTENT_TYPE, HOST, RETRY_AFTER,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 
 use crate::clients::Clients;
 use crate::config::Settings;
@@ -81,6 +82,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
     inflight: Arc<AtomicU32>,
+    /// Cancelled when `server.shutdown_grace` is over: open streams end with an error event.
+    cut: CancellationToken,
 }
 
 impl Gateway {
@@ -90,6 +93,7 @@ impl Gateway {
             metrics,
             draining: AtomicBool::new(false),
             inflight: Arc::new(AtomicU32::new(0)),
+            cut: CancellationToken::new(),
         }
     }
 
@@ -116,6 +120,103 @@ impl Gateway {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+
+    /// The drain's grace is over: every stream still open ends with `shutting_down`.
+    pub fn cut_streams(&self) {
+        self.cut.cancel();
+    }
+}
+
+/// What one HTTP/2 connection's requests tell its task: whether any stream is open (an
+/// idle connection is closed), and how many accepted streams the client reset lately (too
+/// many, and the connection gets GOAWAY).
+pub struct ConnWatch {
+    state: Mutex<ConnState>,
+    changed: tokio::sync::Notify,
+    max_resets: u32,
+    window: Duration,
+}
+
+struct ConnState {
+    open: u32,
+    /// When the last stream ended, while none is open.
+    idle_since: Option<Instant>,
+    resets: u32,
+    window_start: Instant,
+}
+
+impl ConnWatch {
+    pub fn new(max_resets: u32, window: Duration) -> ConnWatch {
+        let now = Instant::now();
+        ConnWatch {
+            state: Mutex::new(ConnState {
+                open: 0,
+                idle_since: Some(now),
+                resets: 0,
+                window_start: now,
+            }),
+            changed: tokio::sync::Notify::new(),
+            max_resets,
+            window,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Since when no stream has been open (`None` while one is).
+    pub fn idle_since(&self) -> Option<Instant> {
+        self.lock().idle_since
+    }
+
+    pub fn too_many_resets(&self) -> bool {
+        self.lock().resets > self.max_resets
+    }
+
+    /// Resolves when a stream ended (the connection may be idle now, or over its resets).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn started(&self) {
+        let mut s = self.lock();
+        s.open += 1;
+        s.idle_since = None;
+    }
+
+    /// A stream ended; `reset` when its client cancelled it.
+    fn ended(&self, reset: bool) {
+        let mut s = self.lock();
+        s.open = s.open.saturating_sub(1);
+        let now = Instant::now();
+        if s.open == 0 {
+            s.idle_since = Some(now);
+        }
+        if reset {
+            if now.duration_since(s.window_start) > self.window {
+                s.window_start = now;
+                s.resets = 0;
+            }
+            s.resets += 1;
+        }
+        drop(s);
+        self.changed.notify_one();
+    }
+}
+
+/// One open stream of an HTTP/2 connection, reported to its [`ConnWatch`] when it ends.
+pub struct StreamSlot(Arc<ConnWatch>);
+
+impl StreamSlot {
+    pub fn new(watch: Arc<ConnWatch>) -> StreamSlot {
+        watch.started();
+        StreamSlot(watch)
+    }
+
+    pub fn end(self, reset: bool) {
+        self.0.ended(reset);
+    }
 }
 
 /// Holds one of `server.max_inflight` places until the response ends.
@@ -133,17 +234,24 @@ impl Drop for InflightSlot {
 pub type ServeFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
 
-/// The service for every proxied request.
-pub fn serve(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> ServeFuture {
-    Box::pin(serve_request(gw, req, peer))
+/// The service for every proxied request; `conn` is its HTTP/2 connection's watch.
+pub fn serve(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    conn: Option<Arc<ConnWatch>>,
+) -> ServeFuture {
+    Box::pin(serve_request(gw, req, peer, conn))
 }
 
 async fn serve_request(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    conn: Option<Arc<ConnWatch>>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let state = gw.state();
+    let http1 = req.version() < http::Version::HTTP_2;
     // Canonical before anything looks at it: routing, limits, the upstream prefix.
     let path = crate::route::normalize(req.uri().path());
     let route = match &path {
@@ -162,6 +270,7 @@ async fn serve_request(
         req.method(),
         route,
     );
+    out.stream = conn.map(StreamSlot::new);
     let result = CatchUnwind {
         inner: handle(&gw, &state, req, path, peer, &mut out),
     }
@@ -183,6 +292,11 @@ async fn serve_request(
         }
     };
     out.responded = Some(Instant::now());
+    if http1 && gw.is_draining() {
+        // The client's next request goes to a new connection (another replica).
+        resp.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     resp.body_mut().attach(out);
     Ok(resp)
 }
@@ -219,9 +333,6 @@ async fn handle(
         return Err(GatewayError::MethodNotAllowed("CONNECT".into()));
     }
     let path = path.map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-    if gw.is_draining() {
-        return Err(GatewayError::ShuttingDown);
-    }
     if gw.inflight.fetch_add(1, Ordering::Relaxed) >= cfg.server.max_inflight {
         gw.inflight.fetch_sub(1, Ordering::Relaxed);
         return Err(GatewayError::Overloaded(format!(
@@ -257,10 +368,27 @@ async fn handle(
     let mut strip = false;
     let (body, mut request) = if checks || ask_usage {
         let bytes = read_request_body(body, max_body, cfg.server.request_body_timeout.0).await?;
-        let request = crate::limits::tokens::inspect(&bytes);
+        let request = if out.route == Route::AudioTranscriptions {
+            let model = crate::limits::form::model(
+                parts.headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes),
+                &bytes,
+            );
+            crate::limits::tokens::RequestInfo {
+                understood: model.is_some(),
+                model,
+                ..Default::default()
+            }
+        } else {
+            crate::limits::tokens::inspect(&bytes)
+        };
         if checks && !request.understood {
+            let what = if out.route == Route::AudioTranscriptions {
+                "a multipart/form-data body with one model field"
+            } else {
+                "one JSON object (uncompressed)"
+            };
             return Err(GatewayError::BadRequest(format!(
-                "the body of POST {} must be one JSON object (uncompressed): ezgate reads its model and size for the policies that cover it",
+                "the body of POST {} must be {what}: ezgate reads its model for the policies that cover it",
                 out.route.as_str()
             )));
         }
@@ -346,6 +474,8 @@ async fn handle(
     out.upstream_status = Some(status.as_u16());
     if status == StatusCode::TOO_MANY_REQUESTS {
         if let Some(wait) = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after) {
+            // One response may not hold a key back for a day.
+            let wait = wait.min(cfg.upstream.max_retry_after.0);
             let key =
                 crate::limits::cooldown_key(&caller, out.model.as_deref(), state.api_key.is_some());
             state.limits.upstream_limited(&key, wait);
@@ -386,7 +516,10 @@ async fn handle(
         Watch::Nothing
     };
     let idle = cfg.upstream.stream_idle_timeout.0;
-    let body = ResponseBody::upstream(incoming, idle, watch, arrived);
+    let mut body = ResponseBody::upstream(incoming, idle, watch, arrived);
+    if matches!(watch, Watch::Sse { .. }) {
+        body.end_at(gw.cut.clone());
+    }
     Ok(with_parts(rparts.status, rparts.headers, body))
 }
 

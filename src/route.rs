@@ -190,12 +190,16 @@ impl Route {
         Route::ALL.into_iter().find(|r| r.as_str() == s)
     }
 
-    /// Routes whose JSON request names the model that serves it.
+    /// Routes whose request names the model that serves it (in a JSON body; audio
+    /// transcriptions in a multipart form).
     pub fn carries_model(self) -> bool {
         self.carries_tokens()
             || matches!(
                 self,
-                Route::Moderations | Route::ImagesGenerations | Route::AudioSpeech
+                Route::Moderations
+                    | Route::ImagesGenerations
+                    | Route::AudioSpeech
+                    | Route::AudioTranscriptions
             )
     }
 

@@ -137,6 +137,8 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
     pub ca_file: Option<PathBuf>,
     pub http2: Http2,
+    /// Longest `Retry-After` of an upstream 429 that ezgate honours by holding the key back.
+    pub max_retry_after: Dur,
     /// Ask the upstream to report usage on streamed chat and text completions
     /// (`stream_options.include_usage`), hidden from clients that did not ask for it.
     pub stream_usage: bool,
@@ -178,6 +180,7 @@ impl Default for UpstreamConfig {
             pool_max_idle_per_host: 256,
             ca_file: None,
             http2: Http2::Auto,
+            max_retry_after: Dur(Duration::from_secs(300)),
             stream_usage: true,
         }
     }
@@ -411,13 +414,23 @@ impl Settings {
         if let Some(key) = &config.upstream.api_key {
             match key.env_ref() {
                 Some(var) => match env(var) {
-                    Some(v) if !v.is_empty() => config.upstream.api_key = Some(Secret::new(v)),
+                    Some(v) if !v.is_empty() => {
+                        if http::HeaderValue::from_str(&format!("Bearer {v}")).is_err() {
+                            problems.push(format!(
+                                "upstream.api_key: the value of {var} holds a character a header cannot carry (a newline or another control character); set it to the key alone"
+                            ));
+                        }
+                        config.upstream.api_key = Some(Secret::new(v))
+                    }
                     _ => problems.push(format!(
                         "upstream.api_key: environment variable {var} is not set; export it or remove the key"
                     )),
                 },
                 None if key.expose().contains("${") => problems
                     .push("upstream.api_key: write a secret reference as exactly \"${VAR}\"".to_owned()),
+                None if http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err() => problems.push(
+                    "upstream.api_key: holds a character a header cannot carry (a newline or another control character); give the key alone".to_owned(),
+                ),
                 None => {}
             }
         }
@@ -471,6 +484,16 @@ impl Settings {
 }
 
 fn parse_base_url(s: &str) -> Result<Uri, String> {
+    // Credentials in the URL would travel in logs and messages: refused, and never echoed.
+    if let Some((scheme, rest)) = s.split_once("://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+        if authority.contains('@') {
+            let host = authority.rsplit('@').next().unwrap_or("");
+            return Err(format!(
+                "\"{scheme}://…@{host}\" carries credentials; remove them from the URL and give the organization's key as upstream.api_key = \"${{VAR}}\""
+            ));
+        }
+    }
     let uri: Uri = s
         .parse()
         .map_err(|e| format!("\"{s}\" is not a URL ({e})"))?;
@@ -558,6 +581,7 @@ impl fmt::Display for Settings {
         writeln!(f, "pool_idle_timeout = \"{}\"", u.pool_idle_timeout)?;
         writeln!(f, "pool_max_idle_per_host = {}", u.pool_max_idle_per_host)?;
         writeln!(f, "http2 = \"{}\"", u.http2)?;
+        writeln!(f, "max_retry_after = \"{}\"", u.max_retry_after)?;
         writeln!(f, "stream_usage = {}", u.stream_usage)?;
         if let Some(ca) = &u.ca_file {
             writeln!(f, "ca_file = {ca:?}")?;

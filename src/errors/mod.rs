@@ -69,6 +69,10 @@ pub enum GatewayError {
     PayloadTooLarge { limit: u64 },
     #[error("Bad request: {0}")]
     BadRequest(String),
+    #[error("Request headers too large: the request line and headers may take at most 64 KiB.")]
+    HeadersTooLarge,
+    #[error("Request target too long: send a shorter path and query.")]
+    UriTooLong,
     #[error("The request body stalled: no byte arrived for {} (server.request_body_timeout). Send the body without pauses.", secs(*.0))]
     RequestTimeout(Duration),
     /// The client went away while its request body was being read (counted as 499).
@@ -126,6 +130,8 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             // nginx's "client closed request": never seen by the client, counted as such.
             Self::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
@@ -151,6 +157,8 @@ impl GatewayError {
             Self::ModelNotAllowed { .. } => "model_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BadRequest(_) => "bad_request",
+            Self::HeadersTooLarge => "headers_too_large",
+            Self::UriTooLong => "uri_too_long",
             Self::RequestTimeout(_) => "request_timeout",
             Self::ClientClosed => "client_closed_request",
             Self::MethodNotAllowed(_) => "method_not_allowed",
@@ -186,6 +194,8 @@ impl GatewayError {
                 | Self::ModelNotAllowed { .. }
                 | Self::PayloadTooLarge { .. }
                 | Self::BadRequest(_)
+                | Self::HeadersTooLarge
+                | Self::UriTooLong
                 | Self::MethodNotAllowed(_)
         )
     }

@@ -16,6 +16,7 @@ use crate::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::errors::GatewayError;
 use crate::outcome::Outcome;
@@ -33,6 +34,13 @@ pub struct ResponseBody {
     /// ends the body.
     ended: bool,
     outcome: Option<Box<Outcome>>,
+    /// When the drain's grace is over, a stream ends with `shutting_down`.
+    cut: Option<Box<Cut>>,
+}
+
+struct Cut {
+    token: CancellationToken,
+    wait: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 enum Inner {
@@ -76,6 +84,7 @@ impl ResponseBody {
             scan: Scan::None,
             ended: false,
             outcome: None,
+            cut: None,
         }
     }
 
@@ -101,7 +110,14 @@ impl ResponseBody {
             scan,
             ended: false,
             outcome: None,
+            cut: None,
         }
+    }
+
+    /// Ends the stream with the `shutting_down` event once `token` is cancelled.
+    pub fn end_at(&mut self, token: CancellationToken) {
+        let wait = Box::pin(token.clone().cancelled_owned());
+        self.cut = Some(Box::new(Cut { token, wait }));
     }
 
     /// Hands the request's outcome to the body; it is recorded when the body finishes.
@@ -161,11 +177,13 @@ impl ResponseBody {
     fn fail(
         &mut self,
         err: GatewayError,
-        kind: FailureKind,
+        kind: Option<FailureKind>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(o) = self.outcome.as_deref_mut() {
             o.gateway_error(&err);
-            o.upstream_failure = Some(kind);
+            if kind.is_some() {
+                o.upstream_failure = kind;
+            }
         }
         // The request id lives in the outcome, which proxy::serve always attaches.
         let rid = self
@@ -238,7 +256,7 @@ impl ResponseBody {
                     let t = idle.timeout;
                     return self.fail(
                         GatewayError::UpstreamTimeout(crate::errors::TimeoutPhase::Body, t),
-                        FailureKind::Timeout,
+                        Some(FailureKind::Timeout),
                     );
                 }
                 Poll::Ready(()) => continue,
@@ -287,6 +305,9 @@ impl Body for ResponseBody {
         let this = &mut *self;
         if this.ended {
             return Poll::Ready(None);
+        }
+        if this.cut.as_ref().is_some_and(|c| c.token.is_cancelled()) {
+            return this.fail(GatewayError::ShuttingDown, None);
         }
         loop {
             let polled = match &mut this.inner {
@@ -341,7 +362,7 @@ impl Body for ResponseBody {
                     };
                     this.fail(
                         GatewayError::StreamInterrupted(detail),
-                        failure.kind.unwrap_or(FailureKind::Reset),
+                        Some(failure.kind.unwrap_or(FailureKind::Reset)),
                     )
                 }
                 Poll::Ready(None) => {
@@ -349,7 +370,14 @@ impl Body for ResponseBody {
                     this.finish();
                     Poll::Ready(rest.map(|r| Ok(Frame::data(r))))
                 }
-                Poll::Pending => this.poll_idle(cx),
+                Poll::Pending => {
+                    if let Some(cut) = &mut this.cut {
+                        if cut.wait.as_mut().poll(cx).is_ready() {
+                            return this.fail(GatewayError::ShuttingDown, None);
+                        }
+                    }
+                    this.poll_idle(cx)
+                }
             };
         }
     }

@@ -80,6 +80,36 @@ async fn no_content_type_switches_off_a_model_allow_list() {
         assert_eq!(r.status, 400, "{body:?}");
         assert_eq!(r.error()["code"], "bad_request");
     }
+    // Audio transcriptions name their model in a multipart form.
+    let form = |model: &str| {
+        format!("--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\r\n--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n--b0undary--\r\n")
+    };
+    let multipart = ("content-type", "multipart/form-data; boundary=b0undary");
+    let r = gw
+        .post(
+            "/v1/audio/transcriptions",
+            &[multipart, auth],
+            form("whisper-1"),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error()["code"], "model_not_allowed");
+    let r = gw
+        .post(
+            "/v1/audio/transcriptions",
+            &[multipart, auth],
+            form("gpt-4o-mini"),
+        )
+        .await;
+    assert_eq!(r.status, 404, "forwarded (the emulator has no such route)");
+    let r = gw
+        .post(
+            "/v1/audio/transcriptions",
+            &[("content-type", "audio/wav"), auth],
+            "RIFF",
+        )
+        .await;
+    assert_eq!(r.status, 400);
     assert!(
         emu.log()
             .await
@@ -312,5 +342,215 @@ async fn a_stalled_body_gets_408_and_its_place_back() {
     assert_eq!(
         metric_value(&m, "ezgate_gateway_errors_total{code=\"request_timeout\"}"),
         4.0
+    );
+}
+
+#[tokio::test]
+async fn heads_hyper_refuses_get_the_schema_and_are_counted() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "").await;
+    let malformed = raw(
+        gw.addr,
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n",
+        DEADLINE,
+    )
+    .await;
+    let big = format!(
+        "GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let oversized = raw(gw.addr, big.as_bytes(), DEADLINE).await;
+    for (out, status, code) in [
+        (malformed, 400, "bad_request"),
+        (oversized, 431, "headers_too_large"),
+    ] {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        crate::schema::assert_valid(&v);
+        assert_eq!(v["error"]["code"], code);
+        assert_eq!(v["error"]["status"], status);
+    }
+    let m = gw.metrics().await;
+    for status in ["400", "431"] {
+        assert_eq!(
+            metric_value(&m, &format!("ezgate_requests_total{{method=\"other\",route=\"other\",source=\"gateway\",status=\"{status}\"}}")),
+            1.0,
+            "{status}"
+        );
+    }
+}
+
+/// An HTTP/2 client connection made with the h2 crate, its connection driven in a task.
+async fn h2_client(
+    addr: std::net::SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn h2_request(path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    let mut r = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.body(()).unwrap()
+}
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_like_http1_ones() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[server]\nheader_read_timeout = \"1s\"\n").await;
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        conns.push(h2_client(gw.addr).await);
+    }
+    // One does a request, then goes quiet too.
+    let (send, _) = &mut conns[0];
+    let mut send = send.clone().ready().await.unwrap();
+    let (resp, mut body) = send
+        .send_request(h2_request("/v1/chat/completions", &[]), false)
+        .unwrap();
+    body.send_data(Bytes::from_static(CHAT_BODY.as_bytes()), true)
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    for (_, conn) in conns {
+        let closed = tokio::time::timeout(DEADLINE, conn).await;
+        assert!(
+            closed.is_ok(),
+            "an idle HTTP/2 connection is closed by ezgate"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_resetting_accepted_streams_loses_its_connection() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "").await;
+    let (send, conn) = h2_client(gw.addr).await;
+    let mut sent = 0;
+    let mut refused = false;
+    for i in 0..400 {
+        let Ok(mut send) = send.clone().ready().await else {
+            refused = true;
+            break;
+        };
+        let rid = format!("reset-{i}");
+        let Ok((resp, mut body)) = send.send_request(
+            h2_request(
+                "/v1/chat/completions",
+                &[("x-emu-header-delay-ms", "10000"), ("x-request-id", &rid)],
+            ),
+            false,
+        ) else {
+            refused = true;
+            break;
+        };
+        if body
+            .send_data(Bytes::from_static(CHAT_BODY.as_bytes()), true)
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        sent += 1;
+        // Accepted: the emulator has the request. Then the client cancels it.
+        let start = std::time::Instant::now();
+        while emu.entry(&rid).await.is_none() && start.elapsed() < DEADLINE {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(resp);
+        body.send_reset(h2::Reason::CANCEL);
+    }
+    assert!(
+        refused,
+        "the connection was closed after {sent} reset streams"
+    );
+    assert!(
+        (150..=260).contains(&sent),
+        "GOAWAY after about 200 resets, not {sent}"
+    );
+    assert!(tokio::time::timeout(DEADLINE, conn).await.is_ok());
+    assert!(gw.logs.text().contains("reset too many streams"));
+}
+
+#[tokio::test]
+async fn one_upstream_retry_after_holds_a_key_back_at_most_max_retry_after() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[upstream]\nmax_retry_after = \"1s\"\n").await;
+    let r = gw
+        .chat(&[("x-emu-status", "429"), ("x-emu-retry-after", "86400")])
+        .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.header("retry-after"),
+        Some("86400"),
+        "the upstream's own header is kept"
+    );
+    let r = gw.chat(&[]).await;
+    assert_eq!(r.status, 429);
+    let e = r.error();
+    assert_eq!(e["code"], "upstream_rate_limited");
+    assert!(e["retry_after_ms"].as_u64().unwrap() <= 1000, "{e}");
+    let start = std::time::Instant::now();
+    while gw.chat(&[]).await.status != 200 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "held back for longer than max_retry_after"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn check_config(config: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let path = scratch_dir().join("ezgate.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = std::process::Command::new(bin("ezgate"));
+    cmd.args(["check-config", "--config"]).arg(&path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn secrets_that_would_leak_are_refused_before_binding() {
+    let out = check_config(
+        "[upstream]\nbase_url = \"https://user:hunter2@api.example.com/v1\"\n",
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("upstream.base_url") && stderr.contains("credentials"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2") && !stderr.contains("user:"),
+        "{stderr}"
+    );
+    let out = check_config(
+        "[upstream]\napi_key = \"${EZ_TEST_KEY}\"\n",
+        &[("EZ_TEST_KEY", "sk-abc\r\nx-injected: 1")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("upstream.api_key"), "{stderr}");
+    assert!(
+        !stderr.contains("sk-abc") && !stderr.contains("x-injected"),
+        "{stderr}"
     );
 }

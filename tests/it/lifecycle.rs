@@ -203,3 +203,130 @@ async fn sighup_applies_a_valid_config_and_refuses_an_invalid_one() {
         .unwrap()
         .contains("'reloaded'"));
 }
+
+/// Reads one response with a `content-length` body from a keep-alive connection.
+async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn sigterm_loses_no_request_of_a_keep_alive_client() {
+    use tokio::io::AsyncWriteExt;
+    let emu = Emulator::start().await;
+    let mut gw = Gateway::start(
+        &emu.url(),
+        "[server]\nshutdown_grace = \"20s\"\nheader_read_timeout = \"3s\"\n",
+    )
+    .await;
+    let request = b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+        clients.push(s);
+    }
+    gw.signal("TERM");
+    let admin = format!("http://{}/readyz", gw.admin);
+    while send(&http1(), http::Method::GET, &admin, &[], Bytes::new())
+        .await
+        .status
+        != 503
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Each client's next request, on its old connection, is answered, and told to go.
+    for s in &mut clients {
+        s.write_all(request).await.unwrap();
+        let text = read_response(s).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("connection: close"), "{text}");
+    }
+    let status = tokio::time::timeout(DEADLINE, gw.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_stream_still_open_when_the_grace_ends_gets_the_shutting_down_event() {
+    let emu = Emulator::start().await;
+    let mut gw = Gateway::start(&emu.url(), "[server]\nshutdown_grace = \"1s\"\n").await;
+    let mut streams = Vec::new();
+    for client in [http1(), h2c()] {
+        let req = http::Request::post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-emu-stream-events", "1000")
+            .header("x-emu-stream-interval-ms", "100")
+            .body(Full::new(Bytes::from(
+                r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+            )))
+            .unwrap();
+        let resp = tokio::time::timeout(DEADLINE, client.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut body = resp.into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        streams.push((client, body));
+    }
+    gw.signal("TERM");
+    // The HTTP/2 connection gets GOAWAY: soon no new stream starts on it (the client
+    // would need a new connection, and the listener is closed).
+    let start = std::time::Instant::now();
+    loop {
+        let late = http::Request::get(gw.url("/v1/models"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        if tokio::time::timeout(DEADLINE, streams[1].0.request(late))
+            .await
+            .unwrap()
+            .is_err()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the HTTP/2 connection never got GOAWAY"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (_, body) in streams {
+        let rest = tokio::time::timeout(DEADLINE, body.collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        let text = String::from_utf8_lossy(&rest);
+        let last = text.trim_end().rsplit("\n\n").next().unwrap();
+        assert!(last.starts_with("data: {\"error\":"), "{last}");
+        assert!(last.contains("\"code\":\"shutting_down\""), "{last}");
+    }
+    let status = tokio::time::timeout(DEADLINE, gw.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

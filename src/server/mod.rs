@@ -11,14 +11,16 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
+mod refusals;
+
 use crate::config::{Settings, TlsConfig};
-use crate::proxy::{self, Gateway};
+use crate::proxy::{self, ConnWatch, Gateway};
 
 /// Largest request head (request line + headers) a client may send; beyond it: 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -107,7 +109,16 @@ impl Builders {
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(MAX_STREAMS)
-            .max_header_list_size(MAX_HEAD_BYTES as u32);
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            // A peer that stops answering pings is gone: its connection is closed.
+            .keep_alive_interval(H2_PING_EVERY)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            // Streams the client resets before ezgate accepts them, and streams ezgate
+            // resets for a protocol error, each beyond these: GOAWAY (the h2 defaults, set
+            // here so they never silently change). Streams reset after acceptance are
+            // counted by `ConnWatch`.
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(1024);
         Builders {
             h1,
             h2,
@@ -118,19 +129,82 @@ impl Builders {
     /// Serves one connection in the protocol chosen, until it ends or the drain closes it.
     /// HTTP/2 connections are few and long; their state is boxed so that the task of every
     /// HTTP/1.1 connection (one per open stream with most clients) is sized for HTTP/1.1 only.
-    async fn serve<I>(&self, io: I, h2: bool, gw: Arc<Gateway>, peer: SocketAddr, watcher: Watcher)
+    async fn serve<I>(&self, io: I, h2: bool, gw: Arc<Gateway>, peer: SocketAddr, drain: Drain)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
-        let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer));
-        // Connection errors (client gone, bad input) were answered or logged by hyper.
         if h2 {
-            let conn = self.h2.serve_connection(TokioIo::new(io), svc);
-            let _ = Box::pin(watcher.watch(conn)).await;
-        } else {
-            let _ = watcher
-                .watch(self.h1.serve_connection(TokioIo::new(io), svc))
-                .await;
+            Box::pin(self.serve_h2(io, gw, peer, drain)).await;
+            return;
+        }
+        let io = refusals::Refusals::new(io, Arc::clone(&gw));
+        let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer, None));
+        let conn = self.h1.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let Drain { mut phase, _open } = drain;
+        // While draining, responses carry `Connection: close` (the client's next request
+        // goes to a new connection) and an idle connection ends at its header read
+        // timeout; at the cut, whatever is left is closed once its response ends.
+        loop {
+            tokio::select! {
+                // Errors (client gone, bad input) were answered or logged by hyper.
+                _ = conn.as_mut() => return,
+                changed = phase.changed() => {
+                    if changed.is_err() || *phase.borrow() == Phase::Cut {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// An HTTP/2 connection, bounded like an HTTP/1.1 one: GOAWAY when it has had no stream
+    /// open for the header read timeout (an idle connection, or a HEADERS block that never
+    /// completes), when its client resets too many accepted streams, or when the drain starts.
+    async fn serve_h2<I>(&self, io: I, gw: Arc<Gateway>, peer: SocketAddr, drain: Drain)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let watch = Arc::new(ConnWatch::new(MAX_CLIENT_RESETS, RESET_WINDOW));
+        let streams = Arc::clone(&watch);
+        let svc = service_fn(move |req| {
+            proxy::serve(Arc::clone(&gw), req, peer, Some(Arc::clone(&streams)))
+        });
+        let conn = self.h2.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let Drain { mut phase, _open } = drain;
+        let mut watching_phase = true;
+        let mut closing = false;
+        loop {
+            let idle_until = watch
+                .idle_since()
+                .map(|t| tokio::time::Instant::from_std(t) + self.header_read_timeout);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                changed = phase.changed(), if watching_phase => {
+                    let now = if changed.is_ok() { *phase.borrow() } else { Phase::Cut };
+                    watching_phase = changed.is_ok() && now != Phase::Cut;
+                    if now != Phase::Serving && !closing {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                () = watch.changed(), if !closing => {
+                    if watch.too_many_resets() {
+                        tracing::warn!(%peer, limit = MAX_CLIENT_RESETS, "an HTTP/2 client reset too many streams; closing its connection (GOAWAY)");
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                () = sleep_until_some(idle_until), if !closing && idle_until.is_some() => {
+                    if watch.idle_since().is_some_and(|t| t.elapsed() >= self.header_read_timeout) {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
         }
     }
 
@@ -140,14 +214,14 @@ impl Builders {
         stream: TcpStream,
         gw: Arc<Gateway>,
         peer: SocketAddr,
-        watcher: Watcher,
+        drain: Drain,
     ) {
         let h2 = match first_bytes(&stream, self.header_read_timeout).await {
             FirstBytes::Http1 => false,
             FirstBytes::Http2 => true,
             FirstBytes::Nothing => return,
         };
-        self.serve(stream, h2, gw, peer, watcher).await;
+        self.serve(stream, h2, gw, peer, drain).await;
     }
 
     /// A TLS connection: the handshake, then HTTP/2 or HTTP/1.1 as ALPN chose. Its own task,
@@ -158,15 +232,51 @@ impl Builders {
         stream: TcpStream,
         gw: Arc<Gateway>,
         peer: SocketAddr,
-        watcher: Watcher,
+        drain: Drain,
     ) {
         let Some(tls_stream) = handshake(&acceptor, stream, peer).await else {
             return;
         };
         let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        self.serve(tls_stream, h2, gw, peer, watcher).await;
+        self.serve(tls_stream, h2, gw, peer, drain).await;
     }
 }
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where the drain is, as every connection task watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// SIGTERM: no new connections; HTTP/2 connections get GOAWAY, HTTP/1.1 responses
+    /// `Connection: close`.
+    Draining,
+    /// `server.shutdown_grace` is over: streams still open end with the `shutting_down`
+    /// event, connections close.
+    Cut,
+}
+
+/// What a connection task holds of the drain: the phase, and a sender whose drop tells the
+/// drain that one more connection ended.
+struct Drain {
+    phase: watch::Receiver<Phase>,
+    _open: mpsc::Sender<()>,
+}
+
+/// HTTP/2 keep-alive: a ping this often on a quiet connection, an answer within the timeout.
+const H2_PING_EVERY: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Accepted streams a client may reset within [`RESET_WINDOW`] before its connection gets
+/// GOAWAY (each one was sent upstream before the client cancelled it).
+const MAX_CLIENT_RESETS: u32 = 200;
+const RESET_WINDOW: Duration = Duration::from_secs(10);
+/// After the cut, how long the final events get to reach clients before the process exits.
+const CUT_FLUSH: Duration = Duration::from_secs(2);
 
 /// Streams one client connection may have open at once over HTTP/2.
 const MAX_STREAMS: u32 = 1000;
@@ -202,7 +312,8 @@ async fn first_bytes(stream: &TcpStream, within: Duration) -> FirstBytes {
 }
 
 /// Accepts proxy connections until `shutdown` resolves, then drains: `/readyz` turns 503,
-/// the listener closes, and open connections get `grace` to finish their requests.
+/// the listener closes, open connections get `grace` to finish their requests; streams still
+/// open then end with the `shutting_down` event before their connections close.
 pub async fn serve_proxy(
     gw: Arc<Gateway>,
     listener: TcpListener,
@@ -210,7 +321,8 @@ pub async fn serve_proxy(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    let (phase_tx, phase) = watch::channel(Phase::Serving);
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     let builders = Arc::new(Builders::new(&gw.state().settings));
     tokio::pin!(shutdown);
     loop {
@@ -227,24 +339,35 @@ pub async fn serve_proxy(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let watcher = graceful.watcher();
+        let drain = Drain {
+            phase: phase.clone(),
+            _open: open_tx.clone(),
+        };
         let b = Arc::clone(&builders);
         let gw = Arc::clone(&gw);
         match &tls {
-            None => tokio::spawn(b.serve_plain(stream, gw, peer, watcher)),
-            Some(acceptor) => {
-                tokio::spawn(b.serve_tls(acceptor.clone(), stream, gw, peer, watcher))
-            }
+            None => tokio::spawn(b.serve_plain(stream, gw, peer, drain)),
+            Some(acceptor) => tokio::spawn(b.serve_tls(acceptor.clone(), stream, gw, peer, drain)),
         };
     }
     gw.drain();
     drop(listener);
+    drop(open_tx);
+    let _ = phase_tx.send(Phase::Draining);
     tracing::info!(grace = ?grace, "shutting down: listener closed, draining in-flight requests");
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections finished"),
-        Err(_) => {
-            tracing::warn!(grace = ?grace, "server.shutdown_grace elapsed; closing remaining connections")
-        }
+    // `recv` returns `None` once every connection task has dropped its sender.
+    if tokio::time::timeout(grace, open_rx.recv()).await.is_ok() {
+        tracing::info!("all connections finished");
+        return;
+    }
+    tracing::warn!(grace = ?grace, "server.shutdown_grace elapsed; ending the streams still open with a shutting_down event");
+    gw.cut_streams();
+    let _ = phase_tx.send(Phase::Cut);
+    if tokio::time::timeout(CUT_FLUSH, open_rx.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("closing the connections still open");
     }
 }
 

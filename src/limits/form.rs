@@ -1,0 +1,139 @@
+//! The `model` field of a `multipart/form-data` request body (audio transcriptions send
+//! their file and their model this way), for the model allow-lists and model policies. The
+//! part headers are parsed by httparse (hyper's own header parser).
+
+/// The value of the one `model` field of a multipart body; `None` when the body is not
+/// multipart/form-data with exactly one `model` field of UTF-8 text.
+pub fn model(content_type: Option<&[u8]>, body: &[u8]) -> Option<String> {
+    let boundary = boundary(content_type?)?;
+    let mut delimiter = Vec::with_capacity(boundary.len() + 4);
+    delimiter.extend_from_slice(b"\r\n--");
+    delimiter.extend_from_slice(boundary);
+    // The first delimiter may start the body, without the line break before it.
+    let body_start = body.strip_prefix(&delimiter[2..])?;
+    let finder = memchr::memmem::Finder::new(&delimiter);
+    let mut found = None;
+    let mut rest = body_start;
+    loop {
+        // After a delimiter: `--` ends the body, a line break starts a part.
+        if rest.starts_with(b"--") {
+            return found;
+        }
+        rest = rest.strip_prefix(b"\r\n")?;
+        let end = finder.find(rest)?;
+        let part = &rest[..end];
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let httparse::Status::Complete((head_len, headers)) =
+            httparse::parse_headers(part, &mut headers).ok()?
+        else {
+            return None;
+        };
+        let is_model = headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("content-disposition"))
+            .any(|h| field_name(h.value) == Some(&b"model"[..]));
+        if is_model {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(String::from_utf8(part[head_len..].to_vec()).ok()?);
+        }
+        rest = &rest[end + delimiter.len()..];
+    }
+}
+
+/// `boundary` of a `multipart/form-data` content type (media types are case-insensitive).
+fn boundary(content_type: &[u8]) -> Option<&[u8]> {
+    let mut params = content_type.split(|&b| b == b';');
+    let media = params.next()?.trim_ascii();
+    if !media.eq_ignore_ascii_case(b"multipart/form-data") {
+        return None;
+    }
+    params.find_map(|p| {
+        let (k, v) = split_param(p)?;
+        k.eq_ignore_ascii_case(b"boundary")
+            .then_some(v)
+            .filter(|v| !v.is_empty() && v.len() <= 70)
+    })
+}
+
+/// `name` of `form-data; name="model"`.
+fn field_name(disposition: &[u8]) -> Option<&[u8]> {
+    let mut params = disposition.split(|&b| b == b';');
+    if !params
+        .next()?
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"form-data")
+    {
+        return None;
+    }
+    params.find_map(|p| {
+        let (k, v) = split_param(p)?;
+        k.eq_ignore_ascii_case(b"name").then_some(v)
+    })
+}
+
+fn split_param(p: &[u8]) -> Option<(&[u8], &[u8])> {
+    let eq = p.iter().position(|&b| b == b'=')?;
+    let (k, v) = (p[..eq].trim_ascii(), p[eq + 1..].trim_ascii());
+    let v = v
+        .strip_prefix(b"\"")
+        .and_then(|v| v.strip_suffix(b"\""))
+        .unwrap_or(v);
+    Some((k, v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CT: &[u8] = b"multipart/form-data; boundary=XyZ";
+
+    fn form(parts: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (name, value) in parts {
+            b.extend_from_slice(
+                format!(
+                    "--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                )
+                .as_bytes(),
+            );
+        }
+        b.extend_from_slice(b"--XyZ--\r\n");
+        b
+    }
+
+    #[test]
+    fn reads_the_model_field() {
+        let body = form(&[
+            ("file", "RIFF....WAVE"),
+            ("model", "whisper-1"),
+            ("language", "en"),
+        ]);
+        assert_eq!(model(Some(CT), &body).as_deref(), Some("whisper-1"));
+        assert_eq!(
+            model(Some(b"Multipart/Form-Data; boundary=\"XyZ\""), &body).as_deref(),
+            Some("whisper-1")
+        );
+        assert_eq!(model(Some(CT), &form(&[("file", "x")])), None);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_read() {
+        let two = form(&[("model", "whisper-1"), ("model", "gpt-4o-transcribe")]);
+        assert_eq!(model(Some(CT), &two), None, "two models: which one?");
+        assert_eq!(
+            model(Some(b"application/json"), &form(&[("model", "m")])),
+            None
+        );
+        assert_eq!(model(None, &form(&[("model", "m")])), None);
+        assert_eq!(
+            model(
+                Some(CT),
+                b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm"
+            ),
+            None
+        );
+        assert_eq!(model(Some(CT), b"garbage"), None);
+    }
+}
