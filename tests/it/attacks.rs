@@ -326,6 +326,16 @@ async fn a_stalled_body_gets_408_and_its_place_back() {
         assert!(text.starts_with("HTTP/1.1 408"), "stall-{i}: {text}");
         assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     }
+    // A client that leaves in the middle of its body: a 499, the client's.
+    for (i, path) in ["/v1/chat/completions", "/v1/files"].iter().enumerate() {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nx-request-id: gone-{i}\r\ncontent-length: 1000\r\n\r\n{{\"model\":"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        drop(s);
+        assert_eq!(gw.access_log(&format!("gone-{i}")).await["status"], 499);
+    }
     // Their places are free again, and nothing was blamed on the upstream.
     assert_eq!(gw.chat(&[]).await.status, 200);
     let m = gw.metrics().await;
