@@ -8,9 +8,20 @@ use clap::{Parser, Subcommand};
 use ezgate::config::{LogFormat, Overrides, Settings};
 use ezgate::server::Listeners;
 
+/// `ezgate --version`: the version, the git commit and the cargo profile it was built from
+/// (build.rs), as `ezgate_build_info` labels them.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EZGATE_BUILD_COMMIT"),
+    ", ",
+    env!("EZGATE_BUILD_PROFILE"),
+    " build)"
+);
+
 /// A reverse-proxy sidecar for the EZLINK AI API: rate limits, one error schema, metrics.
 #[derive(Parser)]
-#[command(name = "ezgate", version, about)]
+#[command(name = "ezgate", version = VERSION, about)]
 struct Cli {
     /// Config file (TOML). Without one, ezgate runs on built-in defaults.
     #[arg(long, env = "EZGATE_CONFIG", global = true)]

@@ -18,4 +18,5 @@ mod limits;
 mod logs;
 mod metrics;
 mod redis;
+mod startup;
 mod tls;
