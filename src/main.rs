@@ -26,11 +26,11 @@ struct Cli {
     /// Config file (TOML). Without one, ezgate runs on built-in defaults.
     #[arg(long, env = "EZGATE_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Proxy listen address [default: 127.0.0.1:8080]
-    #[arg(long, env = "EZGATE_LISTEN")]
+    /// Proxy listen address, an IP and a port [default: 127.0.0.1:8080]
+    #[arg(long, env = "EZGATE_LISTEN", value_parser = listen_addr)]
     listen: Option<SocketAddr>,
     /// Admin listen address for /metrics, /healthz, /readyz [default: 127.0.0.1:9090]
-    #[arg(long, env = "EZGATE_ADMIN_LISTEN")]
+    #[arg(long, env = "EZGATE_ADMIN_LISTEN", value_parser = listen_addr)]
     admin_listen: Option<SocketAddr>,
     /// Upstream base URL [default: https://api.ezlinkai.com]
     #[arg(long, env = "EZGATE_UPSTREAM")]
@@ -45,6 +45,10 @@ enum Command {
     CheckConfig,
 }
 
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    ezgate::config::units::listen_addr(s)
+}
+
 fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
@@ -56,10 +60,25 @@ fn main() -> ExitCode {
         admin_listen: cli.admin_listen,
         upstream: cli.upstream.clone(),
     };
-    let settings = match Settings::load(cli.config.as_deref(), &overrides, &env_lookup) {
-        Ok(s) => s,
-        Err(e) => {
+    // RUST_LOG overrides log.level, so it is checked like it.
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| ezgate::config::units::log_filter(&f).err())
+        .map(|e| format!("RUST_LOG: {e}"));
+    let settings = match (
+        Settings::load(cli.config.as_deref(), &overrides, &env_lookup),
+        rust_log,
+    ) {
+        (Ok(s), None) => s,
+        (Ok(_), Some(e)) => {
             eprintln!("ezgate: invalid configuration\n{e}");
+            return ExitCode::from(2);
+        }
+        (Err(e), rust_log) => {
+            eprintln!("ezgate: invalid configuration\n{e}");
+            if let Some(r) = rust_log {
+                eprintln!("{r}");
+            }
             return ExitCode::from(2);
         }
     };

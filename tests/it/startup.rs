@@ -96,3 +96,80 @@ fn emulator_help_lists_every_fault_header() {
         "--help does not describe {missing:?}:\n{help}"
     );
 }
+
+#[test]
+fn the_readme_config_error_is_what_ezgate_prints() {
+    // The README shows the error for a rate with an unknown unit in limits[2], line 31 of
+    // config/ezgate.toml: write that file and compare the output verbatim.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let lines: Vec<&str> = readme.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == "ezgate: invalid configuration")
+        .expect("the README shows a config error");
+    let shown = format!("{}\n{}\n", lines[at], lines[at + 1]);
+    let bad = shown
+        .split("limits[2].requests: \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the README's example is about limits[2].requests");
+    let mut config = String::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        config += &format!("[[limits]]\nname = \"{name}\"\nkey = \"global\"\n");
+        if i < 2 {
+            config += "requests = \"10/s\"\n\n";
+        }
+    }
+    while config.lines().count() < 30 {
+        config += "#\n";
+    }
+    config += &format!("requests = \"{bad}\"\n");
+    let dir = scratch_dir();
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::fs::write(dir.join("config/ezgate.toml"), config).unwrap();
+    let out = Command::new(bin("ezgate"))
+        .args(["check-config", "--config", "config/ezgate.toml"])
+        .current_dir(&dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), shown);
+}
+
+#[test]
+fn host_names_and_unknown_levels_are_refused_before_binding() {
+    let out = run(
+        "ezgate",
+        &[
+            "--listen",
+            "localhost:8080",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("\"localhost:8080\" is not an IP address and port; write e.g. 127.0.0.1:8080"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "nothing was bound");
+
+    let out = Command::new(bin("ezgate"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env_remove("EZGATE_CONFIG")
+        .env("RUST_LOG", "warning")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "RUST_LOG: \"warning\" is not a level; use trace, debug, info, warn, error or off"
+        ),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "nothing was bound");
+}
