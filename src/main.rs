@@ -135,6 +135,9 @@ async fn start(
     // Deliberate, stable lines for scripts and tests that start ezgate on port 0.
     println!("listening on {proxy_addr}");
     println!("admin listening on {admin_addr}");
+    if let Some((host, port)) = upstream_host(&settings.upstream_uri) {
+        tokio::spawn(resolve_upstream(host, port));
+    }
 
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     let shutdown = signals(reload_tx)?;
@@ -142,6 +145,46 @@ async fn start(
         Settings::load(path.as_deref(), &overrides, &env_lookup).map_err(|e| e.to_string())
     });
     ezgate::run(settings, listeners, shutdown, Some((reload, reload_rx))).await
+}
+
+/// The upstream's host name and port, unless the host is an IP address.
+fn upstream_host(uri: &http::Uri) -> Option<(String, u16)> {
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
+    Some((host.to_owned(), port))
+}
+
+/// Resolves the upstream's host once, in the background, after the listeners are bound:
+/// a name that does not resolve gets one warning now, rather than a first sign in the
+/// first request's 502. Readiness never waits for it; requests resolve the name afresh.
+async fn resolve_upstream(host: String, port: u16) {
+    const WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+    let lookup = tokio::time::timeout(WITHIN, tokio::net::lookup_host((host.as_str(), port)));
+    let problem = match lookup.await {
+        Ok(Ok(addrs)) => match addrs.count() {
+            0 => "it resolves to no address".to_owned(),
+            n => {
+                tracing::info!(%host, addresses = n, "upstream host resolves");
+                return;
+            }
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {WITHIN:?}"),
+    };
+    tracing::warn!(
+        %host,
+        error = %problem,
+        "upstream host does not resolve: requests will fail with 502 upstream_unreachable until it does (check upstream.base_url / --upstream, and DNS)"
+    );
 }
 
 /// SIGTERM/SIGINT end the returned future; SIGHUP sends a reload request.
