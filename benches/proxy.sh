@@ -4,7 +4,8 @@
 #
 #   bash benches/proxy.sh            full run (~5 min, plus the build; it waits for a quiet
 #                                    machine when others use it): 3 rounds of each measurement
-#   bash benches/proxy.sh --quick    CI smoke run (under a minute after installs): 1 short round
+#   bash benches/proxy.sh --quick    CI smoke run (under a minute after installs): 1 short round,
+#                                    on the debug build, so no target is judged
 #
 # Options: --out DIR (keep results there; default a temp dir, removed unless --keep),
 #          --keep, --no-build (use existing binaries), --strict (exit 3 if a target is missed)
@@ -127,6 +128,13 @@ if [ $BUILD = 1 ] && [ -z "${EZGATE_BIN:-}" ]; then
   (cd "$ROOT" && cargo build --locked "${BUILD_ARGS[@]}" 2>&1 | tail -3) || die "cargo build failed"
 fi
 [ -x "$EZGATE" ] || die "no ezgate binary at $EZGATE (build it, or set EZGATE_BIN)"
+# Targets are judged for release builds only (report.py): a debug build is ~10x slower.
+EZGATE_VERSION="$("$EZGATE" --version 2>/dev/null | head -1 || true)"
+case "$EZGATE_VERSION" in
+  *", release build)") BUILD_PROFILE=release ;;
+  *", debug build)") BUILD_PROFILE=debug ;;
+  *) BUILD_PROFILE=unknown ;;
+esac
 
 # ---------------------------------------------------------------- machine
 if [ -z "$OUT" ]; then WORK="$(mktemp -d /tmp/ezgate-bench.XXXXXX)"; else WORK="$OUT"; mkdir -p "$WORK"; fi
@@ -344,8 +352,8 @@ log "nginx on ${ADDR[nginx]} (pids ${PROCS[nginx]}); ezgate on ${ADDR[ezgate]}; 
 
 TOOL_LAT="python open-loop client (bench_client.py rate)"
 [ -n "$OHA" ] && TOOL_LAT="oha $("$OHA" --version 2>/dev/null | awk '{print $2}') -q $RATE --latency-correction"
-printf '{"phase":"meta","mode":"%s","nproc":%d,"cpu":"%s","kernel":"%s","pinning":"%s","rate":%d,"streams":%d,"streams_measured":%d,"upstream":"%s","latency_tool":"%s","wrk":"wrk -t1 -c%d -d%ss","rounds":%d}\n' \
-  "$MODE" "$(nproc)" "$CPU_MODEL" "$(uname -r)" "$PINNING" "$RATE" "$HOLD_TARGET" "$HOLD_N" "$UPSTREAM_KIND" "$TOOL_LAT" \
+printf '{"phase":"meta","mode":"%s","profile":"%s","ezgate":"%s","nproc":%d,"cpu":"%s","kernel":"%s","pinning":"%s","rate":%d,"streams":%d,"streams_measured":%d,"upstream":"%s","latency_tool":"%s","wrk":"wrk -t1 -c%d -d%ss","rounds":%d}\n' \
+  "$MODE" "$BUILD_PROFILE" "$EZGATE_VERSION" "$(nproc)" "$CPU_MODEL" "$(uname -r)" "$PINNING" "$RATE" "$HOLD_TARGET" "$HOLD_N" "$UPSTREAM_KIND" "$TOOL_LAT" \
   "$WRK_CONNS" "$TPUT_S" "$ROUNDS" >> "$RESULTS"
 
 # ---------------------------------------------------------------- measurements
@@ -531,6 +539,7 @@ fallbacks="$(curl -s --max-time 5 "http://${ADMIN[ezgate-redis]}/metrics" | awk 
 echo
 echo "ezgate benchmark ($MODE): $(nproc) cpus, $CPU_MODEL, kernel $(uname -r); $PINNING"
 echo "upstream: $UPSTREAM_KIND; fixed-rate tool: $TOOL_LAT; rounds: $ROUNDS (medians shown)"
+echo "ezgate: ${EZGATE_VERSION:-version unknown}"
 report_args=("$RESULTS" --markdown "$WORK/table.md" --json "$WORK/summary.json")
 [ $STRICT = 1 ] && report_args+=(--strict)
 python3 "$BENCH/report.py" "${report_args[@]}"
