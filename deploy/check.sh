@@ -143,7 +143,7 @@ doc = yaml.safe_load(open(sys.argv[1]))
 n = 0
 for sc in doc["scrape_configs"]:
     if sc.pop("kubernetes_sd_configs", None) is not None:
-        sc["static_configs"] = [{"targets": ["pod.example:9090"]}]
+        sc["static_configs"] = [{"targets": ["pod.example:14090"]}]
         n += 1
 assert n, "no kubernetes_sd_configs to replace"
 yaml.safe_dump(doc, open(sys.argv[2], "w"), sort_keys=False)
@@ -176,12 +176,14 @@ fi
 check "ezgate.toml files: documented keys and formats (image/VM and Kubernetes)" \
     "$PY" "$DEPLOY/check_config.py" "$DEPLOY/config/ezgate.toml" "$DEPLOY/kubernetes/base/ezgate.toml"
 
-check "kubernetes: kustomize render + sidecar fields (native and classic)" \
+check "kubernetes: kustomize render + sidecar fields, ports, discovery (native and classic, with and without the PodMonitor)" \
     "$PY" "$DEPLOY/check_kubernetes.py" --kustomize "$KUSTOMIZE" --out "$OUT/rendered"
 
 k8s_schemas() {
     need kubernetes-validate || return 1
-    local files=("$OUT/rendered/native.yaml" "$OUT/rendered/classic.yaml" "$DEPLOY/kubernetes/secret.example.yaml")
+    local files=("$OUT/rendered/native.yaml" "$OUT/rendered/classic.yaml" "$OUT/rendered/native-operator.yaml"
+                 "$OUT/rendered/classic-operator.yaml" "$OUT/rendered/ports-patch.yaml"
+                 "$DEPLOY/kubernetes/secret.example.yaml")
     for f in "${files[@]}"; do [ -s "$f" ] || { echo "$f missing or empty: the render failed"; return 1; }; done
     local v rc=0
     for v in $K8S_VERSIONS; do
@@ -223,7 +225,7 @@ else
     skip "systemd-analyze verify/security" "systemd-analyze not installed"
 fi
 
-check "docs/deploy.md: names real files, every alert, the client URL" "$PY" "$DEPLOY/check_host.py" docs
+check "docs/deploy.md: names real files, every alert, the client URL, every port setting" "$PY" "$DEPLOY/check_host.py" docs
 
 # ---- the binary the image would hold -----------------------------------------------------------
 TARGET=${CARGO_TARGET_DIR:-target}
