@@ -10,6 +10,10 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=EZGATE_BUILD_COMMIT");
+    // Where git looks for the repository; without these, a build that found no commit
+    // would not look again.
+    println!("cargo:rerun-if-env-changed=GIT_DIR");
+    println!("cargo:rerun-if-env-changed=GIT_WORK_TREE");
     let commit = match std::env::var("EZGATE_BUILD_COMMIT") {
         Ok(c) if !c.trim().is_empty() => c.trim().to_owned(),
         _ => git_commit().unwrap_or_else(|| "unknown".to_owned()),
