@@ -263,14 +263,24 @@ impl Read {
                 Some(Seg::Key(k)) => Some(k.as_str()),
                 _ => None,
             };
-            problem.contains(&r.to_string())
+            mentions(problem, &r.to_string())
                 || path.as_ref().is_some_and(|p| {
                     p.starts_with(r)
                         || (p.starts_with(&owner)
-                            && (p == &owner || key.is_some_and(|k| problem.contains(k))))
+                            && (p == &owner || key.is_some_and(|k| mentions(problem, k))))
                 })
         })
     }
+}
+
+/// Whether `text` names `key` as a whole key (`upstream.api` is not in `upstream.api_key`).
+fn mentions(text: &str, key: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.match_indices(key).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + key.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(word)
+    })
 }
 
 /// A read-only position in the document.
@@ -409,6 +419,23 @@ mod tests {
             "clients"
         );
         assert!(KeyPath::of_problem("more than 20 problems; fix").is_none());
+    }
+
+    #[test]
+    fn mentions_whole_keys_only() {
+        assert!(mentions(
+            "needs upstream.api_key (managed)",
+            "upstream.api_key"
+        ));
+        assert!(!mentions(
+            "needs upstream.api_key (managed)",
+            "upstream.api"
+        ));
+        assert!(mentions(
+            "only applies with requests = \"N/unit\"",
+            "requests"
+        ));
+        assert!(!mentions("max_requests", "requests"));
     }
 
     #[test]
