@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Checks an ezgate.toml of the deploy kit against CONTRACT §2, without the binary.
+"""Checks an ezgate.toml of the deploy kit against the documented settings, without the binary.
 
     check_config.py FILE...
 
-Only the keys the contract documents are accepted (the binary may know more; the deploy kit
-sticks to the documented surface), with their value formats: durations "250ms"/"30s"/"5m",
-sizes "16MiB", rates "N/s|min|h|day", socket addresses, an http(s) base_url. Secrets must be
-"${VAR}" references: a literal key in a file of the deploy kit is an error. Imported by the
-other checks for shutdown_grace.
+Only the keys the README and config/ezgate.toml document are accepted (the binary may know
+more; the deploy kit sticks to the documented surface), with their value formats: durations
+"250ms"/"30s"/"5m", sizes "16MiB", rates "N/s|min|h|day" (or the other unit spellings),
+socket addresses (an IP and a port), an http(s) base_url. Secrets must be "${VAR}"
+references: a literal key in a file of the deploy kit is an error. The listen ports must
+keep clear of the ports applications, Prometheus and meshes commonly bind. Imported by the
+other checks for shutdown_grace and the kit's ports.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Each `expr` of the Grafana dashboard (panels and template variables) and of the 
 rules is parsed with a real PromQL parser (promql-parser, the Rust parser's Python binding),
 then walked:
 
-* every selector names a series ezgate exports (CONTRACT §6; histograms as _bucket/_sum/
+* every selector names a series ezgate exports (docs/metrics.md; histograms as _bucket/_sum/
   _count), `up`, or nothing else;
 * every label in a selector, `by`/`without`, `on`/`ignoring`, `group_left/right`,
   `label_replace`, a Grafana legend `{{label}}` or an alert template `$labels.x` exists on
@@ -20,8 +20,9 @@ then walked:
 * rate()/increase() only see counters, histogram_quantile() only _bucket series with `le`;
 * the dashboard covers every ezgate_* family and the views the deploy issue asks for.
 
-With --contract, the metric table here is compared with CONTRACT.md §6 so that the two cannot
-drift apart silently. Exit status 1 and one line per problem on failure.
+With --contract FILE, the metric table here is compared with the table of section 6 of a
+metric specification in markdown, so that the two cannot drift apart silently: every metric
+listed there must be here with its type and at least its labels. Exit status 1 and one line per problem on failure.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("check_dashboard.py: needs PyYAML (pip install pyyaml)")
 
-# ---- what ezgate exports (CONTRACT §6) ------------------------------------------------------
+# ---- what ezgate exports (docs/metrics.md) ---------------------------------------------------
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_requests_total": ("counter", ("route", "method", "status", "source")),
     "ezgate_request_duration_seconds": ("histogram", ("route", "status_class")),
@@ -544,7 +545,7 @@ def check_exposition(path: Path, errors: list[str]) -> int:
         labels = dict(LABEL_RE.findall(m.group(3) or ""))
         if name not in SERIES:
             errors.append(f"{path.name}: exports {name}, which the deploy kit does not know "
-                          "(add it to check_dashboard.py FAMILIES, and to CONTRACT §6)")
+                          "(add it to check_dashboard.py FAMILIES and to docs/metrics.md)")
             continue
         family, _, expected = SERIES[name]
         if set(labels) != set(expected):
@@ -573,14 +574,14 @@ def check_contract(path: Path, errors: list[str]) -> int:
     for name, (kind, labels) in seen.items():
         n += 1
         if name not in ours:
-            errors.append(f"CONTRACT §6 lists {name}; check_dashboard.py FAMILIES does not")
+            errors.append(f"{path.name} §6 lists {name}; check_dashboard.py FAMILIES does not")
         elif ours[name][0] != kind or not set(labels) <= set(ours[name][1]):
             # Labels beyond the listed ones are deliberate additions (ezgate_build_info's
             # commit and profile); a listed label or the type missing is drift.
-            errors.append(f"CONTRACT §6: {name} is {kind} {labels}; FAMILIES says {ours[name]}")
+            errors.append(f"{path.name} §6: {name} is {kind} {labels}; FAMILIES says {ours[name]}")
     for name in ours:
         if name not in seen:
-            errors.append(f"FAMILIES has {name}; CONTRACT §6 does not")
+            errors.append(f"FAMILIES has {name}; {path.name} §6 does not")
     if not seen:
         errors.append(f"{path}: found no metric rows in §6")
     return n
