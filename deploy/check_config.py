@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Checks an ezgate.toml of the deploy kit against CONTRACT §2, without the binary.
+"""Checks an ezgate.toml of the deploy kit against the documented settings, without the binary.
 
     check_config.py FILE...
 
-Only the keys the contract documents are accepted (the binary may know more; the deploy kit
-sticks to the documented surface), with their value formats: durations "250ms"/"30s"/"5m",
-sizes "16MiB", rates "N/s|min|h|day", socket addresses, an http(s) base_url. Secrets must be
-"${VAR}" references: a literal key in a file of the deploy kit is an error. Imported by the
-other checks for shutdown_grace.
+Only the keys the README and config/ezgate.toml document are accepted (the binary may know
+more; the deploy kit sticks to the documented surface), with their value formats: durations
+"250ms"/"30s"/"5m", sizes "16MiB", rates "N/s|min|h|day" (or the other unit spellings),
+socket addresses (an IP and a port), an http(s) base_url. Secrets must be "${VAR}"
+references: a literal key in a file of the deploy kit is an error. The listen ports must
+keep clear of the ports applications, Prometheus and meshes commonly bind. Imported by the
+other checks for shutdown_grace and the kit's ports.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
 SIZE = re.compile(r"^\d+(B|KB|MB|GB|KiB|MiB|GiB)?$")
-RATE = re.compile(r"^\d+/(s|min|h|day)$")
+RATE = re.compile(r"^\d+/(s|sec|seconds?|m|min|minutes?|h|hours?|d|days?)$")
 ADDR = re.compile(r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]):\d{1,5}$")
 SECRET = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*\}$")
 
@@ -48,7 +50,7 @@ def _check(table: dict, schema: dict, path: str, errors: list[str]) -> None:
     for key, val in table.items():
         where = f"{path}.{key}" if path else key
         if key not in schema:
-            errors.append(f"{where}: not a documented ezgate setting (CONTRACT §2)")
+            errors.append(f"{where}: not a documented ezgate setting")
             continue
         rule = schema[key]
         if isinstance(rule, dict):
@@ -77,6 +79,11 @@ def check_text(text: str, name: str) -> tuple[list[str], dict]:
         return [f"{name}: not TOML: {ex}"], {}
     top = {k: v for k, v in doc.items() if k not in ("clients", "limits")}
     _check(top, SCHEMA, "", errors)
+    for key in ("listen", "admin_listen"):
+        port = port_of(str(doc.get("server", {}).get(key, "")))
+        if port in COMMON_PORTS:
+            errors.append(f"server.{key}: port {port} is one applications, Prometheus or meshes "
+                          "commonly use; the kit keeps clear of them (docs/deploy.md, Ports)")
     for i, c in enumerate(doc.get("clients", [])):
         _check(c, CLIENT, f"clients[{i}]", errors)
     names = set()
@@ -93,6 +100,30 @@ def check_text(text: str, name: str) -> tuple[list[str], dict]:
     if re.search(r"\bsk-[A-Za-z0-9_-]{16,}", text):
         errors.append("contains what looks like a literal API key")
     return [f"{name}: {e}" for e in errors], doc
+
+
+# Ports that applications, Prometheus and its exporters, and service-mesh sidecars commonly
+# bind: the deploy kit keeps clear of them, since a pod's containers share one network
+# namespace (and a VM host runs Prometheus on 9090).
+COMMON_PORTS = frozenset(
+    [80, 443, 3000, 3001, 3500, 3501, 4000, 5000, 5432, 6379, 8000, 8008, 8080, 8081, 8443,
+     8888, 9000, 9090, 9091, 9093, 9094, 9100, 50001]
+    + list(range(4140, 4192))      # Linkerd's proxy
+    + list(range(15000, 15091))    # Istio / Envoy
+)
+
+
+def port_of(addr: str) -> int | None:
+    """The port of "127.0.0.1:14080" or "[::1]:14080"."""
+    tail = addr.rsplit(":", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else None
+
+
+def kit_ports() -> tuple[int | None, int | None]:
+    """(proxy, admin) ports of deploy/config/ezgate.toml: the image's and the VM's."""
+    doc = tomllib.loads((Path(__file__).resolve().parent / "config" / "ezgate.toml").read_text())
+    server = doc.get("server", {})
+    return port_of(server.get("listen", "")), port_of(server.get("admin_listen", ""))
 
 
 def shutdown_grace(doc: dict) -> float:

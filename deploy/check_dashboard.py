@@ -55,7 +55,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_ratelimit_store_fallbacks_total": ("counter", ("policy",)),
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),
-    "ezgate_build_info": ("gauge", ("version",)),
+    "ezgate_build_info": ("gauge", ("version", "commit", "profile")),
     # prometheus crate, process collector
     "process_cpu_seconds_total": ("counter", ()),
     "process_resident_memory_bytes": ("gauge", ()),

@@ -6,9 +6,11 @@
     check_host.py docs           # docs/deploy.md names real files and every alert
 
 Dockerfile: multi-stage; builds `--bin ezgate` with --release --locked; the final stage is
-distroless/static or scratch, runs as a numeric non-root USER, EXPOSEs 8080 and 9090 as the
-EZGATE_LISTEN / EZGATE_ADMIN_LISTEN ports, copies a valid config to EZGATE_CONFIG, enters
-through /usr/local/bin/ezgate in exec form, and bakes no secret; every COPY source exists.
+distroless/static or scratch, runs as a numeric non-root USER, EXPOSEs the EZGATE_LISTEN /
+EZGATE_ADMIN_LISTEN ports, which are those of deploy/config/ezgate.toml (the kit's ports, clear
+of the ones applications and Prometheus use), copies a valid config to EZGATE_CONFIG, enters
+through /usr/local/bin/ezgate in exec form, and bakes no secret; every COPY source exists; the
+`docker run` lines of its header publish ports on 127.0.0.1 only.
 
 systemd: ExecStart/ExecReload name the config the install notes put in place; reload is
 SIGHUP to $MAINPID (after check-config); stop is SIGTERM with TimeoutStopSec above that
@@ -75,12 +77,14 @@ def check_dockerfile(errors: list[str]) -> None:
         if w == "ENV":
             env.update({k: v.strip('"') for k, v in env_pairs(a).items()})
     exposed = {p.split("/")[0] for w, a in final if w == "EXPOSE" for p in a.split()}
-    for var, port in (("EZGATE_LISTEN", "8080"), ("EZGATE_ADMIN_LISTEN", "9090")):
+    for var, port in zip(("EZGATE_LISTEN", "EZGATE_ADMIN_LISTEN"), map(str, check_config.kit_ports())):
         val = env.get(var, "")
         if not val.endswith(":" + port) or not val.startswith("0.0.0.0:"):
-            errors.append(f"Dockerfile: ENV {var}={val!r}, want 0.0.0.0:{port} in a container")
+            errors.append(f"Dockerfile: ENV {var}={val!r}, want 0.0.0.0:{port} in a container "
+                          "(the port of deploy/config/ezgate.toml)")
         if port not in exposed:
             errors.append(f"Dockerfile: EXPOSE {port} missing")
+    check_published(path.name, path.read_text(), errors)
     cfg = env.get("EZGATE_CONFIG")
     copies = [a.split() for w, a in final if w == "COPY"]
     placed = {c[-1]: c[-2] for c in copies if not c[0].startswith("--from")}
@@ -121,6 +125,17 @@ def check_dockerfile(errors: list[str]) -> None:
                       "(shell form would swallow SIGTERM)")
     if not any(c[-1] == "/usr/local/bin/ezgate" and c[0].startswith("--from") for c in copies):
         errors.append("Dockerfile: the final stage does not copy the built binary to /usr/local/bin/ezgate")
+
+
+def check_published(name: str, text: str, errors: list[str]) -> None:
+    """Every `docker run -p` shown publishes on 127.0.0.1: the proxy spends the org's key."""
+    for line in text.splitlines():
+        if "docker run" not in line:
+            continue
+        for pub in re.findall(r"(?:-p|--publish)[ =](\S+)", line):
+            if not pub.startswith("127.0.0.1:"):
+                errors.append(f"{name}: `docker run` publishes {pub} on all interfaces; "
+                              f"use 127.0.0.1:{pub}")
 
 
 def unit_directives(text: str) -> dict[str, list[str]]:
@@ -204,8 +219,22 @@ def check_docs(errors: list[str]) -> None:
         for r in g["rules"]:
             if "alert" in r and f"`{r['alert']}`" not in text:
                 errors.append(f"docs/deploy.md: the alert table lacks {r['alert']}")
-    if "http://127.0.0.1:8080/v1" not in text:
-        errors.append("docs/deploy.md: does not say where the application points its client")
+    proxy, admin = check_config.kit_ports()
+    if f"http://127.0.0.1:{proxy}/v1" not in text:
+        errors.append(f"docs/deploy.md: does not say where the application points its client "
+                      f"(http://127.0.0.1:{proxy}/v1)")
+    check_published("docs/deploy.md", text, errors)
+    # The ports section names every place a port is set.
+    sec = re.search(r"^## \d+\. Ports.*?(?=^## )", text, re.S | re.M)
+    if not sec:
+        errors.append("docs/deploy.md: no \"Ports\" section saying which ports the kit uses and how to change them")
+    else:
+        for must in (str(proxy), str(admin), "EZGATE_LISTEN", "EZGATE_ADMIN_LISTEN", "--listen",
+                     "--admin-listen", "server.listen", "server.admin_listen", "OPENAI_BASE_URL",
+                     "ezgate-admin", "containerPort", "prometheus.io/port", "PodMonitor", "probe",
+                     "EXPOSE", "prometheus.yml"):
+            if must not in sec.group(0):
+                errors.append(f"docs/deploy.md, Ports: does not say how {must} follows a port change")
 
 
 def expand_braces(ref: str) -> list[str]:

@@ -3,9 +3,17 @@
 
     check_kubernetes.py --kustomize "kubectl kustomize" --out DIR
 
-Renders deploy/kubernetes/examples/{native,classic} with the given kustomize command, writes
-each rendering to DIR/<example>.yaml (built-in kinds, for the schema validator) and
-DIR/<example>.crds.yaml (the PodMonitor), and checks what a schema cannot see:
+Renders deploy/kubernetes/examples/{native,classic} with the given kustomize command, as they
+are and with the optional components/prometheus-operator, writes each rendering to
+DIR/<example>[-operator].yaml (built-in kinds, for the schema validator) and
+DIR/<example>-operator.crds.yaml (the PodMonitor), and checks what a schema cannot see:
+
+* as they are, the examples hold built-in kinds only (they apply on a cluster without the
+  Prometheus Operator) and are found by the prometheus.io/* annotations; with the component,
+  by a PodMonitor and no annotations: one discovery method per pod;
+* the proxy and admin ports are the kit's (those of deploy/config/ezgate.toml), clear of the
+  ports applications, Prometheus and meshes commonly bind, used by no other container of the
+  pod, and the same in the ConfigMap's ezgate.toml as in the environment;
 
 * native: ezgate is an init container with restartPolicy: Always; classic: a regular one;
 * the config comes from the generated ConfigMap, mounted read-only where EZGATE_CONFIG points,
@@ -18,12 +26,15 @@ DIR/<example>.crds.yaml (the PodMonitor), and checks what a schema cannot see:
 * resource requests and limits; non-root (the Dockerfile's UID), read-only root, no privilege
   escalation, all capabilities dropped; image tag set by kustomize, not latest;
 * the PodMonitor selects the pod's labels, scrapes the admin port's /metrics, sets job=ezgate;
-  the prometheus.io/* annotations name the same port and path;
-* the two examples' ezgate containers are the same but for restartPolicy and lifecycle.
+  the prometheus.io/* annotations name the admin port and /metrics;
+* the two examples' ezgate containers are the same but for restartPolicy and lifecycle;
+* the patch docs/deploy.md gives for other ports, applied to the native example, moves every
+  port (listeners, container port, annotation, the application's URL; probes by name).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -71,8 +82,8 @@ def port_number(container: dict, port) -> int | None:
     return None
 
 
-def check_example(c: Checker, name: str, docs: list[dict], secret: dict) -> dict | None:
-    c.where = f"examples/{name}"
+def check_example(c: Checker, name: str, docs: list[dict], secret: dict, operator: bool) -> dict | None:
+    c.where = f"examples/{name}" + (" + components/prometheus-operator" if operator else "")
     by_kind: dict[str, list[dict]] = {}
     for d in docs:
         by_kind.setdefault(d.get("kind"), []).append(d)
@@ -80,9 +91,13 @@ def check_example(c: Checker, name: str, docs: list[dict], secret: dict) -> dict
     cms = by_kind.get("ConfigMap", [])
     pms = by_kind.get("PodMonitor", [])
     if not (c.need(len(deps) == 1, "expected one Deployment") and c.need(len(cms) == 1, "expected one ConfigMap")
-            and c.need(len(pms) == 1, "expected one PodMonitor")):
+            and c.need(len(pms) == (1 if operator else 0),
+                       "expected one PodMonitor" if operator else "expected no PodMonitor")):
         return None
-    dep, cm, pm = deps[0], cms[0], pms[0]
+    if not operator:
+        custom = sorted({f"{d.get('apiVersion')} {d.get('kind')}" for d in docs if d.get("apiVersion") not in BUILTIN_GROUPS})
+        c.need(not custom, f"{custom}: the example must apply on a cluster without their CRDs")
+    dep, cm, pm = deps[0], cms[0], (pms[0] if pms else None)
     spec = dep["spec"]
     tmpl = spec["template"]
     pod = tmpl["spec"]
@@ -120,6 +135,7 @@ def check_example(c: Checker, name: str, docs: list[dict], secret: dict) -> dict
     cfg_path = env.get("EZGATE_CONFIG", {}).get("value", "/etc/ezgate/ezgate.toml")
     mounts = [m for m in gw.get("volumeMounts", []) if cfg_path.startswith(m["mountPath"].rstrip("/") + "/")]
     grace_cfg = None
+    cfg_server: dict = {}
     if c.need(len(mounts) == 1, f"nothing mounted at {cfg_path} (EZGATE_CONFIG)"):
         mnt = mounts[0]
         c.need(mnt.get("readOnly") is True, "config volume must be mounted readOnly")
@@ -132,6 +148,7 @@ def check_example(c: Checker, name: str, docs: list[dict], secret: dict) -> dict
             if c.need(key in cm.get("data", {}), f"ConfigMap has no key {key!r}"):
                 errs, doc = check_config.check_text(cm["data"][key], f"{c.where} ConfigMap {key}")
                 c.errors.extend(errs)
+                cfg_server = doc.get("server", {})
                 if not errs:
                     grace_cfg = check_config.shutdown_grace(doc)
                     c.need(doc.get("upstream", {}).get("api_key") == "${EZLINK_API_KEY}",
@@ -154,8 +171,22 @@ def check_example(c: Checker, name: str, docs: list[dict], secret: dict) -> dict
     admin = env.get("EZGATE_ADMIN_LISTEN", {}).get("value", "")
     c.need(listen.startswith("127.0.0.1:"), f"EZGATE_LISTEN={listen!r}: the proxy must bind 127.0.0.1 in a pod")
     c.need(admin.startswith("0.0.0.0:"), f"EZGATE_ADMIN_LISTEN={admin!r}: probes need 0.0.0.0")
-    proxy_port = int(listen.rsplit(":", 1)[1]) if ":" in listen else None
-    admin_port = int(admin.rsplit(":", 1)[1]) if ":" in admin else None
+    proxy_port = check_config.port_of(listen)
+    admin_port = check_config.port_of(admin)
+    kit = check_config.kit_ports()
+    c.need((proxy_port, admin_port) == kit,
+           f"ports {proxy_port}/{admin_port} are not the kit's {kit[0]}/{kit[1]} (deploy/config/ezgate.toml, the image)")
+    for what, port in (("proxy", proxy_port), ("admin", admin_port)):
+        c.need(port not in check_config.COMMON_PORTS,
+               f"the {what} port {port} is one applications, Prometheus or meshes commonly use")
+    for key, port in (("listen", proxy_port), ("admin_listen", admin_port)):
+        if key in cfg_server:
+            c.need(check_config.port_of(cfg_server[key]) == port,
+                   f"ConfigMap ezgate.toml server.{key} = {cfg_server[key]!r}, but the environment says port {port}")
+    for app in apps:
+        taken = {p.get("containerPort") for p in app.get("ports", [])}
+        c.need(not taken & {proxy_port, admin_port},
+               f"{app['name']} declares port(s) {sorted(taken & {proxy_port, admin_port})}, which ezgate binds")
     named = {p.get("name"): p.get("containerPort") for p in gw.get("ports", [])}
     c.need(named.get("ezgate-admin") == admin_port,
            f"container port ezgate-admin ({named.get('ezgate-admin')}) is not the admin listener ({admin_port})")
@@ -201,25 +232,91 @@ def check_example(c: Checker, name: str, docs: list[dict], secret: dict) -> dict
     c.need(sc.get("readOnlyRootFilesystem") is True, "ezgate: readOnlyRootFilesystem: true")
     c.need("ALL" in sc.get("capabilities", {}).get("drop", []), "ezgate: capabilities drop ALL")
 
-    # discovery: PodMonitor and annotations
-    pms_spec = pm.get("spec", {})
-    ml = pms_spec.get("selector", {}).get("matchLabels", {})
-    c.need(ml and all(labels.get(k) == v for k, v in ml.items()),
-           f"PodMonitor selector {ml} does not select the pod (labels {labels})")
-    eps = pms_spec.get("podMetricsEndpoints", [])
-    if c.need(len(eps) == 1, "PodMonitor needs one podMetricsEndpoint"):
-        ep = eps[0]
-        c.need(ep.get("port") == "ezgate-admin" and "ezgate-admin" in named,
-               f"PodMonitor port {ep.get('port')!r} is not the ezgate container's ezgate-admin port")
-        c.need(ep.get("path", "/metrics") == "/metrics", "PodMonitor path must be /metrics")
-        c.need(any(r.get("targetLabel") == "job" and r.get("replacement") == "ezgate"
-                   for r in ep.get("relabelings", [])),
-               "PodMonitor must set job=ezgate (alerts.yml and the dashboard select it)")
-    ann = tmpl.get("metadata", {}).get("annotations", {})
-    c.need(ann.get("prometheus.io/scrape") == "true", "pod annotation prometheus.io/scrape: \"true\"")
-    c.need(ann.get("prometheus.io/port") == str(admin_port), "prometheus.io/port must be the admin port")
-    c.need(ann.get("prometheus.io/path") == "/metrics", "prometheus.io/path must be /metrics")
+    # discovery: the PodMonitor (component) or the annotations, never both
+    ann = tmpl.get("metadata", {}).get("annotations") or {}
+    if pm is not None:
+        pms_spec = pm.get("spec", {})
+        ml = pms_spec.get("selector", {}).get("matchLabels", {})
+        c.need(ml and all(labels.get(k) == v for k, v in ml.items()),
+               f"PodMonitor selector {ml} does not select the pod (labels {labels})")
+        eps = pms_spec.get("podMetricsEndpoints", [])
+        if c.need(len(eps) == 1, "PodMonitor needs one podMetricsEndpoint"):
+            ep = eps[0]
+            c.need(ep.get("port") == "ezgate-admin" and "ezgate-admin" in named,
+                   f"PodMonitor port {ep.get('port')!r} is not the ezgate container's ezgate-admin port")
+            c.need(ep.get("path", "/metrics") == "/metrics", "PodMonitor path must be /metrics")
+            c.need(any(r.get("targetLabel") == "job" and r.get("replacement") == "ezgate"
+                       for r in ep.get("relabelings", [])),
+                   "PodMonitor must set job=ezgate (alerts.yml and the dashboard select it)")
+        left = sorted(k for k in ann if k.startswith("prometheus.io/"))
+        c.need(not left, f"with the PodMonitor the pod still has {left}: it would be scraped twice")
+    else:
+        c.need(ann.get("prometheus.io/scrape") == "true", "pod annotation prometheus.io/scrape: \"true\"")
+        c.need(ann.get("prometheus.io/port") == str(admin_port), "prometheus.io/port must be the admin port")
+        c.need(ann.get("prometheus.io/path") == "/metrics", "prometheus.io/path must be /metrics")
     return gw
+
+
+def render(c: Checker, kustomize: str, target: Path) -> list[dict] | None:
+    cmd = shlex.split(kustomize) + [str(target)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if not c.need(r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr.strip()}"):
+        return None
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def with_operator(out: Path, example: str) -> Path:
+    """A kustomization that is the example plus the prometheus-operator component."""
+    d = out / f"{example}-operator"
+    d.mkdir(parents=True, exist_ok=True)
+    rel = lambda p: os.path.relpath(p, d)  # noqa: E731
+    (d / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [rel(K8S / "examples" / example)],
+        "components": [rel(K8S / "components" / "prometheus-operator")],
+    }))
+    return d
+
+
+def check_ports_patch(c: Checker, kustomize: str, out: Path) -> None:
+    """The patch docs/deploy.md gives for other ports, applied to the native example, moves
+    every port: both listeners, the named container port (only one), the annotation, the
+    application's base URL."""
+    c.where = "docs/deploy.md, Ports: the patch for other ports"
+    text = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    m = re.search(r"one patch changes a pod's ports.*?```yaml\n(.*?)```", text, re.S)
+    if not c.need(m is not None, "no yaml block after \"one patch changes a pod's ports\""):
+        return
+    patch = yaml.safe_load(m.group(1))
+    d = out / "ports-patch"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ezgate-ports.yaml").write_text(yaml.safe_dump(patch))
+    (d / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "examples" / "native", d)],
+        "patches": [{"path": "ezgate-ports.yaml"}],
+    }))
+    docs = render(c, kustomize, d)
+    if docs is None:
+        return
+    dep = next(x for x in docs if x.get("kind") == "Deployment")
+    tmpl = dep["spec"]["template"]
+    gw = next(x for x in tmpl["spec"].get("initContainers", []) if x["name"] == "ezgate")
+    env = {e["name"]: e.get("value") for e in gw.get("env", [])}
+    proxy, admin = check_config.port_of(env.get("EZGATE_LISTEN", "")), check_config.port_of(env.get("EZGATE_ADMIN_LISTEN", ""))
+    kit = check_config.kit_ports()
+    c.need(proxy not in (None, kit[0]) and admin not in (None, kit[1]), f"the listeners stay on {proxy}/{admin}")
+    c.need([(p.get("name"), p.get("containerPort")) for p in gw.get("ports", [])] == [("ezgate-admin", admin)],
+           f"container ports {gw.get('ports')}: want only ezgate-admin on {admin}")
+    ann = tmpl.get("metadata", {}).get("annotations", {})
+    c.need(ann.get("prometheus.io/port") == str(admin), f"prometheus.io/port {ann.get('prometheus.io/port')!r}")
+    for app in tmpl["spec"].get("containers", []):
+        base = env_map(app).get("OPENAI_BASE_URL", {}).get("value")
+        c.need(base == f"http://127.0.0.1:{proxy}/v1", f"{app['name']}: OPENAI_BASE_URL={base!r}")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        port = gw.get(probe, {}).get("httpGet", {}).get("port")
+        c.need(port_number(gw, port) == admin, f"{probe} is not on the new admin port")
+    (out / "ports-patch.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
 
 
 def main() -> int:
@@ -236,19 +333,22 @@ def main() -> int:
     c.need(not re.search(r"sk-[A-Za-z0-9]{16,}", str(secret.get("stringData"))), "holds a real-looking key")
     sidecars = {}
     for ex in EXAMPLES:
-        c.where = f"examples/{ex}"
-        cmd = shlex.split(a.kustomize) + [str(K8S / "examples" / ex)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if not c.need(r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr.strip()}"):
-            continue
-        docs = [d for d in yaml.safe_load_all(r.stdout) if d]
-        builtin = [d for d in docs if d.get("apiVersion") in BUILTIN_GROUPS]
-        other = [d for d in docs if d.get("apiVersion") not in BUILTIN_GROUPS]
-        (a.out / f"{ex}.yaml").write_text(yaml.safe_dump_all(builtin, sort_keys=False))
-        (a.out / f"{ex}.crds.yaml").write_text(yaml.safe_dump_all(other, sort_keys=False))
-        gw = check_example(c, ex, docs, secret)
-        if gw is not None:
-            sidecars[ex] = gw
+        for operator in (False, True):
+            c.where = f"examples/{ex}" + (" + components/prometheus-operator" if operator else "")
+            target = with_operator(a.out, ex) if operator else K8S / "examples" / ex
+            docs = render(c, a.kustomize, target)
+            if docs is None:
+                continue
+            stem = f"{ex}-operator" if operator else ex
+            builtin = [d for d in docs if d.get("apiVersion") in BUILTIN_GROUPS]
+            other = [d for d in docs if d.get("apiVersion") not in BUILTIN_GROUPS]
+            (a.out / f"{stem}.yaml").write_text(yaml.safe_dump_all(builtin, sort_keys=False))
+            if other:
+                (a.out / f"{stem}.crds.yaml").write_text(yaml.safe_dump_all(other, sort_keys=False))
+            gw = check_example(c, ex, docs, secret, operator)
+            if gw is not None and not operator:
+                sidecars[ex] = gw
+    check_ports_patch(c, a.kustomize, a.out)
     if len(sidecars) == 2:
         c.where = "examples native vs classic"
         strip = lambda g: {k: v for k, v in g.items() if k not in ("restartPolicy", "lifecycle")}  # noqa: E731
@@ -257,7 +357,7 @@ def main() -> int:
         c.need(not diff, f"the ezgate containers differ in {diff} (only restartPolicy/lifecycle may)")
     for e in c.errors:
         print(f"  ERROR {e}", file=sys.stderr)
-    print(f"  checked {len(EXAMPLES)} examples: {len(c.errors)} problem(s)")
+    print(f"  checked {len(EXAMPLES)} examples, with and without the PodMonitor: {len(c.errors)} problem(s)")
     return 1 if c.errors else 0
 
 

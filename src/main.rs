@@ -8,18 +8,29 @@ use clap::{Parser, Subcommand};
 use ezgate::config::{LogFormat, Overrides, Settings};
 use ezgate::server::Listeners;
 
+/// `ezgate --version`: the version, the git commit and the cargo profile it was built from
+/// (build.rs), as `ezgate_build_info` labels them.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EZGATE_BUILD_COMMIT"),
+    ", ",
+    env!("EZGATE_BUILD_PROFILE"),
+    " build)"
+);
+
 /// A reverse-proxy sidecar for the EZLINK AI API: rate limits, one error schema, metrics.
 #[derive(Parser)]
-#[command(name = "ezgate", version, about)]
+#[command(name = "ezgate", version = VERSION, about)]
 struct Cli {
     /// Config file (TOML). Without one, ezgate runs on built-in defaults.
     #[arg(long, env = "EZGATE_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Proxy listen address [default: 127.0.0.1:8080]
-    #[arg(long, env = "EZGATE_LISTEN")]
+    /// Proxy listen address, an IP and a port [default: 127.0.0.1:8080]
+    #[arg(long, env = "EZGATE_LISTEN", value_parser = listen_addr)]
     listen: Option<SocketAddr>,
     /// Admin listen address for /metrics, /healthz, /readyz [default: 127.0.0.1:9090]
-    #[arg(long, env = "EZGATE_ADMIN_LISTEN")]
+    #[arg(long, env = "EZGATE_ADMIN_LISTEN", value_parser = listen_addr)]
     admin_listen: Option<SocketAddr>,
     /// Upstream base URL [default: https://api.ezlinkai.com]
     #[arg(long, env = "EZGATE_UPSTREAM")]
@@ -34,6 +45,10 @@ enum Command {
     CheckConfig,
 }
 
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    ezgate::config::units::listen_addr(s)
+}
+
 fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
@@ -45,10 +60,25 @@ fn main() -> ExitCode {
         admin_listen: cli.admin_listen,
         upstream: cli.upstream.clone(),
     };
-    let settings = match Settings::load(cli.config.as_deref(), &overrides, &env_lookup) {
-        Ok(s) => s,
-        Err(e) => {
+    // RUST_LOG overrides log.level, so it is checked like it.
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| ezgate::config::units::log_filter(&f).err())
+        .map(|e| format!("RUST_LOG: {e}"));
+    let settings = match (
+        Settings::load(cli.config.as_deref(), &overrides, &env_lookup),
+        rust_log,
+    ) {
+        (Ok(s), None) => s,
+        (Ok(_), Some(e)) => {
             eprintln!("ezgate: invalid configuration\n{e}");
+            return ExitCode::from(2);
+        }
+        (Err(e), rust_log) => {
+            eprintln!("ezgate: invalid configuration\n{e}");
+            if let Some(r) = rust_log {
+                eprintln!("{r}");
+            }
             return ExitCode::from(2);
         }
     };
@@ -105,6 +135,9 @@ async fn start(
     // Deliberate, stable lines for scripts and tests that start ezgate on port 0.
     println!("listening on {proxy_addr}");
     println!("admin listening on {admin_addr}");
+    if let Some((host, port)) = upstream_host(&settings.upstream_uri) {
+        tokio::spawn(resolve_upstream(host, port));
+    }
 
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     let shutdown = signals(reload_tx)?;
@@ -112,6 +145,46 @@ async fn start(
         Settings::load(path.as_deref(), &overrides, &env_lookup).map_err(|e| e.to_string())
     });
     ezgate::run(settings, listeners, shutdown, Some((reload, reload_rx))).await
+}
+
+/// The upstream's host name and port, unless the host is an IP address.
+fn upstream_host(uri: &http::Uri) -> Option<(String, u16)> {
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
+    Some((host.to_owned(), port))
+}
+
+/// Resolves the upstream's host once, in the background, after the listeners are bound:
+/// a name that does not resolve gets one warning now, rather than a first sign in the
+/// first request's 502. Readiness never waits for it; requests resolve the name afresh.
+async fn resolve_upstream(host: String, port: u16) {
+    const WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+    let lookup = tokio::time::timeout(WITHIN, tokio::net::lookup_host((host.as_str(), port)));
+    let problem = match lookup.await {
+        Ok(Ok(addrs)) => match addrs.count() {
+            0 => "it resolves to no address".to_owned(),
+            n => {
+                tracing::info!(%host, addresses = n, "upstream host resolves");
+                return;
+            }
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {WITHIN:?}"),
+    };
+    tracing::warn!(
+        %host,
+        error = %problem,
+        "upstream host does not resolve: requests will fail with 502 upstream_unreachable until it does (check upstream.base_url / --upstream, and DNS)"
+    );
 }
 
 /// SIGTERM/SIGINT end the returned future; SIGHUP sends a reload request.

@@ -197,12 +197,16 @@ impl Metrics {
         let build_info = IntGaugeVec::new(
             opts(
                 "ezgate_build_info",
-                "Always 1; the version label says which ezgate runs.",
+                "Always 1; its labels say which ezgate runs: version, git commit, cargo profile.",
             ),
-            &["version"],
+            &["version", "commit", "profile"],
         )?;
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                env!("EZGATE_BUILD_COMMIT"),
+                env!("EZGATE_BUILD_PROFILE"),
+            ])
             .set(1);
 
         let collectors: Vec<Box<dyn Collector>> = vec![

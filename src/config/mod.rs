@@ -1,6 +1,7 @@
 //! Configuration: TOML read into strict serde structs, then validated into [`Settings`].
 //! Every problem names the file and the key path. Nothing here binds or spawns.
 
+mod parse;
 pub mod units;
 
 use std::fmt;
@@ -87,7 +88,10 @@ pub enum Store {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// An IP address and port ([`units::listen_addr`]); host names are refused.
+    #[serde(deserialize_with = "units::de_listen_addr")]
     pub listen: SocketAddr,
+    #[serde(deserialize_with = "units::de_listen_addr")]
     pub admin_listen: SocketAddr,
     pub max_request_body: ByteSize,
     pub shutdown_grace: Dur,
@@ -380,27 +384,8 @@ impl Settings {
             source: source.to_owned(),
             problems,
         };
-        let de = toml::Deserializer::new(text);
-        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let msg = inner.message().trim().to_owned();
-            let at = inner
-                .span()
-                .map(|s| {
-                    format!(
-                        " (line {})",
-                        text.get(..s.start).unwrap_or(text).lines().count().max(1)
-                    )
-                })
-                .unwrap_or_default();
-            let problem = if path == "." {
-                format!("{msg}{at}")
-            } else {
-                format!("{path}: {msg}{at}")
-            };
-            fail(vec![problem])
-        })?;
+        let mut read = parse::read(text).map_err(|p| fail(vec![p]))?;
+        let mut config = std::mem::take(&mut read.config);
         if let Some(a) = overrides.listen {
             config.server.listen = a;
         }
@@ -410,6 +395,8 @@ impl Settings {
         if let Some(u) = &overrides.upstream {
             config.upstream.base_url = u.clone();
         }
+        // Problems found on the config as read: each gets its line in the file, and those
+        // that only follow from a value the reader had to remove are left out.
         let mut problems = Vec::new();
         if let Some(key) = &config.upstream.api_key {
             match key.env_ref() {
@@ -468,6 +455,24 @@ impl Settings {
             }
         };
         validate(&config, &mut problems);
+        let mut from_flags = Vec::new();
+        for (set, key) in [
+            (overrides.listen.is_some(), "server.listen"),
+            (overrides.admin_listen.is_some(), "server.admin_listen"),
+            (overrides.upstream.is_some(), "upstream.base_url"),
+        ] {
+            if set {
+                from_flags.push(key);
+            }
+        }
+        let mut all = std::mem::take(&mut read.problems);
+        for p in problems {
+            if !read.follows_from_removed(&p) {
+                all.push(read.locate(p, &from_flags));
+            }
+        }
+        parse::by_line(&mut all);
+        let problems = all;
         match (problems.is_empty(), upstream_uri) {
             (true, Some(upstream_uri)) => Ok(Settings {
                 source: source.to_owned(),
@@ -535,11 +540,8 @@ fn validate(c: &Config, problems: &mut Vec<String>) {
             problems.push(format!("{name}: must be above zero"));
         }
     }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
-        problems.push(format!(
-            "log.level: \"{}\" is not a log filter ({e})",
-            c.log.level
-        ));
+    if let Err(e) = units::log_filter(&c.log.level) {
+        problems.push(format!("log.level: {e}"));
     }
     if !c.clients.is_empty() && c.upstream.api_key.is_none() {
         problems.push(

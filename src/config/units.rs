@@ -1,12 +1,28 @@
 //! Config value types that parse from strings: durations (`"250ms"`), sizes (`"10MiB"`),
-//! rates (`"600/min"`) and secrets (`"${VAR}"`).
+//! rates (`"600/min"`), listen addresses (`"127.0.0.1:8080"`) and secrets (`"${VAR}"`).
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-/// A duration written `"250ms"`, `"30s"`, `"5m"`, `"1h"` or `"1d"`.
+/// Seconds in one unit of time, in the spellings durations and rates share.
+fn unit_secs(unit: &str) -> Option<u64> {
+    match unit {
+        "s" | "sec" | "second" | "seconds" => Some(1),
+        "m" | "min" | "minute" | "minutes" => Some(60),
+        "h" | "hour" | "hours" => Some(3600),
+        "d" | "day" | "days" => Some(86400),
+        _ => None,
+    }
+}
+
+/// The unit spellings, for error messages.
+const UNITS: &str = "s, sec, second, m, min, minute, h, hour, d or day";
+
+/// A duration written `"250ms"`, `"30s"`, `"5m"`, `"1h"` or `"1d"` (also `"5min"`,
+/// `"2 hours"`: the units of [`unit_secs`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Dur(pub Duration);
@@ -14,8 +30,9 @@ pub struct Dur(pub Duration);
 impl TryFrom<String> for Dur {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let bad =
-            || format!("\"{s}\" is not a duration; write e.g. \"250ms\", \"30s\", \"5m\", \"1h\"");
+        let bad = || {
+            format!("\"{s}\" is not a duration; write a number and a unit (ms, {UNITS}), e.g. \"250ms\", \"30s\", \"5m\"")
+        };
         let t = s.trim();
         let split = t
             .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -24,11 +41,7 @@ impl TryFrom<String> for Dur {
         let n: f64 = num.parse().map_err(|_| bad())?;
         let secs = match unit.trim() {
             "ms" => n / 1000.0,
-            "s" => n,
-            "m" | "min" => n * 60.0,
-            "h" => n * 3600.0,
-            "d" => n * 86400.0,
-            _ => return Err(bad()),
+            u => n * unit_secs(u).ok_or_else(bad)? as f64,
         };
         if !secs.is_finite() || secs > 365.0 * 86400.0 {
             return Err(bad());
@@ -88,7 +101,8 @@ impl fmt::Display for ByteSize {
     }
 }
 
-/// A rate written `"N/s"`, `"N/min"`, `"N/h"` or `"N/day"`.
+/// A rate written `"N/s"`, `"N/min"`, `"N/h"` or `"N/day"` (or any unit of [`unit_secs`]:
+/// `"N/minute"`, `"N/d"`, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct Rate {
@@ -99,16 +113,12 @@ pub struct Rate {
 impl TryFrom<String> for Rate {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        let bad = || format!("\"{s}\" is not a rate; use N/s, N/min, N/h or N/day");
+        let bad = || {
+            format!("\"{s}\" is not a rate; use N/s, N/min, N/h or N/day (the unit may be {UNITS})")
+        };
         let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
-        let per = match unit.trim() {
-            "s" => Duration::from_secs(1),
-            "min" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "day" => Duration::from_secs(86400),
-            _ => return Err(bad()),
-        };
+        let per = Duration::from_secs(unit_secs(unit.trim()).ok_or_else(bad)?);
         if count == 0 {
             return Err(format!(
                 "\"{s}\" is a zero rate; remove the limit or give a positive count"
@@ -147,6 +157,55 @@ impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.count, self.unit())
     }
+}
+
+/// A listen address: an IP address and a port. Host names are refused rather than resolved,
+/// so that what ezgate binds never depends on DNS or `/etc/hosts` at startup.
+pub fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "\"{s}\" is not an IP address and port; write e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080 (host names such as localhost are not resolved)"
+        )
+    })
+}
+
+/// serde `deserialize_with` for [`listen_addr`].
+pub fn de_listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    listen_addr(&s).map_err(serde::de::Error::custom)
+}
+
+/// The levels a log filter directive may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a `RUST_LOG`-style filter (`log.level`, or `RUST_LOG` itself): comma-separated
+/// directives, each a level (`info`) or `target=level` (`ezgate::access=off`). A bare word
+/// that is not a level would be read as a target name and turn every other log off, so it is
+/// refused (`"warning"`: use `"warn"`).
+pub fn log_filter(s: &str) -> Result<(), String> {
+    let hint = "use trace, debug, info, warn, error or off, or target=level directives such as \"info,ezgate::access=off\"";
+    for d in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        // Span filters (`target[span{field=value}]`) are left to the filter's own parser.
+        let level = match d.rsplit_once('=') {
+            Some((_, level)) if !level.contains([']', '}']) => Some(level.trim()),
+            Some(_) => None,
+            None if d.contains('[') => None,
+            None => Some(d),
+        };
+        if let Some(level) = level {
+            if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+                let whole = if d == s.trim() {
+                    String::new()
+                } else {
+                    format!(" in \"{s}\"")
+                };
+                return Err(format!("\"{d}\"{whole} is not a level; {hint}"));
+            }
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| ())
+        .map_err(|e| format!("\"{s}\" is not a log filter ({e}); {hint}"))
 }
 
 /// A secret: a literal, or `"${VAR}"` read from the environment when the config loads.
@@ -200,6 +259,24 @@ mod tests {
             Dur::try_from("1.5s".to_owned()),
             Ok(Dur(Duration::from_millis(1500)))
         );
+        for (text, secs) in [
+            ("2sec", 2),
+            ("2 seconds", 2),
+            ("5min", 300),
+            ("5 minutes", 300),
+            ("1hour", 3600),
+            ("2d", 172_800),
+            ("1day", 86_400),
+        ] {
+            assert_eq!(
+                Dur::try_from(text.to_owned()),
+                Ok(Dur(Duration::from_secs(secs))),
+                "{text}"
+            );
+        }
+        assert!(Dur::try_from("5 parsecs".to_owned())
+            .unwrap_err()
+            .contains("ms, s, sec, second, m, min, minute, h, hour, d or day"));
         assert!(Dur::try_from("5".to_owned()).is_err());
         assert!(Dur::try_from("fast".to_owned()).is_err());
         assert!(Dur::try_from("10 years".to_owned()).is_err());
@@ -222,12 +299,73 @@ mod tests {
         assert_eq!((r.count, r.per), (600, Duration::from_secs(60)));
         assert_eq!(r.interval(), Duration::from_millis(100));
         assert_eq!(r.to_string(), "600/min");
-        assert!(Rate::try_from("10/minute".to_owned())
-            .unwrap_err()
-            .contains("N/min"));
+        for (text, secs) in [
+            ("10/s", 1),
+            ("10/sec", 1),
+            ("10/second", 1),
+            ("10/m", 60),
+            ("10/min", 60),
+            ("10/minute", 60),
+            ("10/minutes", 60),
+            ("10/h", 3600),
+            ("10/hour", 3600),
+            ("10/d", 86400),
+            ("10/day", 86400),
+            (" 10 / day ", 86400),
+        ] {
+            let r = Rate::try_from(text.to_owned()).unwrap();
+            assert_eq!((r.count, r.per.as_secs()), (10, secs), "{text}");
+        }
+        assert_eq!(
+            Rate::try_from("5/minute".to_owned()).unwrap().to_string(),
+            "5/min"
+        );
+        let e = Rate::try_from("10/week".to_owned()).unwrap_err();
+        assert_eq!(
+            e,
+            "\"10/week\" is not a rate; use N/s, N/min, N/h or N/day (the unit may be s, sec, second, m, min, minute, h, hour, d or day)"
+        );
+        assert!(Rate::try_from("10/ms".to_owned()).is_err());
+        assert!(Rate::try_from("ten/min".to_owned()).is_err());
         assert!(Rate::try_from("0/s".to_owned())
             .unwrap_err()
             .contains("zero"));
+    }
+
+    #[test]
+    fn listen_addresses_are_ip_and_port() {
+        assert_eq!(
+            listen_addr("127.0.0.1:8080"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 8080)))
+        );
+        assert!(listen_addr("[::1]:0").is_ok());
+        let e = listen_addr("localhost:8080").unwrap_err();
+        assert!(
+            e.starts_with(
+                "\"localhost:8080\" is not an IP address and port; write e.g. 127.0.0.1:8080"
+            ),
+            "{e}"
+        );
+        assert!(listen_addr("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn log_filters_name_levels() {
+        for ok in [
+            "info",
+            "WARN",
+            "warn,ezgate::access=off",
+            "info,ezgate=debug",
+            "ezgate::access=off",
+            "",
+            "error,hyper[conn]=trace",
+        ] {
+            assert_eq!(log_filter(ok), Ok(()), "{ok}");
+        }
+        for bad in ["warning", "info,ezgate=verbose", "loud", "info,ezgate"] {
+            let e = log_filter(bad).unwrap_err();
+            assert!(e.contains("is not a level; use trace, debug"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -21,16 +21,6 @@ fn ezgate(args: &[&str], config: Option<&str>) -> std::process::Output {
 }
 
 #[test]
-fn version_and_help() {
-    let out = ezgate(&["--version"], None);
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("ezgate {}", env!("CARGO_PKG_VERSION"))
-    );
-}
-
-#[test]
 fn bad_configs_exit_non_zero_naming_file_key_and_problem() {
     let cases = [
         ("[server]\nlisten = \"127.0.0.1:1\"\nport = 3\n", "server.port: unknown field `port`"),

@@ -19,5 +19,6 @@ mod limits;
 mod logs;
 mod metrics;
 mod redis;
+mod startup;
 mod tls;
 mod tokens;

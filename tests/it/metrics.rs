@@ -98,15 +98,9 @@ async fn statuses_are_counted_exactly_by_source() {
         ),
         0.0
     );
-    assert_eq!(
-        metric_value(
-            &m,
-            &format!(
-                "ezgate_build_info{{version=\"{}\"}}",
-                env!("CARGO_PKG_VERSION")
-            )
-        ),
-        1.0
+    assert!(
+        m.contains("\nezgate_build_info{"),
+        "build info (its labels: startup.rs)"
     );
     assert!(
         m.contains("process_resident_memory_bytes"),

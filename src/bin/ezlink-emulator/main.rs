@@ -1,11 +1,14 @@
 //! `ezlink-emulator` — a local stand-in for the EZLINK AI API (OpenAI-compatible) that can
 //! also produce every failure the real one can. It is the upstream of ezgate's integration
-//! tests and benchmarks; this comment is its reference.
+//! tests and benchmarks; this comment and `HEADERS` below (printed by `--help`) are its
+//! reference.
 //!
 //! # Command line
 //!
 //! ```text
 //! ezlink-emulator --listen ADDR [--tls-cert PEM_PATH --tls-key PEM_PATH]
+//! ezlink-emulator --help        # these options and every x-emu-* request header
+//! ezlink-emulator --version     # version, git commit, build profile
 //! ```
 //!
 //! * `--listen 127.0.0.1:0` picks a free port. Once bound, exactly one line
@@ -32,13 +35,20 @@
 //!     frame, produced when polled: `N` events `data: {chunk}\n\n` (header
 //!     `x-emu-stream-events`, default 5), one content piece each (chat: `delta.content`,
 //!     the first also `delta.role: "assistant"`; completions: `choices[0].text`), the last
-//!     with `finish_reason: "stop"`; with `"stream_options": {"include_usage": true}` then
-//!     a chunk with `"choices": []` and `"usage": {"prompt_tokens":P,"completion_tokens":N,
+//!     with `finish_reason: "stop"`; with `"stream_options": {"include_usage": true}` every
+//!     chunk also ends with `"usage":null` (as OpenAI's do), then a chunk with
+//!     `"choices": []` and `"usage": {"prompt_tokens":P,"completion_tokens":N,
 //!     "total_tokens":P+N}`; then `data: [DONE]\n\n`. `x-emu-stream-interval-ms` (default
 //!     0) is waited before every event after the first (including usage and `[DONE]`).
 //!   * Body not valid JSON (or fields of the wrong type, e.g. `"stream": "yes"`) → 400
 //!     `{"error":{"message":"We could not parse the JSON body of your request. (…)",
 //!     "type":"invalid_request_error","param":null,"code":null}}`. Body over 32 MiB → 413.
+//! * `POST /v1/responses` (the Responses API; `P` from `input` and `instructions`) →
+//!   non-stream: a `response` object (`status: "completed"`, one `output_text` of
+//!   pieces `0..min(C, 64)`, `usage: {input_tokens: P, output_tokens: C, total_tokens}`);
+//!   `"stream": true`: `event: response.created`, `N` `event: response.output_text.delta`
+//!   (`delta` = piece `i`), then `event: response.completed` whose `response.usage` has
+//!   `input_tokens: P, output_tokens: N`; no `[DONE]`. The stream faults apply.
 //! * `POST /v1/embeddings` → one embedding of 8 floats per input (`input` a string or a
 //!   token array: 1; an array of strings/arrays: its length), `usage: {prompt_tokens: P,
 //!   total_tokens: P}`, `model` echoed (default `text-embedding-3-small`).
@@ -58,7 +68,10 @@
 //!
 //! * `GET /__emu/log` → `{"requests":[{"request_id": <x-request-id or null>, "method":
 //!   "POST", "uri": "/v1/…?q", "state": "in_progress"|"completed"|"cancelled", "headers":
-//!   [["name","value"],…]}]}` in arrival order (the newest 10 000 are kept).
+//!   [["name","value"],…], "usage": {"prompt_tokens":P,"completion_tokens":C} | null}]}` in
+//!   arrival order (the newest 10 000 are kept). `usage` is what the emulator generated for
+//!   a completion, a response or embeddings (null for faults and other routes); a stream
+//!   counts each content event as it is sent, so a cancelled stream shows what it sent.
 //!   `completed`: the last byte of the response body was handed to hyper (for `HEAD`: the
 //!   response head). `cancelled`: the handler or its body was dropped before that — the
 //!   client went away during a header delay, a stall or a stream, or the emulator aborted
@@ -66,59 +79,9 @@
 //!   completed.
 //! * `POST /__emu/reset` → 200 `{"reset":true}`; clears the log.
 //!
-//! # Fault injection: request headers, combinable
+//! # Request headers: faults and response shapes
 //!
-//! Precedence: `x-emu-malformed` > `x-emu-reset: headers` > `x-emu-reset: body` >
-//! `x-emu-status` > the route. An `x-emu-*` value that cannot be parsed → 400 OpenAI error
-//! with `code: "emulator_bad_header"` naming the header. Request bodies are always read
-//! (drained) before the fault, so HTTP/1 connections stay reusable.
-//!
-//! * `x-emu-header-delay-ms: N` — wait N ms before the response (headers). If the client
-//!   closes meanwhile, the request is cancelled at once (HTTP/1: hyper notices the EOF;
-//!   HTTP/2: the stream reset drops the handler).
-//! * `x-emu-status: S` (200–599), `x-emu-body: SHAPE` (default `openai`), `x-emu-message:
-//!   TEXT` (default `emulated upstream failure`), `x-emu-code: CODE` (default
-//!   `emulated_error`; the literal `null` gives JSON null) → status S, any path, body:
-//!   * `openai` `{"error":{"message":TEXT,"type":"invalid_request_error","param":null,
-//!     "code":CODE}}`
-//!   * `error-string` `{"error":TEXT}`; `detail` `{"detail":TEXT}`; `detail-list`
-//!     `{"detail":[{"loc":["body","model"],"msg":TEXT,"type":"value_error"}]}`;
-//!     `detail-object` `{"detail":{"message":TEXT,"code":CODE}}`; `message`
-//!     `{"message":TEXT}`; `errors` `{"errors":[{"message":TEXT,"code":CODE}]}` — all
-//!     `application/json` (keys of these shapes are serialized in alphabetical order)
-//!   * `html` (`text/html`) `<!DOCTYPE html><html><head><title>S TEXT</title><style>body{…}
-//!     </style></head><body><h1>TEXT</h1><hr><center>ezlink-lb</center></body></html>`
-//!     (TEXT HTML-escaped)
-//!   * `text` TEXT as `text/plain`; `empty` no body, `content-length: 0`, no content-type;
-//!     `invalid-utf8` bytes `\xff\xfe` + TEXT + `\xc3\x28` as `text/plain`;
-//!     `invalid-json` `{"error": {"message": "TEXT"` (truncated) as `application/json`
-//!   * `huge` the `openai` shape whose message is TEXT followed by 2 MiB of `x`,
-//!     `application/json`, sent in 64 KiB frames without `content-length` (chunked).
-//! * `x-emu-encoding: gzip|deflate|br` — compress whatever body is sent (deflate = zlib
-//!   format) and set `content-encoding`. Complete bodies keep a `content-length`; streamed
-//!   ones (SSE, echo, huge) are compressed frame by frame with a sync flush, so every SSE
-//!   event is decodable on arrival. `empty` bodies are not encoded.
-//! * `x-emu-retry-after: V` → `retry-after: V`. `x-emu-ratelimit-headers: 1` →
-//!   `x-ratelimit-limit-requests: 100`, `x-ratelimit-remaining-requests: 0`,
-//!   `x-ratelimit-reset-requests: 1s`. Both on any response.
-//! * `x-emu-reset: headers` — no response at all: HTTP/1 closes the TCP connection with an
-//!   RST and zero bytes written; HTTP/2 resets the stream (RST_STREAM INTERNAL_ERROR).
-//! * `x-emu-reset: body` — 200 with `content-length: 1000`, 10 body bytes, then (~20 ms
-//!   later) the abort: HTTP/1 closes the connection (FIN, body incomplete), HTTP/2 resets
-//!   the stream.
-//! * `x-emu-malformed: 1` — on the first request of an HTTP/1 connection (plain or TLS):
-//!   `HTTP/1.1 abc garbage\r\n\r\n`, then close. Elsewhere (HTTP/2, later keep-alive
-//!   requests) it acts like `x-emu-reset: headers`.
-//! * Streamed chat/completions only, `k` counts content events (`k` ≥ N applies after all
-//!   N, before any error/usage/`[DONE]` event):
-//!   * `x-emu-cut-after: k` — after k events, ~20 ms later, abort (HTTP/1: connection
-//!     closed inside the chunked body; HTTP/2: stream reset).
-//!   * `x-emu-stall-after: k` — after k events send nothing more, keeping the connection
-//!     open until the client leaves (then the request is cancelled).
-//!   * `x-emu-stream-error-event: 1` — after the content events send
-//!     `event: error\ndata: {"error":{"message":"emulated in-stream error","type":
-//!     "server_error","code":"stream_error"}}\n\n` (after the usage chunk, if any), then
-//!     `data: [DONE]\n\n`.
+//! Every `x-emu-*` header is described once, in [`HEADERS`] below, which `--help` prints.
 //!
 //! # Modules
 //!
@@ -150,10 +113,91 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::net::TcpListener;
 
+/// `--version`: as ezgate's, from build.rs.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EZGATE_BUILD_COMMIT"),
+    ", ",
+    env!("EZGATE_BUILD_PROFILE"),
+    " build)"
+);
+
+/// The `x-emu-*` request headers: the reference, printed after `--help`'s options.
+/// A test checks that every header the emulator reads is named here.
+const HEADERS: &str = r##"Request headers (x-emu-*), combinable, on any request but the control endpoints:
+
+Response shape (normal API):
+
+* `x-emu-completion-tokens: C` — completion tokens of a non-streamed completion (default 7);
+  the content holds min(C, 64) pieces.
+* `x-emu-stream-events: N` — content events of a streamed completion (default 5).
+* `x-emu-stream-interval-ms: MS` — wait before every streamed event after the first,
+  usage and `[DONE]` included (default 0).
+* `x-emu-id: ID` — the response's `id` is ID and its creation time is fixed
+  (1700000000), so that two answers can be compared byte for byte.
+
+Faults:
+
+Precedence: `x-emu-malformed` > `x-emu-reset: headers` > `x-emu-reset: body` >
+`x-emu-status` > the route. An `x-emu-*` value that cannot be parsed → 400 OpenAI error
+with `code: "emulator_bad_header"` naming the header. Request bodies are always read
+(drained) before the fault, so HTTP/1 connections stay reusable.
+
+* `x-emu-header-delay-ms: N` — wait N ms before the response (headers). If the client
+  closes meanwhile, the request is cancelled at once (HTTP/1: hyper notices the EOF;
+  HTTP/2: the stream reset drops the handler).
+* `x-emu-status: S` (200–599), `x-emu-body: SHAPE` (default `openai`), `x-emu-message:
+  TEXT` (default `emulated upstream failure`), `x-emu-code: CODE` (default
+  `emulated_error`; the literal `null` gives JSON null) → status S, any path, body:
+  * `openai` `{"error":{"message":TEXT,"type":"invalid_request_error","param":null,
+    "code":CODE}}`
+  * `error-string` `{"error":TEXT}`; `detail` `{"detail":TEXT}`; `detail-list`
+    `{"detail":[{"loc":["body","model"],"msg":TEXT,"type":"value_error"}]}`;
+    `detail-object` `{"detail":{"message":TEXT,"code":CODE}}`; `message`
+    `{"message":TEXT}`; `errors` `{"errors":[{"message":TEXT,"code":CODE}]}` — all
+    `application/json` (keys of these shapes are serialized in alphabetical order)
+  * `html` (`text/html`) `<!DOCTYPE html><html><head><title>S TEXT</title><style>body{…}
+    </style></head><body><h1>TEXT</h1><hr><center>ezlink-lb</center></body></html>`
+    (TEXT HTML-escaped)
+  * `text` TEXT as `text/plain`; `empty` no body, `content-length: 0`, no content-type;
+    `invalid-utf8` bytes `\xff\xfe` + TEXT + `\xc3\x28` as `text/plain`;
+    `invalid-json` `{"error": {"message": "TEXT"` (truncated) as `application/json`
+  * `huge` the `openai` shape whose message is TEXT followed by 2 MiB of `x`,
+    `application/json`, sent in 64 KiB frames without `content-length` (chunked).
+* `x-emu-encoding: gzip|deflate|br` — compress whatever body is sent (deflate = zlib
+  format) and set `content-encoding`. Complete bodies keep a `content-length`; streamed
+  ones (SSE, echo, huge) are compressed frame by frame with a sync flush, so every SSE
+  event is decodable on arrival. `empty` bodies are not encoded.
+* `x-emu-retry-after: V` → `retry-after: V`. `x-emu-ratelimit-headers: 1` →
+  `x-ratelimit-limit-requests: 100`, `x-ratelimit-remaining-requests: 0`,
+  `x-ratelimit-reset-requests: 1s`. Both on any response.
+* `x-emu-reset: headers` — no response at all: HTTP/1 closes the TCP connection with an
+  RST and zero bytes written; HTTP/2 resets the stream (RST_STREAM INTERNAL_ERROR).
+* `x-emu-reset: body` — 200 with `content-length: 1000`, 10 body bytes, then (~20 ms
+  later) the abort: HTTP/1 closes the connection (FIN, body incomplete), HTTP/2 resets
+  the stream.
+* `x-emu-malformed: 1` — on the first request of an HTTP/1 connection (plain or TLS):
+  `HTTP/1.1 abc garbage\r\n\r\n`, then close. Elsewhere (HTTP/2, later keep-alive
+  requests) it acts like `x-emu-reset: headers`.
+* Streamed chat/completions only, `k` counts content events (`k` ≥ N applies after all
+  N, before any error/usage/`[DONE]` event):
+  * `x-emu-cut-after: k` — after k events, ~20 ms later, abort (HTTP/1: connection
+    closed inside the chunked body; HTTP/2: stream reset).
+  * `x-emu-stall-after: k` — after k events send nothing more, keeping the connection
+    open until the client leaves (then the request is cancelled).
+  * `x-emu-stream-error-event: 1` — after the content events send
+    `event: error\ndata: {"error":{"message":"emulated in-stream error","type":
+    "server_error","code":"stream_error"}}\n\n` (after the usage chunk, if any), then
+    `data: [DONE]\n\n`.
+"##;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ezlink-emulator",
-    about = "Local stand-in for the EZLINK AI API, with per-request fault injection"
+    version = VERSION,
+    about = "Local stand-in for the EZLINK AI API, with per-request fault injection",
+    after_help = HEADERS
 )]
 struct Cli {
     /// Address to listen on; port 0 picks a free port.
