@@ -256,19 +256,9 @@ fn push_quoted(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
 }
 
-/// The decimal digits of `n`, written by hand (also for the `RateLimit` header).
-pub(crate) fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[i..]);
+/// The decimal digits of `n`.
+fn push_u64(buf: &mut Vec<u8>, n: u64) {
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `n` as exactly `width` digits (`n` is below `10^width`).

@@ -44,6 +44,7 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod stream;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;

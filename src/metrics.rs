@@ -12,7 +12,7 @@ use prometheus::{
 
 use crate::outcome::Outcome;
 use crate::route::Route;
-use crate::upstream::FailureKind;
+use crate::errors::FailureKind;
 
 /// From 100 µs to 10 minutes: quick refusals to long streams.
 const DURATION_BUCKETS: &[f64] = &[

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::access_log;
-use crate::errors::{GatewayError, Source};
+use crate::errors::{FailureKind, GatewayError, Source};
 use crate::limits::Permit;
 use crate::metrics::Metrics;
 use crate::route::Route;
-use crate::upstream::FailureKind;
 
 /// Status recorded for a request whose client disconnected before the response finished.
 pub const CLIENT_CLOSED: u16 = 499;

@@ -698,7 +698,7 @@ mod tests {
     }
 
     fn pool_with(base: &str, idle_timeout: Duration, http2_only: bool) -> Pool {
-        let tls = crate::upstream::client_tls(None).unwrap();
+        let tls = crate::tls::client_tls(None).unwrap();
         build_pool(base, idle_timeout, tls, http2_only, http2_only)
     }
 
@@ -795,7 +795,7 @@ mod tests {
             base.rsplit(':').next().unwrap_or("0")
         ));
         std::fs::write(&ca_file, ca.pem()).unwrap();
-        let tls = crate::upstream::client_tls(Some(&ca_file)).unwrap();
+        let tls = crate::tls::client_tls(Some(&ca_file)).unwrap();
         let _ = std::fs::remove_file(&ca_file);
         let base = base.replace("http://", "https://");
         let pool = build_pool(&base, Duration::from_secs(30), tls, false, true);

@@ -680,46 +680,13 @@ pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
         return (secs.is_finite() && secs >= 0.0)
             .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
-    let when = httpdate_parse(s)?;
+    // An HTTP date (IMF-fixdate, or the obsolete RFC 850 and asctime forms).
+    let when = httpdate::parse_http_date(s).ok()?;
     Some(
         when.duration_since(std::time::SystemTime::now())
             .unwrap_or_default()
             .min(Duration::from_secs(86_400)),
     )
-}
-
-/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form RFC 9110 requires senders to use.
-fn httpdate_parse(s: &str) -> Option<std::time::SystemTime> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if parts.len() != 6 || parts[5] != "GMT" {
-        return None;
-    }
-    let day: u64 = parts[1].parse().ok()?;
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ]
-    .iter()
-    .position(|m| *m == parts[2])? as u64
-        + 1;
-    let year: u64 = parts[3].parse().ok()?;
-    let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
-    if hms.len() != 3 || !(1970..=9999).contains(&year) || !(1..=31).contains(&day) {
-        return None;
-    }
-    // Days since the epoch (civil from Howard Hinnant's algorithm).
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe;
-    let days = days.checked_sub(719_468)?;
-    let secs = days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2];
-    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 pin_project_lite::pin_project! {
@@ -760,10 +727,6 @@ mod tests {
         assert_eq!(
             parse_retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT")),
             Some(Duration::ZERO)
-        );
-        assert_eq!(
-            httpdate_parse("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(std::time::UNIX_EPOCH + Duration::from_secs(784_111_777))
         );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
         assert!(parse_retry_after(&HeaderValue::from_static("99999999"))

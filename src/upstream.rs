@@ -6,7 +6,6 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,40 +17,10 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::config::{Http2, Settings, UpstreamConfig};
-use crate::errors::{GatewayError, TimeoutPhase};
+use crate::errors::{FailureKind, GatewayError, TimeoutPhase};
 use crate::pool::{ConnectError, Pool, PoolConfig, UpstreamBody};
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
-
-/// Why an upstream exchange failed: the `kind` label of `ezgate_upstream_failures_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    Connect,
-    Tls,
-    Timeout,
-    Reset,
-    Protocol,
-}
-
-impl FailureKind {
-    pub const ALL: [FailureKind; 5] = [
-        FailureKind::Connect,
-        FailureKind::Tls,
-        FailureKind::Timeout,
-        FailureKind::Reset,
-        FailureKind::Protocol,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Connect => "connect",
-            FailureKind::Tls => "tls",
-            FailureKind::Timeout => "timeout",
-            FailureKind::Reset => "reset",
-            FailureKind::Protocol => "protocol",
-        }
-    }
-}
 
 /// An upstream failure: what the client is told, and what the metrics count.
 #[derive(Debug)]
@@ -329,31 +298,8 @@ impl Upstream {
 }
 
 fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
-    client_tls(cfg.ca_file.as_deref()).map_err(|e| e.replace("ca_file:", "upstream.ca_file:"))
-}
-
-/// A rustls client config trusting the bundled roots, the system's, and `ca_file`.
-pub fn client_tls(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A broken system certificate is skipped; the bundled roots remain.
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = ca_file {
-        let certs = crate::server::read_certs(path).map_err(|e| format!("ca_file: {e}"))?;
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| format!("ca_file: {}: {e}", path.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .map_err(|e| format!("upstream TLS setup failed: {e}"))
+    crate::tls::client_tls(cfg.ca_file.as_deref())
+        .map_err(|e| e.replace("ca_file:", "upstream.ca_file:"))
 }
 
 /// The one place upstream client errors become a gateway error and a failure kind, by

@@ -25,7 +25,6 @@ use governor::clock::{Clock, DefaultClock, Reference};
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
-use crate::access_log::push_u64;
 use crate::clients::{glob_match, Caller};
 use crate::config::{ClientConfig, LimitConfig, Mode, OnLimit, Rate, Store};
 use crate::errors::{GatewayError, Quota};
@@ -939,9 +938,10 @@ fn ratelimit_headers(t: &Remaining<'_>) -> Vec<(HeaderName, HeaderValue)> {
     now.push(b'"');
     now.extend_from_slice(t.name.as_bytes());
     now.extend_from_slice(b"\";r=");
-    push_u64(&mut now, t.remaining);
+    let mut digits = itoa::Buffer::new();
+    now.extend_from_slice(digits.format(t.remaining).as_bytes());
     now.extend_from_slice(b";t=");
-    push_u64(&mut now, reset);
+    now.extend_from_slice(digits.format(reset).as_bytes());
     let mut headers = Vec::with_capacity(2);
     if !t.policy_header.is_empty() {
         headers.push((

@@ -100,7 +100,7 @@ impl RedisStore {
         let target = Target::parse(cfg.url.expose()).map_err(|e| format!("redis.url: {e}"))?;
         let tls = if target.tls {
             Some(
-                crate::upstream::client_tls(cfg.ca_file.as_deref())
+                crate::tls::client_tls(cfg.ca_file.as_deref())
                     .map_err(|e| format!("redis: {e}"))?,
             )
         } else {

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,15 +10,13 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 mod refusals;
 
-use crate::config::{Settings, TlsConfig};
+use crate::config::Settings;
 use crate::proxy::{self, ConnWatch, Gateway};
 
 /// Largest request head (request line + headers) a client may send; beyond it: 431.
@@ -38,7 +35,9 @@ impl Listeners {
         let s = &settings.config.server;
         // Build TLS first: a bad certificate must fail before anything is bound.
         let tls = match &s.tls {
-            Some(cfg) => Some(tls_acceptor(cfg)?),
+            Some(cfg) => Some(TlsAcceptor::from(crate::tls::server_config(
+                &cfg.cert, &cfg.key,
+            )?)),
             None => None,
         };
         let proxy = TcpListener::bind(s.listen).await.map_err(|e| {
@@ -55,32 +54,6 @@ impl Listeners {
         })?;
         Ok(Listeners { proxy, admin, tls })
     }
-}
-
-pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect();
-    let certs = certs.map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no PEM certificates found", path.display()));
-    }
-    Ok(certs)
-}
-
-pub fn tls_acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, String> {
-    let certs = read_certs(&cfg.cert).map_err(|e| format!("server.tls.cert: {e}"))?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key)
-        .map_err(|e| format!("server.tls.key: {}: {e}", cfg.key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("server.tls: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("server.tls: certificate and key do not form a usable pair: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The two protocol builders. A plain connection's first bytes, looked at without taking

@@ -20,7 +20,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::errors::GatewayError;
 use crate::outcome::Outcome;
-use crate::upstream::{classify, BoxError, FailureKind};
+use crate::errors::FailureKind;
+use crate::upstream::{classify, BoxError};
 use sse::{Pass, SseReader};
 
 /// Most bytes of a JSON response kept to read its `usage` at the end.
