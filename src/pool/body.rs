@@ -1,0 +1,119 @@
+//! The response body, which gives its connection back when it has been read to its end.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+
+use super::http2::Stream;
+use super::Shared;
+use crate::upstream::RequestBody;
+
+/// What a response body holds of its connection until its end.
+pub(super) enum Back {
+    /// Nothing more (the body ended, or failed).
+    Done,
+    /// An HTTP/1.1 connection on loan, which goes back to the pool.
+    H1(http1::SendRequest<RequestBody>, Arc<Shared>),
+    /// A stream's place on a shared HTTP/2 connection, freed when dropped.
+    H2 { _stream: Stream },
+}
+
+/// An upstream response body; its end returns the connection to the pool.
+pub struct UpstreamBody {
+    inner: Incoming,
+    back: Back,
+}
+
+impl UpstreamBody {
+    pub(super) fn new(inner: Incoming, back: Back) -> UpstreamBody {
+        let mut body = UpstreamBody { inner, back };
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Back::H1(tx, shared) = std::mem::replace(&mut self.back, Back::Done) {
+            shared.put_back(tx);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            // An error: the connection is not reusable; dropping the sender closes it.
+            Poll::Ready(Some(Err(_))) => this.back = Back::Done,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+
+    use crate::pool::tests::{get, pool, upstream};
+
+    #[tokio::test]
+    async fn a_large_body_read_to_its_end_gives_its_connection_back() {
+        let (base, accepted) = upstream(false).await;
+        let pool = pool(&base, Duration::from_secs(30));
+        for _ in 0..3 {
+            let body = get(&pool, "/big").await.into_body();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            assert_eq!(bytes.len(), 1 << 20);
+            assert!(bytes.iter().all(|&b| b == b'x'));
+            assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_takes_its_connection_along() {
+        let (base, accepted) = upstream(false).await;
+        let pool = pool(&base, Duration::from_secs(30));
+        let mut body = get(&pool, "/big").await.into_body();
+        let _first = body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a half-read connection is never pooled"
+        );
+        let resp = get(&pool, "/").await;
+        assert_eq!(
+            resp.into_body().collect().await.unwrap().to_bytes().len(),
+            11
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+}

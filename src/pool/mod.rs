@@ -1,0 +1,312 @@
+//! Connections to the one upstream, reused across requests.
+//!
+//! ezgate talks to a single origin, so its pool is a stack, not a map: idle HTTP/1.1
+//! connections wait in a `Vec` (the most recently used is taken first). When the upstream
+//! speaks HTTP/2 (chosen by ALPN over TLS, or `upstream.http2 = "always"`), requests share
+//! connections as streams: each connection carries as many as the upstream allows at once
+//! (its `SETTINGS_MAX_CONCURRENT_STREAMS`), and a request that finds them all full opens
+//! another connection instead of queueing behind streams that may last minutes (SSE) — or,
+//! while another request is already opening one, waits for that one: a burst of requests
+//! at startup opens a few connections, not one per request. Until the first connection says
+//! which protocol the upstream speaks, HTTP/2 is expected wherever ALPN offers it; if the
+//! upstream picks HTTP/1.1, the requests that waited open their own connections.
+//! An HTTP/1.1 connection goes back on the stack when its response body has been read to
+//! the end — by [`UpstreamBody`], on the request's own task, with no extra task per request.
+//! A body dropped before its end (client gone, error body cut short) takes the connection
+//! with it, and hyper closes it: a half-read connection is never reused.
+//!
+//! Each connection's I/O runs on a task of its own. (Driving an HTTP/1.1 connection from the
+//! request's task instead, which saves that task and its wake-ups, measured 5–10 % more CPU
+//! per request: the client connection's task then polls both sides on every wake-up.)
+//!
+//! A request that finds its pooled connection closed before anything was written (the
+//! upstream closed an idle keep-alive connection) is retried once on a new connection;
+//! once written, it is never retried.
+//!
+//! A sweeper task drops connections idle longer than `upstream.pool_idle_timeout`, and ends
+//! with the pool, and HTTP/2 connections left without streams for as long.
+//!
+//! Where things are: the pool, [`Pool::send`] and the connector here; the HTTP/1.1 idle stack
+//! in `http1.rs`; HTTP/2 sharing, and the requests waiting for a connection being opened, in
+//! `http2.rs`; the sweeper in `sweep.rs`; the response body that gives a connection back in
+//! `body.rs`.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::client::conn;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
+
+use crate::upstream::RequestBody;
+
+mod body;
+mod http1;
+mod http2;
+mod sweep;
+#[cfg(test)]
+mod tests;
+
+pub use body::UpstreamBody;
+
+use body::Back;
+use http1::Idle;
+use http2::{Opening, OpeningGuard, Stream, H2};
+use sweep::sweep_forever;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// An upstream connection's byte stream, boxed: the connector's type is sized for a TLS session
+/// (1,112 bytes) even on plain TCP, and hyper keeps it inline in every connection's task and,
+/// over HTTP/2, in every task it spawns to send a request body. The upstream stream keeps that
+/// task's waker, and so its memory, until the response ends: minutes for a completion stream.
+type UpstreamIo =
+    Box<hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>>;
+
+/// The connection to the upstream could not be made (TCP, DNS or TLS).
+#[derive(Debug)]
+pub struct ConnectError(pub BoxError);
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "connecting to the upstream: {}", self.0)
+    }
+}
+
+impl StdError for ConnectError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// Pool settings.
+pub struct PoolConfig {
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    /// HTTP/2 on every connection, negotiated or not (prior knowledge on `http://`).
+    pub http2_only: bool,
+    /// HTTP/2 offered by ALPN on `https://` connections.
+    pub http2_offered: bool,
+}
+
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`, what the connector dials.
+    base: Uri,
+    scheme: Scheme,
+    authority: Authority,
+    host: HeaderValue,
+    h1: conn::http1::Builder,
+    h2: conn::http2::Builder<TokioExecutor>,
+    http2_only: bool,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Vec<H2>>,
+    max_idle: usize,
+    /// Sweeper ticks: a coarse clock, so returning a connection reads no clock.
+    tick: AtomicU64,
+    /// Ticks after which an idle connection is dropped.
+    idle_ticks: u64,
+    /// HTTP/2 connections being opened, and the requests waiting for them.
+    opening: Mutex<Opening>,
+    /// Notified when an HTTP/2 connection being opened is ready, or failed.
+    opened: tokio::sync::Notify,
+    /// The last connection made spoke HTTP/2 (so the next one most likely will).
+    h2_seen: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn idle(&self) -> MutexGuard<'_, Vec<Idle>> {
+        // A panic while holding the lock leaves a valid Vec behind: keep using it.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn h2(&self) -> MutexGuard<'_, Vec<H2>> {
+        self.h2.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn opening(&self) -> MutexGuard<'_, Opening> {
+        self.opening.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A connection to send one request on.
+enum Conn {
+    H1(conn::http1::SendRequest<RequestBody>),
+    H2(conn::http2::SendRequest<RequestBody>, Stream),
+}
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        scheme: Scheme,
+        authority: Authority,
+        cfg: PoolConfig,
+    ) -> Result<Pool, String> {
+        let base = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("upstream.base_url: {e}"))?;
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| format!("upstream.base_url: host: {e}"))?;
+        let mut h1 = conn::http1::Builder::new();
+        // One write per message: headers and a small body leave together.
+        h1.writev(false);
+        let mut h2 = conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        // The sweeper ticks a few times per idle timeout, at most once per second.
+        let tick = (cfg.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let idle_ticks = (cfg.idle_timeout.as_nanos() / tick.as_nanos().max(1)) as u64;
+        let shared = Arc::new(Shared {
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(Vec::new()),
+            max_idle: cfg.max_idle,
+            tick: AtomicU64::new(0),
+            idle_ticks,
+            opening: Mutex::new(Opening::default()),
+            opened: tokio::sync::Notify::new(),
+            // Until the first connection says, HTTP/2 is expected wherever it is offered: a
+            // burst at startup then waits for the first connection instead of opening one per
+            // request (if the upstream picks HTTP/1.1, the waiters open their own).
+            h2_seen: std::sync::atomic::AtomicBool::new(
+                cfg.http2_only || (cfg.http2_offered && scheme == Scheme::HTTPS),
+            ),
+        });
+        // ezgate builds its pools inside the runtime; a pool built outside one (a test of
+        // config parsing, say) never sends, so it has nothing to sweep.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep_forever(Arc::downgrade(&shared), tick));
+        }
+        Ok(Pool {
+            connector,
+            base,
+            scheme,
+            authority,
+            host,
+            h1,
+            h2,
+            http2_only: cfg.http2_only,
+            shared,
+        })
+    }
+
+    /// Sends a request for `path` on a pooled connection (or a new one); resolves with the
+    /// response headers. The request's URI is set here, and `Host` for HTTP/1.1.
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+        path: PathAndQuery,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        let mut reused = true;
+        let mut conn = self.checkout();
+        loop {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => {
+                    reused = false;
+                    match self.shared.place_or_open().await {
+                        Ok(c) => c,
+                        // Boxed: the connect future is large and rarely needed; every
+                        // request would otherwise carry (and move) it.
+                        Err(opening) => Box::pin(self.connect(opening)).await?,
+                    }
+                }
+            };
+            match c {
+                Conn::H2(mut tx, stream) => {
+                    *req.uri_mut() = self.absolute(path.clone())?;
+                    req.headers_mut().remove(HOST);
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => {
+                            return Ok(
+                                resp.map(|b| UpstreamBody::new(b, Back::H2 { _stream: stream }))
+                            )
+                        }
+                        Err(mut e) => match e.take_message() {
+                            // Never sent (the connection was going away): once more, on a new one.
+                            Some(again) if reused => {
+                                req = again;
+                                reused = false;
+                            }
+                            _ => return Err(e.into_error().into()),
+                        },
+                    }
+                }
+                Conn::H1(mut tx) => {
+                    if tx.ready().await.is_err() {
+                        if reused {
+                            // Closed while idle: the next pooled one, or a new one.
+                            conn = self.checkout();
+                            continue;
+                        }
+                        return Err("the new upstream connection closed at once".into());
+                    }
+                    *req.uri_mut() = Uri::from(path.clone());
+                    req.headers_mut().insert(HOST, self.host.clone());
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => {
+                            let back = Back::H1(tx, Arc::clone(&self.shared));
+                            return Ok(resp.map(|b| UpstreamBody::new(b, back)));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            // Never written: safe to send again, once, on a new connection.
+                            Some(again) if reused => {
+                                req = again;
+                                reused = false;
+                            }
+                            _ => return Err(e.into_error().into()),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    fn absolute(&self, path: PathAndQuery) -> Result<Uri, BoxError> {
+        Ok(Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()?)
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        self.shared
+            .h2_stream()
+            .or_else(|| self.shared.take().map(Conn::H1))
+    }
+
+    /// Opens a connection; `_opening`, held until it is made or has failed, lets other
+    /// requests wait for it.
+    async fn connect(&self, _opening: Option<OpeningGuard<'_>>) -> Result<Conn, BoxError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(ConnectError)?;
+        let io = connector
+            .call(self.base.clone())
+            .await
+            .map_err(ConnectError)?;
+        let h2 = self.http2_only || io.connected().is_negotiated_h2();
+        self.shared.h2_seen.store(h2, Ordering::Relaxed);
+        let io: UpstreamIo = Box::new(io);
+        if h2 {
+            self.handshake_h2(io).await
+        } else {
+            self.handshake_h1(io).await
+        }
+    }
+}
