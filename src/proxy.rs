@@ -32,10 +32,10 @@ use crate::headers::{self, X_REQUEST_ID};
 use crate::limits::{LimitRequest, Limits};
 use crate::metrics::Metrics;
 use crate::outcome::{ClientLabel, Outcome};
-use crate::pool::UpstreamBody;
+use crate::pool::{RequestBody, UpstreamBody};
 use crate::route::{PathError, Route};
 use crate::stream::{ResponseBody, Watch};
-use crate::upstream::{RequestBody, Upstream};
+use crate::upstream::Upstream;
 
 /// Everything a request needs that a config reload replaces at once.
 pub struct State {

@@ -1,197 +1,26 @@
-//! The upstream side: where requests go (base URL and path prefix), the request body type,
-//! the response timeout, and the one place where client errors are classified. The
-//! connections themselves are in [`crate::pool`] (rustls, ALPN h2/http1.1).
+//! The upstream side: where requests go (base URL and path prefix), the response timeout,
+//! and the one place where client errors are classified. The connections and the request
+//! body sent on them are in [`crate::pool`] (rustls, ALPN h2/http1.1).
 
 use std::error::Error as StdError;
-use std::fmt;
-use std::future::Future as _;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::config::{Http2, Settings, UpstreamConfig};
 use crate::errors::{FailureKind, GatewayError, TimeoutPhase};
-use crate::pool::{ConnectError, Pool, PoolConfig, UpstreamBody};
-
-pub type BoxError = Box<dyn StdError + Send + Sync>;
+use crate::pool::{
+    BodyStalled, BodyTooLarge, ClientBodyFailed, ConnectError, Pool, PoolConfig, RequestBody,
+    UpstreamBody,
+};
 
 /// An upstream failure: what the client is told, and what the metrics count.
 #[derive(Debug)]
 pub struct Failure {
     pub error: GatewayError,
     pub kind: Option<FailureKind>,
-}
-
-/// The request body sent upstream: the client's body streamed through a size cap and an
-/// inactivity deadline, or a body ezgate already holds.
-pub struct RequestBody {
-    inner: Inner,
-    seen: u64,
-    max: u64,
-    /// Longest pause allowed between two frames of the client's body.
-    idle: Duration,
-    /// Armed at the first pending poll, reset by every frame.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-enum Inner {
-    Stream(Incoming),
-    /// A body ezgate holds, in up to three pieces sent in order (a body with a splice).
-    Full {
-        parts: [Bytes; 3],
-        next: usize,
-        left: u64,
-    },
-}
-
-/// Largest frame of a body ezgate holds, as it is sent upstream.
-const MAX_FRAME: usize = 64 * 1024;
-
-/// The client's body went over `server.max_request_body` while streaming.
-#[derive(Debug)]
-pub struct BodyTooLarge(pub u64);
-
-impl fmt::Display for BodyTooLarge {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "request body exceeds {} bytes", self.0)
-    }
-}
-
-impl StdError for BodyTooLarge {}
-
-/// The client's body paused longer than `server.request_body_timeout`.
-#[derive(Debug)]
-pub struct BodyStalled(pub Duration);
-
-impl fmt::Display for BodyStalled {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the request body stalled for {:?}", self.0)
-    }
-}
-
-impl StdError for BodyStalled {}
-
-/// The client's body failed (the client went away mid-body): the client's fault, not the
-/// upstream's.
-#[derive(Debug)]
-pub struct ClientBodyFailed(pub hyper::Error);
-
-impl fmt::Display for ClientBodyFailed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the client's request body failed ({})", self.0)
-    }
-}
-
-impl StdError for ClientBodyFailed {}
-
-impl RequestBody {
-    /// The client's body, streamed; refused past `max` bytes or a pause of `idle`.
-    pub fn stream(body: Incoming, max: u64, idle: Duration) -> Self {
-        RequestBody {
-            inner: Inner::Stream(body),
-            seen: 0,
-            max,
-            idle,
-            stall: None,
-        }
-    }
-
-    pub fn full(bytes: Bytes) -> Self {
-        Self::pieces([bytes, Bytes::new(), Bytes::new()])
-    }
-
-    /// A body made of `parts`, sent one after the other.
-    pub fn pieces(parts: [Bytes; 3]) -> Self {
-        let left = parts.iter().map(|p| p.len() as u64).sum();
-        RequestBody {
-            inner: Inner::Full {
-                parts,
-                next: 0,
-                left,
-            },
-            seen: 0,
-            max: u64::MAX,
-            idle: Duration::MAX,
-            stall: None,
-        }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match &mut this.inner {
-            Inner::Full { parts, next, left } => {
-                while let Some(part) = parts.get_mut(*next) {
-                    if part.is_empty() {
-                        *next += 1;
-                        continue;
-                    }
-                    // In frames of at most 64 KiB (slices, not copies): hyper copies each
-                    // frame into its write buffer, which it bounds only between frames.
-                    let frame = part.split_to(part.len().min(MAX_FRAME));
-                    *left -= frame.len() as u64;
-                    return Poll::Ready(Some(Ok(Frame::data(frame))));
-                }
-                Poll::Ready(None)
-            }
-            Inner::Stream(body) => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        this.seen += data.len() as u64;
-                        if this.seen > this.max {
-                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.max)))));
-                        }
-                    }
-                    if let Some(stall) = &mut this.stall {
-                        stall
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + this.idle);
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyFailed(e))))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => {
-                    let idle = this.idle;
-                    let stall = this
-                        .stall
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                    match stall.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(idle))))),
-                        Poll::Pending => Poll::Pending,
-                    }
-                }
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Full { left, .. } => *left == 0,
-            Inner::Stream(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Full { left, .. } => SizeHint::with_exact(*left),
-            Inner::Stream(body) => body.size_hint(),
-        }
-    }
 }
 
 /// The pooled upstream client and where it points.

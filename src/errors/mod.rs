@@ -42,6 +42,9 @@ impl FailureKind {
     }
 }
 
+/// An error of any kind, as bodies and clients hand them around.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Which piece of the upstream exchange ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeoutPhase {

@@ -11,7 +11,7 @@ use hyper::client::conn::http1;
 
 use super::http2::Stream;
 use super::Shared;
-use crate::upstream::RequestBody;
+use super::RequestBody;
 
 /// What a response body holds of its connection until its end.
 pub(super) enum Back {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use hyper::client::conn::http1;
 
 use super::{BoxError, Conn, Pool, Shared, UpstreamIo};
-use crate::upstream::RequestBody;
+use super::RequestBody;
 
 pub(super) struct Idle {
     pub(super) tx: http1::SendRequest<RequestBody>,

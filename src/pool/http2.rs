@@ -8,7 +8,7 @@ use std::sync::Arc;
 use hyper::client::conn::http2;
 
 use super::{BoxError, Conn, Pool, Shared, UpstreamIo};
-use crate::upstream::RequestBody;
+use super::RequestBody;
 
 /// Streams an HTTP/2 connection is assumed to allow until the upstream's SETTINGS say (the
 /// least RFC 9113 recommends servers allow).
@@ -199,7 +199,7 @@ mod tests {
 
     use crate::pool::tests::{get, pool_with, tls_upstream, upstream_h2};
     use crate::pool::{BoxError, ConnectError, Pool, UpstreamBody};
-    use crate::upstream::RequestBody;
+    use super::RequestBody;
 
     /// `n` requests for `/` sent at once, each on a task of its own.
     fn send_at_once(

@@ -46,23 +46,23 @@ use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
-use crate::upstream::RequestBody;
-
 mod body;
 mod http1;
 mod http2;
+mod request;
 mod sweep;
 #[cfg(test)]
 mod tests;
 
 pub use body::UpstreamBody;
+pub use request::{BodyStalled, BodyTooLarge, ClientBodyFailed, RequestBody};
 
 use body::Back;
 use http1::Idle;
 use http2::{Opening, OpeningGuard, Stream, H2};
 use sweep::sweep_forever;
 
-type BoxError = Box<dyn StdError + Send + Sync>;
+use crate::errors::BoxError;
 
 /// An upstream connection's byte stream, boxed: the connector's type is sized for a TLS session
 /// (1,112 bytes) even on plain TCP, and hyper keeps it inline in every connection's task and,

@@ -20,8 +20,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::errors::GatewayError;
 use crate::outcome::Outcome;
-use crate::errors::FailureKind;
-use crate::upstream::{classify, BoxError};
+use crate::errors::{BoxError, FailureKind};
+use crate::upstream::classify;
 use sse::{Pass, SseReader};
 
 /// Most bytes of a JSON response kept to read its `usage` at the end.
