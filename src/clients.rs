@@ -208,25 +208,6 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-pub fn validate(clients: &[ClientConfig], problems: &mut Vec<String>) {
-    let mut names = std::collections::HashSet::new();
-    for (i, c) in clients.iter().enumerate() {
-        if c.name.trim().is_empty() {
-            problems.push(format!("clients[{i}].name: must not be empty"));
-        }
-        if !names.insert(c.name.as_str()) {
-            problems.push(format!(
-                "clients[{i}].name: duplicate client name \"{}\"",
-                c.name
-            ));
-        }
-        if parse_hex32(&c.key_sha256).is_none() {
-            problems.push(format!(
-                "clients[{i}].key_sha256: must be 64 hex digits, the SHA-256 of the client's key (e.g. `printf %s \"$KEY\" | sha256sum`)"
-            ));
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,10 @@
 //! Every problem names the file and the key path. Nothing here binds or spawns.
 
 mod parse;
+mod display;
+mod redis_url;
 pub mod units;
+mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -12,7 +15,8 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
-pub use units::{ByteSize, Dur, Rate, Secret};
+pub use redis_url::RedisTarget;
+pub use units::{ByteSize, Dur, LimitKey, Rate, Secret};
 
 pub const DEFAULT_UPSTREAM: &str = "https://api.ezlinkai.com";
 /// Default cap on keys each policy tracks.
@@ -258,6 +262,7 @@ pub struct MatchConfig {
 #[serde(deny_unknown_fields)]
 pub struct LimitConfig {
     pub name: String,
+    /// What the policy keys on: a [`LimitKey`] (checked when the config is read).
     pub key: String,
     pub requests: Option<Rate>,
     pub burst: Option<u32>,
@@ -287,6 +292,11 @@ impl LimitConfig {
 
     pub fn effective_default_tokens(&self) -> u32 {
         self.default_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)
+    }
+
+    /// The parsed `key` ([`LimitKey::Global`] for one that failed validation).
+    pub fn limit_key(&self) -> LimitKey {
+        LimitKey::try_from(self.key.clone()).unwrap_or(LimitKey::Global)
     }
 
     pub fn effective_max_keys(&self) -> usize {
@@ -428,7 +438,7 @@ impl Settings {
                     _ => problems.push(format!("redis.url: environment variable {var} is not set; export it or write the URL")),
                 },
                 None => {
-                    if let Err(e) = crate::limits::redis::Target::parse(redis.url.expose()) {
+                    if let Err(e) = RedisTarget::parse(redis.url.expose()) {
                         problems.push(format!("redis.url: {e}"));
                     }
                 }
@@ -454,7 +464,7 @@ impl Settings {
                 None
             }
         };
-        validate(&config, &mut problems);
+        validate::validate(&config, &mut problems);
         let mut from_flags = Vec::new();
         for (set, key) in [
             (overrides.listen.is_some(), "server.listen"),
@@ -517,164 +527,6 @@ fn parse_base_url(s: &str) -> Result<Uri, String> {
         return Err(format!("\"{s}\" must not have a query"));
     }
     Ok(uri)
-}
-
-fn validate(c: &Config, problems: &mut Vec<String>) {
-    if c.server.max_request_body.0 == 0 {
-        problems.push("server.max_request_body: must be above zero".to_owned());
-    }
-    if c.server.max_inflight == 0 {
-        problems.push("server.max_inflight: must be above zero".to_owned());
-    }
-    for (name, d) in [
-        ("upstream.connect_timeout", c.upstream.connect_timeout),
-        ("upstream.response_timeout", c.upstream.response_timeout),
-        (
-            "upstream.stream_idle_timeout",
-            c.upstream.stream_idle_timeout,
-        ),
-        ("server.header_read_timeout", c.server.header_read_timeout),
-        ("server.request_body_timeout", c.server.request_body_timeout),
-    ] {
-        if d.0.is_zero() {
-            problems.push(format!("{name}: must be above zero"));
-        }
-    }
-    if let Err(e) = units::log_filter(&c.log.level) {
-        problems.push(format!("log.level: {e}"));
-    }
-    if !c.clients.is_empty() && c.upstream.api_key.is_none() {
-        problems.push(
-            "clients: [[clients]] needs upstream.api_key (managed mode); otherwise client keys would be forwarded upstream"
-                .to_owned(),
-        );
-    }
-    crate::clients::validate(&c.clients, problems);
-    crate::limits::validate(&c.limits, &c.clients, problems);
-}
-
-/// `check-config` output: the effective config as TOML-like text, secrets redacted.
-impl fmt::Display for Settings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
-        let s = &c.server;
-        writeln!(f, "# effective configuration from {}", self.source)?;
-        writeln!(f, "[server]")?;
-        writeln!(f, "listen = \"{}\"", s.listen)?;
-        writeln!(f, "admin_listen = \"{}\"", s.admin_listen)?;
-        writeln!(f, "max_request_body = \"{}\"", s.max_request_body)?;
-        writeln!(f, "shutdown_grace = \"{}\"", s.shutdown_grace)?;
-        writeln!(f, "header_read_timeout = \"{}\"", s.header_read_timeout)?;
-        writeln!(f, "request_body_timeout = \"{}\"", s.request_body_timeout)?;
-        writeln!(f, "max_inflight = {}", s.max_inflight)?;
-        writeln!(f, "worker_threads = {}", s.worker_threads)?;
-        if let Some(tls) = &s.tls {
-            writeln!(f, "tls = {{ cert = {:?}, key = {:?} }}", tls.cert, tls.key)?;
-        }
-        let u = &c.upstream;
-        writeln!(f, "\n[upstream]")?;
-        writeln!(f, "base_url = \"{}\"", u.base_url)?;
-        if let Some(k) = &u.api_key {
-            writeln!(f, "api_key = \"{k}\"")?;
-        }
-        writeln!(f, "connect_timeout = \"{}\"", u.connect_timeout)?;
-        writeln!(f, "response_timeout = \"{}\"", u.response_timeout)?;
-        writeln!(f, "stream_idle_timeout = \"{}\"", u.stream_idle_timeout)?;
-        writeln!(f, "pool_idle_timeout = \"{}\"", u.pool_idle_timeout)?;
-        writeln!(f, "pool_max_idle_per_host = {}", u.pool_max_idle_per_host)?;
-        writeln!(f, "http2 = \"{}\"", u.http2)?;
-        writeln!(f, "max_retry_after = \"{}\"", u.max_retry_after)?;
-        writeln!(f, "stream_usage = {}", u.stream_usage)?;
-        if let Some(ca) = &u.ca_file {
-            writeln!(f, "ca_file = {ca:?}")?;
-        }
-        writeln!(f, "\n[log]")?;
-        let format = match c.log.format {
-            LogFormat::Json => "json",
-            LogFormat::Text => "text",
-        };
-        writeln!(f, "format = \"{format}\"\nlevel = \"{}\"", c.log.level)?;
-        writeln!(f, "access_log = {}", c.log.access_log)?;
-        for cl in &c.clients {
-            writeln!(
-                f,
-                "\n[[clients]]\nname = \"{}\"\nkey_sha256 = \"<redacted>\"",
-                cl.name
-            )?;
-            if !cl.models.is_empty() {
-                writeln!(f, "models = {:?}", cl.models)?;
-            }
-        }
-        if let Some(r) = &c.redis {
-            writeln!(f, "\n[redis]\nurl = \"{}\"", r.url)?;
-            writeln!(
-                f,
-                "timeout = \"{}\"\nconnect_timeout = \"{}\"",
-                r.timeout, r.connect_timeout
-            )?;
-            let on_failure = if r.on_failure == OnFailure::Deny {
-                "deny"
-            } else {
-                "local"
-            };
-            writeln!(
-                f,
-                "replicas = {}\non_failure = \"{on_failure}\"",
-                r.replicas
-            )?;
-            writeln!(f, "concurrency_lease = \"{}\"", r.concurrency_lease)?;
-        }
-        for l in &c.limits {
-            writeln!(
-                f,
-                "\n[[limits]]\nname = \"{}\"\nkey = \"{}\"",
-                l.name, l.key
-            )?;
-            let store = if l.store == Store::Redis {
-                "redis"
-            } else {
-                "local"
-            };
-            writeln!(f, "store = \"{store}\"")?;
-            if let Some(r) = l.requests {
-                writeln!(f, "requests = \"{r}\"")?;
-            }
-            if let Some(b) = l.effective_burst() {
-                writeln!(f, "burst = {b}")?;
-            }
-            if let Some(t) = l.tokens {
-                writeln!(f, "tokens = \"{t}\"")?;
-                writeln!(f, "default_tokens = {}", l.effective_default_tokens())?;
-            }
-            if let Some(n) = l.concurrency {
-                writeln!(f, "concurrency = {n}")?;
-            }
-            let m = &l.matches;
-            if !(m.routes.is_empty() && m.models.is_empty() && m.clients.is_empty()) {
-                writeln!(
-                    f,
-                    "match = {{ routes = {:?}, models = {:?}, clients = {:?} }}",
-                    m.routes, m.models, m.clients
-                )?;
-            }
-            let mode = if l.mode == Mode::Shadow {
-                "shadow"
-            } else {
-                "enforce"
-            };
-            let on_limit = if l.on_limit == OnLimit::Wait {
-                "wait"
-            } else {
-                "reject"
-            };
-            writeln!(f, "mode = \"{mode}\"\non_limit = \"{on_limit}\"")?;
-            if let Some(w) = l.max_wait {
-                writeln!(f, "max_wait = \"{w}\"")?;
-            }
-            writeln!(f, "max_keys = {}", l.effective_max_keys())?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -208,6 +208,55 @@ pub fn log_filter(s: &str) -> Result<(), String> {
         .map_err(|e| format!("\"{s}\" is not a log filter ({e}); {hint}"))
 }
 
+/// What a policy keys on, written `client`, `api_key`, `ip`, `header:<name>`, `model` or
+/// `global`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitKey {
+    Client,
+    ApiKey,
+    Ip,
+    Header(http::HeaderName),
+    Model,
+    Global,
+}
+
+impl TryFrom<String> for LimitKey {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Ok(match s.as_str() {
+            "client" => LimitKey::Client,
+            "api_key" => LimitKey::ApiKey,
+            "ip" => LimitKey::Ip,
+            "model" => LimitKey::Model,
+            "global" => LimitKey::Global,
+            other => match other.strip_prefix("header:") {
+                Some(h) => LimitKey::Header(
+                    http::HeaderName::from_bytes(h.trim().as_bytes())
+                        .map_err(|_| format!("\"{other}\" names an invalid header"))?,
+                ),
+                None => {
+                    return Err(format!(
+                        "\"{other}\" is not a key kind; use client, api_key, ip, header:<name>, model or global"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl fmt::Display for LimitKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitKey::Client => f.write_str("client"),
+            LimitKey::ApiKey => f.write_str("api_key"),
+            LimitKey::Ip => f.write_str("ip"),
+            LimitKey::Header(h) => write!(f, "header:{h}"),
+            LimitKey::Model => f.write_str("model"),
+            LimitKey::Global => f.write_str("global"),
+        }
+    }
+}
+
 /// A secret: a literal, or `"${VAR}"` read from the environment when the config loads.
 /// Its `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq, Deserialize)]

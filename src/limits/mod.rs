@@ -14,7 +14,6 @@ pub mod shared;
 pub mod store;
 pub mod tokens;
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -26,7 +25,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 
 use crate::clients::{glob_match, Caller};
-use crate::config::{ClientConfig, LimitConfig, Mode, OnLimit, Rate, Store};
+use crate::config::{LimitConfig, LimitKey, Mode, OnLimit, Rate, Store};
 use crate::errors::{GatewayError, Quota};
 use crate::metrics::Metrics;
 use crate::route::Route;
@@ -35,38 +34,6 @@ use store::{ConcurrencyStore, RequestStore, TokenStore};
 
 const MAX_COOLDOWN_KEYS: usize = 10_000;
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum KeyKind {
-    Client,
-    ApiKey,
-    Ip,
-    Header(HeaderName),
-    Model,
-    Global,
-}
-
-impl KeyKind {
-    fn parse(s: &str) -> Result<KeyKind, String> {
-        Ok(match s {
-            "client" => KeyKind::Client,
-            "api_key" => KeyKind::ApiKey,
-            "ip" => KeyKind::Ip,
-            "model" => KeyKind::Model,
-            "global" => KeyKind::Global,
-            other => match other.strip_prefix("header:") {
-                Some(h) => KeyKind::Header(HeaderName::from_bytes(h.trim().as_bytes()).map_err(|_| {
-                    format!("\"{other}\" names an invalid header")
-                })?),
-                None => {
-                    return Err(format!(
-                        "\"{other}\" is not a key kind; use client, api_key, ip, header:<name>, model or global"
-                    ))
-                }
-            },
-        })
-    }
-}
 
 /// A policy's verdict on one request; the index of its counter (`metrics::DECISIONS` order).
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +61,7 @@ pub struct LimitRequest<'a> {
 
 struct Policy<C: Clock> {
     name: Arc<str>,
-    key: KeyKind,
+    key: LimitKey,
     mode: Mode,
     on_limit: OnLimit,
     max_wait: Duration,
@@ -133,25 +100,25 @@ impl<C: Clock> Policy<C> {
 
     fn key(&self, r: &LimitRequest<'_>) -> Arc<str> {
         match &self.key {
-            KeyKind::Client => r
+            LimitKey::Client => r
                 .caller
                 .client
                 .as_ref()
                 .map(|c| Arc::clone(&c.name))
                 .or_else(|| r.caller.key_fingerprint.clone())
                 .unwrap_or_else(|| Arc::from("anonymous")),
-            KeyKind::ApiKey => r
+            LimitKey::ApiKey => r
                 .caller
                 .key_fingerprint
                 .clone()
                 .unwrap_or_else(|| Arc::from("none")),
-            KeyKind::Ip => ip_key(r.ip),
-            KeyKind::Header(h) => match r.headers.get(h) {
+            LimitKey::Ip => ip_key(r.ip),
+            LimitKey::Header(h) => match r.headers.get(h) {
                 Some(v) => Arc::from(String::from_utf8_lossy(&v.as_bytes()[..v.len().min(128)])),
                 None => Arc::from("none"),
             },
-            KeyKind::Model => text_key(r.model.unwrap_or("none")),
-            KeyKind::Global => text_key(""),
+            LimitKey::Model => text_key(r.model.unwrap_or("none")),
+            LimitKey::Global => text_key(""),
         }
     }
 
@@ -456,8 +423,8 @@ where
     ) -> Limits<C> {
         let policies: Vec<Arc<Policy<C>>> = configs
             .iter()
-            .filter_map(|c| {
-                let key = KeyKind::parse(&c.key).ok()?;
+            .map(|c| {
+                let key = c.limit_key();
                 let shared = if c.store == Store::Redis {
                     redis.clone()
                 } else {
@@ -521,13 +488,13 @@ where
                     policy_header(&policy.remaining_requests(0)),
                     policy_header(&policy.remaining_tokens(0)),
                 ];
-                Some(Arc::new(policy))
+                Arc::new(policy)
             })
             .collect();
         let needs_usage = policies.iter().any(|p| p.tokens.is_some());
         let mut body_routes = 0u32;
         for p in &policies {
-            if p.tokens.is_some() || p.key == KeyKind::Model || !p.models.is_empty() {
+            if p.tokens.is_some() || p.key == LimitKey::Model || !p.models.is_empty() {
                 for (i, route) in Route::ALL.iter().enumerate() {
                     if p.routes.is_empty() || p.routes.contains(route) {
                         body_routes |= 1 << i;
@@ -1031,80 +998,6 @@ impl<C: Clock + Clone> Inner<C> {
                 keys = keys.max(s.len());
             }
             self.metrics.ratelimit_keys(&p.name, keys);
-        }
-    }
-}
-
-/// Checks `[[limits]]`, naming the policy and the key of each problem.
-pub fn validate(limits: &[LimitConfig], clients: &[ClientConfig], problems: &mut Vec<String>) {
-    let mut names = HashSet::new();
-    let client_names: HashSet<&str> = clients.iter().map(|c| c.name.as_str()).collect();
-    for (i, l) in limits.iter().enumerate() {
-        let at = format!("limits[{i}] (\"{}\")", l.name);
-        if l.name.trim().is_empty() || l.name.contains(['"', '\\']) {
-            problems.push(format!(
-                "limits[{i}].name: must be a non-empty name without quotes"
-            ));
-        }
-        if !names.insert(l.name.as_str()) {
-            problems.push(format!(
-                "{at}.name: duplicate policy name; each policy needs its own"
-            ));
-        }
-        if let Err(e) = KeyKind::parse(&l.key) {
-            problems.push(format!("{at}.key: {e}"));
-        }
-        if l.requests.is_none() && l.tokens.is_none() && l.concurrency.is_none() {
-            problems.push(format!(
-                "{at}: sets no limit; give requests, tokens or concurrency"
-            ));
-        }
-        if l.burst == Some(0) {
-            problems.push(format!("{at}.burst: must be at least 1"));
-        }
-        if l.burst.is_some() && l.requests.is_none() {
-            problems.push(format!(
-                "{at}.burst: only applies with requests = \"N/unit\""
-            ));
-        }
-        if l.concurrency == Some(0) {
-            problems.push(format!("{at}.concurrency: must be at least 1"));
-        }
-        if l.max_keys == Some(0) {
-            problems.push(format!("{at}.max_keys: must be at least 1"));
-        }
-        if l.on_limit == OnLimit::Wait && l.max_wait.is_none() {
-            problems.push(format!(
-                "{at}.max_wait: on_limit = \"wait\" needs max_wait, e.g. \"2s\""
-            ));
-        }
-        if l.on_limit == OnLimit::Reject && l.max_wait.is_some() {
-            problems.push(format!(
-                "{at}.max_wait: only applies with on_limit = \"wait\""
-            ));
-        }
-        for (j, r) in l.matches.routes.iter().enumerate() {
-            if Route::from_template(r).is_none() || r == "other" {
-                let known: Vec<&str> = Route::ALL
-                    .iter()
-                    .map(|r| r.as_str())
-                    .filter(|r| *r != "other")
-                    .collect();
-                problems.push(format!(
-                    "{at}.match.routes[{j}]: \"{r}\" is not a known route; use one of {}",
-                    known.join(", ")
-                ));
-            }
-        }
-        for (j, c) in l.matches.clients.iter().enumerate() {
-            if !client_names.contains(c.as_str()) {
-                problems.push(format!(
-                    "{at}.match.clients[{j}]: client \"{c}\" is not defined in [[clients]]"
-                ));
-            }
-        }
-        if l.key == "client" && clients.is_empty() {
-            // Allowed: without [[clients]] the key is the presented key's fingerprint.
         }
     }
 }

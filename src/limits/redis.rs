@@ -10,6 +10,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use crate::config::RedisTarget;
+
 /// A RESP2 reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
@@ -30,63 +32,6 @@ impl Reply {
     }
 }
 
-/// Where and how to connect, parsed from `redis://[user:pass@]host:port[/db]`.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub db: u32,
-}
-
-impl Target {
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("rediss://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("redis://") {
-            (false, r)
-        } else {
-            return Err("must start with redis:// or rediss://".into());
-        };
-        let (auth, hostpart) = match rest.rsplit_once('@') {
-            Some((a, h)) => (Some(a), h),
-            None => (None, rest),
-        };
-        let (hostport, db) = match hostpart.split_once('/') {
-            Some((hp, db)) if !db.is_empty() => (
-                hp,
-                db.parse()
-                    .map_err(|_| format!("\"{db}\" is not a database number"))?,
-            ),
-            Some((hp, _)) => (hp, 0),
-            None => (hostpart, 0),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| format!("\"{p}\" is not a port"))?),
-            None => (hostport, 6379),
-        };
-        if host.is_empty() {
-            return Err("has no host".into());
-        }
-        let (username, password) = match auth {
-            Some(a) => match a.split_once(':') {
-                Some((u, p)) => ((!u.is_empty()).then(|| u.to_owned()), Some(p.to_owned())),
-                None => (None, Some(a.to_owned())),
-            },
-            None => (None, None),
-        };
-        Ok(Target {
-            host: host.trim_matches(['[', ']']).to_owned(),
-            port,
-            tls,
-            username,
-            password,
-            db,
-        })
-    }
-}
 
 type Pending = oneshot::Sender<Result<Reply, String>>;
 
@@ -96,7 +41,7 @@ struct Conn {
 }
 
 pub struct Client {
-    target: Target,
+    target: RedisTarget,
     tls: Option<tokio_rustls::TlsConnector>,
     connect_timeout: Duration,
     conn: Mutex<Option<Conn>>,
@@ -108,7 +53,7 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 
 impl Client {
     pub fn new(
-        target: Target,
+        target: RedisTarget,
         tls: Option<rustls::ClientConfig>,
         connect_timeout: Duration,
     ) -> Client {
@@ -378,17 +323,4 @@ mod tests {
         assert_eq!(encode(&[b"GET", b"k"]), b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
     }
 
-    #[test]
-    fn parses_urls() {
-        let t = Target::parse("rediss://user:pw@cache.internal:6380/2").unwrap();
-        assert!(t.tls);
-        assert_eq!((t.host.as_str(), t.port, t.db), ("cache.internal", 6380, 2));
-        assert_eq!(
-            (t.username.as_deref(), t.password.as_deref()),
-            (Some("user"), Some("pw"))
-        );
-        let t = Target::parse("redis://127.0.0.1").unwrap();
-        assert_eq!((t.port, t.tls, t.password), (6379, false, None));
-        assert!(Target::parse("http://x").is_err());
-    }
 }

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::redis::{Client, Reply, Target};
+use super::redis::{Client, Reply};
+use crate::config::RedisTarget;
 use crate::config::RedisConfig;
 
 /// GCRA for `cost` units. KEYS[1]: the theoretical arrival time (µs, server clock).
@@ -97,7 +98,7 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub fn new(cfg: &RedisConfig) -> Result<RedisStore, String> {
-        let target = Target::parse(cfg.url.expose()).map_err(|e| format!("redis.url: {e}"))?;
+        let target = RedisTarget::parse(cfg.url.expose()).map_err(|e| format!("redis.url: {e}"))?;
         let tls = if target.tls {
             Some(
                 crate::tls::client_tls(cfg.ca_file.as_deref())

@@ -1,0 +1,131 @@
+//! `check-config` output: the effective config as TOML-like text, every default written
+//! out, secrets redacted.
+
+use std::fmt;
+
+use super::{LogFormat, Mode, OnFailure, OnLimit, Settings, Store};
+
+/// `check-config` output: the effective config as TOML-like text, secrets redacted.
+impl fmt::Display for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        let s = &c.server;
+        writeln!(f, "# effective configuration from {}", self.source)?;
+        writeln!(f, "[server]")?;
+        writeln!(f, "listen = \"{}\"", s.listen)?;
+        writeln!(f, "admin_listen = \"{}\"", s.admin_listen)?;
+        writeln!(f, "max_request_body = \"{}\"", s.max_request_body)?;
+        writeln!(f, "shutdown_grace = \"{}\"", s.shutdown_grace)?;
+        writeln!(f, "header_read_timeout = \"{}\"", s.header_read_timeout)?;
+        writeln!(f, "request_body_timeout = \"{}\"", s.request_body_timeout)?;
+        writeln!(f, "max_inflight = {}", s.max_inflight)?;
+        writeln!(f, "worker_threads = {}", s.worker_threads)?;
+        if let Some(tls) = &s.tls {
+            writeln!(f, "tls = {{ cert = {:?}, key = {:?} }}", tls.cert, tls.key)?;
+        }
+        let u = &c.upstream;
+        writeln!(f, "\n[upstream]")?;
+        writeln!(f, "base_url = \"{}\"", u.base_url)?;
+        if let Some(k) = &u.api_key {
+            writeln!(f, "api_key = \"{k}\"")?;
+        }
+        writeln!(f, "connect_timeout = \"{}\"", u.connect_timeout)?;
+        writeln!(f, "response_timeout = \"{}\"", u.response_timeout)?;
+        writeln!(f, "stream_idle_timeout = \"{}\"", u.stream_idle_timeout)?;
+        writeln!(f, "pool_idle_timeout = \"{}\"", u.pool_idle_timeout)?;
+        writeln!(f, "pool_max_idle_per_host = {}", u.pool_max_idle_per_host)?;
+        writeln!(f, "http2 = \"{}\"", u.http2)?;
+        writeln!(f, "max_retry_after = \"{}\"", u.max_retry_after)?;
+        writeln!(f, "stream_usage = {}", u.stream_usage)?;
+        if let Some(ca) = &u.ca_file {
+            writeln!(f, "ca_file = {ca:?}")?;
+        }
+        writeln!(f, "\n[log]")?;
+        let format = match c.log.format {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        };
+        writeln!(f, "format = \"{format}\"\nlevel = \"{}\"", c.log.level)?;
+        writeln!(f, "access_log = {}", c.log.access_log)?;
+        for cl in &c.clients {
+            writeln!(
+                f,
+                "\n[[clients]]\nname = \"{}\"\nkey_sha256 = \"<redacted>\"",
+                cl.name
+            )?;
+            if !cl.models.is_empty() {
+                writeln!(f, "models = {:?}", cl.models)?;
+            }
+        }
+        if let Some(r) = &c.redis {
+            writeln!(f, "\n[redis]\nurl = \"{}\"", r.url)?;
+            writeln!(
+                f,
+                "timeout = \"{}\"\nconnect_timeout = \"{}\"",
+                r.timeout, r.connect_timeout
+            )?;
+            let on_failure = if r.on_failure == OnFailure::Deny {
+                "deny"
+            } else {
+                "local"
+            };
+            writeln!(
+                f,
+                "replicas = {}\non_failure = \"{on_failure}\"",
+                r.replicas
+            )?;
+            writeln!(f, "concurrency_lease = \"{}\"", r.concurrency_lease)?;
+        }
+        for l in &c.limits {
+            writeln!(
+                f,
+                "\n[[limits]]\nname = \"{}\"\nkey = \"{}\"",
+                l.name, l.key
+            )?;
+            let store = if l.store == Store::Redis {
+                "redis"
+            } else {
+                "local"
+            };
+            writeln!(f, "store = \"{store}\"")?;
+            if let Some(r) = l.requests {
+                writeln!(f, "requests = \"{r}\"")?;
+            }
+            if let Some(b) = l.effective_burst() {
+                writeln!(f, "burst = {b}")?;
+            }
+            if let Some(t) = l.tokens {
+                writeln!(f, "tokens = \"{t}\"")?;
+                writeln!(f, "default_tokens = {}", l.effective_default_tokens())?;
+            }
+            if let Some(n) = l.concurrency {
+                writeln!(f, "concurrency = {n}")?;
+            }
+            let m = &l.matches;
+            if !(m.routes.is_empty() && m.models.is_empty() && m.clients.is_empty()) {
+                writeln!(
+                    f,
+                    "match = {{ routes = {:?}, models = {:?}, clients = {:?} }}",
+                    m.routes, m.models, m.clients
+                )?;
+            }
+            let mode = if l.mode == Mode::Shadow {
+                "shadow"
+            } else {
+                "enforce"
+            };
+            let on_limit = if l.on_limit == OnLimit::Wait {
+                "wait"
+            } else {
+                "reject"
+            };
+            writeln!(f, "mode = \"{mode}\"\non_limit = \"{on_limit}\"")?;
+            if let Some(w) = l.max_wait {
+                writeln!(f, "max_wait = \"{w}\"")?;
+            }
+            writeln!(f, "max_keys = {}", l.effective_max_keys())?;
+        }
+        Ok(())
+    }
+}
+
