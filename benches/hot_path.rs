@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use ezgate::clients::Caller;
+
 use ezgate::config::{LimitConfig, Rate};
 use ezgate::errors::upstream::normalize;
+use ezgate::exchange::Exchange;
 use ezgate::limits::{LimitRequest, Limits};
 use ezgate::metrics::Metrics;
-use ezgate::outcome::Outcome;
 use ezgate::route::Route;
 use http::HeaderMap;
 
@@ -79,21 +79,17 @@ fn policy(name: &str, key: &str) -> LimitConfig {
 }
 
 fn limiter(c: &mut Criterion) {
-    let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
     let limits = Limits::with_clock(
         &[policy("per-key", "api_key")],
-        metrics,
         governor::clock::DefaultClock::default(),
     );
     let headers = HeaderMap::new();
-    let callers: Vec<Caller> = (0..10_000)
-        .map(|i| Caller {
-            client: None,
-            key_fingerprint: Some(Arc::from(format!("fp:{i:012x}"))),
-        })
+    let callers: Vec<Arc<str>> = (0..10_000)
+        .map(|i| Arc::from(format!("fp:{i:012x}")))
         .collect();
-    let req = |caller| LimitRequest {
-        caller,
+    let req = |fingerprint| LimitRequest {
+        client: None,
+        fingerprint: Some(fingerprint),
         route: Route::ChatCompletions,
         model: Some("gpt-4o"),
         prompt_tokens: 10,
@@ -104,13 +100,13 @@ fn limiter(c: &mut Criterion) {
         managed: false,
     };
     for caller in &callers {
-        assert!(now(limits.check(&req(caller))).is_ok());
+        assert!(now(limits.check(&req(caller))).result.is_ok());
     }
     let mut i = 0;
     c.bench_function("limits/check one requests policy at 10k live keys", |b| {
         b.iter(|| {
             i = (i + 7919) % callers.len();
-            black_box(now(limits.check(&req(&callers[i]))).is_ok())
+            black_box(now(limits.check(&req(&callers[i]))).result.is_ok())
         })
     });
 }
@@ -131,7 +127,7 @@ fn metrics(c: &mut Criterion) {
     let method = http::Method::POST;
     c.bench_function("metrics/start+record one request", |b| {
         b.iter(|| {
-            let mut o = Outcome::start(
+            let mut o = Exchange::start(
                 Arc::clone(&metrics),
                 false,
                 String::new(),

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing_appender::non_blocking::NonBlocking;
 
 use crate::config::LogFormat;
+use crate::outcome::Outcome;
 
 /// The target of access lines, as in `RUST_LOG=ezgate::access=off`.
 pub const TARGET: &str = "ezgate::access";
@@ -254,6 +255,30 @@ fn push_quoted(buf: &mut Vec<u8>, s: &str) {
     }
     buf.extend_from_slice(&bytes[start..]);
     buf.push(b'"');
+}
+
+/// Writes the access line of a finished request (when access lines are on).
+pub fn record(o: &Outcome, duration: Duration) {
+    if !enabled() {
+        return;
+    }
+    write(&Entry {
+        request_id: &o.request_id,
+        method: o.method,
+        route: o.route.as_str(),
+        status: o.status,
+        source: o.source.as_str(),
+        code: o.code(),
+        upstream_status: o.upstream_status,
+        duration,
+        upstream: o.upstream_wait,
+        bytes: o.bytes_out,
+        client: o.caller.as_deref(),
+        model: o.model.as_deref(),
+        prompt_tokens: o.usage.map(|u| u.prompt),
+        completion_tokens: o.usage.map(|u| u.completion),
+        charged_tokens: o.charged,
+    });
 }
 
 /// The decimal digits of `n`.

@@ -10,7 +10,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::errors::{ErrorBody, Source};
-use crate::proxy::Gateway;
+use crate::gateway::Gateway;
 use crate::stream::ResponseBody;
 
 pub async fn serve(

@@ -7,6 +7,8 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
 use crate::config::ClientConfig;
+use wildmatch::WildMatch;
+
 use crate::errors::GatewayError;
 
 /// A configured client, as held in memory.
@@ -14,7 +16,10 @@ use crate::errors::GatewayError;
 pub struct Client {
     pub name: Arc<str>,
     key_sha256: [u8; 32],
-    models: Vec<String>,
+    /// The allow-list: globs with `*` (any run of characters) and `?` (one character).
+    models: Vec<WildMatch>,
+    /// The allow-list as configured, for the refusal's message.
+    allowed: String,
 }
 
 #[derive(Debug, Default)]
@@ -50,7 +55,8 @@ impl Clients {
                 Some(Arc::new(Client {
                     name: Arc::from(c.name.as_str()),
                     key_sha256,
-                    models: c.models.clone(),
+                    models: c.models.iter().map(|m| WildMatch::new(m)).collect(),
+                    allowed: c.models.join(", "),
                 }))
             })
             .collect();
@@ -101,11 +107,11 @@ impl Client {
             return Ok(());
         }
         match model {
-            Some(m) if self.models.iter().any(|p| glob_match(p, m)) => Ok(()),
+            Some(m) if self.models.iter().any(|p| p.matches(m)) => Ok(()),
             _ => Err(GatewayError::ModelNotAllowed {
                 client: Arc::clone(&self.name),
                 model: model.unwrap_or("(none)").chars().take(200).collect(),
-                allowed: self.models.join(", "),
+                allowed: self.allowed.clone(),
             }),
         }
     }
@@ -185,30 +191,6 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Glob match with `*` (any run of characters) and `?` (one character).
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +244,7 @@ mod tests {
 
     #[test]
     fn globs() {
+        let glob_match = |p: &str, t: &str| WildMatch::new(p).matches(t);
         assert!(glob_match("gpt-4o*", "gpt-4o"));
         assert!(glob_match("*-embedding-?", "text-embedding-3"));
         assert!(!glob_match("gpt-4o", "gpt-4o-mini"));

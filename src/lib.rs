@@ -35,6 +35,8 @@ pub mod admin;
 pub mod clients;
 pub mod config;
 pub mod errors;
+pub mod exchange;
+pub mod gateway;
 pub mod headers;
 pub mod limits;
 pub mod metrics;
@@ -51,8 +53,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use config::Settings;
+use gateway::{Gateway, State};
 use metrics::Metrics;
-use proxy::{Gateway, State};
 use server::Listeners;
 
 /// How to re-read the config on SIGHUP.

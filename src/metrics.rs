@@ -10,9 +10,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::errors::FailureKind;
 use crate::outcome::Outcome;
 use crate::route::Route;
-use crate::errors::FailureKind;
 
 /// From 100 µs to 10 minutes: quick refusals to long streams.
 const DURATION_BUCKETS: &[f64] = &[
@@ -383,8 +383,9 @@ impl Metrics {
         }
     }
 
-    pub fn ratelimit_fallback(&self, policy: &str) {
-        self.ratelimit_fallbacks.with_label_values(&[policy]).inc();
+    /// A policy's `ezgate_ratelimit_store_fallbacks_total` counter, cached by its caller.
+    pub fn fallback_counter(&self, policy: &str) -> IntCounter {
+        self.ratelimit_fallbacks.with_label_values(&[policy])
     }
 
     pub fn ratelimit_keys(&self, policy: &str, keys: usize) {

@@ -1,14 +1,12 @@
-//! What happened to one request. Filled in along the request path, then counted and logged
-//! exactly once, when it drops: after the response body ended, or when the client went away
-//! (then it is a `499` from the gateway, the nginx convention).
+//! What happened to one request, as plain data: filled in along the request path, then read
+//! once by the metrics and the access log when the request ends (the path's
+//! `exchange::Exchange` decides when). A request whose client went away before its response
+//! finished is a `499` from the gateway, the nginx convention.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::access_log;
 use crate::errors::{FailureKind, GatewayError, Source};
-use crate::limits::Permit;
-use crate::metrics::Metrics;
 use crate::route::Route;
 
 /// Status recorded for a request whose client disconnected before the response finished.
@@ -74,26 +72,12 @@ pub struct Outcome {
     pub output_estimate: u64,
     /// Tokens the request was charged in the end, when a token policy covered it.
     pub charged: Option<u64>,
-    pub permit: Option<Permit>,
-    /// The request's place under `server.max_inflight`.
-    pub slot: Option<crate::proxy::InflightSlot>,
-    /// The request's stream on its HTTP/2 connection.
-    pub stream: Option<crate::proxy::StreamSlot>,
     /// Set once the response reached its end (or its final error event).
     pub finished: bool,
-    metrics: Arc<Metrics>,
-    access_log: bool,
 }
 
 impl Outcome {
-    pub fn start(
-        metrics: Arc<Metrics>,
-        access_log: bool,
-        request_id: String,
-        method: &http::Method,
-        route: Route,
-    ) -> Outcome {
-        metrics.inflight(route).inc();
+    pub fn new(request_id: String, method: &http::Method, route: Route) -> Outcome {
         Outcome {
             started: Instant::now(),
             request_id,
@@ -116,12 +100,7 @@ impl Outcome {
             prompt_estimate: 0,
             output_estimate: 0,
             charged: None,
-            permit: None,
-            slot: None,
-            stream: None,
             finished: false,
-            metrics,
-            access_log,
         }
     }
 
@@ -150,66 +129,30 @@ impl Outcome {
         }
     }
 
+    /// The client left before the response finished: the request ends as a 499.
+    pub fn client_left(&mut self) {
+        self.status = CLIENT_CLOSED;
+        self.source = Source::Gateway;
+        self.gateway_code = None;
+    }
+
+    /// The access log's `code`: the gateway's, else the upstream's.
+    pub fn code(&self) -> &str {
+        if self.status == CLIENT_CLOSED {
+            "client_closed_request"
+        } else {
+            self.gateway_code
+                .or(self.upstream_code.as_deref())
+                .unwrap_or("")
+        }
+    }
+
     /// Time spent in ezgate itself, up to the response headers, not waiting on the upstream.
     pub fn overhead(&self) -> Duration {
         let until = self.responded.unwrap_or_else(Instant::now);
         until
             .saturating_duration_since(self.started)
             .saturating_sub(self.upstream_wait)
-    }
-
-    fn log(&self, duration: Duration) {
-        if !self.access_log || !access_log::enabled() {
-            return;
-        }
-        let code = if self.status == CLIENT_CLOSED {
-            "client_closed_request"
-        } else {
-            self.gateway_code
-                .or(self.upstream_code.as_deref())
-                .unwrap_or("")
-        };
-        access_log::write(&access_log::Entry {
-            request_id: &self.request_id,
-            method: self.method,
-            route: self.route.as_str(),
-            status: self.status,
-            source: self.source.as_str(),
-            code,
-            upstream_status: self.upstream_status,
-            duration,
-            upstream: self.upstream_wait,
-            bytes: self.bytes_out,
-            client: self.caller.as_deref(),
-            model: self.model.as_deref(),
-            prompt_tokens: self.usage.map(|u| u.prompt),
-            completion_tokens: self.usage.map(|u| u.completion),
-            charged_tokens: self.charged,
-        });
-    }
-}
-
-impl Drop for Outcome {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.status = CLIENT_CLOSED;
-            self.source = Source::Gateway;
-            self.gateway_code = None;
-        }
-        if let Some(permit) = self.permit.take() {
-            if permit.reserves_tokens() {
-                let spent = self.tokens_spent();
-                self.charged = Some(spent);
-                permit.settle(spent);
-            }
-        }
-        if let Some(stream) = self.stream.take() {
-            stream.end(self.status == CLIENT_CLOSED);
-        }
-        let duration = self.started.elapsed();
-        self.metrics.inflight(self.route).dec();
-        self.metrics.record(self, duration);
-        self.log(duration);
     }
 }
 

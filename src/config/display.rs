@@ -128,4 +128,3 @@ impl fmt::Display for Settings {
         Ok(())
     }
 }
-

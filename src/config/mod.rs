@@ -1,8 +1,8 @@
 //! Configuration: TOML read into strict serde structs, then validated into [`Settings`].
 //! Every problem names the file and the key path. Nothing here binds or spawns.
 
-mod parse;
 mod display;
+mod parse;
 mod redis_url;
 pub mod units;
 mod validate;

@@ -42,7 +42,6 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
     limits(&c.limits, &c.clients, problems);
 }
 
-
 fn clients(clients: &[ClientConfig], problems: &mut Vec<String>) {
     let mut names = HashSet::new();
     for (i, c) in clients.iter().enumerate() {
@@ -133,4 +132,3 @@ fn limits(limits: &[LimitConfig], clients: &[ClientConfig], problems: &mut Vec<S
         }
     }
 }
-

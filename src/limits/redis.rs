@@ -32,7 +32,6 @@ impl Reply {
     }
 }
 
-
 type Pending = oneshot::Sender<Result<Reply, String>>;
 
 /// A live connection: commands go to its task, replies come back in order.
@@ -322,5 +321,4 @@ mod tests {
     fn encodes_commands() {
         assert_eq!(encode(&[b"GET", b"k"]), b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
     }
-
 }

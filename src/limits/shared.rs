@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::redis::{Client, Reply};
-use crate::config::RedisTarget;
 use crate::config::RedisConfig;
+use crate::config::RedisTarget;
 
 /// GCRA for `cost` units. KEYS[1]: the theoretical arrival time (µs, server clock).
 /// ARGV: µs per unit, burst (units), cost. Returns {allowed, wait_us, remaining}.

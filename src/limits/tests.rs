@@ -5,8 +5,8 @@ use governor::clock::FakeRelativeClock;
 use http::HeaderMap;
 
 use super::*;
-use crate::clients::Caller;
 use crate::config::{Dur, LimitConfig, Mode, OnLimit};
+use crate::errors::GatewayError;
 
 fn policy(name: &str, key: &str) -> LimitConfig {
     LimitConfig::new(name, key)
@@ -18,19 +18,11 @@ fn rate(s: &str) -> Option<Rate> {
 
 fn limits(configs: &[LimitConfig]) -> (Limits<FakeRelativeClock>, FakeRelativeClock) {
     let clock = FakeRelativeClock::default();
-    let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
-    (Limits::with_clock(configs, metrics, clock.clone()), clock)
-}
-
-fn caller(fp: &str) -> Caller {
-    Caller {
-        client: None,
-        key_fingerprint: Some(Arc::from(fp)),
-    }
+    (Limits::with_clock(configs, clock.clone()), clock)
 }
 
 struct Req {
-    caller: Caller,
+    fingerprint: Arc<str>,
     headers: HeaderMap,
     model: Option<&'static str>,
     prompt: u64,
@@ -42,7 +34,7 @@ struct Req {
 impl Req {
     fn new(fp: &str) -> Req {
         Req {
-            caller: caller(fp),
+            fingerprint: Arc::from(fp),
             headers: HeaderMap::new(),
             model: Some("gpt-4o"),
             prompt: 10,
@@ -53,7 +45,8 @@ impl Req {
     }
     fn lr(&self) -> LimitRequest<'_> {
         LimitRequest {
-            caller: &self.caller,
+            client: None,
+            fingerprint: Some(&self.fingerprint),
             route: self.route,
             model: self.model,
             prompt_tokens: self.prompt,
@@ -83,22 +76,23 @@ fn burst_then_one_per_interval() {
     let r = Req::new("a");
     block(async {
         for _ in 0..3 {
-            assert!(l.check(&r.lr()).await.is_ok());
+            assert!(l.check(&r.lr()).await.result.is_ok());
         }
-        let Err(GatewayError::RateLimited { retry_after, .. }) = l.check(&r.lr()).await else {
+        let Err(GatewayError::RateLimited { retry_after, .. }) = l.check(&r.lr()).await.result
+        else {
             panic!("fourth request must be refused")
         };
         assert_eq!(retry_after, Duration::from_secs(10));
         clock.advance(Duration::from_secs(9));
-        assert!(l.check(&r.lr()).await.is_err());
+        assert!(l.check(&r.lr()).await.result.is_err());
         clock.advance(Duration::from_secs(1));
         assert!(
-            l.check(&r.lr()).await.is_ok(),
+            l.check(&r.lr()).await.result.is_ok(),
             "a retry at Retry-After succeeds"
         );
-        assert!(l.check(&r.lr()).await.is_err());
+        assert!(l.check(&r.lr()).await.result.is_err());
         // Another key has its own budget.
-        assert!(l.check(&Req::new("b").lr()).await.is_ok());
+        assert!(l.check(&Req::new("b").lr()).await.result.is_ok());
     });
 }
 
@@ -108,7 +102,7 @@ fn admitted_responses_carry_ratelimit_headers() {
     p.requests = rate("10/s");
     let (l, _) = limits(&[p]);
     let r = Req::new("a");
-    let a = block(l.check(&r.lr())).unwrap();
+    let a = block(l.check(&r.lr())).result.unwrap();
     let h: std::collections::HashMap<_, _> = a
         .headers
         .iter()
@@ -137,7 +131,7 @@ fn concurrent_tasks_never_exceed_the_quota() {
                 let r = Req::new(&format!("k{t}"));
                 let mut ok = 0;
                 for _ in 0..20 {
-                    if l.check(&r.lr()).await.is_ok() {
+                    if l.check(&r.lr()).await.result.is_ok() {
                         ok += 1;
                     }
                 }
@@ -160,14 +154,14 @@ fn concurrency_slots_are_released_when_the_permit_drops() {
     let (l, _) = limits(&[p]);
     let r = Req::new("a");
     block(async {
-        let a = l.check(&r.lr()).await.unwrap();
-        let b = l.check(&r.lr()).await.unwrap();
+        let a = l.check(&r.lr()).await.result.unwrap();
+        let b = l.check(&r.lr()).await.result.unwrap();
         assert!(matches!(
-            l.check(&r.lr()).await,
+            l.check(&r.lr()).await.result,
             Err(GatewayError::ConcurrencyLimited { .. })
         ));
         drop(a);
-        let c = l.check(&r.lr()).await.unwrap();
+        let c = l.check(&r.lr()).await.result.unwrap();
         drop((b, c));
     });
     assert_eq!(
@@ -186,16 +180,16 @@ fn a_refusal_takes_nothing_from_other_policies() {
     let (l, _) = limits(&[reqs, conc]);
     let r = Req::new("a");
     block(async {
-        let held = l.check(&r.lr()).await.unwrap();
+        let held = l.check(&r.lr()).await.result.unwrap();
         for _ in 0..5 {
             assert!(matches!(
-                l.check(&r.lr()).await,
+                l.check(&r.lr()).await.result,
                 Err(GatewayError::ConcurrencyLimited { .. })
             ));
         }
         drop(held);
         // The five concurrency refusals spent no request cells: one of two remains.
-        assert!(l.check(&r.lr()).await.is_ok());
+        assert!(l.check(&r.lr()).await.result.is_ok());
     });
 }
 
@@ -208,28 +202,33 @@ fn tokens_are_reserved_then_settled() {
     r.prompt = 100;
     r.max = Some(400);
     block(async {
-        let a = l.check(&r.lr()).await.unwrap();
-        let b = l.check(&r.lr()).await.unwrap();
-        let Err(GatewayError::TokenRateLimited { retry_after, .. }) = l.check(&r.lr()).await else {
+        let a = l.check(&r.lr()).await.result.unwrap();
+        let b = l.check(&r.lr()).await.result.unwrap();
+        let Err(GatewayError::TokenRateLimited { retry_after, .. }) = l.check(&r.lr()).await.result
+        else {
             panic!("1000 tokens are reserved; a third 500-token request must wait")
         };
         assert_eq!(retry_after, Duration::from_secs(30));
         // The first request really used 100 tokens: 400 come back.
         a.permit.settle(80 + 20);
         assert!(
-            l.check(&r.lr()).await.is_err(),
+            l.check(&r.lr()).await.result.is_err(),
             "400 back is not enough for 500"
         );
         r.max = Some(300);
-        let c = l.check(&r.lr()).await.unwrap();
+        let c = l.check(&r.lr()).await.result.unwrap();
         // A permit dropped unsettled (the request failed before the upstream) refunds all.
         drop(b);
         drop(c);
         r.max = Some(800);
-        let d = l.check(&r.lr()).await.expect("900 of 1,000 are back");
+        let d = l
+            .check(&r.lr())
+            .await
+            .result
+            .expect("900 of 1,000 are back");
         d.permit.settle(900);
         clock.advance(Duration::from_secs(60));
-        assert!(l.check(&r.lr()).await.is_ok());
+        assert!(l.check(&r.lr()).await.result.is_ok());
     });
 }
 
@@ -248,17 +247,19 @@ fn token_policies_charge_only_requests_that_spend_tokens() {
             let a = l
                 .check(&models.lr())
                 .await
+                .result
                 .expect("a model listing is never charged");
             assert!(!a.permit.reserves_tokens());
             assert!(!l
                 .check(&get_chat.lr())
                 .await
+                .result
                 .unwrap()
                 .permit
                 .reserves_tokens());
         }
         // The chat route is: 1,900 of 2,000 after a 100-token estimate.
-        let a = l.check(&Req::new("a").lr()).await.unwrap();
+        let a = l.check(&Req::new("a").lr()).await.result.unwrap();
         assert!(a.permit.reserves_tokens());
         assert!(
             format!("{:?}", a.headers).contains("r=1900"),
@@ -275,7 +276,7 @@ fn token_policies_charge_only_requests_that_spend_tokens() {
     images.route = Route::ImagesGenerations;
     images.max = None;
     block(async {
-        let a = l.check(&images.lr()).await.unwrap();
+        let a = l.check(&images.lr()).await.result.unwrap();
         assert!(
             a.permit.reserves_tokens(),
             "10 prompt + 1,000 default_tokens"
@@ -297,9 +298,9 @@ fn a_token_refusal_says_what_was_estimated_and_what_is_left() {
     r.prompt = 50;
     r.max = Some(1751);
     block(async {
-        let _held = l.check(&r.lr()).await.unwrap();
+        let _held = l.check(&r.lr()).await.result.unwrap();
         r.max = Some(1000);
-        let Err(e) = l.check(&r.lr()).await else {
+        let Err(e) = l.check(&r.lr()).await.result else {
             panic!("199 left, 1,050 wanted")
         };
         let GatewayError::TokenRateLimited { remaining, .. } = &e else {
@@ -316,7 +317,7 @@ fn a_token_refusal_says_what_was_estimated_and_what_is_left() {
         assert_eq!(headers["x-ratelimit-remaining-tokens"], "199");
         assert!(headers["ratelimit"].to_str().unwrap().contains("r=199"));
         r.max = None;
-        let Err(e) = l.check(&r.lr()).await else {
+        let Err(e) = l.check(&r.lr()).await.result else {
             panic!("still 199 left")
         };
         let e = e.to_string();
@@ -336,18 +337,19 @@ fn shadow_mode_counts_but_admits() {
     p.mode = Mode::Shadow;
     let (l, _) = limits(&[p]);
     let r = Req::new("a");
+    let mut verdicts = Vec::new();
     block(async {
         for _ in 0..5 {
-            assert!(l.check(&r.lr()).await.is_ok());
+            let checked = l.check(&r.lr()).await;
+            assert!(checked.result.is_ok());
+            verdicts.extend(checked.verdicts);
         }
     });
-    let text = String::from_utf8(l.inner.metrics.render()).unwrap();
-    assert!(
-        text.contains(
-            "ezgate_ratelimit_decisions_total{decision=\"shadow_limited\",policy=\"s\"} 4"
-        ),
-        "{text}"
-    );
+    let shadow = verdicts
+        .iter()
+        .filter(|v| **v == (0, Verdict::ShadowLimited))
+        .count();
+    assert_eq!(shadow, 4, "{verdicts:?}");
 }
 
 #[test]
@@ -358,28 +360,22 @@ fn wait_mode_holds_then_admits_or_refuses() {
     p.on_limit = OnLimit::Wait;
     p.max_wait = Some(Dur(Duration::from_secs(2)));
     // Real clock: the wait is real sleeping, and short.
-    let metrics = Arc::new(Metrics::new(Vec::new()).unwrap());
-    let l = Limits::with_clock(
-        &[p.clone()],
-        Arc::clone(&metrics),
-        governor::clock::DefaultClock::default(),
-    );
+    let l = Limits::with_clock(&[p.clone()], governor::clock::DefaultClock::default());
     let r = Req::new("a");
+    let mut verdicts = Vec::new();
     block(async {
-        assert!(l.check(&r.lr()).await.is_ok());
-        assert!(l.check(&r.lr()).await.is_ok(), "held ~50ms, then admitted");
+        assert!(l.check(&r.lr()).await.result.is_ok());
+        let held = l.check(&r.lr()).await;
+        assert!(held.result.is_ok(), "held ~50ms, then admitted");
+        verdicts = held.verdicts;
     });
-    let text = String::from_utf8(metrics.render()).unwrap();
-    assert!(
-        text.contains("decision=\"waited\",policy=\"w\"} 1"),
-        "{text}"
-    );
+    assert_eq!(verdicts, [(0, Verdict::Waited)]);
     p.max_wait = Some(Dur(Duration::from_millis(1)));
-    let l = Limits::with_clock(&[p], metrics, governor::clock::DefaultClock::default());
+    let l = Limits::with_clock(&[p], governor::clock::DefaultClock::default());
     block(async {
-        assert!(l.check(&r.lr()).await.is_ok());
+        assert!(l.check(&r.lr()).await.result.is_ok());
         assert!(matches!(
-            l.check(&r.lr()).await,
+            l.check(&r.lr()).await.result,
             Err(GatewayError::RateLimited { .. })
         ));
     });
@@ -393,11 +389,11 @@ fn matches_restrict_policies() {
     let (l, _) = limits(&[p]);
     let mut r = Req::new("a");
     block(async {
-        assert!(l.check(&r.lr()).await.is_ok());
-        assert!(l.check(&r.lr()).await.is_err());
+        assert!(l.check(&r.lr()).await.result.is_ok());
+        assert!(l.check(&r.lr()).await.result.is_err());
         r.model = Some("text-embedding-3-small");
         assert!(
-            l.check(&r.lr()).await.is_ok(),
+            l.check(&r.lr()).await.result.is_ok(),
             "a model outside the match is not limited"
         );
     });
@@ -408,21 +404,22 @@ fn upstream_cooldown_answers_locally_until_retry_after() {
     let (l, clock) = limits(&[]);
     let r = Req::new("a");
     block(async {
-        l.check(&r.lr()).await.unwrap();
+        l.check(&r.lr()).await.result.unwrap();
         l.upstream_limited(
-            &cooldown_key(&r.caller, r.model, false),
+            &cooldown_key(Some(&r.fingerprint), r.model, false),
             Duration::from_secs(3),
         );
-        let Err(GatewayError::UpstreamRateLimited { retry_after }) = l.check(&r.lr()).await else {
+        let Err(GatewayError::UpstreamRateLimited { retry_after }) = l.check(&r.lr()).await.result
+        else {
             panic!("must be held back")
         };
         assert_eq!(retry_after, Duration::from_secs(3));
         assert!(
-            l.check(&Req::new("other").lr()).await.is_ok(),
+            l.check(&Req::new("other").lr()).await.result.is_ok(),
             "other keys are not held"
         );
         clock.advance(Duration::from_secs(3));
-        assert!(l.check(&r.lr()).await.is_ok());
+        assert!(l.check(&r.lr()).await.result.is_ok());
     });
 }
 
@@ -459,7 +456,7 @@ fn steady_token_traffic_stays_within_ten_percent_of_the_rate() {
         // Two simulated minutes, a request attempt every 10 ms.
         for _ in 0..12_000 {
             clock.advance(Duration::from_millis(10));
-            if let Ok(a) = l.check(&r.lr()).await {
+            if let Ok(a) = l.check(&r.lr()).await.result {
                 let used = 300 + (i * 37) % 400;
                 i += 1;
                 used_total += used;
@@ -502,9 +499,12 @@ fn ip_keys_are_the_usual_text() {
         "2001:db8::7",
     ] {
         let parsed: std::net::IpAddr = ip.parse().unwrap();
-        assert_eq!(&*super::ip_key(parsed), ip);
+        assert_eq!(&*super::policy::ip_key(parsed), ip);
         // The same peer again: the same key, not a new one.
-        assert!(Arc::ptr_eq(&super::ip_key(parsed), &super::ip_key(parsed)));
+        assert!(Arc::ptr_eq(
+            &super::policy::ip_key(parsed),
+            &super::policy::ip_key(parsed)
+        ));
     }
 }
 
@@ -512,6 +512,6 @@ fn ip_keys_are_the_usual_text() {
 fn text_keys() {
     // The per-thread memory never answers for another text.
     for model in ["gpt-4o", "gpt-4o-mini", "gpt-4o", "", "gpt-4o"] {
-        assert_eq!(&*text_key(model), model);
+        assert_eq!(&*super::policy::text_key(model), model);
     }
 }

@@ -10,8 +10,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 
 use super::http2::Stream;
-use super::Shared;
 use super::RequestBody;
+use super::Shared;
 
 /// What a response body holds of its connection until its end.
 pub(super) enum Back {

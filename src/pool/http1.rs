@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 
 use hyper::client::conn::http1;
 
-use super::{BoxError, Conn, Pool, Shared, UpstreamIo};
 use super::RequestBody;
+use super::{BoxError, Conn, Pool, Shared, UpstreamIo};
 
 pub(super) struct Idle {
     pub(super) tx: http1::SendRequest<RequestBody>,

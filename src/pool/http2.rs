@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use hyper::client::conn::http2;
 
-use super::{BoxError, Conn, Pool, Shared, UpstreamIo};
 use super::RequestBody;
+use super::{BoxError, Conn, Pool, Shared, UpstreamIo};
 
 /// Streams an HTTP/2 connection is assumed to allow until the upstream's SETTINGS say (the
 /// least RFC 9113 recommends servers allow).
@@ -197,9 +197,9 @@ mod tests {
     use http_body_util::BodyExt;
     use tokio::net::TcpListener;
 
+    use super::RequestBody;
     use crate::pool::tests::{get, pool_with, tls_upstream, upstream_h2};
     use crate::pool::{BoxError, ConnectError, Pool, UpstreamBody};
-    use super::RequestBody;
 
     /// `n` requests for `/` sent at once, each on a task of its own.
     fn send_at_once(

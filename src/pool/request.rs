@@ -179,4 +179,3 @@ impl Body for RequestBody {
         }
     }
 }
-

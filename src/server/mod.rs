@@ -17,7 +17,8 @@ use tokio_rustls::TlsAcceptor;
 mod refusals;
 
 use crate::config::Settings;
-use crate::proxy::{self, ConnWatch, Gateway};
+use crate::gateway::{ConnWatch, Gateway};
+use crate::proxy;
 
 /// Largest request head (request line + headers) a client may send; beyond it: 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;

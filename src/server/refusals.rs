@@ -17,8 +17,8 @@ use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::errors::{self, GatewayError, Source};
-use crate::outcome::Outcome;
-use crate::proxy::Gateway;
+use crate::exchange::Exchange;
+use crate::gateway::Gateway;
 use crate::route::Route;
 
 pub struct Refusals<I> {
@@ -61,7 +61,7 @@ fn automatic_refusal(buf: &[u8]) -> Option<GatewayError> {
 impl<I> Refusals<I> {
     /// The schema response for `err`, recorded as a request of its own.
     fn respond(&self, err: &GatewayError) -> Bytes {
-        let mut out = Outcome::start(
+        let mut out = Exchange::start(
             Arc::clone(&self.gw.metrics),
             self.gw.state().settings.config.log.access_log,
             crate::headers::new_request_id(),

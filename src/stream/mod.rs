@@ -1,8 +1,8 @@
 //! The response body ezgate sends: the upstream's body passed through frame by frame, with
 //! a stream idle timeout, token usage read on the way ([`sse`], [`usage`]), and — for a
 //! stream that fails after it started — one final SSE error event instead of a silent cut.
-//! Holds the request's [`Outcome`], so the request is counted when the body ends or is
-//! dropped.
+//! Holds the request's [`Exchange`], so the request is settled and counted when the body
+//! ends or is dropped.
 
 pub mod sse;
 pub mod usage;
@@ -19,8 +19,8 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::errors::GatewayError;
-use crate::outcome::Outcome;
 use crate::errors::{BoxError, FailureKind};
+use crate::exchange::Exchange;
 use crate::upstream::classify;
 use sse::{Pass, SseReader};
 
@@ -34,7 +34,7 @@ pub struct ResponseBody {
     /// Set after an error event (or the held-back end of a stream) was sent: the next poll
     /// ends the body.
     ended: bool,
-    outcome: Option<Box<Outcome>>,
+    outcome: Option<Box<Exchange>>,
     /// When the drain's grace is over, a stream ends with `shutting_down`.
     cut: Option<Box<Cut>>,
 }
@@ -122,7 +122,7 @@ impl ResponseBody {
     }
 
     /// Hands the request's outcome to the body; it is recorded when the body finishes.
-    pub fn attach(&mut self, mut outcome: Outcome) {
+    pub fn attach(&mut self, mut outcome: Exchange) {
         // hyper never polls a body that is empty from the start: it is complete as it is.
         if self.is_end_stream() {
             outcome.finished = true;

@@ -9,8 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,210 +22,16 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio_util::sync::CancellationToken;
 
-use crate::clients::Clients;
-use crate::config::Settings;
 use crate::errors::{self, upstream::MAX_ERROR_BODY, GatewayError, Source};
+use crate::exchange::Exchange;
+use crate::gateway::{ConnWatch, Gateway, State, StreamSlot};
 use crate::headers::{self, X_REQUEST_ID};
-use crate::limits::{LimitRequest, Limits};
-use crate::metrics::Metrics;
-use crate::outcome::{ClientLabel, Outcome};
+use crate::limits::LimitRequest;
+use crate::outcome::ClientLabel;
 use crate::pool::{RequestBody, UpstreamBody};
 use crate::route::{PathError, Route};
 use crate::stream::{ResponseBody, Watch};
-use crate::upstream::Upstream;
-
-/// Everything a request needs that a config reload replaces at once.
-pub struct State {
-    pub settings: Settings,
-    pub upstream: Upstream,
-    pub clients: Clients,
-    pub limits: Limits,
-    api_key: Option<HeaderValue>,
-}
-
-impl State {
-    pub fn build(settings: Settings, metrics: &Arc<Metrics>) -> Result<State, String> {
-        let upstream = Upstream::new(&settings)?;
-        let clients = Clients::new(&settings.config.clients);
-        let redis = match &settings.config.redis {
-            Some(cfg) => Some(Arc::new(crate::limits::shared::RedisStore::new(cfg)?)),
-            None => None,
-        };
-        let limits = Limits::new(&settings.config.limits, redis, Arc::clone(metrics));
-        let api_key = match &settings.config.upstream.api_key {
-            Some(k) => {
-                let mut v =
-                    HeaderValue::from_str(&format!("Bearer {}", k.expose())).map_err(|_| {
-                        "upstream.api_key: contains characters not allowed in a header".to_owned()
-                    })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
-        Ok(State {
-            settings,
-            upstream,
-            clients,
-            limits,
-            api_key,
-        })
-    }
-}
-
-/// The gateway: current state (swapped on reload), metrics, drain flag, in-flight count.
-pub struct Gateway {
-    state: RwLock<Arc<State>>,
-    pub metrics: Arc<Metrics>,
-    draining: AtomicBool,
-    inflight: Arc<AtomicU32>,
-    /// Cancelled when `server.shutdown_grace` is over: open streams end with an error event.
-    cut: CancellationToken,
-}
-
-impl Gateway {
-    pub fn new(state: State, metrics: Arc<Metrics>) -> Gateway {
-        Gateway {
-            state: RwLock::new(Arc::new(state)),
-            metrics,
-            draining: AtomicBool::new(false),
-            inflight: Arc::new(AtomicU32::new(0)),
-            cut: CancellationToken::new(),
-        }
-    }
-
-    pub fn state(&self) -> Arc<State> {
-        match self.state.read() {
-            Ok(s) => Arc::clone(&s),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
-    }
-
-    /// Applies a reloaded config to new requests; requests in flight keep the old one.
-    pub fn replace(&self, state: State) {
-        let new = Arc::new(state);
-        match self.state.write() {
-            Ok(mut s) => *s = new,
-            Err(poisoned) => *poisoned.into_inner() = new,
-        }
-    }
-
-    pub fn drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// The drain's grace is over: every stream still open ends with `shutting_down`.
-    pub fn cut_streams(&self) {
-        self.cut.cancel();
-    }
-}
-
-/// What one HTTP/2 connection's requests tell its task: whether any stream is open (an
-/// idle connection is closed), and how many accepted streams the client reset lately (too
-/// many, and the connection gets GOAWAY).
-pub struct ConnWatch {
-    state: Mutex<ConnState>,
-    changed: tokio::sync::Notify,
-    max_resets: u32,
-    window: Duration,
-}
-
-struct ConnState {
-    open: u32,
-    /// When the last stream ended, while none is open.
-    idle_since: Option<Instant>,
-    resets: u32,
-    window_start: Instant,
-}
-
-impl ConnWatch {
-    pub fn new(max_resets: u32, window: Duration) -> ConnWatch {
-        let now = Instant::now();
-        ConnWatch {
-            state: Mutex::new(ConnState {
-                open: 0,
-                idle_since: Some(now),
-                resets: 0,
-                window_start: now,
-            }),
-            changed: tokio::sync::Notify::new(),
-            max_resets,
-            window,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Since when no stream has been open (`None` while one is).
-    pub fn idle_since(&self) -> Option<Instant> {
-        self.lock().idle_since
-    }
-
-    pub fn too_many_resets(&self) -> bool {
-        self.lock().resets > self.max_resets
-    }
-
-    /// Resolves when a stream ended (the connection may be idle now, or over its resets).
-    pub async fn changed(&self) {
-        self.changed.notified().await;
-    }
-
-    fn started(&self) {
-        let mut s = self.lock();
-        s.open += 1;
-        s.idle_since = None;
-    }
-
-    /// A stream ended; `reset` when its client cancelled it.
-    fn ended(&self, reset: bool) {
-        let mut s = self.lock();
-        s.open = s.open.saturating_sub(1);
-        let now = Instant::now();
-        if s.open == 0 {
-            s.idle_since = Some(now);
-        }
-        if reset {
-            if now.duration_since(s.window_start) > self.window {
-                s.window_start = now;
-                s.resets = 0;
-            }
-            s.resets += 1;
-        }
-        drop(s);
-        self.changed.notify_one();
-    }
-}
-
-/// One open stream of an HTTP/2 connection, reported to its [`ConnWatch`] when it ends.
-pub struct StreamSlot(Arc<ConnWatch>);
-
-impl StreamSlot {
-    pub fn new(watch: Arc<ConnWatch>) -> StreamSlot {
-        watch.started();
-        StreamSlot(watch)
-    }
-
-    pub fn end(self, reset: bool) {
-        self.0.ended(reset);
-    }
-}
-
-/// Holds one of `server.max_inflight` places until the response ends.
-pub struct InflightSlot(Arc<AtomicU32>);
-
-impl Drop for InflightSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// What [`serve`] returns: boxed, so a connection holds a pointer to it, and the request
 /// path's state is freed as soon as the response headers are out (a response that streams for
@@ -263,7 +68,7 @@ async fn serve_request(
         .map(str::to_owned)
         .unwrap_or_else(headers::new_request_id);
     let access_log = state.settings.config.log.access_log;
-    let mut out = Outcome::start(
+    let mut out = Exchange::start(
         Arc::clone(&gw.metrics),
         access_log,
         request_id,
@@ -301,7 +106,7 @@ async fn serve_request(
     Ok(resp)
 }
 
-fn error_response(err: &GatewayError, out: &mut Outcome) -> Response<ResponseBody> {
+fn error_response(err: &GatewayError, out: &mut Exchange) -> Response<ResponseBody> {
     out.status = err.status().as_u16();
     out.source = Source::Gateway;
     out.gateway_error(err);
@@ -326,21 +131,20 @@ async fn handle(
     req: Request<Incoming>,
     path: Result<Option<String>, PathError>,
     peer: SocketAddr,
-    out: &mut Outcome,
+    out: &mut Exchange,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let cfg = &state.settings.config;
     if req.method() == Method::CONNECT {
         return Err(GatewayError::MethodNotAllowed("CONNECT".into()));
     }
     let path = path.map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-    if gw.inflight.fetch_add(1, Ordering::Relaxed) >= cfg.server.max_inflight {
-        gw.inflight.fetch_sub(1, Ordering::Relaxed);
+    let Some(slot) = gw.take_place(cfg.server.max_inflight) else {
         return Err(GatewayError::Overloaded(format!(
             "{} requests already in flight (server.max_inflight)",
             cfg.server.max_inflight
         )));
-    }
-    out.slot = Some(InflightSlot(Arc::clone(&gw.inflight)));
+    };
+    out.slot = Some(slot);
 
     // Identify: who is asking.
     let caller = state.clients.identify(req.headers()).inspect_err(|_| {
@@ -423,7 +227,8 @@ async fn handle(
 
     // Limit: every policy that covers this request must admit it.
     let limit_request = LimitRequest {
-        caller: &caller,
+        client: caller.client.as_ref().map(|c| &c.name),
+        fingerprint: caller.key_fingerprint.as_ref(),
         route: out.route,
         model: out.model.as_deref(),
         prompt_tokens: out.prompt_estimate,
@@ -433,7 +238,9 @@ async fn handle(
         headers: &parts.headers,
         managed: state.api_key.is_some(),
     };
-    let admission = state.limits.check(&limit_request).await?;
+    let checked = state.limits.check(&limit_request).await;
+    state.count_verdicts(&checked.verdicts);
+    let admission = checked.result?;
     // From here the permit is settled with what the request spends, whatever happens.
     out.permit = Some(admission.permit);
     let admission_headers = admission.headers;
@@ -476,8 +283,11 @@ async fn handle(
         if let Some(wait) = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after) {
             // One response may not hold a key back for a day.
             let wait = wait.min(cfg.upstream.max_retry_after.0);
-            let key =
-                crate::limits::cooldown_key(&caller, out.model.as_deref(), state.api_key.is_some());
+            let key = crate::limits::cooldown_key(
+                caller.key_fingerprint.as_deref(),
+                out.model.as_deref(),
+                state.api_key.is_some(),
+            );
             state.limits.upstream_limited(&key, wait);
         }
     }
@@ -518,7 +328,7 @@ async fn handle(
     let idle = cfg.upstream.stream_idle_timeout.0;
     let mut body = ResponseBody::upstream(incoming, idle, watch, arrived);
     if matches!(watch, Watch::Sse { .. }) {
-        body.end_at(gw.cut.clone());
+        body.end_at(gw.cut_token());
     }
     Ok(with_parts(rparts.status, rparts.headers, body))
 }
@@ -549,7 +359,7 @@ async fn upstream_error(
     mut headers: HeaderMap,
     body: UpstreamBody,
     state: &State,
-    out: &mut Outcome,
+    out: &mut Exchange,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let idle = state.settings.config.upstream.stream_idle_timeout.0;

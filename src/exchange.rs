@@ -1,0 +1,82 @@
+//! One request's exchange, as the request path holds it: its [`Outcome`] (what happened,
+//! plain data) and what it holds while it runs (the limits' permit, its place under
+//! `server.max_inflight`, its stream on an HTTP/2 connection). When it drops — after the
+//! response ended, or when the client went away — the permit is settled with what the
+//! request spent, and the outcome is counted and logged, exactly once.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use crate::access_log;
+use crate::gateway::{InflightSlot, StreamSlot};
+use crate::limits::Permit;
+use crate::metrics::Metrics;
+use crate::outcome::{Outcome, CLIENT_CLOSED};
+use crate::route::Route;
+
+pub struct Exchange {
+    out: Outcome,
+    pub permit: Option<Permit>,
+    pub slot: Option<InflightSlot>,
+    pub stream: Option<StreamSlot>,
+    metrics: Arc<Metrics>,
+    access_log: bool,
+}
+
+impl Exchange {
+    pub fn start(
+        metrics: Arc<Metrics>,
+        access_log: bool,
+        request_id: String,
+        method: &http::Method,
+        route: Route,
+    ) -> Exchange {
+        metrics.inflight(route).inc();
+        Exchange {
+            out: Outcome::new(request_id, method, route),
+            permit: None,
+            slot: None,
+            stream: None,
+            metrics,
+            access_log,
+        }
+    }
+}
+
+impl Deref for Exchange {
+    type Target = Outcome;
+    fn deref(&self) -> &Outcome {
+        &self.out
+    }
+}
+
+impl DerefMut for Exchange {
+    fn deref_mut(&mut self) -> &mut Outcome {
+        &mut self.out
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let out = &mut self.out;
+        if !out.finished {
+            out.client_left();
+        }
+        if let Some(permit) = self.permit.take() {
+            if permit.reserves_tokens() {
+                let spent = out.tokens_spent();
+                out.charged = Some(spent);
+                permit.settle(spent);
+            }
+        }
+        if let Some(stream) = self.stream.take() {
+            stream.end(out.status == CLIENT_CLOSED);
+        }
+        let duration = out.started.elapsed();
+        self.metrics.inflight(out.route).dec();
+        self.metrics.record(out, duration);
+        if self.access_log {
+            access_log::record(out, duration);
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The gateway's state: what a config reload replaces at once (upstream, clients, limits
+//! and the counters of their policies), the drain, and the places a request holds while it
+//! runs (its place under `server.max_inflight`, its stream on an HTTP/2 connection).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use http::header::HeaderValue;
+use prometheus::IntCounter;
+use tokio_util::sync::CancellationToken;
+
+use crate::clients::Clients;
+use crate::config::{Settings, Store};
+use crate::limits::shared::RedisStore;
+use crate::limits::{Limits, Verdict, Verdicts};
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// How often idle limit keys are evicted and the key gauges updated.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
+
+/// Everything a request needs that a config reload replaces at once.
+pub struct State {
+    pub settings: Settings,
+    pub upstream: Upstream,
+    pub clients: Clients,
+    pub limits: Limits,
+    /// `Bearer <organization key>` in managed mode.
+    pub api_key: Option<HeaderValue>,
+    /// The decision counters of each policy, in [`Limits::policy_names`] order.
+    policy_counters: Vec<PolicyCounters>,
+}
+
+/// `ezgate_ratelimit_decisions_total` and `…_store_fallbacks_total` of one policy.
+struct PolicyCounters {
+    decisions: [IntCounter; 4],
+    /// Shared policies only.
+    fallbacks: Option<IntCounter>,
+}
+
+impl State {
+    pub fn build(settings: Settings, metrics: &Arc<Metrics>) -> Result<State, String> {
+        let upstream = Upstream::new(&settings)?;
+        let clients = Clients::new(&settings.config.clients);
+        let redis = match &settings.config.redis {
+            Some(cfg) => Some(Arc::new(RedisStore::new(cfg)?)),
+            None => None,
+        };
+        let limits = Limits::new(&settings.config.limits, redis);
+        let policy_counters = limits
+            .policy_names()
+            .zip(&settings.config.limits)
+            .map(|(name, cfg)| PolicyCounters {
+                decisions: metrics.decision_counters(name),
+                fallbacks: (cfg.store == Store::Redis).then(|| metrics.fallback_counter(name)),
+            })
+            .collect();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(maintain_forever(limits.downgrade(), Arc::clone(metrics)));
+        }
+        let api_key = match &settings.config.upstream.api_key {
+            Some(k) => {
+                let mut v =
+                    HeaderValue::from_str(&format!("Bearer {}", k.expose())).map_err(|_| {
+                        "upstream.api_key: contains characters not allowed in a header".to_owned()
+                    })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(State {
+            settings,
+            upstream,
+            clients,
+            limits,
+            api_key,
+            policy_counters,
+        })
+    }
+
+    /// Counts what the policies decided for one request.
+    pub fn count_verdicts(&self, verdicts: &Verdicts) {
+        for &(policy, verdict) in verdicts {
+            let Some(c) = self.policy_counters.get(policy) else {
+                continue;
+            };
+            match verdict {
+                Verdict::Allowed => c.decisions[0].inc(),
+                Verdict::Limited => c.decisions[1].inc(),
+                Verdict::ShadowLimited => c.decisions[2].inc(),
+                Verdict::Waited => c.decisions[3].inc(),
+                Verdict::StoreFallback => {
+                    if let Some(f) = &c.fallbacks {
+                        f.inc();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Evicts idle limit keys every few seconds and shows how many each policy tracks, until a
+/// reload replaces the policies.
+async fn maintain_forever(limits: crate::limits::WeakLimits, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(limits) = limits.upgrade() else {
+            return;
+        };
+        let counts = limits.maintain();
+        for (name, keys) in limits.policy_names().zip(counts) {
+            metrics.ratelimit_keys(name, keys);
+        }
+    }
+}
+
+/// The gateway: current state (swapped on reload), metrics, drain flag, in-flight count.
+pub struct Gateway {
+    state: RwLock<Arc<State>>,
+    pub metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    inflight: Arc<AtomicU32>,
+    /// Cancelled when `server.shutdown_grace` is over: open streams end with an error event.
+    cut: CancellationToken,
+}
+
+impl Gateway {
+    pub fn new(state: State, metrics: Arc<Metrics>) -> Gateway {
+        Gateway {
+            state: RwLock::new(Arc::new(state)),
+            metrics,
+            draining: AtomicBool::new(false),
+            inflight: Arc::new(AtomicU32::new(0)),
+            cut: CancellationToken::new(),
+        }
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        match self.state.read() {
+            Ok(s) => Arc::clone(&s),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Applies a reloaded config to new requests; requests in flight keep the old one.
+    pub fn replace(&self, state: State) {
+        let new = Arc::new(state);
+        match self.state.write() {
+            Ok(mut s) => *s = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The drain's grace is over: every stream still open ends with `shutting_down`.
+    pub fn cut_streams(&self) {
+        self.cut.cancel();
+    }
+
+    /// What open streams watch for the end of the drain's grace.
+    pub fn cut_token(&self) -> CancellationToken {
+        self.cut.clone()
+    }
+
+    /// One of `max` places for a request in flight, or `None` when all are taken.
+    pub fn take_place(&self, max: u32) -> Option<InflightSlot> {
+        if self.inflight.fetch_add(1, Ordering::Relaxed) >= max {
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InflightSlot(Arc::clone(&self.inflight)))
+    }
+}
+
+/// What one HTTP/2 connection's requests tell its task: whether any stream is open (an
+/// idle connection is closed), and how many accepted streams the client reset lately (too
+/// many, and the connection gets GOAWAY).
+pub struct ConnWatch {
+    state: Mutex<ConnState>,
+    changed: tokio::sync::Notify,
+    max_resets: u32,
+    window: Duration,
+}
+
+struct ConnState {
+    open: u32,
+    /// When the last stream ended, while none is open.
+    idle_since: Option<Instant>,
+    resets: u32,
+    window_start: Instant,
+}
+
+impl ConnWatch {
+    pub fn new(max_resets: u32, window: Duration) -> ConnWatch {
+        let now = Instant::now();
+        ConnWatch {
+            state: Mutex::new(ConnState {
+                open: 0,
+                idle_since: Some(now),
+                resets: 0,
+                window_start: now,
+            }),
+            changed: tokio::sync::Notify::new(),
+            max_resets,
+            window,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Since when no stream has been open (`None` while one is).
+    pub fn idle_since(&self) -> Option<Instant> {
+        self.lock().idle_since
+    }
+
+    pub fn too_many_resets(&self) -> bool {
+        self.lock().resets > self.max_resets
+    }
+
+    /// Resolves when a stream ended (the connection may be idle now, or over its resets).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn started(&self) {
+        let mut s = self.lock();
+        s.open += 1;
+        s.idle_since = None;
+    }
+
+    /// A stream ended; `reset` when its client cancelled it.
+    fn ended(&self, reset: bool) {
+        let mut s = self.lock();
+        s.open = s.open.saturating_sub(1);
+        let now = Instant::now();
+        if s.open == 0 {
+            s.idle_since = Some(now);
+        }
+        if reset {
+            if now.duration_since(s.window_start) > self.window {
+                s.window_start = now;
+                s.resets = 0;
+            }
+            s.resets += 1;
+        }
+        drop(s);
+        self.changed.notify_one();
+    }
+}
+
+/// One open stream of an HTTP/2 connection, reported to its [`ConnWatch`] when it ends.
+pub struct StreamSlot(Arc<ConnWatch>);
+
+impl StreamSlot {
+    pub fn new(watch: Arc<ConnWatch>) -> StreamSlot {
+        watch.started();
+        StreamSlot(watch)
+    }
+
+    pub fn end(self, reset: bool) {
+        self.0.ended(reset);
+    }
+}
+
+/// Holds one of `server.max_inflight` places until the response ends.
+pub struct InflightSlot(Arc<AtomicU32>);
+
+impl Drop for InflightSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
