@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clients::Clients;
 use crate::config::{Settings, Store};
-use crate::limits::shared::RedisStore;
+use crate::limits::shared::{Health, RedisStore};
 use crate::limits::{Limits, Verdict, Verdicts};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
@@ -44,7 +44,7 @@ impl State {
         let upstream = Upstream::new(&settings)?;
         let clients = Clients::new(&settings.config.clients);
         let redis = match &settings.config.redis {
-            Some(cfg) => Some(Arc::new(RedisStore::new(cfg)?)),
+            Some(cfg) => Some(Arc::new(RedisStore::new(cfg, Box::new(log_redis_health))?)),
             None => None,
         };
         let limits = Limits::new(&settings.config.limits, redis);
@@ -97,6 +97,23 @@ impl State {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The log lines of a Redis outage: one when it starts, one when it ends.
+fn log_redis_health(health: Health) {
+    match health {
+        Health::Down { error, fail_closed } => {
+            let then = if fail_closed {
+                "refusing requests of shared policies"
+            } else {
+                "falling back to local limits"
+            };
+            tracing::error!(error = %error, "redis unavailable; {then} until it returns");
+        }
+        Health::Up => {
+            tracing::info!("redis reachable again; shared limits are enforced in Redis again")
         }
     }
 }

@@ -81,8 +81,23 @@ pub enum Shared {
     },
 }
 
+/// A change in Redis's health, told once when it happens (the caller logs it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Redis stopped answering; `fail_closed` says what shared policies do meanwhile.
+    Down {
+        error: String,
+        fail_closed: bool,
+    },
+    Up,
+}
+
+/// Where health changes go.
+pub type HealthSink = Box<dyn Fn(Health) + Send + Sync>;
+
 /// The connection to Redis and what every shared policy needs from it.
 pub struct RedisStore {
+    on_health: HealthSink,
     client: Client,
     timeout: Duration,
     pub lease: Duration,
@@ -97,7 +112,7 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    pub fn new(cfg: &RedisConfig) -> Result<RedisStore, String> {
+    pub fn new(cfg: &RedisConfig, on_health: HealthSink) -> Result<RedisStore, String> {
         let target = RedisTarget::parse(cfg.url.expose()).map_err(|e| format!("redis.url: {e}"))?;
         let tls = if target.tls {
             Some(
@@ -108,6 +123,7 @@ impl RedisStore {
             None
         };
         Ok(RedisStore {
+            on_health,
             client: Client::new(target, tls, cfg.connect_timeout.0),
             timeout: cfg.timeout.0,
             lease: cfg.concurrency_lease.0,
@@ -148,24 +164,20 @@ impl RedisStore {
         result
     }
 
-    /// Logs an outage once when it starts and once when it ends.
+    /// Tells an outage once when it starts and once when it ends.
     fn note<T>(&self, result: &Result<T, String>) {
         match result {
             Ok(_) => {
                 if self.down.swap(false, Ordering::Relaxed) {
-                    tracing::info!(
-                        "redis reachable again; shared limits are enforced in Redis again"
-                    );
+                    (self.on_health)(Health::Up);
                 }
             }
             Err(e) => {
                 if !self.down.swap(true, Ordering::Relaxed) {
-                    let then = if self.fail_closed {
-                        "refusing requests of shared policies"
-                    } else {
-                        "falling back to local limits"
-                    };
-                    tracing::error!(error = %e, "redis unavailable; {then} until it returns");
+                    (self.on_health)(Health::Down {
+                        error: e.clone(),
+                        fail_closed: self.fail_closed,
+                    });
                 }
             }
         }

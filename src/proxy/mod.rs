@@ -11,25 +11,25 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH,
-    CONTENT_TYPE, HOST, RETRY_AFTER,
+    HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body::Body as _;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::errors::{self, upstream::MAX_ERROR_BODY, GatewayError, Source};
+mod request;
+mod respond;
+
+pub use respond::parse_retry_after;
+
+use crate::errors::{self, GatewayError, Source};
 use crate::exchange::Exchange;
 use crate::gateway::{ConnWatch, Gateway, State, StreamSlot};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::limits::LimitRequest;
 use crate::outcome::ClientLabel;
-use crate::pool::{RequestBody, UpstreamBody};
 use crate::route::{PathError, Route};
 use crate::stream::{ResponseBody, Watch};
 
@@ -155,12 +155,8 @@ async fn handle(
         out.client = ClientLabel::Named(Arc::clone(&c.name));
     }
     let (mut parts, body) = req.into_parts();
-    let max_body = cfg.server.max_request_body.0;
-    if content_length(&parts.headers).is_some_and(|len| len > max_body) {
-        return Err(GatewayError::PayloadTooLarge { limit: max_body });
-    }
-    // The body of a model route is read when a check needs its model or size, or to ask
-    // the upstream for the usage of a stream; whatever its content type says.
+    // Inspect: the body of a model route is read when a check needs its model or size, or
+    // to ask the upstream for the usage of a stream.
     let post = parts.method == Method::POST;
     let checks = post
         && out.route.carries_model()
@@ -169,55 +165,19 @@ async fn handle(
     let ask_usage = post
         && cfg.upstream.stream_usage
         && matches!(out.route, Route::ChatCompletions | Route::Completions);
-    let mut strip = false;
-    let (body, mut request) = if checks || ask_usage {
-        let bytes = read_request_body(body, max_body, cfg.server.request_body_timeout.0).await?;
-        let request = if out.route == Route::AudioTranscriptions {
-            let model = crate::limits::form::model(
-                parts.headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes),
-                &bytes,
-            );
-            crate::limits::tokens::RequestInfo {
-                understood: model.is_some(),
-                model,
-                ..Default::default()
-            }
-        } else {
-            crate::limits::tokens::inspect(&bytes)
-        };
-        if checks && !request.understood {
-            let what = if out.route == Route::AudioTranscriptions {
-                "a multipart/form-data body with one model field"
-            } else {
-                "one JSON object (uncompressed)"
-            };
-            return Err(GatewayError::BadRequest(format!(
-                "the body of POST {} must be {what}: ezgate reads its model for the policies that cover it",
-                out.route.as_str()
-            )));
-        }
-        let body = match ask_usage
-            .then(|| crate::limits::tokens::ask_for_stream_usage(&bytes, &request))
-            .flatten()
-        {
-            Some(pieces) => {
-                strip = true;
-                RequestBody::pieces(pieces)
-            }
-            None => RequestBody::full(bytes),
-        };
-        // The body is now whole: its length replaces chunked framing or an edited length.
-        let len = body.size_hint().exact().unwrap_or(0);
-        if content_length(&parts.headers) != Some(len) {
-            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-        }
-        (body, Some(request))
-    } else {
-        (
-            RequestBody::stream(body, max_body, cfg.server.request_body_timeout.0),
-            None,
-        )
-    };
+    let request::Inspected {
+        body,
+        mut request,
+        strip,
+    } = request::inspect(
+        body,
+        &mut parts.headers,
+        out.route,
+        checks,
+        ask_usage,
+        &cfg.server,
+    )
+    .await?;
     let model = request.as_mut().and_then(|r| r.model.take());
     if let (Some(client), true) = (&caller.client, checks) {
         client.check_model(model.as_deref())?;
@@ -256,7 +216,7 @@ async fn handle(
         .upstream
         .target(parts.uri.path_and_query(), path.as_deref())?;
     let request_id = HeaderValue::from_str(&out.request_id).ok();
-    rewrite_request(&mut parts.headers, state, request_id.clone(), peer);
+    request::rewrite_request(&mut parts.headers, state, request_id.clone(), peer);
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method;
     *up_req.headers_mut() = parts.headers;
@@ -280,7 +240,11 @@ async fn handle(
     out.source = Source::Upstream;
     out.upstream_status = Some(status.as_u16());
     if status == StatusCode::TOO_MANY_REQUESTS {
-        if let Some(wait) = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after) {
+        if let Some(wait) = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(respond::parse_retry_after)
+        {
             // One response may not hold a key back for a day.
             let wait = wait.min(cfg.upstream.max_retry_after.0);
             let key = crate::limits::cooldown_key(
@@ -304,7 +268,7 @@ async fn handle(
     }
     if status.as_u16() >= 400 {
         // Boxed: the error path's future stays out of every request's state.
-        return Ok(Box::pin(upstream_error(
+        return Ok(Box::pin(respond::upstream_error(
             rparts.status,
             rparts.headers,
             incoming,
@@ -314,13 +278,13 @@ async fn handle(
         .await);
     }
     let encoded = rparts.headers.contains_key(CONTENT_ENCODING);
-    let watch = if is_event_stream(&rparts.headers) && !encoded {
+    let watch = if respond::is_event_stream(&rparts.headers) && !encoded {
         if strip {
             // Events may be removed: the upstream's length no longer describes the body.
             rparts.headers.remove(CONTENT_LENGTH);
         }
         Watch::Sse { strip }
-    } else if out.route.carries_tokens() && is_json(&rparts.headers) && !encoded {
+    } else if out.route.carries_tokens() && respond::is_json(&rparts.headers) && !encoded {
         Watch::JsonUsage
     } else {
         Watch::Nothing
@@ -331,172 +295,6 @@ async fn handle(
         body.end_at(gw.cut_token());
     }
     Ok(with_parts(rparts.status, rparts.headers, body))
-}
-
-fn rewrite_request(
-    h: &mut HeaderMap,
-    state: &State,
-    request_id: Option<HeaderValue>,
-    peer: SocketAddr,
-) {
-    headers::strip_hop_by_hop(h);
-    h.remove(HOST);
-    // ezgate already answered any `Expect: 100-continue` by reading the body.
-    h.remove(http::header::EXPECT);
-    if let Some(v) = request_id {
-        h.insert(X_REQUEST_ID, v);
-    }
-    headers::append_forwarded_for(h, peer.ip());
-    if let Some(key) = &state.api_key {
-        h.insert(AUTHORIZATION, key.clone());
-    }
-}
-
-/// Reads an upstream error body (at most [`MAX_ERROR_BODY`]), maps it to the schema and
-/// builds the response. Upstream status, `Retry-After` and `x-ratelimit-*` are kept.
-async fn upstream_error(
-    status: StatusCode,
-    mut headers: HeaderMap,
-    body: UpstreamBody,
-    state: &State,
-    out: &mut Exchange,
-) -> Response<ResponseBody> {
-    let started = Instant::now();
-    let idle = state.settings.config.upstream.stream_idle_timeout.0;
-    let (raw, truncated) = tokio::time::timeout(idle, read_capped(body, MAX_ERROR_BODY))
-        .await
-        .unwrap_or_default();
-    out.upstream_wait += started.elapsed();
-    let encoding = headers
-        .get(CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let ctype = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let mut body = errors::upstream::normalize(
-        status.as_u16(),
-        encoding.as_deref(),
-        ctype.as_deref(),
-        &raw,
-        truncated,
-        &out.request_id,
-    );
-    let retry = headers.get(RETRY_AFTER).and_then(parse_retry_after);
-    body.retry_after_ms = retry.map(errors::duration_ms);
-    out.upstream_code = body.code.clone();
-    for h in [
-        CONTENT_LENGTH,
-        CONTENT_ENCODING,
-        CONTENT_TYPE,
-        http::header::ETAG,
-        http::header::LAST_MODIFIED,
-    ] {
-        headers.remove(h);
-    }
-    let retryable = headers.get("x-should-retry").is_none_or(|v| v != "false");
-    let keep_retry_after = headers.get(RETRY_AFTER).cloned();
-    let (status, mut headers, bytes) = body.into_parts(headers, retryable);
-    if let Some(v) = keep_retry_after {
-        headers.insert(RETRY_AFTER, v);
-    }
-    with_parts(status, headers, ResponseBody::full(bytes))
-}
-
-/// Reads up to `cap` bytes of a body; whatever follows is left unread and dropped.
-async fn read_capped(mut body: UpstreamBody, cap: usize) -> (Vec<u8>, bool) {
-    let mut buf = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
-        if let Some(data) = frame.data_ref() {
-            let room = cap - buf.len();
-            if data.len() > room {
-                buf.extend_from_slice(&data[..room]);
-                return (buf, true);
-            }
-            buf.extend_from_slice(data);
-        }
-    }
-    (buf, false)
-}
-
-/// Buffers a request body (needed to see its model and size), refusing it past `max` and
-/// giving up when the client pauses longer than `idle` between two pieces. Memory is the
-/// body's own size: a body of known length is read into one buffer of that length, and a
-/// small body that arrives as one frame is kept as it is, without a copy.
-async fn read_request_body(
-    mut body: Incoming,
-    max: u64,
-    idle: Duration,
-) -> Result<Bytes, GatewayError> {
-    let mut buf = BytesMut::new();
-    let declared = body.size_hint().exact().filter(|n| *n <= max);
-    loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Err(GatewayError::RequestTimeout(idle)),
-            Ok(None) => break,
-            Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(_))) => return Err(GatewayError::ClientClosed),
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if (buf.len() + data.len()) as u64 > max {
-            return Err(GatewayError::PayloadTooLarge { limit: max });
-        }
-        // A body of known length ends with its last byte: no need to poll for the end.
-        let end = body.is_end_stream();
-        if buf.is_empty() && end {
-            return Ok(data);
-        }
-        if buf.is_empty() {
-            buf.reserve(declared.map_or(data.len(), |n| n as usize));
-        }
-        buf.extend_from_slice(&data);
-        if end {
-            break;
-        }
-    }
-    Ok(buf.freeze())
-}
-
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
-}
-
-fn is_json(h: &HeaderMap) -> bool {
-    // A byte window, not `str::contains`, whose searcher costs more to build than this.
-    h.get(CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .windows(4)
-            .any(|w| w.eq_ignore_ascii_case(b"json"))
-    })
-}
-
-fn is_event_stream(h: &HeaderMap) -> bool {
-    // Media types are case-insensitive.
-    h.get(CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .get(..17)
-            .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
-    })
-}
-
-/// `Retry-After` as delay-seconds or an HTTP date (in the future), capped at one day.
-pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
-    let s = v.to_str().ok()?.trim();
-    if let Ok(secs) = s.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0)
-            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
-    }
-    // An HTTP date (IMF-fixdate, or the obsolete RFC 850 and asctime forms).
-    let when = httpdate::parse_http_date(s).ok()?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default()
-            .min(Duration::from_secs(86_400)),
-    )
 }
 
 pin_project_lite::pin_project! {
@@ -522,6 +320,8 @@ impl<F: Future> Future for CatchUnwind<F> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
