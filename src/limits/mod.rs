@@ -7,6 +7,7 @@
 //! refuses; request-rate cells are taken last (GCRA cells cannot be given back), so a request
 //! refused on concurrency or tokens takes nothing from any request rate.
 
+pub mod estimate;
 pub mod redis;
 pub mod scan;
 pub mod shared;
