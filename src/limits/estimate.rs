@@ -5,7 +5,7 @@
 //! | class    | characters                                                   | tokens each |
 //! |----------|--------------------------------------------------------------|------------:|
 //! | `symbol` | ASCII digits and the punctuation among them, U+0021–0040: ``!"#$%&'()*+,-./0-9:;<=>?@`` | 0.68 |
-//! | `word`   | the rest of ASCII: letters, whitespace, controls, ``[\]^_`{|}~`` | 0.21 |
+//! | `word`   | the rest of ASCII: letters, whitespace, controls, ``[\]^_`{\|}~`` | 0.21 |
 //! | `cjk`    | U+3000–D7FF (CJK punctuation, kana, Han, Yi, Hangul) and U+F000–FFFF (compatibility ideographs, fullwidth forms) | 0.74 |
 //! | `other`  | every other character below U+10000: accented Latin, Greek, Cyrillic, Hebrew, Arabic, Indic, Thai, typographic punctuation | 0.34 |
 //! | `astral` | U+10000 and above: emoji, rare ideographs                    | 1.9 |
@@ -14,7 +14,7 @@
 //! them against the tokenizer; `docs/rate-limits.md` has the error per script). Fitting one
 //! weight per ASCII letter, digit, space and punctuation gave letters and spaces nearly the
 //! same weight, and digits and punctuation the same; putting ``[\]^_`{|}~`` with the letters
-//! fitted as well (no script moved by more than 2 points) and makes a symbol one range of
+//! fitted as well (no script moved by more than 3 points) and makes a symbol one range of
 //! bytes. So ASCII needs one count besides its length, a range test per byte. A non-ASCII
 //! character's class is read from its UTF-8 lead byte alone (the `cjk` ranges are whole lead
 //! bytes, E3–ED and EF; the few non-CJK characters in them, such as Yi or the emoji
