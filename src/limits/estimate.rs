@@ -84,7 +84,7 @@ impl Counts {
         }
     }
 
-    /// Text known to be ASCII (a non-ASCII byte would count as one symbol).
+    /// Text known to be ASCII (a non-ASCII byte would count as a `word` character).
     pub fn add_ascii(&mut self, text: &[u8]) {
         let symbols = symbols(text);
         self.symbol += symbols;
