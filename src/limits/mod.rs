@@ -8,9 +8,11 @@
 //! * [`check`] — [`Limits::check`]: the admission under every covering policy
 //! * [`permit`] — what an admitted request holds, settled once when it ends
 //! * [`store`] — local keyed state with a key cap; [`shared`] / [`redis`] — the same in Redis
-//! * [`tokens`], [`scan`], [`form`] — what a request body says of its model and size
+//! * [`tokens`], [`scan`], [`form`] — what a request body says of its model and size;
+//!   [`estimate`] — its tokens, by character class
 
 mod check;
+pub mod estimate;
 pub mod form;
 mod permit;
 mod policy;

@@ -1,9 +1,11 @@
 //! A one-pass reader of the few members of a JSON request body that rate limits need: the
-//! model, the prompt's size in characters, the completion cap and the stream flags.
+//! model, the prompt's characters (counted by class for the token estimate), the completion
+//! cap and the stream flags.
 //!
 //! It runs on every request a token or model policy covers, so it builds nothing: strings
-//! are found with a SIMD search for `"` and `\`, prompt characters counted from the bytes,
-//! and every other value skipped. It follows the same rules as reading the body with serde
+//! are found with a SIMD search for `"` and `\`, prompt characters counted from the bytes
+//! ([`Counts`]; the ASCII between two hits in one vectorized pass), and every other value
+//! skipped. It follows the same rules as reading the body with serde
 //! into the few typed fields (a duplicated field, a wrong type or a malformed document
 //! means "not understood"), so the estimate does not depend on how the body was read.
 //! It is lenient only where the upstream rejects the body anyway (raw control characters
@@ -12,6 +14,8 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
+use super::estimate::Counts;
+
 /// Nesting deeper than this is refused, as serde_json refuses it.
 const MAX_DEPTH: usize = 128;
 
@@ -19,9 +23,9 @@ const MAX_DEPTH: usize = 128;
 #[derive(Debug, Default, PartialEq)]
 pub struct Fields<'a> {
     pub model: Option<Cow<'a, str>>,
-    /// Characters of the text in `messages`, `prompt` and `input` (values of `role` and
-    /// `type` members are not text).
-    pub chars: usize,
+    /// Characters of the text in `messages`, `prompt` and `input`, decoded, by class (values
+    /// of `role` and `type` members are not text).
+    pub text: Counts,
     pub max_tokens: Option<u64>,
     pub max_completion_tokens: Option<u64>,
     pub max_output_tokens: Option<u64>,
@@ -61,22 +65,20 @@ pub fn request_fields(body: &[u8]) -> Option<Fields<'_>> {
         match key.raw {
             b"model" => {
                 f.model = match s.peek()? {
-                    b'"' => Some(s.string()?.decode()?),
+                    b'"' => Some(s.string(None)?.decode()?),
                     _ => {
                         s.literal(b"null")?;
                         None
                     }
                 }
             }
-            b"messages" | b"prompt" | b"input" => f.chars += s.value(true, 0)?,
+            b"messages" | b"prompt" | b"input" => s.value(Some(&mut f.text), 0)?,
             b"max_tokens" => f.max_tokens = s.opt_u64()?,
             b"max_completion_tokens" => f.max_completion_tokens = s.opt_u64()?,
             b"max_output_tokens" => f.max_output_tokens = s.opt_u64()?,
             b"stream" => f.stream = s.opt_bool()?,
             b"stream_options" => f.include_usage = s.stream_options()?,
-            _ => {
-                s.value(false, 0)?;
-            }
+            _ => s.value(None, 0)?,
         }
         Some(())
     })?;
@@ -101,7 +103,7 @@ pub fn usage_counts(doc: &[u8]) -> Option<(u64, u64)> {
         let slot = match key.raw {
             b"prompt_tokens" | b"input_tokens" => &mut prompt,
             b"completion_tokens" | b"output_tokens" => &mut completion,
-            _ => return s.value(false, 0).map(|_| ()),
+            _ => return s.value(None, 0),
         };
         if slot.is_some() {
             return None;
@@ -124,14 +126,12 @@ pub fn string_at(doc: &[u8]) -> Option<Cow<'_, str>> {
     if s.peek()? != b'"' {
         return None;
     }
-    s.string()?.decode()
+    s.string(None)?.decode()
 }
 
 /// A string as it appears in the document, between its quotes.
 struct Str<'a> {
     raw: &'a [u8],
-    /// Characters once decoded.
-    chars: usize,
     escaped: bool,
 }
 
@@ -166,7 +166,7 @@ impl<'a> Scan<'a> {
             return Some(());
         }
         loop {
-            let key = self.string()?;
+            let key = self.string(None)?;
             self.expect(b':')?;
             each(self, key)?;
             if self.eat(b',') {
@@ -205,32 +205,42 @@ impl<'a> Scan<'a> {
         (self.b.get(self.i..end)? == word).then(|| self.i = end)
     }
 
-    fn string(&mut self) -> Option<Str<'a>> {
+    /// A string; with `text`, its characters are counted there.
+    fn string(&mut self, mut text: Option<&mut Counts>) -> Option<Str<'a>> {
         self.expect(b'"')?;
         let start = self.i;
-        // Bytes that do not begin a character (UTF-8 continuations, and the extra bytes of
-        // escapes) are subtracted from the byte count.
-        let mut not_chars = 0;
         let mut escaped = false;
         loop {
             let rest = self.b.get(self.i..)?;
             let at = self.i + memchr::memchr2(b'"', b'\\', rest)?;
-            if !self.ascii {
-                not_chars += continuation_bytes(&self.b[self.i..at]);
+            if let Some(t) = text.as_deref_mut() {
+                let run = &self.b[self.i..at];
+                if self.ascii {
+                    t.add_ascii(run);
+                } else {
+                    t.add_utf8(run);
+                }
             }
             if self.b[at] == b'"' {
                 self.i = at + 1;
-                let raw = &self.b[start..at];
                 return Some(Str {
-                    raw,
-                    chars: raw.len() - not_chars,
+                    raw: &self.b[start..at],
                     escaped,
                 });
             }
             escaped = true;
             match *self.b.get(at + 1)? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
-                    not_chars += 1;
+                c @ (b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                    if let Some(t) = text.as_deref_mut() {
+                        t.add_char(match c {
+                            b'b' => '\x08',
+                            b'f' => '\x0c',
+                            b'n' => '\n',
+                            b'r' => '\r',
+                            b't' => '\t',
+                            _ => char::from(c),
+                        });
+                    }
                     self.i = at + 2;
                 }
                 b'u' => {
@@ -243,59 +253,61 @@ impl<'a> Scan<'a> {
                             .get(at + 8..at + 12)
                             .and_then(hex4)
                             .is_some_and(|low| (0xDC00..0xE000).contains(&low));
-                    let len = if pair { 12 } else { 6 };
-                    not_chars += len - 1;
-                    self.i = at + len;
+                    if let Some(t) = text.as_deref_mut() {
+                        // A lone surrogate (which serde refuses) counts as one character.
+                        match char::from_u32(unit) {
+                            _ if pair => t.astral += 1,
+                            Some(c) => t.add_char(c),
+                            None => t.other += 1,
+                        }
+                    }
+                    self.i = at + if pair { 12 } else { 6 };
                 }
                 _ => return None,
             }
         }
     }
 
-    /// Skips one value; with `text`, returns the characters of its strings.
-    fn value(&mut self, text: bool, depth: usize) -> Option<usize> {
+    /// Skips one value; with `text`, counts the characters of its strings there.
+    fn value(&mut self, mut text: Option<&mut Counts>, depth: usize) -> Option<()> {
         if depth > MAX_DEPTH {
             return None;
         }
         match self.peek()? {
-            b'"' => self.string().map(|s| if text { s.chars } else { 0 }),
+            b'"' => self.string(text).map(|_| ()),
             b'{' => {
                 self.i += 1;
-                let mut n = 0;
                 if self.eat(b'}') {
-                    return Some(0);
+                    return Some(());
                 }
                 loop {
-                    let key = self.string()?;
+                    let key = self.string(None)?;
                     self.expect(b':')?;
                     let not_text = key.raw == b"role" || key.raw == b"type";
-                    n += self.value(text && !not_text, depth + 1)?;
+                    self.value(text.as_deref_mut().filter(|_| !not_text), depth + 1)?;
                     if self.eat(b',') {
                         continue;
                     }
-                    self.expect(b'}')?;
-                    return Some(n);
+                    return self.expect(b'}');
                 }
             }
             b'[' => {
                 self.i += 1;
-                let mut n = 0;
                 if self.eat(b']') {
-                    return Some(0);
+                    return Some(());
                 }
                 loop {
-                    n += self.value(text, depth + 1)?;
+                    self.value(text.as_deref_mut(), depth + 1)?;
                     if self.eat(b',') {
                         continue;
                     }
-                    self.expect(b']')?;
-                    return Some(n);
+                    return self.expect(b']');
                 }
             }
-            b't' => self.literal(b"true").map(|()| 0),
-            b'f' => self.literal(b"false").map(|()| 0),
-            b'n' => self.literal(b"null").map(|()| 0),
-            b'-' | b'0'..=b'9' => self.number().map(|_| 0),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => self.number().map(|_| ()),
             _ => None,
         }
     }
@@ -351,7 +363,7 @@ impl<'a> Scan<'a> {
             return Some(None);
         }
         loop {
-            let key = self.string()?;
+            let key = self.string(None)?;
             self.expect(b':')?;
             if key.raw == b"include_usage" {
                 if seen {
@@ -360,7 +372,7 @@ impl<'a> Scan<'a> {
                 seen = true;
                 include = self.opt_bool()?;
             } else {
-                self.value(false, 1)?;
+                self.value(None, 1)?;
             }
             if self.eat(b',') {
                 continue;
@@ -398,11 +410,11 @@ pub fn object_members(doc: &[u8], mut each: impl FnMut(&[u8], Member)) -> Option
     loop {
         s.ws();
         let start = s.i;
-        let key = s.string()?;
+        let key = s.string(None)?;
         s.expect(b':')?;
         s.ws();
         let value = s.i;
-        s.value(false, 1)?;
+        s.value(None, 1)?;
         each(
             key.raw,
             Member {
@@ -444,13 +456,6 @@ pub fn member_cut(doc: &[u8], key: &[u8]) -> Option<(Member, Range<usize>)> {
     Some((m, cut))
 }
 
-/// UTF-8 continuation bytes in `s`, counted in byte-wide lanes (ASCII text has none).
-fn continuation_bytes(s: &[u8]) -> usize {
-    s.chunks(255)
-        .map(|c| usize::from(c.iter().fold(0u8, |n, &b| n + u8::from((b as i8) < -0x40))))
-        .sum()
-}
-
 fn hex4(h: &[u8]) -> Option<u32> {
     std::str::from_utf8(h)
         .ok()
@@ -470,11 +475,11 @@ mod tests {
         #[serde(default)]
         model: Option<String>,
         #[serde(default)]
-        messages: TextChars,
+        messages: Text,
         #[serde(default)]
-        prompt: TextChars,
+        prompt: Text,
         #[serde(default)]
-        input: TextChars,
+        input: Text,
         #[serde(default)]
         max_tokens: Option<u64>,
         #[serde(default)]
@@ -493,26 +498,28 @@ mod tests {
         include_usage: Option<bool>,
     }
 
+    /// The characters of the text, decoded by serde and counted one `char` at a time.
     #[derive(Default)]
-    struct TextChars(usize);
+    struct Text(Counts);
 
-    impl<'de> Deserialize<'de> for TextChars {
+    impl<'de> Deserialize<'de> for Text {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             let v = serde_json::Value::deserialize(d)?;
-            Ok(TextChars(count(&v)))
+            let mut c = Counts::default();
+            count(&v, &mut c);
+            Ok(Text(c))
         }
     }
 
-    fn count(v: &serde_json::Value) -> usize {
+    fn count(v: &serde_json::Value, c: &mut Counts) {
         match v {
-            serde_json::Value::String(s) => s.chars().count(),
-            serde_json::Value::Array(a) => a.iter().map(count).sum(),
+            serde_json::Value::String(s) => s.chars().for_each(|ch| c.add_char(ch)),
+            serde_json::Value::Array(a) => a.iter().for_each(|v| count(v, c)),
             serde_json::Value::Object(o) => o
                 .iter()
                 .filter(|(k, _)| *k != "role" && *k != "type")
-                .map(|(_, v)| count(v))
-                .sum(),
-            _ => 0,
+                .for_each(|(_, v)| count(v, c)),
+            _ => {}
         }
     }
 
@@ -520,7 +527,12 @@ mod tests {
         let d: Doc = serde_json::from_slice(body).ok()?;
         Some(Fields {
             model: d.model.map(Cow::Owned),
-            chars: d.messages.0 + d.prompt.0 + d.input.0,
+            text: {
+                let mut c = d.messages.0;
+                c.add(&d.prompt.0);
+                c.add(&d.input.0);
+                c
+            },
             max_tokens: d.max_tokens,
             max_completion_tokens: d.max_completion_tokens,
             max_output_tokens: d.max_output_tokens,
@@ -546,7 +558,9 @@ mod tests {
                         {"role":"system","content":[{"type":"text","text":"abcd"}]}]}"#;
         let f = request_fields(body).unwrap();
         assert_eq!(f.model.as_deref(), Some("gpt-4o"));
-        assert_eq!(f.chars, 10 + 4);
+        assert_eq!(f.text.chars(), 10 + 4);
+        // "hllo w" + LF and "abcd"; the quotes; é.
+        assert_eq!((f.text.word, f.text.symbol, f.text.other), (7 + 4, 2, 1));
         assert_eq!(f.max_tokens, Some(100));
         assert_eq!(f.stream, Some(true));
         assert_eq!(f.include_usage, Some(false));
@@ -579,6 +593,43 @@ mod tests {
         }
         let deep = format!("{{\"messages\":{}{}}}", "[".repeat(200), "]".repeat(200));
         same(deep.as_bytes());
+        // Each class's first and last character, written as it is and escaped.
+        let edges = "\u{7f}\u{80}\u{2fff}\u{3000}\u{30ff}\u{3100}\u{33ff}\u{3400}\u{9fff}\u{a000}\u{abff}\u{ac00}\u{d7ff}\u{e000}\u{feff}\u{ff00}\u{ffff}\u{10000}\u{10ffff}";
+        for text in [edges.to_owned(), escape_non_ascii(edges)] {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"{text} a1\b\f\/"}}]}}"#);
+            same(body.as_bytes());
+        }
+    }
+
+    /// `json` with every non-ASCII character as a `\u` escape (a pair above U+FFFF).
+    fn escape_non_ascii(json: &str) -> String {
+        let mut out = String::new();
+        for c in json.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn counts_text_by_class() {
+        let body = r#"{"model":"模型","messages":[{"role":"user","content":"東京は\u6771 Seoul 서울 42!"},{"role":"assistant","content":[{"type":"text","text":"ok \ud83d\ude00"}]}],"metadata":{"k":"值"}}"#;
+        let f = request_fields(body.as_bytes()).unwrap();
+        let want = Counts {
+            word: 8 + 3,
+            symbol: 3,
+            cjk: 6,
+            other: 0,
+            astral: 1,
+        };
+        assert_eq!(f.text, want);
+        same(body.as_bytes());
     }
 
     fn json() -> impl Strategy<Value = serde_json::Value> {
@@ -590,6 +641,8 @@ mod tests {
             any::<u64>().prop_map(Value::from),
             (-1e6f64..1e6).prop_map(Value::from),
             ".*".prop_map(Value::String),
+            "[\\p{Han}\\p{Hiragana}\\p{Katakana}\\p{Hangul}，。、 a-z0-9\n\"\\\\é😀]{0,24}"
+                .prop_map(Value::String),
             prop::sample::select(vec!["role", "type", "user", "text"])
                 .prop_map(|s| Value::String(s.into())),
         ];
@@ -673,16 +726,25 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
-        /// Any object, written compactly or pretty, reads as serde reads it.
+        /// Any object, written compactly or pretty, with or without escapes for non-ASCII
+        /// characters, reads as serde reads it.
         #[test]
-        fn matches_serde(members in prop::collection::vec(member(), 0..8), pretty in any::<bool>()) {
+        fn matches_serde(
+            members in prop::collection::vec(member(), 0..8),
+            pretty in any::<bool>(),
+            escaped in any::<bool>(),
+        ) {
             let obj: serde_json::Map<String, serde_json::Value> = members.into_iter().collect();
             let v = serde_json::Value::Object(obj);
-            let body = if pretty {
-                serde_json::to_vec_pretty(&v).unwrap()
+            let mut body = if pretty {
+                serde_json::to_string_pretty(&v).unwrap()
             } else {
-                serde_json::to_vec(&v).unwrap()
+                serde_json::to_string(&v).unwrap()
             };
+            if escaped {
+                body = escape_non_ascii(&body);
+            }
+            let body = body.into_bytes();
             prop_assert_eq!(request_fields(&body), reference(&body));
         }
 

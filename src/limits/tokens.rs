@@ -11,7 +11,8 @@ pub struct RequestInfo {
     /// The body is one JSON object whose members ezgate read.
     pub understood: bool,
     pub model: Option<String>,
-    /// Prompt size estimate: characters of the prompt text / 4, at least 1.
+    /// Prompt size estimate: the prompt text's characters weighed by class
+    /// ([`super::estimate`]), at least 1.
     pub prompt_tokens: u64,
     /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, when the request caps it.
     pub max_tokens: Option<u64>,
@@ -31,7 +32,7 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
             ..RequestInfo::default()
         };
     };
-    let prompt_tokens = (doc.chars as u64).div_ceil(4).max(1);
+    let prompt_tokens = doc.text.tokens().max(1);
     let max_tokens = doc
         .max_tokens
         .or(doc.max_completion_tokens)
@@ -123,6 +124,13 @@ mod tests {
         assert_eq!(info.prompt_tokens, 3);
         assert_eq!(info.estimated_tokens, 103);
         assert!(!info.stream);
+    }
+
+    #[test]
+    fn weighs_scripts() {
+        // 71 characters of Chinese, at 0.74 a token each; characters / 4 said 18.
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"请帮我总结下面这个工单，并建议下一步应该怎么处理。客户说他们的发票上同一个月出现了两笔扣款。请帮我总结下面这个工单，并建议下一步应该怎么处理。"}]}"#;
+        assert_eq!(inspect(body.as_bytes()).prompt_tokens, 53);
     }
 
     #[test]

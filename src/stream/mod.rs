@@ -21,6 +21,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::errors::GatewayError;
 use crate::errors::{BoxError, FailureKind};
 use crate::exchange::Exchange;
+use crate::limits::estimate::text_tokens;
 use crate::upstream::classify;
 use sse::{Pass, SseReader};
 
@@ -138,8 +139,8 @@ impl ResponseBody {
         };
         let (usage, model) = match std::mem::replace(&mut self.scan, Scan::None) {
             Scan::Sse(s) => {
-                // A chunk is about one token; text packed denser is counted by its size.
-                o.output_estimate = s.content_events.max(s.content_chars.div_ceil(4));
+                // A chunk is about one token; text packed denser is counted by its estimate.
+                o.output_estimate = s.content_events.max(s.content.tokens());
                 (s.usage, s.model)
             }
             Scan::Json(parts, len) if len > 0 => {
@@ -147,10 +148,11 @@ impl ResponseBody {
                     [one] => usage::json_usage(one),
                     _ => usage::json_usage(&parts.concat()),
                 };
-                o.output_estimate = (len as u64).div_ceil(4);
+                o.output_estimate = parts.iter().map(|p| text_tokens(p)).sum();
                 found.map_or((None, None), |(u, m)| (Some(u), m))
             }
             _ => {
+                // Nothing was read (an encoded body): a token is about four bytes of it.
                 o.output_estimate = o.bytes_out.div_ceil(4);
                 (None, None)
             }

@@ -12,6 +12,7 @@
 use bytes::Bytes;
 
 use super::usage;
+use crate::limits::estimate::Counts;
 use crate::limits::scan;
 use crate::outcome::Usage;
 
@@ -36,9 +37,9 @@ pub struct SseReader {
     at_boundary: bool,
     pub usage: Option<Usage>,
     pub model: Option<String>,
-    /// Events that carried generated content, and its characters.
+    /// Events that carried generated content, and that content by character class.
     pub content_events: u64,
-    pub content_chars: u64,
+    pub content: Counts,
 }
 
 impl SseReader {
@@ -152,10 +153,8 @@ impl SseReader {
                 return;
             }
         }
-        let chars = usage::content_chars(payload);
-        if chars > 0 {
+        if usage::content_text(payload, &mut self.content) {
             self.content_events += 1;
-            self.content_chars += chars;
         }
     }
 }
@@ -289,7 +288,7 @@ mod tests {
                 completion: 5
             })
         );
-        assert_eq!((r.content_events, r.content_chars), (2, 4));
+        assert_eq!((r.content_events, r.content.chars()), (2, 4));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use memchr::memmem::{Finder, FinderRev};
 
+use crate::limits::estimate::Counts;
 use crate::limits::scan;
 use crate::outcome::Usage;
 
@@ -59,21 +60,22 @@ pub fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
     Some((Usage { prompt, completion }, model))
 }
 
-/// Characters of generated text in one streamed chunk (0 when it carries none).
-pub fn content_chars(doc: &[u8]) -> u64 {
+/// Adds the generated text of one streamed chunk to `text`; false when it carries none.
+pub fn content_text(doc: &[u8], text: &mut Counts) -> bool {
     let f = finders();
-    let mut chars = 0;
+    let mut any = false;
     for (finder, key) in f.content.iter().zip(CONTENT_KEYS) {
         for i in finder.find_iter(doc) {
             let Some(value) = doc[i + key.len()..].trim_ascii_start().strip_prefix(b":") else {
                 continue;
             };
-            if let Some(text) = scan::string_at(value) {
-                chars += text.chars().count() as u64;
+            if let Some(piece) = scan::string_at(value).filter(|p| !p.is_empty()) {
+                text.add_utf8(piece.as_bytes());
+                any = true;
             }
         }
     }
-    chars
+    any
 }
 
 /// The text after the first hit (in the iterator's order) that is a key (`"key":`): where
@@ -121,6 +123,13 @@ mod tests {
                 completion: 30
             })
         );
+    }
+
+    fn content_chars(doc: &[u8]) -> usize {
+        let mut text = Counts::default();
+        let any = content_text(doc, &mut text);
+        assert_eq!(any, text.chars() > 0);
+        text.chars()
     }
 
     #[test]
