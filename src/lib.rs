@@ -1,34 +1,37 @@
 //! ezgate — a reverse-proxy sidecar for the EZLINK AI API (OpenAI-compatible): local rate
 //! limits, one error schema for every failure, per-status Prometheus metrics.
 //!
-//! # Module map
+//! # Module map, by floor
 //!
-//! * [`server`] — listeners (TCP, TLS with ALPN), connections, graceful shutdown
-//! * [`proxy`] — THE request path: identify → limit → forward → respond → record
-//! * [`clients`] — who is asking: client keys, fingerprints, model allow-lists
-//! * [`limits`] — rate, token and concurrency policies; upstream 429 cooldown
-//! * [`upstream`] — where requests go, the response timeout, error classification
-//! * [`pool`] — upstream connections over rustls: an HTTP/1.1 stack, HTTP/2 connections shared by streams
-//! * [`stream`] — response body passthrough: idle timeout, usage, SSE error event
-//! * [`errors`] — the error schema: [`errors::GatewayError`], rendering, upstream bodies
-//! * [`outcome`] — what happened to one request; recorded once
-//! * [`access_log`] — the per-request log line, formatted by hand
-//! * [`metrics`] — Prometheus registry and cached handles
-//! * [`headers`] — hop-by-hop removal, request ids, `X-Forwarded-For`
-//! * [`route`] — the bounded set of route templates
-//! * [`admin`] — `/metrics`, `/healthz`, `/readyz`
-//! * [`config`] — strict TOML config, units, validation
+//! Each floor imports only from the floors below it (`tests/layers.rs` keeps it so).
+//!
+//! * **entry** — [`server`]: listeners (TCP, TLS with ALPN), connections, the drain;
+//!   [`admin`]: `/metrics`, `/healthz`, `/readyz`; this file: [`run`] and reloads
+//! * **the path**, where the domain and recording meet — [`proxy`]: THE request path,
+//!   identify → limit → forward → respond → record; [`stream`]: the response body (idle
+//!   timeout, usage, the SSE error event); [`exchange`]: what a request holds and when it is
+//!   counted; [`gateway`]: the state a reload replaces, the drain, in-flight places
+//! * **the domain** — [`clients`]: who is asking (keys, fingerprints, model allow-lists);
+//!   [`limits`]: rate, token and concurrency policies, their decisions and permits as
+//!   values; [`upstream`] and [`pool`]: where requests go, connections over rustls, error
+//!   classification
+//! * **recording**, beside the domain — [`outcome`]: what happened to one request, plain
+//!   data; [`metrics`]: the Prometheus registry; [`access_log`]: the per-request line
+//! * **config** — [`config`]: strict TOML read into plain data, units, checks
+//! * **base** — [`errors`]: the error schema and failure kinds; [`headers`]: hop-by-hop,
+//!   request ids, `X-Forwarded-For`; [`route`]: canonical paths and route templates;
+//!   [`tls`]: trust roots, certificates
 //!
 //! # Life of a request
 //!
 //! A connection is accepted in [`server::serve_proxy`]; each request goes to
-//! [`proxy::serve`], which starts an [`outcome::Outcome`] and runs the phases: the caller is
+//! [`proxy::serve`], which starts an [`exchange::Exchange`] and runs the phases: the caller is
 //! identified by [`clients::Clients::identify`], limited by [`limits::Limits::check`], forwarded
 //! by [`upstream::Upstream::send`]; an upstream error is normalized by
 //! [`errors::upstream::normalize`], a gateway error rendered by [`errors::render`]. The
-//! response body ([`stream::ResponseBody`]) carries the outcome and records it in
-//! [`metrics::Metrics::record`] and the access log when it ends, or as a 499 when the client
-//! goes away.
+//! response body ([`stream::ResponseBody`]) carries the exchange; when it ends (or the client
+//! goes away: a 499) the exchange settles its permit and records the [`outcome::Outcome`] in
+//! [`metrics::Metrics::record`] and the access log, once.
 
 pub mod access_log;
 pub mod admin;

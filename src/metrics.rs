@@ -1,4 +1,4 @@
-//! Prometheus metrics (CONTRACT §6), in an owned registry with handles cached at start.
+//! Prometheus metrics (`docs/metrics.md`), in an owned registry with handles cached at start.
 //! [`Metrics::record`] is called once per request, from the request's [`Outcome`].
 
 use std::sync::{OnceLock, RwLock};

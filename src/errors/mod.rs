@@ -1,4 +1,4 @@
-//! The one error schema (CONTRACT §4): every failure ezgate produces is a [`GatewayError`];
+//! The one error schema (`docs/errors.md`): every failure ezgate produces is a [`GatewayError`];
 //! every error body that leaves ezgate — ours or the upstream's — is an [`ErrorBody`] rendered
 //! by [`render`] or [`ErrorBody::into_response`].
 
@@ -60,7 +60,7 @@ pub struct Quota {
     pub window: u64,
 }
 
-/// Everything ezgate itself refuses or fails at. `code()` is the bounded list of CONTRACT §4
+/// Everything ezgate itself refuses or fails at. `code()` is the bounded list of `docs/errors.md`
 /// and the `code` label of `ezgate_gateway_errors_total`.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -178,7 +178,7 @@ impl GatewayError {
         }
     }
 
-    /// The gateway error code: CONTRACT §4's bounded list, documented in `docs/errors.md`.
+    /// The gateway error code: the bounded list of `docs/errors.md`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::RateLimited { .. } => "rate_limited",
@@ -274,7 +274,7 @@ impl Source {
     }
 }
 
-/// The `error` object of CONTRACT §4.
+/// The `error` object of the schema (`docs/error.schema.json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ErrorBody {
     pub message: String,
@@ -341,7 +341,7 @@ impl ErrorBody {
     }
 }
 
-/// A gateway error as status, headers and body (CONTRACT §4). Pure: logging and counting
+/// A gateway error as status, headers and body (`docs/errors.md`). Pure: logging and counting
 /// happen once, from the request's outcome.
 pub fn render(err: &GatewayError, request_id: &str) -> (StatusCode, HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
@@ -404,7 +404,7 @@ fn reset_text(d: Duration) -> String {
     }
 }
 
-/// `type` follows from the status alone (CONTRACT §4).
+/// `type` follows from the status alone (`docs/errors.md`).
 pub fn type_for(status: u16) -> &'static str {
     match status {
         400 => "bad_request",

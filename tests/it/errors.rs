@@ -1,4 +1,4 @@
-//! CONTRACT §4 for upstream errors: every body shape × status, through the real proxy.
+//! The error schema (docs/errors.md) for upstream errors: every body shape × status, through the real proxy.
 
 use bytes::Bytes;
 use http::Method;

@@ -1,4 +1,4 @@
-//! CONTRACT §3: every method, path and query forwarded; bodies streamed; headers rewritten.
+//! Forwarding: every method, path and query forwarded; bodies streamed; headers rewritten.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! CONTRACT §2 managed mode and §5 rate limits, end to end.
+//! Managed mode and rate limits (docs/rate-limits.md), end to end.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! CONTRACT §7: one JSON line per request; never a key or a body.
+//! The access log (docs/metrics.md): one JSON line per request; never a key or a body.
 
 use crate::harness::*;
 

@@ -1,4 +1,4 @@
-//! CONTRACT §6: per-status counts, bounded labels, valid exposition — checked with the real
+//! Metrics (docs/metrics.md): per-status counts, bounded labels, valid exposition — checked with the real
 //! `promtool` and a real Prometheus server (installed by `.ci/test`).
 
 use std::process::Stdio;
