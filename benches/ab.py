@@ -5,8 +5,8 @@
                           [--load chat|sse]
     python3 benches/ab.py nginx B_BIN          (A is nginx, configured as in proxy.sh)
 
-`--load sse` streams each completion (20 events, benches/sse.lua) instead of the plain ~1 KB
-chat completion (benches/chat.lua).
+`--load sse` streams each completion (20 events) instead of answering the ~1 KB chat
+completion of benches/chat.lua with one JSON body.
 
 On a shared virtual machine CPU time per request moves by ±20 % between runs a few seconds
 apart, so two builds measured one after the other cannot be told apart by less than that.
@@ -152,10 +152,12 @@ def main():
             gates.append((label, port, [p.pid]))
 
         env = dict(os.environ, BENCH_BODY_FILE=body)
+        if args.load == "sse":
+            env["BENCH_SSE_EVENTS"] = "20"
 
         def load(port, secs):
             return subprocess.Popen(pin(1) + ["wrk", "-t1", "-c32", f"-d{secs}s", "-s",
-                                              os.path.join(ROOT, f"benches/{args.load}.lua"), f"http://127.0.0.1:{port}"],
+                                              os.path.join(ROOT, "benches/chat.lua"), f"http://127.0.0.1:{port}"],
                                     stdout=subprocess.PIPE, text=True, env=env)
 
         for _, port, _ in gates:  # warm-up

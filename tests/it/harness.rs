@@ -276,6 +276,15 @@ impl Gateway {
         metric_value(&self.metrics().await, name_and_labels)
     }
 
+    /// Waits for the process to exit (it was told to) and returns its exit code.
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("the gateway exits")
+            .expect("the gateway's exit status")
+            .code()
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("gateway running").to_string();
         let ok = std::process::Command::new("kill")

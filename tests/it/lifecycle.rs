@@ -142,11 +142,7 @@ async fn sigterm_drains_a_stream_in_flight_then_exits_zero() {
         String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"),
         "the stream finished"
     );
-    let status = tokio::time::timeout(DEADLINE, gw.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(gw.exit_code().await, Some(0));
 }
 
 #[tokio::test]
@@ -253,11 +249,7 @@ async fn sigterm_loses_no_request_of_a_keep_alive_client() {
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(text.contains("connection: close"), "{text}");
     }
-    let status = tokio::time::timeout(DEADLINE, gw.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(gw.exit_code().await, Some(0));
 }
 
 #[tokio::test]
@@ -314,9 +306,5 @@ async fn a_stream_still_open_when_the_grace_ends_gets_the_shutting_down_event() 
         assert!(last.starts_with("data: {\"error\":"), "{last}");
         assert!(last.contains("\"code\":\"shutting_down\""), "{last}");
     }
-    let status = tokio::time::timeout(DEADLINE, gw.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(gw.exit_code().await, Some(0));
 }
