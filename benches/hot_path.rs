@@ -69,6 +69,17 @@ fn headers(c: &mut Criterion) {
     });
 }
 
+/// ezgate's request ids against the `uuid` crate's own `now_v7`, whose random bits come from
+/// the OS (`getrandom`) on every call.
+fn request_id(c: &mut Criterion) {
+    c.bench_function("headers/request_id ezgate", |b| {
+        b.iter(|| black_box(ezgate::headers::new_request_id()))
+    });
+    c.bench_function("headers/request_id uuid::now_v7", |b| {
+        b.iter(|| black_box(uuid::Uuid::now_v7().hyphenated().to_string()))
+    });
+}
+
 fn policy(name: &str, key: &str) -> LimitConfig {
     LimitConfig {
         requests: Some(Rate {
@@ -237,6 +248,7 @@ fn errors(c: &mut Criterion) {
 criterion_group!(
     benches,
     headers,
+    request_id,
     limiter,
     request_scan,
     tokenizer,

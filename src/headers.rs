@@ -131,29 +131,21 @@ fn next_random() -> u64 {
     })
 }
 
-/// A new UUIDv7 request id: time-ordered, so logs sort by it.
+/// A new UUIDv7 request id: time-ordered, so logs sort by it. The layout and the text are
+/// the `uuid` crate's; the 74 random bits come from [`next_random`] rather than
+/// `Uuid::now_v7`, whose OS random source costs a system call per id (measured in
+/// `cargo bench --bench hot_path -- request_id`).
 pub fn new_request_id() -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let (r1, r2) = (next_random(), next_random());
-    let hi = (ms << 16) | 0x7000 | (r1 & 0x0fff);
-    let lo = (r2 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    // 8-4-4-4-12 hex digits of the 128 bits `hi`, `lo`, written into place.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = *b"00000000-0000-4000-8000-000000000000";
-    let mut at = 0;
-    for nibble in 0..32 {
-        if matches!(nibble, 8 | 12 | 16 | 20) {
-            at += 1;
-        }
-        let bits = if nibble < 16 { hi } else { lo };
-        id[at] = HEX[((bits >> (60 - 4 * (nibble % 16))) & 0xf) as usize];
-        at += 1;
-    }
-    // Hex digits and dashes only: always valid.
-    std::str::from_utf8(&id).unwrap_or_default().to_owned()
+    let mut random = [0u8; 10];
+    random[..8].copy_from_slice(&next_random().to_le_bytes());
+    random[8..].copy_from_slice(&next_random().to_le_bytes()[..2]);
+    let id = uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut text).to_owned()
 }
 
 #[cfg(test)]
