@@ -43,7 +43,6 @@ const SIDEWAYS: &[(&str, &str)] = &[
     ("server", "admin"),
     ("main", "lib"),
     ("main", "server"),
-    ("main", "config"),
 ];
 
 /// Floors that sit side by side and must not import each other at all: the domain and
