@@ -93,9 +93,15 @@ impl RequestBody {
         Self::pieces([bytes, Bytes::new(), Bytes::new()])
     }
 
-    /// A body made of `parts`, sent one after the other.
+    /// A body made of `parts`, sent one after the other (a small one copied into one frame).
     pub fn pieces(parts: [Bytes; 3]) -> Self {
-        let left = parts.iter().map(|p| p.len() as u64).sum();
+        let left: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        // A small body goes as one frame: one write upstream instead of three.
+        let parts = if left <= MAX_FRAME as u64 {
+            [Bytes::from(parts.concat()), Bytes::new(), Bytes::new()]
+        } else {
+            parts
+        };
         RequestBody {
             inner: Inner::Full {
                 parts,

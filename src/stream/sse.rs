@@ -67,7 +67,18 @@ impl SseReader {
             self.read_only(data);
             return Pass::Frame;
         }
-        // The usual frame: whole events, none of them a usage report.
+        // The usual frame of a stream whose usage ezgate asked for: one whole chunk ending
+        // `,"usage":null}`. Seen by its last bytes alone, and cut there.
+        if self.partial.is_empty() {
+            if let Some(cut) = trailing_null_usage(data) {
+                self.read_event(data);
+                let mut out = Vec::with_capacity(data.len());
+                out.extend_from_slice(&data[..cut.start]);
+                out.extend_from_slice(&data[cut.end..]);
+                return Pass::Edited(Bytes::from(out));
+            }
+        }
+        // The usual frame otherwise: whole events, none of them a usage report.
         if self.partial.is_empty() && ends_event(data) && !usage::mentions_usage(data) {
             for event in Events::new(data) {
                 self.read_event(&data[event]);
@@ -144,7 +155,7 @@ impl SseReader {
         let Some(payload) = data_payload(event) else {
             return;
         };
-        if usage::mentions_usage(payload) {
+        if usage::reports_usage(payload) {
             if let Some((usage, model)) = usage::json_usage(payload) {
                 self.usage = Some(usage);
                 if model.is_some() {
@@ -173,13 +184,17 @@ fn strip_event(event: &[u8]) -> Edit {
     let Some(payload) = data_payload(event) else {
         return Edit::Keep;
     };
-    if !usage::mentions_usage(payload) {
+    let Some(at) = usage::find_usage(payload) else {
         return Edit::Keep;
+    };
+    let offset = payload.as_ptr() as usize - event.as_ptr() as usize;
+    // The usual chunk: `…,"usage":null}` ends the object. Found without reading the rest.
+    if let Some(cut) = null_usage_last(payload, at) {
+        return Edit::Cut(offset + cut.start..offset + cut.end);
     }
     let Some((member, cut)) = scan::member_cut(payload, b"usage") else {
         return Edit::Keep;
     };
-    let offset = payload.as_ptr() as usize - event.as_ptr() as usize;
     let usage_is_null = &payload[member.value.clone()] == b"null";
     if !usage_is_null {
         let no_choices = scan::member_cut(payload, b"choices")
@@ -189,6 +204,41 @@ fn strip_event(event: &[u8]) -> Edit {
         }
     }
     Edit::Cut(offset + cut.start..offset + cut.end)
+}
+
+/// A frame that is one event, one `data:` line whose JSON ends `,"usage":null}`: the
+/// bytes of `,"usage":null`.
+fn trailing_null_usage(data: &[u8]) -> Option<std::ops::Range<usize>> {
+    const TAIL: &[u8] = b",\"usage\":null}";
+    let body = data.strip_suffix(b"\n\n")?;
+    if !body.ends_with(TAIL) || !body.starts_with(b"data:") {
+        return None;
+    }
+    // One line: no other line break (a second `data:` line or event would have one).
+    if memchr::memchr(b'\n', body).is_some() || memchr::memchr(b'\r', body).is_some() {
+        return None;
+    }
+    let end = body.len() - 1;
+    Some(end - (TAIL.len() - 1)..end)
+}
+
+/// When the `"usage"` key at `at` is the object's last member and its value is `null`:
+/// the bytes from the end of the member before it (its comma included) to the end of
+/// `null`.
+fn null_usage_last(payload: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    let after = &payload[at + b"\"usage\"".len()..];
+    let value = after
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start();
+    let rest = value.strip_prefix(b"null")?;
+    if rest.trim_ascii() != b"}" {
+        return None;
+    }
+    let end = payload.len() - rest.len();
+    // From the end of the value before it, as `scan::member_cut` cuts.
+    let before = payload[..at].trim_ascii_end().strip_suffix(b",")?;
+    Some(before.trim_ascii_end().len()..end)
 }
 
 fn is_empty_array(v: &[u8]) -> bool {
@@ -344,6 +394,32 @@ mod tests {
             out,
             [frames[0], b"event: ping\ndata: {}\n\n", cut, frames[3]].concat()
         );
+    }
+
+    #[test]
+    fn a_null_usage_anywhere_in_the_chunk_is_cut() {
+        for (chunk, want) in [
+            (
+                &b"data: {\"usage\":null,\"a\":1}\n\n"[..],
+                &b"data: {\"a\":1}\n\n"[..],
+            ),
+            (
+                b"data: {\"a\":1 , \"usage\" : null }\n\n",
+                b"data: {\"a\":1 }\n\n",
+            ),
+            (
+                b"data: {\"a\":1,\"usage\":null,\"b\":2}\n\n",
+                b"data: {\"a\":1,\"b\":2}\n\n",
+            ),
+        ] {
+            let mut r = SseReader::new(true);
+            assert_eq!(
+                run(&mut r, &[chunk]),
+                want,
+                "{}",
+                String::from_utf8_lossy(chunk)
+            );
+        }
     }
 
     #[test]

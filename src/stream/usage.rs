@@ -15,8 +15,8 @@ const MODEL_KEY: &[u8] = b"\"model\"";
 /// completions, Responses API deltas, tool-call arguments, refusals.
 const CONTENT_KEYS: [&[u8]; 5] = [
     b"\"content\"",
-    b"\"text\"",
     b"\"delta\"",
+    b"\"text\"",
     b"\"arguments\"",
     b"\"refusal\"",
 ];
@@ -44,6 +44,30 @@ pub fn mentions_usage(doc: &[u8]) -> bool {
     finders().usage.find(doc).is_some()
 }
 
+/// True when `doc`'s `usage` member holds an object (not `null`): a usage report.
+pub fn reports_usage(doc: &[u8]) -> bool {
+    find_usage(doc).is_some_and(|at| {
+        doc[at + USAGE_KEY.len()..]
+            .trim_ascii_start()
+            .strip_prefix(b":")
+            .is_some_and(|v| v.trim_ascii_start().starts_with(b"{"))
+    })
+}
+
+/// Where the last `"usage"` key of `doc` stands (OpenAI writes it last).
+pub fn find_usage(doc: &[u8]) -> Option<usize> {
+    // Forward (SIMD) and keep the last: faster than the reverse searcher on a short chunk.
+    finders()
+        .usage
+        .find_iter(doc)
+        .filter(|&i| {
+            doc[i + USAGE_KEY.len()..]
+                .trim_ascii_start()
+                .starts_with(b":")
+        })
+        .last()
+}
+
 /// `usage` and `model` of a JSON response or chunk. OpenAI writes `usage` last and `model`
 /// first: each is searched from that end. `None` when there is no usable usage (absent,
 /// `null`, or not whole numbers).
@@ -63,8 +87,10 @@ pub fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
 /// Adds the generated text of one streamed chunk to `text`; false when it carries none.
 pub fn content_text(doc: &[u8], text: &mut Counts) -> bool {
     let f = finders();
-    let mut any = false;
+    // Keys in the order chunks most often carry them; the first that holds text is the
+    // chunk's content (a chunk carries one kind), so the usual chunk costs one search.
     for (finder, key) in f.content.iter().zip(CONTENT_KEYS) {
+        let mut any = false;
         for i in finder.find_iter(doc) {
             let Some(value) = doc[i + key.len()..].trim_ascii_start().strip_prefix(b":") else {
                 continue;
@@ -74,8 +100,11 @@ pub fn content_text(doc: &[u8], text: &mut Counts) -> bool {
                 any = true;
             }
         }
+        if any {
+            return true;
+        }
     }
-    any
+    false
 }
 
 /// The text after the first hit (in the iterator's order) that is a key (`"key":`): where
