@@ -23,9 +23,13 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 /// Everything a request needs that a config reload replaces at once.
 pub struct State {
     pub settings: Settings,
-    pub upstream: Upstream,
+    /// Shared with the state before a reload when `[upstream]` did not change: its pooled
+    /// connections stay.
+    pub upstream: Arc<Upstream>,
     pub clients: Clients,
     pub limits: Limits,
+    /// The shared limit store, kept (with its connections) when `[redis]` did not change.
+    redis: Option<Arc<RedisStore>>,
     /// `Bearer <organization key>` in managed mode.
     pub api_key: Option<HeaderValue>,
     /// The decision counters of each policy, in [`Limits::policy_names`] order.
@@ -40,14 +44,34 @@ struct PolicyCounters {
 }
 
 impl State {
-    pub fn build(settings: Settings, metrics: &Arc<Metrics>) -> Result<State, String> {
-        let upstream = Upstream::new(&settings)?;
-        let clients = Clients::new(&settings.config.clients);
-        let redis = match &settings.config.redis {
-            Some(cfg) => Some(Arc::new(RedisStore::new(cfg, Box::new(log_redis_health))?)),
-            None => None,
+    /// The state of `settings`. After a reload, `previous` is the state it replaces: what
+    /// did not change is kept (the upstream pool, the Redis connections, the state of every
+    /// unchanged policy).
+    pub fn build(
+        settings: Settings,
+        metrics: &Arc<Metrics>,
+        previous: Option<&State>,
+    ) -> Result<State, String> {
+        let cfg = &settings.config;
+        let upstream = match previous {
+            Some(p)
+                if p.settings.config.upstream == cfg.upstream
+                    && p.settings.upstream_uri == settings.upstream_uri =>
+            {
+                Arc::clone(&p.upstream)
+            }
+            _ => Arc::new(Upstream::new(&settings)?),
         };
-        let limits = Limits::new(&settings.config.limits, redis);
+        let clients = Clients::new(&cfg.clients);
+        let redis = match (&cfg.redis, previous) {
+            (Some(r), Some(p)) if p.settings.config.redis.as_ref() == Some(r) => p.redis.clone(),
+            (Some(r), _) => Some(Arc::new(RedisStore::new(r, Box::new(log_redis_health))?)),
+            (None, _) => None,
+        };
+        let limits = match previous {
+            Some(p) => p.limits.reload(&cfg.limits, redis.clone()),
+            None => Limits::new(&cfg.limits, redis.clone()),
+        };
         let policy_counters = limits
             .policy_names()
             .zip(&settings.config.limits)
@@ -75,6 +99,7 @@ impl State {
             upstream,
             clients,
             limits,
+            redis,
             api_key,
             policy_counters,
         })

@@ -85,7 +85,7 @@ pub async fn run(
         );
     let metrics = Arc::new(Metrics::new(models).map_err(|e| format!("metrics registry: {e}"))?);
     let grace = settings.config.server.shutdown_grace.0;
-    let state = State::build(settings, &metrics)?;
+    let state = State::build(settings, &metrics, None)?;
     let gw = Arc::new(Gateway::new(state, Arc::clone(&metrics)));
 
     let admin = tokio::spawn(server::serve_admin(Arc::clone(&gw), listeners.admin));
@@ -130,7 +130,7 @@ fn apply_reload(gw: &Gateway, reload: &Reload) {
             "listen addresses and TLS apply only at startup; restart ezgate to change them"
         );
     }
-    match State::build(settings, &gw.metrics) {
+    match State::build(settings, &gw.metrics, Some(&old)) {
         Ok(state) => {
             gw.replace(state);
             tracing::info!(source = %gw.state().settings.source, "config reloaded; new requests use it");

@@ -45,17 +45,22 @@ where
     ) -> Result<Admission, GatewayError> {
         let inner = &self.inner;
         // Most of the time nothing is cooling down: then no key is even built.
-        if inner.cooling.load(Ordering::Relaxed) > 0 {
+        if inner.cooldowns.count.load(Ordering::Relaxed) > 0 {
             let key = cooldown_key(r.fingerprint.map(|f| &**f), r.model, r.managed);
-            if let Some(until) = inner.cooldowns.get(&key).map(|u| *u) {
+            if let Some(until) = inner.cooldowns.map.get(&key).map(|u| *u) {
                 let now = inner.now();
                 if until > now {
                     return Err(GatewayError::UpstreamRateLimited {
                         retry_after: Duration::from_nanos(until - now),
                     });
                 }
-                if inner.cooldowns.remove_if(&key, |_, u| *u <= now).is_some() {
-                    inner.cooling.fetch_sub(1, Ordering::Relaxed);
+                if inner
+                    .cooldowns
+                    .map
+                    .remove_if(&key, |_, u| *u <= now)
+                    .is_some()
+                {
+                    inner.cooldowns.count.fetch_sub(1, Ordering::Relaxed);
                 }
             }
         }

@@ -79,9 +79,8 @@ pub struct LimitRequest<'a> {
 
 struct Inner<C: Clock> {
     policies: Vec<Arc<Policy<C>>>,
-    cooldowns: DashMap<Arc<str>, u64>,
-    /// Entries in `cooldowns`, read on every request without touching the map.
-    cooling: AtomicUsize,
+    /// Keys held back after an upstream 429, kept across reloads.
+    cooldowns: Arc<Cooldowns>,
     clock: C,
     start: C::Instant,
     /// Routes (bits by [`Route::ALL`] position) where some policy needs the body's model
@@ -94,11 +93,25 @@ pub struct Limits<C: Clock = DefaultClock> {
     inner: Arc<Inner<C>>,
 }
 
+/// Keys an upstream 429 holds back, until when (clock nanos).
+#[derive(Default)]
+struct Cooldowns {
+    map: DashMap<Arc<str>, u64>,
+    /// Entries in `map`, read on every request without touching the map.
+    count: AtomicUsize,
+}
+
 impl Limits<DefaultClock> {
     /// Builds the policies (already validated). Idle keys are evicted by [`Limits::maintain`],
     /// which the caller runs every few seconds.
     pub fn new(configs: &[LimitConfig], redis: Option<Arc<RedisStore>>) -> Limits {
-        Limits::build(configs, redis, DefaultClock::default())
+        Limits::build(configs, redis, DefaultClock::default(), None)
+    }
+
+    /// The policies of a reloaded config, keeping the state of every policy that did not
+    /// change (see [`Limits::build`]).
+    pub fn reload(&self, configs: &[LimitConfig], redis: Option<Arc<RedisStore>>) -> Limits {
+        Limits::build(configs, redis, self.inner.clock.clone(), Some(self))
     }
 }
 
@@ -117,10 +130,19 @@ where
     C::Instant: Send + Sync,
 {
     pub fn with_clock(configs: &[LimitConfig], clock: C) -> Limits<C> {
-        Self::build(configs, None, clock)
+        Self::build(configs, None, clock, None)
     }
 
-    fn build(configs: &[LimitConfig], redis: Option<Arc<RedisStore>>, clock: C) -> Limits<C> {
+    /// The policies of `configs`. A policy that `previous` has under the same name with the
+    /// same settings (and the same shared store) keeps its state: its buckets, token
+    /// balances, concurrency counts and known refusals; so do the upstream cooldowns. Any
+    /// other policy starts fresh.
+    fn build(
+        configs: &[LimitConfig],
+        redis: Option<Arc<RedisStore>>,
+        clock: C,
+        previous: Option<&Limits<C>>,
+    ) -> Limits<C> {
         let policies: Vec<Arc<Policy<C>>> = configs
             .iter()
             .enumerate()
@@ -131,6 +153,17 @@ where
                 } else {
                     None
                 };
+                let kept = previous.and_then(|l| {
+                    l.inner.policies.iter().find(|p| {
+                        p.config == *c
+                            && match (&p.shared, &shared) {
+                                (None, None) => true,
+                                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                                _ => false,
+                            }
+                    })
+                });
+                let config = c.clone();
                 let full = (
                     c.requests.map(|r| (r, c.burst.unwrap_or(r.count))),
                     c.tokens,
@@ -150,12 +183,34 @@ where
                     ..c.clone()
                 };
                 let max_keys = c.effective_max_keys();
-                let requests = c.requests.and_then(|rate| {
-                    let burst = c.burst.unwrap_or(rate.count);
-                    RequestStore::new(rate, burst, max_keys, clock.clone()).map(|s| (rate, s))
-                });
+                let requests = match kept {
+                    Some(p) => p.requests.clone(),
+                    None => c.requests.and_then(|rate| {
+                        let burst = c.burst.unwrap_or(rate.count);
+                        RequestStore::new(rate, burst, max_keys, clock.clone())
+                            .map(|s| (rate, Arc::new(s)))
+                    }),
+                };
+                let tokens = match kept {
+                    Some(p) => p.tokens.clone(),
+                    None => c.tokens.map(|rate| {
+                        (
+                            rate,
+                            Arc::new(TokenStore::new(rate, max_keys, clock.clone())),
+                        )
+                    }),
+                };
+                let concurrency = match kept {
+                    Some(p) => p.concurrency.clone(),
+                    None => c
+                        .concurrency
+                        .map(|n| Arc::new(ConcurrencyStore::new(n, max_keys))),
+                };
+                let denied =
+                    kept.map_or_else(|| Arc::new(DashMap::new()), |p| Arc::clone(&p.denied));
                 let mut policy = Policy {
                     index,
+                    config,
                     name: Arc::from(c.name.as_str()),
                     key,
                     mode: c.mode,
@@ -170,18 +225,11 @@ where
                     models: c.matches.models.iter().map(|m| WildMatch::new(m)).collect(),
                     clients: c.matches.clients.clone(),
                     requests,
-                    tokens: c.tokens.map(|rate| {
-                        (
-                            rate,
-                            Arc::new(TokenStore::new(rate, max_keys, clock.clone())),
-                        )
-                    }),
-                    concurrency: c
-                        .concurrency
-                        .map(|n| Arc::new(ConcurrencyStore::new(n, max_keys))),
+                    tokens,
+                    concurrency,
                     default_tokens: u64::from(c.effective_default_tokens()),
                     shared,
-                    denied: DashMap::new(),
+                    denied,
                     full,
                     policy_headers: [HeaderValue::from_static(""), HeaderValue::from_static("")],
                 };
@@ -203,12 +251,15 @@ where
                 }
             }
         }
-        let start = clock.now();
+        // Kept state counts time from the previous policies' start.
+        let (start, cooldowns) = match previous {
+            Some(l) => (l.inner.start, Arc::clone(&l.inner.cooldowns)),
+            None => (clock.now(), Arc::new(Cooldowns::default())),
+        };
         Limits {
             inner: Arc::new(Inner {
                 policies,
-                cooldowns: DashMap::new(),
-                cooling: AtomicUsize::new(0),
+                cooldowns,
                 clock,
                 start,
                 body_routes,
@@ -247,14 +298,13 @@ where
     /// Notes an upstream 429 with `Retry-After`: requests of this key are held until then.
     pub fn upstream_limited(&self, key: &Arc<str>, wait: Duration) {
         let inner = &self.inner;
-        if wait.is_zero()
-            || (inner.cooldowns.len() >= MAX_COOLDOWN_KEYS && !inner.cooldowns.contains_key(key))
-        {
+        let cool = &inner.cooldowns;
+        if wait.is_zero() || (cool.map.len() >= MAX_COOLDOWN_KEYS && !cool.map.contains_key(key)) {
             return;
         }
         let until = inner.now() + wait.as_nanos() as u64;
-        if inner.cooldowns.insert(Arc::clone(key), until).is_none() {
-            inner.cooling.fetch_add(1, Ordering::Relaxed);
+        if cool.map.insert(Arc::clone(key), until).is_none() {
+            cool.count.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -279,8 +329,10 @@ impl<C: Clock> Inner<C> {
 impl<C: Clock + Clone> Inner<C> {
     fn maintain(&self) -> Vec<usize> {
         let now = self.now();
-        self.cooldowns.retain(|_, until| *until > now);
-        self.cooling.store(self.cooldowns.len(), Ordering::Relaxed);
+        self.cooldowns.map.retain(|_, until| *until > now);
+        self.cooldowns
+            .count
+            .store(self.cooldowns.map.len(), Ordering::Relaxed);
         let mut counts = Vec::with_capacity(self.policies.len());
         for p in &self.policies {
             p.denied.retain(|_, until| *until > now);

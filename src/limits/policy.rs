@@ -13,12 +13,14 @@ use wildmatch::WildMatch;
 use super::shared::RedisStore;
 use super::store::{ConcurrencyStore, RequestStore, TokenStore};
 use super::LimitRequest;
-use crate::config::{LimitKey, Mode, OnLimit, Rate};
+use crate::config::{LimitConfig, LimitKey, Mode, OnLimit, Rate};
 use crate::route::Route;
 
 pub(super) struct Policy<C: Clock> {
     /// The policy's place in the config: how its verdicts are reported.
     pub index: usize,
+    /// The settings it was built from: a reload keeps the state of an unchanged policy.
+    pub config: LimitConfig,
     pub name: Arc<str>,
     pub key: LimitKey,
     pub mode: Mode,
@@ -27,7 +29,7 @@ pub(super) struct Policy<C: Clock> {
     pub routes: Vec<Route>,
     pub models: Vec<WildMatch>,
     pub clients: Vec<String>,
-    pub requests: Option<(Rate, RequestStore<C>)>,
+    pub requests: Option<(Rate, Arc<RequestStore<C>>)>,
     pub tokens: Option<(Rate, Arc<TokenStore<C>>)>,
     pub concurrency: Option<Arc<ConcurrencyStore>>,
     pub default_tokens: u64,
@@ -35,7 +37,7 @@ pub(super) struct Policy<C: Clock> {
     /// sized to this replica's share.
     pub shared: Option<Arc<RedisStore>>,
     /// Shared keys known to be over their limit, until when (clock nanos): not asked again.
-    pub denied: DashMap<Arc<str>, u64>,
+    pub denied: Arc<DashMap<Arc<str>, u64>>,
     /// The configured (whole, not per-replica) rates and concurrency, for shared checks.
     pub full: (Option<(Rate, u32)>, Option<Rate>, Option<u32>),
     /// `RateLimit-Policy` values of the request and token parts, rendered once.

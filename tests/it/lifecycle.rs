@@ -308,3 +308,100 @@ async fn a_stream_still_open_when_the_grace_ends_gets_the_shutting_down_event() 
     }
     assert_eq!(gw.exit_code().await, Some(0));
 }
+
+/// Waits until the gateway logs that it applied a reload (the `n`th).
+async fn reloaded(gw: &Gateway, n: usize) {
+    let start = std::time::Instant::now();
+    while gw.logs.text().matches("config reloaded").count() < n {
+        assert!(start.elapsed() < DEADLINE, "no reload:\n{}", gw.logs.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reload_keeps_what_did_not_change() {
+    let emu = Emulator::start().await;
+    let five = "[[limits]]\nname = \"five\"\nkey = \"global\"\nrequests = \"5/min\"\n";
+    let mut gw = Gateway::start(&emu.url(), five).await;
+    for i in 0..5 {
+        assert_eq!(gw.get("/v1/models").await.status, 200, "request {i}");
+    }
+    assert_eq!(gw.get("/v1/models").await.status, 429);
+    let connections = |emu: &Emulator| {
+        let url = format!("http://{}/__emu/connections", emu.addr);
+        async move {
+            send(&http1(), http::Method::GET, &url, &[], Bytes::new())
+                .await
+                .json()["accepted"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let before = connections(&emu).await;
+    // The same file again: the used-up policy stays used up, the upstream pool stays.
+    gw.signal("HUP");
+    reloaded(&gw, 1).await;
+    let r = gw.get("/v1/models").await;
+    assert_eq!(r.status, 429, "still refused after the reload");
+    assert_eq!(r.error()["code"], "rate_limited");
+    assert_eq!(gw.chat(&[]).await.status, 429);
+    // A changed policy starts fresh.
+    std::fs::write(&gw.config_path, five.replace("5/min", "6/min")).unwrap();
+    gw.signal("HUP");
+    reloaded(&gw, 2).await;
+    assert_eq!(
+        gw.get("/v1/models").await.status,
+        200,
+        "a changed policy starts fresh"
+    );
+    // One more: this question's own connection to the emulator.
+    assert_eq!(
+        connections(&emu).await,
+        before + 1,
+        "the upstream's pooled connection was kept across both reloads"
+    );
+    gw.signal("TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_concurrency_count_of_streams_in_flight() {
+    let emu = Emulator::start().await;
+    let config = "[[limits]]\nname = \"two\"\nkey = \"global\"\nconcurrency = 2\n";
+    let gw = Gateway::start(&emu.url(), config).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let req = http::Request::post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-emu-stream-events", "1000")
+            .header("x-emu-stream-interval-ms", "100")
+            .body(Full::new(Bytes::from(
+                r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+            )))
+            .unwrap();
+        let client = http1();
+        let resp = tokio::time::timeout(DEADLINE, client.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push((client, resp));
+    }
+    assert_eq!(gw.chat(&[]).await.status, 429);
+    gw.signal("HUP");
+    reloaded(&gw, 1).await;
+    let r = gw.chat(&[]).await;
+    assert_eq!(
+        r.status, 429,
+        "two streams still in flight after the reload"
+    );
+    assert_eq!(r.error()["code"], "concurrency_limited");
+    // The streams end: their slots go back to the state they were taken from.
+    drop(held);
+    let start = std::time::Instant::now();
+    while gw.chat(&[]).await.status != 200 {
+        assert!(start.elapsed() < DEADLINE, "the slots never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.chat(&[]).await.status, 200);
+}

@@ -89,6 +89,7 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        state.connection_accepted();
         let (tls, state, http) = (tls.clone(), Arc::clone(&state), Arc::clone(&http));
         tokio::spawn(async move {
             match tls {

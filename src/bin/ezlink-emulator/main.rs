@@ -77,6 +77,7 @@
 //!   client went away during a header delay, a stall or a stream, or the emulator aborted
 //!   on purpose (`x-emu-reset`, `x-emu-cut-after`). A raw `x-emu-malformed` reply counts as
 //!   completed.
+//! * `GET /__emu/connections` → `{"accepted": n}`: TCP connections accepted since start.
 //! * `POST /__emu/reset` → 200 `{"reset":true}`; clears the log.
 //!
 //! # Request headers: faults and response shapes

@@ -29,12 +29,18 @@ pub const MAX_API_BODY: usize = 32 * 1024 * 1024;
 pub struct State {
     pub log: RequestLog,
     next_id: AtomicU64,
+    /// TCP connections accepted since start (`/__emu/connections`).
+    connections: AtomicU64,
 }
 
 impl State {
     /// A process-unique number for response ids.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn connection_accepted(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -208,6 +214,14 @@ async fn drain(mut incoming: Incoming) -> Result<u64, Abort> {
 fn control(state: &State, method: &Method, name: &str) -> Response<Payload> {
     match (method, name) {
         (&Method::GET, "log") => respond(StatusCode::OK, JSON, state.log.to_json()),
+        (&Method::GET, "connections") => respond(
+            StatusCode::OK,
+            JSON,
+            format!(
+                "{{\"accepted\":{}}}",
+                state.connections.load(Ordering::Relaxed)
+            ),
+        ),
         (&Method::POST, "reset") => {
             state.log.clear();
             respond(StatusCode::OK, JSON, r#"{"reset":true}"#)
