@@ -55,6 +55,9 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_ratelimit_store_fallbacks_total": ("counter", ("policy",)),
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),
+    "ezgate_client_requests_total": ("counter", ("client", "status")),
+    "ezgate_time_to_first_token_seconds": ("histogram", ("route", "model")),
+    "ezgate_time_per_output_token_seconds": ("histogram", ("model",)),
     "ezgate_build_info": ("gauge", ("version", "commit", "profile")),
     # prometheus crate, process collector
     "process_cpu_seconds_total": ("counter", ()),
@@ -74,7 +77,8 @@ GATEWAY_CODES = frozenset("""
     rate_limited token_rate_limited concurrency_limited upstream_rate_limited missing_api_key
     invalid_api_key model_not_allowed payload_too_large upstream_unreachable
     upstream_bad_response upstream_timeout upstream_stream_interrupted overloaded
-    shutting_down internal_error bad_request not_found method_not_allowed""".split())
+    shutting_down internal_error bad_request not_found method_not_allowed request_timeout
+    client_closed_request headers_too_large uri_too_long""".split())
 ROUTES = frozenset("""
     /v1/chat/completions /v1/completions /v1/embeddings /v1/models /v1/models/{model}
     /v1/responses /v1/moderations /v1/images/generations /v1/audio/transcriptions

@@ -1,7 +1,7 @@
 //! Prometheus metrics (`docs/metrics.md`), in an owned registry with handles cached at start.
 //! [`Metrics::record`] is called once per request, from the request's [`Outcome`].
 
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus::core::Collector;
@@ -23,6 +23,17 @@ const DURATION_BUCKETS: &[f64] = &[
 const OVERHEAD_BUCKETS: &[f64] = &[
     0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
     0.05, 0.25, 1.0,
+];
+
+/// Time to first token: 50 ms to 30 s (a model's first token takes from a few hundred
+/// milliseconds to tens of seconds for a reasoning model).
+const TTFT_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
+];
+/// Time per output token: 1 ms to 1 s.
+const TPOT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+    0.25, 0.5, 1.0,
 ];
 
 /// Models that get their own `model` label value without being named in the config.
@@ -71,6 +82,15 @@ pub struct Metrics {
     ratelimit_fallbacks: IntCounterVec,
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
+    time_to_first_token: HistogramVec,
+    time_per_output_token: HistogramVec,
+    client_requests: IntCounterVec,
+    /// `ezgate_time_to_first_token_seconds` handles by route and model label index.
+    ttft_cache: Box<[OnceLock<Histogram>]>,
+    /// `ezgate_time_per_output_token_seconds` handles by model label index.
+    tpot_cache: Box<[OnceLock<Histogram>]>,
+    /// `ezgate_client_requests_total` handles by client label, then common status.
+    client_cache: RwLock<Vec<ClientRequests>>,
     /// Config model names (exact, sorted): the first entries of the model label table.
     model_names: Vec<String>,
     /// `ezgate_tokens_total` handles (prompt, completion) by model label index, then by
@@ -84,6 +104,8 @@ pub struct Metrics {
 
 /// One client label's (prompt, completion) token counters.
 type ClientTokens = (Box<str>, [IntCounter; 2]);
+/// One client label's request counters, by [`COMMON_STATUSES`] index.
+type ClientRequests = (Box<str>, Arc<[OnceLock<IntCounter>]>);
 
 /// The `method` label values, `other` last (see `outcome::method_label`).
 const METHODS: [&str; 8] = [
@@ -194,6 +216,29 @@ impl Metrics {
             ),
             &["model", "kind", "client"],
         )?;
+        let time_to_first_token = HistogramVec::new(
+            HistogramOpts::new(
+                "ezgate_time_to_first_token_seconds",
+                "From a request's arrival to the first event with content of its stream (other responses: their first body byte), model routes.",
+            )
+            .buckets(TTFT_BUCKETS.to_vec()),
+            &["route", "model"],
+        )?;
+        let time_per_output_token = HistogramVec::new(
+            HistogramOpts::new(
+                "ezgate_time_per_output_token_seconds",
+                "Per stream: (its end - the first token) / (completion tokens - 1), from the reported usage.",
+            )
+            .buckets(TPOT_BUCKETS.to_vec()),
+            &["model"],
+        )?;
+        let client_requests = IntCounterVec::new(
+            opts(
+                "ezgate_client_requests_total",
+                "Responses sent, by client (a configured client, anonymous, or other) and exact status.",
+            ),
+            &["client", "status"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts(
                 "ezgate_build_info",
@@ -222,6 +267,9 @@ impl Metrics {
             Box::new(ratelimit_fallbacks.clone()),
             Box::new(inflight_vec.clone()),
             Box::new(tokens.clone()),
+            Box::new(time_to_first_token.clone()),
+            Box::new(time_per_output_token.clone()),
+            Box::new(client_requests.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -250,7 +298,8 @@ impl Metrics {
             .collect();
         model_names.sort();
         model_names.dedup();
-        let token_cache = (0..model_names.len() + WELL_KNOWN_MODELS.len() + 1)
+        let model_count = model_names.len() + WELL_KNOWN_MODELS.len();
+        let token_cache = (0..model_count + 1)
             .map(|_| RwLock::new(Vec::new()))
             .collect();
         Ok(Metrics {
@@ -267,6 +316,12 @@ impl Metrics {
             ratelimit_fallbacks,
             inflight,
             tokens,
+            time_to_first_token,
+            time_per_output_token,
+            client_requests,
+            ttft_cache: cache(Route::ALL.len() * (model_count + 1)),
+            tpot_cache: cache(model_count + 1),
+            client_cache: RwLock::new(Vec::new()),
             model_names,
             token_cache,
             request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
@@ -323,11 +378,54 @@ impl Metrics {
         if let Some(code) = o.gateway_code {
             self.gateway_errors.with_label_values(&[code]).inc();
         }
+        self.count_client(o);
+        let model = self.model_index(o.model.as_deref());
         if let Some(usage) = o.usage {
-            let [prompt, completion] =
-                self.token_counters(self.model_index(o.model.as_deref()), o.client.as_str());
+            let [prompt, completion] = self.token_counters(model, o.client.as_str());
             prompt.inc_by(usage.prompt);
             completion.inc_by(usage.completion);
+        }
+        if let Some(ttft) = o.time_to_first_token() {
+            let models = self.model_names.len() + WELL_KNOWN_MODELS.len() + 1;
+            self.ttft_cache[idx * models + model]
+                .get_or_init(|| {
+                    self.time_to_first_token
+                        .with_label_values(&[o.route.as_str(), self.label_at(model)])
+                })
+                .observe(ttft.as_secs_f64());
+        }
+        if let Some(tpot) = o.time_per_output_token() {
+            self.tpot_cache[model]
+                .get_or_init(|| {
+                    self.time_per_output_token
+                        .with_label_values(&[self.label_at(model)])
+                })
+                .observe(tpot.as_secs_f64());
+        }
+    }
+
+    /// `ezgate_client_requests_total` for this outcome.
+    fn count_client(&self, o: &Outcome) {
+        let client = o.client.as_str();
+        let by_status = {
+            let read = self.client_cache.read().unwrap_or_else(|p| p.into_inner());
+            read.iter()
+                .find(|(name, _)| &**name == client)
+                .map(|(_, c)| Arc::clone(c))
+        };
+        let by_status = by_status.unwrap_or_else(|| {
+            let fresh: Arc<[OnceLock<IntCounter>]> = cache(COMMON_STATUSES.len()).into();
+            let mut write = self.client_cache.write().unwrap_or_else(|p| p.into_inner());
+            write.push((client.into(), Arc::clone(&fresh)));
+            fresh
+        });
+        let create = || {
+            self.client_requests
+                .with_label_values(&[client, status_code(o.status).as_str()])
+        };
+        match common_status(o.status) {
+            Some(i) => by_status[i].get_or_init(create).inc(),
+            None => create().inc(),
         }
     }
 

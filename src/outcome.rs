@@ -74,6 +74,13 @@ pub struct Outcome {
     pub charged: Option<u64>,
     /// Set once the response reached its end (or its final error event).
     pub finished: bool,
+    /// When the first event with content (a stream) or the first body byte (any other
+    /// response) reached ezgate on its way to the client.
+    pub first_token: Option<Instant>,
+    /// When the response's last byte was handed on.
+    pub ended: Option<Instant>,
+    /// The response was an event stream.
+    pub streamed: bool,
 }
 
 impl Outcome {
@@ -101,6 +108,9 @@ impl Outcome {
             output_estimate: 0,
             charged: None,
             finished: false,
+            first_token: None,
+            ended: None,
+            streamed: false,
         }
     }
 
@@ -127,6 +137,27 @@ impl Outcome {
             Some(_) if self.upstream_failure.is_some() && self.bytes_out == 0 => 0,
             Some(_) => self.prompt_estimate + self.output_estimate,
         }
+    }
+
+    /// Time to the first token: from the request's arrival to the first content of its
+    /// response (model routes, successful responses).
+    pub fn time_to_first_token(&self) -> Option<Duration> {
+        if !self.route.carries_tokens() || !(200..300).contains(&self.status) {
+            return None;
+        }
+        self.first_token
+            .map(|t| t.saturating_duration_since(self.started))
+    }
+
+    /// Time per output token of a stream: (its end − the first token) ÷ (completion
+    /// tokens − 1), from the reported usage.
+    pub fn time_per_output_token(&self) -> Option<Duration> {
+        let tokens = self.usage?.completion;
+        if !self.streamed || tokens < 2 || !(200..300).contains(&self.status) {
+            return None;
+        }
+        let span = self.ended?.checked_duration_since(self.first_token?)?;
+        Some(span / u32::try_from(tokens - 1).unwrap_or(u32::MAX))
     }
 
     /// The client left before the response finished: the request ends as a 499.

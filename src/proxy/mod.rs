@@ -76,6 +76,10 @@ async fn serve_request(
         route,
     );
     out.stream = conn.map(StreamSlot::new);
+    // Until a client is identified: `anonymous` without [[clients]], else `other`.
+    if !state.clients.is_empty() {
+        out.client = ClientLabel::Other;
+    }
     let result = CatchUnwind {
         inner: handle(&gw, &state, req, path, peer, &mut out),
     }

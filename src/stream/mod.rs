@@ -141,6 +141,8 @@ impl ResponseBody {
             Scan::Sse(s) => {
                 // A chunk is about one token; text packed denser is counted by its estimate.
                 o.output_estimate = s.content_events.max(s.content.tokens());
+                o.first_token = s.first_content;
+                o.streamed = true;
                 (s.usage, s.model)
             }
             Scan::Json(parts, len) if len > 0 => {
@@ -167,6 +169,9 @@ impl ResponseBody {
 
     fn finish(&mut self) {
         self.ended = true;
+        if let Some(o) = self.outcome.as_deref_mut() {
+            o.ended = Some(std::time::Instant::now());
+        }
         self.report();
         if let Some(o) = self.outcome.as_deref_mut() {
             o.finished = true;
@@ -228,6 +233,10 @@ impl ResponseBody {
             }
         };
         if let Some(o) = self.outcome.as_deref_mut() {
+            // Any other body: its first byte is its first token.
+            if o.first_token.is_none() && !matches!(self.scan, Scan::Sse(_)) {
+                o.first_token = Some(std::time::Instant::now());
+            }
             o.bytes_out += match &pass {
                 Pass::Frame => data.len(),
                 Pass::Edited(b) => b.len(),

@@ -40,6 +40,8 @@ pub struct SseReader {
     /// Events that carried generated content, and that content by character class.
     pub content_events: u64,
     pub content: Counts,
+    /// When the first event with content was read.
+    pub first_content: Option<std::time::Instant>,
 }
 
 impl SseReader {
@@ -165,6 +167,9 @@ impl SseReader {
             }
         }
         if usage::content_text(payload, &mut self.content) {
+            if self.content_events == 0 {
+                self.first_content = Some(std::time::Instant::now());
+            }
             self.content_events += 1;
         }
     }

@@ -11,14 +11,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
-fn sha256_hex(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// Content types a client may send with a JSON body, none of which may skip inspection.
 const CONTENT_TYPES: [Option<&str>; 6] = [
     Some("application/json"),

@@ -315,6 +315,14 @@ impl Gateway {
 }
 
 /// A sample's value from Prometheus text, labels in the exposition's (sorted) order; 0 when absent.
+/// A client key's digest as `key_sha256` takes it.
+pub fn sha256_hex(key: &str) -> String {
+    ezgate::clients::sha256(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find_map(|l| {

@@ -8,10 +8,7 @@ use http::Method;
 use crate::harness::*;
 
 fn hash(key: &str) -> String {
-    ezgate::clients::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha256_hex(key)
 }
 
 fn managed_config(extra: &str) -> String {

@@ -366,3 +366,133 @@ async fn a_real_prometheus_sees_exactly_the_provoked_counts() {
     }
     let _ = prom.kill().await;
 }
+
+/// The sum and count of a histogram series (`name` without `_sum`/`_count`, `labels` inside `{}`).
+fn histogram(m: &str, name: &str, labels: &str) -> (f64, f64) {
+    (
+        metric_value(m, &format!("{name}_sum{{{labels}}}")),
+        metric_value(m, &format!("{name}_count{{{labels}}}")),
+    )
+}
+
+#[tokio::test]
+async fn streams_report_time_to_first_token_and_per_output_token() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "").await;
+    let stream = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    // The first token after at least 300 ms; then 5 more events 100 ms apart.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                ("content-type", "application/json"),
+                ("x-emu-header-delay-ms", "300"),
+                ("x-emu-stream-events", "6"),
+                ("x-emu-stream-interval-ms", "100"),
+                ("x-request-id", "ttft-stream"),
+            ],
+            stream,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("[DONE]"));
+    // A plain JSON answer: its first body byte is its first token; it has no per-token time.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                ("content-type", "application/json"),
+                ("x-emu-header-delay-ms", "200"),
+            ],
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Errors have no first token.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                ("content-type", "application/json"),
+                ("x-emu-status", "500"),
+            ],
+            stream,
+        )
+        .await;
+    assert_eq!(r.status, 500);
+
+    let m = gw.metrics().await;
+    let ttft = "ezgate_time_to_first_token_seconds";
+    let (sum, count) = histogram(&m, ttft, "model=\"gpt-4o\",route=\"/v1/chat/completions\"");
+    assert_eq!(count, 1.0, "one successful stream of gpt-4o:\n{m}");
+    assert!(
+        sum >= 0.3 && sum < 30.0,
+        "time to first token {sum}s: at least the upstream's 300 ms"
+    );
+    let (sum, count) = histogram(
+        &m,
+        ttft,
+        "model=\"gpt-4o-mini\",route=\"/v1/chat/completions\"",
+    );
+    assert_eq!(count, 1.0);
+    assert!(sum >= 0.2 && sum < 30.0, "first body byte after {sum}s");
+
+    let tpot = "ezgate_time_per_output_token_seconds";
+    let (sum, count) = histogram(&m, tpot, "model=\"gpt-4o\"");
+    assert_eq!(count, 1.0, "one stream with usage:\n{m}");
+    // 5 gaps of 100 ms over the completion tokens the emulator reported after the first.
+    let logged = emu.entry("ttft-stream").await.unwrap();
+    let completion = logged["usage"]["completion_tokens"].as_u64().unwrap();
+    let floor = 0.5 / (completion.max(2) - 1) as f64;
+    assert!(
+        sum >= floor * 0.9 && sum < 5.0,
+        "time per output token {sum}s (floor {floor}s, {completion} tokens)"
+    );
+    assert!(!m.contains("ezgate_time_per_output_token_seconds_count{model=\"gpt-4o-mini\"}"));
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_client_and_status() {
+    let emu = Emulator::start().await;
+    let digest = sha256_hex("key-team-a");
+    let config = format!(
+        "[upstream]\napi_key = \"${{ORG_KEY}}\"\n\n[[clients]]\nname = \"team-a\"\nkey_sha256 = \"{digest}\"\n"
+    );
+    let gw = Gateway::start_env(&emu.url(), &config, &[("ORG_KEY", "sk-org")]).await;
+    let team = ("authorization", "Bearer key-team-a");
+    for _ in 0..3 {
+        assert_eq!(gw.chat(&[team]).await.status, 200);
+    }
+    assert_eq!(gw.chat(&[team, ("x-emu-status", "429")]).await.status, 429);
+    assert_eq!(gw.chat(&[team, ("x-emu-status", "418")]).await.status, 418);
+    // Unknown or missing keys match no client: `other`, never the key.
+    assert_eq!(
+        gw.chat(&[("authorization", "Bearer sk-stolen")])
+            .await
+            .status,
+        401
+    );
+    assert_eq!(gw.chat(&[]).await.status, 401);
+
+    let m = gw.metrics().await;
+    let count =
+        |labels: &str| metric_value(&m, &format!("ezgate_client_requests_total{{{labels}}}"));
+    assert_eq!(count("client=\"team-a\",status=\"200\""), 3.0);
+    assert_eq!(count("client=\"team-a\",status=\"429\""), 1.0);
+    assert_eq!(count("client=\"team-a\",status=\"418\""), 1.0);
+    assert_eq!(count("client=\"other\",status=\"401\""), 2.0);
+    assert!(!m.contains("sk-stolen") && !m.contains("key-team-a"));
+    assert!(
+        !m.contains("client=\"anonymous\""),
+        "clients are configured:\n{m}"
+    );
+
+    // Without [[clients]] every request is `anonymous`.
+    let gw = Gateway::start(&emu.url(), "").await;
+    assert_eq!(gw.chat(&[]).await.status, 200);
+    assert_eq!(
+        gw.metric("ezgate_client_requests_total{client=\"anonymous\",status=\"200\"}")
+            .await,
+        1.0
+    );
+}

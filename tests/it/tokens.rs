@@ -462,11 +462,7 @@ fn python() -> std::path::PathBuf {
 #[tokio::test]
 async fn tokens_are_counted_per_client() {
     let emu = Emulator::start().await;
-    let digest: String = ring::digest::digest(&ring::digest::SHA256, b"key-a")
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = sha256_hex("key-a");
     let config = format!(
         "[upstream]\napi_key = \"${{ORG_KEY}}\"\n\n[[clients]]\nname = \"team-a\"\nkey_sha256 = \"{digest}\"\n"
     );
