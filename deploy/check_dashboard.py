@@ -58,6 +58,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_client_requests_total": ("counter", ("client", "status")),
     "ezgate_time_to_first_token_seconds": ("histogram", ("route", "model")),
     "ezgate_time_per_output_token_seconds": ("histogram", ("model",)),
+    "ezgate_trace_spans_exported_total": ("counter", ()),
+    "ezgate_trace_spans_dropped_total": ("counter", ("reason",)),
     "ezgate_build_info": ("gauge", ("version", "commit", "profile")),
     # prometheus crate, process collector
     "process_cpu_seconds_total": ("counter", ()),
@@ -95,6 +97,7 @@ VALUES: dict[tuple[str, str], frozenset[str] | None] = {
     ("*", "decision"): frozenset({"allowed", "limited", "shadow_limited", "waited"}),
     ("ezgate_upstream_failures_total", "kind"): frozenset({"connect", "tls", "timeout", "reset", "protocol"}),
     ("ezgate_tokens_total", "kind"): frozenset({"prompt", "completion"}),
+    ("ezgate_trace_spans_dropped_total", "reason"): frozenset({"queue_full", "export_failed"}),
 }
 
 COUNTER_FUNCS = {"rate", "irate", "increase", "resets"}

@@ -44,6 +44,8 @@ pub struct Entry<'a> {
     pub completion_tokens: Option<u64>,
     /// Tokens a token policy charged in the end (reported, estimated, or 0 when refunded).
     pub charged_tokens: Option<u64>,
+    /// The request's trace id, when its span is recorded (`[tracing]`).
+    pub trace_id: Option<&'a str>,
 }
 
 struct Sink {
@@ -158,6 +160,9 @@ pub fn format(buf: &mut Vec<u8>, format: LogFormat, entry: &Entry<'_>, now: Syst
     }
     if let Some(n) = entry.charged_tokens {
         f.num("charged_tokens", n);
+    }
+    if let Some(t) = entry.trace_id {
+        f.id("trace_id", t);
     }
     if json {
         buf.extend_from_slice(b",\"target\":\"");
@@ -278,6 +283,7 @@ pub fn record(o: &Outcome, duration: Duration) {
         prompt_tokens: o.usage.map(|u| u.prompt),
         completion_tokens: o.usage.map(|u| u.completion),
         charged_tokens: o.charged,
+        trace_id: o.trace_id.as_deref(),
     });
 }
 
@@ -373,6 +379,7 @@ mod tests {
             prompt_tokens: Some(223),
             completion_tokens: Some(7),
             charged_tokens: None,
+            trace_id: None,
         }
     }
 

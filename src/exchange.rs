@@ -13,12 +13,15 @@ use crate::limits::Permit;
 use crate::metrics::Metrics;
 use crate::outcome::{Outcome, CLIENT_CLOSED};
 use crate::route::Route;
+use crate::traces::RequestSpan;
 
 pub struct Exchange {
     out: Outcome,
     pub permit: Option<Permit>,
     pub slot: Option<InflightSlot>,
     pub stream: Option<StreamSlot>,
+    /// The request's span, ended with the outcome.
+    pub trace: Option<RequestSpan>,
     metrics: Arc<Metrics>,
     access_log: bool,
 }
@@ -37,6 +40,7 @@ impl Exchange {
             permit: None,
             slot: None,
             stream: None,
+            trace: None,
             metrics,
             access_log,
         }
@@ -77,6 +81,9 @@ impl Drop for Exchange {
         self.metrics.record(out, duration);
         if self.access_log {
             access_log::record(out, duration);
+        }
+        if let Some(span) = self.trace.take() {
+            span.finish(out);
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::config::{Settings, Store};
 use crate::limits::shared::{Health, RedisStore};
 use crate::limits::{Limits, Verdict, Verdicts};
 use crate::metrics::Metrics;
+use crate::traces::{TraceCounters, Tracer};
 use crate::upstream::Upstream;
 
 /// How often idle limit keys are evicted and the key gauges updated.
@@ -34,6 +35,8 @@ pub struct State {
     pub api_key: Option<HeaderValue>,
     /// The decision counters of each policy, in [`Limits::policy_names`] order.
     policy_counters: Vec<PolicyCounters>,
+    /// Request spans (`[tracing]`), kept with its export queue when the table did not change.
+    pub tracer: Arc<Tracer>,
 }
 
 /// `ezgate_ratelimit_decisions_total` and `…_store_fallbacks_total` of one policy.
@@ -94,6 +97,21 @@ impl State {
             }
             None => None,
         };
+        let tracer = match (&cfg.tracing, previous) {
+            (Some(t), Some(p)) if p.settings.config.tracing.as_ref() == Some(t) => {
+                Arc::clone(&p.tracer)
+            }
+            (Some(t), _) => {
+                let (exported, queue_full, export_failed) = metrics.trace_counters();
+                let counters = TraceCounters {
+                    exported,
+                    queue_full,
+                    export_failed,
+                };
+                Arc::new(Tracer::new(t, counters)?)
+            }
+            (None, _) => Arc::new(Tracer::off()),
+        };
         Ok(State {
             settings,
             upstream,
@@ -102,6 +120,7 @@ impl State {
             redis,
             api_key,
             policy_counters,
+            tracer,
         })
     }
 

@@ -16,7 +16,8 @@
 //!   values; [`upstream`] and [`pool`]: where requests go, connections over rustls, error
 //!   classification
 //! * **recording**, beside the domain — [`outcome`]: what happened to one request, plain
-//!   data; [`metrics`]: the Prometheus registry; [`access_log`]: the per-request line
+//!   data; [`metrics`]: the Prometheus registry; [`access_log`]: the per-request line;
+//!   [`traces`]: the request's OpenTelemetry span and its export
 //! * **config** — [`config`]: strict TOML read into plain data, units, checks
 //! * **base** — [`errors`]: the error schema and failure kinds; [`headers`]: hop-by-hop,
 //!   request ids, `X-Forwarded-For`; [`route`]: canonical paths and route templates;
@@ -31,7 +32,8 @@
 //! [`errors::upstream::normalize`], a gateway error rendered by [`errors::render`]. The
 //! response body ([`stream::ResponseBody`]) carries the exchange; when it ends (or the client
 //! goes away: a 499) the exchange settles its permit and records the [`outcome::Outcome`] in
-//! [`metrics::Metrics::record`] and the access log, once.
+//! [`metrics::Metrics::record`], the access log and its span ([`traces::RequestSpan`]),
+//! once.
 
 pub mod access_log;
 pub mod admin;
@@ -50,6 +52,7 @@ pub mod route;
 pub mod server;
 pub mod stream;
 pub mod tls;
+pub mod traces;
 pub mod upstream;
 
 use std::future::Future;
@@ -59,6 +62,9 @@ use config::Settings;
 use gateway::{Gateway, State};
 use metrics::Metrics;
 use server::Listeners;
+
+/// The longest shutdown waits for the last spans to be exported.
+const TRACE_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How to re-read the config on SIGHUP.
 pub type Reload = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
@@ -105,6 +111,8 @@ pub async fn run(
         grace,
     )
     .await;
+    // Spans of the drained requests reach the collector, if it answers soon.
+    gw.state().tracer.flush(TRACE_FLUSH).await;
     admin.abort();
     if let Some(r) = reloader {
         r.abort();

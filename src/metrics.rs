@@ -85,6 +85,9 @@ pub struct Metrics {
     time_to_first_token: HistogramVec,
     time_per_output_token: HistogramVec,
     client_requests: IntCounterVec,
+    trace_spans_exported: IntCounter,
+    /// `reason` = `queue_full`, `export_failed`.
+    trace_spans_dropped: [IntCounter; 2],
     /// `ezgate_time_to_first_token_seconds` handles by route and model label index.
     ttft_cache: Box<[OnceLock<Histogram>]>,
     /// `ezgate_time_per_output_token_seconds` handles by model label index.
@@ -239,6 +242,21 @@ impl Metrics {
             ),
             &["client", "status"],
         )?;
+        let trace_spans_exported = IntCounter::with_opts(opts(
+            "ezgate_trace_spans_exported_total",
+            "Request spans the OTLP collector accepted ([tracing]).",
+        ))?;
+        let trace_spans_dropped_vec = IntCounterVec::new(
+            opts(
+                "ezgate_trace_spans_dropped_total",
+                "Request spans not exported: queue_full (the collector was slower than the traffic), export_failed (it refused them or could not be reached).",
+            ),
+            &["reason"],
+        )?;
+        let trace_spans_dropped = [
+            trace_spans_dropped_vec.with_label_values(&["queue_full"]),
+            trace_spans_dropped_vec.with_label_values(&["export_failed"]),
+        ];
         let build_info = IntGaugeVec::new(
             opts(
                 "ezgate_build_info",
@@ -270,6 +288,8 @@ impl Metrics {
             Box::new(time_to_first_token.clone()),
             Box::new(time_per_output_token.clone()),
             Box::new(client_requests.clone()),
+            Box::new(trace_spans_exported.clone()),
+            Box::new(trace_spans_dropped_vec),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -319,6 +339,8 @@ impl Metrics {
             time_to_first_token,
             time_per_output_token,
             client_requests,
+            trace_spans_exported,
+            trace_spans_dropped,
             ttft_cache: cache(Route::ALL.len() * (model_count + 1)),
             tpot_cache: cache(model_count + 1),
             client_cache: RwLock::new(Vec::new()),
@@ -447,6 +469,16 @@ impl Metrics {
         let mut write = slot.write().unwrap_or_else(|p| p.into_inner());
         write.push((client.into(), counters.clone()));
         counters
+    }
+
+    /// The span export counters: (exported, dropped as queue_full, dropped as export_failed).
+    pub fn trace_counters(&self) -> (IntCounter, IntCounter, IntCounter) {
+        let [full, failed] = &self.trace_spans_dropped;
+        (
+            self.trace_spans_exported.clone(),
+            full.clone(),
+            failed.clone(),
+        )
     }
 
     /// A policy's decision counters, in [`DECISIONS`] order, cached by the policy.

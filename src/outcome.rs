@@ -81,6 +81,12 @@ pub struct Outcome {
     pub ended: Option<Instant>,
     /// The response was an event stream.
     pub streamed: bool,
+    /// The model the response named (its body's `model`), when it named one.
+    pub response_model: Option<String>,
+    /// The rate-limit policy that refused the request.
+    pub refused_by: Option<Arc<str>>,
+    /// The request's trace id (32 hex digits), when its span is recorded.
+    pub trace_id: Option<String>,
 }
 
 impl Outcome {
@@ -111,12 +117,16 @@ impl Outcome {
             first_token: None,
             ended: None,
             streamed: false,
+            response_model: None,
+            refused_by: None,
+            trace_id: None,
         }
     }
 
     /// Notes a gateway error as the response (or the end of a stream).
     pub fn gateway_error(&mut self, err: &GatewayError) {
         self.gateway_code = Some(err.code());
+        self.refused_by = err.policy().cloned();
     }
 
     /// The tokens this request spent, as far as ezgate can tell (`docs/rate-limits.md`,

@@ -19,7 +19,7 @@ const FLOORS: &[(&str, &[&str])] = &[
     ("base", &["errors", "headers", "route", "tls"]),
     ("config", &["config"]),
     ("domain", &["clients", "limits", "upstream", "pool"]),
-    ("recording", &["outcome", "metrics", "access_log"]),
+    ("recording", &["outcome", "metrics", "access_log", "traces"]),
     ("path", &["gateway", "exchange", "proxy", "stream"]),
     ("entry", &["server", "admin", "lib", "main"]),
 ];
@@ -31,6 +31,7 @@ const SIDEWAYS: &[(&str, &str)] = &[
     // Recording reads the outcome.
     ("metrics", "outcome"),
     ("access_log", "outcome"),
+    ("traces", "outcome"),
     // The path: the request path, its response body, the exchange both hold, the state.
     ("proxy", "stream"),
     ("proxy", "exchange"),

@@ -76,6 +76,15 @@ impl fmt::Display for Settings {
             )?;
             writeln!(f, "concurrency_lease = \"{}\"", r.concurrency_lease)?;
         }
+        if let Some(t) = &c.tracing {
+            writeln!(f, "\n[tracing]\notlp_endpoint = \"{}\"", t.otlp_endpoint)?;
+            writeln!(f, "# spans go to {}", t.traces_url())?;
+            writeln!(
+                f,
+                "sample_ratio = {:?}\nservice_name = {:?}",
+                t.sample_ratio, t.service_name
+            )?;
+        }
         for l in &c.limits {
             writeln!(
                 f,

@@ -34,6 +34,37 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     pub limits: Vec<LimitConfig>,
     pub redis: Option<RedisConfig>,
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `[tracing]`: OpenTelemetry traces, one span per request, exported over OTLP/HTTP
+/// (protobuf). Off when absent.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's base URL (`http://` or `https://`); spans go to its `/v1/traces`.
+    pub otlp_endpoint: String,
+    /// The share of traces ezgate starts that it records, 0 to 1; a request whose
+    /// `traceparent` is sampled is always recorded, one whose parent is not never is.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// The `service.name` of every span.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+impl TracingConfig {
+    /// Where spans are sent: the endpoint's `/v1/traces`.
+    pub fn traces_url(&self) -> String {
+        format!("{}/v1/traces", self.otlp_endpoint.trim_end_matches('/'))
+    }
+}
+
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_service_name() -> String {
+    "ezgate".to_owned()
 }
 
 /// `[redis]`: the store for `store = "redis"` policies, shared by every replica.

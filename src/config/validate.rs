@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::{units, ClientConfig, Config, LimitConfig, LimitKey, OnLimit};
+use super::{units, ClientConfig, Config, LimitConfig, LimitKey, OnLimit, TracingConfig};
 use crate::route::Route;
 
 pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
@@ -40,6 +40,52 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
     }
     clients(&c.clients, problems);
     limits(&c.limits, &c.clients, problems);
+    if let Some(t) = &c.tracing {
+        tracing(t, problems);
+    }
+}
+
+fn tracing(t: &TracingConfig, problems: &mut Vec<String>) {
+    if let Err(e) = otlp_endpoint(&t.otlp_endpoint) {
+        problems.push(format!("tracing.otlp_endpoint: {e}"));
+    }
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        problems.push(format!(
+            "tracing.sample_ratio: {} is not between 0 (record only sampled parents) and 1 (every request)",
+            t.sample_ratio
+        ));
+    }
+    if t.service_name.trim().is_empty() {
+        problems.push("tracing.service_name: must not be empty".to_owned());
+    }
+}
+
+/// The collector's base URL: `http(s)://host[:port][/prefix]`, no credentials, no query.
+fn otlp_endpoint(s: &str) -> Result<(), String> {
+    // Checked first and never echoed: a URL with user info may hold a password.
+    let authority = s.split_once("://").map_or(s, |(_, rest)| rest);
+    let authority = authority.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(
+            "the URL carries credentials; give the collector's address only (without user or password)"
+                .to_owned(),
+        );
+    }
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("\"{s}\" is not a URL ({e})"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!(
+            "\"{s}\" must start with http:// or https:// (OTLP over HTTP, e.g. http://127.0.0.1:4318)"
+        ));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("\"{s}\" has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("\"{s}\" must not have a query"));
+    }
+    Ok(())
 }
 
 fn clients(clients: &[ClientConfig], problems: &mut Vec<String>) {

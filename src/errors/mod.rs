@@ -205,6 +205,16 @@ impl GatewayError {
         }
     }
 
+    /// The rate-limit policy that refused the request, for a policy's refusal.
+    pub fn policy(&self) -> Option<&Arc<str>> {
+        match self {
+            Self::RateLimited { policy, .. }
+            | Self::TokenRateLimited { policy, .. }
+            | Self::ConcurrencyLimited { policy, .. } => Some(policy),
+            _ => None,
+        }
+    }
+
     /// When a retry can succeed, the earliest useful time.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

@@ -76,6 +76,8 @@ async fn serve_request(
         route,
     );
     out.stream = conn.map(StreamSlot::new);
+    out.trace = state.tracer.start(req.headers(), out.method, route);
+    out.trace_id = out.trace.as_ref().map(|t| t.trace_id());
     // Until a client is identified: `anonymous` without [[clients]], else `other`.
     if !state.clients.is_empty() {
         out.client = ClientLabel::Other;
@@ -221,6 +223,9 @@ async fn handle(
         .target(parts.uri.path_and_query(), path.as_deref())?;
     let request_id = HeaderValue::from_str(&out.request_id).ok();
     request::rewrite_request(&mut parts.headers, state, request_id.clone(), peer);
+    if let Some(span) = &out.trace {
+        span.inject(&mut parts.headers);
+    }
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method;
     *up_req.headers_mut() = parts.headers;

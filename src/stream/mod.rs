@@ -163,8 +163,9 @@ impl ResponseBody {
             o.usage = usage;
         }
         if o.model.is_none() {
-            o.model = model;
+            o.model.clone_from(&model);
         }
+        o.response_model = model;
     }
 
     fn finish(&mut self) {

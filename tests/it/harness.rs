@@ -314,6 +314,17 @@ impl Gateway {
     }
 }
 
+/// The interpreter of the test virtualenv that `.ci/test` makes.
+pub fn python() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run .ci/test once (it makes the venv from tests/requirements.txt)",
+        p.display()
+    );
+    p
+}
+
 /// A sample's value from Prometheus text, labels in the exposition's (sorted) order; 0 when absent.
 /// A client key's digest as `key_sha256` takes it.
 pub fn sha256_hex(key: &str) -> String {

@@ -448,17 +448,6 @@ async fn the_openai_sdk_streams_through_ezgate() {
     assert_eq!(v["responses_output_tokens"], 5);
 }
 
-/// The interpreter of the test virtualenv that `.ci/test` makes.
-fn python() -> std::path::PathBuf {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
-    assert!(
-        p.exists(),
-        "{} is missing: run .ci/test once (it makes the venv from tests/requirements.txt)",
-        p.display()
-    );
-    p
-}
-
 #[tokio::test]
 async fn tokens_are_counted_per_client() {
     let emu = Emulator::start().await;
