@@ -7,16 +7,17 @@
 //! * [`policy`] — one policy: what it covers, its key, a request's estimate, its headers
 //! * [`check`] — [`Limits::check`]: the admission under every covering policy
 //! * [`permit`] — what an admitted request holds, settled once when it ends
-//! * [`store`] — local keyed state with a key cap; [`shared`] / [`redis`] — the same in Redis
+//! * [`store`] — local keyed state with a key cap; [`shared`] — the same in Redis, over the
+//!   connection of `link` (standalone, Sentinel or Cluster)
 //! * [`tokens`], [`scan`], [`form`] — what a request body says of its model and size;
 //!   [`estimate`] — its tokens, by character class
 
 mod check;
 pub mod estimate;
 pub mod form;
+mod link;
 mod permit;
 mod policy;
-pub mod redis;
 pub mod scan;
 pub mod shared;
 pub mod store;
