@@ -363,9 +363,11 @@ impl Follower {
                 .and_then(Value::extract_error);
             match &reply {
                 Ok(_) => {
-                    self.signals
-                        .last_reply
-                        .store(self.signals.now_ms(), Ordering::Relaxed);
+                    // Written at most once a millisecond: checks on every thread read it.
+                    let (s, now) = (&self.signals, self.signals.now_ms());
+                    if s.last_reply.load(Ordering::Relaxed) != now {
+                        s.last_reply.store(now, Ordering::Relaxed);
+                    }
                 }
                 Err(e) => {
                     let demoted = e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
