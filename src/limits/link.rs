@@ -83,10 +83,11 @@ impl Link {
             None => None,
         };
         let dead_after = DEAD_AFTER.max(cfg.timeout.0);
+        // Checks bound their own wait, and a connection silent for `dead_after` is replaced
+        // (`Follower::query`): no second timer per command.
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout.0))
-            // Checks bound their own wait; a reply later than this means a dead connection.
-            .set_response_timeout(Some(dead_after));
+            .set_response_timeout(None);
         let fail = |e: RedisError| format!("redis: {e}");
         match shape {
             RedisShape::Standalone(t) => {
@@ -399,6 +400,11 @@ impl Follower {
 
     /// The current connection; waits while one is being made, fails while Redis is away.
     async fn connection(&self) -> Result<(u64, MultiplexedConnection), Failure> {
+        match &*self.current.borrow() {
+            Current::Up(g, c) => return Ok((*g, c.clone())),
+            Current::Down(e) => return Err(not_connected(e)),
+            Current::Connecting => {}
+        }
         let mut rx = self.current.clone();
         loop {
             match &*rx.borrow_and_update() {
