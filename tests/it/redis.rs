@@ -11,7 +11,7 @@ async fn three_replicas_share_one_quota() {
     let redis = Redis::start().await;
     let emu = Emulator::start().await;
     let config = format!(
-        "[log]\naccess_log = false\n[redis]\nurl = \"redis://127.0.0.1:{}\"\nreplicas = 3\n\n[[limits]]\nname = \"org\"\nkey = \"global\"\nrequests = \"300/h\"\nstore = \"redis\"\n",
+        "[log]\naccess_log = false\n[redis]\nurl = \"redis://127.0.0.1:{}\"\nreplicas = 3\ntimeout = \"2s\"\n\n[[limits]]\nname = \"org\"\nkey = \"global\"\nrequests = \"300/h\"\nstore = \"redis\"\n",
         redis.port
     );
     let gws = [
