@@ -37,7 +37,7 @@ pub struct Config {
 }
 
 /// `[redis]`: the store for `store = "redis"` policies, shared by every replica.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// How Redis is deployed: one server, a Redis Cluster, or primaries watched by Sentinel.

@@ -344,3 +344,18 @@ fn redis_urls_are_shown_without_passwords() {
         "{shown}"
     );
 }
+
+/// A reload keeps the shared store of an unchanged `[redis]`: equality covers every key.
+#[test]
+fn redis_sections_compare_by_every_key() {
+    let redis = |text: &str| load(text).unwrap().config.redis.unwrap();
+    let base = "[redis]\nmode = \"cluster\"\nnodes = [\"redis://a:1\", \"redis://b:2\"]\ntimeout = \"50ms\"\n";
+    assert_eq!(redis(base), redis(base));
+    for changed in [
+        "[redis]\nmode = \"cluster\"\nnodes = [\"redis://a:1\"]\ntimeout = \"50ms\"\n",
+        "[redis]\nmode = \"cluster\"\nnodes = [\"redis://a:1\", \"redis://b:2\"]\ntimeout = \"60ms\"\n",
+        "[redis]\nmode = \"cluster\"\nnodes = [\"redis://a:1\", \"redis://b:2\"]\ntimeout = \"50ms\"\nreplicas = 2\n",
+    ] {
+        assert_ne!(redis(base), redis(changed), "{changed}");
+    }
+}
