@@ -145,10 +145,8 @@ pub struct RedisStore {
     link: Arc<Link>,
     timeout: Duration,
     pub lease: Duration,
-    /// `redis.replicas` when set, else 1; see [`RedisStore::share`].
-    pub replicas: u32,
-    /// Whether `redis.replicas` was set (a fixed count that wins over [`RedisStore::fleet`]).
-    pub replicas_fixed: bool,
+    /// `redis.replicas`: a fixed count that wins over [`RedisStore::fleet`].
+    replicas: Option<u32>,
     pub fail_closed: bool,
     down: AtomicBool,
     /// ms since `epoch` of the last failed check.
@@ -177,8 +175,7 @@ impl RedisStore {
             link,
             timeout: cfg.timeout.0,
             lease: cfg.concurrency_lease.0,
-            replicas: cfg.replicas.unwrap_or(1).max(1),
-            replicas_fixed: cfg.replicas.is_some(),
+            replicas: cfg.replicas,
             fail_closed: cfg.on_failure == crate::config::OnFailure::Deny,
             down: AtomicBool::new(false),
             last_failure: AtomicU64::new(0),
@@ -215,10 +212,9 @@ impl RedisStore {
     /// How many gateways a limit is divided by for the local fallback: `redis.replicas` when
     /// set, else the live gateways ([`RedisStore::fleet`]), else 1.
     pub fn share(&self) -> u32 {
-        if self.replicas_fixed {
-            self.replicas
-        } else {
-            self.fleet().unwrap_or(1)
+        match self.replicas {
+            Some(n) => n.max(1),
+            None => self.fleet().unwrap_or(1),
         }
     }
 
