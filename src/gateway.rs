@@ -26,6 +26,8 @@ pub struct State {
     pub upstream: Upstream,
     pub clients: Clients,
     pub limits: Limits,
+    /// The shared limit store of `[redis]`.
+    redis: Option<Arc<RedisStore>>,
     /// `Bearer <organization key>` in managed mode.
     pub api_key: Option<HeaderValue>,
     /// The decision counters of each policy, in [`Limits::policy_names`] order.
@@ -47,7 +49,7 @@ impl State {
             Some(cfg) => Some(Arc::new(RedisStore::new(cfg, Box::new(log_redis_health))?)),
             None => None,
         };
-        let limits = Limits::new(&settings.config.limits, redis);
+        let limits = Limits::new(&settings.config.limits, redis.clone());
         let policy_counters = limits
             .policy_names()
             .zip(&settings.config.limits)
@@ -75,9 +77,16 @@ impl State {
             upstream,
             clients,
             limits,
+            redis,
             api_key,
             policy_counters,
         })
+    }
+
+    /// The live gateways sharing `[redis]`, by the fleet heartbeat (`None` without Redis or
+    /// before the first heartbeat was answered).
+    pub fn fleet(&self) -> Option<u32> {
+        self.redis.as_ref().and_then(|r| r.fleet())
     }
 
     /// Counts what the policies decided for one request.

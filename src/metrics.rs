@@ -69,6 +69,8 @@ pub struct Metrics {
     ratelimit_decisions: IntCounterVec,
     ratelimit_keys: IntGaugeVec,
     ratelimit_fallbacks: IntCounterVec,
+    /// `ezgate_fleet_gateways`: no series until a fleet heartbeat was answered.
+    fleet_gateways: IntGaugeVec,
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
     /// Config model names (exact, sorted): the first entries of the model label table.
@@ -183,6 +185,13 @@ impl Metrics {
             ),
             &["policy"],
         )?;
+        let fleet_gateways = IntGaugeVec::new(
+            opts(
+                "ezgate_fleet_gateways",
+                "Live gateways sharing this gateway's Redis, counted by their heartbeats (it included).",
+            ),
+            &[],
+        )?;
         let inflight_vec = IntGaugeVec::new(
             opts("ezgate_inflight_requests", "Requests in flight, by route."),
             &["route"],
@@ -220,6 +229,7 @@ impl Metrics {
             Box::new(ratelimit_decisions.clone()),
             Box::new(ratelimit_keys.clone()),
             Box::new(ratelimit_fallbacks.clone()),
+            Box::new(fleet_gateways.clone()),
             Box::new(inflight_vec.clone()),
             Box::new(tokens.clone()),
             Box::new(build_info),
@@ -265,6 +275,7 @@ impl Metrics {
             ratelimit_decisions,
             ratelimit_keys,
             ratelimit_fallbacks,
+            fleet_gateways,
             inflight,
             tokens,
             model_names,
@@ -386,6 +397,14 @@ impl Metrics {
     /// A policy's `ezgate_ratelimit_store_fallbacks_total` counter, cached by its caller.
     pub fn fallback_counter(&self, policy: &str) -> IntCounter {
         self.ratelimit_fallbacks.with_label_values(&[policy])
+    }
+
+    /// `ezgate_fleet_gateways`: the live gateways the fleet heartbeat counted.
+    pub fn fleet_gateways(&self, n: u32) {
+        let no_labels: [&str; 0] = [];
+        self.fleet_gateways
+            .with_label_values(&no_labels)
+            .set(i64::from(n));
     }
 
     pub fn ratelimit_keys(&self, policy: &str, keys: usize) {

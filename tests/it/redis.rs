@@ -59,26 +59,73 @@ async fn three_replicas_share_one_quota() {
         admitted,
         "the upstream saw exactly the admitted requests"
     );
-    // Each gateway announces itself in Redis; one that stops drops out once its membership
-    // expires (10 s), however it ended.
-    let fleet = || async {
-        redis
-            .cli(&["zcard", "ezgate:{fleet}:members"])
-            .await
-            .trim()
-            .to_owned()
-    };
-    eventually("three gateways are members of the fleet", || async {
-        fleet().await == "3"
+}
+
+/// The requests of `user` that `gw` admits out of 30 in a row (each answered 200 or 429).
+async fn admitted_of_30(gw: &Gateway, user: &str) -> usize {
+    let mut admitted = 0;
+    for _ in 0..30 {
+        let r = gw.get_with("/v1/models", &[("x-user", user)]).await;
+        assert!(r.status == 200 || r.status == 429, "{}", r.status);
+        admitted += usize::from(r.status == 200);
+    }
+    admitted
+}
+
+/// Whether every gateway's `ezgate_fleet_gateways` shows `n`.
+async fn fleet_shows(gws: &[&Gateway], n: f64) -> bool {
+    for gw in gws {
+        if gw.metric("ezgate_fleet_gateways").await != n {
+            return false;
+        }
+    }
+    true
+}
+
+/// Without `redis.replicas`, each gateway counts the live gateways by their heartbeats and
+/// sizes its local fallback by them: three share 30 requests per user, so while Redis is
+/// away each admits 10 of a user's; one stops (killed: it cannot say goodbye), and once its
+/// membership has expired the other two count 2 and admit 15.
+#[tokio::test]
+async fn the_fallback_share_follows_the_fleet() {
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = format!(
+        "[log]\naccess_log = false\n[redis]\nurl = \"redis://127.0.0.1:{}\"\n\n[[limits]]\nname = \"org\"\nkey = \"header:x-user\"\nrequests = \"30/h\"\nstore = \"redis\"\n",
+        redis.port
+    );
+    let (a, b, mut c) = (
+        Gateway::start(&emu.url(), &config).await,
+        Gateway::start(&emu.url(), &config).await,
+        Gateway::start(&emu.url(), &config).await,
+    );
+    eventually("every gateway counts three", || async {
+        fleet_shows(&[&a, &b, &c], 3.0).await
     })
     .await;
-    let [a, b, mut c] = gws;
+    let port = redis.stop().await;
+    assert_eq!(admitted_of_30(&a, "first").await, 10, "a third of 30");
+
+    // Redis returns empty; the heartbeats fill the fleet again. Once all three are members
+    // and each gateway has counted them, one stops.
+    let redis = Redis::start_on(port).await;
+    eventually("every gateway counts three again", || async {
+        redis.cli(&["zcard", "ezgate:{fleet}:members"]).await.trim() == "3"
+            && fleet_shows(&[&a, &b, &c], 3.0).await
+    })
+    .await;
     let _ = c.child.kill().await;
-    eventually("the stopped gateway has left the fleet", || async {
-        fleet().await == "2"
+    eventually("the other two count two", || async {
+        fleet_shows(&[&a, &b], 2.0).await
     })
     .await;
-    drop((a, b));
+    assert_eq!(
+        redis.cli(&["zcard", "ezgate:{fleet}:members"]).await.trim(),
+        "2"
+    );
+    redis.stop().await;
+    assert_eq!(admitted_of_30(&a, "second").await, 15, "half of 30");
+    assert_eq!(admitted_of_30(&b, "second").await, 15, "half of 30");
 }
 
 #[tokio::test]
