@@ -174,6 +174,24 @@ log "mode $MODE; $(nproc) cpus ($CPU_MODEL); kernel $(uname -r); $PINNING"
 
 # ---------------------------------------------------------------- helpers
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free port for a Redis Cluster node: its bus port, 10,000 higher, must be free too (Redis
+# refuses a node port above 55535).
+free_cluster_port() {
+  python3 -c '
+import socket, sys
+for _ in range(1000):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]
+    if p <= 55535:
+        b = socket.socket()
+        try:
+            b.bind(("127.0.0.1", p + 10000)); print(p); sys.exit(0)
+        except OSError:
+            pass
+        finally:
+            b.close()
+    s.close()
+sys.exit("no free pair of ports (p, p + 10000) for a cluster node")'
+}
 
 # start NAME STDERR_FILE CMD... : runs CMD in the background, stdout to $WORK/NAME.out
 start() {
@@ -281,7 +299,7 @@ start redis "$WORK/redis.err" "${PIN_LOAD[@]}" redis-server --port "$REDIS_PORT"
 # A Redis Cluster of three primaries (no replicas: the row measures the gateway's side).
 CLUSTER_PORTS=()
 for i in 1 2 3; do
-  p="$(free_port)"; CLUSTER_PORTS+=("$p"); mkdir -p "$WORK/cluster/$p"
+  p="$(free_cluster_port)"; CLUSTER_PORTS+=("$p"); mkdir -p "$WORK/cluster/$p"
   start "cluster$i" "$WORK/cluster/$p/stderr" "${PIN_LOAD[@]}" redis-server --port "$p" --bind 127.0.0.1 --save "" \
     --appendonly no --dir "$WORK/cluster/$p" --cluster-enabled yes --cluster-config-file nodes.conf
 done

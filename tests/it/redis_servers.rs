@@ -32,6 +32,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port for a cluster node: its bus port, 10,000 higher, must be free too (and at most
+/// 65535: Redis refuses a node port above 55535).
+pub fn free_cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let port = free_port();
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free pair of ports (p, p + 10000) on 127.0.0.1 for a cluster node");
+}
+
 /// Runs `redis-cli -p PORT ARGS…` and returns its output (bounded in time).
 pub async fn cli(port: u16, args: &[&str]) -> String {
     let out = tokio::time::timeout(
@@ -160,7 +172,7 @@ impl Cluster {
     pub async fn start(primaries: usize) -> Cluster {
         let mut nodes = Vec::new();
         for _ in 0..primaries * 2 {
-            let port = free_port();
+            let port = free_cluster_port();
             let dir = scratch_dir();
             let conf = dir.join("nodes.conf").display().to_string();
             nodes.push(
