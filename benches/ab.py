@@ -2,7 +2,7 @@
 """benches/ab.py — CPU per request of two ezgate builds (or configs), loaded at the same time.
 
     python3 benches/ab.py A_BIN B_BIN [--config-a F] [--config-b F] [--rounds 8] [--secs 3]
-                          [--load chat|sse]
+                          [--load chat|sse] [--rate N]
     python3 benches/ab.py nginx B_BIN          (A is nginx, configured as in proxy.sh)
 
 `--load sse` streams each completion (20 events) instead of answering the ~1 KB chat
@@ -17,6 +17,13 @@ The ratio B/A per round is steady to ±1–2 %; the order in which the two loads
 swapped every round, which cancels the small advantage of starting second. `nginx` in place
 of a binary runs nginx as benches/proxy.sh configures it (its master and worker are counted):
 ezgate's CPU per request against nginx's, free of the drift between sequential runs.
+
+`--rate N` adds, after the CPU rounds, as many latency rounds: a fixed-rate open-loop load of N
+req/s (benches/bench_client.py rate, 32 connections, --secs long) against A, then B (the order
+swapped every round: one Python client at a time keeps up with the rate on the load core), and
+prints each build's median p50 and p99 over the rounds. With shared limits in the
+configs, each gateway's `ezgate_ratelimit_store_fallbacks_total` is printed at the end: a
+check the store did not answer was measured on the local fallback, not on the store.
 
 Prints the median of the per-round ratios and every round. Needs wrk and taskset; starts the
 release emulator. Traffic goes only to 127.0.0.1, bounded in time; every process it starts is
@@ -115,9 +122,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--secs", type=int, default=3)
     ap.add_argument("--load", choices=("chat", "sse"), default="chat")
+    ap.add_argument("--rate", type=int, default=0, help="req/s of the latency rounds (0: none)")
     args = ap.parse_args()
-    if not 1 <= args.rounds <= 50 or not 1 <= args.secs <= 30:
-        sys.exit("ab.py: --rounds 1..50 and --secs 1..30")
+    if not 1 <= args.rounds <= 50 or not 1 <= args.secs <= 30 or not 0 <= args.rate <= 5000:
+        sys.exit("ab.py: --rounds 1..50, --secs 1..30 and --rate 0..5000")
 
     work = subprocess.run(["mktemp", "-d"], capture_output=True, text=True, check=True).stdout.strip()
     body = os.path.join(work, "body.json")
@@ -132,7 +140,7 @@ def main():
                                          "--listen", f"127.0.0.1:{emu_port}"], stdout=subprocess.DEVNULL)
         procs.append(emu)
         wait_http(f"http://127.0.0.1:{emu_port}/v1/models", emu)
-        gates = []
+        gates, admins = [], {}
         for label, binary, config in (("A", args.a, args.config_a), ("B", args.b, args.config_b)):
             port, admin = free_port(), free_port()
             if binary == "nginx":
@@ -141,6 +149,7 @@ def main():
                 wait_http(f"http://127.0.0.1:{port}/v1/models", p)
                 worker = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
                 gates.append((label, port, [p.pid] + [int(w) for w in worker]))
+                admins[label] = None
                 continue
             p = subprocess.Popen(pin(0) + [binary, "--config", config or bare, "--listen", f"127.0.0.1:{port}",
                                            "--admin-listen", f"127.0.0.1:{admin}",
@@ -150,6 +159,7 @@ def main():
             procs.append(p)
             wait_http(f"http://127.0.0.1:{admin}/healthz", p)
             gates.append((label, port, [p.pid]))
+            admins[label] = admin
 
         env = dict(os.environ, BENCH_BODY_FILE=body)
         if args.load == "sse":
@@ -186,6 +196,36 @@ def main():
         for label in ("A", "B"):
             print(f"{label}: median {statistics.median(cpu[label]):.1f} µs; rounds "
                   + " ".join(f"{x:.1f}" for x in cpu[label]))
+
+        if args.rate:
+            lat = {"A": {"p50": [], "p99": []}, "B": {"p50": [], "p99": []}}
+            for r in range(args.rounds):
+                order = gates if r % 2 == 0 else gates[::-1]
+                for label, port, _ in order:
+                    out = subprocess.run(
+                        pin(1) + [sys.executable, os.path.join(ROOT, "benches/bench_client.py"), "rate",
+                                  "--url", f"127.0.0.1:{port}", "--rate", str(args.rate), "--duration",
+                                  str(args.secs), "--conns", "32", "--body-file", body, "--timeout", "30"],
+                        capture_output=True, text=True, timeout=args.secs + 60).stdout
+                    j = json.loads(out)
+                    if j.get("error_count"):
+                        sys.exit(f"ab.py: fixed-rate run against {label}: {j['errors']}")
+                    for k in ("p50", "p99"):
+                        lat[label][k].append(j["latency_us"][k])
+            for label in ("A", "B"):
+                q = lat[label]
+                print(f"{label} at {args.rate} req/s: p50 median {statistics.median(q['p50']):.0f} µs, "
+                      f"p99 median {statistics.median(q['p99']):.0f} µs; rounds p50 "
+                      + " ".join(f"{x:.0f}" for x in q["p50"]) + "; p99 " + " ".join(f"{x:.0f}" for x in q["p99"]))
+
+        for label, admin in admins.items():
+            if admin is None:
+                continue
+            text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
+            fb = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("ezgate_ratelimit_store_fallbacks_total")]
+            if fb:
+                print(f"{label}: {sum(fb):.0f} checks answered by the local fallback (ezgate_ratelimit_store_fallbacks_total)")
     finally:
         for p in procs:
             p.terminate()

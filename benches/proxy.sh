@@ -17,7 +17,9 @@
 # Python open-loop client when oha is absent); the proxy's CPU time per request (utime+stime
 # from /proc/PID/stat); peak RSS (VmHWM) and RSS while N SSE streams are open; and the delay
 # each SSE event gains crossing the proxy. Also ezgate with three rate-limit policies plus
-# /metrics scrapes, and ezgate with its access log on. See docs/performance.md.
+# /metrics scrapes, ezgate with its access log on, and one request policy held locally, in a
+# standalone Redis and in a Redis Cluster of three primaries (all started here on free
+# ports). See docs/performance.md.
 #
 # Traffic goes only to 127.0.0.1; every load is bounded in count and time; every process this
 # script starts is stopped on exit. Any failed stage (a non-200, a short stream, a process
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1 ;;
     --no-build) BUILD=0 ;;
     --strict) STRICT=1 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "proxy.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -172,6 +174,24 @@ log "mode $MODE; $(nproc) cpus ($CPU_MODEL); kernel $(uname -r); $PINNING"
 
 # ---------------------------------------------------------------- helpers
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free port for a Redis Cluster node: its bus port, 10,000 higher, must be free too (Redis
+# refuses a node port above 55535).
+free_cluster_port() {
+  python3 -c '
+import socket, sys
+for _ in range(1000):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]
+    if p <= 55535:
+        b = socket.socket()
+        try:
+            b.bind(("127.0.0.1", p + 10000)); print(p); sys.exit(0)
+        except OSError:
+            pass
+        finally:
+            b.close()
+    s.close()
+sys.exit("no free pair of ports (p, p + 10000) for a cluster node")'
+}
 
 # start NAME STDERR_FILE CMD... : runs CMD in the background, stdout to $WORK/NAME.out
 start() {
@@ -276,6 +296,25 @@ start nginx "$WORK/nginx/logs/stderr.log" "${PIN_PROXY[@]}" "$NGINX" -p "$WORK/n
 # ---------------------------------------------------------------- redis (shared limits)
 REDIS_PORT="$(free_port)"
 start redis "$WORK/redis.err" "${PIN_LOAD[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
+# A Redis Cluster of three primaries (no replicas: the row measures the gateway's side).
+CLUSTER_PORTS=()
+for i in 1 2 3; do
+  p="$(free_cluster_port)"; CLUSTER_PORTS+=("$p"); mkdir -p "$WORK/cluster/$p"
+  start "cluster$i" "$WORK/cluster/$p/stderr" "${PIN_LOAD[@]}" redis-server --port "$p" --bind 127.0.0.1 --save "" \
+    --appendonly no --dir "$WORK/cluster/$p" --cluster-enabled yes --cluster-config-file nodes.conf
+done
+for p in "$REDIS_PORT" "${CLUSTER_PORTS[@]}"; do
+  for _ in $(seq 1 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -p "$p" ping >/dev/null 2>&1 || die "redis-server on port $p did not start"
+done
+redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") --cluster-yes > "$WORK/cluster/create.out" 2>&1 \
+  || die "redis-cli --cluster create failed: $(tail -5 "$WORK/cluster/create.out")"
+for p in "${CLUSTER_PORTS[@]}"; do
+  for _ in $(seq 1 100); do redis-cli -p "$p" cluster info 2>/dev/null | grep -q cluster_state:ok && break; sleep 0.1; done
+  redis-cli -p "$p" cluster info | grep -q cluster_state:ok || die "the cluster node on port $p is not ok"
+done
+CLUSTER_NODES="$(printf '"redis://127.0.0.1:%s", ' "${CLUSTER_PORTS[@]}")"
+CLUSTER_NODES="[${CLUSTER_NODES%, }]"
 
 # ---------------------------------------------------------------- ezgate (three configs)
 write_cfg() {  # write_cfg FILE ACCESS_LOG [limits]
@@ -303,12 +342,14 @@ EOF
     fi
   } > "$1"
 }
-write_one() {  # write_one FILE STORE : one request policy per API key, local or in Redis
-  printf '[server]\nmax_inflight = %d\n\n[log]\naccess_log = false\n\n[redis]\nurl = "redis://127.0.0.1:%s"\n\n[[limits]]\nname = "per-key"\nkey = "api_key"\nrequests = "1000000/s"\nstore = "%s"\n' \
-    $((HOLD_N * 2 + 1000)) "$REDIS_PORT" "$2" > "$1"
+write_one() {  # write_one FILE STORE [REDIS] : one request policy per API key, local or in Redis
+  printf '[server]\nmax_inflight = %d\n\n[log]\naccess_log = false\n\n[redis]\n%s\n\n[[limits]]\nname = "per-key"\nkey = "api_key"\nrequests = "1000000/s"\nstore = "%s"\n' \
+    $((HOLD_N * 2 + 1000)) "${3:-url = \"redis://127.0.0.1:$REDIS_PORT\"}" "$2" > "$1"
 }
 write_one "$WORK/ezgate-local1.toml" local
 write_one "$WORK/ezgate-redis.toml" redis
+write_one "$WORK/ezgate-cluster.toml" redis "mode = \"cluster\"
+nodes = $CLUSTER_NODES"
 write_cfg "$WORK/ezgate-bare.toml" false
 write_cfg "$WORK/ezgate-policies.toml" false limits
 write_cfg "$WORK/ezgate-log.toml" true
@@ -317,8 +358,10 @@ write_cfg "$WORK/ezgate-sse.toml" false
 # streams share upstream connections instead of holding one each.
 write_cfg "$WORK/ezgate-h2.toml" false
 sed -i 's/^\[upstream\]$/[upstream]\nhttp2 = "always"/' "$WORK/ezgate-h2.toml"
-"$EZGATE" check-config --config "$WORK/ezgate-policies.toml" > "$WORK/check-config.out" 2>&1 \
-  || die "ezgate rejects the bench config: $(cat "$WORK/check-config.out")"
+for c in policies cluster; do
+  "$EZGATE" check-config --config "$WORK/ezgate-$c.toml" > "$WORK/check-config.out" 2>&1 \
+    || die "ezgate rejects the bench config ezgate-$c.toml: $(cat "$WORK/check-config.out")"
+done
 ez() {  # ez NAME CONFIG UPSTREAM STDERR — started as the deploy kit runs it (deploy/)
   start "$1" "$4" "${PIN_PROXY[@]}" env MIMALLOC_ARENA_EAGER_COMMIT="${MIMALLOC_ARENA_EAGER_COMMIT:-0}" \
     "$EZGATE" --config "$2" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream "http://$3"
@@ -329,12 +372,13 @@ ez ezgate-log "$WORK/ezgate-log.toml" "$EMU_ADDR" /dev/null
 ez ezgate-sse "$WORK/ezgate-sse.toml" "$ORIGIN_ADDR" "$WORK/ezgate-sse.err"
 ez ezgate-local1 "$WORK/ezgate-local1.toml" "$EMU_ADDR" "$WORK/ezgate-local1.err"
 ez ezgate-redis "$WORK/ezgate-redis.toml" "$EMU_ADDR" "$WORK/ezgate-redis.err"
+ez ezgate-cluster "$WORK/ezgate-cluster.toml" "$EMU_ADDR" "$WORK/ezgate-cluster.err"
 ez ezgate-h2 "$WORK/ezgate-h2.toml" "$EMU_ADDR" "$WORK/ezgate-h2.err"
 
 declare -A ADDR ADMIN SSE_ADDR PROCS
 ADDR[direct]="$EMU_ADDR"; SSE_ADDR[direct]="$ORIGIN_ADDR"; PROCS[direct]=""
 ADDR[nginx]="127.0.0.1:$NGINX_PORT"; SSE_ADDR[nginx]="127.0.0.1:$NGINX_SSE_PORT"
-for n in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-h2; do
+for n in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2; do
   ADDR[$n]="$(wait_line "$n" '^listening on ([0-9.:]+).*')" || die "$n did not start: $(tail -5 "$WORK/$n.err" 2>/dev/null)"
   ADMIN[$n]="$(wait_line "$n" '^admin listening on ([0-9.:]+).*')" || die "$n printed no admin address"
   PROCS[$n]="$(eval echo "\$PID_${n//-/_}")"
@@ -347,7 +391,7 @@ for _ in $(seq 1 50); do
 done
 PROCS[nginx]="$PID_nginx $(pgrep -P "$PID_nginx" | tr '\n' ' ')"
 PROCS[nginx-sse]="${PROCS[nginx]}"
-for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-h2; do post_ok "${ADDR[$t]}"; done
+for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2; do post_ok "${ADDR[$t]}"; done
 log "nginx on ${ADDR[nginx]} (pids ${PROCS[nginx]}); ezgate on ${ADDR[ezgate]}; all answer 200"
 
 TOOL_LAT="python open-loop client (bench_client.py rate)"
@@ -492,16 +536,16 @@ wait_quiet() {  # wait_quiet LABEL
 }
 
 log "warm-up"
-for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis; do wrk_run "$t" warm 1 1; done
+for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do wrk_run "$t" warm 1 1; done
 for r in $(seq 1 "$ROUNDS"); do
   wait_quiet "throughput round $r"
   log "throughput round $r/$ROUNDS (wrk -t1 -c$WRK_CONNS, ${TPUT_S}s each)"
-  for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis; do with_retries wrk_run "$t" "$r" "$TPUT_S"; done
+  for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do with_retries wrk_run "$t" "$r" "$TPUT_S"; done
 done
 for r in $(seq 1 "$ROUNDS"); do
   wait_quiet "fixed-rate round $r"
   log "fixed rate round $r/$ROUNDS ($RATE req/s for ${LAT_S}s; $TOOL_LAT)"
-  for t in direct nginx ezgate ezgate-local1 ezgate-redis; do with_retries lat_run "$t" "$r"; done
+  for t in direct nginx ezgate ezgate-local1 ezgate-redis ezgate-cluster; do with_retries lat_run "$t" "$r"; done
 done
 for t in nginx ezgate; do
   # shellcheck disable=SC2086
@@ -529,18 +573,20 @@ for t in nginx ezgate; do
   # shellcheck disable=SC2086
   printf '{"phase":"hwm_end","target":"%s","hwm_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" >> "$RESULTS"
 done
-for t in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-h2; do
+for t in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2; do
   kill -0 "${PROCS[$t]}" 2>/dev/null || die "$t exited during the run"
 done
 
-fallbacks="$(curl -s --max-time 5 "http://${ADMIN[ezgate-redis]}/metrics" | awk '/^ezgate_ratelimit_store_fallbacks_total/ {s += $2} END {print s + 0}')"
-# Each check has redis.timeout (50 ms): a debug build on a busy machine can miss it, which
-# is timing, not a fault, so only a release build must have Redis answer every check.
-if [ "$fallbacks" != 0 ]; then
-  msg="ezgate-redis fell back to local limits $fallbacks times: Redis did not answer every check within redis.timeout"
-  [ "$BUILD_PROFILE" = release ] && die "$msg"
-  log "$msg ($BUILD_PROFILE build: not judged)"
-fi
+for t in ezgate-redis ezgate-cluster; do
+  fallbacks="$(curl -s --max-time 5 "http://${ADMIN[$t]}/metrics" | awk '/^ezgate_ratelimit_store_fallbacks_total/ {s += $2} END {print s + 0}')"
+  # Each check has redis.timeout (50 ms): a debug build on a busy machine can miss it, which
+  # is timing, not a fault, so only a release build must have Redis answer every check.
+  if [ "$fallbacks" != 0 ]; then
+    msg="$t fell back to local limits $fallbacks times: Redis did not answer every check within redis.timeout"
+    [ "$BUILD_PROFILE" = release ] && die "$msg"
+    log "$msg ($BUILD_PROFILE build: not judged)"
+  fi
+done
 
 echo
 echo "ezgate benchmark ($MODE): $(nproc) cpus, $CPU_MODEL, kernel $(uname -r); $PINNING"

@@ -173,7 +173,8 @@ def main() -> int:
 
     # Shared limits: the same policy local and in Redis (same run).
     shared = []
-    for t, label in (("ezgate-local1", "ezgate + 1 request policy, local"), ("ezgate-redis", "ezgate + the same policy in Redis")):
+    for t, label in (("ezgate-local1", "ezgate + 1 request policy, local"), ("ezgate-redis", "ezgate + the same policy in Redis"),
+                     ("ezgate-cluster", "ezgate + the same policy in a Redis Cluster (3 primaries)")):
         v = tput(t)
         if v is None:
             continue

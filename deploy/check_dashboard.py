@@ -52,6 +52,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_gateway_errors_total": ("counter", ("code",)),
     "ezgate_ratelimit_decisions_total": ("counter", ("policy", "decision")),
     "ezgate_ratelimit_keys": ("gauge", ("policy",)),
+    "ezgate_fleet_gateways": ("gauge", ()),
     "ezgate_ratelimit_store_fallbacks_total": ("counter", ("policy",)),
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),

@@ -19,11 +19,16 @@ pub async fn serve(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     let (status, ctype, body): (StatusCode, &'static str, Bytes) = match (get, req.uri().path()) {
-        (true, "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(gw.metrics.render()),
-        ),
+        (true, "/metrics") => {
+            if let Some(n) = gw.state().fleet() {
+                gw.metrics.fleet_gateways(n);
+            }
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                Bytes::from(gw.metrics.render()),
+            )
+        }
         (true, "/healthz") => (
             StatusCode::OK,
             "application/json",

@@ -124,6 +124,12 @@ impl State {
         })
     }
 
+    /// The live gateways sharing `[redis]`, by the fleet heartbeat (`None` without Redis or
+    /// before the first heartbeat was answered).
+    pub fn fleet(&self) -> Option<u32> {
+        self.redis.as_ref().and_then(|r| r.fleet())
+    }
+
     /// Counts what the policies decided for one request.
     pub fn count_verdicts(&self, verdicts: &Verdicts) {
         for &(policy, verdict) in verdicts {

@@ -80,6 +80,8 @@ pub struct Metrics {
     ratelimit_decisions: IntCounterVec,
     ratelimit_keys: IntGaugeVec,
     ratelimit_fallbacks: IntCounterVec,
+    /// `ezgate_fleet_gateways`: no series until a fleet heartbeat was answered.
+    fleet_gateways: IntGaugeVec,
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
     time_to_first_token: HistogramVec,
@@ -208,6 +210,13 @@ impl Metrics {
             ),
             &["policy"],
         )?;
+        let fleet_gateways = IntGaugeVec::new(
+            opts(
+                "ezgate_fleet_gateways",
+                "Live gateways sharing this gateway's Redis, counted by their heartbeats (it included).",
+            ),
+            &[],
+        )?;
         let inflight_vec = IntGaugeVec::new(
             opts("ezgate_inflight_requests", "Requests in flight, by route."),
             &["route"],
@@ -283,6 +292,7 @@ impl Metrics {
             Box::new(ratelimit_decisions.clone()),
             Box::new(ratelimit_keys.clone()),
             Box::new(ratelimit_fallbacks.clone()),
+            Box::new(fleet_gateways.clone()),
             Box::new(inflight_vec.clone()),
             Box::new(tokens.clone()),
             Box::new(time_to_first_token.clone()),
@@ -334,6 +344,7 @@ impl Metrics {
             ratelimit_decisions,
             ratelimit_keys,
             ratelimit_fallbacks,
+            fleet_gateways,
             inflight,
             tokens,
             time_to_first_token,
@@ -516,6 +527,14 @@ impl Metrics {
     /// A policy's `ezgate_ratelimit_store_fallbacks_total` counter, cached by its caller.
     pub fn fallback_counter(&self, policy: &str) -> IntCounter {
         self.ratelimit_fallbacks.with_label_values(&[policy])
+    }
+
+    /// `ezgate_fleet_gateways`: the live gateways the fleet heartbeat counted.
+    pub fn fleet_gateways(&self, n: u32) {
+        let no_labels: [&str; 0] = [];
+        self.fleet_gateways
+            .with_label_values(&no_labels)
+            .set(i64::from(n));
     }
 
     pub fn ratelimit_keys(&self, policy: &str, keys: usize) {

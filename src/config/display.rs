@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::{LogFormat, Mode, OnFailure, OnLimit, Settings, Store};
+use super::{LogFormat, Mode, OnFailure, OnLimit, RedisTarget, Secret, Settings, Store};
 
 /// `check-config` output: the effective config as TOML-like text, secrets redacted.
 impl fmt::Display for Settings {
@@ -58,7 +58,26 @@ impl fmt::Display for Settings {
             }
         }
         if let Some(r) = &c.redis {
-            writeln!(f, "\n[redis]\nurl = \"{}\"", r.url)?;
+            writeln!(f, "\n[redis]\nmode = \"{}\"", r.mode)?;
+            // Each URL shown without its password (or redacted whole if it does not parse).
+            let shown = |s: &Secret| match RedisTarget::parse(s.expose()) {
+                Ok(t) => t.to_string(),
+                Err(_) => s.to_string(),
+            };
+            if let Some(u) = &r.url {
+                writeln!(f, "url = \"{}\"", shown(u))?;
+            }
+            if !r.nodes.is_empty() {
+                let nodes: Vec<String> = r
+                    .nodes
+                    .iter()
+                    .map(|n| format!("\"{}\"", shown(n)))
+                    .collect();
+                writeln!(f, "nodes = [{}]", nodes.join(", "))?;
+            }
+            if let Some(m) = &r.master_name {
+                writeln!(f, "master_name = {m:?}")?;
+            }
             writeln!(
                 f,
                 "timeout = \"{}\"\nconnect_timeout = \"{}\"",
@@ -69,11 +88,11 @@ impl fmt::Display for Settings {
             } else {
                 "local"
             };
-            writeln!(
-                f,
-                "replicas = {}\non_failure = \"{on_failure}\"",
-                r.replicas
-            )?;
+            match r.replicas {
+                Some(n) => writeln!(f, "replicas = {n}")?,
+                None => writeln!(f, "# replicas: the live gateways, counted in Redis")?,
+            }
+            writeln!(f, "on_failure = \"{on_failure}\"")?;
             writeln!(f, "concurrency_lease = \"{}\"", r.concurrency_lease)?;
         }
         if let Some(t) = &c.tracing {

@@ -71,16 +71,27 @@ fn default_service_name() -> String {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. May be `${VAR}`.
-    pub url: Secret,
+    /// How Redis is deployed: one server, a Redis Cluster, or primaries watched by Sentinel.
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// Standalone: `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. Sentinel
+    /// (optional): how to reach the master, `redis://[user:password@]<master_name>[/db]`.
+    /// May be `${VAR}`.
+    pub url: Option<Secret>,
+    /// Cluster: seed nodes (any of the cluster's nodes); Sentinel: the sentinels. Each a
+    /// `redis://` or `rediss://` URL, or `${VAR}`.
+    #[serde(default)]
+    pub nodes: Vec<Secret>,
+    /// Sentinel: the name the sentinels know the master by.
+    pub master_name: Option<String>,
     /// Longest wait for one limit check before falling back.
     #[serde(default = "default_redis_timeout")]
     pub timeout: Dur,
     #[serde(default = "default_redis_connect_timeout")]
     pub connect_timeout: Dur,
     /// How many ezgate replicas share the limits: the local fallback admits 1/replicas.
-    #[serde(default = "default_replicas")]
-    pub replicas: u32,
+    /// Unset: the number of live gateways the fleet heartbeat counts in Redis.
+    pub replicas: Option<u32>,
     /// `local` (fall back to a per-replica limiter) or `deny` (refuse while Redis is away).
     #[serde(default)]
     pub on_failure: OnFailure,
@@ -90,14 +101,55 @@ pub struct RedisConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+/// `[redis] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One server (or a managed endpoint that looks like one): `url`.
+    #[default]
+    Standalone,
+    /// Redis Cluster: `nodes` are seeds; the slot map is read from them.
+    Cluster,
+    /// Sentinel: `nodes` are the sentinels, `master_name` the master they watch.
+    Sentinel,
+}
+
+impl fmt::Display for RedisMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+        })
+    }
+}
+
+/// Where a `[redis]` section points, its URLs parsed (after `${VAR}` resolution).
+#[derive(Debug, Clone)]
+pub enum RedisShape {
+    Standalone(RedisTarget),
+    Cluster(Vec<RedisTarget>),
+    Sentinel {
+        sentinels: Vec<RedisTarget>,
+        master_name: String,
+        /// Credentials, database and TLS for the master (host = `master_name`).
+        master: Option<RedisTarget>,
+    },
+}
+
+impl RedisConfig {
+    /// The deployment shape, or every problem with `mode`, `url`, `nodes` and
+    /// `master_name`, each naming its key.
+    pub fn shape(&self) -> Result<RedisShape, Vec<String>> {
+        validate::redis_shape(self)
+    }
+}
+
 fn default_redis_timeout() -> Dur {
     Dur(Duration::from_millis(50))
 }
 fn default_redis_connect_timeout() -> Dur {
     Dur(Duration::from_millis(500))
-}
-fn default_replicas() -> u32 {
-    1
 }
 fn default_lease() -> Dur {
     Dur(Duration::from_secs(900))
@@ -463,26 +515,45 @@ impl Settings {
             }
         }
         if let Some(redis) = &mut config.redis {
-            match redis.url.env_ref() {
-                Some(var) => match env(var) {
-                    Some(v) if !v.is_empty() => redis.url = Secret::new(v),
-                    _ => problems.push(format!("redis.url: environment variable {var} is not set; export it or write the URL")),
-                },
-                None => {
-                    if let Err(e) = RedisTarget::parse(redis.url.expose()) {
-                        problems.push(format!("redis.url: {e}"));
+            let mut resolve = |key: String, secret: &mut Secret| {
+                if let Some(var) = secret.env_ref() {
+                    match env(var) {
+                        Some(v) if !v.is_empty() => *secret = Secret::new(v),
+                        _ => problems.push(format!(
+                            "{key}: environment variable {var} is not set; export it or write the URL"
+                        )),
                     }
                 }
+            };
+            if let Some(url) = &mut redis.url {
+                resolve("redis.url".to_owned(), url);
             }
-            if redis.replicas == 0 {
-                problems.push("redis.replicas: must be at least 1".to_owned());
+            for (i, node) in redis.nodes.iter_mut().enumerate() {
+                resolve(format!("redis.nodes[{i}]"), node);
+            }
+            // A URL still reading ${VAR} was reported above.
+            let unresolved = redis
+                .url
+                .iter()
+                .chain(&redis.nodes)
+                .any(|s| s.env_ref().is_some());
+            if !unresolved {
+                if let Err(e) = redis.shape() {
+                    problems.extend(e);
+                }
+            }
+            if redis.replicas == Some(0) {
+                problems.push(
+                    "redis.replicas: must be at least 1 (or leave it out to count the live gateways)"
+                        .to_owned(),
+                );
             }
         }
         if config.redis.is_none() {
             for (i, l) in config.limits.iter().enumerate() {
                 if l.store == Store::Redis {
                     problems.push(format!(
-                        "limits[{i}] (\"{}\").store: \"redis\" needs a [redis] table with url",
+                        "limits[{i}] (\"{}\").store: \"redis\" needs a [redis] table (url, or mode and nodes)",
                         l.name
                     ));
                 }

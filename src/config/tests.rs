@@ -255,3 +255,107 @@ fn redacted_display() {
         "{shown}"
     );
 }
+
+#[test]
+fn redis_deployment_shapes() {
+    let shape = |text: &str| load(text).unwrap().config.redis.unwrap().shape().unwrap();
+    match shape("[redis]\nurl = \"rediss://app:pw@cache:6380/2\"\n") {
+        RedisShape::Standalone(t) => assert_eq!(
+            (t.host.as_str(), t.port, t.db, t.tls),
+            ("cache", 6380, 2, true)
+        ),
+        other => panic!("{other:?}"),
+    }
+    match shape("[redis]\nmode = \"cluster\"\nnodes = [\"redis://:pw@10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\n") {
+        RedisShape::Cluster(nodes) => assert_eq!(nodes.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    match shape("[redis]\nmode = \"sentinel\"\nnodes = [\"redis://10.0.0.1:26379\"]\nmaster_name = \"mymaster\"\nurl = \"redis://:pw@mymaster/1\"\n") {
+        RedisShape::Sentinel { sentinels, master_name, master } => {
+            assert_eq!((sentinels.len(), master_name.as_str()), (1, "mymaster"));
+            let m = master.unwrap();
+            assert_eq!((m.db, m.password.as_deref()), (1, Some("pw")));
+        }
+        other => panic!("{other:?}"),
+    }
+    let s = load(
+        "[redis]\nmode = \"sentinel\"\nnodes = [\"redis://10.0.0.1:26379\"]\nmaster_name = \"m\"\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        s.config.redis.unwrap().shape().unwrap(),
+        RedisShape::Sentinel { master: None, .. }
+    ));
+}
+
+#[test]
+fn redis_problems_name_the_key() {
+    for (text, says) in [
+        ("[redis]\n", "redis.url: mode = \"standalone\" needs url"),
+        ("[redis]\nurl = \"http://cache:6379\"\n", "redis.url: a http:// URL; write redis://"),
+        ("[redis]\nurl = \"redis://c\"\nnodes = [\"redis://d\"]\n", "redis.nodes: only read with mode = \"cluster\""),
+        ("[redis]\nurl = \"redis://c\"\nmaster_name = \"m\"\n", "redis.master_name: only read with mode = \"sentinel\""),
+        ("[redis]\nmode = \"cluster\"\n", "redis.nodes: mode = \"cluster\" needs seed nodes"),
+        ("[redis]\nmode = \"cluster\"\nurl = \"redis://c\"\nnodes = [\"redis://d\"]\n", "redis.url: not read with mode = \"cluster\""),
+        ("[redis]\nmode = \"cluster\"\nnodes = [\"redis://d/1\"]\n", "redis.nodes[0]: Redis Cluster has only database 0"),
+        ("[redis]\nmode = \"cluster\"\nnodes = [\"redis://d\", \"rediss://e\"]\n", "redis.nodes[1]: mixes redis:// and rediss://"),
+        ("[redis]\nmode = \"cluster\"\nnodes = [\"redis://:a@d\", \"redis://:b@e\"]\n", "redis.nodes[1]: its user or password differs from redis.nodes[0]'s"),
+        ("[redis]\nmode = \"cluster\"\nnodes = [\"redis://d\", \"redis:/e\"]\n", "redis.nodes[1]: is not a URL"),
+        ("[redis]\nmode = \"sentinel\"\nnodes = [\"redis://s:26379\"]\n", "redis.master_name: mode = \"sentinel\" needs the name"),
+        ("[redis]\nmode = \"sentinel\"\nmaster_name = \"m\"\n", "redis.nodes: mode = \"sentinel\" needs the sentinels"),
+        ("[redis]\nmode = \"sentinel\"\nnodes = [\"redis://s/2\"]\nmaster_name = \"m\"\n", "redis.nodes[0]: a sentinel has no database"),
+        ("[redis]\nmode = \"sentinel\"\nnodes = [\"redis://s\"]\nmaster_name = \"m\"\nurl = \"redis://10.0.0.5:6379\"\n", "redis.url: with mode = \"sentinel\" the URL names the master"),
+        ("[redis]\nmode = \"sentinel\"\nnodes = [\"redis://s\"]\nmaster_name = \"m\"\nurl = \"redis://m:6379\"\n", "write redis://[user:password@]m[/db]"),
+        ("[redis]\nmode = \"primary\"\n", "redis.mode"),
+        ("[redis]\nurl = \"redis://c\"\nreplicas = 0\n", "redis.replicas: must be at least 1"),
+        ("[redis]\nurl = \"${NOPE}\"\n", "redis.url: environment variable NOPE is not set"),
+        ("[redis]\nmode = \"cluster\"\nnodes = [\"${NOPE}\"]\n", "redis.nodes[0]: environment variable NOPE is not set"),
+        ("[[limits]]\nname = \"a\"\nkey = \"global\"\nrequests = \"1/s\"\nstore = \"redis\"\n", "needs a [redis] table"),
+    ] {
+        let e = problems(text);
+        assert!(e.contains(says), "{text}\n→ {e}");
+    }
+    // Every problem at once, each with its line.
+    let e = problems(
+        "[redis]\nmode = \"sentinel\"\nurl = \"redis://:pw@x:1\"\nnodes = [\"redis://s/2\"]\n",
+    );
+    assert!(
+        e.contains("redis.master_name") && e.contains("redis.nodes[0]") && e.contains("(line 4)"),
+        "{e}"
+    );
+    assert!(!e.contains("pw"), "{e}");
+}
+
+#[test]
+fn redis_urls_are_shown_without_passwords() {
+    let env = |_: &str| Some("redis://app:hunter2@cache:6380".to_owned());
+    let s = Settings::from_toml(
+        "x",
+        "[redis]\nmode = \"cluster\"\nnodes = [\"${R}\", \"redis://app:hunter2@other\"]\n",
+        &Overrides::default(),
+        &env,
+    )
+    .unwrap();
+    let shown = s.to_string();
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(
+        shown.contains("mode = \"cluster\"")
+            && shown.contains("nodes = [\"redis://app:<redacted>@cache:6380\", \"redis://app:<redacted>@other:6379\"]"),
+        "{shown}"
+    );
+}
+
+/// A reload keeps the shared store of an unchanged `[redis]`: equality covers every key.
+#[test]
+fn redis_sections_compare_by_every_key() {
+    let redis = |text: &str| load(text).unwrap().config.redis.unwrap();
+    let base = "[redis]\nmode = \"cluster\"\nnodes = [\"redis://a:1\", \"redis://b:2\"]\ntimeout = \"50ms\"\n";
+    assert_eq!(redis(base), redis(base));
+    for changed in [
+        "[redis]\nmode = \"cluster\"\nnodes = [\"redis://a:1\"]\ntimeout = \"50ms\"\n",
+        "[redis]\nmode = \"cluster\"\nnodes = [\"redis://a:1\", \"redis://b:2\"]\ntimeout = \"60ms\"\n",
+        "[redis]\nmode = \"cluster\"\nnodes = [\"redis://a:1\", \"redis://b:2\"]\ntimeout = \"50ms\"\nreplicas = 2\n",
+    ] {
+        assert_ne!(redis(base), redis(changed), "{changed}");
+    }
+}

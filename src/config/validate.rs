@@ -5,7 +5,10 @@
 
 use std::collections::HashSet;
 
-use super::{units, ClientConfig, Config, LimitConfig, LimitKey, OnLimit, TracingConfig};
+use super::{
+    units, ClientConfig, Config, LimitConfig, LimitKey, OnLimit, RedisConfig, RedisMode,
+    RedisShape, RedisTarget, TracingConfig,
+};
 use crate::route::Route;
 
 pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
@@ -177,4 +180,159 @@ fn limits(limits: &[LimitConfig], clients: &[ClientConfig], problems: &mut Vec<S
             }
         }
     }
+}
+
+/// The deployment shape of `[redis]`, or every problem with it, each naming its key.
+pub(super) fn redis_shape(r: &RedisConfig) -> Result<RedisShape, Vec<String>> {
+    let mut problems = Vec::new();
+    let mode = r.mode;
+    let url = r.url.as_ref().map(|u| {
+        RedisTarget::parse(u.expose()).map_err(|e| problems.push(format!("redis.url: {e}")))
+    });
+    let nodes: Vec<Option<RedisTarget>> = r
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| match RedisTarget::parse(n.expose()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                problems.push(format!("redis.nodes[{i}]: {e}"));
+                None
+            }
+        })
+        .collect();
+    let parsed: Vec<&RedisTarget> = nodes.iter().flatten().collect();
+    match mode {
+        RedisMode::Standalone => {
+            if url.is_none() {
+                problems.push(
+                    "redis.url: mode = \"standalone\" needs url, e.g. url = \"redis://127.0.0.1:6379\" (or mode = \"cluster\" / \"sentinel\" with nodes)"
+                        .to_owned(),
+                );
+            }
+            if !r.nodes.is_empty() {
+                problems.push(
+                    "redis.nodes: only read with mode = \"cluster\" (seed nodes) or \"sentinel\" (the sentinels); set mode, or give one server as url"
+                        .to_owned(),
+                );
+            }
+        }
+        RedisMode::Cluster => {
+            if r.url.is_some() {
+                problems.push(
+                    "redis.url: not read with mode = \"cluster\"; list the cluster's nodes in redis.nodes instead".to_owned(),
+                );
+            }
+            if r.nodes.is_empty() {
+                problems.push(
+                    "redis.nodes: mode = \"cluster\" needs seed nodes, e.g. nodes = [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]"
+                        .to_owned(),
+                );
+            }
+            for (i, n) in nodes.iter().enumerate() {
+                let Some(n) = n else { continue };
+                if n.db != 0 {
+                    problems.push(format!(
+                        "redis.nodes[{i}]: Redis Cluster has only database 0; remove /{} from the URL",
+                        n.db
+                    ));
+                }
+            }
+            same_everywhere(&nodes, &mut problems);
+        }
+        RedisMode::Sentinel => {
+            match &r.master_name {
+                None => problems.push(
+                    "redis.master_name: mode = \"sentinel\" needs the name the sentinels know the master by, e.g. master_name = \"mymaster\""
+                        .to_owned(),
+                ),
+                Some(m) if m.trim().is_empty() => {
+                    problems.push("redis.master_name: must not be empty".to_owned())
+                }
+                Some(m) => {
+                    if let Some(Ok(u)) = &url {
+                        if u.host != *m || r.url.as_ref().is_some_and(|s| has_port(s.expose())) {
+                            problems.push(format!(
+                                "redis.url: with mode = \"sentinel\" the URL names the master, not an address: write redis://[user:password@]{m}[/db] (the sentinels tell where it is)"
+                            ));
+                        }
+                    }
+                }
+            }
+            if r.nodes.is_empty() {
+                problems.push(
+                    "redis.nodes: mode = \"sentinel\" needs the sentinels' addresses, e.g. nodes = [\"redis://10.0.0.1:26379\", \"redis://10.0.0.2:26379\"]"
+                        .to_owned(),
+                );
+            }
+            for (i, n) in nodes.iter().enumerate() {
+                if n.as_ref().is_some_and(|n| n.db != 0) {
+                    problems.push(format!(
+                        "redis.nodes[{i}]: a sentinel has no database; give the master's database in redis.url (redis://{}/N)",
+                        r.master_name.as_deref().unwrap_or("mymaster")
+                    ));
+                }
+            }
+        }
+    }
+    if mode != RedisMode::Sentinel && r.master_name.is_some() {
+        problems.push(format!(
+            "redis.master_name: only read with mode = \"sentinel\" (mode is \"{mode}\")"
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let owned = parsed.into_iter().cloned().collect();
+    Ok(match mode {
+        RedisMode::Standalone => match url {
+            Some(Ok(t)) => RedisShape::Standalone(t),
+            _ => return Err(problems),
+        },
+        RedisMode::Cluster => RedisShape::Cluster(owned),
+        RedisMode::Sentinel => RedisShape::Sentinel {
+            sentinels: owned,
+            master_name: r.master_name.clone().unwrap_or_default(),
+            master: url.and_then(Result::ok),
+        },
+    })
+}
+
+/// A cluster's nodes share one ACL and one transport: one scheme, and one user and password
+/// (written on every node, or on the first that has them).
+fn same_everywhere(nodes: &[Option<RedisTarget>], problems: &mut Vec<String>) {
+    let parsed: Vec<(usize, &RedisTarget)> = nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| Some((i, n.as_ref()?)))
+        .collect();
+    let Some((_, first)) = parsed.first() else {
+        return;
+    };
+    let creds = parsed
+        .iter()
+        .find(|(_, n)| n.password.is_some())
+        .map(|(i, n)| (*i, &n.username, &n.password));
+    for (i, n) in &parsed {
+        if n.tls != first.tls {
+            problems.push(format!(
+                "redis.nodes[{i}]: mixes redis:// and rediss://; every node of a cluster is reached the same way"
+            ));
+        }
+        if let Some((j, user, password)) = creds {
+            if n.password.is_some() && (&n.username != user || &n.password != password) {
+                problems.push(format!(
+                    "redis.nodes[{i}]: its user or password differs from redis.nodes[{j}]'s; a cluster's nodes share one ACL, so write the credentials once (or the same on every node)"
+                ));
+            }
+        }
+    }
+}
+
+/// Whether a URL writes a port after its host.
+fn has_port(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = host.split('/').next().unwrap_or(host);
+    host.rsplit_once(']').map_or(host, |(_, p)| p).contains(':')
 }

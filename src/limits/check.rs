@@ -213,10 +213,11 @@ where
         let Some(local) = &p.concurrency else {
             return Ok(None);
         };
-        if let (Some(store), Some(max)) = (&p.shared, p.full.2) {
+        let mut max = local.max;
+        if let (Some(store), Some(full)) = (&p.shared, p.full.2) {
             let rkey = redis_key(&p.name, key, "conc");
             // Boxed: a local check's future stays small (it is moved on every request).
-            match Box::pin(store.acquire(&rkey, max)).await {
+            match Box::pin(store.acquire(&rkey, full)).await {
                 Ok(Some(id)) => {
                     return Ok(Some(Slot::Shared(SharedSlot {
                         store: Arc::clone(store),
@@ -225,11 +226,14 @@ where
                     })))
                 }
                 Ok(None) => return Ok(None),
-                Err(_) => self.store_down(p, store, v)?,
+                Err(_) => {
+                    self.store_down(p, store, v)?;
+                    max = (full / store.share()).max(1);
+                }
             }
         }
         Ok(local
-            .acquire(key)
+            .acquire_within(key, max)
             .map(|k| Slot::Local(Arc::clone(local), k)))
     }
 
@@ -243,6 +247,7 @@ where
         let Some((_, local)) = &p.tokens else {
             return Ok(Err((Duration::ZERO, 0)));
         };
+        let mut share = 1;
         if let (Some(store), Some(rate)) = (&p.shared, p.full.1) {
             if let Some(wait) = self.known_denied(p, key) {
                 return Ok(Err((wait, 0)));
@@ -266,15 +271,27 @@ where
                     }
                     return Ok(Err((wait, remaining)));
                 }
-                Err(_) => self.store_down(p, store, v)?,
+                Err(_) => {
+                    self.store_down(p, store, v)?;
+                    share = u64::from(store.share());
+                }
             }
         }
-        Ok(local.reserve(key, want).map(|remaining| {
-            (
-                Reservation::Local(Arc::clone(local) as Arc<dyn Settle>, Arc::clone(key), want),
-                remaining,
-            )
-        }))
+        // A replica's share of the bucket: every token counts `share` times.
+        Ok(local
+            .reserve(key, want.saturating_mul(share))
+            .map(|remaining| {
+                (
+                    Reservation::Local(
+                        Arc::clone(local) as Arc<dyn Settle>,
+                        Arc::clone(key),
+                        want,
+                        share,
+                    ),
+                    remaining / share,
+                )
+            })
+            .map_err(|(wait, remaining)| (wait, remaining / share)))
     }
 
     async fn take_request(
@@ -286,6 +303,7 @@ where
         let Some((_, local)) = &p.requests else {
             return Ok(Ok(0));
         };
+        let mut share = 1;
         if let (Some(store), Some((rate, burst))) = (&p.shared, p.full.0) {
             if let Some(wait) = self.known_denied(p, key) {
                 return Ok(Err(wait));
@@ -297,10 +315,13 @@ where
                     self.remember_denied(p, key, wait);
                     return Ok(Err(wait));
                 }
-                Err(_) => self.store_down(p, store, v)?,
+                Err(_) => {
+                    self.store_down(p, store, v)?;
+                    share = store.share();
+                }
             }
         }
-        Ok(local.check(key).map(u64::from))
+        Ok(local.check_share(key, share).map(u64::from))
     }
 
     /// A policy part refused: in shadow mode count it and go on (`Ok(false)`); with

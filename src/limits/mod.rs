@@ -7,16 +7,17 @@
 //! * [`policy`] — one policy: what it covers, its key, a request's estimate, its headers
 //! * [`check`] — [`Limits::check`]: the admission under every covering policy
 //! * [`permit`] — what an admitted request holds, settled once when it ends
-//! * [`store`] — local keyed state with a key cap; [`shared`] / [`redis`] — the same in Redis
+//! * [`store`] — local keyed state with a key cap; [`shared`] — the same in Redis, over the
+//!   connection of `link` (standalone, Sentinel or Cluster)
 //! * [`tokens`], [`scan`], [`form`] — what a request body says of its model and size;
 //!   [`estimate`] — its tokens, by character class
 
 mod check;
 pub mod estimate;
 pub mod form;
+mod link;
 mod permit;
 mod policy;
-pub mod redis;
 pub mod scan;
 pub mod shared;
 pub mod store;
@@ -35,7 +36,7 @@ use http::header::HeaderValue;
 use http::HeaderMap;
 use wildmatch::WildMatch;
 
-use crate::config::{LimitConfig, LimitKey, Rate, Store};
+use crate::config::{LimitConfig, LimitKey, Store};
 use crate::route::Route;
 use policy::{policy_header, Policy};
 use shared::RedisStore;
@@ -169,19 +170,9 @@ where
                     c.tokens,
                     c.concurrency,
                 );
-                // The local stores enforce this replica's share while Redis is away.
-                let share = shared.as_ref().map_or(1, |s| s.replicas);
-                let part = |r: Rate| Rate {
-                    count: (r.count / share).max(1),
-                    ..r
-                };
-                let c = &LimitConfig {
-                    requests: c.requests.map(part),
-                    burst: c.burst.map(|b| (b / share).max(1)),
-                    tokens: c.tokens.map(part),
-                    concurrency: c.concurrency.map(|n| (n / share).max(1)),
-                    ..c.clone()
-                };
+                // A shared policy's local stores hold the whole limit: while Redis is away,
+                // each check charges this replica's share of it (`RedisStore::share`, which
+                // follows the fleet's size), so a changed share keeps the state.
                 let max_keys = c.effective_max_keys();
                 let requests = match kept {
                     Some(p) => p.requests.clone(),

@@ -33,14 +33,20 @@ pub(super) enum Slot {
 
 /// Tokens reserved for a request, settled when it ends.
 pub(super) enum Reservation {
-    Local(Arc<dyn Settle>, Arc<str>, u64),
+    /// The store, the key, the tokens reserved, and the share they were reserved for (the
+    /// local fallback of a shared policy charges each token that many times; else 1).
+    Local(Arc<dyn Settle>, Arc<str>, u64, u64),
     Shared(Arc<SharedTokens>, u64),
 }
 
 impl Reservation {
     fn settle(self, used: u64) {
         match self {
-            Reservation::Local(store, key, reserved) => store.settle(&key, reserved, used),
+            Reservation::Local(store, key, reserved, share) => store.settle(
+                &key,
+                reserved.saturating_mul(share),
+                used.saturating_mul(share),
+            ),
             Reservation::Shared(tokens, reserved) => tokens.settle(reserved, used),
         }
     }

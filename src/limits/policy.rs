@@ -34,7 +34,7 @@ pub(super) struct Policy<C: Clock> {
     pub concurrency: Option<Arc<ConcurrencyStore>>,
     pub default_tokens: u64,
     /// `store = "redis"`: the shared store; the local stores above are then the fallback,
-    /// sized to this replica's share.
+    /// holding the whole limit, of which each check there takes this replica's share.
     pub shared: Option<Arc<RedisStore>>,
     /// Shared keys known to be over their limit, until when (clock nanos): not asked again.
     pub denied: Arc<DashMap<Arc<str>, u64>>,

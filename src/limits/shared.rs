@@ -1,15 +1,19 @@
 //! Limits held in Redis, shared by every replica (`store = "redis"`): GCRA for requests and
 //! tokens, leased slots for concurrency, each evaluated atomically by a Lua script on the Redis
 //! server's clock in one round trip. On a timeout or outage, callers fall back to their local
-//! limiter (or refuse, with `[redis] on_failure = "deny"`).
+//! limiter (or refuse, with `[redis] on_failure = "deny"`). Every gateway also announces
+//! itself in Redis ([`HEARTBEAT_EVERY`]), so each knows how many share the limits
+//! ([`RedisStore::fleet`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::redis::{Client, Reply};
+use redis::{Cmd, Value};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::link::{Failure, Link};
 use crate::config::RedisConfig;
-use crate::config::RedisTarget;
 
 /// GCRA for `cost` units. KEYS[1]: the theoretical arrival time (µs, server clock).
 /// ARGV: µs per unit, burst (units), cost. Returns {allowed, wait_us, remaining}.
@@ -55,6 +59,28 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 ";
 
+/// The fleet heartbeat: this gateway is a member of the sorted set until its score (an
+/// expiry, ms on the server's clock); expired members are removed. ARGV: instance id, expiry
+/// ms. Returns the number of live gateways.
+const FLEET: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+";
+
+/// The sorted set of live gateways (one hash slot in a cluster).
+pub const FLEET_KEY: &str = "ezgate:{fleet}:members";
+/// How often each gateway renews its membership and reads the count.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(3);
+/// A gateway that stopped renewing is no longer counted after this long.
+pub const FLEET_EXPIRY: Duration = Duration::from_secs(10);
+/// An outage is over when checks have succeeded with no failure for this long: a partial
+/// outage (one cluster node of several) is one outage, not a flap per request.
+pub const RECOVERED_AFTER: Duration = Duration::from_secs(1);
+
 struct Script {
     body: &'static str,
     sha: String,
@@ -65,6 +91,24 @@ impl Script {
         let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, body.as_bytes());
         let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         Script { body, sha }
+    }
+
+    /// `EVALSHA` (or, with `load`, `EVAL` with the body) on one key.
+    fn cmd(&self, load: bool, key: &str, args: &[String]) -> Cmd {
+        let mut cmd = if load {
+            let mut c = redis::cmd("EVAL");
+            c.arg(self.body);
+            c
+        } else {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(&self.sha);
+            c
+        };
+        cmd.arg(1).arg(key);
+        for a in args {
+            cmd.arg(a.as_str());
+        }
+        cmd
     }
 }
 
@@ -98,84 +142,115 @@ pub type HealthSink = Box<dyn Fn(Health) + Send + Sync>;
 /// The connection to Redis and what every shared policy needs from it.
 pub struct RedisStore {
     on_health: HealthSink,
-    client: Client,
+    link: Arc<Link>,
     timeout: Duration,
     pub lease: Duration,
-    pub replicas: u32,
+    /// `redis.replicas`: a fixed count that wins over [`RedisStore::fleet`].
+    replicas: Option<u32>,
     pub fail_closed: bool,
     down: AtomicBool,
+    /// ms since `epoch` of the last failed check.
+    last_failure: AtomicU64,
+    epoch: Instant,
     gcra: Script,
     adjust: Script,
     acquire: Script,
     next_slot: AtomicU64,
     instance: String,
+    /// Live gateways counted by the last heartbeat; 0 until the first.
+    fleet: Arc<AtomicU32>,
+    _heartbeat: Option<DropGuard>,
 }
 
 impl RedisStore {
+    /// Sets up the connection (made in the background) and, inside a tokio runtime, starts
+    /// the fleet heartbeat.
     pub fn new(cfg: &RedisConfig, on_health: HealthSink) -> Result<RedisStore, String> {
-        let target = RedisTarget::parse(cfg.url.expose()).map_err(|e| format!("redis.url: {e}"))?;
-        let tls = if target.tls {
-            Some(
-                crate::tls::client_tls(cfg.ca_file.as_deref())
-                    .map_err(|e| format!("redis: {e}"))?,
-            )
-        } else {
-            None
-        };
-        Ok(RedisStore {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err("redis: the shared store needs the tokio runtime".into());
+        }
+        let link = Arc::new(Link::open(cfg)?);
+        let mut store = RedisStore {
             on_health,
-            client: Client::new(target, tls, cfg.connect_timeout.0),
+            link,
             timeout: cfg.timeout.0,
             lease: cfg.concurrency_lease.0,
-            replicas: cfg.replicas.max(1),
+            replicas: cfg.replicas,
             fail_closed: cfg.on_failure == crate::config::OnFailure::Deny,
             down: AtomicBool::new(false),
+            last_failure: AtomicU64::new(0),
+            epoch: Instant::now(),
             gcra: Script::new(GCRA),
             adjust: Script::new(ADJUST),
             acquire: Script::new(ACQUIRE),
             next_slot: AtomicU64::new(0),
             instance: crate::headers::new_request_id(),
-        })
+            fleet: Arc::new(AtomicU32::new(0)),
+            _heartbeat: None,
+        };
+        let stop = CancellationToken::new();
+        tokio::spawn(heartbeat(
+            Arc::clone(&store.link),
+            store.instance.clone(),
+            Arc::clone(&store.fleet),
+            store.timeout.max(Duration::from_secs(1)),
+            stop.clone(),
+        ));
+        store._heartbeat = Some(stop.drop_guard());
+        Ok(store)
     }
 
-    /// Runs a script by SHA (loading it on `NOSCRIPT`), within the check timeout.
-    async fn eval(&self, script: &Script, key: &str, args: &[String]) -> Result<Reply, String> {
-        let call = async {
-            let mut cmd: Vec<&[u8]> = vec![b"EVALSHA", script.sha.as_bytes(), b"1", key.as_bytes()];
-            cmd.extend(args.iter().map(|a| a.as_bytes()));
-            match self.client.call(&cmd).await? {
-                Reply::Error(e) if e.starts_with("NOSCRIPT") => {
-                    cmd[0] = b"EVAL";
-                    cmd[1] = script.body.as_bytes();
-                    self.client.call(&cmd).await
-                }
-                other => Ok(other),
-            }
-        };
-        let result = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(Reply::Error(e))) => Err(format!("redis error: {e}")),
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "no answer within {:?} (redis.timeout)",
-                self.timeout
-            )),
-        };
+    /// The number of live gateways sharing this Redis, from the last heartbeat (kept while
+    /// Redis is away); `None` until the first heartbeat was answered.
+    pub fn fleet(&self) -> Option<u32> {
+        match self.fleet.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// How many gateways a limit is divided by for the local fallback: `redis.replicas` when
+    /// set, else the live gateways ([`RedisStore::fleet`]), else 1.
+    pub fn share(&self) -> u32 {
+        match self.replicas {
+            Some(n) => n.max(1),
+            None => self.fleet().unwrap_or(1),
+        }
+    }
+
+    /// Runs a script by SHA (sending its body with `EVAL` on `NOSCRIPT`, so it is loaded on
+    /// whichever node owns the key), within the check timeout.
+    async fn eval(&self, script: &Script, key: &str, args: &[String]) -> Result<Value, String> {
+        let result = run_script(&self.link, script, key, args, self.timeout).await;
         self.note(&result);
         result
     }
 
-    /// Tells an outage once when it starts and once when it ends.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Tells an outage once when it starts and once when it has ended (no failure for
+    /// [`RECOVERED_AFTER`]).
     fn note<T>(&self, result: &Result<T, String>) {
         match result {
             Ok(_) => {
-                if self.down.swap(false, Ordering::Relaxed) {
-                    (self.on_health)(Health::Up);
+                if self.down.load(Ordering::Relaxed) {
+                    let quiet = self
+                        .now_ms()
+                        .saturating_sub(self.last_failure.load(Ordering::Relaxed));
+                    if u128::from(quiet) >= RECOVERED_AFTER.as_millis()
+                        && self.down.swap(false, Ordering::Relaxed)
+                    {
+                        (self.on_health)(Health::Up);
+                    }
                 }
             }
             Err(e) => {
+                self.last_failure.store(self.now_ms(), Ordering::Relaxed);
                 if !self.down.swap(true, Ordering::Relaxed) {
                     (self.on_health)(Health::Down {
-                        error: e.clone(),
+                        error: format!("{}: {e}", self.link.describe),
                         fail_closed: self.fail_closed,
                     });
                 }
@@ -199,10 +274,10 @@ impl RedisStore {
                 &[format!("{us:.3}"), burst.to_string(), cost.to_string()],
             )
             .await?;
-        let Reply::Array(Some(items)) = reply else {
+        let Value::Array(items) = reply else {
             return Err("unexpected reply to the GCRA script".into());
         };
-        let n = |i: usize| items.get(i).and_then(Reply::as_int).unwrap_or(0);
+        let n = |i: usize| items.get(i).and_then(as_int).unwrap_or(0);
         Ok(if n(0) == 1 {
             Shared::Allowed {
                 remaining: u64::try_from(n(2)).unwrap_or(0),
@@ -239,17 +314,77 @@ impl RedisStore {
         let reply = self
             .eval(&self.acquire, key, &[max.to_string(), lease_ms, id.clone()])
             .await?;
-        Ok((reply.as_int() == Some(1)).then_some(id))
+        Ok((as_int(&reply) == Some(1)).then_some(id))
     }
 
     pub async fn release(&self, key: &str, id: &str) {
-        let result = tokio::time::timeout(
-            self.timeout,
-            self.client.call(&[b"ZREM", key.as_bytes(), id.as_bytes()]),
-        )
-        .await;
-        let _ = result;
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(key).arg(id);
+        let _ = self.link.query(&cmd, self.timeout).await;
     }
+}
+
+fn as_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// `EVALSHA`, then `EVAL` on `NOSCRIPT`, both within `timeout`.
+async fn run_script(
+    link: &Link,
+    script: &Script,
+    key: &str,
+    args: &[String],
+    timeout: Duration,
+) -> Result<Value, String> {
+    let start = tokio::time::Instant::now();
+    let failed = |f: Failure| match f {
+        Failure::Timeout => format!("no answer within {timeout:?} (redis.timeout)"),
+        Failure::Redis(e) => e.to_string(),
+    };
+    match link.query(&script.cmd(false, key, args), timeout).await {
+        Err(f) if f.is_noscript() => {
+            let left = timeout.saturating_sub(start.elapsed());
+            link.query(&script.cmd(true, key, args), left)
+                .await
+                .map_err(failed)
+        }
+        r => r.map_err(failed),
+    }
+}
+
+/// Renews this gateway's membership of the fleet every [`HEARTBEAT_EVERY`] and keeps the
+/// count; leaves the fleet when stopped.
+async fn heartbeat(
+    link: Arc<Link>,
+    instance: String,
+    fleet: Arc<AtomicU32>,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
+    let script = Script::new(FLEET);
+    let expiry = FLEET_EXPIRY.as_millis().to_string();
+    let args = [instance.clone(), expiry];
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        // A failed beat keeps the last count: the fallback needs it most while Redis is away.
+        if let Ok(v) = run_script(&link, &script, FLEET_KEY, &args, timeout).await {
+            if let Some(n) = as_int(&v).and_then(|n| u32::try_from(n).ok()) {
+                fleet.store(n.max(1), Ordering::Relaxed);
+            }
+        }
+    }
+    let mut cmd = redis::cmd("ZREM");
+    cmd.arg(FLEET_KEY).arg(&instance);
+    let _ = link.query(&cmd, timeout).await;
 }
 
 /// Redis Cluster-safe key: everything of one policy key hashes to one slot.

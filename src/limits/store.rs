@@ -159,6 +159,22 @@ impl<C: Clock + Clone> RequestStore<C> {
         }
     }
 
+    /// One request of a replica's `share` of the limit: it takes `share` cells (at most the
+    /// burst), so the key admits 1/`share` of the rate and of the burst, on the same state
+    /// whatever the share was before. Remaining is in requests of that share.
+    pub fn check_share(&self, key: &Arc<str>, share: u32) -> Result<u32, Duration> {
+        let Some(n) = std::num::NonZeroU32::new(share.min(self.burst)).filter(|n| n.get() > 1)
+        else {
+            return self.check(key);
+        };
+        match self.limiter.check_key_n(key, n) {
+            Ok(Ok(snapshot)) => Ok(snapshot.remaining_burst_capacity() / n.get()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+            // Not reached: `n` is at most the burst.
+            Err(_) => Err(self.interval * n.get()),
+        }
+    }
+
     pub fn evict_idle(&self) {
         self.limiter.retain_recent();
     }
@@ -299,8 +315,13 @@ impl ConcurrencyStore {
 
     /// Takes a slot, returning the key it was taken under (for the release).
     pub fn acquire(&self, key: &Arc<str>) -> Option<Arc<str>> {
+        self.acquire_within(key, self.max)
+    }
+
+    /// [`ConcurrencyStore::acquire`] with at most `max` in flight (a replica's share).
+    pub fn acquire_within(&self, key: &Arc<str>, max: u32) -> Option<Arc<str>> {
         let mut n = capped_entry(&self.map, &self.count, self.max_keys, key, || 0);
-        if *n >= self.max {
+        if *n >= max {
             return None;
         }
         *n += 1;
@@ -359,5 +380,57 @@ mod tests {
         clock.advance(Duration::from_secs(60));
         tokens.evict_idle();
         assert_eq!((tokens.len(), tokens.map.len()), (0, 0));
+    }
+
+    /// A replica's share of a request rate: 1/share of the burst, on state that a changed
+    /// share keeps.
+    #[test]
+    fn a_share_of_the_rate_takes_share_cells() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let rate = Rate {
+            count: 30,
+            per: Duration::from_secs(3600),
+        };
+        let store = RequestStore::new(rate, 30, 10, clock.clone()).unwrap();
+        let admitted = |key: &str, share: u32| {
+            let k: Arc<str> = Arc::from(key);
+            (0..40)
+                .filter(|_| store.check_share(&k, share).is_ok())
+                .count()
+        };
+        assert_eq!(admitted("a", 3), 10);
+        assert_eq!(admitted("b", 2), 15);
+        assert_eq!(admitted("c", 1), 30);
+        // A share above the burst admits one request per burst's worth of time.
+        assert_eq!(admitted("d", 100), 1);
+        // Key a spent its whole bucket: a smaller share does not refill it.
+        assert_eq!(admitted("a", 2), 0);
+        let k: Arc<str> = Arc::from("e");
+        assert_eq!(
+            store.check_share(&k, 3),
+            Ok(9),
+            "remaining, in requests of the share"
+        );
+        // Refused: the wait is until `share` cells are free again (2 min each).
+        assert_eq!(admitted("e", 3), 9);
+        assert_eq!(
+            store.check_share(&k, 3),
+            Err(Duration::from_secs(360)),
+            "three cells of two minutes"
+        );
+    }
+
+    #[test]
+    fn a_share_of_the_concurrency() {
+        let conc = ConcurrencyStore::new(6, 10);
+        let k: Arc<str> = Arc::from("k");
+        assert!(conc.acquire_within(&k, 2).is_some());
+        assert!(conc.acquire_within(&k, 2).is_some());
+        assert!(conc.acquire_within(&k, 2).is_none());
+        assert!(
+            conc.acquire_within(&k, 3).is_some(),
+            "a larger share has room"
+        );
+        assert_eq!(conc.in_flight("k"), 3);
     }
 }

@@ -5,7 +5,7 @@ use governor::clock::FakeRelativeClock;
 use http::HeaderMap;
 
 use super::*;
-use crate::config::{Dur, LimitConfig, Mode, OnLimit};
+use crate::config::{Dur, LimitConfig, Mode, OnLimit, Rate};
 use crate::errors::GatewayError;
 
 fn policy(name: &str, key: &str) -> LimitConfig {

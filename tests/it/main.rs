@@ -19,6 +19,8 @@ mod limits;
 mod logs;
 mod metrics;
 mod redis;
+mod redis_ha;
+mod redis_servers;
 mod startup;
 mod tls;
 mod tokens;

@@ -1,75 +1,17 @@
 //! Shared limits in a real Redis (installed by `.ci/test`): accuracy across replicas, and
 //! what happens when Redis goes away and comes back.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
-
 use crate::harness::*;
-
-pub struct Redis {
-    child: Child,
-    pub port: u16,
-}
-
-impl Redis {
-    pub async fn start_on(port: u16) -> Redis {
-        let found = std::process::Command::new("sh")
-            .args(["-c", "command -v redis-server"])
-            .output()
-            .unwrap();
-        let bin = String::from_utf8_lossy(&found.stdout).trim().to_owned();
-        assert!(!bin.is_empty(), "`redis-server` is not installed: run .ci/test (it installs Debian's redis-server) or `apt-get install redis-server`");
-        let child = Command::new(bin)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let start = std::time::Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(start.elapsed() < DEADLINE, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Redis { child, port }
-    }
-
-    pub async fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port).await
-    }
-
-    async fn stop(mut self) -> u16 {
-        let _ = self.child.kill().await;
-        let _ = self.child.wait().await;
-        self.port
-    }
-}
+use crate::redis_servers::*;
 
 #[tokio::test]
 async fn three_replicas_share_one_quota() {
     let redis = Redis::start().await;
     let emu = Emulator::start().await;
     let config = format!(
-        "[log]\naccess_log = false\n[redis]\nurl = \"redis://127.0.0.1:{}\"\nreplicas = 3\n\n[[limits]]\nname = \"org\"\nkey = \"global\"\nrequests = \"300/h\"\nstore = \"redis\"\n",
+        "[log]\naccess_log = false\n[redis]\nurl = \"redis://127.0.0.1:{}\"\nreplicas = 3\ntimeout = \"2s\"\n\n[[limits]]\nname = \"org\"\nkey = \"global\"\nrequests = \"300/h\"\nstore = \"redis\"\n",
         redis.port
     );
     let gws = [
@@ -117,6 +59,151 @@ async fn three_replicas_share_one_quota() {
         admitted,
         "the upstream saw exactly the admitted requests"
     );
+}
+
+/// The requests of `user` that `gw` admits out of 30 in a row (each answered 200 or 429).
+async fn admitted_of_30(gw: &Gateway, user: &str) -> usize {
+    let mut admitted = 0;
+    for _ in 0..30 {
+        let r = gw.get_with("/v1/models", &[("x-user", user)]).await;
+        assert!(r.status == 200 || r.status == 429, "{}", r.status);
+        admitted += usize::from(r.status == 200);
+    }
+    admitted
+}
+
+/// Whether every gateway's `ezgate_fleet_gateways` shows `n`.
+async fn fleet_shows(gws: &[&Gateway], n: f64) -> bool {
+    for gw in gws {
+        if gw.metric("ezgate_fleet_gateways").await != n {
+            return false;
+        }
+    }
+    true
+}
+
+/// Without `redis.replicas`, each gateway counts the live gateways by their heartbeats and
+/// sizes its local fallback by them: three share 30 requests per user, so while Redis is
+/// away each admits 10 of a user's; one stops (killed: it cannot say goodbye), and once its
+/// membership has expired the other two count 2 and admit 15.
+#[tokio::test]
+async fn the_fallback_share_follows_the_fleet() {
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = format!(
+        "[log]\naccess_log = false\n[redis]\nurl = \"redis://127.0.0.1:{}\"\n\n[[limits]]\nname = \"org\"\nkey = \"header:x-user\"\nrequests = \"30/h\"\nstore = \"redis\"\n",
+        redis.port
+    );
+    let (a, b, mut c) = (
+        Gateway::start(&emu.url(), &config).await,
+        Gateway::start(&emu.url(), &config).await,
+        Gateway::start(&emu.url(), &config).await,
+    );
+    eventually("every gateway counts three", || async {
+        fleet_shows(&[&a, &b, &c], 3.0).await
+    })
+    .await;
+    let port = redis.stop().await;
+    assert_eq!(admitted_of_30(&a, "first").await, 10, "a third of 30");
+
+    // Redis returns empty; the heartbeats fill the fleet again. Once all three are members
+    // and each gateway has counted them, one stops.
+    let redis = Redis::start_on(port).await;
+    eventually("every gateway counts three again", || async {
+        redis.cli(&["zcard", "ezgate:{fleet}:members"]).await.trim() == "3"
+            && fleet_shows(&[&a, &b, &c], 3.0).await
+    })
+    .await;
+    let _ = c.child.kill().await;
+    eventually("the other two count two", || async {
+        fleet_shows(&[&a, &b], 2.0).await
+    })
+    .await;
+    assert_eq!(
+        redis.cli(&["zcard", "ezgate:{fleet}:members"]).await.trim(),
+        "2"
+    );
+    redis.stop().await;
+    assert_eq!(admitted_of_30(&a, "second").await, 15, "half of 30");
+    assert_eq!(admitted_of_30(&b, "second").await, 15, "half of 30");
+}
+
+#[tokio::test]
+async fn tls_with_a_user_a_password_and_a_database() {
+    let pki = crate::tls::make_pki();
+    let port = free_port();
+    let (cert, key, ca) = (
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let redis = Redis::start_with(
+        port,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "app",
+            "on",
+            ">p@ss:word",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+    )
+    .await;
+    let emu = Emulator::start().await;
+    // The password percent-encoded, as a URL must carry it.
+    let config = format!(
+        "[redis]\nurl = \"rediss://app:p%40ss%3Aword@localhost:{port}/3\"\nca_file = {ca:?}\ntimeout = \"2s\"\n\n[[limits]]\nname = \"org\"\nkey = \"global\"\nrequests = \"3/h\"\nstore = \"redis\"\n"
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(gw.get("/v1/models").await.status.as_u16());
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 200, 429, 429], "{}", gw.logs.text());
+    assert_eq!(
+        gw.metric("ezgate_ratelimit_store_fallbacks_total{policy=\"org\"}")
+            .await,
+        0.0,
+        "Redis answered every check over TLS:\n{}",
+        gw.logs.text()
+    );
+    let tls = [
+        "--tls",
+        "--cacert",
+        ca.as_str(),
+        "--user",
+        "app",
+        "--pass",
+        "p@ss:word",
+        "--no-auth-warning",
+    ];
+    let in_db = |db: &'static str| {
+        let mut args = tls.to_vec();
+        args.extend(["-n", db, "exists", "ezgate:{org:}:requests"]);
+        let redis = &redis;
+        async move { redis.cli(&args).await.trim().to_owned() }
+    };
+    assert_eq!(in_db("3").await, "1", "the limit is held in database 3");
+    assert_eq!(in_db("0").await, "0");
 }
 
 #[tokio::test]
@@ -185,11 +272,7 @@ async fn redis_outage_falls_back_locally_and_recovers() {
 
 #[tokio::test]
 async fn fail_closed_refuses_while_redis_is_away() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let emu = Emulator::start().await;
     let config = format!(
         "[redis]\nurl = \"redis://127.0.0.1:{port}\"\non_failure = \"deny\"\n\n[[limits]]\nname = \"strict\"\nkey = \"global\"\nrequests = \"10/s\"\nstore = \"redis\"\n"

@@ -270,7 +270,7 @@ async fn each_outcome_is_charged_what_it_spent() {
 
 #[tokio::test]
 async fn shared_token_policies_settle_the_same_way() {
-    let redis = crate::redis::Redis::start().await;
+    let redis = crate::redis_servers::Redis::start().await;
     let emu = Emulator::start().await;
     let config = format!(
         "[upstream]\nresponse_timeout = \"500ms\"\nstream_idle_timeout = \"500ms\"\n\n[redis]\nurl = \"redis://127.0.0.1:{}\"\n\n{PER_DAY}store = \"redis\"\n",
