@@ -44,6 +44,9 @@ pub struct Entry<'a> {
     pub completion_tokens: Option<u64>,
     /// Tokens a token policy charged in the end (reported, estimated, or 0 when refunded).
     pub charged_tokens: Option<u64>,
+    /// A WebSocket session: how it ended, and the bytes the client sent through.
+    pub session_end: Option<&'a str>,
+    pub bytes_in: Option<u64>,
 }
 
 struct Sink {
@@ -158,6 +161,12 @@ pub fn format(buf: &mut Vec<u8>, format: LogFormat, entry: &Entry<'_>, now: Syst
     }
     if let Some(n) = entry.charged_tokens {
         f.num("charged_tokens", n);
+    }
+    if let Some(e) = entry.session_end {
+        f.str("session_end", e);
+    }
+    if let Some(n) = entry.bytes_in {
+        f.num("bytes_in", n);
     }
     if json {
         buf.extend_from_slice(b",\"target\":\"");
@@ -278,6 +287,8 @@ pub fn record(o: &Outcome, duration: Duration) {
         prompt_tokens: o.usage.map(|u| u.prompt),
         completion_tokens: o.usage.map(|u| u.completion),
         charged_tokens: o.charged,
+        session_end: o.session.map(|s| s.end.as_str()),
+        bytes_in: o.session.map(|s| s.bytes_in),
     });
 }
 
@@ -373,6 +384,8 @@ mod tests {
             prompt_tokens: Some(223),
             completion_tokens: Some(7),
             charged_tokens: None,
+            session_end: None,
+            bytes_in: None,
         }
     }
 

@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::errors::FailureKind;
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, SessionEnd};
 use crate::route::Route;
 
 /// From 100 µs to 10 minutes: quick refusals to long streams.
@@ -71,6 +71,8 @@ pub struct Metrics {
     ratelimit_fallbacks: IntCounterVec,
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
+    /// `ezgate_websocket_sessions_total`, by [`SessionEnd::ALL`] position.
+    websocket_sessions: Vec<IntCounter>,
     /// Config model names (exact, sorted): the first entries of the model label table.
     model_names: Vec<String>,
     /// `ezgate_tokens_total` handles (prompt, completion) by model label index, then by
@@ -194,6 +196,13 @@ impl Metrics {
             ),
             &["model", "kind", "client"],
         )?;
+        let sessions_vec = IntCounterVec::new(
+            opts(
+                "ezgate_websocket_sessions_total",
+                "WebSocket sessions (status 101) that ended, by how they ended.",
+            ),
+            &["end"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts(
                 "ezgate_build_info",
@@ -222,6 +231,7 @@ impl Metrics {
             Box::new(ratelimit_fallbacks.clone()),
             Box::new(inflight_vec.clone()),
             Box::new(tokens.clone()),
+            Box::new(sessions_vec.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -243,6 +253,10 @@ impl Metrics {
         let upstream_failures = FailureKind::ALL
             .iter()
             .map(|k| failures_vec.with_label_values(&[k.as_str()]))
+            .collect();
+        let websocket_sessions = SessionEnd::ALL
+            .iter()
+            .map(|e| sessions_vec.with_label_values(&[e.as_str()]))
             .collect();
         let mut model_names: Vec<String> = models
             .into_iter()
@@ -267,6 +281,7 @@ impl Metrics {
             ratelimit_fallbacks,
             inflight,
             tokens,
+            websocket_sessions,
             model_names,
             token_cache,
             request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
@@ -322,6 +337,13 @@ impl Metrics {
         }
         if let Some(code) = o.gateway_code {
             self.gateway_errors.with_label_values(&[code]).inc();
+        }
+        if let Some(s) = &o.session {
+            let i = SessionEnd::ALL
+                .iter()
+                .position(|e| *e == s.end)
+                .unwrap_or(0);
+            self.websocket_sessions[i].inc();
         }
         if let Some(usage) = o.usage {
             let [prompt, completion] =
