@@ -10,7 +10,8 @@
 //! * **the path**, where the domain and recording meet — [`proxy`]: THE request path,
 //!   identify → limit → forward → respond → record; [`stream`]: the response body (idle
 //!   timeout, usage, the SSE error event); [`exchange`]: what a request holds and when it is
-//!   counted; [`gateway`]: the state a reload replaces, the drain, in-flight places
+//!   counted; [`gateway`]: the state a reload replaces, the drain, in-flight places;
+//!   [`websocket`]: WebSocket sessions (the Realtime API) after their handshake
 //! * **the domain** — [`clients`]: who is asking (keys, fingerprints, model allow-lists);
 //!   [`limits`]: rate, token and concurrency policies, their decisions and permits as
 //!   values; [`upstream`] and [`pool`]: where requests go, connections over rustls, error
@@ -51,6 +52,7 @@ pub mod server;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::future::Future;
 use std::sync::Arc;
