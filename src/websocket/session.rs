@@ -113,12 +113,14 @@ impl Pipe {
 
     /// Copies until nothing more can be done now; `Ready` once this way is over (the
     /// destination was shut down, or is gone).
+    /// `heard` sees the frames after each read, before what was read is written on.
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut R,
         dst: &mut W,
         read: &mut bool,
+        heard: &mut impl FnMut(&Frames),
     ) -> Poll<()>
     where
         R: AsyncRead + Unpin,
@@ -201,6 +203,7 @@ impl Pipe {
                     } else {
                         *read = true;
                         self.take(n);
+                        heard(&self.frames);
                     }
                 }
             }
@@ -286,7 +289,6 @@ where
     let mut end: Option<SessionEnd> = None;
     let mut interrupted = false;
     let mut last = Instant::now();
-    let mut reported = None;
     let mut idle_timer = Box::pin(sleep_until(last + idle));
     let mut deadline: Option<Pin<Box<Sleep>>> = None;
     let mut cut_wait = pin!(cut.cancelled_owned());
@@ -296,23 +298,27 @@ where
             *deadline = Some(Box::pin(tokio::time::sleep(CLOSE_WAIT)));
         }
     };
+    // A response's tokens are charged before its `response.done` is passed on.
+    let mut reported = None;
+    let mut hear_usage = |frames: &Frames| {
+        let usage = frames.usage();
+        if usage != reported {
+            reported = usage;
+            if let Some((input, output)) = usage {
+                on_usage(input, output);
+            }
+        }
+    };
     poll_fn(|cx| loop {
         let mut read = false;
         let up_done = up
-            .poll(cx, &mut client, &mut upstream, &mut read)
+            .poll(cx, &mut client, &mut upstream, &mut read, &mut |_| {})
             .is_ready();
         let down_done = down
-            .poll(cx, &mut upstream, &mut client, &mut read)
+            .poll(cx, &mut upstream, &mut client, &mut read, &mut hear_usage)
             .is_ready();
         if read {
             last = Instant::now();
-            let usage = down.frames.usage();
-            if usage != reported {
-                reported = usage;
-                if let Some((input, output)) = usage {
-                    on_usage(input, output);
-                }
-            }
         }
         if up_done && down_done {
             return Poll::Ready(());
