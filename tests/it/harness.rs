@@ -433,3 +433,14 @@ pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> Vec<u8> {
     let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
     out
 }
+
+/// The interpreter of the test virtualenv that `.ci/test` makes.
+pub fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run .ci/test once (it makes the venv from tests/requirements.txt)",
+        p.display()
+    );
+    p
+}

@@ -22,3 +22,4 @@ mod redis;
 mod startup;
 mod tls;
 mod tokens;
+mod websocket;

@@ -12,14 +12,15 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType}
 
 use crate::harness::*;
 
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    ca_der: Vec<u8>,
+pub struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca_der: Vec<u8>,
 }
 
-fn make_pki() -> Pki {
+/// A CA and a certificate it signed for `localhost` and 127.0.0.1.
+pub fn make_pki() -> Pki {
     let dir = scratch_dir();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
