@@ -73,6 +73,8 @@ pub struct Metrics {
     tokens: IntCounterVec,
     /// `ezgate_websocket_sessions_total`, by [`SessionEnd::ALL`] position.
     websocket_sessions: Vec<IntCounter>,
+    /// `ezgate_websocket_bytes_total`: client to upstream, upstream to client.
+    websocket_bytes: [IntCounter; 2],
     /// Config model names (exact, sorted): the first entries of the model label table.
     model_names: Vec<String>,
     /// `ezgate_tokens_total` handles (prompt, completion) by model label index, then by
@@ -203,6 +205,13 @@ impl Metrics {
             ),
             &["end"],
         )?;
+        let ws_bytes_vec = IntCounterVec::new(
+            opts(
+                "ezgate_websocket_bytes_total",
+                "Bytes WebSocket sessions carried, counted when each ended.",
+            ),
+            &["direction"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts(
                 "ezgate_build_info",
@@ -232,6 +241,7 @@ impl Metrics {
             Box::new(inflight_vec.clone()),
             Box::new(tokens.clone()),
             Box::new(sessions_vec.clone()),
+            Box::new(ws_bytes_vec.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -258,6 +268,8 @@ impl Metrics {
             .iter()
             .map(|e| sessions_vec.with_label_values(&[e.as_str()]))
             .collect();
+        let websocket_bytes =
+            ["to_upstream", "to_client"].map(|d| ws_bytes_vec.with_label_values(&[d]));
         let mut model_names: Vec<String> = models
             .into_iter()
             .filter(|m| !m.contains(['*', '?']))
@@ -282,6 +294,7 @@ impl Metrics {
             inflight,
             tokens,
             websocket_sessions,
+            websocket_bytes,
             model_names,
             token_cache,
             request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
@@ -344,6 +357,8 @@ impl Metrics {
                 .position(|e| *e == s.end)
                 .unwrap_or(0);
             self.websocket_sessions[i].inc();
+            self.websocket_bytes[0].inc_by(s.bytes_in);
+            self.websocket_bytes[1].inc_by(o.bytes_out);
         }
         if let Some(usage) = o.usage {
             let [prompt, completion] =

@@ -22,7 +22,7 @@ mod usage;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, UPGRADE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, SEC_WEBSOCKET_EXTENSIONS, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -109,11 +109,15 @@ fn query_model(query: Option<&str>) -> Result<Option<String>, GatewayError> {
     Ok(found)
 }
 
-/// The upgrade headers of the handshake sent upstream (the client's were removed with the
-/// other hop-by-hop headers; its `Sec-WebSocket-*` headers pass as they are).
+/// The headers of the handshake sent upstream: the upgrade headers back (the client's were
+/// removed with the other hop-by-hop headers); `Sec-WebSocket-Key`, `-Version` and
+/// `-Protocol` as the client sent them; no `Sec-WebSocket-Extensions`, so that no
+/// extension (`permessage-deflate`) is negotiated and the upstream's events stay readable
+/// for their usage, as a stream's body is asked for without compression.
 pub fn upgrade_headers(h: &mut HeaderMap) {
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    h.remove(SEC_WEBSOCKET_EXTENSIONS);
 }
 
 /// What the upstream's `101` starts: the session, once the client has its own `101`.
@@ -135,7 +139,8 @@ pub fn switch(
     idle: Duration,
     cut: CancellationToken,
 ) -> Start {
-    upgrade_headers(headers);
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.remove(CONTENT_LENGTH);
     Start {
         client: handshake.client,

@@ -170,12 +170,17 @@ async fn a_session_end_to_end() {
     let (mut ws, resp) = connect(
         gw.addr,
         "/v1/realtime?model=gpt-4o-realtime-preview",
-        &[("x-request-id", "ws-e2e")],
+        &[
+            ("x-request-id", "ws-e2e"),
+            ("sec-websocket-protocol", "realtime"),
+            ("sec-websocket-extensions", "permessage-deflate"),
+        ],
     )
     .await
     .unwrap();
     assert_eq!(resp.status(), 101);
     assert_eq!(resp.headers()["x-request-id"], "ws-e2e");
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "realtime");
     let created = recv(&mut ws).await;
     assert_eq!(created["type"], "session.created");
     assert_eq!(created["session"]["model"], "gpt-4o-realtime-preview");
@@ -220,11 +225,22 @@ async fn a_session_end_to_end() {
     assert_eq!(header(&e, "connection"), Some("upgrade"));
     assert_eq!(header(&e, "sec-websocket-version"), Some("13"));
     assert!(header(&e, "sec-websocket-key").is_some());
+    assert_eq!(header(&e, "sec-websocket-protocol"), Some("realtime"));
+    assert_eq!(
+        header(&e, "sec-websocket-extensions"),
+        None,
+        "no compression: the events stay readable"
+    );
     // Counted once, when it ended.
     wait_metric(&gw, &sessions("client_closed"), 1.0).await;
     let m = gw.metrics().await;
     assert_eq!(metric_value(&m, SWITCHED), 1.0);
     assert_eq!(metric_value(&m, &sessions("upstream_closed")), 0.0);
+    let bytes_in = metric_value(
+        &m,
+        "ezgate_websocket_bytes_total{direction=\"to_upstream\"}",
+    );
+    let bytes_out = metric_value(&m, "ezgate_websocket_bytes_total{direction=\"to_client\"}");
     assert_eq!(
         metric_value(&m, "ezgate_inflight_requests{route=\"/v1/realtime\"}"),
         0.0
@@ -237,6 +253,8 @@ async fn a_session_end_to_end() {
     assert_eq!(log["completion_tokens"], 5);
     assert!(log["bytes_in"].as_u64().unwrap() > 200_000, "{log}");
     assert!(log["bytes"].as_u64().unwrap() > 200_000, "{log}");
+    assert_eq!(log["bytes_in"].as_u64().unwrap() as f64, bytes_in);
+    assert_eq!(log["bytes"].as_u64().unwrap() as f64, bytes_out);
 }
 
 #[tokio::test]
@@ -593,5 +611,9 @@ async fn the_openai_sdk_realtime_client_works_through_ezgate() {
     assert_eq!(v["output_tokens"], 5);
     let e = &emu.log().await[0];
     assert_eq!(header(e, "authorization"), Some("Bearer sk-test"));
+    assert!(
+        header(e, "sec-websocket-extensions").is_none(),
+        "the client's permessage-deflate offer is not passed on"
+    );
     wait_metric(&gw, &sessions("client_closed"), 1.0).await;
 }
