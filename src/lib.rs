@@ -32,7 +32,9 @@
 //! [`errors::upstream::normalize`], a gateway error rendered by [`errors::render`]. The
 //! response body ([`stream::ResponseBody`]) carries the exchange; when it ends (or the client
 //! goes away: a 499) the exchange settles its permit and records the [`outcome::Outcome`] in
-//! [`metrics::Metrics::record`] and the access log, once.
+//! [`metrics::Metrics::record`] and the access log, once. A WebSocket handshake takes the
+//! same phases (forwarded by [`upstream::Upstream::upgrade`]); after the `101`, its
+//! [`websocket`] session holds the exchange instead of a body, until the session ends.
 
 pub mod access_log;
 pub mod admin;

@@ -7,7 +7,7 @@
 //! events when it ends). It is forwarded with its upgrade headers on an HTTP/1.1 connection
 //! of its own ([`crate::upstream::Upstream::upgrade`]); an upstream that refuses it answers
 //! in the error schema as for any request. After the upstream's `101` the client gets its
-//! `101` and [`session::relay`] copies the bytes both ways until the session ends; its
+//! `101` and `session::relay` copies the bytes both ways until the session ends; its
 //! exchange is recorded once then: status 101, duration, bytes both ways, how it ended.
 //!
 //! Only HTTP/1.1 handshakes (RFC 6455) are taken: WebSockets over HTTP/2 (RFC 8441's
