@@ -20,6 +20,10 @@ use crate::harness::*;
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// What a session runs on: TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Io for T {}
+
 /// The headers of a handshake, for requests made without a WebSocket client.
 const HANDSHAKE: [(&str, &str); 4] = [
     ("upgrade", "websocket"),
@@ -59,14 +63,14 @@ async fn open(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Ws {
 }
 
 /// The next event (text message, as JSON), skipping pings and pongs.
-async fn recv(ws: &mut Ws) -> Value {
+async fn recv<S: Io>(ws: &mut WebSocketStream<S>) -> Value {
     match next(ws).await {
         Some(Message::Text(t)) => serde_json::from_str(&t).unwrap(),
         other => panic!("expected an event, got {other:?}"),
     }
 }
 
-async fn next(ws: &mut Ws) -> Option<Message> {
+async fn next<S: Io>(ws: &mut WebSocketStream<S>) -> Option<Message> {
     tokio::time::timeout(DEADLINE, async {
         loop {
             match ws.next().await {
@@ -80,12 +84,12 @@ async fn next(ws: &mut Ws) -> Option<Message> {
     .expect("a message or the end within the deadline")
 }
 
-async fn emit(ws: &mut Ws, event: Value) {
+async fn emit<S: Io>(ws: &mut WebSocketStream<S>, event: Value) {
     ws.send(Message::text(event.to_string())).await.unwrap();
 }
 
 /// Asks for a response and reads its events up to `response.done`, which it returns.
-async fn respond(ws: &mut Ws) -> (Vec<String>, Value) {
+async fn respond<S: Io>(ws: &mut WebSocketStream<S>) -> (Vec<String>, Value) {
     emit(ws, json!({"type": "response.create"})).await;
     let mut types = Vec::new();
     loop {
@@ -99,7 +103,7 @@ async fn respond(ws: &mut Ws) -> (Vec<String>, Value) {
 }
 
 /// Reads up to the close frame ezgate (or the upstream) sent; returns its code and reason.
-async fn close_of(ws: &mut Ws) -> (u16, String) {
+async fn close_of<S: Io>(ws: &mut WebSocketStream<S>) -> (u16, String) {
     loop {
         match next(ws).await {
             Some(Message::Close(Some(CloseFrame { code, reason }))) => {
@@ -273,6 +277,52 @@ async fn a_session_over_a_tls_upstream() {
     .await;
     assert_eq!(close_of(&mut ws).await, (1000, "bye".into()));
     wait_metric(&gw, &sessions("upstream_closed"), 1.0).await;
+}
+
+#[tokio::test]
+async fn a_session_over_the_tls_listener() {
+    let pki = crate::tls::make_pki();
+    let emu = Emulator::start_tls(&pki.cert, &pki.key).await;
+    let config = format!(
+        "[server]\ntls = {{ cert = {:?}, key = {:?} }}\n\n[upstream]\nca_file = {:?}\n",
+        pki.cert.display().to_string(),
+        pki.key.display().to_string(),
+        pki.ca.display().to_string()
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    // wss:// as a WebSocket client does it: TLS with ALPN http/1.1, then the handshake.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(pki.ca_der.clone()))
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let url = format!(
+        "wss://localhost:{}/v1/realtime?model=gpt-realtime",
+        gw.addr.port()
+    );
+    let (mut ws, resp) = tokio::time::timeout(DEADLINE, client_async(url, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(recv(&mut ws).await["type"], "session.created");
+    let (_, done) = respond(&mut ws).await;
+    assert_eq!(done["response"]["usage"]["output_tokens"], 5);
+    ws.close(None).await.unwrap();
+    while next(&mut ws).await.is_some() {}
+    wait_metric(&gw, &sessions("client_closed"), 1.0).await;
 }
 
 #[tokio::test]
