@@ -3,8 +3,8 @@
 //! The handshake is a request like any other on the request path ([`crate::proxy`]): the
 //! caller is identified, the `model` query parameter checked against the client's allow-list,
 //! the policies admit it (request rates count the handshake; a concurrency permit is held
-//! for the session's life; token policies settle with the usage of its `response.done`
-//! events when it ends). It is forwarded with its upgrade headers on an HTTP/1.1 connection
+//! for the session's life; token policies are charged with the usage of each
+//! `response.done` event as it passes). It is forwarded with its upgrade headers on an HTTP/1.1 connection
 //! of its own ([`crate::upstream::Upstream::upgrade`]); an upstream that refuses it answers
 //! in the error schema as for any request. After the upstream's `101` the client gets its
 //! `101` and `session::relay` copies the bytes both ways until the session ends; its
