@@ -13,7 +13,8 @@ the emulator's `/v1/realtime`:
 * per-message delay: one session sends `emu.echo` messages of `--size` bytes one after the
   other and waits for each echo; the round trip through the proxy minus the round trip
   without one ("direct"), p50 and p99, is what the proxy adds to a message going both ways.
-  The three targets take turns, one round each, `--rounds` times (medians shown).
+  The three targets take turns message by message (who goes first changes every round), so
+  all three see the same machine; `--rounds` rounds, medians shown.
 
 The proxies run on one core, the client and the emulator on another (taskset), as in
 benches/proxy.sh. Needs Python's `websockets` (target/test-venv, made by .ci/test from
@@ -140,17 +141,19 @@ async def memory(port, pids, n):
     return (after - before) / n
 
 
-async def round_trips(port, messages, size):
-    """Round-trip times (µs) of `messages` echoes, one after the other, on one session."""
-    ws = await open_session(port)
+async def round_trips(ports, messages, size):
+    """Round-trip times (µs) of `messages` echoes per target, one after the other on one
+    session each; the targets take turns message by message, so all see the same machine."""
+    sessions = {t: await open_session(port) for t, port in ports.items()}
     payload = json.dumps({"type": "emu.echo", "pad": "x" * max(0, size - 30)})
-    times = []
+    times = {t: [] for t in ports}
     for _ in range(messages):
-        t = time.perf_counter_ns()
-        await ws.send(payload)
-        await ws.recv()
-        times.append((time.perf_counter_ns() - t) / 1000)
-    await ws.close()
+        for t, ws in sessions.items():
+            start = time.perf_counter_ns()
+            await ws.send(payload)
+            await ws.recv()
+            times[t].append((time.perf_counter_ns() - start) / 1000)
+    await asyncio.gather(*(ws.close() for ws in sessions.values()))
     return times
 
 
@@ -218,9 +221,12 @@ def main():
 
         async def run():
             rtt = {t: [] for t in targets}
-            for _ in range(args.rounds):
-                for t, (port, _) in targets.items():
-                    rtt[t].append(await round_trips(port, args.messages, args.size))
+            ports = {t: port for t, (port, _) in targets.items()}
+            for r in range(args.rounds):
+                # Who goes first changes every round.
+                order = dict(list(ports.items())[r % 3:] + list(ports.items())[:r % 3])
+                for t, times in (await round_trips(order, args.messages, args.size)).items():
+                    rtt[t].append(times)
             mem = {}
             for t in ("nginx", "ezgate"):
                 port, pids = targets[t]
