@@ -19,7 +19,8 @@
 # each SSE event gains crossing the proxy. Also ezgate with three rate-limit policies plus
 # /metrics scrapes, ezgate with its access log on, and one request policy held locally, in a
 # standalone Redis and in a Redis Cluster of three primaries (all started here on free
-# ports). See docs/performance.md.
+# ports). Then WebSocket sessions (benches/ws.py): memory per open session and per-message
+# delay, beside nginx. See docs/performance.md.
 #
 # Traffic goes only to 127.0.0.1; every load is bounded in count and time; every process this
 # script starts is stopped on exit. Any failed stage (a non-200, a short stream, a process
@@ -51,11 +52,11 @@ RATE="${RATE:-1000}"
 if [ "$MODE" = quick ]; then
   ROUNDS=1; TPUT_S=2; LAT_S=2; WRK_CONNS=32
   HOLD_N=500; SSE_STREAMS=10; SSE_EVENTS=10; SSE_INTERVAL_MS=20
-  DEADLINE_S=100
+  DEADLINE_S=160
 else
   ROUNDS=3; TPUT_S=8; LAT_S=10; WRK_CONNS=64
   HOLD_N=10000; SSE_STREAMS=50; SSE_EVENTS=60; SSE_INTERVAL_MS=50
-  DEADLINE_S=1200
+  DEADLINE_S=1500
 fi
 # Slow streams for the memory test: an event every 2 s, 1,000 of them, so every stream stays
 # open for the whole hold, and one whose client has gone is noticed (and its sockets closed)
@@ -595,3 +596,19 @@ echo "ezgate: ${EZGATE_VERSION:-version unknown}"
 report_args=("$RESULTS" --markdown "$WORK/table.md" --json "$WORK/summary.json")
 [ $STRICT = 1 ] && report_args+=(--strict)
 python3 "$BENCH/report.py" "${report_args[@]}"
+
+# ---------------------------------------------------------------- WebSocket sessions
+# Memory per open session and the delay a message gains, beside nginx configured for
+# WebSockets (benches/ws.py starts its own emulator, ezgate and nginx; the servers above are
+# idle by now). It needs Python's websockets, from the venv .ci/test makes.
+if [ -x "$ROOT/target/test-venv/bin/python" ]; then
+  log "WebSocket sessions (benches/ws.py)"
+  ws_args=(--ezgate "$EZGATE" --emulator "$EMULATOR")
+  [ "$MODE" = quick ] && ws_args+=(--quick)
+  echo
+  timeout 600 "$ROOT/target/test-venv/bin/python" "$BENCH/ws.py" "${ws_args[@]}" > "$WORK/ws.out" \
+    || die "benches/ws.py failed: $(tail -5 "$WORK/ws.out")"
+  grep -v '^WSJSON ' "$WORK/ws.out"
+else
+  log "no target/test-venv (.ci/test makes it): the WebSocket stage is skipped"
+fi

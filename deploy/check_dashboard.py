@@ -59,6 +59,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_client_requests_total": ("counter", ("client", "status")),
     "ezgate_time_to_first_token_seconds": ("histogram", ("route", "model")),
     "ezgate_time_per_output_token_seconds": ("histogram", ("model",)),
+    "ezgate_websocket_sessions_total": ("counter", ("end",)),
+    "ezgate_websocket_bytes_total": ("counter", ("direction",)),
     "ezgate_trace_spans_exported_total": ("counter", ()),
     "ezgate_trace_spans_dropped_total": ("counter", ("reason",)),
     "ezgate_build_info": ("gauge", ("version", "commit", "profile")),
@@ -85,7 +87,7 @@ GATEWAY_CODES = frozenset("""
 ROUTES = frozenset("""
     /v1/chat/completions /v1/completions /v1/embeddings /v1/models /v1/models/{model}
     /v1/responses /v1/moderations /v1/images/generations /v1/audio/transcriptions
-    /v1/audio/speech /v1/files other""".split())
+    /v1/audio/speech /v1/files /v1/realtime other""".split())
 STATUS = frozenset([str(c) for c in range(100, 600)])
 _ANY = None  # open set (policy, model, version, target labels): values not checked
 VALUES: dict[tuple[str, str], frozenset[str] | None] = {
@@ -98,6 +100,8 @@ VALUES: dict[tuple[str, str], frozenset[str] | None] = {
     ("*", "decision"): frozenset({"allowed", "limited", "shadow_limited", "waited"}),
     ("ezgate_upstream_failures_total", "kind"): frozenset({"connect", "tls", "timeout", "reset", "protocol"}),
     ("ezgate_tokens_total", "kind"): frozenset({"prompt", "completion"}),
+    ("ezgate_websocket_sessions_total", "end"): frozenset({"client_closed", "upstream_closed", "idle_timeout", "shutdown"}),
+    ("ezgate_websocket_bytes_total", "direction"): frozenset({"to_upstream", "to_client"}),
     ("ezgate_trace_spans_dropped_total", "reason"): frozenset({"queue_full", "export_failed"}),
 }
 

@@ -46,6 +46,9 @@ pub struct Entry<'a> {
     pub charged_tokens: Option<u64>,
     /// The request's trace id, when its span is recorded (`[tracing]`).
     pub trace_id: Option<&'a str>,
+    /// A WebSocket session: how it ended, and the bytes the client sent through.
+    pub session_end: Option<&'a str>,
+    pub bytes_in: Option<u64>,
 }
 
 struct Sink {
@@ -163,6 +166,12 @@ pub fn format(buf: &mut Vec<u8>, format: LogFormat, entry: &Entry<'_>, now: Syst
     }
     if let Some(t) = entry.trace_id {
         f.id("trace_id", t);
+    }
+    if let Some(e) = entry.session_end {
+        f.str("session_end", e);
+    }
+    if let Some(n) = entry.bytes_in {
+        f.num("bytes_in", n);
     }
     if json {
         buf.extend_from_slice(b",\"target\":\"");
@@ -284,6 +293,8 @@ pub fn record(o: &Outcome, duration: Duration) {
         completion_tokens: o.usage.map(|u| u.completion),
         charged_tokens: o.charged,
         trace_id: o.trace_id.as_deref(),
+        session_end: o.session.map(|s| s.end.as_str()),
+        bytes_in: o.session.map(|s| s.bytes_in),
     });
 }
 
@@ -380,6 +391,8 @@ mod tests {
             completion_tokens: Some(7),
             charged_tokens: None,
             trace_id: None,
+            session_end: None,
+            bytes_in: None,
         }
     }
 

@@ -193,6 +193,9 @@ pub struct Gateway {
     inflight: Arc<AtomicU32>,
     /// Cancelled when `server.shutdown_grace` is over: open streams end with an error event.
     cut: CancellationToken,
+    /// Open WebSocket sessions: they outlive their connection's task, and the drain waits
+    /// for them too.
+    sessions: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl Gateway {
@@ -203,6 +206,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             inflight: Arc::new(AtomicU32::new(0)),
             cut: CancellationToken::new(),
+            sessions: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 
@@ -238,6 +242,18 @@ impl Gateway {
     /// What open streams watch for the end of the drain's grace.
     pub fn cut_token(&self) -> CancellationToken {
         self.cut.clone()
+    }
+
+    /// A place for one open WebSocket session, held until it ends.
+    pub fn session_place(&self) -> SessionPlace {
+        self.sessions.send_modify(|n| *n += 1);
+        SessionPlace(Arc::clone(&self.sessions))
+    }
+
+    /// Resolves once no WebSocket session is open.
+    pub async fn sessions_ended(&self) {
+        let mut open = self.sessions.subscribe();
+        let _ = open.wait_for(|n| *n == 0).await;
     }
 
     /// One of `max` places for a request in flight, or `None` when all are taken.
@@ -339,6 +355,15 @@ impl StreamSlot {
 
     pub fn end(self, reset: bool) {
         self.0.ended(reset);
+    }
+}
+
+/// Counts one open WebSocket session until it drops.
+pub struct SessionPlace(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for SessionPlace {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -10,7 +10,8 @@
 //! * **the path**, where the domain and recording meet — [`proxy`]: THE request path,
 //!   identify → limit → forward → respond → record; [`stream`]: the response body (idle
 //!   timeout, usage, the SSE error event); [`exchange`]: what a request holds and when it is
-//!   counted; [`gateway`]: the state a reload replaces, the drain, in-flight places
+//!   counted; [`gateway`]: the state a reload replaces, the drain, in-flight places;
+//!   [`websocket`]: WebSocket sessions (the Realtime API) after their handshake
 //! * **the domain** — [`clients`]: who is asking (keys, fingerprints, model allow-lists);
 //!   [`limits`]: rate, token and concurrency policies, their decisions and permits as
 //!   values; [`upstream`] and [`pool`]: where requests go, connections over rustls, error
@@ -33,7 +34,9 @@
 //! response body ([`stream::ResponseBody`]) carries the exchange; when it ends (or the client
 //! goes away: a 499) the exchange settles its permit and records the [`outcome::Outcome`] in
 //! [`metrics::Metrics::record`], the access log and its span ([`traces::RequestSpan`]),
-//! once.
+//! once. A WebSocket handshake takes the same phases (forwarded by
+//! [`upstream::Upstream::upgrade`]); after the `101`, its [`websocket`] session holds the
+//! exchange instead of a body, until the session ends.
 
 pub mod access_log;
 pub mod admin;
@@ -54,6 +57,7 @@ pub mod stream;
 pub mod tls;
 pub mod traces;
 pub mod upstream;
+pub mod websocket;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 use crate::errors::FailureKind;
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, SessionEnd};
 use crate::route::Route;
 
 /// From 100 µs to 10 minutes: quick refusals to long streams.
@@ -96,6 +96,10 @@ pub struct Metrics {
     tpot_cache: Box<[OnceLock<Histogram>]>,
     /// `ezgate_client_requests_total` handles by client label, then common status.
     client_cache: RwLock<Vec<ClientRequests>>,
+    /// `ezgate_websocket_sessions_total`, by [`SessionEnd::ALL`] position.
+    websocket_sessions: Vec<IntCounter>,
+    /// `ezgate_websocket_bytes_total`: client to upstream, upstream to client.
+    websocket_bytes: [IntCounter; 2],
     /// Config model names (exact, sorted): the first entries of the model label table.
     model_names: Vec<String>,
     /// `ezgate_tokens_total` handles (prompt, completion) by model label index, then by
@@ -266,6 +270,20 @@ impl Metrics {
             trace_spans_dropped_vec.with_label_values(&["queue_full"]),
             trace_spans_dropped_vec.with_label_values(&["export_failed"]),
         ];
+        let sessions_vec = IntCounterVec::new(
+            opts(
+                "ezgate_websocket_sessions_total",
+                "WebSocket sessions (status 101) that ended, by how they ended.",
+            ),
+            &["end"],
+        )?;
+        let ws_bytes_vec = IntCounterVec::new(
+            opts(
+                "ezgate_websocket_bytes_total",
+                "Bytes WebSocket sessions carried, counted when each ended.",
+            ),
+            &["direction"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts(
                 "ezgate_build_info",
@@ -300,6 +318,8 @@ impl Metrics {
             Box::new(client_requests.clone()),
             Box::new(trace_spans_exported.clone()),
             Box::new(trace_spans_dropped_vec),
+            Box::new(sessions_vec.clone()),
+            Box::new(ws_bytes_vec.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -322,6 +342,12 @@ impl Metrics {
             .iter()
             .map(|k| failures_vec.with_label_values(&[k.as_str()]))
             .collect();
+        let websocket_sessions = SessionEnd::ALL
+            .iter()
+            .map(|e| sessions_vec.with_label_values(&[e.as_str()]))
+            .collect();
+        let websocket_bytes =
+            ["to_upstream", "to_client"].map(|d| ws_bytes_vec.with_label_values(&[d]));
         let mut model_names: Vec<String> = models
             .into_iter()
             .filter(|m| !m.contains(['*', '?']))
@@ -347,6 +373,8 @@ impl Metrics {
             fleet_gateways,
             inflight,
             tokens,
+            websocket_sessions,
+            websocket_bytes,
             time_to_first_token,
             time_per_output_token,
             client_requests,
@@ -413,6 +441,15 @@ impl Metrics {
         }
         self.count_client(o);
         let model = self.model_index(o.model.as_deref());
+        if let Some(s) = &o.session {
+            let i = SessionEnd::ALL
+                .iter()
+                .position(|e| *e == s.end)
+                .unwrap_or(0);
+            self.websocket_sessions[i].inc();
+            self.websocket_bytes[0].inc_by(s.bytes_in);
+            self.websocket_bytes[1].inc_by(o.bytes_out);
+        }
         if let Some(usage) = o.usage {
             let [prompt, completion] = self.token_counters(model, o.client.as_str());
             prompt.inc_by(usage.prompt);

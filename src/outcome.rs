@@ -41,6 +41,46 @@ pub struct Usage {
     pub completion: u64,
 }
 
+/// How a WebSocket session ended: the `end` label of `ezgate_websocket_sessions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client sent the first close frame, or left.
+    ClientClosed,
+    /// The upstream sent the first close frame, or its connection ended.
+    UpstreamClosed,
+    /// No frame either way for `upstream.stream_idle_timeout`.
+    IdleTimeout,
+    /// Still open when the drain's `server.shutdown_grace` was over.
+    Shutdown,
+}
+
+impl SessionEnd {
+    pub const ALL: [SessionEnd; 4] = [
+        SessionEnd::ClientClosed,
+        SessionEnd::UpstreamClosed,
+        SessionEnd::IdleTimeout,
+        SessionEnd::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionEnd::ClientClosed => "client_closed",
+            SessionEnd::UpstreamClosed => "upstream_closed",
+            SessionEnd::IdleTimeout => "idle_timeout",
+            SessionEnd::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What a WebSocket session adds to its request's outcome (`bytes_out` holds what the
+/// upstream sent through).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub end: SessionEnd,
+    /// Bytes the client sent through.
+    pub bytes_in: u64,
+}
+
 pub struct Outcome {
     pub started: Instant,
     pub request_id: String,
@@ -87,6 +127,8 @@ pub struct Outcome {
     pub refused_by: Option<Arc<str>>,
     /// The request's trace id (32 hex digits), when its span is recorded.
     pub trace_id: Option<String>,
+    /// A WebSocket session, once it ended.
+    pub session: Option<Session>,
 }
 
 impl Outcome {
@@ -120,6 +162,7 @@ impl Outcome {
             response_model: None,
             refused_by: None,
             trace_id: None,
+            session: None,
         }
     }
 

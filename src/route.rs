@@ -131,11 +131,13 @@ pub enum Route {
     AudioTranscriptions,
     AudioSpeech,
     Files,
+    /// The Realtime API: a WebSocket session (`GET /v1/realtime?model=…` upgraded).
+    Realtime,
     Other,
 }
 
 impl Route {
-    pub const ALL: [Route; 12] = [
+    pub const ALL: [Route; 13] = [
         Route::ChatCompletions,
         Route::Completions,
         Route::Embeddings,
@@ -147,6 +149,7 @@ impl Route {
         Route::AudioTranscriptions,
         Route::AudioSpeech,
         Route::Files,
+        Route::Realtime,
         Route::Other,
     ];
 
@@ -163,6 +166,7 @@ impl Route {
             "/v1/audio/transcriptions" => Route::AudioTranscriptions,
             "/v1/audio/speech" => Route::AudioSpeech,
             "/v1/files" => Route::Files,
+            "/v1/realtime" => Route::Realtime,
             p if p.starts_with("/v1/models/") && !p[11..].is_empty() => Route::Model,
             p if p.starts_with("/v1/files/") => Route::Files,
             _ => Route::Other,
@@ -182,6 +186,7 @@ impl Route {
             Route::AudioTranscriptions => "/v1/audio/transcriptions",
             Route::AudioSpeech => "/v1/audio/speech",
             Route::Files => "/v1/files",
+            Route::Realtime => "/v1/realtime",
             Route::Other => "other",
         }
     }
@@ -229,6 +234,8 @@ mod tests {
         assert_eq!(Route::from_path("/v1/models/gpt-4o"), Route::Model);
         assert_eq!(Route::from_path("/v1/files/file-123/content"), Route::Files);
         assert_eq!(Route::from_path("/etc/passwd"), Route::Other);
+        assert_eq!(Route::from_path("/v1/realtime"), Route::Realtime);
+        assert_eq!(Route::from_path("/v1/realtime/sessions"), Route::Other);
         for r in Route::ALL {
             assert_eq!(Route::from_template(r.as_str()), Some(r));
         }

@@ -43,6 +43,12 @@ impl Upstream {
         http.set_connect_timeout(Some(cfg.connect_timeout.0));
         http.set_keepalive(Some(Duration::from_secs(60)));
         // What ALPN offers over TLS; `always` also speaks HTTP/2 on plain connections.
+        // WebSocket handshakes: HTTP/1.1 alone, on connections of their own.
+        let upgrades = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http.clone());
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();
@@ -70,7 +76,8 @@ impl Upstream {
                 http2_only: cfg.http2 == Http2::Always,
                 http2_offered: cfg.http2 != Http2::Never,
             },
-        )?;
+        )?
+        .with_upgrades(upgrades);
         Ok(Upstream {
             pool,
             prefix,
@@ -116,6 +123,28 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, Failure> {
         let deadline = tokio::time::Instant::from_std(sent) + self.response_timeout;
         match tokio::time::timeout_at(deadline, self.pool.send(req, path)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(&*e, self.connect_timeout)),
+            Err(_) => Err(Failure {
+                error: GatewayError::UpstreamTimeout(TimeoutPhase::Headers, self.response_timeout),
+                kind: Some(FailureKind::Timeout),
+            }),
+        }
+    }
+}
+
+impl Upstream {
+    /// Sends a WebSocket handshake for `path` on a connection of its own (HTTP/1.1, never
+    /// pooled); resolves with the response headers, within `upstream.response_timeout` of
+    /// `sent`. A `101`'s connection is then the session's (`hyper::upgrade::on`).
+    pub async fn upgrade(
+        &self,
+        req: Request<RequestBody>,
+        path: PathAndQuery,
+        sent: std::time::Instant,
+    ) -> Result<Response<UpstreamBody>, Failure> {
+        let deadline = tokio::time::Instant::from_std(sent) + self.response_timeout;
+        match tokio::time::timeout_at(deadline, self.pool.upgrade(req, path)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&*e, self.connect_timeout)),
             Err(_) => Err(Failure {

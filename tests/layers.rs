@@ -20,7 +20,10 @@ const FLOORS: &[(&str, &[&str])] = &[
     ("config", &["config"]),
     ("domain", &["clients", "limits", "upstream", "pool"]),
     ("recording", &["outcome", "metrics", "access_log", "traces"]),
-    ("path", &["gateway", "exchange", "proxy", "stream"]),
+    (
+        "path",
+        &["gateway", "exchange", "proxy", "stream", "websocket"],
+    ),
     ("entry", &["server", "admin", "lib", "main"]),
 ];
 
@@ -38,6 +41,10 @@ const SIDEWAYS: &[(&str, &str)] = &[
     ("proxy", "gateway"),
     ("stream", "exchange"),
     ("exchange", "gateway"),
+    // A WebSocket session: started by the request path, holding its exchange.
+    ("proxy", "websocket"),
+    ("websocket", "exchange"),
+    ("websocket", "gateway"),
     // Entry: the library runs the listeners; the binary runs the library.
     ("lib", "server"),
     ("lib", "admin"),

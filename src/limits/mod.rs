@@ -70,7 +70,8 @@ pub struct LimitRequest<'a> {
     pub model: Option<&'a str>,
     pub prompt_tokens: u64,
     pub max_tokens: Option<u64>,
-    /// A `POST`: a request that can spend tokens (token policies charge nothing else).
+    /// A `POST`, or a WebSocket session: a request that can spend tokens (token policies
+    /// charge nothing else).
     pub post: bool,
     pub ip: IpAddr,
     pub headers: &'a HeaderMap,

@@ -50,6 +50,25 @@ impl Reservation {
             Reservation::Shared(tokens, reserved) => tokens.settle(reserved, used),
         }
     }
+
+    /// Settles at `used` and stays open with nothing reserved: what comes later is charged
+    /// on top.
+    fn settle_part(&mut self, used: u64) {
+        match self {
+            Reservation::Local(store, key, reserved, share) => {
+                store.settle(
+                    key,
+                    reserved.saturating_mul(*share),
+                    used.saturating_mul(*share),
+                );
+                *reserved = 0;
+            }
+            Reservation::Shared(tokens, reserved) => {
+                tokens.settle(*reserved, used);
+                *reserved = 0;
+            }
+        }
+    }
 }
 
 /// What an admitted request holds until it ends: concurrency slots and token reservations.
@@ -59,6 +78,8 @@ impl Reservation {
 #[derive(Default)]
 pub struct Permit {
     pub(super) held: Vec<Held>,
+    /// Tokens charged already by [`Permit::charge`] (a WebSocket session's usage reports).
+    charged: u64,
 }
 
 /// One part of a permit (one allocation for all of a request's parts).
@@ -73,11 +94,29 @@ impl Permit {
     /// or estimated when no report came). Concurrency slots are released when the permit
     /// drops.
     pub fn settle(mut self, used: u64) {
+        let rest = used.saturating_sub(self.charged);
         for h in &mut self.held {
             if let Held::Tokens(r) = h {
                 if let Some(r) = r.take() {
-                    r.settle(used);
+                    r.settle(rest);
                 }
+            }
+        }
+    }
+
+    /// Charges the token reservations with `spent`, what the request spent so far, while it
+    /// goes on (a WebSocket session, after each usage report): the first charge settles the
+    /// reservation, later ones add what came since. [`Permit::settle`] then charges only
+    /// what no charge counted.
+    pub fn charge(&mut self, spent: u64) {
+        let more = spent.saturating_sub(self.charged);
+        if more == 0 && self.charged > 0 {
+            return;
+        }
+        self.charged = self.charged.max(spent);
+        for h in &mut self.held {
+            if let Held::Tokens(Some(r)) = h {
+                r.settle_part(more);
             }
         }
     }

@@ -120,9 +120,11 @@ impl<C: Clock> Policy<C> {
     }
 
     /// Whether this policy's token part charges the request: a `POST` on a model route
-    /// (or on a route the policy's `match.routes` names).
+    /// or a realtime session (or a request on a route the policy's `match.routes` names).
     pub(super) fn charges_tokens(&self, r: &LimitRequest<'_>) -> bool {
-        self.tokens.is_some() && r.post && (!self.routes.is_empty() || r.route.carries_tokens())
+        self.tokens.is_some()
+            && r.post
+            && (!self.routes.is_empty() || r.route.carries_tokens() || r.route == Route::Realtime)
     }
 
     pub(super) fn estimate(&self, r: &LimitRequest<'_>) -> Estimate {

@@ -233,6 +233,46 @@ fn tokens_are_reserved_then_settled() {
 }
 
 #[test]
+fn a_session_is_charged_as_it_reports_usage() {
+    let mut p = policy("tpm", "api_key");
+    p.tokens = rate("1000/min");
+    let (l, _) = limits(&[p]);
+    let mut session = Req::new("a");
+    session.route = Route::Realtime;
+    session.prompt = 0;
+    session.max = None;
+    session.post = true;
+    let mut probe = Req::new("a");
+    probe.prompt = 1;
+    block(async {
+        // The handshake reserves default_tokens (1,000): nothing is left.
+        let mut s = l.check(&session.lr()).await.result.unwrap();
+        assert!(s.permit.reserves_tokens());
+        assert!(l.check(&probe.lr()).await.result.is_err());
+        // The first usage report settles the reservation at 300: 700 back.
+        s.permit.charge(300);
+        probe.max = Some(699);
+        drop(l.check(&probe.lr()).await.result.expect("700 are back"));
+        // The next reports add what came since: 300 more, then nothing new.
+        s.permit.charge(600);
+        s.permit.charge(600);
+        probe.max = Some(400);
+        assert!(
+            l.check(&probe.lr()).await.result.is_err(),
+            "only 400 are left"
+        );
+        probe.max = Some(399);
+        drop(l.check(&probe.lr()).await.result.expect("400 are left"));
+        // Settling at the session's total charges only what no report counted: 50.
+        s.permit.settle(650);
+        probe.max = Some(349);
+        drop(l.check(&probe.lr()).await.result.expect("350 are left"));
+        probe.max = Some(350);
+        assert!(l.check(&probe.lr()).await.result.is_err(), "not 351");
+    });
+}
+
+#[test]
 fn token_policies_charge_only_requests_that_spend_tokens() {
     let mut p = policy("tpm", "global");
     p.tokens = rate("2000/min");

@@ -53,6 +53,7 @@ mod request;
 mod sweep;
 #[cfg(test)]
 mod tests;
+mod upgrade;
 
 pub use body::UpstreamBody;
 pub use request::{BodyStalled, BodyTooLarge, ClientBodyFailed, RequestBody};
@@ -108,6 +109,9 @@ pub struct Pool {
     h2: conn::http2::Builder<TokioExecutor>,
     http2_only: bool,
     shared: Arc<Shared>,
+    /// What dials the dedicated HTTP/1.1 connection of a WebSocket handshake (ALPN
+    /// `http/1.1` only); `None`: the pool's own connector.
+    upgrades: Option<HttpsConnector<HttpConnector>>,
 }
 
 struct Shared {
@@ -200,7 +204,15 @@ impl Pool {
             h2,
             http2_only: cfg.http2_only,
             shared,
+            upgrades: None,
         })
+    }
+
+    /// Dials the connections of WebSocket handshakes with `connector` (one that offers only
+    /// HTTP/1.1 by ALPN), instead of the pool's own.
+    pub fn with_upgrades(mut self, connector: HttpsConnector<HttpConnector>) -> Pool {
+        self.upgrades = Some(connector);
+        self
     }
 
     /// Sends a request for `path` on a pooled connection (or a new one); resolves with the

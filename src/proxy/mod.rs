@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::{
     HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER,
 };
@@ -32,6 +33,7 @@ use crate::limits::LimitRequest;
 use crate::outcome::ClientLabel;
 use crate::route::{PathError, Route};
 use crate::stream::{ResponseBody, Watch};
+use crate::websocket;
 
 /// What [`serve`] returns: boxed, so a connection holds a pointer to it, and the request
 /// path's state is freed as soon as the response headers are out (a response that streams for
@@ -103,12 +105,17 @@ async fn serve_request(
         }
     };
     out.responded = Some(Instant::now());
-    if http1 && gw.is_draining() {
+    let session = resp.extensions_mut().remove::<websocket::Start>();
+    if http1 && gw.is_draining() && session.is_none() {
         // The client's next request goes to a new connection (another replica).
         resp.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    resp.body_mut().attach(out);
+    match session {
+        // A WebSocket session holds the exchange until it ends.
+        Some(session) => session.run(out, &gw),
+        None => resp.body_mut().attach(out),
+    }
     Ok(resp)
 }
 
@@ -134,7 +141,7 @@ fn with_parts(
 async fn handle(
     gw: &Gateway,
     state: &State,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     path: Result<Option<String>, PathError>,
     peer: SocketAddr,
     out: &mut Exchange,
@@ -144,6 +151,8 @@ async fn handle(
         return Err(GatewayError::MethodNotAllowed("CONNECT".into()));
     }
     let path = path.map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    // A WebSocket handshake: its model is in the query.
+    let handshake = websocket::accept(&mut req, gw.is_draining())?;
     let Some(slot) = gw.take_place(cfg.server.max_inflight) else {
         return Err(GatewayError::Overloaded(format!(
             "{} requests already in flight (server.max_inflight)",
@@ -184,8 +193,11 @@ async fn handle(
         &cfg.server,
     )
     .await?;
-    let model = request.as_mut().and_then(|r| r.model.take());
-    if let (Some(client), true) = (&caller.client, checks) {
+    let model = match &handshake {
+        Some(h) => h.model.clone(),
+        None => request.as_mut().and_then(|r| r.model.take()),
+    };
+    if let (Some(client), true) = (&caller.client, checks || handshake.is_some()) {
         client.check_model(model.as_deref())?;
     }
     out.model = model;
@@ -199,7 +211,8 @@ async fn handle(
         model: out.model.as_deref(),
         prompt_tokens: out.prompt_estimate,
         max_tokens: request.as_ref().and_then(|r| r.max_tokens),
-        post,
+        // A session spends tokens too.
+        post: post || handshake.is_some(),
         ip: peer.ip(),
         headers: &parts.headers,
         managed: state.api_key.is_some(),
@@ -226,16 +239,22 @@ async fn handle(
     if let Some(span) = &out.trace {
         span.inject(&mut parts.headers);
     }
+    if handshake.is_some() {
+        websocket::upgrade_headers(&mut parts.headers);
+    }
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method;
     *up_req.headers_mut() = parts.headers;
     let sent = Instant::now();
-    let result = state.upstream.send(up_req, path, sent).await;
+    let result = match handshake {
+        Some(_) => state.upstream.upgrade(up_req, path, sent).await,
+        None => state.upstream.send(up_req, path, sent).await,
+    };
     let arrived = Instant::now();
     let waited = arrived.saturating_duration_since(sent);
     out.upstream_wait = waited;
     out.header_wait = Some(waited);
-    let resp = match result {
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(failure) => {
             out.upstream_failure = failure.kind;
@@ -264,6 +283,8 @@ async fn handle(
             state.limits.upstream_limited(&key, wait);
         }
     }
+    let upstream_io = websocket::upstream_side(handshake.is_some(), &mut resp)
+        .inspect_err(|_| out.upstream_failure = Some(crate::errors::FailureKind::Protocol))?;
     let (mut rparts, incoming) = resp.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers);
     if let Some(theirs) = rparts.headers.remove(X_REQUEST_ID) {
@@ -274,6 +295,17 @@ async fn handle(
     }
     for (name, value) in admission_headers {
         rparts.headers.insert(name, value);
+    }
+    if let (Some(h), Some(io)) = (handshake, upstream_io) {
+        let idle = cfg.upstream.stream_idle_timeout.0;
+        let start = websocket::switch(h, io, &mut rparts.headers, idle, gw.cut_token());
+        let mut resp = with_parts(
+            rparts.status,
+            rparts.headers,
+            ResponseBody::full(Bytes::new()),
+        );
+        resp.extensions_mut().insert(start);
+        return Ok(resp);
     }
     if status.as_u16() >= 400 {
         // Boxed: the error path's future stays out of every request's state.

@@ -113,7 +113,11 @@ impl Builders {
         }
         let io = refusals::Refusals::new(io, Arc::clone(&gw));
         let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer, None));
-        let conn = self.h1.serve_connection(TokioIo::new(io), svc);
+        // With upgrades: a WebSocket's `101` hands the connection to its session.
+        let conn = self
+            .h1
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
         tokio::pin!(conn);
         let Drain { mut phase, _open } = drain;
         // While draining, responses carry `Connection: close` (the client's next request
@@ -329,20 +333,30 @@ pub async fn serve_proxy(
     drop(open_tx);
     let _ = phase_tx.send(Phase::Draining);
     tracing::info!(grace = ?grace, "shutting down: listener closed, draining in-flight requests");
-    // `recv` returns `None` once every connection task has dropped its sender.
-    if tokio::time::timeout(grace, open_rx.recv()).await.is_ok() {
+    // `recv` returns `None` once every connection task has dropped its sender; WebSocket
+    // sessions, which outlive their connection's task, are counted by the gateway.
+    if tokio::time::timeout(grace, all_ended(&mut open_rx, &gw))
+        .await
+        .is_ok()
+    {
         tracing::info!("all connections finished");
         return;
     }
-    tracing::warn!(grace = ?grace, "server.shutdown_grace elapsed; ending the streams still open with a shutting_down event");
+    tracing::warn!(grace = ?grace, "server.shutdown_grace elapsed; ending the streams still open with a shutting_down event and the WebSocket sessions with a close frame");
     gw.cut_streams();
     let _ = phase_tx.send(Phase::Cut);
-    if tokio::time::timeout(CUT_FLUSH, open_rx.recv())
+    if tokio::time::timeout(CUT_FLUSH, all_ended(&mut open_rx, &gw))
         .await
         .is_err()
     {
         tracing::warn!("closing the connections still open");
     }
+}
+
+/// Resolves once every connection task and every WebSocket session has ended.
+async fn all_ended(open: &mut mpsc::Receiver<()>, gw: &Gateway) {
+    while open.recv().await.is_some() {}
+    gw.sessions_ended().await;
 }
 
 async fn handshake(

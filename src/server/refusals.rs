@@ -26,6 +26,8 @@ pub struct Refusals<I> {
     gw: Arc<Gateway>,
     /// The schema response being written in place of hyper's, and how much is out.
     pending: Option<Box<(Bytes, usize)>>,
+    /// A `101 Switching Protocols` went out: the connection carries a WebSocket now.
+    switched: bool,
 }
 
 impl<I> Refusals<I> {
@@ -34,6 +36,7 @@ impl<I> Refusals<I> {
             io,
             gw,
             pending: None,
+            switched: false,
         }
     }
 }
@@ -128,6 +131,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Refusals<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         ready!(self.poll_pending(cx))?;
+        if self.switched {
+            return Pin::new(&mut self.io).poll_write(cx, buf);
+        }
+        if buf.starts_with(b"HTTP/1.1 101 ") {
+            self.switched = true;
+        }
         if let Some(err) = automatic_refusal(buf) {
             let bytes = self.respond(&err);
             self.pending = Some(Box::new((bytes, 0)));

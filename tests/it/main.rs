@@ -25,3 +25,4 @@ mod startup;
 mod tls;
 mod tokens;
 mod tracing;
+mod websocket;

@@ -19,6 +19,7 @@ pub struct Pki {
     pub ca_der: Vec<u8>,
 }
 
+/// A CA and a certificate it signed for `localhost` and 127.0.0.1.
 pub fn make_pki() -> Pki {
     let dir = scratch_dir();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();

@@ -413,7 +413,6 @@ async fn streams_reach_the_client_byte_for_byte_as_it_asked_for_them() {
 /// The official openai Python SDK, streaming through ezgate.
 #[tokio::test]
 async fn the_openai_sdk_streams_through_ezgate() {
-    let python = python();
     let emu = Emulator::start().await;
     let gw = Gateway::start(
         &emu.url(),
@@ -423,7 +422,7 @@ async fn the_openai_sdk_streams_through_ezgate() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/sdk_stream.py");
     let out = tokio::time::timeout(
         DEADLINE,
-        tokio::process::Command::new(&python)
+        tokio::process::Command::new(python())
             .arg(script)
             .arg(gw.url("/v1"))
             .output(),

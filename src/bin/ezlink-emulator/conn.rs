@@ -124,7 +124,10 @@ async fn connection<S: Socket>(
     let service =
         service_fn(move |request| service::handle(Arc::clone(&state), Arc::clone(&ctl), request));
     // Connection errors (client gone, emulated aborts) are the normal course here.
-    let _ = http.serve_connection(TokioIo::new(io), service).await;
+    // With upgrades: `/v1/realtime` turns its connection into a WebSocket.
+    let _ = http
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await;
 }
 
 enum Sniffed {

@@ -29,6 +29,8 @@ pub struct Entry {
     /// Tokens the emulator counted for this request ([`NONE`] until a route sets them).
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    /// A WebSocket session: the close frame the emulator received (code, reason).
+    ws_close: Mutex<Option<(u16, String)>>,
 }
 
 const NONE: u64 = u64::MAX;
@@ -83,6 +85,7 @@ impl RequestLog {
             state: AtomicU8::new(IN_PROGRESS),
             prompt_tokens: AtomicU64::new(NONE),
             completion_tokens: AtomicU64::new(NONE),
+            ws_close: Mutex::new(None),
         });
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.len() >= CAPACITY {
@@ -132,6 +135,12 @@ impl Entry {
             prompt_tokens,
             completion_tokens: self.completion_tokens.load(Ordering::Acquire),
         });
+        let ws_close = self
+            .ws_close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .map(|(code, reason)| CloseView { code, reason });
         EntryView {
             request_id: self.request_id.as_deref(),
             method: &self.method,
@@ -139,6 +148,7 @@ impl Entry {
             state,
             headers: &self.headers,
             usage,
+            ws_close,
         }
     }
 }
@@ -150,6 +160,16 @@ impl Guard {
 
     pub fn tokens(&self) -> Tokens {
         Tokens(Some(Arc::clone(&self.0)))
+    }
+
+    /// A WebSocket session received a close frame (`None`: one without a code).
+    pub fn ws_closed(&self, frame: Option<(u16, &str)>) {
+        let (code, reason) = frame.unwrap_or((1005, ""));
+        *self
+            .0
+            .ws_close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((code, reason.to_owned()));
     }
 }
 
@@ -172,6 +192,14 @@ struct EntryView<'a> {
     state: &'static str,
     headers: &'a [(String, String)],
     usage: Option<UsageView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ws_close: Option<CloseView>,
+}
+
+#[derive(Serialize)]
+struct CloseView {
+    code: u16,
+    reason: String,
 }
 
 #[derive(Serialize)]

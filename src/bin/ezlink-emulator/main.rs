@@ -61,6 +61,10 @@
 //!   names are lowercase, in order of first appearance with repeated names kept but grouped
 //!   (hyper's `HeaderMap` order); HTTP/2 without a `host` header gets `["host", authority]`
 //!   first.
+//! * `GET /v1/realtime?model=M` → a WebSocket (the Realtime API): `session.created`, then
+//!   `response.create` answered with `response.*` events and a `response.done` with usage,
+//!   and `emu.echo`, `emu.close`, `emu.stall`, `emu.reset` events that make it echo, close,
+//!   stall or reset; the whole reference is in `realtime.rs`.
 //! * Anything else → 404 `{"error":{"message":"Invalid URL (METHOD /path)","type":
 //!   "invalid_request_error","param":null,"code":"unknown_url"}}`.
 //!
@@ -90,6 +94,7 @@
 //! * `service` — one request: record → fault plan → body → delay → fault or route → finalize
 //! * `options` — the `x-emu-*` headers; `faults` — error shapes, reset body
 //! * `api` — models, completions, embeddings; `sse` — the streamed completions body
+//! * `realtime` — `/v1/realtime`, the WebSocket session
 //! * `echo` — `/echo`, `/inspect`; `encoding` — gzip/deflate/br; `body` — body types,
 //!   `Tracked` (completion); `log` — `/__emu/log`
 
@@ -101,6 +106,7 @@ mod encoding;
 mod faults;
 mod log;
 mod options;
+mod realtime;
 mod service;
 mod sse;
 

@@ -19,6 +19,7 @@ use crate::encoding::{self, Encoded};
 use crate::faults::{self, openai_error, respond, JSON};
 use crate::log::{Guard, RequestLog, Tokens};
 use crate::options::{Opts, Reset};
+use crate::realtime;
 use crate::sse::Kind;
 
 /// Largest body the API routes read (echo and inspect stream theirs, unbounded).
@@ -116,6 +117,12 @@ pub async fn handle(
             return Ok(finalize(response, &Opts::default(), Some(guard)));
         }
     };
+    if realtime::is_realtime(request.method(), request.uri().path()) && !opts.overrides_route() {
+        delay(&opts).await;
+        // The session holds the log entry until it ends.
+        let (response, guard) = realtime::accept(request, &opts, &state, &conn, guard);
+        return Ok(finalize(response, &opts, guard));
+    }
     let is_head = request.method() == Method::HEAD;
     let response = respond_to(&state, &conn, request, &opts, &guard.tokens()).await?;
     if is_head {

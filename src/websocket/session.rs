@@ -1,0 +1,408 @@
+//! One WebSocket session after the handshake: bytes copied both ways as they arrive (one
+//! 8 KiB buffer per direction, nothing held back), frame boundaries read on the way
+//! ([`Frames`]), until either side closes. ezgate ends a session itself with a close frame
+//! to both sides (1001, going away) when nothing moved either way for the idle timeout or
+//! the drain's grace is over; and when one side vanishes without a close frame, the other
+//! gets one (1001 for the upstream when the client left, 1011 for the client when the
+//! upstream connection was lost). A close frame is only ever written between two frames;
+//! once ezgate sent one, what that side still sends is read and dropped until its own close
+//! frame (the closing handshake, RFC 6455 §7.1.2), for at most [`CLOSE_WAIT`].
+
+use std::future::{poll_fn, Future as _};
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{sleep_until, Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use super::frames::{close_frame, Frames};
+use crate::outcome::SessionEnd;
+
+/// Bytes read at once in each direction.
+const BUF: usize = 8 * 1024;
+/// How long the closing handshake may take once ezgate sent its close frames, one side
+/// left, or both sides exchanged theirs (the TCP closes that follow).
+pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// What a session did, for its record.
+#[derive(Debug)]
+pub struct Report {
+    pub end: SessionEnd,
+    /// Bytes the client sent through, and the upstream.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Input and output tokens of the upstream's `response.done` events.
+    pub usage: Option<(u64, u64)>,
+    /// The upstream connection ended without a close frame.
+    pub interrupted: bool,
+}
+
+/// Which way a pipe copies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// Client → upstream: ezgate's close frames are masked (it is the upstream's client).
+    ToUpstream,
+    ToClient,
+}
+
+/// One direction: what the source sent, on its way to the destination.
+struct Pipe {
+    way: Way,
+    buf: Box<[u8]>,
+    /// `buf[start..end]` is read and not yet written.
+    start: usize,
+    end: usize,
+    frames: Frames,
+    /// What was written ends between two frames.
+    out_at_boundary: bool,
+    /// The source's close frame was passed on.
+    carried_close: bool,
+    /// ezgate's close frame, to write at the next boundary; then how much of it is out.
+    close: Option<Bytes>,
+    sending: Option<(Bytes, usize)>,
+    /// The source's bytes are read and dropped (ezgate closed this way, or the
+    /// destination is gone), until its close frame or its end.
+    discard: bool,
+    /// The source ended (EOF) or failed.
+    src_over: bool,
+    dst_gone: bool,
+    flush: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Pipe {
+    fn new(way: Way) -> Pipe {
+        Pipe {
+            way,
+            buf: vec![0; BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            frames: Frames::new(way == Way::ToClient),
+            out_at_boundary: true,
+            carried_close: false,
+            close: None,
+            sending: None,
+            discard: false,
+            src_over: false,
+            dst_gone: false,
+            flush: false,
+            done: false,
+            bytes: 0,
+        }
+    }
+
+    /// ezgate's close frame with `code` and `reason`, for this pipe's destination.
+    fn close_with(&mut self, code: CloseCode, reason: &'static str) {
+        if self.carried_close || self.discard || self.done || self.close.is_some() {
+            return;
+        }
+        let mask = (self.way == Way::ToUpstream).then(mask);
+        self.close = Some(close_frame(code, reason, mask));
+    }
+
+    /// The destination will not get more: the source is read and dropped.
+    fn stop_forwarding(&mut self) {
+        self.discard = true;
+        self.close = None;
+    }
+
+    /// Copies until nothing more can be done now; `Ready` once this way is over (the
+    /// destination was shut down, or is gone).
+    /// `heard` sees the frames after each read, before what was read is written on.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+        read: &mut bool,
+        heard: &mut impl FnMut(&Frames),
+    ) -> Poll<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(());
+            }
+            // What was read goes out first.
+            if self.start < self.end {
+                if self.dst_gone {
+                    self.start = self.end;
+                    continue;
+                }
+                match Pin::new(&mut *dst).poll_write(cx, &self.buf[self.start..self.end]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.start += n;
+                        self.bytes += n as u64;
+                        self.flush = true;
+                    }
+                    Poll::Ready(_) => self.dst_gone = true,
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            (self.start, self.end) = (0, 0);
+            // ezgate's close frame, between two frames.
+            if self.sending.is_none() && self.out_at_boundary && !self.frames.lost {
+                self.sending = self.close.take().map(|f| (f, 0));
+            }
+            if let Some((frame, at)) = &mut self.sending {
+                let written = if self.dst_gone {
+                    Poll::Ready(Ok(0))
+                } else {
+                    Pin::new(&mut *dst).poll_write(cx, &frame[*at..])
+                };
+                match written {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        *at += n;
+                        self.flush = true;
+                        if *at < frame.len() {
+                            continue;
+                        }
+                    }
+                    Poll::Ready(_) => self.dst_gone = true,
+                    Poll::Pending => return Poll::Pending,
+                }
+                self.sending = None;
+                self.discard = true;
+                continue;
+            }
+            // The source is over (or said its last word after ezgate's close): the
+            // destination's write side is shut.
+            if self.src_over || (self.discard && self.frames.close_seen) {
+                // An error here means the peer is gone already: done all the same.
+                if !self.dst_gone && Pin::new(&mut *dst).poll_shutdown(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.done = true;
+                continue;
+            }
+            let mut rb = ReadBuf::new(&mut self.buf);
+            match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    if self.flush && !self.dst_gone {
+                        match Pin::new(&mut *dst).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.flush = false,
+                            Poll::Ready(Err(_)) => self.dst_gone = true,
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(_)) => self.source_over(),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.source_over();
+                    } else {
+                        *read = true;
+                        self.take(n);
+                        heard(&self.frames);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The source ended or failed. If it left without a close frame, the destination hears
+    /// why from ezgate: 1001 for the upstream when the client left, 1011 for the client when
+    /// the upstream connection was lost.
+    fn source_over(&mut self) {
+        self.src_over = true;
+        if !self.carried_close {
+            match self.way {
+                Way::ToUpstream => self.close_with(CloseCode::Away, "the client went away"),
+                Way::ToClient => {
+                    self.close_with(CloseCode::Error, "the upstream connection was lost");
+                }
+            }
+        }
+    }
+
+    /// `buf[..n]` was just read: what of it is written on.
+    fn take(&mut self, n: usize) {
+        if self.discard {
+            self.scan(0, n);
+            return;
+        }
+        if self.close.is_some() {
+            // Closing: on up to the end of the frame in progress, nothing after it.
+            match self.frames.next_boundary(&self.buf[..n]) {
+                Some(k) => {
+                    self.end = k;
+                    self.out_at_boundary = true;
+                    self.carried_close |= self.frames.close_seen;
+                    self.scan(k, n);
+                }
+                None => {
+                    self.end = n;
+                    self.out_at_boundary = false;
+                    self.carried_close |= self.frames.close_seen;
+                }
+            }
+            return;
+        }
+        self.scan(0, n);
+        self.end = n;
+        self.out_at_boundary = self.frames.at_boundary();
+        self.carried_close |= self.frames.close_seen;
+    }
+
+    fn scan(&mut self, mut at: usize, n: usize) {
+        while at < n {
+            match self.frames.next_boundary(&self.buf[at..n]) {
+                Some(k) => at += k,
+                None => break,
+            }
+        }
+    }
+}
+
+fn mask() -> [u8; 4] {
+    let mut m = [0u8; 4];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut m);
+    m
+}
+
+/// Copies between `client` and `upstream` until the session ends; `idle` is the longest
+/// silence both ways, `cut` the end of the drain's grace. `on_usage` hears the input and
+/// output tokens of the upstream's `response.done` events so far, after each one.
+pub async fn relay<C, U>(
+    mut client: C,
+    mut upstream: U,
+    idle: Duration,
+    cut: CancellationToken,
+    mut on_usage: impl FnMut(u64, u64),
+) -> Report
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Pipe::new(Way::ToUpstream);
+    let mut down = Pipe::new(Way::ToClient);
+    let mut end: Option<SessionEnd> = None;
+    let mut interrupted = false;
+    let mut last = Instant::now();
+    let mut idle_timer = Box::pin(sleep_until(last + idle));
+    let mut deadline: Option<Pin<Box<Sleep>>> = None;
+    let mut cut_wait = pin!(cut.cancelled_owned());
+    let (mut cut_seen, mut idle_seen, mut up_noted, mut down_noted) = (false, false, false, false);
+    let arm = |deadline: &mut Option<Pin<Box<Sleep>>>| {
+        if deadline.is_none() {
+            *deadline = Some(Box::pin(tokio::time::sleep(CLOSE_WAIT)));
+        }
+    };
+    // A response's tokens are charged before its `response.done` is passed on.
+    let mut reported = None;
+    let mut hear_usage = |frames: &Frames| {
+        let usage = frames.usage();
+        if usage != reported {
+            reported = usage;
+            if let Some((input, output)) = usage {
+                on_usage(input, output);
+            }
+        }
+    };
+    poll_fn(|cx| loop {
+        let mut read = false;
+        let up_done = up
+            .poll(cx, &mut client, &mut upstream, &mut read, &mut |_| {})
+            .is_ready();
+        let down_done = down
+            .poll(cx, &mut upstream, &mut client, &mut read, &mut hear_usage)
+            .is_ready();
+        if read {
+            last = Instant::now();
+        }
+        if up_done && down_done {
+            return Poll::Ready(());
+        }
+        let mut changed = false;
+        // Who closed first: the first close frame, else the first side to leave.
+        if end.is_none() {
+            if up.frames.close_seen {
+                end = Some(SessionEnd::ClientClosed);
+            } else if down.frames.close_seen {
+                end = Some(SessionEnd::UpstreamClosed);
+            }
+        }
+        if up.carried_close && down.carried_close {
+            arm(&mut deadline);
+        }
+        if up.src_over && !up_noted {
+            up_noted = true;
+            end.get_or_insert(SessionEnd::ClientClosed);
+            if !up.carried_close {
+                // The client left without a word (the upstream got ezgate's close frame):
+                // what the upstream still sends has no reader.
+                down.stop_forwarding();
+                arm(&mut deadline);
+                changed = true;
+            }
+        }
+        if down.src_over && !down_noted {
+            down_noted = true;
+            end.get_or_insert(SessionEnd::UpstreamClosed);
+            if !down.carried_close {
+                interrupted = true;
+                up.stop_forwarding();
+                arm(&mut deadline);
+                changed = true;
+            }
+        }
+        if !cut_seen && cut_wait.as_mut().poll(cx).is_ready() {
+            cut_seen = true;
+            end.get_or_insert(SessionEnd::Shutdown);
+            up.close_with(CloseCode::Away, "ezgate is shutting down");
+            down.close_with(CloseCode::Away, "ezgate is shutting down");
+            arm(&mut deadline);
+            changed = true;
+        }
+        if !idle_seen {
+            let due = last + idle;
+            if idle_timer.deadline() != due {
+                idle_timer.as_mut().reset(due);
+            }
+            if idle_timer.as_mut().poll(cx).is_ready() {
+                idle_seen = true;
+                end.get_or_insert(SessionEnd::IdleTimeout);
+                up.close_with(
+                    CloseCode::Away,
+                    "no frame either way for upstream.stream_idle_timeout",
+                );
+                down.close_with(
+                    CloseCode::Away,
+                    "no frame either way for upstream.stream_idle_timeout",
+                );
+                arm(&mut deadline);
+                changed = true;
+            }
+        }
+        if let Some(d) = &mut deadline {
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        if !changed {
+            return Poll::Pending;
+        }
+    })
+    .await;
+    Report {
+        end: end.unwrap_or(SessionEnd::ClientClosed),
+        bytes_in: up.bytes,
+        bytes_out: down.bytes,
+        usage: down.frames.usage(),
+        interrupted,
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
