@@ -3,6 +3,7 @@
 //! body sent on them are in [`crate::pool`] (rustls, ALPN h2/http1.1).
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::time::Duration;
 
 use http::uri::PathAndQuery;
@@ -10,7 +11,7 @@ use http::{Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::config::{Http2, Settings, UpstreamConfig};
-use crate::errors::{FailureKind, GatewayError, TimeoutPhase};
+use crate::errors::{BoxError, FailureKind, GatewayError, TimeoutPhase};
 use crate::pool::{
     BodyStalled, BodyTooLarge, ClientBodyFailed, ConnectError, Pool, PoolConfig, RequestBody,
     UpstreamBody,
@@ -121,19 +122,9 @@ impl Upstream {
         path: PathAndQuery,
         sent: std::time::Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
-        let deadline = tokio::time::Instant::from_std(sent) + self.response_timeout;
-        match tokio::time::timeout_at(deadline, self.pool.send(req, path)).await {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&*e, self.connect_timeout)),
-            Err(_) => Err(Failure {
-                error: GatewayError::UpstreamTimeout(TimeoutPhase::Headers, self.response_timeout),
-                kind: Some(FailureKind::Timeout),
-            }),
-        }
+        self.answer(self.pool.send(req, path), sent).await
     }
-}
 
-impl Upstream {
     /// Sends a WebSocket handshake for `path` on a connection of its own (HTTP/1.1, never
     /// pooled); resolves with the response headers, within `upstream.response_timeout` of
     /// `sent`. A `101`'s connection is then the session's (`hyper::upgrade::on`).
@@ -143,8 +134,18 @@ impl Upstream {
         path: PathAndQuery,
         sent: std::time::Instant,
     ) -> Result<Response<UpstreamBody>, Failure> {
+        self.answer(self.pool.upgrade(req, path), sent).await
+    }
+
+    /// The response headers of an exchange, within `upstream.response_timeout` of `sent`;
+    /// its failure classified.
+    async fn answer(
+        &self,
+        exchange: impl Future<Output = Result<Response<UpstreamBody>, BoxError>>,
+        sent: std::time::Instant,
+    ) -> Result<Response<UpstreamBody>, Failure> {
         let deadline = tokio::time::Instant::from_std(sent) + self.response_timeout;
-        match tokio::time::timeout_at(deadline, self.pool.upgrade(req, path)).await {
+        match tokio::time::timeout_at(deadline, exchange).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&*e, self.connect_timeout)),
             Err(_) => Err(Failure {
