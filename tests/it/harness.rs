@@ -325,7 +325,6 @@ pub fn python() -> std::path::PathBuf {
     p
 }
 
-/// A sample's value from Prometheus text, labels in the exposition's (sorted) order; 0 when absent.
 /// A client key's digest as `key_sha256` takes it.
 pub fn sha256_hex(key: &str) -> String {
     ezgate::clients::sha256(key.as_bytes())
@@ -334,6 +333,38 @@ pub fn sha256_hex(key: &str) -> String {
         .collect()
 }
 
+/// Runs `tests/py/<script> <arg>` in the test venv and returns the JSON it printed; fails
+/// the test when the script fails.
+pub async fn run_python(script: &str, arg: &str) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script);
+    let out = tokio::time::timeout(
+        DEADLINE,
+        Command::new(python()).arg(&script).arg(arg).output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+/// A header of a request in the emulator's log (`Emulator::log`), by name (any case).
+pub fn logged_header<'a>(entry: &'a Value, name: &str) -> Option<&'a str> {
+    entry["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+        .and_then(|h| h[1].as_str())
+}
+
+/// A sample's value from Prometheus text, labels in the exposition's (sorted) order; 0 when absent.
 pub fn metric_value(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
         .find_map(|l| {

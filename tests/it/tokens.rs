@@ -419,24 +419,7 @@ async fn the_openai_sdk_streams_through_ezgate() {
         "[[limits]]\nname = \"tpm\"\nkey = \"global\"\ntokens = \"100000/min\"\n",
     )
     .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/sdk_stream.py");
-    let out = tokio::time::timeout(
-        DEADLINE,
-        tokio::process::Command::new(python())
-            .arg(script)
-            .arg(gw.url("/v1"))
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = run_python("sdk_stream.py", &gw.url("/v1")).await;
     assert_eq!(v["plain_text"], "tok0 tok1 tok2 tok3 tok4 ");
     assert_eq!(v["plain_chunks"], 5, "no chunk the client did not ask for");
     assert_eq!(

@@ -100,12 +100,7 @@ impl Receiver {
 /// A header the upstream received with a request, by the request's id.
 async fn upstream_header(emu: &Emulator, request_id: &str, name: &str) -> Option<String> {
     let entry = emu.entry(request_id).await.expect("the upstream saw it");
-    entry["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
-        .map(|h| h[1].as_str().unwrap().to_owned())
+    logged_header(&entry, name).map(str::to_owned)
 }
 
 fn chat(stream: bool) -> String {
@@ -348,15 +343,8 @@ fn check_config_reports_every_tracing_mistake() {
         "[tracing]\notlp_endpoint = \"http://user:secret@collector:4318\"\nsample_ratio = 1.5\nservice_name = \"\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(bin("ezgate"))
-        .arg("check-config")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = check_config(&path);
+    assert_eq!(code, Some(2), "{err}");
     for want in [
         "tracing.otlp_endpoint",
         "tracing.sample_ratio",
@@ -371,16 +359,24 @@ fn check_config_reports_every_tracing_mistake() {
         "[tracing]\notlp_endpoint = \"grpc://collector:4317\"\n",
     )
     .unwrap();
+    let (code, err) = check_config(&path);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("must start with http:// or https://"), "{err}");
+}
+
+/// `ezgate check-config` of a file: its exit code and what it printed on stderr.
+fn check_config(path: &std::path::Path) -> (Option<i32>, String) {
     let out = std::process::Command::new(bin("ezgate"))
         .arg("check-config")
         .arg("--config")
-        .arg(&path)
+        .arg(path)
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("must start with http:// or https://"), "{err}");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn hex_decode(s: &str) -> Vec<u8> {

@@ -150,15 +150,6 @@ async fn upstream_ended(emu: &Emulator, request_id: &str) -> Value {
     }
 }
 
-fn header<'a>(entry: &'a Value, name: &str) -> Option<&'a str> {
-    entry["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h[0] == name)
-        .map(|h| h[1].as_str().unwrap())
-}
-
 const SESSIONS: &str = "ezgate_websocket_sessions_total";
 
 fn sessions(end: &str) -> String {
@@ -225,13 +216,16 @@ async fn a_session_end_to_end() {
     let e = upstream_ended(&emu, "ws-e2e").await;
     assert_eq!(e["state"], "completed", "{e}");
     assert_eq!(e["ws_close"], json!({"code": 1000, "reason": "done"}));
-    assert_eq!(header(&e, "upgrade"), Some("websocket"));
-    assert_eq!(header(&e, "connection"), Some("upgrade"));
-    assert_eq!(header(&e, "sec-websocket-version"), Some("13"));
-    assert!(header(&e, "sec-websocket-key").is_some());
-    assert_eq!(header(&e, "sec-websocket-protocol"), Some("realtime"));
+    assert_eq!(logged_header(&e, "upgrade"), Some("websocket"));
+    assert_eq!(logged_header(&e, "connection"), Some("upgrade"));
+    assert_eq!(logged_header(&e, "sec-websocket-version"), Some("13"));
+    assert!(logged_header(&e, "sec-websocket-key").is_some());
     assert_eq!(
-        header(&e, "sec-websocket-extensions"),
+        logged_header(&e, "sec-websocket-protocol"),
+        Some("realtime")
+    );
+    assert_eq!(
+        logged_header(&e, "sec-websocket-extensions"),
         None,
         "no compression: the events stay readable"
     );
@@ -346,7 +340,10 @@ async fn managed_mode_injects_the_key_and_checks_client_and_model() {
     ws.close(None).await.unwrap();
     while next(&mut ws).await.is_some() {}
     let e = upstream_ended(&emu, "ws-managed").await;
-    assert_eq!(header(&e, "authorization"), Some("Bearer sk-org-key"));
+    assert_eq!(
+        logged_header(&e, "authorization"),
+        Some("Bearer sk-org-key")
+    );
 
     // Refusals come before the upstream, in the error schema.
     let get = |headers: Vec<(&'static str, &'static str)>, path: &'static str| {
@@ -610,8 +607,8 @@ async fn other_upgrades_are_not_switched() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
     let e = emu.entry("h2c-10").await.unwrap();
-    assert_eq!(header(&e, "upgrade"), None);
-    assert_eq!(header(&e, "http2-settings"), None);
+    assert_eq!(logged_header(&e, "upgrade"), None);
+    assert_eq!(logged_header(&e, "http2-settings"), None);
     // On the realtime route that is the upstream's refusal, in the error schema.
     let out = raw(gw.addr, upgrade_h2c("/v1/realtime").as_bytes(), DEADLINE).await;
     let text = String::from_utf8_lossy(&out);
@@ -638,31 +635,14 @@ async fn other_upgrades_are_not_switched() {
 async fn the_openai_sdk_realtime_client_works_through_ezgate() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/sdk_realtime.py");
-    let out = tokio::time::timeout(
-        DEADLINE,
-        tokio::process::Command::new(python())
-            .arg(script)
-            .arg(gw.url("/v1"))
-            .output(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let v = run_python("sdk_realtime.py", &gw.url("/v1")).await;
     assert_eq!(v["model"], "gpt-realtime");
     assert_eq!(v["text"], "tok0 tok1 tok2 tok3 tok4 ");
     assert_eq!(v["output_tokens"], 5);
     let e = &emu.log().await[0];
-    assert_eq!(header(e, "authorization"), Some("Bearer sk-test"));
+    assert_eq!(logged_header(e, "authorization"), Some("Bearer sk-test"));
     assert!(
-        header(e, "sec-websocket-extensions").is_none(),
+        logged_header(e, "sec-websocket-extensions").is_none(),
         "the client's permessage-deflate offer is not passed on"
     );
     wait_metric(&gw, &sessions("client_closed"), 1.0).await;
