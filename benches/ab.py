@@ -53,15 +53,16 @@ def free_port():
 
 
 def wait_http(url, proc):
+    me = os.path.basename(sys.argv[0])
     for _ in range(150):
         if proc.poll() is not None:
-            sys.exit(f"ab.py: {proc.args[0]} exited: see its output above")
+            sys.exit(f"{me}: {proc.args[0]} exited: see its output above")
         try:
             urllib.request.urlopen(url, timeout=1).read()
             return
         except Exception:
             time.sleep(0.1)
-    sys.exit(f"ab.py: {url} did not answer")
+    sys.exit(f"{me}: {url} did not answer")
 
 
 def ticks(pids):

@@ -28,13 +28,13 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+from ab import free_port, pin, wait_http  # the same helpers as the CPU A/B (benches/ab.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PY = os.path.join(ROOT, "target/test-venv/bin/python")
@@ -74,36 +74,6 @@ http {{
   }}
 }}
 """
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def pin(cpu):
-    try:
-        subprocess.run(["taskset", "-c", str(cpu), "true"], check=True, capture_output=True)
-        return ["taskset", "-c", str(cpu)]
-    except (OSError, subprocess.CalledProcessError):
-        return []
-
-
-def wait_http(url, proc):
-    for _ in range(150):
-        if proc.poll() is not None:
-            sys.exit(f"ws.py: {proc.args} exited")
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except urllib.error.HTTPError:
-            return
-        except Exception:
-            time.sleep(0.1)
-    sys.exit(f"ws.py: {url} did not answer")
 
 
 def rss_kb(pids):
