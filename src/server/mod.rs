@@ -140,12 +140,18 @@ impl Builders {
 
     /// An HTTP/2 connection, bounded like an HTTP/1.1 one: GOAWAY when it has had no stream
     /// open for the header read timeout (an idle connection, or a HEADERS block that never
-    /// completes), when its client resets too many accepted streams, or when the drain starts.
+    /// completes), when its client resets too many accepted streams (on it, or from its
+    /// address over all its connections), or when the drain starts. A connection from an
+    /// address whose streams are refused gets GOAWAY as soon as its handshake is done.
     async fn serve_h2<I>(&self, io: I, gw: Arc<Gateway>, peer: SocketAddr, drain: Drain)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
-        let watch = Arc::new(ConnWatch::new(MAX_CLIENT_RESETS, RESET_WINDOW));
+        let watch = Arc::new(ConnWatch::new(
+            MAX_CLIENT_RESETS,
+            RESET_WINDOW,
+            Some((peer.ip(), Arc::clone(&gw.resets))),
+        ));
         let streams = Arc::clone(&watch);
         let svc = service_fn(move |req| {
             proxy::serve(Arc::clone(&gw), req, peer, Some(Arc::clone(&streams)))
@@ -154,7 +160,13 @@ impl Builders {
         tokio::pin!(conn);
         let Drain { mut phase, _open } = drain;
         let mut watching_phase = true;
-        let mut closing = false;
+        let mut closing = watch.refusing();
+        if closing {
+            conn.as_mut().graceful_shutdown();
+        }
+        // Set when the connection got GOAWAY for being idle: a client that never answers
+        // (the GOAWAY's PING goes unanswered, so h2 never closes by itself) is dropped then.
+        let mut idle_close_by: Option<tokio::time::Instant> = None;
         loop {
             let idle_until = watch
                 .idle_since()
@@ -180,7 +192,16 @@ impl Builders {
                     if watch.idle_since().is_some_and(|t| t.elapsed() >= self.header_read_timeout) {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
+                        idle_close_by = Some(tokio::time::Instant::now() + IDLE_GOAWAY_GRACE);
                     }
+                }
+                () = sleep_until_some(idle_close_by), if idle_close_by.is_some() => {
+                    // No stream is open: nothing is lost by closing. (One opened in the
+                    // race with the GOAWAY is served; look again after it.)
+                    if watch.idle_since().is_some() {
+                        return;
+                    }
+                    idle_close_by = Some(tokio::time::Instant::now() + IDLE_GOAWAY_GRACE);
                 }
             }
         }
@@ -253,6 +274,9 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// GOAWAY (each one was sent upstream before the client cancelled it).
 const MAX_CLIENT_RESETS: u32 = 200;
 const RESET_WINDOW: Duration = Duration::from_secs(10);
+/// After an idle connection's GOAWAY, how long its client gets to close it (h2 waits for the
+/// answer to the PING sent with the GOAWAY) before ezgate drops it, if no stream opened.
+const IDLE_GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// After the cut, how long the final events get to reach clients before the process exits.
 const CUT_FLUSH: Duration = Duration::from_secs(2);
 
