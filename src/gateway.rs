@@ -364,9 +364,10 @@ impl ConnWatch {
             return false;
         };
         let now_seen = resets.penalties();
-        if self.penalties_seen.swap(now_seen, Ordering::Relaxed) == now_seen {
+        if self.penalties_seen.load(Ordering::Relaxed) == now_seen {
             return false;
         }
+        self.penalties_seen.store(now_seen, Ordering::Relaxed);
         let penalized = resets.penalized(*ip, Instant::now());
         if penalized {
             self.refusing.store(true, Ordering::Relaxed);
