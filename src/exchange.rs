@@ -82,9 +82,14 @@ impl Drop for Exchange {
             stream.end(out.status == CLIENT_CLOSED);
         }
         if let Some(r) = &self.redact {
-            for said in [&mut out.upstream_code, &mut out.response_model]
-                .into_iter()
-                .flatten()
+            // The model too: without one in the request it is the response's.
+            for said in [
+                &mut out.upstream_code,
+                &mut out.response_model,
+                &mut out.model,
+            ]
+            .into_iter()
+            .flatten()
             {
                 r.string(said);
             }

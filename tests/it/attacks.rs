@@ -790,8 +790,10 @@ async fn the_organizations_key_echoed_by_the_upstream_never_leaves_ezgate() {
     const ORG_KEY_URL: &str = "sk-org%2FEcho%2Bkey%3D0123456789";
     const REDACTED: &str = "[organization key redacted]";
     let emu = Emulator::start().await;
+    let spans = crate::tracing::Receiver::start().await;
     let config = format!(
-        "[upstream]\napi_key = \"${{ORG_KEY}}\"\n\n[[clients]]\nname = \"team-a\"\nkey_sha256 = \"{}\"\n",
+        "{}[upstream]\napi_key = \"${{ORG_KEY}}\"\n\n[[clients]]\nname = \"team-a\"\nkey_sha256 = \"{}\"\n",
+        spans.config("1.0"),
         sha256_hex("client-key")
     );
     let gw = Gateway::start_env(&emu.url(), &config, &[("ORG_KEY", ORG_KEY)]).await;
@@ -835,6 +837,8 @@ async fn the_organizations_key_echoed_by_the_upstream_never_leaves_ezgate() {
         );
         let line = gw.access_log(&rid).await.to_string();
         assert!(!leaks(&line), "{shape}: {line}");
+        let span = spans.span(&rid).await.to_string();
+        assert!(!leaks(&span), "{shape}: {span}");
         // The upstream did receive the key it echoed.
         let entry = emu.entry(&rid).await.unwrap();
         assert_eq!(
@@ -847,10 +851,12 @@ async fn the_organizations_key_echoed_by_the_upstream_never_leaves_ezgate() {
         gw.access_log("echo-openai").await["code"],
         format!("invalid_api_key {REDACTED}")
     );
-    // A success that echoes it in a header: the header is redacted, the body passes.
+    // A success that echoes it in a header and as its model: the header is redacted, the
+    // body passes byte for byte (2xx), the model the log and the span show is redacted.
     let r = gw
         .chat(&[
             ("authorization", "Bearer client-key"),
+            ("x-request-id", "echo-ok"),
             ("x-emu-echo-key", "1"),
         ])
         .await;
@@ -859,5 +865,24 @@ async fn the_organizations_key_echoed_by_the_upstream_never_leaves_ezgate() {
         r.header("x-emu-seen-key"),
         Some(format!("Bearer {REDACTED}").as_str())
     );
+    assert_eq!(r.json()["model"], ORG_KEY, "2xx bodies pass as they are");
+    let span = spans.span("echo-ok").await;
+    assert_eq!(span["attributes"]["gen_ai.response.model"], REDACTED);
+    assert!(!leaks(&span.to_string()), "{span}");
+    // Without a model in the request, the log's model is the response's.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                ("authorization", "Bearer client-key"),
+                ("content-type", "application/json"),
+                ("x-request-id", "echo-no-model"),
+                ("x-emu-echo-key", "1"),
+            ],
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.access_log("echo-no-model").await["model"], REDACTED);
     assert!(!leaks(&gw.logs.text()), "{}", gw.logs.text());
 }
