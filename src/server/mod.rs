@@ -160,13 +160,15 @@ impl Builders {
         tokio::pin!(conn);
         let Drain { mut phase, _open } = drain;
         let mut watching_phase = true;
+        // Set when ezgate sent GOAWAY of its own (idle, resets): a client that never answers
+        // it (its PING goes unanswered, so h2 never closes by itself) is dropped then, once
+        // no stream is open.
+        let mut drop_at: Option<tokio::time::Instant> = None;
         let mut closing = watch.refusing();
         if closing {
             conn.as_mut().graceful_shutdown();
+            drop_at = Some(tokio::time::Instant::now() + GOAWAY_ANSWER_WAIT);
         }
-        // Set when the connection got GOAWAY for being idle: a client that never answers
-        // (the GOAWAY's PING goes unanswered, so h2 never closes by itself) is dropped then.
-        let mut idle_close_by: Option<tokio::time::Instant> = None;
         loop {
             let idle_until = watch
                 .idle_since()
@@ -186,22 +188,23 @@ impl Builders {
                         tracing::warn!(%peer, limit = MAX_CLIENT_RESETS, "an HTTP/2 client reset too many streams; closing its connection (GOAWAY)");
                         closing = true;
                         conn.as_mut().graceful_shutdown();
+                        drop_at = Some(tokio::time::Instant::now() + GOAWAY_ANSWER_WAIT);
                     }
                 }
                 () = sleep_until_some(idle_until), if !closing && idle_until.is_some() => {
                     if watch.idle_since().is_some_and(|t| t.elapsed() >= self.header_read_timeout) {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
-                        idle_close_by = Some(tokio::time::Instant::now() + IDLE_GOAWAY_GRACE);
+                        drop_at = Some(tokio::time::Instant::now() + GOAWAY_ANSWER_WAIT);
                     }
                 }
-                () = sleep_until_some(idle_close_by), if idle_close_by.is_some() => {
-                    // No stream is open: nothing is lost by closing. (One opened in the
-                    // race with the GOAWAY is served; look again after it.)
+                () = sleep_until_some(drop_at), if drop_at.is_some() => {
+                    // No stream is open: nothing is lost by closing. (One still open, or
+                    // opened in the race with the GOAWAY, is served; look again after it.)
                     if watch.idle_since().is_some() {
                         return;
                     }
-                    idle_close_by = Some(tokio::time::Instant::now() + IDLE_GOAWAY_GRACE);
+                    drop_at = Some(tokio::time::Instant::now() + GOAWAY_ANSWER_WAIT);
                 }
             }
         }
@@ -274,9 +277,10 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// GOAWAY (each one was sent upstream before the client cancelled it).
 const MAX_CLIENT_RESETS: u32 = 200;
 const RESET_WINDOW: Duration = Duration::from_secs(10);
-/// After an idle connection's GOAWAY, how long its client gets to close it (h2 waits for the
-/// answer to the PING sent with the GOAWAY) before ezgate drops it, if no stream opened.
-const IDLE_GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// After a GOAWAY ezgate sent of its own (idle, resets), how long its client gets to answer
+/// it (h2 waits for the answer to the PING sent with the GOAWAY) before ezgate drops the
+/// connection, once no stream is open.
+const GOAWAY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// After the cut, how long the final events get to reach clients before the process exits.
 const CUT_FLUSH: Duration = Duration::from_secs(2);
 
