@@ -8,6 +8,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use crate::access_log;
+use crate::errors::redact::Redactor;
 use crate::gateway::{InflightSlot, StreamSlot};
 use crate::limits::Permit;
 use crate::metrics::Metrics;
@@ -22,6 +23,9 @@ pub struct Exchange {
     pub stream: Option<StreamSlot>,
     /// The request's span, ended with the outcome.
     pub trace: Option<RequestSpan>,
+    /// The organization's key (managed mode), replaced in what the upstream said before the
+    /// outcome is logged and traced.
+    pub redact: Option<Arc<Redactor>>,
     metrics: Arc<Metrics>,
     access_log: bool,
 }
@@ -41,6 +45,7 @@ impl Exchange {
             slot: None,
             stream: None,
             trace: None,
+            redact: None,
             metrics,
             access_log,
         }
@@ -75,6 +80,19 @@ impl Drop for Exchange {
         }
         if let Some(stream) = self.stream.take() {
             stream.end(out.status == CLIENT_CLOSED);
+        }
+        if let Some(r) = &self.redact {
+            // The model too: without one in the request it is the response's.
+            for said in [
+                &mut out.upstream_code,
+                &mut out.response_model,
+                &mut out.model,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                r.string(said);
+            }
         }
         let duration = out.started.elapsed();
         self.metrics.inflight(out.route).dec();

@@ -2,7 +2,8 @@
 //! and the counters of their policies), the drain, and the places a request holds while it
 //! runs (its place under `server.max_inflight`, its stream on an HTTP/2 connection).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -12,11 +13,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clients::Clients;
 use crate::config::{Settings, Store};
+use crate::errors::redact::Redactor;
 use crate::limits::shared::{Health, RedisStore};
 use crate::limits::{Limits, Verdict, Verdicts};
 use crate::metrics::Metrics;
 use crate::traces::{TraceCounters, Tracer};
 use crate::upstream::Upstream;
+
+pub mod resets;
+
+use resets::{AddressResets, Counted};
 
 /// How often idle limit keys are evicted and the key gauges updated.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
@@ -33,6 +39,8 @@ pub struct State {
     redis: Option<Arc<RedisStore>>,
     /// `Bearer <organization key>` in managed mode.
     pub api_key: Option<HeaderValue>,
+    /// Finds the organization's key in text that came from the upstream (managed mode).
+    pub redactor: Option<Arc<Redactor>>,
     /// The decision counters of each policy, in [`Limits::policy_names`] order.
     policy_counters: Vec<PolicyCounters>,
     /// Request spans (`[tracing]`), kept with its export queue when the table did not change.
@@ -97,6 +105,13 @@ impl State {
             }
             None => None,
         };
+        let redactor = settings
+            .config
+            .upstream
+            .api_key
+            .as_ref()
+            .and_then(|k| Redactor::new(k.expose()))
+            .map(Arc::new);
         let tracer = match (&cfg.tracing, previous) {
             (Some(t), Some(p)) if p.settings.config.tracing.as_ref() == Some(t) => {
                 Arc::clone(&p.tracer)
@@ -119,6 +134,7 @@ impl State {
             limits,
             redis,
             api_key,
+            redactor,
             policy_counters,
             tracer,
         })
@@ -196,6 +212,9 @@ pub struct Gateway {
     /// Open WebSocket sessions: they outlive their connection's task, and the drain waits
     /// for them too.
     sessions: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Accepted HTTP/2 streams reset by their client, per client address: kept across
+    /// reloads and connections.
+    pub resets: Arc<AddressResets>,
 }
 
 impl Gateway {
@@ -207,6 +226,7 @@ impl Gateway {
             inflight: Arc::new(AtomicU32::new(0)),
             cut: CancellationToken::new(),
             sessions: Arc::new(tokio::sync::watch::Sender::new(0)),
+            resets: Arc::new(AddressResets::default()),
         }
     }
 
@@ -267,13 +287,20 @@ impl Gateway {
 }
 
 /// What one HTTP/2 connection's requests tell its task: whether any stream is open (an
-/// idle connection is closed), and how many accepted streams the client reset lately (too
-/// many, and the connection gets GOAWAY).
+/// idle connection is closed), and how many accepted streams the client reset lately, on
+/// this connection (too many, and it gets GOAWAY) and from its address over all its
+/// connections (too many, and the address's streams are refused for a while).
 pub struct ConnWatch {
     state: Mutex<ConnState>,
     changed: tokio::sync::Notify,
     max_resets: u32,
     window: Duration,
+    /// The client's address and the gateway's count of resets per address.
+    address: Option<(IpAddr, Arc<AddressResets>)>,
+    /// The address is penalized: streams are refused without going upstream.
+    refusing: AtomicBool,
+    /// The gateway's count of penalties when this connection last looked up its address.
+    penalties_seen: AtomicU64,
 }
 
 struct ConnState {
@@ -285,8 +312,16 @@ struct ConnState {
 }
 
 impl ConnWatch {
-    pub fn new(max_resets: u32, window: Duration) -> ConnWatch {
+    pub fn new(
+        max_resets: u32,
+        window: Duration,
+        address: Option<(IpAddr, Arc<AddressResets>)>,
+    ) -> ConnWatch {
         let now = Instant::now();
+        let penalties_seen = address.as_ref().map_or(0, |(_, r)| r.penalties());
+        let refusing = address
+            .as_ref()
+            .is_some_and(|(ip, resets)| resets.penalized(*ip, now));
         ConnWatch {
             state: Mutex::new(ConnState {
                 open: 0,
@@ -297,6 +332,9 @@ impl ConnWatch {
             changed: tokio::sync::Notify::new(),
             max_resets,
             window,
+            address,
+            refusing: AtomicBool::new(refusing),
+            penalties_seen: AtomicU64::new(penalties_seen),
         }
     }
 
@@ -309,8 +347,32 @@ impl ConnWatch {
         self.lock().idle_since
     }
 
+    /// The connection should get GOAWAY: its client reset too many accepted streams on it,
+    /// or its address is penalized.
     pub fn too_many_resets(&self) -> bool {
-        self.lock().resets > self.max_resets
+        self.refusing() || self.lock().resets > self.max_resets
+    }
+
+    /// The client's address reset too many accepted streams over its connections lately:
+    /// its streams are refused without going upstream. Two atomic loads, unless a penalty
+    /// started (for any address) since this connection last looked.
+    pub fn refusing(&self) -> bool {
+        if self.refusing.load(Ordering::Relaxed) {
+            return true;
+        }
+        let Some((ip, resets)) = &self.address else {
+            return false;
+        };
+        let now_seen = resets.penalties();
+        if self.penalties_seen.load(Ordering::Relaxed) == now_seen {
+            return false;
+        }
+        self.penalties_seen.store(now_seen, Ordering::Relaxed);
+        let penalized = resets.penalized(*ip, Instant::now());
+        if penalized {
+            self.refusing.store(true, Ordering::Relaxed);
+        }
+        penalized
     }
 
     /// Resolves when a stream ended (the connection may be idle now, or over its resets).
@@ -340,6 +402,22 @@ impl ConnWatch {
             s.resets += 1;
         }
         drop(s);
+        if let (true, Some((ip, resets))) = (reset, &self.address) {
+            match resets.reset(*ip, now) {
+                Counted::Below => {}
+                Counted::PenaltyStarts => {
+                    self.refusing.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        address = %resets::address_key(*ip),
+                        limit = resets::MAX_ADDRESS_RESETS,
+                        window = ?resets::ADDRESS_RESET_WINDOW,
+                        penalty = ?resets::ADDRESS_PENALTY,
+                        "an HTTP/2 client address reset too many accepted streams over its connections; refusing its streams (503) and closing its connections (GOAWAY) for the penalty"
+                    );
+                }
+                Counted::Penalized => self.refusing.store(true, Ordering::Relaxed),
+            }
+        }
         self.changed.notify_one();
     }
 }

@@ -2,6 +2,7 @@
 //! every error body that leaves ezgate — ours or the upstream's — is an [`ErrorBody`] rendered
 //! by [`render`] or [`ErrorBody::into_response`].
 
+pub mod redact;
 pub mod upstream;
 
 use std::sync::Arc;

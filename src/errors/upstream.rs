@@ -9,6 +9,7 @@ use std::io::Read;
 
 use serde_json::Value;
 
+use super::redact::Redactor;
 use super::{type_for, ErrorBody, Source};
 
 /// How much of an upstream error body ezgate reads and decodes; the rest is discarded.
@@ -34,8 +35,31 @@ pub fn normalize(
     truncated: bool,
     request_id: &str,
 ) -> ErrorBody {
+    normalize_redacted(
+        status,
+        content_encoding,
+        content_type,
+        body,
+        truncated,
+        request_id,
+        None,
+    )
+}
+
+/// [`normalize`], with the organization's key (`secret`, managed mode) replaced in every
+/// member taken from the upstream, found after decoding and before the message is clipped
+/// (a message cut inside the key loses the start of it too).
+pub fn normalize_redacted(
+    status: u16,
+    content_encoding: Option<&str>,
+    content_type: Option<&str>,
+    body: &[u8],
+    truncated: bool,
+    request_id: &str,
+    secret: Option<&Redactor>,
+) -> ErrorBody {
     let decoded = decode(content_encoding, body);
-    let said = match &decoded {
+    let mut said = match &decoded {
         Ok(bytes) => read_body(content_type, bytes),
         Err(reason) => Said {
             message: Some(format!(
@@ -44,9 +68,20 @@ pub fn normalize(
             ..Said::default()
         },
     };
+    if let Some(r) = secret {
+        for member in [&mut said.code, &mut said.param].into_iter().flatten() {
+            r.cut_text(member);
+        }
+    }
     let message = said
         .message
-        .map(|m| clip(collapse_ws(&m)))
+        .map(|m| {
+            let mut m = collapse_ws(&m);
+            if let Some(r) = secret {
+                r.cut_text(&mut m);
+            }
+            clip(m)
+        })
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| meaning(status).to_owned());
     let message = if truncated {

@@ -132,3 +132,45 @@ fn long_messages_are_clipped() {
     assert_eq!(b.message.chars().count(), 1001);
     assert!(b.message.ends_with('…'));
 }
+
+#[test]
+fn the_organizations_key_is_redacted_in_every_form_and_member() {
+    use crate::errors::redact::{Redactor, REDACTED};
+    let key = "sk-org-0123456789abcdef";
+    let r = Redactor::new(key).unwrap();
+    let redacted = |enc: Option<&str>, ctype: &str, body: &[u8], truncated: bool| {
+        normalize_redacted(401, enc, Some(ctype), body, truncated, "rid", Some(&r))
+    };
+    // JSON-escaped in the body: found once decoded.
+    let b = redacted(
+        None,
+        "application/json",
+        br#"{"error":{"message":"Incorrect API key provided: \u0073k-org-0123456789abcdef.","type":"invalid_request_error","param":"sk-org-0123456789abcdef","code":"key sk-org-0123456789abcdef"}}"#,
+        false,
+    );
+    assert_eq!(
+        b.message,
+        format!("Incorrect API key provided: {REDACTED}.")
+    );
+    assert_eq!(b.param.as_deref(), Some(REDACTED));
+    assert_eq!(b.code.as_deref(), Some(format!("key {REDACTED}").as_str()));
+    // In an HTML page, compressed.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(format!("<html><title>401 bad key {key}</title></html>").as_bytes())
+        .unwrap();
+    let b = redacted(Some("gzip"), "text/html", &gz.finish().unwrap(), false);
+    assert_eq!(b.message, format!("401 bad key {REDACTED}"));
+    // A body cut inside the key.
+    let b = redacted(None, "text/plain", b"bad key sk-org-0123456789", true);
+    assert_eq!(
+        b.message,
+        format!("bad key {REDACTED} (upstream body truncated)")
+    );
+    // A message clipped after the key keeps no part of it.
+    let long = format!("{} {key}", "x".repeat(990));
+    let b = redacted(None, "text/plain", long.as_bytes(), false);
+    assert!(!b.message.contains("sk-org-0123"), "{}", b.message);
+    // Without a key (direct mode) nothing changes.
+    let b = normalize(401, None, Some("text/plain"), key.as_bytes(), false, "rid");
+    assert_eq!(b.message, key);
+}

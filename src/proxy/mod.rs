@@ -77,17 +77,24 @@ async fn serve_request(
         req.method(),
         route,
     );
+    // An address that reset too many accepted streams: refused without going upstream.
+    let refused = conn.as_ref().is_some_and(|c| c.refusing());
     out.stream = conn.map(StreamSlot::new);
+    out.redact.clone_from(&state.redactor);
     out.trace = state.tracer.start(req.headers(), out.method, route);
     out.trace_id = out.trace.as_ref().map(|t| t.trace_id());
     // Until a client is identified: `anonymous` without [[clients]], else `other`.
     if !state.clients.is_empty() {
         out.client = ClientLabel::Other;
     }
-    let result = CatchUnwind {
-        inner: handle(&gw, &state, req, path, peer, &mut out),
-    }
-    .await;
+    let result = if refused {
+        Ok(Err(address_refused()))
+    } else {
+        CatchUnwind {
+            inner: handle(&gw, &state, req, path, peer, &mut out),
+        }
+        .await
+    };
     let mut resp = match result {
         Ok(Ok(resp)) => resp,
         Ok(Err(err)) => error_response(&err, &mut out),
@@ -117,6 +124,13 @@ async fn serve_request(
         None => resp.body_mut().attach(out),
     }
     Ok(resp)
+}
+
+fn address_refused() -> GatewayError {
+    use crate::gateway::resets::{ADDRESS_PENALTY, ADDRESS_RESET_WINDOW, MAX_ADDRESS_RESETS};
+    GatewayError::Overloaded(format!(
+        "this client address reset more than {MAX_ADDRESS_RESETS} accepted HTTP/2 streams within {ADDRESS_RESET_WINDOW:?}; its streams are refused for {ADDRESS_PENALTY:?} (docs/security.md, HTTP/2 resets)"
+    ))
 }
 
 fn error_response(err: &GatewayError, out: &mut Exchange) -> Response<ResponseBody> {
@@ -287,6 +301,10 @@ async fn handle(
         .inspect_err(|_| out.upstream_failure = Some(crate::errors::FailureKind::Protocol))?;
     let (mut rparts, incoming) = resp.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers);
+    if let Some(r) = &state.redactor {
+        // An upstream header may echo the organization's key.
+        r.headers(&mut rparts.headers);
+    }
     if let Some(theirs) = rparts.headers.remove(X_REQUEST_ID) {
         rparts.headers.insert("x-upstream-request-id", theirs);
     }

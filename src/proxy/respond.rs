@@ -38,13 +38,14 @@ pub(super) async fn upstream_error(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut body = errors::upstream::normalize(
+    let mut body = errors::upstream::normalize_redacted(
         status.as_u16(),
         encoding.as_deref(),
         ctype.as_deref(),
         &raw,
         truncated,
         &out.request_id,
+        state.redactor.as_deref(),
     );
     let retry = headers.get(RETRY_AFTER).and_then(parse_retry_after);
     body.retry_after_ms = retry.map(errors::duration_ms);

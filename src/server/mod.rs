@@ -140,12 +140,18 @@ impl Builders {
 
     /// An HTTP/2 connection, bounded like an HTTP/1.1 one: GOAWAY when it has had no stream
     /// open for the header read timeout (an idle connection, or a HEADERS block that never
-    /// completes), when its client resets too many accepted streams, or when the drain starts.
+    /// completes), when its client resets too many accepted streams (on it, or from its
+    /// address over all its connections), or when the drain starts. A connection from an
+    /// address whose streams are refused gets GOAWAY as soon as its handshake is done.
     async fn serve_h2<I>(&self, io: I, gw: Arc<Gateway>, peer: SocketAddr, drain: Drain)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
-        let watch = Arc::new(ConnWatch::new(MAX_CLIENT_RESETS, RESET_WINDOW));
+        let watch = Arc::new(ConnWatch::new(
+            MAX_CLIENT_RESETS,
+            RESET_WINDOW,
+            Some((peer.ip(), Arc::clone(&gw.resets))),
+        ));
         let streams = Arc::clone(&watch);
         let svc = service_fn(move |req| {
             proxy::serve(Arc::clone(&gw), req, peer, Some(Arc::clone(&streams)))
@@ -154,7 +160,15 @@ impl Builders {
         tokio::pin!(conn);
         let Drain { mut phase, _open } = drain;
         let mut watching_phase = true;
-        let mut closing = false;
+        // Set when ezgate sent GOAWAY of its own (idle, resets): a client that never answers
+        // it (its PING goes unanswered, so h2 never closes by itself) is dropped then, once
+        // no stream is open.
+        let mut drop_at: Option<tokio::time::Instant> = None;
+        let mut closing = watch.refusing();
+        if closing {
+            conn.as_mut().graceful_shutdown();
+            drop_at = Some(tokio::time::Instant::now() + GOAWAY_ANSWER_WAIT);
+        }
         loop {
             let idle_until = watch
                 .idle_since()
@@ -174,13 +188,23 @@ impl Builders {
                         tracing::warn!(%peer, limit = MAX_CLIENT_RESETS, "an HTTP/2 client reset too many streams; closing its connection (GOAWAY)");
                         closing = true;
                         conn.as_mut().graceful_shutdown();
+                        drop_at = Some(tokio::time::Instant::now() + GOAWAY_ANSWER_WAIT);
                     }
                 }
                 () = sleep_until_some(idle_until), if !closing && idle_until.is_some() => {
                     if watch.idle_since().is_some_and(|t| t.elapsed() >= self.header_read_timeout) {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
+                        drop_at = Some(tokio::time::Instant::now() + GOAWAY_ANSWER_WAIT);
                     }
+                }
+                () = sleep_until_some(drop_at), if drop_at.is_some() => {
+                    // No stream is open: nothing is lost by closing. (One still open, or
+                    // opened in the race with the GOAWAY, is served; look again after it.)
+                    if watch.idle_since().is_some() {
+                        return;
+                    }
+                    drop_at = Some(tokio::time::Instant::now() + GOAWAY_ANSWER_WAIT);
                 }
             }
         }
@@ -253,6 +277,10 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// GOAWAY (each one was sent upstream before the client cancelled it).
 const MAX_CLIENT_RESETS: u32 = 200;
 const RESET_WINDOW: Duration = Duration::from_secs(10);
+/// After a GOAWAY ezgate sent of its own (idle, resets), how long its client gets to answer
+/// it (h2 waits for the answer to the PING sent with the GOAWAY) before ezgate drops the
+/// connection, once no stream is open.
+const GOAWAY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// After the cut, how long the final events get to reach clients before the process exits.
 const CUT_FLUSH: Duration = Duration::from_secs(2);
 

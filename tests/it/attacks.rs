@@ -486,7 +486,12 @@ async fn a_client_resetting_accepted_streams_loses_its_connection() {
         "GOAWAY after about 200 resets, not {sent}"
     );
     assert!(tokio::time::timeout(DEADLINE, conn).await.is_ok());
-    assert!(gw.logs.text().contains("reset too many streams"));
+    // The line is written as the GOAWAY goes out; it reaches the log reader a little later.
+    let start = std::time::Instant::now();
+    while !gw.logs.text().contains("reset too many streams") {
+        assert!(start.elapsed() < DEADLINE, "{}", gw.logs.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -555,4 +560,329 @@ fn secrets_that_would_leak_are_refused_before_binding() {
         !stderr.contains("sk-abc") && !stderr.contains("x-injected"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn an_idle_http2_client_that_never_answers_is_closed_at_the_header_read_timeout() {
+    // A raw client: the preface and its SETTINGS, then it reads and never answers (no
+    // SETTINGS ack, no PING answer). Without a bound of its own, the GOAWAY's PING waits
+    // for ever and only the keep-alive (a ping after 20 s, 20 s to answer) closes it.
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[server]\nheader_read_timeout = \"1s\"\n").await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got)).await;
+    assert!(
+        closed.is_ok(),
+        "an idle HTTP/2 connection is closed soon after server.header_read_timeout, not by the keep-alive"
+    );
+    // The frames ezgate sent: a GOAWAY (type 7) among them.
+    let mut types = Vec::new();
+    let mut at = 0;
+    while let Some(head) = got.get(at..at + 9) {
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        types.push(head[3]);
+        at += 9 + len;
+    }
+    assert!(
+        types.contains(&7),
+        "GOAWAY before the close; frames: {types:?}"
+    );
+}
+
+/// An HTTP/2 connection from the loopback address `source` (127.0.0.1 and 127.0.0.2 are two
+/// client addresses on Linux).
+async fn h2_client_from(
+    addr: std::net::SocketAddr,
+    source: [u8; 4],
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+const STREAMED_CHAT: &str =
+    r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// The body of an HTTP/2 response, whole.
+async fn h2_body(resp: http::Response<h2::RecvStream>) -> Vec<u8> {
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(DEADLINE, body.data()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    out
+}
+
+/// Opens streams on one connection, 50 at a time, and resets each once its response head
+/// shows that ezgate accepted it (and sent it upstream), until the connection takes no
+/// more streams. Returns the streams reset and the streams refused with 503 `overloaded`.
+async fn reset_until_refused(send: h2::client::SendRequest<Bytes>) -> (usize, usize) {
+    let (mut reset, mut refused) = (0, 0);
+    loop {
+        let mut pending = Vec::new();
+        for _ in 0..50 {
+            let Ok(mut s) = send.clone().ready().await else {
+                break;
+            };
+            let req = h2_request(
+                "/v1/chat/completions",
+                &[("x-emu-stream-interval-ms", "10000")],
+            );
+            let Ok((resp, mut body)) = s.send_request(req, false) else {
+                break;
+            };
+            if body
+                .send_data(Bytes::from_static(STREAMED_CHAT.as_bytes()), true)
+                .is_err()
+            {
+                break;
+            }
+            pending.push((resp, body));
+        }
+        if pending.is_empty() {
+            return (reset, refused);
+        }
+        for (resp, mut body) in pending {
+            match tokio::time::timeout(DEADLINE, resp)
+                .await
+                .expect("ezgate answers every stream it accepted")
+            {
+                Ok(r) if r.status() == 200 => {
+                    body.send_reset(h2::Reason::CANCEL);
+                    reset += 1;
+                }
+                Ok(r) => {
+                    assert_eq!(r.status(), 503);
+                    let v: serde_json::Value = serde_json::from_slice(&h2_body(r).await).unwrap();
+                    assert_eq!(v["error"]["code"], "overloaded", "{v}");
+                    assert!(
+                        v["error"]["message"]
+                            .as_str()
+                            .unwrap()
+                            .contains("reset more than 1000 accepted HTTP/2 streams"),
+                        "{v}"
+                    );
+                    refused += 1;
+                }
+                // Refused by the connection's GOAWAY before ezgate took it.
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// A POST of `body` on a new connection from `source`: its status, or `None` when the
+/// connection took no stream.
+async fn h2_post_from(gw: &Gateway, source: [u8; 4], body: &'static str) -> Option<u16> {
+    let (send, _conn) = h2_client_from(gw.addr, source).await;
+    h2_post(&send, body).await
+}
+
+/// A POST of `body` on an open connection: its status, or `None` when it took no stream.
+async fn h2_post(send: &h2::client::SendRequest<Bytes>, body: &'static str) -> Option<u16> {
+    let mut send = send.clone().ready().await.ok()?;
+    let (resp, mut stream) = send
+        .send_request(h2_request("/v1/chat/completions", &[]), false)
+        .ok()?;
+    stream
+        .send_data(Bytes::from_static(body.as_bytes()), true)
+        .ok()?;
+    let resp = tokio::time::timeout(DEADLINE, resp).await.unwrap().ok()?;
+    let status = resp.status().as_u16();
+    h2_body(resp).await;
+    Some(status)
+}
+
+#[tokio::test]
+async fn an_address_resetting_streams_over_many_connections_is_refused_for_a_while() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "").await;
+    // Another connection of the same address, kept open by a stream that stays open.
+    let (bystander, _bystander_conn) = h2_client_from(gw.addr, [127, 0, 0, 1]).await;
+    let mut send = bystander.clone().ready().await.unwrap();
+    let (open, mut open_body) = send
+        .send_request(
+            h2_request(
+                "/v1/chat/completions",
+                &[("x-emu-stream-interval-ms", "60000")],
+            ),
+            false,
+        )
+        .unwrap();
+    open_body
+        .send_data(Bytes::from_static(STREAMED_CHAT.as_bytes()), true)
+        .unwrap();
+    let _open = tokio::time::timeout(DEADLINE, open).await.unwrap().unwrap();
+    // Reconnecting after each GOAWAY, as the attack does.
+    let flood = async {
+        let (mut resets, mut refused, mut connections) = (0, 0, 0);
+        while refused == 0 && connections < 30 {
+            let (send, _conn) = h2_client_from(gw.addr, [127, 0, 0, 1]).await;
+            let (r, x) = reset_until_refused(send).await;
+            resets += r;
+            refused += x;
+            connections += 1;
+        }
+        (resets, refused, connections)
+    };
+    let (resets, refused, connections) = tokio::time::timeout(Duration::from_secs(180), flood)
+        .await
+        .expect("the flood ends");
+    assert!(
+        refused > 0,
+        "after {resets} resets over {connections} connections the address's streams are refused"
+    );
+    assert!(
+        connections > 1,
+        "the count spans connections ({connections})"
+    );
+    // Every stream reset had gone upstream; past the limit, no more do.
+    let upstream = emu.log().await.len();
+    assert!(
+        (1002..=1201).contains(&upstream),
+        "{upstream} upstream requests for {resets} resets (and the bystander's)"
+    );
+    // The address's connection that was open all along refuses its new streams too.
+    assert_eq!(h2_post(&bystander, CHAT_BODY).await, Some(503));
+    // A new connection from the same address: refused, not sent upstream.
+    let status = h2_post_from(&gw, [127, 0, 0, 1], CHAT_BODY).await;
+    assert!(
+        matches!(status, None | Some(503)),
+        "a penalized address's stream: {status:?}"
+    );
+    assert_eq!(
+        emu.log().await.len(),
+        upstream,
+        "nothing more went upstream"
+    );
+    // Another address is unaffected.
+    assert_eq!(
+        h2_post_from(&gw, [127, 0, 0, 2], CHAT_BODY).await,
+        Some(200)
+    );
+    assert_eq!(emu.log().await.len(), upstream + 1);
+    // One log line for the penalty, not one per stream.
+    let line = "reset too many accepted streams over its connections";
+    let start = std::time::Instant::now();
+    while !gw.logs.text().contains(line) {
+        assert!(start.elapsed() < DEADLINE, "{}", gw.logs.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.logs.text().matches(line).count(), 1);
+}
+
+#[tokio::test]
+async fn the_organizations_key_echoed_by_the_upstream_never_leaves_ezgate() {
+    const ORG_KEY: &str = "sk-org/Echo+key=0123456789";
+    const ORG_KEY_URL: &str = "sk-org%2FEcho%2Bkey%3D0123456789";
+    const REDACTED: &str = "[organization key redacted]";
+    let emu = Emulator::start().await;
+    let spans = crate::tracing::Receiver::start().await;
+    let config = format!(
+        "{}[upstream]\napi_key = \"${{ORG_KEY}}\"\n\n[[clients]]\nname = \"team-a\"\nkey_sha256 = \"{}\"\n",
+        spans.config("1.0"),
+        sha256_hex("client-key")
+    );
+    let gw = Gateway::start_env(&emu.url(), &config, &[("ORG_KEY", ORG_KEY)]).await;
+    let leaks = |text: &str| text.contains(ORG_KEY) || text.contains(ORG_KEY_URL);
+    for (shape, encoding) in [
+        ("openai", None),
+        ("errors", Some("gzip")),
+        ("text", None),
+        ("html", Some("br")),
+        ("detail-object", None),
+    ] {
+        let rid = format!("echo-{shape}");
+        let mut headers = vec![
+            ("authorization", "Bearer client-key"),
+            ("content-type", "application/json"),
+            ("x-request-id", rid.as_str()),
+            ("x-emu-status", "401"),
+            ("x-emu-body", shape),
+            ("x-emu-code", "invalid_api_key"),
+            ("x-emu-echo-key", "1"),
+        ];
+        headers.extend(encoding.map(|e| ("x-emu-encoding", e)));
+        let r = gw.post("/v1/chat/completions", &headers, CHAT_BODY).await;
+        assert_eq!(r.status, 401, "{shape}");
+        let e = r.error();
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(!leaks(&body), "{shape}: {body}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("Incorrect API key provided: {REDACTED}.")),
+            "{shape}: {e}"
+        );
+        for (name, value) in &r.headers {
+            assert!(!leaks(&String::from_utf8_lossy(value.as_bytes())), "{name}");
+        }
+        assert_eq!(
+            r.header("x-emu-seen-key"),
+            Some(format!("Bearer {REDACTED}").as_str())
+        );
+        let line = gw.access_log(&rid).await.to_string();
+        assert!(!leaks(&line), "{shape}: {line}");
+        let span = spans.span(&rid).await.to_string();
+        assert!(!leaks(&span), "{shape}: {span}");
+        // The upstream did receive the key it echoed.
+        let entry = emu.entry(&rid).await.unwrap();
+        assert_eq!(
+            logged_header(&entry, "authorization"),
+            Some(format!("Bearer {ORG_KEY}").as_str())
+        );
+    }
+    // The access log's code is the upstream's, redacted.
+    assert_eq!(
+        gw.access_log("echo-openai").await["code"],
+        format!("invalid_api_key {REDACTED}")
+    );
+    // A success that echoes it in a header and as its model: the header is redacted, the
+    // body passes byte for byte (2xx), the model the log and the span show is redacted.
+    let r = gw
+        .chat(&[
+            ("authorization", "Bearer client-key"),
+            ("x-request-id", "echo-ok"),
+            ("x-emu-echo-key", "1"),
+        ])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-emu-seen-key"),
+        Some(format!("Bearer {REDACTED}").as_str())
+    );
+    assert_eq!(r.json()["model"], ORG_KEY, "2xx bodies pass as they are");
+    let span = spans.span("echo-ok").await;
+    assert_eq!(span["attributes"]["gen_ai.response.model"], REDACTED);
+    assert!(!leaks(&span.to_string()), "{span}");
+    // Without a model in the request, the log's model is the response's.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                ("authorization", "Bearer client-key"),
+                ("content-type", "application/json"),
+                ("x-request-id", "echo-no-model"),
+                ("x-emu-echo-key", "1"),
+            ],
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.access_log("echo-no-model").await["model"], REDACTED);
+    assert!(!leaks(&gw.logs.text()), "{}", gw.logs.text());
 }

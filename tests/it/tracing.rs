@@ -20,14 +20,14 @@ const CLIENT_KEY: &str = "sk-client-never-exported";
 const PROMPT: &str = "a-prompt-that-stays-private";
 
 /// The OTLP receiver, as a process; the spans it received, one JSON object each.
-struct Receiver {
+pub(crate) struct Receiver {
     _child: Child,
     port: u16,
     spans: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Receiver {
-    async fn start() -> Receiver {
+    pub(crate) async fn start() -> Receiver {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/otlp_receiver.py");
         let mut child = Command::new(python())
             .arg(script)
@@ -63,7 +63,7 @@ impl Receiver {
         }
     }
 
-    fn config(&self, ratio: &str) -> String {
+    pub(crate) fn config(&self, ratio: &str) -> String {
         format!(
             "[tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\nsample_ratio = {ratio}\nservice_name = \"ezgate-test\"\n",
             self.port
@@ -75,7 +75,7 @@ impl Receiver {
     }
 
     /// The span of a request, by its `ezgate.request_id`, waiting for it to arrive.
-    async fn span(&self, request_id: &str) -> Value {
+    pub(crate) async fn span(&self, request_id: &str) -> Value {
         let start = std::time::Instant::now();
         loop {
             if let Some(s) = self.find(request_id) {

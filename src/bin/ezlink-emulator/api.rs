@@ -118,7 +118,12 @@ pub fn complete(
         }
     };
     let prompt_tokens = (chars / 4).max(1) as u64;
-    let model = request.model.as_deref().unwrap_or("gpt-4o");
+    // `x-emu-echo-key`: an upstream careless enough to name the key as the model.
+    let model = opts
+        .echo_key
+        .as_deref()
+        .or(request.model.as_deref())
+        .unwrap_or("gpt-4o");
     let (id, created) = match &opts.fixed_id {
         Some(id) => (id.clone(), FIXED_CREATED),
         None => (

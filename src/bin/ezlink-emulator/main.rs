@@ -179,6 +179,11 @@ with `code: "emulator_bad_header"` naming the header. Request bodies are always 
 * `x-emu-retry-after: V` → `retry-after: V`. `x-emu-ratelimit-headers: 1` →
   `x-ratelimit-limit-requests: 100`, `x-ratelimit-remaining-requests: 0`,
   `x-ratelimit-reset-requests: 1s`. Both on any response.
+* `x-emu-echo-key: 1` — echo the key of the request's `Authorization` as a careless
+  upstream does: the `x-emu-status` message becomes `Incorrect API key provided: KEY.
+  Manage it at https://ezlink.example/keys?key=PCT. TEXT` (PCT: KEY percent-encoded), a
+  CODE other than `null` gets ` KEY` appended, a completion names KEY as its `model`, and
+  any response carries `x-emu-seen-key: Bearer KEY`.
 * `x-emu-reset: headers` — no response at all: HTTP/1 closes the TCP connection with an
   RST and zero bytes written; HTTP/2 resets the stream (RST_STREAM INTERNAL_ERROR).
 * `x-emu-reset: body` — 200 with `content-length: 1000`, 10 body bytes, then (~20 ms

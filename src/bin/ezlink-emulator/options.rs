@@ -33,6 +33,9 @@ pub struct Opts {
     pub completion_tokens: u64,
     /// `x-emu-id`: the response's id, with a fixed creation time (byte-comparable bodies).
     pub fixed_id: Option<String>,
+    /// `x-emu-echo-key: 1`: the key of the request's `Authorization`, echoed back as a
+    /// careless upstream does.
+    pub echo_key: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +98,7 @@ impl Default for Opts {
             },
             completion_tokens: 7,
             fixed_id: None,
+            echo_key: None,
         }
     }
 }
@@ -145,6 +149,22 @@ impl Opts {
             opts.completion_tokens = tokens;
         }
         opts.fixed_id = text(headers, "x-emu-id")?.map(str::to_owned);
+        if flag(headers, "x-emu-echo-key") {
+            let auth = lossy(headers, "authorization").unwrap_or_default();
+            let key = auth.strip_prefix("Bearer ").unwrap_or(&auth).to_owned();
+            if let Some(f) = &mut opts.fault {
+                f.message = format!(
+                    "Incorrect API key provided: {key}. Manage it at https://ezlink.example/keys?key={}. {}",
+                    percent(&key),
+                    f.message
+                );
+                if let Some(code) = &mut f.code {
+                    code.push(' ');
+                    code.push_str(&key);
+                }
+            }
+            opts.echo_key = Some(key);
+        }
         Ok(opts)
     }
 
@@ -222,6 +242,19 @@ fn number<T: FromStr>(
             expected,
         }),
     }
+}
+
+/// Every byte but RFC 3986's unreserved ones as `%XX`.
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Present and not `0`/`false`.

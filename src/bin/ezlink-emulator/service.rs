@@ -237,7 +237,8 @@ fn control(state: &State, method: &Method, name: &str) -> Response<Payload> {
     }
 }
 
-/// Applies `x-emu-encoding`, `x-emu-retry-after` and `x-emu-ratelimit-headers`, and ties the
+/// Applies `x-emu-encoding`, `x-emu-retry-after`, `x-emu-echo-key` and
+/// `x-emu-ratelimit-headers`, and ties the
 /// log entry to the body.
 fn finalize(response: Response<Payload>, opts: &Opts, guard: Option<Guard>) -> Response<Tracked> {
     let (mut parts, payload) = response.into_parts();
@@ -262,6 +263,11 @@ fn finalize(response: Response<Payload>, opts: &Opts, guard: Option<Guard>) -> R
     };
     if let Some(value) = &opts.retry_after {
         headers.insert(RETRY_AFTER, value.clone());
+    }
+    if let Some(key) = &opts.echo_key {
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
+            headers.insert("x-emu-seen-key", v);
+        }
     }
     if opts.ratelimit_headers {
         let limits = [
