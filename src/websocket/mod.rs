@@ -30,9 +30,9 @@ use hyper_util::rt::TokioIo;
 use percent_encoding::percent_decode_str;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
 use crate::errors::{FailureKind, GatewayError};
 use crate::exchange::Exchange;
-use crate::config::Config;
 use crate::gateway::SessionPlace;
 use crate::outcome::{Session, SessionEnd, Usage};
 pub use session::Timing;

@@ -455,7 +455,12 @@ where
         if !cut_seen && cut_wait.as_mut().poll(cx).is_ready() {
             cut_seen = true;
             end.get_or_insert(SessionEnd::Shutdown);
-            close_both(&mut up, &mut down, CloseCode::Away, "ezgate is shutting down");
+            close_both(
+                &mut up,
+                &mut down,
+                CloseCode::Away,
+                "ezgate is shutting down",
+            );
             arm(&mut deadline);
             changed = true;
         }
@@ -471,7 +476,9 @@ where
             if up.frames.pong_heard {
                 up.frames.pong_heard = false;
                 pong_timer = None;
-                ping_timer.as_mut().reset(Instant::now() + timing.ping_every);
+                ping_timer
+                    .as_mut()
+                    .reset(Instant::now() + timing.ping_every);
             }
             match &mut pong_timer {
                 None => {

@@ -278,7 +278,12 @@ async fn a_client_whose_socket_is_full_is_closed_by_the_pong_timeout() {
     let mut s = session_with(PINGING).await;
     // The upstream streams more than the client's socket holds; the client never reads.
     let streamer = tokio::spawn(async move {
-        while s.upstream.send(Message::binary(vec![1u8; 16_000])).await.is_ok() {}
+        while s
+            .upstream
+            .send(Message::binary(vec![1u8; 16_000]))
+            .await
+            .is_ok()
+        {}
     });
     let report = s.relay.await.unwrap();
     assert_eq!(report.end, SessionEnd::PingTimeout);
@@ -364,10 +369,9 @@ async fn a_ping_waits_for_the_end_of_the_frame_in_progress() {
     tokio::time::sleep(Duration::from_secs(30)).await;
     s.client.close(None).await.unwrap();
     let (c, u) = (&mut s.client, &mut s.upstream);
-    tokio::join!(
-        async { while c.next().await.is_some() {} },
-        async { while u.next().await.is_some() {} }
-    );
+    tokio::join!(async { while c.next().await.is_some() {} }, async {
+        while u.next().await.is_some() {}
+    });
     drop(s.client);
     drop(s.upstream);
     let report = s.relay.await.unwrap();

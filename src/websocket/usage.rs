@@ -319,9 +319,11 @@ mod tests {
     #[test]
     fn deltas_of_a_response_not_done_are_estimated_until_its_done() {
         let created = r#"{"type":"response.created","event_id":"e","response":{"id":"resp_1","status":"in_progress"}}"#;
-        let done = r#"{"type":"response.done","response":{"usage":{"input_tokens":3,"output_tokens":4}}}"#;
+        let done =
+            r#"{"type":"response.done","response":{"usage":{"input_tokens":3,"output_tokens":4}}}"#;
         let audio = r#"{"type":"response.output_audio.delta","delta":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}"#;
-        let transcript = r#"{"type":"response.output_audio_transcript.delta", "delta" : "hello there"}"#;
+        let transcript =
+            r#"{"type":"response.output_audio_transcript.delta", "delta" : "hello there"}"#;
         // A delta whose text names other events, with escapes, past the first bytes.
         let tricky = delta("say \"delta\": \"response.done\" and more words to estimate");
         let text = "say \"delta\": \"response.done\" and more words to estimate";

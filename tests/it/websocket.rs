@@ -658,12 +658,13 @@ async fn a_client_that_leaves_before_response_done_is_charged_what_streamed() {
     .await;
     let path = "/v1/realtime?model=gpt-realtime";
     // 200 deltas, then no `response.done`: the client leaves in between.
-    let headers = [
-        ("x-request-id", "ws-cut"),
-        ("x-emu-stream-events", "200"),
-    ];
+    let headers = [("x-request-id", "ws-cut"), ("x-emu-stream-events", "200")];
     let mut ws = open(&gw, path, &headers).await;
-    emit(&mut ws, json!({"type": "response.create", "emu_hold": true})).await;
+    emit(
+        &mut ws,
+        json!({"type": "response.create", "emu_hold": true}),
+    )
+    .await;
     let mut text = String::new();
     assert_eq!(recv(&mut ws).await["type"], "response.created");
     for _ in 0..200 {
@@ -689,7 +690,10 @@ async fn a_client_that_leaves_before_response_done_is_charged_what_streamed() {
     );
     // The bucket is in debt: the next handshake is refused, and the upstream never sees it.
     let r = gw
-        .get_with(path, &[HANDSHAKE.as_slice(), &[("x-request-id", "ws-after-cut")]].concat())
+        .get_with(
+            path,
+            &[HANDSHAKE.as_slice(), &[("x-request-id", "ws-after-cut")]].concat(),
+        )
         .await;
     assert_eq!(r.status, 429);
     assert_eq!(r.error()["code"], "token_rate_limited");
@@ -706,7 +710,10 @@ async fn a_session_past_its_lifetime_is_closed_with_1008_on_both_sides() {
     let e = upstream_ended(&emu, "ws-life").await;
     assert_eq!(e["ws_close"], json!({"code": 1008, "reason": reason}));
     assert_eq!(e["state"], "completed", "{e}");
-    assert_eq!(gw.access_log("ws-life").await["session_end"], "max_lifetime");
+    assert_eq!(
+        gw.access_log("ws-life").await["session_end"],
+        "max_lifetime"
+    );
     wait_metric(&gw, &sessions("max_lifetime"), 1.0).await;
 }
 
@@ -733,7 +740,10 @@ async fn a_client_that_does_not_answer_pings_is_closed_and_one_that_does_is_kept
     let reason = "no pong to ezgate's ping within server.websocket_pong_timeout";
     let e = upstream_ended(&emu, "ws-deaf").await;
     assert_eq!(e["ws_close"], json!({"code": 1001, "reason": reason}));
-    assert_eq!(gw.access_log("ws-deaf").await["session_end"], "ping_timeout");
+    assert_eq!(
+        gw.access_log("ws-deaf").await["session_end"],
+        "ping_timeout"
+    );
     // The deaf client's socket holds what ezgate sent: `session.created`, pings, then the
     // close frame.
     let mut pings = 0;
@@ -746,7 +756,10 @@ async fn a_client_that_does_not_answer_pings_is_closed_and_one_that_does_is_kept
         }
     };
     assert!(pings >= 1);
-    assert_eq!((u16::from(close.code), close.reason.as_str()), (1001, reason));
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1001, reason)
+    );
     // The reading client's session goes on.
     emit(&mut polite, json!({"type": "emu.echo", "n": 1})).await;
     assert_eq!(recv(&mut polite).await["n"], 1);
@@ -775,7 +788,10 @@ async fn sessions_have_their_own_cap_and_leave_max_inflight_to_requests() {
     // A fourth session is past the sessions' cap: 503 in the schema, with Retry-After,
     // and the upstream never sees it.
     let r = gw
-        .get_with("/v1/realtime", &[HANDSHAKE.as_slice(), &[("x-request-id", "ws-over")]].concat())
+        .get_with(
+            "/v1/realtime",
+            &[HANDSHAKE.as_slice(), &[("x-request-id", "ws-over")]].concat(),
+        )
         .await;
     assert_eq!(r.status, 503);
     let err = r.error();
