@@ -72,9 +72,10 @@ impl Frames {
         self.pong_heard = false;
     }
 
-    /// The estimated tokens of the text deltas of responses not done yet.
-    pub fn unfinished(&self) -> u64 {
-        self.usage.as_ref().map_or(0, |u| u.unfinished())
+    /// The estimated tokens of the text deltas of responses not done yet, while one is
+    /// under way.
+    pub fn unfinished(&self) -> Option<u64> {
+        self.usage.as_ref().and_then(|u| u.unfinished())
     }
 
     fn is_pong(&self) -> bool {

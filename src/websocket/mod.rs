@@ -232,9 +232,13 @@ impl Start {
             if let Some((prompt, completion)) = report.usage {
                 out.usage = Some(Usage { prompt, completion });
             }
-            // Responses that started and did not finish are charged what they streamed
-            // (settled with the exchange, on top of the reports charged already).
-            out.output_estimate = report.unfinished;
+            // Responses under way are charged what they streamed (settled with the
+            // exchange, on top of the reports charged already), and never less than a
+            // reservation no report settled: a response that started is not refunded.
+            if let Some(streamed) = report.unfinished {
+                let held = out.permit.as_ref().map_or(0, |p| p.reserved());
+                out.output_estimate = streamed.max(held);
+            }
             if report.interrupted {
                 out.upstream_failure = Some(FailureKind::Reset);
                 out.gateway_error(&GatewayError::StreamInterrupted(

@@ -62,8 +62,9 @@ pub struct Report {
     pub bytes_out: u64,
     /// Input and output tokens of the upstream's `response.done` events.
     pub usage: Option<(u64, u64)>,
-    /// The estimated tokens of what responses not done when the session ended streamed.
-    pub unfinished: u64,
+    /// Responses were under way when the session ended (after their `response.created`,
+    /// before their `response.done`): the estimated tokens of what they streamed.
+    pub unfinished: Option<u64>,
     /// The upstream connection ended without a close frame.
     pub interrupted: bool,
 }

@@ -238,9 +238,10 @@ impl UsageWatch {
         self.seen.then_some((self.input, self.output))
     }
 
-    /// The estimated tokens of the text deltas of responses not done yet.
-    pub fn unfinished(&self) -> u64 {
-        self.pending.tokens()
+    /// The estimated tokens of the text deltas of responses not done yet; `None` when no
+    /// response is under way and no delta is unaccounted for.
+    pub fn unfinished(&self) -> Option<u64> {
+        (self.open > 0 || self.pending.chars() > 0).then(|| self.pending.tokens())
     }
 }
 
@@ -337,14 +338,14 @@ mod tests {
             let want = crate::limits::estimate::text_tokens(
                 format!("{}hello there", text.replace('\\', "")).as_bytes(),
             );
-            assert_eq!(w.unfinished(), want, "pieces of {step}");
-            assert!(w.unfinished() > 0);
+            assert_eq!(w.unfinished(), Some(want), "pieces of {step}");
+            assert!(want > 0);
             assert_eq!(w.total(), None);
             feed(&mut w, done.as_bytes(), step);
-            assert_eq!((w.total(), w.unfinished()), (Some((3, 4)), 0));
+            assert_eq!((w.total(), w.unfinished()), (Some((3, 4)), None));
             // Deltas without a `response.created` are counted too.
             feed(&mut w, delta("more").as_bytes(), step);
-            assert_eq!(w.unfinished(), 1);
+            assert_eq!(w.unfinished(), Some(1));
         }
     }
 
@@ -357,7 +358,7 @@ mod tests {
         ] {
             let mut w = UsageWatch::default();
             feed(&mut w, event.as_bytes(), 2);
-            assert_eq!(w.unfinished(), 0, "{event}");
+            assert_eq!(w.unfinished(), None, "{event}");
         }
         let mut w = UsageWatch::default();
         feed(
@@ -365,6 +366,6 @@ mod tests {
             br#"{"type":"response.text.delta","note":"delta","delta":"abcd"}"#,
             1,
         );
-        assert_eq!(w.unfinished(), 1);
+        assert_eq!(w.unfinished(), Some(1));
     }
 }

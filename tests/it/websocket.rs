@@ -812,3 +812,38 @@ async fn sessions_have_their_own_cap_and_leave_max_inflight_to_requests() {
     wait_metric(&gw, &sessions("client_closed"), 1.0).await;
     let _again = open(&gw, "/v1/realtime", &[]).await;
 }
+
+#[tokio::test]
+async fn a_response_that_started_keeps_the_reservation_it_streamed_less_than() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(
+        &emu.url(),
+        "[[limits]]\nname = \"tph\"\nkey = \"global\"\ntokens = \"1000/h\"\ndefault_tokens = 200\n",
+    )
+    .await;
+    let path = "/v1/realtime?model=gpt-realtime";
+    let headers = [("x-request-id", "ws-started"), ("x-emu-stream-events", "1")];
+    let mut ws = open(&gw, path, &headers).await;
+    emit(
+        &mut ws,
+        json!({"type": "response.create", "emu_hold": true}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "response.created");
+    assert_eq!(recv(&mut ws).await["type"], "response.output_text.delta");
+    // One short delta streamed (2 tokens), no report: the reservation is not given back.
+    drop(ws);
+    let log = gw.access_log("ws-started").await;
+    assert_eq!(log["charged_tokens"], 200, "{log}");
+    // A session in which nothing started gives its reservation back.
+    let mut quiet = open(&gw, path, &[("x-request-id", "ws-quiet")]).await;
+    quiet.close(None).await.unwrap();
+    while next(&mut quiet).await.is_some() {}
+    assert_eq!(gw.access_log("ws-quiet").await["charged_tokens"], 0);
+    let (_, resp) = connect(gw.addr, path, &[]).await.unwrap();
+    let balance = resp.headers()["ratelimit"].to_str().unwrap().to_owned();
+    assert!(
+        balance.contains(";r=600"),
+        "1000 - 200 charged - 200 reserved: {balance}"
+    );
+}
