@@ -6,8 +6,9 @@
 //! for the session's life; token policies are charged with the usage of each
 //! `response.done` event as it passes, and with what the responses it leaves unfinished
 //! streamed). A session holds one of `server.max_websocket_sessions` places from its
-//! handshake to its end, and none of `server.max_inflight`. It is forwarded with its upgrade headers on an HTTP/1.1 connection
-//! of its own ([`crate::upstream::Upstream::upgrade`]); an upstream that refuses it answers
+//! handshake to its end, and none of `server.max_inflight`. It is forwarded with its
+//! upgrade headers on an HTTP/1.1 connection of its own
+//! ([`crate::upstream::Upstream::upgrade`]); an upstream that refuses it answers
 //! in the error schema as for any request. After the upstream's `101` the client gets its
 //! `101` and `session::relay` copies the bytes both ways until the session ends; its
 //! exchange is recorded once then: status 101, duration, bytes both ways, how it ended.
