@@ -192,7 +192,7 @@ impl Start {
     /// until it ends; the drain waits for it (it counts the places).
     pub fn run(self, mut out: Exchange) {
         tokio::spawn(async move {
-            let _place = self.place;
+            let place = self.place;
             let idle = self.timing.idle;
             // Both connections are handed over once hyper wrote the client's `101`.
             let both = async { (self.client.await, self.upstream.await) };
@@ -224,6 +224,9 @@ impl Start {
                 },
             )
             .await;
+            // Both connections are closed: the place is free before the session is counted,
+            // so a client that saw it end may open the next one.
+            drop(place);
             out.finished = true;
             out.bytes_out = report.bytes_out;
             out.session = Some(Session {

@@ -722,7 +722,7 @@ async fn a_client_that_does_not_answer_pings_is_closed_and_one_that_does_is_kept
     let emu = Emulator::start().await;
     let gw = Gateway::start(
         &emu.url(),
-        "[server]\nwebsocket_ping_interval = \"1s\"\nwebsocket_pong_timeout = \"1s\"\n",
+        "[server]\nwebsocket_ping_interval = \"1s\"\nwebsocket_pong_timeout = \"3s\"\n",
     )
     .await;
     // This client reads nothing after the handshake: it answers no ping.
