@@ -264,10 +264,19 @@ impl Gateway {
         self.cut.clone()
     }
 
-    /// A place for one open WebSocket session, held until it ends.
-    pub fn session_place(&self) -> SessionPlace {
-        self.sessions.send_modify(|n| *n += 1);
-        SessionPlace(Arc::clone(&self.sessions))
+    /// One of `max` places for a WebSocket session (from its handshake to its end), or
+    /// `None` when all are taken. Sessions take no `max_inflight` place: open sessions
+    /// never crowd out plain requests.
+    pub fn take_session_place(&self, max: u32) -> Option<SessionPlace> {
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        let taken = self.sessions.send_if_modified(|n| {
+            if *n >= max {
+                return false;
+            }
+            *n += 1;
+            true
+        });
+        taken.then(|| SessionPlace(Arc::clone(&self.sessions)))
     }
 
     /// Resolves once no WebSocket session is open.

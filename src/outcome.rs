@@ -52,14 +52,20 @@ pub enum SessionEnd {
     IdleTimeout,
     /// Still open when the drain's `server.shutdown_grace` was over.
     Shutdown,
+    /// Open for `server.websocket_max_lifetime`.
+    MaxLifetime,
+    /// The client did not answer ezgate's ping within `server.websocket_pong_timeout`.
+    PingTimeout,
 }
 
 impl SessionEnd {
-    pub const ALL: [SessionEnd; 4] = [
+    pub const ALL: [SessionEnd; 6] = [
         SessionEnd::ClientClosed,
         SessionEnd::UpstreamClosed,
         SessionEnd::IdleTimeout,
         SessionEnd::Shutdown,
+        SessionEnd::MaxLifetime,
+        SessionEnd::PingTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +74,8 @@ impl SessionEnd {
             SessionEnd::UpstreamClosed => "upstream_closed",
             SessionEnd::IdleTimeout => "idle_timeout",
             SessionEnd::Shutdown => "shutdown",
+            SessionEnd::MaxLifetime => "max_lifetime",
+            SessionEnd::PingTimeout => "ping_timeout",
         }
     }
 }
@@ -175,8 +183,15 @@ impl Outcome {
     /// The tokens this request spent, as far as ezgate can tell (`docs/rate-limits.md`,
     /// "What a request is charged"): the reported usage; nothing when the upstream failed
     /// before sending a body or answered an error; else the prompt estimate and what
-    /// streamed.
+    /// streamed. A WebSocket session is charged its reports and what its unfinished
+    /// responses streamed.
     pub fn tokens_spent(&self) -> u64 {
+        // A WebSocket session: its `response.done` usages, and the estimate of what the
+        // responses it left unfinished streamed.
+        if self.session.is_some() {
+            let reported = self.usage.map_or(0, |u| u.prompt + u.completion);
+            return reported + self.output_estimate;
+        }
         if let Some(u) = self.usage {
             return u.prompt + u.completion;
         }

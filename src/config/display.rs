@@ -19,6 +19,22 @@ impl fmt::Display for Settings {
         writeln!(f, "header_read_timeout = \"{}\"", s.header_read_timeout)?;
         writeln!(f, "request_body_timeout = \"{}\"", s.request_body_timeout)?;
         writeln!(f, "max_inflight = {}", s.max_inflight)?;
+        writeln!(f, "max_websocket_sessions = {}", s.max_websocket_sessions)?;
+        writeln!(
+            f,
+            "websocket_max_lifetime = \"{}\"",
+            s.websocket_max_lifetime
+        )?;
+        writeln!(
+            f,
+            "websocket_ping_interval = \"{}\"",
+            s.websocket_ping_interval
+        )?;
+        writeln!(
+            f,
+            "websocket_pong_timeout = \"{}\"",
+            s.websocket_pong_timeout
+        )?;
         writeln!(f, "worker_threads = {}", s.worker_threads)?;
         if let Some(tls) = &s.tls {
             writeln!(f, "tls = {{ cert = {:?}, key = {:?} }}", tls.cert, tls.key)?;

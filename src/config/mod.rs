@@ -188,6 +188,15 @@ pub struct ServerConfig {
     pub request_body_timeout: Dur,
     /// Requests in flight at once before ezgate answers 503 `overloaded`.
     pub max_inflight: u32,
+    /// WebSocket sessions open at once (handshakes included) before a handshake gets 503
+    /// `overloaded`; they take no `max_inflight` place.
+    pub max_websocket_sessions: u32,
+    /// The longest a WebSocket session lasts; then ezgate closes both sides with 1008.
+    pub websocket_max_lifetime: Dur,
+    /// How often ezgate pings a WebSocket client to see that it still reads.
+    pub websocket_ping_interval: Dur,
+    /// How long a WebSocket client has to answer ezgate's ping before it is closed (1001).
+    pub websocket_pong_timeout: Dur,
     /// Threads serving requests; 0 = one per CPU ezgate may run on (its affinity mask).
     pub worker_threads: usize,
     pub tls: Option<TlsConfig>,
@@ -203,6 +212,10 @@ impl Default for ServerConfig {
             header_read_timeout: Dur(Duration::from_secs(10)),
             request_body_timeout: Dur(Duration::from_secs(30)),
             max_inflight: 10_000,
+            max_websocket_sessions: 1_000,
+            websocket_max_lifetime: Dur(Duration::from_secs(4 * 3600)),
+            websocket_ping_interval: Dur(Duration::from_secs(20)),
+            websocket_pong_timeout: Dur(Duration::from_secs(20)),
             worker_threads: 0,
             tls: None,
         }

@@ -359,3 +359,27 @@ fn redis_sections_compare_by_every_key() {
         assert_ne!(redis(base), redis(changed), "{changed}");
     }
 }
+
+#[test]
+fn websocket_limits_default_safe_and_refuse_zero() {
+    let s = load("").unwrap();
+    let server = &s.config.server;
+    assert_eq!(server.max_websocket_sessions, 1000);
+    assert_eq!(
+        server.websocket_max_lifetime.0,
+        Duration::from_secs(4 * 3600)
+    );
+    assert_eq!(server.websocket_ping_interval.0, Duration::from_secs(20));
+    assert_eq!(server.websocket_pong_timeout.0, Duration::from_secs(20));
+    let e = problems(
+        "[server]\nmax_websocket_sessions = 0\nwebsocket_max_lifetime = \"0s\"\nwebsocket_ping_interval = \"0s\"\nwebsocket_pong_timeout = \"0s\"\n",
+    );
+    for key in [
+        "server.max_websocket_sessions: must be above zero",
+        "server.websocket_max_lifetime: must be above zero",
+        "server.websocket_ping_interval: must be above zero",
+        "server.websocket_pong_timeout: must be above zero",
+    ] {
+        assert!(e.contains(key), "{key} in {e}");
+    }
+}

@@ -18,6 +18,12 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
     if c.server.max_inflight == 0 {
         problems.push("server.max_inflight: must be above zero".to_owned());
     }
+    if c.server.max_websocket_sessions == 0 {
+        problems.push(
+            "server.max_websocket_sessions: must be above zero (every WebSocket handshake would be refused)"
+                .to_owned(),
+        );
+    }
     for (name, d) in [
         ("upstream.connect_timeout", c.upstream.connect_timeout),
         ("upstream.response_timeout", c.upstream.response_timeout),
@@ -27,6 +33,18 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
         ),
         ("server.header_read_timeout", c.server.header_read_timeout),
         ("server.request_body_timeout", c.server.request_body_timeout),
+        (
+            "server.websocket_max_lifetime",
+            c.server.websocket_max_lifetime,
+        ),
+        (
+            "server.websocket_ping_interval",
+            c.server.websocket_ping_interval,
+        ),
+        (
+            "server.websocket_pong_timeout",
+            c.server.websocket_pong_timeout,
+        ),
     ] {
         if d.0.is_zero() {
             problems.push(format!("{name}: must be above zero"));

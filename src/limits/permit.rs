@@ -40,6 +40,13 @@ pub(super) enum Reservation {
 }
 
 impl Reservation {
+    /// The tokens reserved and not settled yet.
+    fn reserved(&self) -> u64 {
+        match self {
+            Reservation::Local(_, _, reserved, _) | Reservation::Shared(_, reserved) => *reserved,
+        }
+    }
+
     fn settle(self, used: u64) {
         match self {
             Reservation::Local(store, key, reserved, share) => store.settle(
@@ -119,6 +126,19 @@ impl Permit {
                 r.settle_part(more);
             }
         }
+    }
+
+    /// The largest token reservation no charge has settled yet (0 once one did): what a
+    /// request holds while nothing it spent is known.
+    pub fn reserved(&self) -> u64 {
+        self.held
+            .iter()
+            .filter_map(|h| match h {
+                Held::Tokens(Some(r)) => Some(r.reserved()),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// True when the permit holds a token reservation.

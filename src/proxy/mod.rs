@@ -120,7 +120,7 @@ async fn serve_request(
     }
     match session {
         // A WebSocket session holds the exchange until it ends.
-        Some(session) => session.run(out, &gw),
+        Some(session) => session.run(out),
         None => resp.body_mut().attach(out),
     }
     Ok(resp)
@@ -166,14 +166,25 @@ async fn handle(
     }
     let path = path.map_err(|e| GatewayError::BadRequest(e.to_string()))?;
     // A WebSocket handshake: its model is in the query.
-    let handshake = websocket::accept(&mut req, gw.is_draining())?;
-    let Some(slot) = gw.take_place(cfg.server.max_inflight) else {
-        return Err(GatewayError::Overloaded(format!(
-            "{} requests already in flight (server.max_inflight)",
-            cfg.server.max_inflight
-        )));
-    };
-    out.slot = Some(slot);
+    let mut handshake = websocket::accept(&mut req, gw.is_draining())?;
+    // A session holds a place of its own cap for its life, not one of `max_inflight`.
+    if let Some(h) = &mut handshake {
+        let max = cfg.server.max_websocket_sessions;
+        let place = gw.take_session_place(max).ok_or_else(|| {
+            GatewayError::Overloaded(format!(
+                "{max} WebSocket sessions already open (server.max_websocket_sessions)"
+            ))
+        })?;
+        h.place = Some(place);
+    } else {
+        let Some(slot) = gw.take_place(cfg.server.max_inflight) else {
+            return Err(GatewayError::Overloaded(format!(
+                "{} requests already in flight (server.max_inflight)",
+                cfg.server.max_inflight
+            )));
+        };
+        out.slot = Some(slot);
+    }
 
     // Identify: who is asking.
     let caller = state.clients.identify(req.headers()).inspect_err(|_| {
@@ -315,8 +326,8 @@ async fn handle(
         rparts.headers.insert(name, value);
     }
     if let (Some(h), Some(io)) = (handshake, upstream_io) {
-        let idle = cfg.upstream.stream_idle_timeout.0;
-        let start = websocket::switch(h, io, &mut rparts.headers, idle, gw.cut_token());
+        let timing = websocket::timing(cfg);
+        let start = websocket::switch(h, io, &mut rparts.headers, timing, gw.cut_token());
         let mut resp = with_parts(
             rparts.status,
             rparts.headers,

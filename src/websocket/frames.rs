@@ -30,7 +30,20 @@ pub struct Frames {
     pub lost: bool,
     /// Reads the upstream's `response.done` events (upstream → client only).
     usage: Option<Box<UsageWatch>>,
+    /// Frames other than pongs went by, or their payload moved: the session is not idle.
+    pub activity: u64,
+    /// The payload of ezgate's last ping, while its pong is awaited (client → upstream).
+    expect_pong: Option<[u8; PING_PAYLOAD]>,
+    /// The current frame's mask and the first bytes of its payload (pongs only).
+    mask: Option<[u8; 4]>,
+    control: [u8; PING_PAYLOAD],
+    control_len: usize,
+    /// The pong awaited came.
+    pub pong_heard: bool,
 }
+
+/// The length of the payload of ezgate's pings.
+pub const PING_PAYLOAD: usize = 8;
 
 impl Frames {
     /// `watch_usage`: read the usage of `response.done` events (the upstream's side).
@@ -44,7 +57,29 @@ impl Frames {
             close_seen: false,
             lost: false,
             usage: watch_usage.then(Box::default),
+            activity: 0,
+            expect_pong: None,
+            mask: None,
+            control: [0; PING_PAYLOAD],
+            control_len: 0,
+            pong_heard: false,
         }
+    }
+
+    /// A ping of ezgate's with `payload` went out: the pong that echoes it is watched for.
+    pub fn expect_pong(&mut self, payload: [u8; PING_PAYLOAD]) {
+        self.expect_pong = Some(payload);
+        self.pong_heard = false;
+    }
+
+    /// The estimated tokens of the text deltas of responses not done yet, while one is
+    /// under way.
+    pub fn unfinished(&self) -> Option<u64> {
+        self.usage.as_ref().and_then(|u| u.unfinished())
+    }
+
+    fn is_pong(&self) -> bool {
+        self.opcode == OpCode::Control(Control::Pong)
     }
 
     /// Between two frames: a close frame of ezgate's may be written now.
@@ -84,6 +119,13 @@ impl Frames {
         let data_frame = self.opcode_is_data();
         if let (Some(u), true) = (&mut self.usage, data_frame) {
             u.payload(&rest[..take]);
+        }
+        if self.is_pong() {
+            if self.expect_pong.is_some() {
+                self.pong_payload(&rest[..take]);
+            }
+        } else if take > 0 {
+            self.activity += 1;
         }
         let left = left - take as u64;
         if left == 0 {
@@ -136,6 +178,11 @@ impl Frames {
     fn frame_started(&mut self, header: &FrameHeader) {
         self.opcode = header.opcode;
         self.fin = header.is_final;
+        self.mask = header.mask;
+        self.control_len = 0;
+        if !self.is_pong() {
+            self.activity += 1;
+        }
         if header.opcode == OpCode::Control(Control::Close) {
             self.close_seen = true;
         }
@@ -149,8 +196,26 @@ impl Frames {
         }
     }
 
+    /// Collects a pong's payload (unmasked), as far as a ping of ezgate's carries one.
+    fn pong_payload(&mut self, data: &[u8]) {
+        for &b in data {
+            if self.control_len < PING_PAYLOAD {
+                let key = self.mask.map_or(0, |m| m[self.control_len % 4]);
+                self.control[self.control_len] = b ^ key;
+            }
+            self.control_len += 1;
+        }
+    }
+
     fn frame_ended(&mut self) {
         self.left = None;
+        if self.is_pong()
+            && self.control_len == PING_PAYLOAD
+            && self.expect_pong == Some(self.control)
+        {
+            self.expect_pong = None;
+            self.pong_heard = true;
+        }
         let message_end = self.fin && self.opcode_is_data();
         if let (Some(u), true) = (&mut self.usage, message_end) {
             u.message_ended();
@@ -170,6 +235,15 @@ fn header_len(head: &[u8]) -> usize {
     };
     let mask = if second & 0x80 != 0 { 4 } else { 0 };
     2 + length + mask
+}
+
+/// A ping of ezgate's to the client (unmasked: it goes from the server side).
+pub fn ping_frame(payload: [u8; PING_PAYLOAD]) -> Bytes {
+    let frame = Frame::ping(payload.to_vec());
+    let mut out = Vec::with_capacity(2 + PING_PAYLOAD);
+    // Writing into a Vec cannot fail.
+    let _ = frame.format(&mut out);
+    Bytes::from(out)
 }
 
 /// A close frame with `code` and `reason` (at most 123 bytes), masked with `mask` when it

@@ -4,8 +4,11 @@
 //! caller is identified, the `model` query parameter checked against the client's allow-list,
 //! the policies admit it (request rates count the handshake; a concurrency permit is held
 //! for the session's life; token policies are charged with the usage of each
-//! `response.done` event as it passes). It is forwarded with its upgrade headers on an HTTP/1.1 connection
-//! of its own ([`crate::upstream::Upstream::upgrade`]); an upstream that refuses it answers
+//! `response.done` event as it passes, and with what the responses it leaves unfinished
+//! streamed). A session holds one of `server.max_websocket_sessions` places from its
+//! handshake to its end, and none of `server.max_inflight`. It is forwarded with its
+//! upgrade headers on an HTTP/1.1 connection of its own
+//! ([`crate::upstream::Upstream::upgrade`]); an upstream that refuses it answers
 //! in the error schema as for any request. After the upstream's `101` the client gets its
 //! `101` and `session::relay` copies the bytes both ways until the session ends; its
 //! exchange is recorded once then: status 101, duration, bytes both ways, how it ended.
@@ -20,7 +23,6 @@ mod session;
 mod usage;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, SEC_WEBSOCKET_EXTENSIONS, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
@@ -29,10 +31,12 @@ use hyper_util::rt::TokioIo;
 use percent_encoding::percent_decode_str;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
 use crate::errors::{FailureKind, GatewayError};
 use crate::exchange::Exchange;
-use crate::gateway::Gateway;
+use crate::gateway::SessionPlace;
 use crate::outcome::{Session, SessionEnd, Usage};
+pub use session::Timing;
 
 /// A client's WebSocket handshake, accepted for forwarding.
 pub struct Handshake {
@@ -40,6 +44,18 @@ pub struct Handshake {
     pub model: Option<String>,
     /// The client's connection, once hyper has written the `101`.
     client: OnUpgrade,
+    /// Its place under `server.max_websocket_sessions`, taken before it is admitted.
+    pub place: Option<SessionPlace>,
+}
+
+/// The timeouts of a session under `cfg`.
+pub fn timing(cfg: &Config) -> Timing {
+    Timing {
+        idle: cfg.upstream.stream_idle_timeout.0,
+        lifetime: cfg.server.websocket_max_lifetime.0,
+        ping_every: cfg.server.websocket_ping_interval.0,
+        pong_timeout: cfg.server.websocket_pong_timeout.0,
+    }
 }
 
 /// Whether `req` asks for a WebSocket (RFC 6455 §4.1): a `GET` over HTTP/1.1 with
@@ -87,6 +103,7 @@ pub fn accept<B>(req: &mut Request<B>, draining: bool) -> Result<Option<Handshak
     Ok(Some(Handshake {
         model,
         client: hyper::upgrade::on(req),
+        place: None,
     }))
 }
 
@@ -126,8 +143,9 @@ pub fn upgrade_headers(h: &mut HeaderMap) {
 pub struct Start {
     client: OnUpgrade,
     upstream: OnUpgrade,
-    idle: Duration,
+    timing: Timing,
     cut: CancellationToken,
+    place: Option<Arc<SessionPlace>>,
 }
 
 /// The client's `101` for the upstream's: its headers (hop-by-hop removed already) get
@@ -136,7 +154,7 @@ pub fn switch(
     handshake: Handshake,
     upstream: OnUpgrade,
     headers: &mut HeaderMap,
-    idle: Duration,
+    timing: Timing,
     cut: CancellationToken,
 ) -> Start {
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
@@ -145,8 +163,9 @@ pub fn switch(
     Start {
         client: handshake.client,
         upstream,
-        idle,
+        timing,
         cut,
+        place: handshake.place.map(Arc::new),
     }
 }
 
@@ -169,15 +188,15 @@ pub fn upstream_side<B>(
 }
 
 impl Start {
-    /// Runs the session on a task of its own, holding `out` (its permit, its place) until
-    /// it ends; the drain waits for it.
-    pub fn run(self, mut out: Exchange, gw: &Arc<Gateway>) {
-        let place = gw.session_place();
+    /// Runs the session on a task of its own, holding `out` (its permit) and its place
+    /// until it ends; the drain waits for it (it counts the places).
+    pub fn run(self, mut out: Exchange) {
         tokio::spawn(async move {
-            let _place = place;
+            let place = self.place;
+            let idle = self.timing.idle;
             // Both connections are handed over once hyper wrote the client's `101`.
             let both = async { (self.client.await, self.upstream.await) };
-            let (client, upstream) = match tokio::time::timeout(self.idle, both).await {
+            let (client, upstream) = match tokio::time::timeout(idle, both).await {
                 Ok((Ok(c), Ok(u))) => (c, u),
                 // The client's connection failed before the session began (the upstream's
                 // is closed with this task).
@@ -196,7 +215,7 @@ impl Start {
             let report = session::relay(
                 TokioIo::new(client),
                 TokioIo::new(upstream),
-                self.idle,
+                self.timing,
                 self.cut,
                 |input, output| {
                     if let Some(p) = permit.as_mut() {
@@ -205,6 +224,9 @@ impl Start {
                 },
             )
             .await;
+            // Both connections are closed: the place is free before the session is counted,
+            // so a client that saw it end may open the next one.
+            drop(place);
             out.finished = true;
             out.bytes_out = report.bytes_out;
             out.session = Some(Session {
@@ -213,6 +235,13 @@ impl Start {
             });
             if let Some((prompt, completion)) = report.usage {
                 out.usage = Some(Usage { prompt, completion });
+            }
+            // Responses under way are charged what they streamed (settled with the
+            // exchange, on top of the reports charged already), and never less than a
+            // reservation no report settled: a response that started is not refunded.
+            if let Some(streamed) = report.unfinished {
+                let held = out.permit.as_ref().map_or(0, |p| p.reserved());
+                out.output_estimate = streamed.max(held);
             }
             if report.interrupted {
                 out.upstream_failure = Some(FailureKind::Reset);

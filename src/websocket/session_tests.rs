@@ -17,6 +17,20 @@ type Peer = WebSocketStream<DuplexStream>;
 
 const IDLE: Duration = Duration::from_secs(60);
 
+/// The tests' timing: no ping or lifetime unless a test asks for one.
+const TIMING: Timing = Timing {
+    idle: IDLE,
+    lifetime: Duration::from_secs(100 * 3600),
+    ping_every: Duration::from_secs(10 * 3600),
+    pong_timeout: Duration::from_secs(20),
+};
+
+/// Pings every 20 s, answered within 20 s.
+const PINGING: Timing = Timing {
+    ping_every: Duration::from_secs(20),
+    ..TIMING
+};
+
 struct Session {
     client: Peer,
     upstream: Peer,
@@ -26,6 +40,10 @@ struct Session {
 }
 
 async fn session() -> Session {
+    session_with(TIMING).await
+}
+
+async fn session_with(timing: Timing) -> Session {
     let (client_app, client_gw) = tokio::io::duplex(64 * 1024);
     let (upstream_app, upstream_gw) = tokio::io::duplex(64 * 1024);
     let cut = CancellationToken::new();
@@ -34,7 +52,7 @@ async fn session() -> Session {
     let relay = tokio::spawn(relay(
         client_gw,
         upstream_gw,
-        IDLE,
+        timing,
         cut.clone(),
         move |i, o| heard.lock().unwrap().push((i, o)),
     ));
@@ -232,4 +250,155 @@ async fn response_done_usage_is_heard_as_it_passes() {
     drop(s.upstream);
     let report = s.relay.await.unwrap();
     assert_eq!(report.usage, Some((35, 10)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_is_closed_though_the_upstream_pings_it() {
+    let mut s = session_with(PINGING).await;
+    // The upstream pings every 5 s (activity: the idle timeout never comes); the client
+    // reads nothing, so it answers neither those pings nor ezgate's.
+    let pinger = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if s.upstream.send(Message::Ping(Bytes::new())).await.is_err() {
+                return s.upstream;
+            }
+        }
+    });
+    let report = s.relay.await.unwrap();
+    assert_eq!(report.end, SessionEnd::PingTimeout);
+    // Once ezgate gave up: the ping was due at 20 s, its pong at 40 s, then a second for the
+    // closing handshake.
+    drop(s.client);
+    let _ = pinger.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_whose_socket_is_full_is_closed_by_the_pong_timeout() {
+    let mut s = session_with(PINGING).await;
+    // The upstream streams more than the client's socket holds; the client never reads.
+    let streamer = tokio::spawn(async move {
+        while s
+            .upstream
+            .send(Message::binary(vec![1u8; 16_000]))
+            .await
+            .is_ok()
+        {}
+    });
+    let report = s.relay.await.unwrap();
+    assert_eq!(report.end, SessionEnd::PingTimeout);
+    assert!(report.bytes_out >= 64 * 1024, "{}", report.bytes_out);
+    drop(s.client);
+    streamer.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_answers_pings_is_kept_and_pongs_are_not_activity() {
+    let mut s = session_with(PINGING).await;
+    let mut pings = 0;
+    // The client reads (tungstenite answers each ping); nothing else moves: the session
+    // ends by the idle timeout, not the pong timeout, after 60 s.
+    let end = loop {
+        match s.client.next().await {
+            Some(Ok(Message::Ping(p))) => {
+                assert_eq!(p.len(), PING_PAYLOAD);
+                pings += 1;
+            }
+            Some(Ok(Message::Close(Some(f)))) => break f,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(end.code, CloseCode::Away);
+    assert_eq!(end.reason.as_str(), IDLE_REASON);
+    assert!(pings >= 2, "{pings} pings");
+    while s.client.next().await.is_some() {}
+    drop(s.client);
+    let _ = close_of(&mut s.upstream).await;
+    let report = s.relay.await.unwrap();
+    assert_eq!(report.end, SessionEnd::IdleTimeout);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lifetime_closes_both_sides_with_1008() {
+    let mut s = session_with(Timing {
+        lifetime: Duration::from_secs(30),
+        ..PINGING
+    })
+    .await;
+    let (client, upstream) = tokio::join!(close_of(&mut s.client), close_of(&mut s.upstream));
+    assert_eq!(client, (CloseCode::Policy, LIFETIME_REASON.into()));
+    assert_eq!(upstream, (CloseCode::Policy, LIFETIME_REASON.into()));
+    let report = s.relay.await.unwrap();
+    assert_eq!(report.end, SessionEnd::MaxLifetime);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ping_waits_for_the_end_of_the_frame_in_progress() {
+    use tokio::io::AsyncWriteExt;
+    let mut s = session_with(PINGING).await;
+    let frame = |payload: &[u8]| {
+        let mut out = Vec::new();
+        tungstenite::protocol::frame::Frame::message(
+            payload.to_vec(),
+            tungstenite::protocol::frame::coding::OpCode::Data(
+                tungstenite::protocol::frame::coding::Data::Text,
+            ),
+            true,
+        )
+        .format(&mut out)
+        .unwrap();
+        out
+    };
+    let first = frame(b"0123456789");
+    let mut rest = first[7..].to_vec();
+    rest.extend(frame(b"second"));
+    // Half a frame, then the ping falls due (at 20 s), then the rest and another frame
+    // in one piece.
+    let raw = s.upstream.get_mut();
+    raw.write_all(&first[..7]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let raw = s.upstream.get_mut();
+    raw.write_all(&rest).await.unwrap();
+    assert_eq!(s.client.next().await.unwrap().unwrap(), text("0123456789"));
+    assert!(matches!(
+        s.client.next().await.unwrap().unwrap(),
+        Message::Ping(_)
+    ));
+    assert_eq!(s.client.next().await.unwrap().unwrap(), text("second"));
+    // The pong (sent as the client read on) kept the session.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    s.client.close(None).await.unwrap();
+    let (c, u) = (&mut s.client, &mut s.upstream);
+    tokio::join!(async { while c.next().await.is_some() {} }, async {
+        while u.next().await.is_some() {}
+    });
+    drop(s.client);
+    drop(s.upstream);
+    let report = s.relay.await.unwrap();
+    assert_eq!(report.end, SessionEnd::ClientClosed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_cut_before_its_done_reports_what_its_deltas_carried() {
+    let mut s = session().await;
+    let created = r#"{"type":"response.created","event_id":"e0","response":{"id":"resp_1"}}"#;
+    let delta = r#"{"type":"response.output_text.delta","event_id":"e1","response_id":"resp_1","delta":"forty two characters of generated text!!"}"#;
+    s.upstream.send(text(created)).await.unwrap();
+    for _ in 0..5 {
+        s.upstream.send(text(delta)).await.unwrap();
+    }
+    for _ in 0..6 {
+        assert!(matches!(next(&mut s.client).await, Some(Message::Text(_))));
+    }
+    // The client leaves before `response.done`.
+    drop(s.client);
+    let _ = close_of(&mut s.upstream).await;
+    let report = s.relay.await.unwrap();
+    assert_eq!(report.usage, None);
+    let all = "forty two characters of generated text!!".repeat(5);
+    assert_eq!(
+        report.unfinished,
+        Some(crate::limits::estimate::text_tokens(all.as_bytes()))
+    );
+    assert!(s.usage.lock().unwrap().is_empty());
 }

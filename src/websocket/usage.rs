@@ -1,17 +1,36 @@
-//! The tokens a realtime session spent, from the upstream's `response.done` events (each
-//! carries `response.usage.input_tokens` and `output_tokens`). The events pass to the
-//! client as they arrive; a text message is copied aside only when its first bytes name
-//! `response.done`, and read once it is complete. Other messages (audio deltas, transcripts)
-//! are looked at for their first bytes only.
+//! The tokens a realtime session spent, from the upstream's events as they pass: the usage of
+//! each `response.done` (`response.usage.input_tokens` and `output_tokens`), and, for a
+//! response still under way, an estimate of what its text deltas carried since
+//! `response.created` (what the session is charged when it ends before that response's
+//! `response.done`, as a cut stream is charged what streamed). The events pass to the client
+//! as they arrive; a text message is copied aside only when its first bytes name
+//! `response.done`, and read once it is complete. A text delta's `delta` string is counted
+//! as it streams through, with a few bytes of state. Other messages (audio deltas) are looked
+//! at for their first bytes only.
 
 use memchr::memmem;
 use serde::Deserialize;
+
+use crate::limits::estimate::Counts;
 
 /// Bytes of a text message looked at for its event type: OpenAI's events begin with
 /// `{"type":…` or `{"event_id":"event_…","type":…`.
 const PREFIX: usize = 128;
 /// A `response.done` larger than this (its output items are in it) is not read.
 const MAX_EVENT: usize = 1 << 20;
+
+/// The events whose `delta` is generated text (or a transcript of generated audio, or a
+/// tool call's arguments), both the beta and the GA names. Audio deltas (base64) are not.
+const TEXT_DELTAS: [&[u8]; 6] = [
+    b"\"response.output_text.delta\"",
+    b"\"response.text.delta\"",
+    b"\"response.output_audio_transcript.delta\"",
+    b"\"response.audio_transcript.delta\"",
+    b"\"response.function_call_arguments.delta\"",
+    b"\"response.mcp_call_arguments.delta\"",
+];
+const DONE: &[u8] = b"\"response.done\"";
+const CREATED: &[u8] = b"\"response.created\"";
 
 #[derive(Default)]
 pub struct UsageWatch {
@@ -22,17 +41,107 @@ pub struct UsageWatch {
     output: u64,
     /// Some event reported usage.
     seen: bool,
+    /// Responses created and not done yet.
+    open: u32,
+    /// What the text deltas carried since the last `response.done` that left no response
+    /// open.
+    pending: Counts,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
 enum Message {
-    /// Not a message worth reading (binary, compressed, or not a `response.done`).
+    /// Not a message worth reading (binary, compressed, or not an event ezgate reads).
     #[default]
     Skip,
     /// A text message whose first bytes are being collected.
     Prefix,
     /// A `response.done`, collected whole.
     Done,
+    /// A `response.done` too large to read: its response ended all the same.
+    DoneUnread,
+    /// A text delta: its `delta` string is counted.
+    Delta(DeltaScan),
+}
+
+/// Where a text delta's reading stands: looking for `"delta"`, then `:`, then the string.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum DeltaScan {
+    /// `"delta"` matched up to this many bytes.
+    #[default]
+    Key,
+    Matched(u8),
+    /// After the key: whitespace, then `:`.
+    Colon,
+    /// After the colon: whitespace, then `"`.
+    Quote,
+    /// Inside the string; `true` right after a backslash.
+    Text(bool),
+    /// The string ended (or the key held no string).
+    Over,
+}
+
+const DELTA_KEY: &[u8] = b"\"delta\"";
+
+impl DeltaScan {
+    /// Reads `data`; the characters of the string go to `text`.
+    fn feed(&mut self, data: &[u8], text: &mut Counts) {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            *self = match *self {
+                DeltaScan::Key => match b {
+                    b'"' => DeltaScan::Matched(1),
+                    _ => DeltaScan::Key,
+                },
+                DeltaScan::Matched(n) => {
+                    if b == DELTA_KEY[n as usize] {
+                        if n as usize + 1 == DELTA_KEY.len() {
+                            DeltaScan::Colon
+                        } else {
+                            DeltaScan::Matched(n + 1)
+                        }
+                    } else if b == b'"' {
+                        DeltaScan::Matched(1)
+                    } else {
+                        DeltaScan::Key
+                    }
+                }
+                DeltaScan::Colon => match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => DeltaScan::Colon,
+                    b':' => DeltaScan::Quote,
+                    // `"delta"` was a value, not a key.
+                    b'"' => DeltaScan::Matched(1),
+                    _ => DeltaScan::Key,
+                },
+                DeltaScan::Quote => match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => DeltaScan::Quote,
+                    b'"' => DeltaScan::Text(false),
+                    _ => DeltaScan::Over,
+                },
+                DeltaScan::Text(true) => {
+                    // The escaped character counts as one (`\n`, `\"`; `\uXXXX` as five).
+                    text.add_utf8(&data[i..=i]);
+                    DeltaScan::Text(false)
+                }
+                DeltaScan::Text(false) => {
+                    // A run of plain characters at once.
+                    let run = data[i..]
+                        .iter()
+                        .position(|&c| c == b'"' || c == b'\\')
+                        .unwrap_or(data.len() - i);
+                    text.add_utf8(&data[i..i + run]);
+                    i += run;
+                    match data.get(i) {
+                        Some(b'\\') => DeltaScan::Text(true),
+                        Some(_) => DeltaScan::Over,
+                        None => return,
+                    }
+                }
+                DeltaScan::Over => return,
+            };
+            i += 1;
+        }
+    }
 }
 
 impl UsageWatch {
@@ -46,59 +155,94 @@ impl UsageWatch {
     }
 
     pub fn payload(&mut self, data: &[u8]) {
-        match self.state {
-            Message::Skip => {}
+        match &mut self.state {
+            Message::Skip | Message::DoneUnread => {}
             Message::Prefix => {
                 let room = PREFIX - self.buf.len();
-                self.buf.extend_from_slice(&data[..data.len().min(room)]);
+                let (head, rest) = data.split_at(data.len().min(room));
+                self.buf.extend_from_slice(head);
                 if self.buf.len() == PREFIX {
-                    if is_response_done(&self.buf) {
-                        self.state = Message::Done;
-                        self.buf.extend_from_slice(&data[room..]);
-                    } else {
-                        self.skip();
-                    }
+                    self.classify();
+                    self.payload(rest);
                 }
             }
             Message::Done => {
                 if self.buf.len() + data.len() > MAX_EVENT {
-                    self.skip();
+                    self.state = Message::DoneUnread;
+                    self.buf = Vec::new();
                 } else {
                     self.buf.extend_from_slice(data);
                 }
             }
+            Message::Delta(scan) => scan.feed(data, &mut self.pending),
+        }
+    }
+
+    /// The message's first bytes are known (or all of it, when shorter): what it is.
+    fn classify(&mut self) {
+        let at = |needle: &[u8]| memmem::find(&self.buf, needle);
+        // The event's type is the first of these names in its first bytes.
+        let done = at(DONE);
+        let created = at(CREATED);
+        let delta = TEXT_DELTAS.iter().filter_map(|d| at(d)).min();
+        let first = [done, created, delta].into_iter().flatten().min();
+        self.state = match first {
+            None => Message::Skip,
+            f if f == done => Message::Done,
+            f if f == created => {
+                self.open = self.open.saturating_add(1);
+                Message::Skip
+            }
+            _ => {
+                let mut scan = DeltaScan::default();
+                scan.feed(&self.buf, &mut self.pending);
+                Message::Delta(scan)
+            }
+        };
+        if self.state != Message::Done {
+            self.buf = Vec::new();
         }
     }
 
     pub fn message_ended(&mut self) {
-        let whole = match self.state {
-            Message::Prefix => is_response_done(&self.buf),
-            Message::Done => true,
-            Message::Skip => false,
-        };
-        if whole {
-            if let Some((input, output)) = response_usage(&self.buf) {
-                self.input += input;
-                self.output += output;
-                self.seen = true;
-            }
+        if self.state == Message::Prefix {
+            self.classify();
         }
-        self.skip();
-    }
-
-    fn skip(&mut self) {
+        match self.state {
+            Message::Done => {
+                if let Some((input, output)) = response_usage(&self.buf) {
+                    self.input += input;
+                    self.output += output;
+                    self.seen = true;
+                }
+                self.response_done();
+            }
+            Message::DoneUnread => self.response_done(),
+            _ => {}
+        }
         self.state = Message::Skip;
         self.buf = Vec::new();
+    }
+
+    /// A response ended with its usage (read or not): once none is under way, what the
+    /// deltas carried is accounted for by the reports.
+    fn response_done(&mut self) {
+        self.open = self.open.saturating_sub(1);
+        if self.open == 0 {
+            self.pending = Counts::default();
+        }
     }
 
     /// Input and output tokens of every `response.done` so far.
     pub fn total(&self) -> Option<(u64, u64)> {
         self.seen.then_some((self.input, self.output))
     }
-}
 
-fn is_response_done(prefix: &[u8]) -> bool {
-    memmem::find(prefix, b"\"response.done\"").is_some()
+    /// The estimated tokens of the text deltas of responses not done yet; `None` when no
+    /// response is under way and no delta is unaccounted for.
+    pub fn unfinished(&self) -> Option<u64> {
+        (self.open > 0 || self.pending.chars() > 0).then(|| self.pending.tokens())
+    }
 }
 
 /// `response.usage` of a `response.done` event.
@@ -164,5 +308,64 @@ mod tests {
         w.payload(short.as_bytes());
         w.message_ended();
         assert_eq!(w.total(), None);
+    }
+
+    fn delta(text: &str) -> String {
+        format!(
+            r#"{{"type":"response.output_text.delta","event_id":"event_1","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":{}}}"#,
+            serde_json::Value::from(text)
+        )
+    }
+
+    #[test]
+    fn deltas_of_a_response_not_done_are_estimated_until_its_done() {
+        let created = r#"{"type":"response.created","event_id":"e","response":{"id":"resp_1","status":"in_progress"}}"#;
+        let done =
+            r#"{"type":"response.done","response":{"usage":{"input_tokens":3,"output_tokens":4}}}"#;
+        let audio = r#"{"type":"response.output_audio.delta","delta":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}"#;
+        let transcript =
+            r#"{"type":"response.output_audio_transcript.delta", "delta" : "hello there"}"#;
+        // A delta whose text names other events, with escapes, past the first bytes.
+        let tricky = delta("say \"delta\": \"response.done\" and more words to estimate");
+        let text = "say \"delta\": \"response.done\" and more words to estimate";
+        for step in [1, 3, 17, 100_000] {
+            let mut w = UsageWatch::default();
+            feed(&mut w, created.as_bytes(), step);
+            feed(&mut w, tricky.as_bytes(), step);
+            feed(&mut w, audio.as_bytes(), step);
+            feed(&mut w, transcript.as_bytes(), step);
+            // The escapes' backslashes are not counted; the rest is the text.
+            let want = crate::limits::estimate::text_tokens(
+                format!("{}hello there", text.replace('\\', "")).as_bytes(),
+            );
+            assert_eq!(w.unfinished(), Some(want), "pieces of {step}");
+            assert!(want > 0);
+            assert_eq!(w.total(), None);
+            feed(&mut w, done.as_bytes(), step);
+            assert_eq!((w.total(), w.unfinished()), (Some((3, 4)), None));
+            // Deltas without a `response.created` are counted too.
+            feed(&mut w, delta("more").as_bytes(), step);
+            assert_eq!(w.unfinished(), Some(1));
+        }
+    }
+
+    #[test]
+    fn a_delta_key_that_is_a_value_or_holds_no_string_counts_nothing() {
+        for event in [
+            r#"{"type":"response.text.delta","note":"delta","delta":null}"#,
+            r#"{"type":"response.text.delta","delta":12}"#,
+            r#"{"type":"response.text.delta"}"#,
+        ] {
+            let mut w = UsageWatch::default();
+            feed(&mut w, event.as_bytes(), 2);
+            assert_eq!(w.unfinished(), None, "{event}");
+        }
+        let mut w = UsageWatch::default();
+        feed(
+            &mut w,
+            br#"{"type":"response.text.delta","note":"delta","delta":"abcd"}"#,
+            1,
+        );
+        assert_eq!(w.unfinished(), Some(1));
     }
 }

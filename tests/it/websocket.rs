@@ -647,3 +647,203 @@ async fn the_openai_sdk_realtime_client_works_through_ezgate() {
     );
     wait_metric(&gw, &sessions("client_closed"), 1.0).await;
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_response_done_is_charged_what_streamed() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(
+        &emu.url(),
+        "[[limits]]\nname = \"tph\"\nkey = \"global\"\ntokens = \"300/h\"\ndefault_tokens = 50\n",
+    )
+    .await;
+    let path = "/v1/realtime?model=gpt-realtime";
+    // 200 deltas, then no `response.done`: the client leaves in between.
+    let headers = [("x-request-id", "ws-cut"), ("x-emu-stream-events", "200")];
+    let mut ws = open(&gw, path, &headers).await;
+    emit(
+        &mut ws,
+        json!({"type": "response.create", "emu_hold": true}),
+    )
+    .await;
+    let mut text = String::new();
+    assert_eq!(recv(&mut ws).await["type"], "response.created");
+    for _ in 0..200 {
+        let e = recv(&mut ws).await;
+        assert_eq!(e["type"], "response.output_text.delta");
+        text.push_str(e["delta"].as_str().unwrap());
+    }
+    ws.close(None).await.unwrap();
+    while next(&mut ws).await.is_some() {}
+    // Charged what its deltas carried (nothing reported it), not refunded.
+    let streamed = ezgate::limits::estimate::text_tokens(text.as_bytes());
+    assert!(streamed > 300, "{streamed} tokens streamed");
+    let log = gw.access_log("ws-cut").await;
+    assert_eq!(log["charged_tokens"], streamed, "{log}");
+    assert_eq!(log["session_end"], "client_closed");
+    // No usage was reported: ezgate_tokens_total counts reports only (as for streams).
+    assert_eq!(
+        metric_value(
+            &gw.metrics().await,
+            "ezgate_tokens_total{client=\"anonymous\",kind=\"completion\",model=\"gpt-realtime\"}"
+        ),
+        0.0
+    );
+    // The bucket is in debt: the next handshake is refused, and the upstream never sees it.
+    let r = gw
+        .get_with(
+            path,
+            &[HANDSHAKE.as_slice(), &[("x-request-id", "ws-after-cut")]].concat(),
+        )
+        .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.error()["code"], "token_rate_limited");
+    assert!(emu.entry("ws-after-cut").await.is_none());
+}
+
+#[tokio::test]
+async fn a_session_past_its_lifetime_is_closed_with_1008_on_both_sides() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[server]\nwebsocket_max_lifetime = \"1s\"\n").await;
+    let mut ws = open(&gw, "/v1/realtime", &[("x-request-id", "ws-life")]).await;
+    let reason = "the session reached server.websocket_max_lifetime";
+    assert_eq!(close_of(&mut ws).await, (1008, reason.into()));
+    let e = upstream_ended(&emu, "ws-life").await;
+    assert_eq!(e["ws_close"], json!({"code": 1008, "reason": reason}));
+    assert_eq!(e["state"], "completed", "{e}");
+    assert_eq!(
+        gw.access_log("ws-life").await["session_end"],
+        "max_lifetime"
+    );
+    wait_metric(&gw, &sessions("max_lifetime"), 1.0).await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_answer_pings_is_closed_and_one_that_does_is_kept() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(
+        &emu.url(),
+        "[server]\nwebsocket_ping_interval = \"1s\"\nwebsocket_pong_timeout = \"3s\"\n",
+    )
+    .await;
+    // This client reads nothing after the handshake: it answers no ping.
+    let (mut deaf, resp) = connect(gw.addr, "/v1/realtime", &[("x-request-id", "ws-deaf")])
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    // This one reads all along (tungstenite answers pings as it reads).
+    let mut polite = open(&gw, "/v1/realtime", &[("x-request-id", "ws-polite")]).await;
+    let ping_timeouts = sessions("ping_timeout");
+    tokio::select! {
+        () = wait_metric(&gw, &ping_timeouts, 1.0) => {}
+        m = next(&mut polite) => panic!("the reading client got {m:?}"),
+    }
+    let reason = "no pong to ezgate's ping within server.websocket_pong_timeout";
+    let e = upstream_ended(&emu, "ws-deaf").await;
+    assert_eq!(e["ws_close"], json!({"code": 1001, "reason": reason}));
+    assert_eq!(
+        gw.access_log("ws-deaf").await["session_end"],
+        "ping_timeout"
+    );
+    // The deaf client's socket holds what ezgate sent: `session.created`, pings, then the
+    // close frame.
+    let mut pings = 0;
+    let close = loop {
+        match tokio::time::timeout(DEADLINE, deaf.next()).await.unwrap() {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(Message::Text(_))) => {}
+            Some(Ok(Message::Close(Some(f)))) => break f,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(pings >= 1);
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1001, reason)
+    );
+    // The reading client's session goes on.
+    emit(&mut polite, json!({"type": "emu.echo", "n": 1})).await;
+    assert_eq!(recv(&mut polite).await["n"], 1);
+    assert_eq!(
+        emu.entry("ws-polite").await.unwrap()["state"],
+        "in_progress"
+    );
+}
+
+#[tokio::test]
+async fn sessions_have_their_own_cap_and_leave_max_inflight_to_requests() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(
+        &emu.url(),
+        "[server]\nmax_inflight = 2\nmax_websocket_sessions = 3\n",
+    )
+    .await;
+    let mut open_sessions = Vec::new();
+    for _ in 0..3 {
+        open_sessions.push(open(&gw, "/v1/realtime", &[]).await);
+    }
+    // Three idle sessions, more than max_inflight: requests are served all the same.
+    for _ in 0..3 {
+        assert_eq!(gw.chat(&[]).await.status, 200);
+    }
+    // A fourth session is past the sessions' cap: 503 in the schema, with Retry-After,
+    // and the upstream never sees it.
+    let r = gw
+        .get_with(
+            "/v1/realtime",
+            &[HANDSHAKE.as_slice(), &[("x-request-id", "ws-over")]].concat(),
+        )
+        .await;
+    assert_eq!(r.status, 503);
+    let err = r.error();
+    assert_eq!(err["code"], "overloaded");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("server.max_websocket_sessions"),
+        "{err}"
+    );
+    assert!(r.header("retry-after").is_some());
+    assert!(emu.entry("ws-over").await.is_none());
+    // One ends: its place is free again.
+    let mut first = open_sessions.remove(0);
+    first.close(None).await.unwrap();
+    while next(&mut first).await.is_some() {}
+    wait_metric(&gw, &sessions("client_closed"), 1.0).await;
+    let _again = open(&gw, "/v1/realtime", &[]).await;
+}
+
+#[tokio::test]
+async fn a_response_that_started_keeps_the_reservation_it_streamed_less_than() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(
+        &emu.url(),
+        "[[limits]]\nname = \"tph\"\nkey = \"global\"\ntokens = \"1000/h\"\ndefault_tokens = 200\n",
+    )
+    .await;
+    let path = "/v1/realtime?model=gpt-realtime";
+    let headers = [("x-request-id", "ws-started"), ("x-emu-stream-events", "1")];
+    let mut ws = open(&gw, path, &headers).await;
+    emit(
+        &mut ws,
+        json!({"type": "response.create", "emu_hold": true}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "response.created");
+    assert_eq!(recv(&mut ws).await["type"], "response.output_text.delta");
+    // One short delta streamed (2 tokens), no report: the reservation is not given back.
+    drop(ws);
+    let log = gw.access_log("ws-started").await;
+    assert_eq!(log["charged_tokens"], 200, "{log}");
+    // A session in which nothing started gives its reservation back.
+    let mut quiet = open(&gw, path, &[("x-request-id", "ws-quiet")]).await;
+    quiet.close(None).await.unwrap();
+    while next(&mut quiet).await.is_some() {}
+    assert_eq!(gw.access_log("ws-quiet").await["charged_tokens"], 0);
+    let (_, resp) = connect(gw.addr, path, &[]).await.unwrap();
+    let balance = resp.headers()["ratelimit"].to_str().unwrap().to_owned();
+    assert!(
+        balance.contains(";r=600"),
+        "1000 - 200 charged - 200 reserved: {balance}"
+    );
+}

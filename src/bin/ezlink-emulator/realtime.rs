@@ -12,6 +12,9 @@
 //!   `x-emu-stream-interval-ms` before each event after the first), `response.output_text
 //!   .done`, then `response.done` whose `response.usage` is `{"total_tokens":10+N,
 //!   "input_tokens":10,"output_tokens":N}`; the log entry's `usage` sums every response;
+//!   with `"emu_hold":true` the response stops after its deltas: no `.done` event comes,
+//!   and the emulator waits for the peer's close frame (or its end), as a response the
+//!   client left before it finished;
 //! * `{"type":"emu.echo",…}` comes back as it was sent, and so does a binary message;
 //! * `{"type":"emu.close","code":C,"reason":R}` → the emulator closes (default 1000);
 //! * `{"type":"emu.stall"}` → the emulator stops reading and writing: the connection
@@ -164,6 +167,9 @@ struct ClientEvent {
     code: Option<u16>,
     #[serde(default)]
     reason: Option<String>,
+    /// `response.create`: stop after the deltas, before `response.done`.
+    #[serde(default)]
+    emu_hold: bool,
 }
 
 impl Session {
@@ -199,7 +205,7 @@ impl Session {
             let sent = match event.kind.as_str() {
                 "response.create" => {
                     seq += 1;
-                    self.respond(&mut ws, seq).await
+                    self.respond(&mut ws, seq, event.emu_hold).await
                 }
                 "emu.echo" => ws.send(Message::Text(text)).await.map_err(drop),
                 "emu.close" => {
@@ -235,7 +241,7 @@ impl Session {
     }
 
     /// One response to `response.create`.
-    async fn respond(&mut self, ws: &mut Socket, seq: u64) -> Result<(), ()> {
+    async fn respond(&mut self, ws: &mut Socket, seq: u64, hold: bool) -> Result<(), ()> {
         let id = format!("resp_{}_{seq}", self.id);
         let event_id = |n: usize| format!("event_{}_{seq}_{n}", self.id);
         let item = format!("item_{}_{seq}", self.id);
@@ -264,6 +270,10 @@ impl Session {
             &event_id(self.events + 2),
             json!({"response": {"id": id, "object": "realtime.response", "status": "completed", "usage": usage}}),
         ));
+        if hold {
+            // The deltas only; then the peer's close frame ends the session.
+            events.truncate(events.len() - 2);
+        }
         for (i, event) in events.into_iter().enumerate() {
             if i > 0 && !self.interval.is_zero() {
                 // The peer is heard meanwhile: a close frame ends the response.
@@ -285,6 +295,19 @@ impl Session {
                 }
             }
             ws.send(Message::text(event)).await.map_err(|_| ())?;
+        }
+        if hold {
+            while let Some(message) = ws.next().await {
+                match message {
+                    Ok(Message::Close(frame)) => {
+                        self.closed(ws, frame).await;
+                        return Err(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => return Err(()),
+                }
+            }
+            return Err(());
         }
         self.input += INPUT_TOKENS;
         self.output += output;
