@@ -217,7 +217,9 @@ async fn flush(leases: &Leases, link: &Link, timeout: Duration) -> Flushed {
     }
 }
 
-/// Renews every live slot; failures wait for the next period (a lease outlives two).
+/// Renews every live slot; failures wait for the next period (a lease outlives two). A wave
+/// of calls that all failed ends the round: Redis is away, and the releases should not wait
+/// for the other waves to time out too.
 async fn renew(leases: &Leases, link: &Link, script: &Script, lease_ms: &str, timeout: Duration) {
     let live: Vec<(Arc<str>, u64)> = leases
         .live
@@ -234,11 +236,14 @@ async fn renew(leases: &Leases, link: &Link, script: &Script, lease_ms: &str, ti
         }
     }
     for wave in calls.chunks(KEYS_AT_ONCE) {
-        join_all(
+        let replies = join_all(
             wave.iter()
                 .map(|(key, args)| run_script(link, script, key, args, timeout)),
         )
         .await;
+        if replies.iter().all(Result::is_err) {
+            return;
+        }
     }
 }
 
@@ -256,15 +261,19 @@ pub(super) async fn keep(
     let lease_ms = lease.as_millis().to_string();
     let every = lease / 3;
     let mut renew_at = Instant::now() + every;
-    // While releases fail: when to try again, and the current backoff.
+    // While releases fail: when the last attempt failed, and the current backoff.
     let mut retry: Option<(Instant, Duration)> = None;
     loop {
         let releases = async {
             match retry {
-                Some((at, _)) => {
+                Some((failed, backoff)) => {
                     tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {}
-                        _ = leases.answered.notified() => {}
+                        _ = tokio::time::sleep_until(failed + backoff) => {}
+                        // Redis answers a check: sooner, but never twice within RETRY_MIN
+                        // (a cluster with one node away answers checks all the time).
+                        _ = leases.answered.notified() => {
+                            tokio::time::sleep_until(failed + RETRY_MIN).await;
+                        }
                     }
                 }
                 None => leases.wake.notified().await,
@@ -300,7 +309,7 @@ pub(super) async fn keep(
                         RETRY_MIN
                     }
                 };
-                retry = Some((Instant::now() + backoff, backoff));
+                retry = Some((Instant::now(), backoff));
             }
         }
     }
