@@ -181,6 +181,15 @@ fn log_redis_health(health: Health) {
         Health::Up => {
             tracing::info!("redis reachable again; shared limits are enforced in Redis again")
         }
+        Health::ReleasesWaiting { pending, error } => tracing::warn!(
+            error = %error,
+            pending,
+            "redis: concurrency slot releases failed; retrying them until Redis answers (a slot not released meanwhile expires after redis.concurrency_lease)"
+        ),
+        Health::ReleasesDone { dropped } => tracing::info!(
+            dropped,
+            "redis: the concurrency slot releases that waited are done (dropped ones expire after redis.concurrency_lease)"
+        ),
     }
 }
 

@@ -95,7 +95,8 @@ pub struct RedisConfig {
     /// `local` (fall back to a per-replica limiter) or `deny` (refuse while Redis is away).
     #[serde(default)]
     pub on_failure: OnFailure,
-    /// A concurrency slot of a replica that died expires after this long.
+    /// A concurrency slot's lease in Redis, renewed every third of it while its request
+    /// runs: the slots of a replica that died, or whose release was lost, expire after this.
     #[serde(default = "default_lease")]
     pub concurrency_lease: Dur,
     pub ca_file: Option<PathBuf>,
@@ -152,8 +153,11 @@ fn default_redis_connect_timeout() -> Dur {
     Dur(Duration::from_millis(500))
 }
 fn default_lease() -> Dur {
-    Dur(Duration::from_secs(900))
+    Dur(Duration::from_secs(10))
 }
+/// The shortest `redis.concurrency_lease`: renewed every third of it, within at most 1 s
+/// per attempt, it outlives two failed renewals.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]

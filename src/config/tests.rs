@@ -308,6 +308,7 @@ fn redis_problems_name_the_key() {
         ("[redis]\nmode = \"sentinel\"\nnodes = [\"redis://s\"]\nmaster_name = \"m\"\nurl = \"redis://m:6379\"\n", "write redis://[user:password@]m[/db]"),
         ("[redis]\nmode = \"primary\"\n", "redis.mode"),
         ("[redis]\nurl = \"redis://c\"\nreplicas = 0\n", "redis.replicas: must be at least 1"),
+        ("[redis]\nurl = \"redis://c\"\nconcurrency_lease = \"2500ms\"\n", "redis.concurrency_lease: \"2500ms\" is too short; use at least \"3s\""),
         ("[redis]\nurl = \"${NOPE}\"\n", "redis.url: environment variable NOPE is not set"),
         ("[redis]\nmode = \"cluster\"\nnodes = [\"${NOPE}\"]\n", "redis.nodes[0]: environment variable NOPE is not set"),
         ("[[limits]]\nname = \"a\"\nkey = \"global\"\nrequests = \"1/s\"\nstore = \"redis\"\n", "needs a [redis] table"),

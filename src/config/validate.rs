@@ -59,6 +59,15 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
                 .to_owned(),
         );
     }
+    if let Some(r) = &c.redis {
+        if r.concurrency_lease.0 < super::MIN_LEASE {
+            problems.push(format!(
+                "redis.concurrency_lease: \"{}\" is too short; use at least \"{}s\" (slots are renewed every third of the lease)",
+                r.concurrency_lease,
+                super::MIN_LEASE.as_secs()
+            ));
+        }
+    }
     clients(&c.clients, problems);
     limits(&c.limits, &c.clients, problems);
     if let Some(t) = &c.tracing {

@@ -215,14 +215,14 @@ where
         };
         let mut max = local.max;
         if let (Some(store), Some(full)) = (&p.shared, p.full.2) {
-            let rkey = redis_key(&p.name, key, "conc");
+            let rkey: Arc<str> = Arc::from(redis_key(&p.name, key, "conc"));
             // Boxed: a local check's future stays small (it is moved on every request).
             match Box::pin(store.acquire(&rkey, full)).await {
-                Ok(Some(id)) => {
+                Ok(Some(n)) => {
                     return Ok(Some(Slot::Shared(SharedSlot {
                         store: Arc::clone(store),
                         key: rkey,
-                        id,
+                        n,
                     })))
                 }
                 Ok(None) => return Ok(None),

@@ -44,6 +44,8 @@ pub enum Failure {
     Redis(RedisError),
     /// No reply within the check's timeout.
     Timeout,
+    /// Not sent: there is no connection (Redis is away; the next attempt is due soon).
+    NotConnected(String),
 }
 
 impl Failure {
@@ -420,11 +422,7 @@ impl Follower {
 }
 
 fn not_connected(why: &str) -> Failure {
-    Failure::Redis(RedisError::from((
-        ErrorKind::Io,
-        "not connected",
-        why.to_owned(),
-    )))
+    Failure::NotConnected(why.to_owned())
 }
 
 /// Connects, hands the connection out, and connects again when it is reported broken.

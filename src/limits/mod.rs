@@ -8,13 +8,15 @@
 //! * [`check`] — [`Limits::check`]: the admission under every covering policy
 //! * [`permit`] — what an admitted request holds, settled once when it ends
 //! * [`store`] — local keyed state with a key cap; [`shared`] — the same in Redis, over the
-//!   connection of `link` (standalone, Sentinel or Cluster)
+//!   connection of `link` (standalone, Sentinel or Cluster); `lease` keeps the concurrency
+//!   slots held in Redis renewed, and retries their releases until Redis answers
 //! * [`tokens`], [`scan`], [`form`] — what a request body says of its model and size;
 //!   [`estimate`] — its tokens, by character class
 
 mod check;
 pub mod estimate;
 pub mod form;
+mod lease;
 mod link;
 mod permit;
 mod policy;

@@ -3,7 +3,8 @@
 //! server's clock in one round trip. On a timeout or outage, callers fall back to their local
 //! limiter (or refuse, with `[redis] on_failure = "deny"`). Every gateway also announces
 //! itself in Redis ([`HEARTBEAT_EVERY`]), so each knows how many share the limits
-//! ([`RedisStore::fleet`]).
+//! ([`RedisStore::fleet`]). Concurrency slots are leased, renewed while their requests run
+//! and released until Redis confirms it ([`super::lease`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use redis::{Cmd, Value};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::lease::{self, Leases};
 use super::link::{Failure, Link};
 use crate::config::RedisConfig;
 
@@ -48,7 +50,8 @@ return 1
 ";
 
 /// Takes a concurrency slot: a member of a sorted set scored by its lease expiry, so slots of
-/// a replica that died expire. ARGV: max, lease ms, slot id. Returns 1 or 0.
+/// a replica that died expire (the live ones are renewed, [`super::lease`]). ARGV: max, lease
+/// ms, slot id. Returns 1 or 0.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -81,13 +84,13 @@ pub const FLEET_EXPIRY: Duration = Duration::from_secs(10);
 /// outage (one cluster node of several) is one outage, not a flap per request.
 pub const RECOVERED_AFTER: Duration = Duration::from_secs(1);
 
-struct Script {
+pub(super) struct Script {
     body: &'static str,
     sha: String,
 }
 
 impl Script {
-    fn new(body: &'static str) -> Script {
+    pub(super) fn new(body: &'static str) -> Script {
         let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, body.as_bytes());
         let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         Script { body, sha }
@@ -134,6 +137,16 @@ pub enum Health {
         fail_closed: bool,
     },
     Up,
+    /// Releases of concurrency slots failed and are being retried (told once per outage).
+    ReleasesWaiting {
+        pending: usize,
+        error: String,
+    },
+    /// The releases that waited are done; `dropped` were given up (the queue was full) and
+    /// their slots expire with their lease.
+    ReleasesDone {
+        dropped: u64,
+    },
 }
 
 /// Where health changes go.
@@ -141,7 +154,7 @@ pub type HealthSink = Box<dyn Fn(Health) + Send + Sync>;
 
 /// The connection to Redis and what every shared policy needs from it.
 pub struct RedisStore {
-    on_health: HealthSink,
+    on_health: Arc<HealthSink>,
     link: Arc<Link>,
     timeout: Duration,
     pub lease: Duration,
@@ -156,10 +169,12 @@ pub struct RedisStore {
     adjust: Script,
     acquire: Script,
     next_slot: AtomicU64,
+    leases: Arc<Leases>,
     instance: String,
     /// Live gateways counted by the last heartbeat; 0 until the first.
     fleet: Arc<AtomicU32>,
     _heartbeat: Option<DropGuard>,
+    _leases: Option<DropGuard>,
 }
 
 impl RedisStore {
@@ -170,8 +185,9 @@ impl RedisStore {
             return Err("redis: the shared store needs the tokio runtime".into());
         }
         let link = Arc::new(Link::open(cfg)?);
+        let instance = crate::headers::new_request_id();
         let mut store = RedisStore {
-            on_health,
+            on_health: Arc::new(on_health),
             link,
             timeout: cfg.timeout.0,
             lease: cfg.concurrency_lease.0,
@@ -184,9 +200,11 @@ impl RedisStore {
             adjust: Script::new(ADJUST),
             acquire: Script::new(ACQUIRE),
             next_slot: AtomicU64::new(0),
-            instance: crate::headers::new_request_id(),
+            leases: Arc::new(Leases::new(instance.clone())),
+            instance,
             fleet: Arc::new(AtomicU32::new(0)),
             _heartbeat: None,
+            _leases: None,
         };
         let stop = CancellationToken::new();
         tokio::spawn(heartbeat(
@@ -197,6 +215,16 @@ impl RedisStore {
             stop.clone(),
         ));
         store._heartbeat = Some(stop.drop_guard());
+        let stop = CancellationToken::new();
+        tokio::spawn(lease::keep(
+            Arc::clone(&store.leases),
+            Arc::clone(&store.link),
+            store.lease,
+            store.timeout.max(Duration::from_secs(1)),
+            Arc::clone(&store.on_health),
+            stop.clone(),
+        ));
+        store._leases = Some(stop.drop_guard());
         Ok(store)
     }
 
@@ -221,8 +249,19 @@ impl RedisStore {
     /// Runs a script by SHA (sending its body with `EVAL` on `NOSCRIPT`, so it is loaded on
     /// whichever node owns the key), within the check timeout.
     async fn eval(&self, script: &Script, key: &str, args: &[String]) -> Result<Value, String> {
+        self.eval_raw(script, key, args)
+            .await
+            .map_err(|f| explain(&f, self.timeout))
+    }
+
+    async fn eval_raw(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[String],
+    ) -> Result<Value, Failure> {
         let result = run_script(&self.link, script, key, args, self.timeout).await;
-        self.note(&result);
+        self.note(result.as_ref().err());
         result
     }
 
@@ -232,9 +271,10 @@ impl RedisStore {
 
     /// Tells an outage once when it starts and once when it has ended (no failure for
     /// [`RECOVERED_AFTER`]).
-    fn note<T>(&self, result: &Result<T, String>) {
-        match result {
-            Ok(_) => {
+    fn note(&self, failure: Option<&Failure>) {
+        match failure {
+            None => {
+                self.leases.answered();
                 if self.down.load(Ordering::Relaxed) {
                     let quiet = self
                         .now_ms()
@@ -246,11 +286,11 @@ impl RedisStore {
                     }
                 }
             }
-            Err(e) => {
+            Some(f) => {
                 self.last_failure.store(self.now_ms(), Ordering::Relaxed);
                 if !self.down.swap(true, Ordering::Relaxed) {
                     (self.on_health)(Health::Down {
-                        error: format!("{}: {e}", self.link.describe),
+                        error: format!("{}: {}", self.link.describe, explain(f, self.timeout)),
                         fail_closed: self.fail_closed,
                     });
                 }
@@ -303,24 +343,41 @@ impl RedisStore {
             .map(|_| ())
     }
 
-    /// Takes one of `max` leased slots; returns the slot id.
-    pub async fn acquire(&self, key: &str, max: u32) -> Result<Option<String>, String> {
-        let id = format!(
-            "{}-{}",
-            self.instance,
-            self.next_slot.fetch_add(1, Ordering::Relaxed)
-        );
+    /// Takes one of `max` leased slots under `key`; returns the slot's number, renewed until
+    /// [`RedisStore::release`]. An acquire whose reply was lost (the script may have run) is
+    /// released at once, so it cannot leak.
+    pub async fn acquire(&self, key: &Arc<str>, max: u32) -> Result<Option<u64>, String> {
+        let n = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let lease_ms = self.lease.as_millis().to_string();
-        let reply = self
-            .eval(&self.acquire, key, &[max.to_string(), lease_ms, id.clone()])
-            .await?;
-        Ok((as_int(&reply) == Some(1)).then_some(id))
+        let args = [max.to_string(), lease_ms, self.leases.id(n)];
+        match self.eval_raw(&self.acquire, key, &args).await {
+            Ok(reply) if as_int(&reply) == Some(1) => {
+                self.leases.hold(key, n);
+                Ok(Some(n))
+            }
+            Ok(_) => Ok(None),
+            Err(f) => {
+                if lease::may_have_run(&f) {
+                    self.leases.release(key, n);
+                }
+                Err(explain(&f, self.timeout))
+            }
+        }
     }
 
-    pub async fn release(&self, key: &str, id: &str) {
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(key).arg(id);
-        let _ = self.link.query(&cmd, self.timeout).await;
+    /// Gives slot `n` under `key` back: queued, sent by the lease task, retried until Redis
+    /// answers.
+    pub fn release(&self, key: &Arc<str>, n: u64) {
+        self.leases.release(key, n);
+    }
+}
+
+/// What a failed command tells an operator.
+pub(super) fn explain(f: &Failure, timeout: Duration) -> String {
+    match f {
+        Failure::Timeout => format!("no answer within {timeout:?} (redis.timeout)"),
+        Failure::Redis(e) => e.to_string(),
+        Failure::NotConnected(why) => format!("not connected: {why}"),
     }
 }
 
@@ -333,26 +390,20 @@ fn as_int(v: &Value) -> Option<i64> {
 }
 
 /// `EVALSHA`, then `EVAL` on `NOSCRIPT`, both within `timeout`.
-async fn run_script(
+pub(super) async fn run_script(
     link: &Link,
     script: &Script,
     key: &str,
     args: &[String],
     timeout: Duration,
-) -> Result<Value, String> {
+) -> Result<Value, Failure> {
     let start = tokio::time::Instant::now();
-    let failed = |f: Failure| match f {
-        Failure::Timeout => format!("no answer within {timeout:?} (redis.timeout)"),
-        Failure::Redis(e) => e.to_string(),
-    };
     match link.query(&script.cmd(false, key, args), timeout).await {
         Err(f) if f.is_noscript() => {
             let left = timeout.saturating_sub(start.elapsed());
-            link.query(&script.cmd(true, key, args), left)
-                .await
-                .map_err(failed)
+            link.query(&script.cmd(true, key, args), left).await
         }
-        r => r.map_err(failed),
+        r => r,
     }
 }
 
@@ -399,20 +450,14 @@ pub fn redis_key(policy: &str, key: &str, part: &str) -> String {
 /// Releases a shared concurrency slot when the request ends.
 pub struct SharedSlot {
     pub store: Arc<RedisStore>,
-    pub key: String,
-    pub id: String,
+    pub key: Arc<str>,
+    /// The slot's number ([`RedisStore::acquire`]).
+    pub n: u64,
 }
 
 impl Drop for SharedSlot {
     fn drop(&mut self) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let (store, key, id) = (
-                Arc::clone(&self.store),
-                std::mem::take(&mut self.key),
-                std::mem::take(&mut self.id),
-            );
-            handle.spawn(async move { store.release(&key, &id).await });
-        }
+        self.store.release(&self.key, self.n);
     }
 }
 

@@ -20,6 +20,7 @@ mod logs;
 mod metrics;
 mod redis;
 mod redis_ha;
+mod redis_leases;
 mod redis_servers;
 mod startup;
 mod tls;

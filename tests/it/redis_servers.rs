@@ -160,6 +160,26 @@ impl Redis {
         let _ = self.child.wait().await;
         self.port
     }
+
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing is answered, as on a
+    /// host that stopped responding. [`Redis::resume`] thaws it.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("redis-server running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {sig} {pid} failed");
+    }
 }
 
 /// A Redis Cluster: `primaries` primaries with one replica each, slots spread evenly,
