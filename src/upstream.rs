@@ -13,7 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::config::{Http2, Settings, UpstreamConfig};
 use crate::errors::{BoxError, FailureKind, GatewayError, TimeoutPhase};
 use crate::pool::{
-    BodyStalled, BodyTooLarge, ClientBodyFailed, ConnectError, Pool, PoolConfig, RequestBody,
+    BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, ConnectError, Pool, PoolConfig, RequestBody,
     UpstreamBody,
 };
 
@@ -181,9 +181,16 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
                 kind: None,
             };
         }
-        if e.is::<ClientBodyFailed>() {
+        if let Some(slow) = e.downcast_ref::<BodyTooSlow>() {
             return Failure {
-                error: GatewayError::ClientClosed,
+                error: GatewayError::BodyDeadline(slow.0),
+                kind: None,
+            };
+        }
+        // Cut short or malformed (400), or the client went away (recorded as 499).
+        if let Some(failed) = e.downcast_ref::<ClientBodyFailed>() {
+            return Failure {
+                error: GatewayError::client_body(&failed.0),
                 kind: None,
             };
         }
@@ -201,6 +208,15 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
                         "TLS handshake failed ({tls})"
                     )),
                     kind: Some(FailureKind::Tls),
+                };
+            }
+            // Out of file descriptors (EMFILE, ENFILE): ezgate's own overload, not EZLINK's.
+            if out_of_fds(io) {
+                return Failure {
+                    error: GatewayError::Overloaded(format!(
+                        "out of file descriptors for a new upstream connection ({io}); raise the open-file limit (LimitNOFILE, ulimit -n) or lower server.max_inflight"
+                    )),
+                    kind: None,
                 };
             }
             if io.kind() == std::io::ErrorKind::TimedOut && is_connect {
@@ -244,6 +260,25 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
             "connection lost before a complete response ({detail})"
         )),
         kind: Some(FailureKind::Reset),
+    }
+}
+
+/// `errno` of "too many open files" in this process (EMFILE) and in the system (ENFILE):
+/// the same on Linux and the BSDs.
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
+/// Whether `io`, or an `io::Error` it wraps, is EMFILE or ENFILE.
+fn out_of_fds(io: &std::io::Error) -> bool {
+    let mut io = io;
+    loop {
+        if matches!(io.raw_os_error(), Some(EMFILE | ENFILE)) {
+            return true;
+        }
+        match io.get_ref().and_then(|e| e.downcast_ref::<std::io::Error>()) {
+            Some(inner) => io = inner,
+            None => return false,
+        }
     }
 }
 
