@@ -1,6 +1,6 @@
 //! The memory ceiling of buffered request bodies (`server.max_buffered_bytes`): one atomic
 //! count of the bytes that all the bodies ezgate reads whole hold together. A body takes
-//! bytes before it grows ([`Charge::take`]) and gives them back when it is freed (its
+//! bytes before it grows ([`Charge::take`]) and gives them all back when it is freed (its
 //! [`Charge`] drops with the body sent upstream). No lock: one `fetch_add` per growth.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,13 +46,6 @@ impl Charge {
         true
     }
 
-    /// Gives `n` of this body's bytes back (a buffer it replaced was freed).
-    pub fn give_back(&mut self, n: u64) {
-        let n = n.min(self.bytes);
-        self.bytes -= n;
-        self.held.fetch_sub(n, Ordering::Relaxed);
-    }
-
     /// Bytes this body holds.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -81,13 +74,10 @@ mod tests {
         assert_eq!(buffers.held(), 60, "a refused take holds nothing");
         assert!(b.take(40, 100));
         assert_eq!(buffers.held(), 100);
-        a.give_back(20);
-        assert_eq!((a.bytes(), buffers.held()), (40, 80));
-        a.give_back(1000);
-        assert_eq!(a.bytes(), 0, "never gives back more than it holds");
+        assert_eq!((a.bytes(), b.bytes()), (60, 40));
         drop(b);
-        assert_eq!(buffers.held(), 0);
-        assert!(a.take(100, 100));
+        assert_eq!(buffers.held(), 60);
+        assert!(a.take(40, 100));
         drop(a);
         assert_eq!(buffers.held(), 0);
     }

@@ -155,11 +155,12 @@ async fn read_whole(
     Ok(Bytes::from(buf))
 }
 
-/// Grows `buf` to `cap` bytes once the budget granted them; the old buffer's bytes are
-/// given back after the move (both exist for a moment, and both are counted).
+/// Grows `buf` to `cap` bytes once the budget granted the difference. The old buffer is
+/// freed within this call (a reallocation runs on one worker thread, start to end), so the
+/// moment both exist is bounded by the worker threads, not by the requests.
 fn grow(buf: &mut Vec<u8>, cap: u64, charge: &mut Charge, budget: u64) -> Result<(), GatewayError> {
-    let old = buf.capacity() as u64;
-    if !charge.take(cap, budget) {
+    let more = cap.saturating_sub(buf.capacity() as u64);
+    if !charge.take(more, budget) {
         return Err(over_budget(budget));
     }
     let more = usize::try_from(cap)
@@ -168,7 +169,6 @@ fn grow(buf: &mut Vec<u8>, cap: u64, charge: &mut Charge, budget: u64) -> Result
     if buf.try_reserve_exact(more).is_err() {
         return Err(over_budget(budget));
     }
-    charge.give_back(old);
     Ok(())
 }
 
