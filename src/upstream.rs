@@ -13,8 +13,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::config::{Http2, Settings, UpstreamConfig};
 use crate::errors::{BoxError, FailureKind, GatewayError, TimeoutPhase};
 use crate::pool::{
-    BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, ConnectError, Pool, PoolConfig, RequestBody,
-    UpstreamBody,
+    BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, ConnectError, Pool, PoolConfig,
+    RequestBody, UpstreamBody,
 };
 
 /// An upstream failure: what the client is told, and what the metrics count.
@@ -275,7 +275,10 @@ fn out_of_fds(io: &std::io::Error) -> bool {
         if matches!(io.raw_os_error(), Some(EMFILE | ENFILE)) {
             return true;
         }
-        match io.get_ref().and_then(|e| e.downcast_ref::<std::io::Error>()) {
+        match io
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+        {
             Some(inner) => io = inner,
             None => return false,
         }
@@ -291,5 +294,48 @@ fn rustls_inside(io: &std::io::Error) -> Option<&rustls::Error> {
             return Some(tls);
         }
         inner = inner.downcast_ref::<std::io::Error>()?.get_ref()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Error, ErrorKind};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn connect_failure(io: Error) -> Failure {
+        classify(&ConnectError(Box::new(io)), Duration::from_secs(5))
+    }
+
+    #[test]
+    fn out_of_file_descriptors_is_ezgates_overload_not_the_upstreams() {
+        for io in [
+            Error::from_raw_os_error(EMFILE),
+            Error::from_raw_os_error(ENFILE),
+            Error::other(Error::from_raw_os_error(EMFILE)),
+        ] {
+            let f = connect_failure(io);
+            assert!(
+                matches!(&f.error, GatewayError::Overloaded(m) if m.contains("file descriptors")),
+                "{}",
+                f.error
+            );
+            assert_eq!(f.error.status(), 503);
+            assert_eq!(f.kind, None, "not counted as an upstream failure");
+        }
+        let refused = connect_failure(Error::from(ErrorKind::ConnectionRefused));
+        assert!(matches!(
+            refused.error,
+            GatewayError::UpstreamUnreachable(_)
+        ));
+        assert_eq!(refused.kind, Some(FailureKind::Connect));
+    }
+
+    #[test]
+    fn a_slow_client_body_is_the_clients_408() {
+        let f = classify(&BodyTooSlow(Duration::from_secs(2)), Duration::from_secs(5));
+        assert!(matches!(f.error, GatewayError::BodyDeadline(_)));
+        assert_eq!((f.error.status().as_u16(), f.kind), (408, None));
     }
 }

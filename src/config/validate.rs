@@ -33,7 +33,10 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
         ),
         ("server.header_read_timeout", c.server.header_read_timeout),
         ("server.request_body_timeout", c.server.request_body_timeout),
-        ("server.request_body_deadline", c.server.request_body_deadline),
+        (
+            "server.request_body_deadline",
+            c.server.request_body_deadline,
+        ),
     ] {
         if d.0.is_zero() {
             problems.push(format!("{name}: must be above zero"));

@@ -199,9 +199,9 @@ impl Body for RequestBody {
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => {
                     let (idle, until) = (this.idle, this.until);
-                    let stall = this
-                        .stall
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake(idle, until))));
+                    let stall = this.stall.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep_until(wake(idle, until)))
+                    });
                     match stall.as_mut().poll(cx) {
                         Poll::Ready(()) => match until {
                             Some((at, total)) if tokio::time::Instant::now() >= at => {

@@ -115,7 +115,11 @@ async fn read_whole(
     let (max, idle) = (server.max_request_body.0, server.request_body_timeout.0);
     let budget = server.max_buffered_bytes.0;
     // No body grows past the length it declared (hyper refuses the bytes beyond it).
-    let limit = body.size_hint().exact().filter(|n| *n <= max).unwrap_or(max);
+    let limit = body
+        .size_hint()
+        .exact()
+        .filter(|n| *n <= max)
+        .unwrap_or(max);
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let wake = (tokio::time::Instant::now() + idle).min(until);

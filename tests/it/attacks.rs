@@ -607,7 +607,8 @@ fn chat_body(len: usize) -> String {
 }
 
 /// A token policy: chat bodies are read whole.
-const READS_BODIES: &str = "[[limits]]\nname = \"tpm\"\nkey = \"global\"\ntokens = \"100000000/min\"\n";
+const READS_BODIES: &str =
+    "[[limits]]\nname = \"tpm\"\nkey = \"global\"\ntokens = \"100000000/min\"\n";
 
 #[tokio::test]
 async fn announced_lengths_cost_only_the_bytes_that_arrive() {
@@ -636,7 +637,11 @@ async fn announced_lengths_cost_only_the_bytes_that_arrive() {
         "{buffered} bytes held for {CONNS} bodies of 100 bytes"
     );
     let now = rss(pid);
-    eprintln!("rss {} KiB before, {} KiB with {CONNS} announced 16 MiB bodies", before >> 10, now >> 10);
+    eprintln!(
+        "rss {} KiB before, {} KiB with {CONNS} announced 16 MiB bodies",
+        before >> 10,
+        now >> 10
+    );
     assert!(
         now < before + (32 << 20),
         "{CONNS} bodies of 100 bytes announcing 16 MiB took {} MiB (from {} MiB)",
@@ -790,7 +795,10 @@ async fn a_cut_short_or_malformed_body_gets_400_never_499_on_the_wire() {
         assert!(text.starts_with("HTTP/1.1 400"), "{path}: {text}");
         assert!(text.contains("\"code\":\"bad_request\""), "{text}");
         assert!(text.contains("chunked"), "{text}");
-        assert_eq!(gw.access_log(&format!("bad-chunk-{n}")).await["status"], 400);
+        assert_eq!(
+            gw.access_log(&format!("bad-chunk-{n}")).await["status"],
+            400
+        );
         // An upload whose client half-closes its side mid-body, and still reads.
         n += 1;
         let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -819,7 +827,10 @@ async fn a_cut_short_or_malformed_body_gets_400_never_499_on_the_wire() {
     assert!(!m.contains("status=\"499\""), "{m}");
     for kind in ["connect", "reset", "protocol"] {
         assert_eq!(
-            metric_value(&m, &format!("ezgate_upstream_failures_total{{kind=\"{kind}\"}}")),
+            metric_value(
+                &m,
+                &format!("ezgate_upstream_failures_total{{kind=\"{kind}\"}}")
+            ),
             0.0
         );
     }
@@ -870,7 +881,10 @@ async fn out_of_file_descriptors_is_ezgates_503_and_the_listener_survives() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.contains("\"code\":\"overloaded\""), "{text}");
-    assert!(text.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"),
+        "{text}"
+    );
     assert!(text.contains("file descriptors"), "{text}");
     // The next connection cannot even be accepted: the listener backs off and waits.
     let second = tokio::spawn(raw(
@@ -893,7 +907,10 @@ async fn out_of_file_descriptors_is_ezgates_503_and_the_listener_survives() {
     );
     for kind in ["connect", "tls", "timeout", "reset", "protocol"] {
         assert_eq!(
-            metric_value(&m, &format!("ezgate_upstream_failures_total{{kind=\"{kind}\"}}")),
+            metric_value(
+                &m,
+                &format!("ezgate_upstream_failures_total{{kind=\"{kind}\"}}")
+            ),
             0.0,
             "{kind}: EMFILE is not the upstream's failure"
         );
