@@ -125,7 +125,7 @@ fn error_response(err: &GatewayError, out: &mut Exchange) -> Response<ResponseBo
     out.gateway_error(err);
     if matches!(err, GatewayError::ClientClosed) {
         // Counted as the 499 of a client that left; what the wire gets (if anything) is 400.
-        out.client_left();
+        out.status = crate::outcome::CLIENT_CLOSED;
     }
     let (status, headers, body) = errors::render(err, &out.request_id);
     with_parts(status, headers, ResponseBody::full(body))
