@@ -186,7 +186,7 @@ pub struct ServerConfig {
     pub header_read_timeout: Dur,
     /// Slow clients: longest pause between two pieces of a request body.
     pub request_body_timeout: Dur,
-    /// Slow clients: longest time a whole request body may take, counted from its headers.
+    /// Slow clients: longest time a whole request body may take once ezgate reads it.
     pub request_body_deadline: Dur,
     /// Memory: request bodies ezgate reads whole, all together, before 503 `overloaded`.
     pub max_buffered_bytes: ByteSize,

@@ -24,9 +24,12 @@ pub struct RequestBody {
     max: u64,
     /// Longest pause allowed between two frames of the client's body.
     idle: Duration,
-    /// When the whole body must have arrived (`server.request_body_deadline`), and that
-    /// deadline's length.
-    until: Option<(tokio::time::Instant, Duration)>,
+    /// Longest time the whole client's body may take (`server.request_body_deadline`),
+    /// counted from the first poll (when the upstream starts taking it: time the request
+    /// spent waiting inside ezgate, for a limit or a queue, is not the client's), and the
+    /// deadline that makes.
+    total: Option<Duration>,
+    until: Option<tokio::time::Instant>,
     /// Armed at the first pending poll (the pause or the deadline, whichever comes first),
     /// reset by every frame.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -99,19 +102,15 @@ impl StdError for ClientBodyFailed {}
 
 impl RequestBody {
     /// The client's body, streamed; refused past `max` bytes, a pause of `idle`, or when
-    /// it is not complete at `until` (`total` after the request began).
-    pub fn stream(
-        body: Incoming,
-        max: u64,
-        idle: Duration,
-        (until, total): (tokio::time::Instant, Duration),
-    ) -> Self {
+    /// it is not complete `total` after it began to be sent.
+    pub fn stream(body: Incoming, max: u64, idle: Duration, total: Duration) -> Self {
         RequestBody {
             inner: Inner::Stream(body),
             seen: 0,
             max,
             idle,
-            until: Some((until, total)),
+            total: Some(total),
+            until: None,
             stall: None,
             _charge: None,
         }
@@ -145,6 +144,7 @@ impl RequestBody {
             seen: 0,
             max: u64::MAX,
             idle: Duration::MAX,
+            total: None,
             until: None,
             stall: None,
             _charge: None,
@@ -153,9 +153,9 @@ impl RequestBody {
 }
 
 /// When a waiting stream gives up: after a pause of `idle`, or at the total deadline.
-fn wake(idle: Duration, until: Option<(tokio::time::Instant, Duration)>) -> tokio::time::Instant {
+fn wake(idle: Duration, until: Option<tokio::time::Instant>) -> tokio::time::Instant {
     let paused = tokio::time::Instant::now() + idle;
-    until.map_or(paused, |(at, _)| paused.min(at))
+    until.map_or(paused, |at| paused.min(at))
 }
 
 impl Body for RequestBody {
@@ -167,6 +167,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let (None, Some(total)) = (this.until, this.total) {
+            this.until = Some(tokio::time::Instant::now() + total);
+        }
         match &mut this.inner {
             Inner::Full { parts, next, left } => {
                 while let Some(part) = parts.get_mut(*next) {
@@ -203,8 +206,8 @@ impl Body for RequestBody {
                         Box::pin(tokio::time::sleep_until(wake(idle, until)))
                     });
                     match stall.as_mut().poll(cx) {
-                        Poll::Ready(()) => match until {
-                            Some((at, total)) if tokio::time::Instant::now() >= at => {
+                        Poll::Ready(()) => match (until, this.total) {
+                            (Some(at), Some(total)) if tokio::time::Instant::now() >= at => {
                                 Poll::Ready(Some(Err(Box::new(BodyTooSlow(total)))))
                             }
                             _ => Poll::Ready(Some(Err(Box::new(BodyStalled(idle))))),

@@ -32,7 +32,7 @@ pub(super) struct Inspected {
 /// Reads the body when `checks` need its model or size, or when `ask_usage` may edit it;
 /// whatever its content type says. A body a check cannot read is refused, never waved
 /// through. Otherwise the body streams. Either way it must be complete within
-/// `server.request_body_deadline` of now (its headers just arrived).
+/// `server.request_body_deadline` of when ezgate starts reading it.
 pub(super) async fn inspect(
     body: Incoming,
     headers: &mut HeaderMap,
@@ -47,15 +47,15 @@ pub(super) async fn inspect(
         return Err(GatewayError::PayloadTooLarge { limit: max });
     }
     let total = server.request_body_deadline.0;
-    let until = tokio::time::Instant::now() + total;
     if !(checks || ask_usage) {
         return Ok(Inspected {
-            body: RequestBody::stream(body, max, idle, (until, total)),
+            body: RequestBody::stream(body, max, idle, total),
             request: None,
             strip: false,
         });
     }
     let mut charge = buffers.charge();
+    let until = tokio::time::Instant::now() + total;
     let bytes = read_whole(body, server, until, &mut charge).await?;
     let request = if route == Route::AudioTranscriptions {
         let model = form::model(headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes), &bytes);

@@ -727,7 +727,7 @@ async fn a_trickled_body_meets_the_total_deadline() {
     let gw = Gateway::start(
         &emu.url(),
         &format!(
-            "[server]\nrequest_body_timeout = \"1s\"\nrequest_body_deadline = \"2s\"\n\n{READS_BODIES}"
+            "[server]\nrequest_body_timeout = \"1500ms\"\nrequest_body_deadline = \"3s\"\n\n{READS_BODIES}"
         ),
     )
     .await;
@@ -739,7 +739,7 @@ async fn a_trickled_body_meets_the_total_deadline() {
             "POST {path} HTTP/1.1\r\nhost: x\r\nx-request-id: trickle-{i}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
         );
         wr.write_all(head.as_bytes()).await.unwrap();
-        // A byte every 300 ms: never idle for 1 s, never done.
+        // A byte every 300 ms: never idle for 1.5 s, never done.
         let writer = tokio::spawn(async move {
             for _ in 0..100 {
                 if wr.write_all(b" ").await.is_err() {
