@@ -836,13 +836,37 @@ async fn a_cut_short_or_malformed_body_gets_400_never_499_on_the_wire() {
     }
 }
 
-/// The lowest descriptor number a process has free: the next one it opens.
-fn next_fd(pid: u32) -> usize {
-    let open: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    (0..).find(|n| !open.contains(n)).unwrap()
+/// The lowest descriptor number a process has free (the next one it opens), once it has
+/// no file open but devices, sockets and pipes: the files read at startup (trust roots)
+/// are closed, and no hole opens below the number after it is read.
+async fn next_fd(pid: u32) -> usize {
+    let start = std::time::Instant::now();
+    loop {
+        let mut open = std::collections::HashSet::new();
+        let mut reading_files = false;
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            let Ok(entry) = entry else { continue };
+            let Some(n) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            open.insert(n);
+            if let Ok(target) = std::fs::read_link(entry.path()) {
+                reading_files |= target.is_absolute() && !target.starts_with("/dev");
+            }
+        }
+        if !reading_files {
+            return (0..).find(|n| !open.contains(n)).unwrap();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "ezgate kept files open: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Sets a process's soft limit of open files (the hard one stays: it can be raised again).
@@ -861,7 +885,7 @@ async fn out_of_file_descriptors_is_ezgates_503_and_the_listener_survives() {
     let gw = Gateway::start(&emu.url(), "").await;
     let pid = gw.child.id().unwrap();
     // One descriptor left: for the client's connection, none for the upstream's.
-    set_nofile(pid, next_fd(pid) + 1);
+    set_nofile(pid, next_fd(pid).await + 1);
     let mut first = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     first
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-request-id: no-fds\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
