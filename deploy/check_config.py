@@ -26,6 +26,7 @@ SECRET = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*\}$")
 
 SCHEMA = {
     "server": {"listen": ADDR, "admin_listen": ADDR, "max_request_body": SIZE,
+               "max_buffered_bytes": SIZE, "request_body_deadline": DURATION,
                "shutdown_grace": DURATION, "tls": {"cert": str, "key": str}},
     "upstream": {"base_url": re.compile(r"^https?://[^\s/]+(/\S*)?$"), "api_key": SECRET,
                  "connect_timeout": DURATION, "response_timeout": DURATION,

@@ -53,6 +53,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_ratelimit_decisions_total": ("counter", ("policy", "decision")),
     "ezgate_ratelimit_keys": ("gauge", ("policy",)),
     "ezgate_fleet_gateways": ("gauge", ()),
+    "ezgate_buffered_request_bytes": ("gauge", ()),
     "ezgate_ratelimit_store_fallbacks_total": ("counter", ("policy",)),
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),

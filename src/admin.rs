@@ -23,6 +23,7 @@ pub async fn serve(
             if let Some(n) = gw.state().fleet() {
                 gw.metrics.fleet_gateways(n);
             }
+            gw.metrics.buffered_request_bytes(gw.buffers.held());
             (
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

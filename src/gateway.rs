@@ -11,6 +11,7 @@ use http::header::HeaderValue;
 use prometheus::IntCounter;
 use tokio_util::sync::CancellationToken;
 
+use crate::buffers::Buffers;
 use crate::clients::Clients;
 use crate::config::{Settings, Store};
 use crate::errors::redact::Redactor;
@@ -216,6 +217,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     draining: AtomicBool,
     inflight: Arc<AtomicU32>,
+    /// Bytes held by the request bodies ezgate reads whole (`server.max_buffered_bytes`).
+    pub buffers: Buffers,
     /// Cancelled when `server.shutdown_grace` is over: open streams end with an error event.
     cut: CancellationToken,
     /// Open WebSocket sessions: they outlive their connection's task, and the drain waits
@@ -233,6 +236,7 @@ impl Gateway {
             metrics,
             draining: AtomicBool::new(false),
             inflight: Arc::new(AtomicU32::new(0)),
+            buffers: Buffers::default(),
             cut: CancellationToken::new(),
             sessions: Arc::new(tokio::sync::watch::Sender::new(0)),
             resets: Arc::new(AddressResets::default()),

@@ -22,7 +22,8 @@
 //! * **config** — [`config`]: strict TOML read into plain data, units, checks
 //! * **base** — [`errors`]: the error schema and failure kinds; [`headers`]: hop-by-hop,
 //!   request ids, `X-Forwarded-For`; [`route`]: canonical paths and route templates;
-//!   [`tls`]: trust roots, certificates
+//!   [`tls`]: trust roots, certificates; [`buffers`]: the memory ceiling of buffered
+//!   request bodies
 //!
 //! # Life of a request
 //!
@@ -40,6 +41,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod buffers;
 pub mod clients;
 pub mod config;
 pub mod errors;

@@ -82,6 +82,8 @@ pub struct Metrics {
     ratelimit_fallbacks: IntCounterVec,
     /// `ezgate_fleet_gateways`: no series until a fleet heartbeat was answered.
     fleet_gateways: IntGaugeVec,
+    /// `ezgate_buffered_request_bytes`: set when scraped.
+    buffered_request_bytes: IntGauge,
     inflight: Vec<IntGauge>,
     tokens: IntCounterVec,
     time_to_first_token: HistogramVec,
@@ -221,6 +223,10 @@ impl Metrics {
             ),
             &[],
         )?;
+        let buffered_request_bytes = IntGauge::with_opts(opts(
+            "ezgate_buffered_request_bytes",
+            "Memory held by the request bodies ezgate is reading whole, all together (bounded by server.max_buffered_bytes).",
+        ))?;
         let inflight_vec = IntGaugeVec::new(
             opts("ezgate_inflight_requests", "Requests in flight, by route."),
             &["route"],
@@ -311,6 +317,7 @@ impl Metrics {
             Box::new(ratelimit_keys.clone()),
             Box::new(ratelimit_fallbacks.clone()),
             Box::new(fleet_gateways.clone()),
+            Box::new(buffered_request_bytes.clone()),
             Box::new(inflight_vec.clone()),
             Box::new(tokens.clone()),
             Box::new(time_to_first_token.clone()),
@@ -371,6 +378,7 @@ impl Metrics {
             ratelimit_keys,
             ratelimit_fallbacks,
             fleet_gateways,
+            buffered_request_bytes,
             inflight,
             tokens,
             websocket_sessions,
@@ -572,6 +580,12 @@ impl Metrics {
         self.fleet_gateways
             .with_label_values(&no_labels)
             .set(i64::from(n));
+    }
+
+    /// `ezgate_buffered_request_bytes`: what buffered request bodies hold now.
+    pub fn buffered_request_bytes(&self, bytes: u64) {
+        self.buffered_request_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub fn ratelimit_keys(&self, policy: &str, keys: usize) {

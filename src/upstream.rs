@@ -13,8 +13,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::config::{Http2, Settings, UpstreamConfig};
 use crate::errors::{BoxError, FailureKind, GatewayError, TimeoutPhase};
 use crate::pool::{
-    BodyStalled, BodyTooLarge, ClientBodyFailed, ConnectError, Pool, PoolConfig, RequestBody,
-    UpstreamBody,
+    BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, ConnectError, Pool, PoolConfig,
+    RequestBody, UpstreamBody,
 };
 
 /// An upstream failure: what the client is told, and what the metrics count.
@@ -181,9 +181,16 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
                 kind: None,
             };
         }
-        if e.is::<ClientBodyFailed>() {
+        if let Some(slow) = e.downcast_ref::<BodyTooSlow>() {
             return Failure {
-                error: GatewayError::ClientClosed,
+                error: GatewayError::BodyDeadline(slow.0),
+                kind: None,
+            };
+        }
+        // Cut short or malformed (400), or the client went away (recorded as 499).
+        if let Some(failed) = e.downcast_ref::<ClientBodyFailed>() {
+            return Failure {
+                error: GatewayError::client_body(&failed.0),
                 kind: None,
             };
         }
@@ -201,6 +208,15 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
                         "TLS handshake failed ({tls})"
                     )),
                     kind: Some(FailureKind::Tls),
+                };
+            }
+            // Out of file descriptors (EMFILE, ENFILE): ezgate's own overload, not EZLINK's.
+            if out_of_fds(io) {
+                return Failure {
+                    error: GatewayError::Overloaded(format!(
+                        "out of file descriptors for a new upstream connection ({io}); raise the open-file limit (LimitNOFILE, ulimit -n) or lower server.max_inflight"
+                    )),
+                    kind: None,
                 };
             }
             if io.kind() == std::io::ErrorKind::TimedOut && is_connect {
@@ -247,6 +263,28 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
     }
 }
 
+/// `errno` of "too many open files" in this process (EMFILE) and in the system (ENFILE):
+/// the same on Linux and the BSDs.
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
+/// Whether `io`, or an `io::Error` it wraps, is EMFILE or ENFILE.
+fn out_of_fds(io: &std::io::Error) -> bool {
+    let mut io = io;
+    loop {
+        if matches!(io.raw_os_error(), Some(EMFILE | ENFILE)) {
+            return true;
+        }
+        match io
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+        {
+            Some(inner) => io = inner,
+            None => return false,
+        }
+    }
+}
+
 /// The rustls error wrapped inside (possibly nested) `io::Error`s. `io::Error::source()` skips
 /// the wrapped error itself, so the walk in [`classify`] alone would never see it.
 fn rustls_inside(io: &std::io::Error) -> Option<&rustls::Error> {
@@ -256,5 +294,48 @@ fn rustls_inside(io: &std::io::Error) -> Option<&rustls::Error> {
             return Some(tls);
         }
         inner = inner.downcast_ref::<std::io::Error>()?.get_ref()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Error, ErrorKind};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn connect_failure(io: Error) -> Failure {
+        classify(&ConnectError(Box::new(io)), Duration::from_secs(5))
+    }
+
+    #[test]
+    fn out_of_file_descriptors_is_ezgates_overload_not_the_upstreams() {
+        for io in [
+            Error::from_raw_os_error(EMFILE),
+            Error::from_raw_os_error(ENFILE),
+            Error::other(Error::from_raw_os_error(EMFILE)),
+        ] {
+            let f = connect_failure(io);
+            assert!(
+                matches!(&f.error, GatewayError::Overloaded(m) if m.contains("file descriptors")),
+                "{}",
+                f.error
+            );
+            assert_eq!(f.error.status(), 503);
+            assert_eq!(f.kind, None, "not counted as an upstream failure");
+        }
+        let refused = connect_failure(Error::from(ErrorKind::ConnectionRefused));
+        assert!(matches!(
+            refused.error,
+            GatewayError::UpstreamUnreachable(_)
+        ));
+        assert_eq!(refused.kind, Some(FailureKind::Connect));
+    }
+
+    #[test]
+    fn a_slow_client_body_is_the_clients_408() {
+        let f = classify(&BodyTooSlow(Duration::from_secs(2)), Duration::from_secs(5));
+        assert!(matches!(f.error, GatewayError::BodyDeadline(_)));
+        assert_eq!((f.error.status().as_u16(), f.kind), (408, None));
     }
 }

@@ -18,6 +18,8 @@ impl fmt::Display for Settings {
         writeln!(f, "shutdown_grace = \"{}\"", s.shutdown_grace)?;
         writeln!(f, "header_read_timeout = \"{}\"", s.header_read_timeout)?;
         writeln!(f, "request_body_timeout = \"{}\"", s.request_body_timeout)?;
+        writeln!(f, "request_body_deadline = \"{}\"", s.request_body_deadline)?;
+        writeln!(f, "max_buffered_bytes = \"{}\"", s.max_buffered_bytes)?;
         writeln!(f, "max_inflight = {}", s.max_inflight)?;
         writeln!(f, "max_websocket_sessions = {}", s.max_websocket_sessions)?;
         writeln!(

@@ -190,6 +190,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Dur,
     /// Slow clients: longest pause between two pieces of a request body.
     pub request_body_timeout: Dur,
+    /// Slow clients: longest time a whole request body may take once ezgate reads it.
+    pub request_body_deadline: Dur,
+    /// Memory: request bodies ezgate reads whole, all together, before 503 `overloaded`.
+    pub max_buffered_bytes: ByteSize,
     /// Requests in flight at once before ezgate answers 503 `overloaded`.
     pub max_inflight: u32,
     /// WebSocket sessions open at once (handshakes included) before a handshake gets 503
@@ -215,6 +219,9 @@ impl Default for ServerConfig {
             shutdown_grace: Dur(Duration::from_secs(30)),
             header_read_timeout: Dur(Duration::from_secs(10)),
             request_body_timeout: Dur(Duration::from_secs(30)),
+            request_body_deadline: Dur(Duration::from_secs(60)),
+            // Sized for the shipped 128 MiB memory limit (docs/security.md).
+            max_buffered_bytes: ByteSize(64 << 20),
             max_inflight: 10_000,
             max_websocket_sessions: 1_000,
             websocket_max_lifetime: Dur(Duration::from_secs(4 * 3600)),

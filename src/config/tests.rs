@@ -384,3 +384,25 @@ fn websocket_limits_default_safe_and_refuse_zero() {
         assert!(e.contains(key), "{key} in {e}");
     }
 }
+
+#[test]
+fn the_memory_ceiling_holds_at_least_one_body_and_the_deadline_is_set() {
+    let s = load("").unwrap();
+    assert_eq!(s.config.server.max_buffered_bytes, ByteSize(64 << 20));
+    assert_eq!(
+        s.config.server.request_body_deadline,
+        Dur(std::time::Duration::from_secs(60))
+    );
+    let e = problems(
+        "[server]\nmax_request_body = \"16MiB\"\nmax_buffered_bytes = \"1MiB\"\nrequest_body_deadline = \"0s\"\n",
+    );
+    assert!(
+        e.contains("server.max_buffered_bytes: 1MiB is below server.max_request_body (16MiB)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("server.request_body_deadline: must be above zero"),
+        "{e}"
+    );
+    assert!(load("[server]\nmax_request_body = \"1MiB\"\nmax_buffered_bytes = \"1MiB\"\n").is_ok());
+}

@@ -15,6 +15,12 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
     if c.server.max_request_body.0 == 0 {
         problems.push("server.max_request_body: must be above zero".to_owned());
     }
+    if c.server.max_buffered_bytes.0 < c.server.max_request_body.0 {
+        problems.push(format!(
+            "server.max_buffered_bytes: {} is below server.max_request_body ({}); a body ezgate accepts could never be read whole",
+            c.server.max_buffered_bytes, c.server.max_request_body
+        ));
+    }
     if c.server.max_inflight == 0 {
         problems.push("server.max_inflight: must be above zero".to_owned());
     }
@@ -44,6 +50,10 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
         (
             "server.websocket_pong_timeout",
             c.server.websocket_pong_timeout,
+        ),
+        (
+            "server.request_body_deadline",
+            c.server.request_body_deadline,
         ),
     ] {
         if d.0.is_zero() {

@@ -109,7 +109,10 @@ pub enum GatewayError {
     UriTooLong,
     #[error("The request body stalled: no byte arrived for {} (server.request_body_timeout). Send the body without pauses.", secs(*.0))]
     RequestTimeout(Duration),
-    /// The client went away while its request body was being read (counted as 499).
+    #[error("The request body took longer than {} in all (server.request_body_deadline). Send it faster, or raise the limit.", secs(*.0))]
+    BodyDeadline(Duration),
+    /// The client went away while its request body was being read: recorded as 499, and
+    /// answered 400 should its connection still take an answer (499 is never sent).
     #[error("The client closed the connection before its request body was complete.")]
     ClientClosed,
     #[error("Method {0} is not supported by this gateway.")]
@@ -166,9 +169,10 @@ impl GatewayError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::UriTooLong => StatusCode::URI_TOO_LONG,
-            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            // nginx's "client closed request": never seen by the client, counted as such.
-            Self::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            Self::RequestTimeout(_) | Self::BodyDeadline(_) => StatusCode::REQUEST_TIMEOUT,
+            // Recorded as nginx's 499 (`Outcome::client_left`); 499 is a log convention,
+            // never a status on the wire.
+            Self::ClientClosed => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamUnreachable(_)
             | Self::UpstreamBadResponse(_)
@@ -193,7 +197,7 @@ impl GatewayError {
             Self::BadRequest(_) => "bad_request",
             Self::HeadersTooLarge => "headers_too_large",
             Self::UriTooLong => "uri_too_long",
-            Self::RequestTimeout(_) => "request_timeout",
+            Self::RequestTimeout(_) | Self::BodyDeadline(_) => "request_timeout",
             Self::ClientClosed => "client_closed_request",
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -265,6 +269,36 @@ impl GatewayError {
             retry_after_ms: self.retry_after().map(duration_ms),
             upstream_status: None,
         }
+    }
+}
+
+impl GatewayError {
+    /// What a failure of the client's request body means, by walking its sources to the
+    /// `io::Error` hyper's body decoder gave: a body cut short (the client half-closed its
+    /// side before the declared length or the last chunk) or malformed chunked framing is a
+    /// 400; anything else (a reset connection, an HTTP/2 stream the client cancelled) is a
+    /// client that went away.
+    pub fn client_body(err: &(dyn std::error::Error + 'static)) -> GatewayError {
+        let mut source = Some(err);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    std::io::ErrorKind::UnexpectedEof => {
+                        return GatewayError::BadRequest(
+                            "the request body ended before its declared length (Content-Length) or its last chunk: the client stopped sending mid-body".into(),
+                        )
+                    }
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
+                        return GatewayError::BadRequest(format!(
+                            "the request body's chunked framing is malformed ({io})"
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            source = e.source();
+        }
+        GatewayError::ClientClosed
     }
 }
 

@@ -79,3 +79,52 @@ fn sse_event_closes_a_partial_event_first() {
     assert!(whole.ends_with(b"\n\n"));
     assert!(body.to_sse_event(false).starts_with(b"\n\ndata: "));
 }
+
+#[test]
+fn a_failed_request_body_is_400_or_a_client_that_left_never_499_on_the_wire() {
+    use std::io::{Error, ErrorKind};
+    let cut = Error::new(
+        ErrorKind::UnexpectedEof,
+        "end of file before message length reached",
+    );
+    let e = GatewayError::client_body(&cut);
+    assert!(
+        matches!(&e, GatewayError::BadRequest(m) if m.contains("mid-body")),
+        "{e}"
+    );
+    assert_eq!(e.status(), 400);
+    let framing = Error::new(ErrorKind::InvalidInput, "Invalid chunk size line");
+    let e = GatewayError::client_body(&framing);
+    assert!(
+        matches!(&e, GatewayError::BadRequest(m) if m.contains("chunked")),
+        "{e}"
+    );
+    // Anything else (a reset, a cancelled HTTP/2 stream): a client that went away.
+    let wrapped = std::fmt::Error;
+    assert!(matches!(
+        GatewayError::client_body(&wrapped),
+        GatewayError::ClientClosed
+    ));
+    let reset = Error::from(ErrorKind::ConnectionReset);
+    let e = GatewayError::client_body(&reset);
+    assert!(matches!(e, GatewayError::ClientClosed));
+    // Recorded as 499 by the request path; what a connection could get is a 400.
+    let (status, _, body) = render(&e, "r");
+    assert_eq!(status, 400);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["status"], 400);
+    assert_eq!(json["error"]["type"], "bad_request");
+}
+
+#[test]
+fn the_body_deadline_is_a_408_naming_its_setting() {
+    let e = GatewayError::BodyDeadline(Duration::from_secs(60));
+    let (status, _, body) = render(&e, "r");
+    assert_eq!(status, 408);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["code"], "request_timeout");
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("server.request_body_deadline"));
+}

@@ -56,7 +56,7 @@ mod tests;
 mod upgrade;
 
 pub use body::UpstreamBody;
-pub use request::{BodyStalled, BodyTooLarge, ClientBodyFailed, RequestBody};
+pub use request::{BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, RequestBody};
 
 use body::Back;
 use http1::Idle;

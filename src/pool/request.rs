@@ -1,6 +1,6 @@
-//! The request body ezgate sends upstream: the client's body streamed through a size cap
-//! and an inactivity deadline, or a body ezgate holds (read whole, perhaps spliced), sent
-//! in slices.
+//! The request body ezgate sends upstream: the client's body streamed through a size cap,
+//! an inactivity timeout and a total deadline, or a body ezgate holds (read whole, perhaps
+//! spliced), sent in slices, with its share of `server.max_buffered_bytes` until it drops.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -13,18 +13,29 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::buffers::Charge;
 use crate::errors::BoxError;
 
-/// The request body sent upstream: the client's body streamed through a size cap and an
-/// inactivity deadline, or a body ezgate already holds.
+/// The request body sent upstream: the client's body streamed through a size cap, an
+/// inactivity timeout and a total deadline, or a body ezgate already holds.
 pub struct RequestBody {
     inner: Inner,
     seen: u64,
     max: u64,
     /// Longest pause allowed between two frames of the client's body.
     idle: Duration,
-    /// Armed at the first pending poll, reset by every frame.
+    /// Longest time the whole client's body may take (`server.request_body_deadline`),
+    /// counted from the first poll (when the upstream starts taking it: time the request
+    /// spent waiting inside ezgate, for a limit or a queue, is not the client's), and the
+    /// deadline that makes.
+    total: Option<Duration>,
+    until: Option<tokio::time::Instant>,
+    /// Armed at the first pending poll (the pause or the deadline, whichever comes first),
+    /// reset by every frame.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A held body's share of `server.max_buffered_bytes`, given back when it drops (once
+    /// the upstream took it, or the exchange failed).
+    _charge: Option<Charge>,
 }
 
 enum Inner {
@@ -64,6 +75,18 @@ impl fmt::Display for BodyStalled {
 
 impl StdError for BodyStalled {}
 
+/// The client's body was still arriving at `server.request_body_deadline`.
+#[derive(Debug)]
+pub struct BodyTooSlow(pub Duration);
+
+impl fmt::Display for BodyTooSlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the request body took longer than {:?}", self.0)
+    }
+}
+
+impl StdError for BodyTooSlow {}
+
 /// The client's body failed (the client went away mid-body): the client's fault, not the
 /// upstream's.
 #[derive(Debug)]
@@ -78,15 +101,25 @@ impl fmt::Display for ClientBodyFailed {
 impl StdError for ClientBodyFailed {}
 
 impl RequestBody {
-    /// The client's body, streamed; refused past `max` bytes or a pause of `idle`.
-    pub fn stream(body: Incoming, max: u64, idle: Duration) -> Self {
+    /// The client's body, streamed; refused past `max` bytes, a pause of `idle`, or when
+    /// it is not complete `total` after it began to be sent.
+    pub fn stream(body: Incoming, max: u64, idle: Duration, total: Duration) -> Self {
         RequestBody {
             inner: Inner::Stream(body),
             seen: 0,
             max,
             idle,
+            total: Some(total),
+            until: None,
             stall: None,
+            _charge: None,
         }
+    }
+
+    /// The body keeps `charge` (its bytes of `server.max_buffered_bytes`) until it drops.
+    pub fn holding(mut self, charge: Charge) -> Self {
+        self._charge = Some(charge);
+        self
     }
 
     pub fn full(bytes: Bytes) -> Self {
@@ -111,9 +144,18 @@ impl RequestBody {
             seen: 0,
             max: u64::MAX,
             idle: Duration::MAX,
+            total: None,
+            until: None,
             stall: None,
+            _charge: None,
         }
     }
+}
+
+/// When a waiting stream gives up: after a pause of `idle`, or at the total deadline.
+fn wake(idle: Duration, until: Option<tokio::time::Instant>) -> tokio::time::Instant {
+    let paused = tokio::time::Instant::now() + idle;
+    until.map_or(paused, |at| paused.min(at))
 }
 
 impl Body for RequestBody {
@@ -125,6 +167,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let (None, Some(total)) = (this.until, this.total) {
+            this.until = Some(tokio::time::Instant::now() + total);
+        }
         match &mut this.inner {
             Inner::Full { parts, next, left } => {
                 while let Some(part) = parts.get_mut(*next) {
@@ -149,21 +194,24 @@ impl Body for RequestBody {
                         }
                     }
                     if let Some(stall) = &mut this.stall {
-                        stall
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + this.idle);
+                        stall.as_mut().reset(wake(this.idle, this.until));
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyFailed(e))))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => {
-                    let idle = this.idle;
-                    let stall = this
-                        .stall
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    let (idle, until) = (this.idle, this.until);
+                    let stall = this.stall.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep_until(wake(idle, until)))
+                    });
                     match stall.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(idle))))),
+                        Poll::Ready(()) => match (until, this.total) {
+                            (Some(at), Some(total)) if tokio::time::Instant::now() >= at => {
+                                Poll::Ready(Some(Err(Box::new(BodyTooSlow(total)))))
+                            }
+                            _ => Poll::Ready(Some(Err(Box::new(BodyStalled(idle))))),
+                        },
                         Poll::Pending => Poll::Pending,
                     }
                 }

@@ -137,6 +137,10 @@ fn error_response(err: &GatewayError, out: &mut Exchange) -> Response<ResponseBo
     out.status = err.status().as_u16();
     out.source = Source::Gateway;
     out.gateway_error(err);
+    if matches!(err, GatewayError::ClientClosed) {
+        // Counted as the 499 of a client that left; what the wire gets (if anything) is 400.
+        out.status = crate::outcome::CLIENT_CLOSED;
+    }
     let (status, headers, body) = errors::render(err, &out.request_id);
     with_parts(status, headers, ResponseBody::full(body))
 }
@@ -216,6 +220,7 @@ async fn handle(
         checks,
         ask_usage,
         &cfg.server,
+        &gw.buffers,
     )
     .await?;
     let model = match &handshake {

@@ -3,16 +3,16 @@
 //! for the upstream.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::HeaderMap;
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::config::ServerConfig;
+use crate::buffers::{Buffers, Charge};
+use crate::config::{ByteSize, ServerConfig};
 use crate::errors::GatewayError;
 use crate::gateway::State;
 use crate::headers::{self, X_REQUEST_ID};
@@ -31,7 +31,8 @@ pub(super) struct Inspected {
 
 /// Reads the body when `checks` need its model or size, or when `ask_usage` may edit it;
 /// whatever its content type says. A body a check cannot read is refused, never waved
-/// through. Otherwise the body streams.
+/// through. Otherwise the body streams. Either way it must be complete within
+/// `server.request_body_deadline` of when ezgate starts reading it.
 pub(super) async fn inspect(
     body: Incoming,
     headers: &mut HeaderMap,
@@ -39,19 +40,23 @@ pub(super) async fn inspect(
     checks: bool,
     ask_usage: bool,
     server: &ServerConfig,
+    buffers: &Buffers,
 ) -> Result<Inspected, GatewayError> {
     let (max, idle) = (server.max_request_body.0, server.request_body_timeout.0);
     if content_length(headers).is_some_and(|len| len > max) {
         return Err(GatewayError::PayloadTooLarge { limit: max });
     }
+    let total = server.request_body_deadline.0;
     if !(checks || ask_usage) {
         return Ok(Inspected {
-            body: RequestBody::stream(body, max, idle),
+            body: RequestBody::stream(body, max, idle, total),
             request: None,
             strip: false,
         });
     }
-    let bytes = read_whole(body, max, idle).await?;
+    let mut charge = buffers.charge();
+    let until = tokio::time::Instant::now() + total;
+    let bytes = read_whole(body, server, until, &mut charge).await?;
     let request = if route == Route::AudioTranscriptions {
         let model = form::model(headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes), &bytes);
         tokens::RequestInfo {
@@ -80,6 +85,8 @@ pub(super) async fn inspect(
         Some(pieces) => (RequestBody::pieces(pieces), true),
         None => (RequestBody::full(bytes), false),
     };
+    // The body holds its bytes of `server.max_buffered_bytes` until the upstream took it.
+    let body = body.holding(charge);
     // The body is now whole: its length replaces chunked framing or an edited length.
     let len = body.size_hint().exact().unwrap_or(0);
     if content_length(headers) != Some(len) {
@@ -92,40 +99,88 @@ pub(super) async fn inspect(
     })
 }
 
-/// Buffers a request body (needed to see its model and size), refusing it past `max` and
-/// giving up when the client pauses longer than `idle` between two pieces. Memory is the
-/// body's own size: a body of known length is read into one buffer of that length, and a
-/// small body that arrives as one frame is kept as it is, without a copy.
-async fn read_whole(mut body: Incoming, max: u64, idle: Duration) -> Result<Bytes, GatewayError> {
-    let mut buf = BytesMut::new();
-    let declared = body.size_hint().exact().filter(|n| *n <= max);
+/// Buffers a request body (needed to see its model and size), refusing it past
+/// `server.max_request_body`, when the client pauses longer than
+/// `server.request_body_timeout` between two pieces, when it is not complete at `until`,
+/// and when all buffered bodies together would hold more than `server.max_buffered_bytes`.
+/// Memory grows with the bytes that arrive, never with the length a header announces (at
+/// most doubling, capped by that length): `charge` takes each growth before it happens. A
+/// body that arrives as one frame is kept as it is, without a copy.
+async fn read_whole(
+    mut body: Incoming,
+    server: &ServerConfig,
+    until: tokio::time::Instant,
+    charge: &mut Charge,
+) -> Result<Bytes, GatewayError> {
+    let (max, idle) = (server.max_request_body.0, server.request_body_timeout.0);
+    let budget = server.max_buffered_bytes.0;
+    // No body grows past the length it declared (hyper refuses the bytes beyond it).
+    let limit = body
+        .size_hint()
+        .exact()
+        .filter(|n| *n <= max)
+        .unwrap_or(max);
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
+        let wake = (tokio::time::Instant::now() + idle).min(until);
+        let frame = match tokio::time::timeout_at(wake, body.frame()).await {
+            Err(_) if tokio::time::Instant::now() >= until => {
+                return Err(GatewayError::BodyDeadline(server.request_body_deadline.0))
+            }
             Err(_) => return Err(GatewayError::RequestTimeout(idle)),
             Ok(None) => break,
             Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(_))) => return Err(GatewayError::ClientClosed),
+            Ok(Some(Err(e))) => return Err(GatewayError::client_body(&e)),
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if (buf.len() + data.len()) as u64 > max {
+        let len = (buf.len() + data.len()) as u64;
+        if len > max {
             return Err(GatewayError::PayloadTooLarge { limit: max });
         }
         // A body of known length ends with its last byte: no need to poll for the end.
         let end = body.is_end_stream();
-        if buf.is_empty() && end {
+        if buf.capacity() == 0 && end {
+            if !charge.take(data.len() as u64, budget) {
+                return Err(over_budget(budget));
+            }
             return Ok(data);
         }
-        if buf.is_empty() {
-            buf.reserve(declared.map_or(data.len(), |n| n as usize));
+        if len > buf.capacity() as u64 {
+            let cap = len.max(buf.capacity() as u64 * 2).min(limit.max(len));
+            grow(&mut buf, cap, charge, budget)?;
         }
         buf.extend_from_slice(&data);
         if end {
             break;
         }
     }
-    Ok(buf.freeze())
+    Ok(Bytes::from(buf))
+}
+
+/// Grows `buf` to `cap` bytes once the budget granted the difference. The old buffer is
+/// freed within this call (a reallocation runs on one worker thread, start to end), so the
+/// moment both exist is bounded by the worker threads, not by the requests.
+fn grow(buf: &mut Vec<u8>, cap: u64, charge: &mut Charge, budget: u64) -> Result<(), GatewayError> {
+    let more = cap.saturating_sub(buf.capacity() as u64);
+    if !charge.take(more, budget) {
+        return Err(over_budget(budget));
+    }
+    let more = usize::try_from(cap)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(buf.len());
+    if buf.try_reserve_exact(more).is_err() {
+        return Err(over_budget(budget));
+    }
+    Ok(())
+}
+
+fn over_budget(budget: u64) -> GatewayError {
+    GatewayError::Overloaded(format!(
+        "the request bodies ezgate is reading would hold more than {} of memory together (server.max_buffered_bytes)",
+        ByteSize(budget)
+    ))
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

@@ -331,15 +331,23 @@ pub async fn serve_proxy(
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     let builders = Arc::new(Builders::new(&gw.state().settings));
     tokio::pin!(shutdown);
+    let mut failing = AcceptFailures::default();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    failing.recovered();
+                    conn
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // Out of file descriptors and the like: back off instead of spinning
+                    // (the pending connections wait in the backlog), still watching for
+                    // the shutdown.
+                    let pause = failing.failed(&e);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => continue,
+                        () = &mut shutdown => break,
+                    }
                 }
             },
             () = &mut shutdown => break,
@@ -378,6 +386,39 @@ pub async fn serve_proxy(
         .is_err()
     {
         tracing::warn!("closing the connections still open");
+    }
+}
+
+/// A burst of failed accepts (EMFILE, ENFILE, ENOBUFS…): logged once when it starts and
+/// once when it ends, with a pause that doubles from 10 ms to 1 s between attempts.
+#[derive(Default)]
+struct AcceptFailures {
+    count: u64,
+    pause: Duration,
+}
+
+impl AcceptFailures {
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+    /// One more failure; how long to wait before accepting again.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        if self.count == 0 {
+            tracing::warn!(error = %e, "accepting connections failed (out of file descriptors? raise LimitNOFILE / ulimit -n); backing off until it works again");
+            self.pause = Self::FIRST_PAUSE;
+        } else {
+            self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+        }
+        self.count += 1;
+        self.pause
+    }
+
+    /// An accept worked again: the end of a burst is logged.
+    fn recovered(&mut self) {
+        if self.count > 0 {
+            tracing::info!(failures = self.count, "accepting connections again");
+            self.count = 0;
+        }
     }
 }
 

@@ -318,13 +318,15 @@ async fn a_stalled_body_gets_408_and_its_place_back() {
         assert!(text.starts_with("HTTP/1.1 408"), "stall-{i}: {text}");
         assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
     }
-    // A client that leaves in the middle of its body: a 499, the client's.
+    // A client that leaves in the middle of its body (its connection reset): a 499, the
+    // client's. (One that only closes its side gets a 400: it may still read.)
     for (i, path) in ["/v1/chat/completions", "/v1/files"].iter().enumerate() {
         let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         let head = format!(
             "POST {path} HTTP/1.1\r\nhost: x\r\nx-request-id: gone-{i}\r\ncontent-length: 1000\r\n\r\n{{\"model\":"
         );
         s.write_all(head.as_bytes()).await.unwrap();
+        s.set_zero_linger().unwrap();
         drop(s);
         assert_eq!(gw.access_log(&format!("gone-{i}")).await["status"], 499);
     }
@@ -885,4 +887,387 @@ async fn the_organizations_key_echoed_by_the_upstream_never_leaves_ezgate() {
     assert_eq!(r.status, 200);
     assert_eq!(gw.access_log("echo-no-model").await["model"], REDACTED);
     assert!(!leaks(&gw.logs.text()), "{}", gw.logs.text());
+}
+
+/// The resident memory of a process now, from the kernel.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Waits until the bytes held by buffered request bodies satisfy `ok`; returns them.
+async fn wait_buffered(gw: &Gateway, ok: impl Fn(f64) -> bool) -> f64 {
+    let start = std::time::Instant::now();
+    loop {
+        let held = gw.metric("ezgate_buffered_request_bytes").await;
+        if ok(held) {
+            return held;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "ezgate_buffered_request_bytes stayed at {held}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until a line of ezgate's log contains `needle`.
+async fn wait_log(gw: &Gateway, needle: &str) {
+    let start = std::time::Instant::now();
+    while !gw.logs.all().iter().any(|l| l.contains(needle)) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no log line with {needle:?}:\n{}",
+            gw.logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A chat body of exactly `len` bytes.
+fn chat_body(len: usize) -> String {
+    let head = r#"{"model":"gpt-4o","messages":[{"role":"user","content":""#;
+    let tail = r#""}]}"#;
+    format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+}
+
+/// A token policy: chat bodies are read whole.
+const READS_BODIES: &str =
+    "[[limits]]\nname = \"tpm\"\nkey = \"global\"\ntokens = \"100000000/min\"\n";
+
+#[tokio::test]
+async fn announced_lengths_cost_only_the_bytes_that_arrive() {
+    const CONNS: usize = 200;
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), READS_BODIES).await;
+    let pid = gw.child.id().unwrap();
+    assert_eq!(gw.chat(&[]).await.status, 200);
+    let before = rss(pid);
+    // Each announces the largest body allowed (16 MiB) and sends 100 bytes of it.
+    let first = &chat_body(200)[..100];
+    let mut held = Vec::new();
+    for i in 0..CONNS {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-request-id: big-{i}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{first}",
+            16 << 20
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        held.push(s);
+    }
+    // Every one of them is being read: what they hold is what they sent.
+    let buffered = wait_buffered(&gw, |b| b >= (CONNS * 100) as f64).await;
+    assert!(
+        buffered <= (CONNS * 200) as f64,
+        "{buffered} bytes held for {CONNS} bodies of 100 bytes"
+    );
+    let now = rss(pid);
+    eprintln!(
+        "rss {} KiB before, {} KiB with {CONNS} announced 16 MiB bodies",
+        before >> 10,
+        now >> 10
+    );
+    assert!(
+        now < before + (32 << 20),
+        "{CONNS} bodies of 100 bytes announcing 16 MiB took {} MiB (from {} MiB)",
+        now >> 20,
+        before >> 20
+    );
+    // Legitimate requests pass meanwhile.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            chat_body(4000),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    drop(held);
+    wait_buffered(&gw, |b| b == 0.0).await;
+}
+
+#[tokio::test]
+async fn bodies_past_max_buffered_bytes_get_503_until_memory_frees() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(
+        &emu.url(),
+        &format!(
+            "[server]\nmax_request_body = \"64KiB\"\nmax_buffered_bytes = \"100KiB\"\n\n{READS_BODIES}"
+        ),
+    )
+    .await;
+    // One body announces 60,000 bytes and sends 50,000 of them: it holds at least those.
+    let body = chat_body(60_000);
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 60000\r\n\r\n";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&body.as_bytes()[..50_000]).await.unwrap();
+    wait_buffered(&gw, |b| b >= 50_000.0).await;
+    // Another whole one does not fit beside it: 503, with Retry-After, never an OOM kill.
+    let whole = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-request-id: over-budget\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: 60000\r\n\r\n{body}"
+    );
+    let out = raw(gw.addr, whole.as_bytes(), DEADLINE).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    let lower = text.to_ascii_lowercase();
+    assert!(lower.contains("\r\nretry-after: 1\r\n"), "{text}");
+    assert!(lower.contains("\r\nretry-after-ms: 1000\r\n"), "{text}");
+    assert!(text.contains("\"code\":\"overloaded\""), "{text}");
+    assert!(text.contains("server.max_buffered_bytes"), "{text}");
+    assert_eq!(gw.access_log("over-budget").await["status"], 503);
+    assert_eq!(emu.entry("over-budget").await, None, "upstream not called");
+    // A small body still fits.
+    let small = gw
+        .post(
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            chat_body(300),
+        )
+        .await;
+    assert_eq!(small.status, 200);
+    // Once the held body is gone, its memory is back and the large body passes.
+    drop(slow);
+    wait_buffered(&gw, |b| b == 0.0).await;
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_buffered(&gw, |b| b == 0.0).await;
+    // The 503's place under max_inflight was given back too.
+    assert_eq!(
+        gw.metric("ezgate_inflight_requests{route=\"/v1/chat/completions\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_trickled_body_meets_the_total_deadline() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(
+        &emu.url(),
+        &format!(
+            "[server]\nrequest_body_timeout = \"1500ms\"\nrequest_body_deadline = \"3s\"\n\n{READS_BODIES}"
+        ),
+    )
+    .await;
+    // Read whole (chat under a token policy) and streamed (an upload) alike.
+    for (i, path) in ["/v1/chat/completions", "/v1/files"].iter().enumerate() {
+        let s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let (mut rd, mut wr) = s.into_split();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nx-request-id: trickle-{i}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+        );
+        wr.write_all(head.as_bytes()).await.unwrap();
+        // A byte every 300 ms: never idle for 1.5 s, never done.
+        let writer = tokio::spawn(async move {
+            for _ in 0..100 {
+                if wr.write_all(b" ").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        out.extend_from_slice(&buf[..n]);
+                        if out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"}}") {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        writer.abort();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 408"), "{path}: {text}");
+        assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+        assert!(text.contains("server.request_body_deadline"), "{text}");
+        assert_eq!(gw.access_log(&format!("trickle-{i}")).await["status"], 408);
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "ezgate_upstream_failures_total{kind=\"timeout\"}"),
+        0.0,
+        "nothing blamed on the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_cut_short_or_malformed_body_gets_400_never_499_on_the_wire() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), READS_BODIES).await;
+    let mut n = 0;
+    for path in ["/v1/chat/completions", "/v1/files"] {
+        // Malformed chunked framing.
+        n += 1;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nx-request-id: bad-chunk-{n}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{{\"model\":1}}\r\n0\r\n\r\n"
+        );
+        let out = raw(gw.addr, req.as_bytes(), DEADLINE).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{path}: {text}");
+        assert!(text.contains("\"code\":\"bad_request\""), "{text}");
+        assert!(text.contains("chunked"), "{text}");
+        assert_eq!(
+            gw.access_log(&format!("bad-chunk-{n}")).await["status"],
+            400
+        );
+        // An upload whose client half-closes its side mid-body, and still reads.
+        n += 1;
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nx-request-id: half-{n}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\":\"gpt-4o\","
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{path}: {text}");
+        assert!(text.contains("\"code\":\"bad_request\""), "{text}");
+        assert!(text.contains("mid-body"), "{text}");
+        assert_eq!(gw.access_log(&format!("half-{n}")).await["status"], 400);
+    }
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "ezgate_requests_total{method=\"POST\",route=\"/v1/chat/completions\",source=\"gateway\",status=\"400\"}"
+        ),
+        2.0,
+        "{m}"
+    );
+    assert!(!m.contains("status=\"499\""), "{m}");
+    for kind in ["connect", "reset", "protocol"] {
+        assert_eq!(
+            metric_value(
+                &m,
+                &format!("ezgate_upstream_failures_total{{kind=\"{kind}\"}}")
+            ),
+            0.0
+        );
+    }
+}
+
+/// The lowest descriptor number a process has free (the next one it opens), once it has
+/// no file open but devices, sockets and pipes: the files read at startup (trust roots)
+/// are closed, and no hole opens below the number after it is read.
+async fn next_fd(pid: u32) -> usize {
+    let start = std::time::Instant::now();
+    loop {
+        let mut open = std::collections::HashSet::new();
+        let mut reading_files = false;
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            let Ok(entry) = entry else { continue };
+            let Some(n) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            open.insert(n);
+            if let Ok(target) = std::fs::read_link(entry.path()) {
+                reading_files |= target.is_absolute() && !target.starts_with("/dev");
+            }
+        }
+        if !reading_files {
+            return (0..).find(|n| !open.contains(n)).unwrap();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "ezgate kept files open: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sets a process's soft limit of open files (the hard one stays: it can be raised again).
+fn set_nofile(pid: u32, n: usize) {
+    let ok = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={n}:"))
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(ok.success(), "prlimit --nofile={n}:");
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_is_ezgates_503_and_the_listener_survives() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "").await;
+    let pid = gw.child.id().unwrap();
+    // One descriptor left: for the client's connection, none for the upstream's.
+    set_nofile(pid, next_fd(pid).await + 1);
+    let mut first = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    first
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-request-id: no-fds\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = first.read(&mut buf).await {
+            out.extend_from_slice(&buf[..n]);
+            if n == 0 || out.ends_with(b"}}") {
+                break;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("\"code\":\"overloaded\""), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("file descriptors"), "{text}");
+    // The next connection cannot even be accepted: the listener backs off and waits.
+    let second = tokio::spawn(raw(
+        gw.addr,
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        DEADLINE,
+    ));
+    wait_log(&gw, "accepting connections failed").await;
+    set_nofile(pid, 1024);
+    let out = second.await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    wait_log(&gw, "accepting connections again").await;
+    drop(first);
+    assert_eq!(gw.access_log("no-fds").await["status"], 503);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric_value(&m, "ezgate_gateway_errors_total{code=\"overloaded\"}"),
+        1.0
+    );
+    for kind in ["connect", "tls", "timeout", "reset", "protocol"] {
+        assert_eq!(
+            metric_value(
+                &m,
+                &format!("ezgate_upstream_failures_total{{kind=\"{kind}\"}}")
+            ),
+            0.0,
+            "{kind}: EMFILE is not the upstream's failure"
+        );
+    }
+    assert_eq!(gw.chat(&[]).await.status, 200);
 }
