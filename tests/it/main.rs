@@ -21,6 +21,7 @@ mod metrics;
 mod redis;
 mod redis_ha;
 mod redis_servers;
+mod routes;
 mod startup;
 mod tls;
 mod tokens;
