@@ -129,15 +129,26 @@ impl Client {
         !self.models.is_empty()
     }
 
-    /// What the allow-list needs of the request `method path` (canonical path): `None` when
-    /// nothing (no allow-list, or a request that spends no model), else where to read the
-    /// model. A request that may spend a model ezgate cannot read is refused, unless the
-    /// operator allowed its route for this client (`unchecked_routes`).
-    pub fn model_check(&self, method: &Method, path: &str) -> Result<Option<ModelAt>, GatewayError> {
+    /// What the allow-list needs of the request `method path` (canonical path; `handshake`:
+    /// a WebSocket handshake): `None` when nothing (no allow-list, or a request that spends
+    /// no model), else where to read the model. A request that may spend a model ezgate
+    /// cannot read is refused, unless the operator allowed its route for this client
+    /// (`unchecked_routes`).
+    pub fn model_check(
+        &self,
+        method: &Method,
+        path: &str,
+        handshake: bool,
+    ) -> Result<Option<ModelAt>, GatewayError> {
         if self.models.is_empty() {
             return Ok(None);
         }
-        match route::model_at(method, path) {
+        let at = if handshake {
+            route::handshake_model_at(path)
+        } else {
+            route::model_at(method, path)
+        };
+        match at {
             ModelAt::Nowhere => Ok(None),
             ModelAt::Unreadable(_) if self.may_leave_unchecked(path) => Ok(None),
             ModelAt::Unreadable(why) => Err(GatewayError::RouteNotAllowed {
@@ -317,30 +328,74 @@ mod tests {
     fn routes_whose_model_cannot_be_read_are_refused_unless_allowed() {
         let caller = clients().identify(&auth("Bearer key-a")).unwrap();
         let client = caller.client.unwrap();
-        let check = |m: &str, p: &str| client.model_check(&Method::from_bytes(m.as_bytes()).unwrap(), p);
-        assert_eq!(check("POST", "/v1/chat/completions").unwrap(), Some(ModelAt::Json));
-        assert_eq!(check("POST", "/v1/images/edits").unwrap(), Some(ModelAt::Form));
+        let check = |m: &str, p: &str| {
+            client.model_check(&Method::from_bytes(m.as_bytes()).unwrap(), p, false)
+        };
+        assert_eq!(
+            client
+                .model_check(&Method::GET, "/v1/realtime", true)
+                .unwrap(),
+            Some(ModelAt::Query)
+        );
+        let e = client
+            .model_check(&Method::GET, "/v1/responses", true)
+            .unwrap_err();
+        assert_eq!(e.code(), "route_not_allowed");
+        assert_eq!(
+            check("POST", "/v1/chat/completions").unwrap(),
+            Some(ModelAt::Json)
+        );
+        assert_eq!(
+            check("POST", "/v1/images/edits").unwrap(),
+            Some(ModelAt::Form)
+        );
         assert_eq!(check("GET", "/v1/assistants").unwrap(), None);
         // Allowed unchecked: `*` spans segments, a trailing slash is ignored either side.
         assert_eq!(check("POST", "/v1/batches").unwrap(), None);
         assert_eq!(check("POST", "/v1/batches/").unwrap(), None);
-        assert_eq!(check("POST", "/v1/threads/t/runs/r/submit_tool_outputs").unwrap(), None);
+        assert_eq!(
+            check("POST", "/v1/threads/t/runs/r/submit_tool_outputs").unwrap(),
+            None
+        );
         let e = check("POST", "/v1/vector_stores").unwrap_err();
         assert_eq!(e.code(), "route_not_allowed");
-        assert!(e.to_string().contains("POST /v1/vector_stores is not allowed for client 'team-a'"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("POST /v1/vector_stores is not allowed for client 'team-a'"),
+            "{e}"
+        );
         assert!(e.to_string().contains("clients.unchecked_routes"), "{e}");
-        assert_eq!(check("PATCH", "/v1/chat/completions").unwrap_err().code(), "route_not_allowed");
+        assert_eq!(
+            check("PATCH", "/v1/chat/completions").unwrap_err().code(),
+            "route_not_allowed"
+        );
         // A readable route still checks what it names, allowed unchecked or not.
         let post = Method::POST;
         let runs = "/v1/threads/t/runs";
-        assert!(client.check_named(ModelAt::Json, &post, runs, ["gpt-4o"]).is_ok());
-        assert!(client.check_named(ModelAt::Json, &post, runs, ["o1"]).is_err());
-        assert!(client.check_named(ModelAt::Json, &post, runs, []).is_ok(), "allowed unchecked");
-        let e = client.check_named(ModelAt::Json, &post, "/v1/assistants", []).unwrap_err();
+        assert!(client
+            .check_named(ModelAt::Json, &post, runs, ["gpt-4o"])
+            .is_ok());
+        assert!(client
+            .check_named(ModelAt::Json, &post, runs, ["o1"])
+            .is_err());
+        assert!(
+            client.check_named(ModelAt::Json, &post, runs, []).is_ok(),
+            "allowed unchecked"
+        );
+        let e = client
+            .check_named(ModelAt::Json, &post, "/v1/assistants", [])
+            .unwrap_err();
         assert_eq!(e.code(), "model_not_allowed");
-        assert!(e.to_string().contains("POST /v1/assistants names no model"), "{e}");
-        assert!(client.check_named(ModelAt::JsonIfPresent, &post, "/v1/assistants/a", []).is_ok());
-        assert!(client.check_named(ModelAt::Json, &post, "/v1/responses", ["gpt-4o", "o1"]).is_err());
+        assert!(
+            e.to_string().contains("POST /v1/assistants names no model"),
+            "{e}"
+        );
+        assert!(client
+            .check_named(ModelAt::JsonIfPresent, &post, "/v1/assistants/a", [])
+            .is_ok());
+        assert!(client
+            .check_named(ModelAt::Json, &post, "/v1/responses", ["gpt-4o", "o1"])
+            .is_err());
     }
 
     #[test]

@@ -230,11 +230,25 @@ pub enum ModelAt {
     JsonIfPresent,
     /// A multipart form's one `model` field (or, sent as JSON, the body's `model`).
     Form,
+    /// A WebSocket handshake's `model` query parameter (`GET /v1/realtime?model=…`).
+    Query,
     /// The request spends no model: reads, deletions, uploads, cancellations, threads and
     /// their messages. A WebSocket handshake is not one of these: its model is in its query.
     Nowhere,
     /// The request may spend a model ezgate cannot read; the text says why.
     Unreadable(&'static str),
+}
+
+/// Where a WebSocket handshake for `path` names the model of its session: in the query on
+/// `/v1/realtime`; elsewhere (a Responses WebSocket names its models in the events it sends)
+/// ezgate does not read it.
+pub fn handshake_model_at(path: &str) -> ModelAt {
+    match path.strip_suffix('/').unwrap_or(path) {
+        "/v1/realtime" => ModelAt::Query,
+        _ => ModelAt::Unreadable(
+            "ezgate reads the model of a WebSocket session only on /v1/realtime, in its query",
+        ),
+    }
 }
 
 /// Where the request `method path` names its model. `path` is canonical ([`normalize`]);
@@ -425,8 +439,20 @@ mod tests {
             assert!(matches!(post(p), ModelAt::Unreadable(_)), "{p}");
         }
         assert_eq!(model_at(&Method::GET, "/v1/batches"), ModelAt::Nowhere);
-        assert_eq!(model_at(&Method::DELETE, "/v1/assistants/a"), ModelAt::Nowhere);
-        for m in [Method::PUT, Method::PATCH, Method::from_bytes(b"SPEND").unwrap()] {
+        assert_eq!(super::handshake_model_at("/v1/realtime/"), ModelAt::Query);
+        assert!(matches!(
+            super::handshake_model_at("/v1/responses"),
+            ModelAt::Unreadable(_)
+        ));
+        assert_eq!(
+            model_at(&Method::DELETE, "/v1/assistants/a"),
+            ModelAt::Nowhere
+        );
+        for m in [
+            Method::PUT,
+            Method::PATCH,
+            Method::from_bytes(b"SPEND").unwrap(),
+        ] {
             assert!(matches!(
                 model_at(&m, "/v1/chat/completions"),
                 ModelAt::Unreadable(_)

@@ -377,7 +377,9 @@ fn unchecked_routes_are_checked_paths() {
         ok.config.clients[0].unchecked_routes,
         ["/v1/batches", "/v1/threads/*"]
     );
-    assert!(ok.to_string().contains("unchecked_routes = [\"/v1/batches\""));
+    assert!(ok
+        .to_string()
+        .contains("unchecked_routes = [\"/v1/batches\""));
     let e = problems(&client(
         "models = [\"gpt-4o-mini\"]",
         r#"["v1/batches", "/v1/batches?x=1", "/v1/../batches", "/v1//batches", "/v1/%62atches", "/v1/batches"]"#,

@@ -128,7 +128,9 @@ fn unchecked_route_problem(pattern: &str) -> Option<&'static str> {
         return Some("must be a path under /v1/, e.g. \"/v1/batches\" or \"/v1/threads/*\"");
     }
     if pattern.contains(['?', '#', '%']) {
-        return Some("must be a plain path: no query, fragment or percent-escape (`*` is the only wildcard)");
+        return Some(
+            "must be a plain path: no query, fragment or percent-escape (`*` is the only wildcard)",
+        );
     }
     if !matches!(crate::route::normalize(pattern), Ok(None)) {
         return Some("must be a canonical path: no `.` or `..` segments, repeated slashes or control characters");

@@ -57,7 +57,9 @@ pub fn model(content_type: Option<&[u8]>, body: &[u8]) -> Option<String> {
 pub fn is_multipart(content_type: Option<&[u8]>) -> bool {
     content_type.is_some_and(|ct| {
         let media = ct.split(|&b| b == b';').next().unwrap_or_default();
-        media.trim_ascii().eq_ignore_ascii_case(b"multipart/form-data")
+        media
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"multipart/form-data")
     })
 }
 
@@ -155,7 +157,11 @@ mod tests {
         );
         assert_eq!(model(Some(CT), b"garbage"), None);
         let cased = form(&[("model", "whisper-1"), ("MODEL", "gpt-4o-transcribe")]);
-        assert_eq!(model(Some(CT), &cased), None, "a field the upstream may fold");
+        assert_eq!(
+            model(Some(CT), &cased),
+            None,
+            "a field the upstream may fold"
+        );
         assert_eq!(model(Some(CT), &form(&[("Model", "m")])), None);
         let twice = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XyZ--\r\n";
         assert_eq!(model(Some(CT), twice), None, "which disposition counts?");

@@ -173,15 +173,17 @@ async fn handle(
     // Which model the request spends, for a client's allow-list: a route whose model ezgate
     // cannot read is refused here, unless allowed for the client (docs/security.md).
     let canonical = path.as_deref().unwrap_or(parts.uri.path());
-    let client_reads = match (&caller.client, &handshake) {
-        (Some(client), None) => client.model_check(&parts.method, canonical)?,
-        _ => None,
+    let client_reads = match &caller.client {
+        Some(client) => client.model_check(&parts.method, canonical, handshake.is_some())?,
+        None => None,
     };
     // Inspect: the body of a model route is read when a check needs its model or size, or
     // to ask the upstream for the usage of a stream.
     let post = parts.method == Method::POST;
-    let checks = client_reads.is_some()
-        || (post && out.route.carries_model() && state.limits.needs_body(out.route));
+    let checks = matches!(
+        client_reads,
+        Some(ModelAt::Json | ModelAt::JsonIfPresent | ModelAt::Form)
+    ) || (post && out.route.carries_model() && state.limits.needs_body(out.route));
     let ask_usage = post
         && cfg.upstream.stream_usage
         && matches!(out.route, Route::ChatCompletions | Route::Completions);
@@ -204,12 +206,10 @@ async fn handle(
         None => request.as_mut().and_then(|r| r.model.take()),
     };
     if let Some(client) = &caller.client {
-        match (&handshake, client_reads) {
-            (Some(_), _) => client.check_model(model.as_deref())?,
-            (None, Some(at)) => {
-                client.check_named(at, &parts.method, canonical, model.as_deref())?;
-            }
-            (None, None) => {}
+        match client_reads {
+            Some(ModelAt::Query) => client.check_model(model.as_deref())?,
+            Some(at) => client.check_named(at, &parts.method, canonical, model.as_deref())?,
+            None => {}
         }
     }
     out.model = model;

@@ -78,12 +78,26 @@ async fn ask(
 }
 
 async fn post_json(gw: &Gateway, auth: &str, path: &str, body: &str, id: &str) -> Resp {
-    ask(gw, auth, Method::POST, path, "application/json", body.to_owned(), id).await
+    ask(
+        gw,
+        auth,
+        Method::POST,
+        path,
+        "application/json",
+        body.to_owned(),
+        id,
+    )
+    .await
 }
 
 /// 403 with `code`, and the upstream never saw the request.
 async fn assert_refused(emu: &Emulator, r: &Resp, code: &str, id: &str) -> String {
-    assert_eq!(r.status, 403, "{id}: {:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        403,
+        "{id}: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
     let e = r.error();
     assert_eq!(e["code"], code, "{id}: {e}");
     assert_eq!(e["source"], "gateway");
@@ -94,16 +108,32 @@ async fn assert_refused(emu: &Emulator, r: &Resp, code: &str, id: &str) -> Strin
 
 /// 200 from the upstream, which read `model` (or none) in the request.
 async fn assert_served(emu: &Emulator, r: &Resp, id: &str, model: Option<&str>) {
-    assert_eq!(r.status, 200, "{id}: {:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        200,
+        "{id}: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
     let entry = emu.entry(id).await.unwrap();
     assert_eq!(entry["model"].as_str(), model, "{id}: {entry}");
-    assert_eq!(logged_header(&entry, "authorization"), Some("Bearer sk-org"));
+    assert_eq!(
+        logged_header(&entry, "authorization"),
+        Some("Bearer sk-org")
+    );
 }
 
 /// Forwarded: the upstream saw the request (whatever it answered).
 async fn assert_forwarded(emu: &Emulator, r: &Resp, id: &str) {
-    assert_ne!(r.status, 403, "{id}: {:?}", String::from_utf8_lossy(&r.body));
-    assert!(emu.entry(id).await.is_some(), "{id} did not reach the upstream");
+    assert_ne!(
+        r.status,
+        403,
+        "{id}: {:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(
+        emu.entry(id).await.is_some(),
+        "{id} did not reach the upstream"
+    );
 }
 
 #[tokio::test]
@@ -116,7 +146,16 @@ async fn multipart_routes_have_their_model_field_checked() {
         "/v1/audio/transcriptions",
     ] {
         let id = format!("{path}-other");
-        let r = ask(&gw, MINI, Method::POST, path, BOUNDARY, form(&[("model", "gpt-4o")]), &id).await;
+        let r = ask(
+            &gw,
+            MINI,
+            Method::POST,
+            path,
+            BOUNDARY,
+            form(&[("model", "gpt-4o")]),
+            &id,
+        )
+        .await;
         let message = assert_refused(&emu, &r, "model_not_allowed", &id).await;
         assert!(message.contains("'gpt-4o'"), "{message}");
         assert_eq!(r.error()["param"], "model");
@@ -143,12 +182,35 @@ async fn multipart_routes_have_their_model_field_checked() {
     }
     // Image edits also come as JSON (images by URL): read as JSON then.
     let path = "/v1/images/edits";
-    let r = post_json(&gw, MINI, path, r#"{"model":"gpt-4o","prompt":"x"}"#, "edit-json-other").await;
+    let r = post_json(
+        &gw,
+        MINI,
+        path,
+        r#"{"model":"gpt-4o","prompt":"x"}"#,
+        "edit-json-other",
+    )
+    .await;
     assert_refused(&emu, &r, "model_not_allowed", "edit-json-other").await;
-    let r = post_json(&gw, MINI, path, r#"{"model":"gpt-4o-mini","prompt":"x"}"#, "edit-json").await;
+    let r = post_json(
+        &gw,
+        MINI,
+        path,
+        r#"{"model":"gpt-4o-mini","prompt":"x"}"#,
+        "edit-json",
+    )
+    .await;
     assert_served(&emu, &r, "edit-json", Some("gpt-4o-mini")).await;
     // A form sent as something else is not waved through.
-    let r = ask(&gw, MINI, Method::POST, path, "text/plain", form(&[("model", "gpt-4o")]), "edit-text").await;
+    let r = ask(
+        &gw,
+        MINI,
+        Method::POST,
+        path,
+        "text/plain",
+        form(&[("model", "gpt-4o")]),
+        "edit-text",
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert!(emu.entry("edit-text").await.is_none());
 }
@@ -176,8 +238,18 @@ async fn json_routes_that_spend_a_model_have_it_checked() {
         assert_served(&emu, &r, &id, Some("gpt-4o-mini")).await;
     }
     // The realtime session's ephemeral key goes only to a session of an allowed model.
-    let r = post_json(&gw, MINI, "/v1/realtime/sessions", r#"{"model":"gpt-4o-mini"}"#, "sess").await;
-    assert!(r.json()["client_secret"]["value"].as_str().unwrap().starts_with("ek_"));
+    let r = post_json(
+        &gw,
+        MINI,
+        "/v1/realtime/sessions",
+        r#"{"model":"gpt-4o-mini"}"#,
+        "sess",
+    )
+    .await;
+    assert!(r.json()["client_secret"]["value"]
+        .as_str()
+        .unwrap()
+        .starts_with("ek_"));
 
     // Without `model` a run takes its assistant's, a session the upstream's default: refused.
     for path in [
@@ -187,7 +259,14 @@ async fn json_routes_that_spend_a_model_have_it_checked() {
         "/v1/images/generations",
     ] {
         let id = format!("{path}-none");
-        let r = post_json(&gw, MINI, path, r#"{"assistant_id":"asst_1","prompt":"x"}"#, &id).await;
+        let r = post_json(
+            &gw,
+            MINI,
+            path,
+            r#"{"assistant_id":"asst_1","prompt":"x"}"#,
+            &id,
+        )
+        .await;
         let message = assert_refused(&emu, &r, "model_not_allowed", &id).await;
         assert!(
             message.contains(&format!("POST {path} names no model"))
@@ -196,10 +275,24 @@ async fn json_routes_that_spend_a_model_have_it_checked() {
         );
     }
     // Changing an assistant without naming a model changes no model.
-    let r = post_json(&gw, MINI, "/v1/assistants/asst_1", r#"{"name":"x"}"#, "modify").await;
+    let r = post_json(
+        &gw,
+        MINI,
+        "/v1/assistants/asst_1",
+        r#"{"name":"x"}"#,
+        "modify",
+    )
+    .await;
     assert_served(&emu, &r, "modify", None).await;
     // Spelled differently, checked the same.
-    let r = post_json(&gw, MINI, "//v1/threads/./thread_1/runs/", r#"{"model":"gpt-4o"}"#, "spelled").await;
+    let r = post_json(
+        &gw,
+        MINI,
+        "//v1/threads/./thread_1/runs/",
+        r#"{"model":"gpt-4o"}"#,
+        "spelled",
+    )
+    .await;
     assert_refused(&emu, &r, "model_not_allowed", "spelled").await;
 }
 
@@ -220,7 +313,14 @@ async fn realtime_client_secrets_without_the_allowed_model_are_refused() {
         assert_refused(&emu, &r, "model_not_allowed", &id).await;
     }
     // Unaffected without an allow-list: the emulator hands out its ephemeral key.
-    let r = post_json(&gw, OPEN, path, r#"{"session":{"type":"realtime","model":"gpt-realtime"}}"#, "open").await;
+    let r = post_json(
+        &gw,
+        OPEN,
+        path,
+        r#"{"session":{"type":"realtime","model":"gpt-realtime"}}"#,
+        "open",
+    )
+    .await;
     assert_served(&emu, &r, "open", Some("gpt-realtime")).await;
     assert!(r.json()["value"].as_str().unwrap().starts_with("ek_"));
 }
@@ -232,9 +332,23 @@ async fn realtime_client_secrets_without_the_allowed_model_are_refused() {
 async fn nested_models_are_checked_like_the_body_model() {
     let (emu, gw) = start().await;
     let path = "/v1/realtime/client_secrets";
-    let r = post_json(&gw, MINI, path, r#"{"model":"gpt-4o-mini","session":{"type":"realtime","model":"gpt-realtime"}}"#, "smuggled").await;
+    let r = post_json(
+        &gw,
+        MINI,
+        path,
+        r#"{"model":"gpt-4o-mini","session":{"type":"realtime","model":"gpt-realtime"}}"#,
+        "smuggled",
+    )
+    .await;
     assert_refused(&emu, &r, "model_not_allowed", "smuggled").await;
-    let r = post_json(&gw, MINI, path, r#"{"session":{"type":"realtime","model":"gpt-4o-mini"}}"#, "secret").await;
+    let r = post_json(
+        &gw,
+        MINI,
+        path,
+        r#"{"session":{"type":"realtime","model":"gpt-4o-mini"}}"#,
+        "secret",
+    )
+    .await;
     assert_served(&emu, &r, "secret", Some("gpt-4o-mini")).await;
 
     let path = "/v1/responses";
@@ -259,7 +373,8 @@ async fn nested_models_are_checked_like_the_body_model() {
 #[tokio::test]
 async fn routes_whose_model_cannot_be_read_answer_route_not_allowed() {
     let (emu, gw) = start().await;
-    let batch = r#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions","completion_window":"24h"}"#;
+    let batch =
+        r#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions","completion_window":"24h"}"#;
     let r = post_json(&gw, MINI, "/v1/batches", batch, "batch").await;
     let message = assert_refused(&emu, &r, "route_not_allowed", "batch").await;
     assert!(
@@ -288,15 +403,69 @@ async fn routes_whose_model_cannot_be_read_answer_route_not_allowed() {
         let r = ask(&gw, MINI, method, path, "application/json", body, &id).await;
         assert_refused(&emu, &r, "route_not_allowed", &id).await;
     }
+    // A WebSocket session names its model in the query only on /v1/realtime.
+    let handshake = |path: &'static str, id: &'static str| {
+        let gw = &gw;
+        async move {
+            let h = [
+                ("authorization", MINI),
+                ("upgrade", "websocket"),
+                ("connection", "Upgrade"),
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("x-request-id", id),
+            ];
+            gw.get_with(path, &h).await
+        }
+    };
+    let r = handshake("/v1/responses?model=gpt-4o-mini", "ws-responses").await;
+    assert_refused(&emu, &r, "route_not_allowed", "ws-responses").await;
+    let r = handshake("/v1/realtime?model=gpt-4o", "ws-other").await;
+    assert_refused(&emu, &r, "model_not_allowed", "ws-other").await;
+
     // Requests that spend no model pass.
-    let r = ask(&gw, MINI, Method::GET, "/v1/models", "application/json", "", "models").await;
+    let r = ask(
+        &gw,
+        MINI,
+        Method::GET,
+        "/v1/models",
+        "application/json",
+        "",
+        "models",
+    )
+    .await;
     assert_eq!(r.status, 200);
     for (i, (method, path, content_type, body)) in [
-        (Method::POST, "/v1/files", BOUNDARY, form(&[("purpose", "batch")])),
-        (Method::POST, "/v1/batches/batch_1/cancel", "application/json", String::new()),
-        (Method::POST, "/v1/threads", "application/json", r#"{"messages":[]}"#.into()),
-        (Method::DELETE, "/v1/assistants/asst_1", "application/json", String::new()),
-        (Method::GET, "/v1/batches", "application/json", String::new()),
+        (
+            Method::POST,
+            "/v1/files",
+            BOUNDARY,
+            form(&[("purpose", "batch")]),
+        ),
+        (
+            Method::POST,
+            "/v1/batches/batch_1/cancel",
+            "application/json",
+            String::new(),
+        ),
+        (
+            Method::POST,
+            "/v1/threads",
+            "application/json",
+            r#"{"messages":[]}"#.into(),
+        ),
+        (
+            Method::DELETE,
+            "/v1/assistants/asst_1",
+            "application/json",
+            String::new(),
+        ),
+        (
+            Method::GET,
+            "/v1/batches",
+            "application/json",
+            String::new(),
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -309,19 +478,43 @@ async fn routes_whose_model_cannot_be_read_answer_route_not_allowed() {
     // The operator allowed batches and threads for "mini-batch": unread, let through.
     let r = post_json(&gw, BATCH, "/v1/batches", batch, "batch-allowed").await;
     assert_served(&emu, &r, "batch-allowed", None).await;
-    let r = post_json(&gw, BATCH, "/v1/threads/runs", r#"{"assistant_id":"asst_1"}"#, "run-allowed").await;
+    let r = post_json(
+        &gw,
+        BATCH,
+        "/v1/threads/runs",
+        r#"{"assistant_id":"asst_1"}"#,
+        "run-allowed",
+    )
+    .await;
     assert_served(&emu, &r, "run-allowed", None).await;
-    let r = post_json(&gw, BATCH, "/v1/threads/t/runs/r/submit_tool_outputs", "{}", "tools-allowed").await;
+    let r = post_json(
+        &gw,
+        BATCH,
+        "/v1/threads/t/runs/r/submit_tool_outputs",
+        "{}",
+        "tools-allowed",
+    )
+    .await;
     assert_forwarded(&emu, &r, "tools-allowed").await;
     // What ezgate can read is still checked there; other routes stay refused.
-    let r = post_json(&gw, BATCH, "/v1/threads/runs", r#"{"assistant_id":"a","model":"gpt-4o"}"#, "run-other").await;
+    let r = post_json(
+        &gw,
+        BATCH,
+        "/v1/threads/runs",
+        r#"{"assistant_id":"a","model":"gpt-4o"}"#,
+        "run-other",
+    )
+    .await;
     assert_refused(&emu, &r, "model_not_allowed", "run-other").await;
     let r = post_json(&gw, BATCH, "/v1/vector_stores", "{}", "vs").await;
     assert_refused(&emu, &r, "route_not_allowed", "vs").await;
 
     let metrics = gw.metrics().await;
     assert!(
-        metric_value(&metrics, r#"ezgate_gateway_errors_total{code="route_not_allowed"}"#) >= 11.0,
+        metric_value(
+            &metrics,
+            r#"ezgate_gateway_errors_total{code="route_not_allowed"}"#
+        ) >= 12.0,
         "{metrics}"
     );
 }
@@ -329,12 +522,29 @@ async fn routes_whose_model_cannot_be_read_answer_route_not_allowed() {
 #[tokio::test]
 async fn clients_without_an_allow_list_are_unaffected() {
     let (emu, gw) = start().await;
-    let batch = r#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions","completion_window":"24h"}"#;
+    let batch =
+        r#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions","completion_window":"24h"}"#;
     let r = post_json(&gw, OPEN, "/v1/batches", batch, "batch").await;
     assert_served(&emu, &r, "batch", None).await;
-    let r = post_json(&gw, OPEN, "/v1/threads/runs", r#"{"assistant_id":"asst_1"}"#, "run").await;
+    let r = post_json(
+        &gw,
+        OPEN,
+        "/v1/threads/runs",
+        r#"{"assistant_id":"asst_1"}"#,
+        "run",
+    )
+    .await;
     assert_served(&emu, &r, "run", None).await;
-    let r = ask(&gw, OPEN, Method::POST, "/v1/images/edits", BOUNDARY, form(&[("model", "gpt-4o")]), "edit").await;
+    let r = ask(
+        &gw,
+        OPEN,
+        Method::POST,
+        "/v1/images/edits",
+        BOUNDARY,
+        form(&[("model", "gpt-4o")]),
+        "edit",
+    )
+    .await;
     assert_served(&emu, &r, "edit", Some("gpt-4o")).await;
     for (i, (method, path)) in [
         (Method::POST, "/v1/vector_stores"),
@@ -357,15 +567,25 @@ async fn the_application_cannot_choose_the_billed_organization_or_project() {
         ("openai-project", "proj_expensive"),
         ("x-request-id", "spoof"),
     ];
-    let managed =
-        Gateway::start_env(&emu.url(), "[upstream]\napi_key = \"${K}\"\n", &[("K", "sk-org")])
-            .await;
+    let managed = Gateway::start_env(
+        &emu.url(),
+        "[upstream]\napi_key = \"${K}\"\n",
+        &[("K", "sk-org")],
+    )
+    .await;
     let r = managed.chat(&spoofed).await;
     assert_eq!(r.status, 200);
     let entry = emu.entry("spoof").await.unwrap();
-    assert_eq!(logged_header(&entry, "openai-organization"), None, "{entry}");
+    assert_eq!(
+        logged_header(&entry, "openai-organization"),
+        None,
+        "{entry}"
+    );
     assert_eq!(logged_header(&entry, "openai-project"), None, "{entry}");
-    assert_eq!(logged_header(&entry, "authorization"), Some("Bearer sk-org"));
+    assert_eq!(
+        logged_header(&entry, "authorization"),
+        Some("Bearer sk-org")
+    );
     drop(managed);
 
     // Passthrough: the key is the application's own, and so is the choice.
@@ -376,6 +596,12 @@ async fn the_application_cannot_choose_the_billed_organization_or_project() {
     let r = passthrough.chat(&h).await;
     assert_eq!(r.status, 200);
     let entry = emu.entry("spoof").await.unwrap();
-    assert_eq!(logged_header(&entry, "openai-organization"), Some("org-someone-else"));
-    assert_eq!(logged_header(&entry, "openai-project"), Some("proj_expensive"));
+    assert_eq!(
+        logged_header(&entry, "openai-organization"),
+        Some("org-someone-else")
+    );
+    assert_eq!(
+        logged_header(&entry, "openai-project"),
+        Some("proj_expensive")
+    );
 }

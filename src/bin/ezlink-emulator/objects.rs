@@ -149,8 +149,9 @@ fn form_field(content_type: &str, body: &[u8], name: &str) -> Result<Option<Stri
         let named = head.lines().any(|line| {
             line.split_once(':').is_some_and(|(h, v)| {
                 h.trim().eq_ignore_ascii_case("content-disposition")
-                    && v.split(';')
-                        .any(|p| p.trim() == format!("name=\"{name}\"") || p.trim() == format!("name={name}"))
+                    && v.split(';').any(|p| {
+                        p.trim() == format!("name=\"{name}\"") || p.trim() == format!("name={name}")
+                    })
             })
         });
         if named {
