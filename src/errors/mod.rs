@@ -100,7 +100,7 @@ pub enum GatewayError {
     },
     /// A client with an allow-list sent a request that names no model, on a route where the
     /// upstream then picks one itself (code `model_not_allowed`).
-    #[error("{method} {path} names no model, so the upstream would choose one itself; client '{client}' may use only: {allowed}. Name the model in the request ('model').")]
+    #[error("{method} {path} names no model, so the upstream would choose one itself; client '{client}' may use only: {allowed}. Name the model in the request ('model'), or the operator can allow the route unchecked (clients.unchecked_routes).")]
     ModelMissing {
         client: Arc<str>,
         method: String,
