@@ -34,16 +34,32 @@ pub fn model(content_type: Option<&[u8]>, body: &[u8]) -> Option<String> {
         let mut dispositions = headers
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("content-disposition"));
-        let name = match (dispositions.next(), dispositions.next()) {
-            (Some(d), None) => field_name(d.value),
+        let disposition = match (dispositions.next(), dispositions.next()) {
+            (Some(d), None) => Some(d.value),
             (None, _) => None,
             (Some(_), Some(_)) => return None,
         };
+        let name = disposition.and_then(field_name);
         let is_model = name == Some(&b"model"[..]);
         if !is_model && name.is_some_and(|n| n.eq_ignore_ascii_case(b"model")) {
             return None;
         }
         if is_model {
+            // A file, or a value some parsers decode (base64, quoted-printable), is not
+            // the text the check would compare.
+            let file = disposition.is_some_and(|d| {
+                d.split(|&b| b == b';')
+                    .filter_map(split_param)
+                    .any(|(k, _)| {
+                        k.eq_ignore_ascii_case(b"filename") || k.eq_ignore_ascii_case(b"filename*")
+                    })
+            });
+            let encoded = headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("content-transfer-encoding"));
+            if file || encoded {
+                return None;
+            }
             if found.is_some() {
                 return None;
             }
@@ -165,5 +181,9 @@ mod tests {
         assert_eq!(model(Some(CT), &form(&[("Model", "m")])), None);
         let twice = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XyZ--\r\n";
         assert_eq!(model(Some(CT), twice), None, "which disposition counts?");
+        let file = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\nm\r\n--XyZ--\r\n";
+        assert_eq!(model(Some(CT), file), None, "a file is not a field");
+        let encoded = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\nContent-Transfer-Encoding: base64\r\n\r\nZ3B0LTRv\r\n--XyZ--\r\n";
+        assert_eq!(model(Some(CT), encoded), None, "decoded by some parsers");
     }
 }

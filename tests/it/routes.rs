@@ -171,6 +171,8 @@ async fn multipart_routes_have_their_model_field_checked() {
             form(&[("model", "gpt-4o-mini"), ("MODEL", "gpt-4o")]),
             form(&[("prompt", "no model named")]),
             "--f0rm\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini".into(),
+            "--f0rm\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m\"\r\n\r\ngpt-4o-mini\r\n--f0rm--\r\n".into(),
+            "--f0rm\r\nContent-Disposition: form-data; name=\"model\"\r\nContent-Transfer-Encoding: base64\r\n\r\nZ3B0LTRv\r\n--f0rm--\r\n".into(),
         ];
         for (i, body) in smuggled.into_iter().enumerate() {
             let id = format!("{path}-smuggled-{i}");
