@@ -161,23 +161,31 @@ impl Client {
         }
     }
 
-    /// Checks every model the request names (`named`) against the allow-list; `at` is
-    /// where they were read ([`Client::model_check`]). A request that names none is refused
-    /// where the upstream would then choose one itself, unless the operator allowed the
-    /// route unchecked.
-    pub fn check_named<'a>(
+    /// Checks every model the request names against the allow-list: `model`, the body's
+    /// own (or the form's), and `nested`, those named inside the body (a tool's, a realtime
+    /// session's); `at` is where the upstream takes the model from ([`Client::model_check`]).
+    /// A request that names none there is refused where the upstream would then choose one
+    /// itself, unless the operator allowed the route unchecked.
+    pub fn check_named(
         &self,
         at: ModelAt,
         method: &Method,
         path: &str,
-        named: impl IntoIterator<Item = &'a str>,
+        model: Option<&str>,
+        nested: &[String],
     ) -> Result<(), GatewayError> {
-        let mut any = false;
-        for model in named {
-            any = true;
-            self.check_model(Some(model))?;
+        if let Some(m) = model {
+            self.check_model(Some(m))?;
         }
-        if any || at == ModelAt::JsonIfPresent || self.may_leave_unchecked(path) {
+        for m in nested {
+            self.check_model(Some(m))?;
+        }
+        let (named, field) = match at {
+            ModelAt::Session => (!nested.is_empty(), "session.model"),
+            ModelAt::JsonIfPresent => (true, "model"),
+            _ => (model.is_some(), "model"),
+        };
+        if named || self.may_leave_unchecked(path) {
             return Ok(());
         }
         Err(GatewayError::ModelMissing {
@@ -185,6 +193,7 @@ impl Client {
             method: method.as_str().chars().take(20).collect(),
             path: shown(path),
             allowed: self.allowed.clone(),
+            field,
         })
     }
 
@@ -373,17 +382,19 @@ mod tests {
         let post = Method::POST;
         let runs = "/v1/threads/t/runs";
         assert!(client
-            .check_named(ModelAt::Json, &post, runs, ["gpt-4o"])
+            .check_named(ModelAt::Json, &post, runs, Some("gpt-4o"), &[])
             .is_ok());
         assert!(client
-            .check_named(ModelAt::Json, &post, runs, ["o1"])
+            .check_named(ModelAt::Json, &post, runs, Some("o1"), &[])
             .is_err());
         assert!(
-            client.check_named(ModelAt::Json, &post, runs, []).is_ok(),
+            client
+                .check_named(ModelAt::Json, &post, runs, None, &[])
+                .is_ok(),
             "allowed unchecked"
         );
         let e = client
-            .check_named(ModelAt::Json, &post, "/v1/assistants", [])
+            .check_named(ModelAt::Json, &post, "/v1/assistants", None, &[])
             .unwrap_err();
         assert_eq!(e.code(), "model_not_allowed");
         assert!(
@@ -391,10 +402,34 @@ mod tests {
             "{e}"
         );
         assert!(client
-            .check_named(ModelAt::JsonIfPresent, &post, "/v1/assistants/a", [])
+            .check_named(ModelAt::JsonIfPresent, &post, "/v1/assistants/a", None, &[])
             .is_ok());
         assert!(client
-            .check_named(ModelAt::Json, &post, "/v1/responses", ["gpt-4o", "o1"])
+            .check_named(
+                ModelAt::Json,
+                &post,
+                "/v1/responses",
+                Some("gpt-4o"),
+                &["o1".into()]
+            )
+            .is_err());
+        // A client secret's model is its session's: the body's own `model` names nothing.
+        let secrets = "/v1/realtime/client_secrets";
+        let e = client
+            .check_named(ModelAt::Session, &post, secrets, Some("gpt-4o"), &[])
+            .unwrap_err();
+        assert!(e.to_string().contains("('session.model')"), "{e}");
+        assert!(client
+            .check_named(ModelAt::Session, &post, secrets, None, &["gpt-4o".into()])
+            .is_ok());
+        assert!(client
+            .check_named(
+                ModelAt::Session,
+                &post,
+                secrets,
+                Some("gpt-4o"),
+                &["o1".into()]
+            )
             .is_err());
     }
 

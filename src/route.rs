@@ -225,6 +225,9 @@ pub enum ModelAt {
     /// The JSON body's `model`; a body without one is refused for a client with an
     /// allow-list (the upstream would pick a model itself: a default, or a run's assistant's).
     Json,
+    /// A realtime client secret's `session.model`, inside the JSON body (its top-level
+    /// `model` is not what the upstream uses); without one the upstream picks its default.
+    Session,
     /// The JSON body's `model` when present; without one the request changes no model
     /// (modifying an assistant).
     JsonIfPresent,
@@ -286,11 +289,11 @@ pub fn model_at(method: &http::Method, path: &str) -> ModelAt {
         | ["v1", "images", "generations"]
         | ["v1", "audio", "speech"]
         | ["v1", "realtime", "sessions"]
-        | ["v1", "realtime", "client_secrets"]
         | ["v1", "assistants"]
         | ["v1", "threads", "runs"]
         | ["v1", "threads", _, "runs"]
         | ["v1", "fine_tuning", "jobs"] => ModelAt::Json,
+        ["v1", "realtime", "client_secrets"] => ModelAt::Session,
         ["v1", "assistants", _] => ModelAt::JsonIfPresent,
         ["v1", "audio", "transcriptions"]
         | ["v1", "audio", "translations"]
@@ -397,7 +400,6 @@ mod tests {
             "/v1/chat/completions",
             "/v1/responses/",
             "/v1/realtime/sessions",
-            "/v1/realtime/client_secrets",
             "/v1/assistants",
             "/v1/threads/runs",
             "/v1/threads/thread_1/runs",
@@ -406,6 +408,7 @@ mod tests {
             assert_eq!(post(p), ModelAt::Json, "{p}");
         }
         assert_eq!(post("/v1/assistants/asst_1"), ModelAt::JsonIfPresent);
+        assert_eq!(post("/v1/realtime/client_secrets"), ModelAt::Session);
         for p in [
             "/v1/audio/transcriptions",
             "/v1/audio/translations",

@@ -100,12 +100,14 @@ pub enum GatewayError {
     },
     /// A client with an allow-list sent a request that names no model, on a route where the
     /// upstream then picks one itself (code `model_not_allowed`).
-    #[error("{method} {path} names no model, so the upstream would choose one itself; client '{client}' may use only: {allowed}. Name the model in the request ('model'), or the operator can allow the route unchecked (clients.unchecked_routes).")]
+    #[error("{method} {path} names no model, so the upstream would choose one itself; client '{client}' may use only: {allowed}. Name the model in the request ('{field}'), or the operator can allow the route unchecked (clients.unchecked_routes).")]
     ModelMissing {
         client: Arc<str>,
         method: String,
         path: String,
         allowed: String,
+        /// Where the request names its model (`model`, `session.model`).
+        field: &'static str,
     },
     /// A client with an allow-list asked for a route whose model ezgate cannot read.
     #[error("{method} {path} is not allowed for client '{client}': the client has a model allow-list (clients.models) and {why}. The operator can allow this route for the client with clients.unchecked_routes.")]
@@ -268,7 +270,8 @@ impl GatewayError {
     /// The `param` member: which request field the refusal is about.
     fn param(&self) -> Option<&'static str> {
         match self {
-            Self::ModelNotAllowed { .. } | Self::ModelMissing { .. } => Some("model"),
+            Self::ModelNotAllowed { .. } => Some("model"),
+            Self::ModelMissing { field, .. } => Some(field),
             _ => None,
         }
     }

@@ -182,7 +182,7 @@ async fn handle(
     let post = parts.method == Method::POST;
     let checks = matches!(
         client_reads,
-        Some(ModelAt::Json | ModelAt::JsonIfPresent | ModelAt::Form)
+        Some(ModelAt::Json | ModelAt::JsonIfPresent | ModelAt::Session | ModelAt::Form)
     ) || (post && out.route.carries_model() && state.limits.needs_body(out.route));
     let ask_usage = post
         && cfg.upstream.stream_usage
@@ -208,7 +208,11 @@ async fn handle(
     if let Some(client) = &caller.client {
         match client_reads {
             Some(ModelAt::Query) => client.check_model(model.as_deref())?,
-            Some(at) => client.check_named(at, &parts.method, canonical, model.as_deref())?,
+            Some(at) => {
+                // Models named inside the body (a tool's, a session's): none read here yet.
+                let nested: &[String] = &[];
+                client.check_named(at, &parts.method, canonical, model.as_deref(), nested)?;
+            }
             None => {}
         }
     }
