@@ -1,5 +1,6 @@
 //! Request paths: made canonical before anything looks at them ([`normalize`]), then mapped
-//! to the bounded set of route templates used in metric labels and limit matches.
+//! to the bounded set of route templates used in metric labels and limit matches, and to
+//! where each request names the model it spends, for the model allow-lists ([`model_at`]).
 
 use percent_encoding::{percent_decode, percent_encode, AsciiSet, CONTROLS};
 
