@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
-use http::HeaderMap;
+use http::{HeaderMap, Method};
 
 use crate::config::ClientConfig;
 use wildmatch::WildMatch;
 
 use crate::errors::GatewayError;
+use crate::route::{self, ModelAt};
 
 /// A configured client, as held in memory.
 #[derive(Debug)]
@@ -20,6 +21,9 @@ pub struct Client {
     models: Vec<WildMatch>,
     /// The allow-list as configured, for the refusal's message.
     allowed: String,
+    /// Routes the client may use although ezgate cannot read their model
+    /// (`clients[].unchecked_routes`), matched against the canonical path.
+    unchecked_routes: Vec<WildMatch>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +61,11 @@ impl Clients {
                     key_sha256,
                     models: c.models.iter().map(|m| WildMatch::new(m)).collect(),
                     allowed: c.models.join(", "),
+                    unchecked_routes: c
+                        .unchecked_routes
+                        .iter()
+                        .map(|r| WildMatch::new(r.strip_suffix('/').unwrap_or(r)))
+                        .collect(),
                 }))
             })
             .collect();
@@ -118,6 +127,87 @@ impl Client {
 
     pub fn has_model_list(&self) -> bool {
         !self.models.is_empty()
+    }
+
+    /// What the allow-list needs of the request `method path` (canonical path; `handshake`:
+    /// a WebSocket handshake): `None` when nothing (no allow-list, or a request that spends
+    /// no model), else where to read the model. A request that may spend a model ezgate
+    /// cannot read is refused, unless the operator allowed its route for this client
+    /// (`unchecked_routes`).
+    pub fn model_check(
+        &self,
+        method: &Method,
+        path: &str,
+        handshake: bool,
+    ) -> Result<Option<ModelAt>, GatewayError> {
+        if self.models.is_empty() {
+            return Ok(None);
+        }
+        let at = if handshake {
+            route::handshake_model_at(path)
+        } else {
+            route::model_at(method, path)
+        };
+        match at {
+            ModelAt::Nowhere => Ok(None),
+            ModelAt::Unreadable(_) if self.may_leave_unchecked(path) => Ok(None),
+            ModelAt::Unreadable(why) => Err(GatewayError::RouteNotAllowed {
+                client: Arc::clone(&self.name),
+                method: method.as_str().chars().take(20).collect(),
+                path: shown(path),
+                why,
+            }),
+            at => Ok(Some(at)),
+        }
+    }
+
+    /// Checks every model the request names against the allow-list: `model`, the body's
+    /// own (or the form's), and `nested`, those named inside the body (a tool's, a realtime
+    /// session's); `at` is where the upstream takes the model from ([`Client::model_check`]).
+    /// A request that names none there is refused where the upstream would then choose one
+    /// itself, unless the operator allowed the route unchecked.
+    pub fn check_named(
+        &self,
+        at: ModelAt,
+        method: &Method,
+        path: &str,
+        model: Option<&str>,
+        nested: &[String],
+    ) -> Result<(), GatewayError> {
+        if let Some(m) = model {
+            self.check_model(Some(m))?;
+        }
+        for m in nested {
+            self.check_model(Some(m))?;
+        }
+        let (named, field) = match at {
+            ModelAt::Session => (!nested.is_empty(), "session.model"),
+            ModelAt::JsonIfPresent => (true, "model"),
+            _ => (model.is_some(), "model"),
+        };
+        if named || self.may_leave_unchecked(path) {
+            return Ok(());
+        }
+        Err(GatewayError::ModelMissing {
+            client: Arc::clone(&self.name),
+            method: method.as_str().chars().take(20).collect(),
+            path: shown(path),
+            allowed: self.allowed.clone(),
+            field,
+        })
+    }
+
+    fn may_leave_unchecked(&self, path: &str) -> bool {
+        let path = path.strip_suffix('/').unwrap_or(path);
+        self.unchecked_routes.iter().any(|r| r.matches(path))
+    }
+}
+
+/// A request path as a refusal's message shows it: the client's own, cut short.
+fn shown(path: &str) -> String {
+    match path.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &path[..cut]),
+        None => path.to_owned(),
     }
 }
 
@@ -204,6 +294,7 @@ mod tests {
             name: "team-a".into(),
             key_sha256: hex,
             models: vec!["gpt-4o*".into()],
+            unchecked_routes: vec!["/v1/threads/*".into(), "/v1/batches/".into()],
         }])
     }
 
@@ -240,6 +331,106 @@ mod tests {
         assert!(client.check_model(Some("gpt-4o-mini")).is_ok());
         assert!(client.check_model(Some("o1")).is_err());
         assert!(client.check_model(None).is_err());
+    }
+
+    #[test]
+    fn routes_whose_model_cannot_be_read_are_refused_unless_allowed() {
+        let caller = clients().identify(&auth("Bearer key-a")).unwrap();
+        let client = caller.client.unwrap();
+        let check = |m: &str, p: &str| {
+            client.model_check(&Method::from_bytes(m.as_bytes()).unwrap(), p, false)
+        };
+        assert_eq!(
+            client
+                .model_check(&Method::GET, "/v1/realtime", true)
+                .unwrap(),
+            Some(ModelAt::Query)
+        );
+        let e = client
+            .model_check(&Method::GET, "/v1/responses", true)
+            .unwrap_err();
+        assert_eq!(e.code(), "route_not_allowed");
+        assert_eq!(
+            check("POST", "/v1/chat/completions").unwrap(),
+            Some(ModelAt::Json)
+        );
+        assert_eq!(
+            check("POST", "/v1/images/edits").unwrap(),
+            Some(ModelAt::Form)
+        );
+        assert_eq!(check("GET", "/v1/assistants").unwrap(), None);
+        // Allowed unchecked: `*` spans segments, a trailing slash is ignored either side.
+        assert_eq!(check("POST", "/v1/batches").unwrap(), None);
+        assert_eq!(check("POST", "/v1/batches/").unwrap(), None);
+        assert_eq!(
+            check("POST", "/v1/threads/t/runs/r/submit_tool_outputs").unwrap(),
+            None
+        );
+        let e = check("POST", "/v1/vector_stores").unwrap_err();
+        assert_eq!(e.code(), "route_not_allowed");
+        assert!(
+            e.to_string()
+                .contains("POST /v1/vector_stores is not allowed for client 'team-a'"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("clients.unchecked_routes"), "{e}");
+        assert_eq!(
+            check("PATCH", "/v1/chat/completions").unwrap_err().code(),
+            "route_not_allowed"
+        );
+        // A readable route still checks what it names, allowed unchecked or not.
+        let post = Method::POST;
+        let runs = "/v1/threads/t/runs";
+        assert!(client
+            .check_named(ModelAt::Json, &post, runs, Some("gpt-4o"), &[])
+            .is_ok());
+        assert!(client
+            .check_named(ModelAt::Json, &post, runs, Some("o1"), &[])
+            .is_err());
+        assert!(
+            client
+                .check_named(ModelAt::Json, &post, runs, None, &[])
+                .is_ok(),
+            "allowed unchecked"
+        );
+        let e = client
+            .check_named(ModelAt::Json, &post, "/v1/assistants", None, &[])
+            .unwrap_err();
+        assert_eq!(e.code(), "model_not_allowed");
+        assert!(
+            e.to_string().contains("POST /v1/assistants names no model"),
+            "{e}"
+        );
+        assert!(client
+            .check_named(ModelAt::JsonIfPresent, &post, "/v1/assistants/a", None, &[])
+            .is_ok());
+        assert!(client
+            .check_named(
+                ModelAt::Json,
+                &post,
+                "/v1/responses",
+                Some("gpt-4o"),
+                &["o1".into()]
+            )
+            .is_err());
+        // A client secret's model is its session's: the body's own `model` names nothing.
+        let secrets = "/v1/realtime/client_secrets";
+        let e = client
+            .check_named(ModelAt::Session, &post, secrets, Some("gpt-4o"), &[])
+            .unwrap_err();
+        assert!(e.to_string().contains("('session.model')"), "{e}");
+        assert!(client
+            .check_named(ModelAt::Session, &post, secrets, None, &["gpt-4o".into()])
+            .is_ok());
+        assert!(client
+            .check_named(
+                ModelAt::Session,
+                &post,
+                secrets,
+                Some("gpt-4o"),
+                &["o1".into()]
+            )
+            .is_err());
     }
 
     #[test]

@@ -21,15 +21,17 @@
 //!   [`traces`]: the request's OpenTelemetry span and its export
 //! * **config** — [`config`]: strict TOML read into plain data, units, checks
 //! * **base** — [`errors`]: the error schema and failure kinds; [`headers`]: hop-by-hop,
-//!   request ids, `X-Forwarded-For`; [`route`]: canonical paths and route templates;
-//!   [`tls`]: trust roots, certificates; [`buffers`]: the memory ceiling of buffered
-//!   request bodies
+//!   request ids, `X-Forwarded-For`; [`route`]: canonical paths, route templates and where
+//!   each request names its model; [`tls`]: trust roots, certificates; [`buffers`]: the
+//!   memory ceiling of buffered request bodies
 //!
 //! # Life of a request
 //!
 //! A connection is accepted in [`server::serve_proxy`]; each request goes to
 //! [`proxy::serve`], which starts an [`exchange::Exchange`] and runs the phases: the caller is
-//! identified by [`clients::Clients::identify`], limited by [`limits::Limits::check`], forwarded
+//! identified by [`clients::Clients::identify`] (and, with a model allow-list, its route and
+//! model checked by [`clients::Client::model_check`] and [`clients::Client::check_named`]),
+//! limited by [`limits::Limits::check`], forwarded
 //! by [`upstream::Upstream::send`]; an upstream error is normalized by
 //! [`errors::upstream::normalize`], a gateway error rendered by [`errors::render`]. The
 //! response body ([`stream::ResponseBody`]) carries the exchange; when it ends (or the client

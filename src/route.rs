@@ -1,5 +1,6 @@
 //! Request paths: made canonical before anything looks at them ([`normalize`]), then mapped
-//! to the bounded set of route templates used in metric labels and limit matches.
+//! to the bounded set of route templates used in metric labels and limit matches, and to
+//! where each request names the model it spends, for the model allow-lists ([`model_at`]).
 
 use percent_encoding::{percent_decode, percent_encode, AsciiSet, CONTROLS};
 
@@ -217,9 +218,109 @@ impl Route {
     }
 }
 
+/// Where a request names the model it spends: what a client's model allow-list reads
+/// (docs/security.md, "Which routes a model allow-list reads"). Kept apart from [`Route`],
+/// whose variants are metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelAt {
+    /// The JSON body's `model`; a body without one is refused for a client with an
+    /// allow-list (the upstream would pick a model itself: a default, or a run's assistant's).
+    Json,
+    /// A realtime client secret's `session.model`, inside the JSON body (its top-level
+    /// `model` is not what the upstream uses); without one the upstream picks its default.
+    Session,
+    /// The JSON body's `model` when present; without one the request changes no model
+    /// (modifying an assistant).
+    JsonIfPresent,
+    /// A multipart form's one `model` field (or, sent as JSON, the body's `model`).
+    Form,
+    /// A WebSocket handshake's `model` query parameter (`GET /v1/realtime?model=…`).
+    Query,
+    /// The request spends no model: reads, deletions, uploads, cancellations, threads and
+    /// their messages. A WebSocket handshake is not one of these: its model is in its query.
+    Nowhere,
+    /// The request may spend a model ezgate cannot read; the text says why.
+    Unreadable(&'static str),
+}
+
+/// Where a WebSocket handshake for `path` names the model of its session: in the query on
+/// `/v1/realtime`; elsewhere (a Responses WebSocket names its models in the events it sends)
+/// ezgate does not read it.
+pub fn handshake_model_at(path: &str) -> ModelAt {
+    match path.strip_suffix('/').unwrap_or(path) {
+        "/v1/realtime" => ModelAt::Query,
+        _ => ModelAt::Unreadable(
+            "ezgate reads the model of a WebSocket session only on /v1/realtime, in its query",
+        ),
+    }
+}
+
+/// Where the request `method path` names its model. `path` is canonical ([`normalize`]);
+/// a trailing slash is ignored. Anything not in the table that can change something upstream
+/// (a `POST` to another path, `PUT`, `PATCH`, any other method) is [`ModelAt::Unreadable`].
+pub fn model_at(method: &http::Method, path: &str) -> ModelAt {
+    use http::Method;
+    const NOT_READ: ModelAt = ModelAt::Unreadable("ezgate does not read the model of this route");
+    if matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+    ) {
+        return ModelAt::Nowhere;
+    }
+    if *method != Method::POST {
+        return ModelAt::Unreadable("ezgate reads models only in POST bodies");
+    }
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let mut segments = [""; 7];
+    let mut n = 0;
+    for s in path.split('/').skip(1) {
+        match segments.get_mut(n) {
+            Some(slot) => *slot = s,
+            None => return NOT_READ,
+        }
+        n += 1;
+    }
+    match segments[..n] {
+        ["v1", "chat", "completions"]
+        | ["v1", "completions"]
+        | ["v1", "embeddings"]
+        | ["v1", "responses"]
+        | ["v1", "responses", "input_tokens"]
+        | ["v1", "moderations"]
+        | ["v1", "images", "generations"]
+        | ["v1", "audio", "speech"]
+        | ["v1", "realtime", "sessions"]
+        | ["v1", "assistants"]
+        | ["v1", "threads", "runs"]
+        | ["v1", "threads", _, "runs"]
+        | ["v1", "fine_tuning", "jobs"] => ModelAt::Json,
+        ["v1", "realtime", "client_secrets"] => ModelAt::Session,
+        ["v1", "assistants", _] => ModelAt::JsonIfPresent,
+        ["v1", "audio", "transcriptions"]
+        | ["v1", "audio", "translations"]
+        | ["v1", "images", "edits"]
+        | ["v1", "images", "variations"] => ModelAt::Form,
+        ["v1", "batches"] => {
+            ModelAt::Unreadable("a batch's models are inside its uploaded input file")
+        }
+        ["v1", "files"]
+        | ["v1", "uploads"]
+        | ["v1", "uploads", _, "parts" | "complete" | "cancel"]
+        | ["v1", "threads"]
+        | ["v1", "threads", _]
+        | ["v1", "threads", _, "messages"]
+        | ["v1", "threads", _, "messages", _]
+        | ["v1", "threads", _, "runs", _, "cancel"]
+        | ["v1", "responses", _, "cancel"]
+        | ["v1", "batches", _, "cancel"]
+        | ["v1", "fine_tuning", "jobs", _, "cancel"] => ModelAt::Nowhere,
+        _ => NOT_READ,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Route;
+    use super::{model_at, ModelAt, Route};
 
     #[test]
     fn templates_are_bounded() {
@@ -290,5 +391,76 @@ mod tests {
             Route::from_path(&normalize("//v1//chat/./completions").unwrap().unwrap()),
             Route::ChatCompletions
         );
+    }
+
+    #[test]
+    fn the_model_of_each_route_is_read_or_refused() {
+        use http::Method;
+        let post = |p: &str| model_at(&Method::POST, p);
+        for p in [
+            "/v1/chat/completions",
+            "/v1/responses/",
+            "/v1/realtime/sessions",
+            "/v1/assistants",
+            "/v1/threads/runs",
+            "/v1/threads/thread_1/runs",
+            "/v1/fine_tuning/jobs",
+        ] {
+            assert_eq!(post(p), ModelAt::Json, "{p}");
+        }
+        assert_eq!(post("/v1/assistants/asst_1"), ModelAt::JsonIfPresent);
+        assert_eq!(post("/v1/realtime/client_secrets"), ModelAt::Session);
+        for p in [
+            "/v1/audio/transcriptions",
+            "/v1/audio/translations",
+            "/v1/images/edits",
+            "/v1/images/variations",
+        ] {
+            assert_eq!(post(p), ModelAt::Form, "{p}");
+        }
+        for p in [
+            "/v1/files",
+            "/v1/uploads/u_1/parts",
+            "/v1/threads",
+            "/v1/threads/thread_1/messages",
+            "/v1/batches/b_1/cancel",
+            "/v1/threads/t/runs/r/cancel",
+        ] {
+            assert_eq!(post(p), ModelAt::Nowhere, "{p}");
+        }
+        // Spends a model ezgate cannot see, or is not in the table: unreadable.
+        for p in [
+            "/v1/batches",
+            "/v1/threads/t/runs/r/submit_tool_outputs",
+            "/v1/fine_tuning/jobs/j/resume",
+            "/v1/realtime/transcription_sessions",
+            "/v1/vector_stores",
+            "/v1/chat/completions/extra",
+            "/v1/x/y/z/a/b/c/d/e",
+            "/",
+            "/chat/completions",
+        ] {
+            assert!(matches!(post(p), ModelAt::Unreadable(_)), "{p}");
+        }
+        assert_eq!(model_at(&Method::GET, "/v1/batches"), ModelAt::Nowhere);
+        assert_eq!(super::handshake_model_at("/v1/realtime/"), ModelAt::Query);
+        assert!(matches!(
+            super::handshake_model_at("/v1/responses"),
+            ModelAt::Unreadable(_)
+        ));
+        assert_eq!(
+            model_at(&Method::DELETE, "/v1/assistants/a"),
+            ModelAt::Nowhere
+        );
+        for m in [
+            Method::PUT,
+            Method::PATCH,
+            Method::from_bytes(b"SPEND").unwrap(),
+        ] {
+            assert!(matches!(
+                model_at(&m, "/v1/chat/completions"),
+                ModelAt::Unreadable(_)
+            ));
+        }
     }
 }

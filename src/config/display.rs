@@ -74,6 +74,9 @@ impl fmt::Display for Settings {
             if !cl.models.is_empty() {
                 writeln!(f, "models = {:?}", cl.models)?;
             }
+            if !cl.unchecked_routes.is_empty() {
+                writeln!(f, "unchecked_routes = {:?}", cl.unchecked_routes)?;
+            }
         }
         if let Some(r) = &c.redis {
             writeln!(f, "\n[redis]\nmode = \"{}\"", r.mode)?;

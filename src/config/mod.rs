@@ -336,6 +336,10 @@ pub struct ClientConfig {
     pub key_sha256: String,
     #[serde(default)]
     pub models: Vec<String>,
+    /// Routes (canonical paths, `*` for any run of characters) this client may use although
+    /// ezgate cannot read the model they spend; only meaningful with `models`.
+    #[serde(default)]
+    pub unchecked_routes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

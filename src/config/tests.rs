@@ -406,3 +406,44 @@ fn the_memory_ceiling_holds_at_least_one_body_and_the_deadline_is_set() {
     );
     assert!(load("[server]\nmax_request_body = \"1MiB\"\nmax_buffered_bytes = \"1MiB\"\n").is_ok());
 }
+
+#[test]
+fn unchecked_routes_are_checked_paths() {
+    let key = "a".repeat(64);
+    let client = |models: &str, routes: &str| {
+        format!(
+            "[upstream]\napi_key = \"sk-org\"\n[[clients]]\nname = \"c\"\nkey_sha256 = \"{key}\"\n{models}\nunchecked_routes = {routes}\n"
+        )
+    };
+    let ok = load(&client(
+        "models = [\"gpt-4o-mini\"]",
+        r#"["/v1/batches", "/v1/threads/*"]"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.config.clients[0].unchecked_routes,
+        ["/v1/batches", "/v1/threads/*"]
+    );
+    assert!(ok
+        .to_string()
+        .contains("unchecked_routes = [\"/v1/batches\""));
+    let e = problems(&client(
+        "models = [\"gpt-4o-mini\"]",
+        r#"["v1/batches", "/v1/batches?x=1", "/v1/../batches", "/v1//batches", "/v1/%62atches", "/v1/batches"]"#,
+    ));
+    for needle in [
+        "clients[0].unchecked_routes[0]: \"v1/batches\" must be a path under /v1/",
+        "clients[0].unchecked_routes[1]: \"/v1/batches?x=1\" must be a plain path",
+        "clients[0].unchecked_routes[2]: \"/v1/../batches\" must be a canonical path",
+        "clients[0].unchecked_routes[3]: \"/v1//batches\" must be a canonical path",
+        "clients[0].unchecked_routes[4]: \"/v1/%62atches\" must be a plain path",
+    ] {
+        assert!(e.contains(needle), "missing {needle:?} in {e}");
+    }
+    assert!(!e.contains("unchecked_routes[5]"), "{e}");
+    let e = problems(&client("", r#"["/v1/batches"]"#));
+    assert!(
+        e.contains("clients[0].unchecked_routes: has no effect without a models allow-list"),
+        "{e}"
+    );
+}

@@ -145,7 +145,34 @@ fn clients(clients: &[ClientConfig], problems: &mut Vec<String>) {
                 "clients[{i}].key_sha256: must be 64 hex digits, the SHA-256 of the client's key (e.g. `printf %s \"$KEY\" | sha256sum`)"
             ));
         }
+        if !c.unchecked_routes.is_empty() && c.models.is_empty() {
+            problems.push(format!(
+                "clients[{i}].unchecked_routes: has no effect without a models allow-list (clients[{i}].models); remove it"
+            ));
+        }
+        for (j, r) in c.unchecked_routes.iter().enumerate() {
+            if let Some(why) = unchecked_route_problem(r) {
+                problems.push(format!("clients[{i}].unchecked_routes[{j}]: \"{r}\" {why}"));
+            }
+        }
     }
+}
+
+/// Why `pattern` cannot be a `clients[].unchecked_routes` entry: it must be a canonical
+/// path (as ezgate makes request paths before matching them), with `*` as the only wildcard.
+fn unchecked_route_problem(pattern: &str) -> Option<&'static str> {
+    if !pattern.starts_with("/v1/") {
+        return Some("must be a path under /v1/, e.g. \"/v1/batches\" or \"/v1/threads/*\"");
+    }
+    if pattern.contains(['?', '#', '%']) {
+        return Some(
+            "must be a plain path: no query, fragment or percent-escape (`*` is the only wildcard)",
+        );
+    }
+    if !matches!(crate::route::normalize(pattern), Ok(None)) {
+        return Some("must be a canonical path: no `.` or `..` segments, repeated slashes or control characters");
+    }
+    None
 }
 
 /// Checks `[[limits]]`, naming the policy and the key of each problem.

@@ -99,6 +99,25 @@ pub enum GatewayError {
         model: String,
         allowed: String,
     },
+    /// A client with an allow-list sent a request that names no model, on a route where the
+    /// upstream then picks one itself (code `model_not_allowed`).
+    #[error("{method} {path} names no model, so the upstream would choose one itself; client '{client}' may use only: {allowed}. Name the model in the request ('{field}'), or the operator can allow the route unchecked (clients.unchecked_routes).")]
+    ModelMissing {
+        client: Arc<str>,
+        method: String,
+        path: String,
+        allowed: String,
+        /// Where the request names its model (`model`, `session.model`).
+        field: &'static str,
+    },
+    /// A client with an allow-list asked for a route whose model ezgate cannot read.
+    #[error("{method} {path} is not allowed for client '{client}': the client has a model allow-list (clients.models) and {why}. The operator can allow this route for the client with clients.unchecked_routes.")]
+    RouteNotAllowed {
+        client: Arc<str>,
+        method: String,
+        path: String,
+        why: &'static str,
+    },
     #[error("Request body exceeds {limit} bytes (server.max_request_body). Send a smaller body or raise the limit.")]
     PayloadTooLarge { limit: u64 },
     #[error("Bad request: {0}")]
@@ -164,7 +183,9 @@ impl GatewayError {
             | Self::ConcurrencyLimited { .. }
             | Self::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
-            Self::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::ModelNotAllowed { .. }
+            | Self::ModelMissing { .. }
+            | Self::RouteNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -192,7 +213,8 @@ impl GatewayError {
             Self::UpstreamRateLimited { .. } => "upstream_rate_limited",
             Self::MissingApiKey => "missing_api_key",
             Self::InvalidApiKey => "invalid_api_key",
-            Self::ModelNotAllowed { .. } => "model_not_allowed",
+            Self::ModelNotAllowed { .. } | Self::ModelMissing { .. } => "model_not_allowed",
+            Self::RouteNotAllowed { .. } => "route_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BadRequest(_) => "bad_request",
             Self::HeadersTooLarge => "headers_too_large",
@@ -240,6 +262,8 @@ impl GatewayError {
             Self::MissingApiKey
                 | Self::InvalidApiKey
                 | Self::ModelNotAllowed { .. }
+                | Self::ModelMissing { .. }
+                | Self::RouteNotAllowed { .. }
                 | Self::PayloadTooLarge { .. }
                 | Self::BadRequest(_)
                 | Self::HeadersTooLarge
@@ -252,6 +276,7 @@ impl GatewayError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::ModelNotAllowed { .. } => Some("model"),
+            Self::ModelMissing { field, .. } => Some(field),
             _ => None,
         }
     }

@@ -1,9 +1,12 @@
-//! The `model` field of a `multipart/form-data` request body (audio transcriptions send
-//! their file and their model this way), for the model allow-lists and model policies. The
-//! part headers are parsed by httparse (hyper's own header parser).
+//! The `model` field of a `multipart/form-data` request body (audio transcriptions and
+//! translations, image edits and variations send their file and their model this way), for
+//! the model allow-lists and model policies. The part headers are parsed by httparse
+//! (hyper's own header parser).
 
 /// The value of the one `model` field of a multipart body; `None` when the body is not
-/// multipart/form-data with exactly one `model` field of UTF-8 text.
+/// multipart/form-data with exactly one `model` field of UTF-8 text, or holds a part the
+/// upstream might read as the model differently (a `Model` field, two `Content-Disposition`
+/// headers in one part).
 pub fn model(content_type: Option<&[u8]>, body: &[u8]) -> Option<String> {
     let boundary = boundary(content_type?)?;
     let mut delimiter = Vec::with_capacity(boundary.len() + 4);
@@ -28,11 +31,35 @@ pub fn model(content_type: Option<&[u8]>, body: &[u8]) -> Option<String> {
         else {
             return None;
         };
-        let is_model = headers
+        let mut dispositions = headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("content-disposition"))
-            .any(|h| field_name(h.value) == Some(&b"model"[..]));
+            .filter(|h| h.name.eq_ignore_ascii_case("content-disposition"));
+        let disposition = match (dispositions.next(), dispositions.next()) {
+            (Some(d), None) => Some(d.value),
+            (None, _) => None,
+            (Some(_), Some(_)) => return None,
+        };
+        let name = disposition.and_then(field_name);
+        let is_model = name == Some(&b"model"[..]);
+        if !is_model && name.is_some_and(|n| n.eq_ignore_ascii_case(b"model")) {
+            return None;
+        }
         if is_model {
+            // A file, or a value some parsers decode (base64, quoted-printable), is not
+            // the text the check would compare.
+            let file = disposition.is_some_and(|d| {
+                d.split(|&b| b == b';')
+                    .filter_map(split_param)
+                    .any(|(k, _)| {
+                        k.eq_ignore_ascii_case(b"filename") || k.eq_ignore_ascii_case(b"filename*")
+                    })
+            });
+            let encoded = headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("content-transfer-encoding"));
+            if file || encoded {
+                return None;
+            }
             if found.is_some() {
                 return None;
             }
@@ -40,6 +67,16 @@ pub fn model(content_type: Option<&[u8]>, body: &[u8]) -> Option<String> {
         }
         rest = &rest[end + delimiter.len()..];
     }
+}
+
+/// Whether a content type is `multipart/form-data` (with or without parameters).
+pub fn is_multipart(content_type: Option<&[u8]>) -> bool {
+    content_type.is_some_and(|ct| {
+        let media = ct.split(|&b| b == b';').next().unwrap_or_default();
+        media
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"multipart/form-data")
+    })
 }
 
 /// `boundary` of a `multipart/form-data` content type (media types are case-insensitive).
@@ -135,5 +172,18 @@ mod tests {
             None
         );
         assert_eq!(model(Some(CT), b"garbage"), None);
+        let cased = form(&[("model", "whisper-1"), ("MODEL", "gpt-4o-transcribe")]);
+        assert_eq!(
+            model(Some(CT), &cased),
+            None,
+            "a field the upstream may fold"
+        );
+        assert_eq!(model(Some(CT), &form(&[("Model", "m")])), None);
+        let twice = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--XyZ--\r\n";
+        assert_eq!(model(Some(CT), twice), None, "which disposition counts?");
+        let file = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\nm\r\n--XyZ--\r\n";
+        assert_eq!(model(Some(CT), file), None, "a file is not a field");
+        let encoded = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\nContent-Transfer-Encoding: base64\r\n\r\nZ3B0LTRv\r\n--XyZ--\r\n";
+        assert_eq!(model(Some(CT), encoded), None, "decoded by some parsers");
     }
 }

@@ -31,7 +31,7 @@ use crate::gateway::{ConnWatch, Gateway, State, StreamSlot};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::limits::LimitRequest;
 use crate::outcome::ClientLabel;
-use crate::route::{PathError, Route};
+use crate::route::{self, ModelAt, PathError, Route};
 use crate::stream::{ResponseBody, Watch};
 use crate::websocket;
 
@@ -199,13 +199,20 @@ async fn handle(
         out.client = ClientLabel::Named(Arc::clone(&c.name));
     }
     let (mut parts, body) = req.into_parts();
+    // Which model the request spends, for a client's allow-list: a route whose model ezgate
+    // cannot read is refused here, unless allowed for the client (docs/security.md).
+    let canonical = path.as_deref().unwrap_or(parts.uri.path());
+    let client_reads = match &caller.client {
+        Some(client) => client.model_check(&parts.method, canonical, handshake.is_some())?,
+        None => None,
+    };
     // Inspect: the body of a model route is read when a check needs its model or size, or
     // to ask the upstream for the usage of a stream.
     let post = parts.method == Method::POST;
-    let checks = post
-        && out.route.carries_model()
-        && (state.limits.needs_body(out.route)
-            || caller.client.as_ref().is_some_and(|c| c.has_model_list()));
+    let checks = matches!(
+        client_reads,
+        Some(ModelAt::Json | ModelAt::JsonIfPresent | ModelAt::Session | ModelAt::Form)
+    ) || (post && out.route.carries_model() && state.limits.needs_body(out.route));
     let ask_usage = post
         && cfg.upstream.stream_usage
         && matches!(out.route, Route::ChatCompletions | Route::Completions);
@@ -216,7 +223,8 @@ async fn handle(
     } = request::inspect(
         body,
         &mut parts.headers,
-        out.route,
+        canonical,
+        checks && route::model_at(&parts.method, canonical) == ModelAt::Form,
         checks,
         ask_usage,
         &cfg.server,
@@ -227,8 +235,16 @@ async fn handle(
         Some(h) => h.model.clone(),
         None => request.as_mut().and_then(|r| r.model.take()),
     };
-    if let (Some(client), true) = (&caller.client, checks || handshake.is_some()) {
-        client.check_model(model.as_deref())?;
+    if let Some(client) = &caller.client {
+        match client_reads {
+            Some(ModelAt::Query) => client.check_model(model.as_deref())?,
+            Some(at) => {
+                // Models named inside the body (a tool's, a session's): none read here yet.
+                let nested: &[String] = &[];
+                client.check_named(at, &parts.method, canonical, model.as_deref(), nested)?;
+            }
+            None => {}
+        }
     }
     out.model = model;
     out.prompt_estimate = request.as_ref().map_or(0, |r| r.prompt_tokens);

@@ -18,7 +18,6 @@ use crate::gateway::State;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::limits::{form, tokens};
 use crate::pool::RequestBody;
-use crate::route::Route;
 
 /// A request body as it will be sent, and what ezgate read in it.
 pub(super) struct Inspected {
@@ -30,13 +29,16 @@ pub(super) struct Inspected {
 }
 
 /// Reads the body when `checks` need its model or size, or when `ask_usage` may edit it;
-/// whatever its content type says. A body a check cannot read is refused, never waved
-/// through. Otherwise the body streams. Either way it must be complete within
-/// `server.request_body_deadline` of when ezgate starts reading it.
+/// whatever its content type says (on a `form` route, a multipart body is read as a form,
+/// anything else as JSON). A body a check cannot read is refused, never waved through.
+/// Otherwise the body streams. Either way it must be complete within
+/// `server.request_body_deadline` of when ezgate starts reading it. `path` is the canonical
+/// path, for the refusal's message.
 pub(super) async fn inspect(
     body: Incoming,
     headers: &mut HeaderMap,
-    route: Route,
+    path: &str,
+    form: bool,
     checks: bool,
     ask_usage: bool,
     server: &ServerConfig,
@@ -57,8 +59,9 @@ pub(super) async fn inspect(
     let mut charge = buffers.charge();
     let until = tokio::time::Instant::now() + total;
     let bytes = read_whole(body, server, until, &mut charge).await?;
-    let request = if route == Route::AudioTranscriptions {
-        let model = form::model(headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes), &bytes);
+    let content_type = headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes);
+    let request = if form && form::is_multipart(content_type) {
+        let model = form::model(content_type, &bytes);
         tokens::RequestInfo {
             understood: model.is_some(),
             model,
@@ -68,14 +71,14 @@ pub(super) async fn inspect(
         tokens::inspect(&bytes)
     };
     if checks && !request.understood {
-        let what = if route == Route::AudioTranscriptions {
-            "a multipart/form-data body with one model field"
+        let what = if form {
+            "a multipart/form-data body with one model field, or one JSON object (uncompressed)"
         } else {
             "one JSON object (uncompressed)"
         };
+        let path: String = path.chars().take(200).collect();
         return Err(GatewayError::BadRequest(format!(
-            "the body of POST {} must be {what}: ezgate reads its model for the policies that cover it",
-            route.as_str()
+            "the body of POST {path} must be {what}: ezgate reads its model for the policies that cover it"
         )));
     }
     let (body, strip) = match ask_usage
@@ -187,6 +190,12 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
+/// Headers that pick which of the key's organizations and projects a request is billed to.
+const OPENAI_ORGANIZATION: http::header::HeaderName =
+    http::header::HeaderName::from_static("openai-organization");
+const OPENAI_PROJECT: http::header::HeaderName =
+    http::header::HeaderName::from_static("openai-project");
+
 /// The request's headers as the upstream gets them.
 pub(super) fn rewrite_request(
     h: &mut HeaderMap,
@@ -204,5 +213,8 @@ pub(super) fn rewrite_request(
     headers::append_forwarded_for(h, peer.ip());
     if let Some(key) = &state.api_key {
         h.insert(AUTHORIZATION, key.clone());
+        // The organization chooses the billed organization and project, not the application.
+        h.remove(OPENAI_ORGANIZATION);
+        h.remove(OPENAI_PROJECT);
     }
 }

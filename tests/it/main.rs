@@ -22,6 +22,7 @@ mod redis;
 mod redis_ha;
 mod redis_leases;
 mod redis_servers;
+mod routes;
 mod startup;
 mod tls;
 mod tokens;

@@ -31,6 +31,8 @@ pub struct Entry {
     completion_tokens: AtomicU64,
     /// A WebSocket session: the close frame the emulator received (code, reason).
     ws_close: Mutex<Option<(u16, String)>>,
+    /// The model the route read in the request (the object routes, `objects.rs`).
+    model: Mutex<Option<String>>,
 }
 
 const NONE: u64 = u64::MAX;
@@ -45,6 +47,13 @@ impl Tokens {
         if let Some(e) = &self.0 {
             e.prompt_tokens.store(prompt, Ordering::Release);
             e.completion_tokens.store(completion, Ordering::Release);
+        }
+    }
+
+    /// The model the route read in the request.
+    pub fn set_model(&self, model: &str) {
+        if let Some(e) = &self.0 {
+            *e.model.lock().unwrap_or_else(PoisonError::into_inner) = Some(model.to_owned());
         }
     }
 
@@ -86,6 +95,7 @@ impl RequestLog {
             prompt_tokens: AtomicU64::new(NONE),
             completion_tokens: AtomicU64::new(NONE),
             ws_close: Mutex::new(None),
+            model: Mutex::new(None),
         });
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.len() >= CAPACITY {
@@ -141,7 +151,13 @@ impl Entry {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .map(|(code, reason)| CloseView { code, reason });
+        let model = self
+            .model
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         EntryView {
+            model,
             request_id: self.request_id.as_deref(),
             method: &self.method,
             uri: &self.uri,
@@ -194,6 +210,8 @@ struct EntryView<'a> {
     usage: Option<UsageView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_close: Option<CloseView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
 }
 
 #[derive(Serialize)]

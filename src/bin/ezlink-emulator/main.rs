@@ -65,6 +65,13 @@
 //!   `response.create` answered with `response.*` events and a `response.done` with usage,
 //!   and `emu.echo`, `emu.close`, `emu.stall`, `emu.reset` events that make it echo, close,
 //!   stall or reset; the whole reference is in `realtime.rs`.
+//! * `POST /v1/realtime/sessions`, `/v1/realtime/client_secrets`, `/v1/assistants[/ID]`,
+//!   `/v1/threads/runs`, `/v1/threads/ID/runs`, `/v1/fine_tuning/jobs`, `/v1/batches`,
+//!   `/v1/images/{generations,edits,variations}`, `/v1/audio/{transcriptions,translations}`
+//!   → 200, a small object of the real API's shape (a session's or client secret's
+//!   ephemeral key is `ek_emuN`). The model the real API would use — a JSON body's `model`
+//!   (a client secret's: `session.model`), or a `multipart/form-data` body's `model` field
+//!   (the last one) — is the log entry's `model`. A body that does not parse → 400.
 //! * Anything else → 404 `{"error":{"message":"Invalid URL (METHOD /path)","type":
 //!   "invalid_request_error","param":null,"code":"unknown_url"}}`.
 //!
@@ -105,6 +112,7 @@ mod echo;
 mod encoding;
 mod faults;
 mod log;
+mod objects;
 mod options;
 mod realtime;
 mod service;

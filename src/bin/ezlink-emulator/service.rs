@@ -18,6 +18,7 @@ use crate::echo::{self, path_and_query};
 use crate::encoding::{self, Encoded};
 use crate::faults::{self, openai_error, respond, JSON};
 use crate::log::{Guard, RequestLog, Tokens};
+use crate::objects;
 use crate::options::{Opts, Reset};
 use crate::realtime;
 use crate::sse::Kind;
@@ -65,6 +66,8 @@ enum Route {
     Completions,
     Embeddings,
     Responses,
+    /// Realtime sessions and client secrets, assistants, runs, jobs, batches, images, audio.
+    Object(objects::Object),
     Echo,
     Inspect,
     NotFound,
@@ -76,6 +79,9 @@ fn route(method: &Method, path: &str) -> Route {
     }
     if path.starts_with("/inspect") {
         return Route::Inspect;
+    }
+    if let Some(object) = objects::route(method, path) {
+        return Route::Object(object);
     }
     match (method, path) {
         (&Method::GET, "/v1/models") => Route::Models,
@@ -147,7 +153,7 @@ async fn respond_to(
     let (parts, incoming) = request.into_parts();
     let reads_json = matches!(
         route,
-        Route::Chat | Route::Completions | Route::Embeddings | Route::Responses
+        Route::Chat | Route::Completions | Route::Embeddings | Route::Responses | Route::Object(_)
     );
     let (body, body_len) = if reads_json && !opts.overrides_route() {
         match read(incoming).await? {
@@ -183,6 +189,7 @@ async fn respond_to(
         Route::Completions => api::complete(state, Kind::Text, &body, opts, tokens),
         Route::Responses => api::complete(state, Kind::Responses, &body, opts, tokens),
         Route::Embeddings => api::embeddings(&body, tokens),
+        Route::Object(object) => objects::create(state, object, &parts.headers, &body, tokens),
         Route::Inspect => echo::inspect(&parts, body_len),
         Route::Echo | Route::NotFound => api::not_found(&parts.method, parts.uri.path()),
     })
