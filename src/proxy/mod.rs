@@ -199,6 +199,15 @@ async fn handle(
     };
     if let (Some(client), true) = (&caller.client, checks || handshake.is_some()) {
         client.check_model(model.as_deref())?;
+        // Models named inside the body (tools, a Realtime session) spend too.
+        if let Some(r) = &request {
+            for other in &r.other_models {
+                client.check_model(Some(other))?;
+            }
+            if r.unnamed_tool_model {
+                client.check_unnamed_tool_model()?;
+            }
+        }
     }
     out.model = model;
     out.prompt_estimate = request.as_ref().map_or(0, |r| r.prompt_tokens);

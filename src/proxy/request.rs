@@ -31,7 +31,8 @@ pub(super) struct Inspected {
 
 /// Reads the body when `checks` need its model or size, or when `ask_usage` may edit it;
 /// whatever its content type says. A body a check cannot read is refused, never waved
-/// through. Otherwise the body streams.
+/// through; a body parsers may read differently is refused whenever it is read. Otherwise
+/// the body streams.
 pub(super) async fn inspect(
     body: Incoming,
     headers: &mut HeaderMap,
@@ -62,6 +63,13 @@ pub(super) async fn inspect(
     } else {
         tokens::inspect(&bytes)
     };
+    // Whatever the checks: a body ezgate read must mean to the upstream what it meant here.
+    if let Some(why) = &request.ambiguous {
+        return Err(GatewayError::BadRequest(format!(
+            "the body of POST {} is ambiguous: {why}",
+            route.as_str()
+        )));
+    }
     if checks && !request.understood {
         let what = if route == Route::AudioTranscriptions {
             "a multipart/form-data body with one model field"
