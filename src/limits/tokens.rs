@@ -211,6 +211,42 @@ mod tests {
     }
 
     #[test]
+    fn the_splice_finds_members_however_their_names_are_escaped() {
+        for (body, want) in [
+            (
+                r#"{"stream":true,"stream\u005foptions":{"include\u005fusage":false}}"#,
+                r#"{"stream":true,"stream\u005foptions":{"include\u005fusage":true}}"#,
+            ),
+            (
+                r#"{"str\u0065am":true,"stream_options":{"x":1}}"#,
+                r#"{"str\u0065am":true,"stream_options":{"include_usage":true,"x":1}}"#,
+            ),
+        ] {
+            let got = spliced(body).unwrap();
+            assert_eq!(got, want);
+            let info = inspect(got.as_bytes());
+            assert!(info.include_usage && info.ambiguous.is_none());
+        }
+        // A stream flag ezgate cannot read the way the upstream would: no splice, refused.
+        let info = inspect(br#"{"stream":true,"Stream_options":{"include_usage":false}}"#);
+        assert!(info.ambiguous.is_some() && !info.understood);
+        assert!(ask_for_stream_usage(&Bytes::from_static(b"{}"), &info).is_none());
+    }
+
+    #[test]
+    fn exposes_the_models_named_inside() {
+        let info = inspect(
+            br#"{"model":"gpt-4.1","tools":[{"type":"image_generation","model":"gpt-image-1"},{"type":"image_generation"}]}"#,
+        );
+        assert_eq!(info.model.as_deref(), Some("gpt-4.1"));
+        assert_eq!(info.other_models, ["gpt-image-1"]);
+        assert!(info.unnamed_tool_model);
+        let info = inspect(br#"{"model":"a","model":"b"}"#);
+        assert!(info.ambiguous.unwrap().contains("`model` appears twice"));
+        assert_eq!(inspect(b"{not json").ambiguous, None);
+    }
+
+    #[test]
     fn the_splice_keeps_every_other_byte() {
         let body = format!(
             r#"{{"model":"gpt-4o","stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,

@@ -33,6 +33,19 @@ pub struct Opts {
     pub completion_tokens: u64,
     /// `x-emu-id`: the response's id, with a fixed creation time (byte-comparable bodies).
     pub fixed_id: Option<String>,
+    /// `x-emu-duplicates`: how a JSON body's member given twice is read.
+    pub duplicates: Duplicates,
+}
+
+/// How the API routes read a JSON member given twice (names compared decoded, as every
+/// parser compares them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Duplicates {
+    /// The last one counts: Python's `json`, JavaScript's `JSON.parse`, Go's encoding/json.
+    #[default]
+    Last,
+    /// 400, as strict parsers (Rust's serde) answer.
+    Reject,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +108,7 @@ impl Default for Opts {
             },
             completion_tokens: 7,
             fixed_id: None,
+            duplicates: Duplicates::Last,
         }
     }
 }
@@ -145,6 +159,18 @@ impl Opts {
             opts.completion_tokens = tokens;
         }
         opts.fixed_id = text(headers, "x-emu-id")?.map(str::to_owned);
+        opts.duplicates = match text(headers, "x-emu-duplicates")? {
+            None => Duplicates::Last,
+            Some(v) if v.eq_ignore_ascii_case("last") => Duplicates::Last,
+            Some(v) if v.eq_ignore_ascii_case("reject") => Duplicates::Reject,
+            Some(v) => {
+                return Err(BadHeader {
+                    name: "x-emu-duplicates",
+                    value: v.to_owned(),
+                    expected: "last or reject",
+                })
+            }
+        };
         Ok(opts)
     }
 
