@@ -25,13 +25,7 @@ async fn allow_list(emu: &Emulator, models: &str) -> Gateway {
 /// Posts each body (request ids `{tag}00`, `{tag}01`, …) and checks that ezgate refused it
 /// with 400 `bad_request`, its message containing the body's expected reason; then that
 /// none of them reached the upstream.
-async fn all_refused(
-    gw: &Gateway,
-    emu: &Emulator,
-    path: &str,
-    tag: &str,
-    cases: &[(&[u8], &str)],
-) {
+async fn all_refused(gw: &Gateway, emu: &Emulator, path: &str, tag: &str, cases: &[(&[u8], &str)]) {
     let mut ids = Vec::new();
     for (n, (body, why)) in cases.iter().enumerate() {
         let rid = format!("{tag}{n:02}");
@@ -97,7 +91,10 @@ async fn upstreams_read_a_member_given_twice_their_own_way() {
     .await;
     assert_eq!(r.status, 400);
     let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
-    assert!(message.contains("member `model` appears twice"), "{message}");
+    assert!(
+        message.contains("member `model` appears twice"),
+        "{message}"
+    );
     let r = send(
         &http1(),
         Method::POST,
@@ -258,8 +255,8 @@ async fn counts_and_flags_another_parser_reads_differently_are_refused() {
     assert_eq!(r.status, 200);
 }
 
-/// What makes a whole document read differently: a BOM, invalid UTF-8, a second object
-/// after the first, nesting past 128 levels.
+/// What makes a whole document read differently: a BOM, invalid UTF-8 in a name, a second
+/// object after the first, nesting past 128 levels.
 #[tokio::test]
 async fn documents_another_parser_reads_differently_are_refused() {
     let emu = Emulator::start().await;
@@ -275,8 +272,8 @@ async fn documents_another_parser_reads_differently_are_refused() {
             "byte order mark",
         ),
         (
-            b"{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"caf\xe9\"}]}",
-            "not valid UTF-8",
+            b"{\"model\":\"gpt-4o-mini\",\"mod\xe9l\":\"gpt-4.1\"}",
+            "invalid UTF-8",
         ),
         (
             br#"{"model":"gpt-4o-mini"}{"model":"gpt-4.1"}"#,
@@ -332,7 +329,10 @@ async fn a_body_read_only_for_stream_usage_is_held_to_one_reading() {
     assert_eq!(r.status, 200);
     let text = String::from_utf8_lossy(&r.body);
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    assert!(!text.contains("\"usage\""), "the client did not ask: {text}");
+    assert!(
+        !text.contains("\"usage\""),
+        "the client did not ask: {text}"
+    );
     // The upstream was asked for the usage (one `stream_options`, edited): metered.
     let line = gw.access_log("escaped-usage").await;
     assert_eq!(line["completion_tokens"], 6, "{line}");
@@ -345,11 +345,19 @@ async fn models_named_inside_a_body_are_held_to_the_allow_list() {
     let emu = Emulator::start().await;
     let gw = allow_list(&emu, "\"gpt-4o-mini\"").await;
     let image = |tool: &str| {
-        format!(r#"{{"model":"gpt-4o-mini","input":"draw a cat","tools":[{{"type":"web_search"}},{tool}]}}"#)
+        format!(
+            r#"{{"model":"gpt-4o-mini","input":"draw a cat","tools":[{{"type":"web_search"}},{tool}]}}"#
+        )
     };
     for (tool, model) in [
-        (r#"{"type":"image_generation","model":"gpt-image-1"}"#, "gpt-image-1"),
-        (r#"{"type":"image_generation","mod\u0065l":"dall-e-3"}"#, "dall-e-3"),
+        (
+            r#"{"type":"image_generation","model":"gpt-image-1"}"#,
+            "gpt-image-1",
+        ),
+        (
+            r#"{"type":"image_generation","mod\u0065l":"dall-e-3"}"#,
+            "dall-e-3",
+        ),
     ] {
         let r = gw.post("/v1/responses", &[JSON, AUTH], image(tool)).await;
         assert_eq!(r.status, 403, "{tool}");
