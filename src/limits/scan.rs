@@ -42,6 +42,57 @@ const TOP: [&[u8]; 11] = [
     b"tools",
     b"session",
 ];
+const TOP_NAMES: Names = Names::new(&TOP, "");
+
+/// The index in [`TOP`] of a name spelled plainly: one `match`, as fast as the scan was
+/// before names were compared decoded.
+fn top_index(raw: &[u8]) -> Option<usize> {
+    Some(match raw {
+        b"model" => 0,
+        b"messages" => 1,
+        b"prompt" => 2,
+        b"input" => 3,
+        b"max_tokens" => 4,
+        b"max_completion_tokens" => 5,
+        b"max_output_tokens" => 6,
+        b"stream" => 7,
+        b"stream_options" => 8,
+        b"tools" => 9,
+        b"session" => 10,
+        _ => return None,
+    })
+}
+
+/// The names ezgate reads in one object, and the lengths they have, so that most other
+/// names are passed over with one test.
+struct Names {
+    list: &'static [&'static [u8]],
+    /// Bit n set: one of the names is n bytes long.
+    lengths: u64,
+    /// Where the object is, before the names in messages (`stream_options.`).
+    within: &'static str,
+}
+
+impl Names {
+    const fn new(list: &'static [&'static [u8]], within: &'static str) -> Names {
+        let mut lengths = 0u64;
+        let mut i = 0;
+        while i < list.len() {
+            lengths |= 1 << list[i].len();
+            i += 1;
+        }
+        Names {
+            list,
+            lengths,
+            within,
+        }
+    }
+
+    /// Some name in the list is `len` bytes long.
+    fn may_be(&self, len: usize) -> bool {
+        len < 64 && self.lengths & (1 << len) != 0
+    }
+}
 
 /// Why a body's members were not read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +138,12 @@ pub fn request_fields(body: &[u8]) -> Result<Fields<'_>, Unread> {
     let mut f = Fields::default();
     let mut seen = 0u16;
     let read = s.members(|s, key| {
-        let Some(at) = s.known(&key, &TOP, "")? else {
+        let plain = if key.escaped {
+            None
+        } else {
+            top_index(key.raw)
+        };
+        let Some(at) = plain.map_or_else(|| s.known(&key, &TOP_NAMES), |at| Some(Some(at)))? else {
             return s.value(None, 1);
         };
         if seen & (1 << at) != 0 {
@@ -259,6 +315,14 @@ impl<'a> Scan<'a> {
     }
 
     #[cold]
+    fn too_deep<T>(&mut self) -> Option<T> {
+        self.refuse(format!(
+            "the body nests deeper than {MAX_DEPTH} levels, where parsers give up at different \
+             depths"
+        ))
+    }
+
+    #[cold]
     fn twice<T>(&mut self, name: &[u8]) -> Option<T> {
         self.refuse(format!(
             "member `{}` appears twice (names compared with their escapes decoded): parsers \
@@ -269,21 +333,28 @@ impl<'a> Scan<'a> {
 
     /// Which of `names` the member name `key` is, compared decoded; `None` (the reason
     /// kept) when a parser could read it as one of them while it is not spelled so.
-    /// `within` prefixes names in messages (`stream_options.`).
-    fn known(&mut self, key: &Str<'a>, names: &[&[u8]], within: &str) -> Option<Option<usize>> {
+    fn known(&mut self, key: &Str<'a>, names: &Names) -> Option<Option<usize>> {
         if !key.escaped {
-            if let Some(at) = names.iter().position(|n| *n == key.raw) {
-                return Some(Some(at));
+            let raw = key.raw;
+            let same_length = names.may_be(raw.len());
+            if same_length {
+                if let Some(at) = names.list.iter().position(|n| *n == raw) {
+                    return Some(Some(at));
+                }
             }
-            // The usual other name: printable ASCII, not one of `names` in another case.
-            if key.raw.iter().all(|c| (0x20..0x7f).contains(c)) {
-                return match names.iter().position(|n| n.eq_ignore_ascii_case(key.raw)) {
+            // The usual other name: ASCII without control characters (as `i8`, bytes from
+            // 0x80 are negative), not one of `names` in another case.
+            if raw.iter().all(|&c| c as i8 >= 0x20) {
+                if !same_length {
+                    return Some(None);
+                }
+                return match names.list.iter().find(|n| n.eq_ignore_ascii_case(raw)) {
                     None => Some(None),
-                    Some(at) => self.other_case(key.raw, names[at], within),
+                    Some(name) => self.other_case(raw, name, names.within),
                 };
             }
         }
-        self.unusual_name(key, names, within)
+        self.unusual_name(key, names.list, names.within)
     }
 
     /// A name with escapes, control characters or non-ASCII characters.
@@ -444,10 +515,7 @@ impl<'a> Scan<'a> {
     /// Skips one value; with `text`, counts the characters of its strings there.
     fn value(&mut self, mut text: Option<&mut Counts>, depth: usize) -> Option<()> {
         if depth > MAX_DEPTH {
-            return self.refuse(format!(
-                "the body nests deeper than {MAX_DEPTH} levels, where parsers give up at \
-                 different depths"
-            ));
+            return self.too_deep();
         }
         match self.peek()? {
             b'"' => self.string(text).map(|_| ()),
@@ -459,7 +527,12 @@ impl<'a> Scan<'a> {
                 loop {
                     let key = self.string(None)?;
                     self.expect(b':')?;
-                    let not_text = text.is_some() && matches!(&*key.name(), b"role" | b"type");
+                    let not_text = text.is_some()
+                        && if key.escaped {
+                            matches!(&*key.name(), b"role" | b"type")
+                        } else {
+                            key.raw == b"role" || key.raw == b"type"
+                        };
                     self.value(text.as_deref_mut().filter(|_| !not_text), depth + 1)?;
                     if self.eat(b',') {
                         continue;
@@ -507,10 +580,14 @@ impl<'a> Scan<'a> {
             b'n' => return self.literal(b"null").map(|()| None),
             b'0'..=b'9' => {
                 let text = self.number()?;
-                let plain =
-                    text.iter().all(u8::is_ascii_digit) && (text == b"0" || text[0] != b'0');
-                let n = std::str::from_utf8(text).ok().and_then(|t| t.parse().ok());
-                if let (true, Some(n)) = (plain, n) {
+                // Digits only, no leading zero, within a u64.
+                let n = text.iter().try_fold(0u64, |n, &c| {
+                    let digit = c.wrapping_sub(b'0');
+                    (digit < 10)
+                        .then(|| n.checked_mul(10)?.checked_add(u64::from(digit)))
+                        .flatten()
+                });
+                if let (Some(n), false) = (n, text.len() > 1 && text[0] == b'0') {
                     return Some(Some(n));
                 }
             }
@@ -540,7 +617,7 @@ impl<'a> Scan<'a> {
 
     /// `stream_options`: `null`, or an object whose `include_usage` is read.
     fn stream_options(&mut self) -> Option<Option<bool>> {
-        const NAMES: [&[u8]; 1] = [b"include_usage"];
+        const NAMES: Names = Names::new(&[b"include_usage"], "stream_options.");
         match self.peek()? {
             b'n' => return self.literal(b"null").map(|()| None),
             b'{' => {}
@@ -549,7 +626,7 @@ impl<'a> Scan<'a> {
         }
         let mut include = None;
         let mut seen = false;
-        self.members(|s, key| match s.known(&key, &NAMES, "stream_options.")? {
+        self.members(|s, key| match s.known(&key, &NAMES)? {
             None => s.value(None, 1),
             Some(_) if seen => s.twice(b"stream_options.include_usage"),
             Some(_) => {
@@ -586,11 +663,11 @@ impl<'a> Scan<'a> {
 
     /// One tool: its `model`, or whether it spends one without naming it.
     fn tool(&mut self, f: &mut Fields<'a>) -> Option<()> {
-        const NAMES: [&[u8]; 2] = [b"type", b"model"];
+        const NAMES: Names = Names::new(&[b"type", b"model"], "tools[].");
         let mut read: [Option<Cow<'a, str>>; 2] = [None, None];
         let mut seen = [false; 2];
         self.members(|s, key| {
-            let Some(at) = s.known(&key, &NAMES, "tools[].")? else {
+            let Some(at) = s.known(&key, &NAMES)? else {
                 return s.value(None, 2);
             };
             if seen[at] {
@@ -616,12 +693,12 @@ impl<'a> Scan<'a> {
 
     /// `session` (a Realtime client secret's): its `model`.
     fn session(&mut self, f: &mut Fields<'a>) -> Option<()> {
-        const NAMES: [&[u8]; 1] = [b"model"];
+        const NAMES: Names = Names::new(&[b"model"], "session.");
         if self.peek()? != b'{' {
             return self.value(None, 0);
         }
         let mut seen = false;
-        self.members(|s, key| match s.known(&key, &NAMES, "session.")? {
+        self.members(|s, key| match s.known(&key, &NAMES)? {
             None => s.value(None, 1),
             Some(_) if seen => s.twice(b"session.model"),
             Some(_) => {
@@ -1123,6 +1200,16 @@ mod tests {
             "session" => r#"{"type":"realtime","model":"gpt-realtime"}"#,
             _ => "100",
         }
+    }
+
+    #[test]
+    fn the_plain_lookup_is_the_list_of_names() {
+        for (at, name) in TOP.iter().enumerate() {
+            assert_eq!(top_index(name), Some(at));
+            assert!(TOP_NAMES.may_be(name.len()));
+        }
+        assert_eq!(top_index(b"temperature"), None);
+        assert!(!TOP_NAMES.may_be(b"temperature".len()) && !TOP_NAMES.may_be(64));
     }
 
     #[test]
