@@ -125,6 +125,20 @@ impl Client {
         }
     }
 
+    /// With an allow-list, a tool that spends a model must name it: the upstream's default
+    /// (an `image_generation` tool without `model`) is on no list.
+    pub fn check_unnamed_tool_model(&self) -> Result<(), GatewayError> {
+        if self.models.is_empty() {
+            return Ok(());
+        }
+        Err(GatewayError::ModelNotAllowed {
+            client: Arc::clone(&self.name),
+            model: "(none: a tool in `tools` spends a model but names none; set its `model`)"
+                .into(),
+            allowed: self.allowed.clone(),
+        })
+    }
+
     pub fn has_model_list(&self) -> bool {
         !self.models.is_empty()
     }

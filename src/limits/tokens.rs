@@ -21,16 +21,41 @@ pub struct RequestInfo {
     /// Estimate used when no policy default applies: prompt + max_tokens (or 0).
     pub estimated_tokens: u64,
     pub body_len: usize,
+    /// Models named inside the body (each `tools[].model` of a Responses request, a Realtime
+    /// client secret's `session.model`), each checked like `model`.
+    pub other_models: Vec<String>,
+    /// A tool spends a model but names none (an `image_generation` tool without `model`:
+    /// the upstream picks its default).
+    pub unnamed_tool_model: bool,
+    /// Why the body is refused whatever the policies: a JSON object parsers may read
+    /// differently (a member twice, a name in another case, a count written `1e3`, …).
+    pub ambiguous: Option<String>,
+}
+
+/// A model name as kept: at most 256 characters.
+fn kept(model: std::borrow::Cow<'_, str>) -> String {
+    match model.char_indices().nth(256) {
+        Some((cut, _)) => model[..cut].to_owned(),
+        None => model.into_owned(),
+    }
 }
 
 /// Reads model, prompt size and completion cap. A body that is not JSON yields the
-/// defaults (the upstream will refuse it; ezgate does not guess).
+/// defaults (the upstream will refuse it; ezgate does not guess); one parsers may read
+/// differently says why in `ambiguous`.
 pub fn inspect(body: &[u8]) -> RequestInfo {
-    let Some(doc) = super::scan::request_fields(body) else {
-        return RequestInfo {
-            body_len: body.len(),
-            ..RequestInfo::default()
-        };
+    let doc = match scan::request_fields(body) {
+        Ok(doc) => doc,
+        Err(unread) => {
+            return RequestInfo {
+                body_len: body.len(),
+                ambiguous: match unread {
+                    scan::Unread::Ambiguous(why) => Some(why),
+                    scan::Unread::NotJson => None,
+                },
+                ..RequestInfo::default()
+            }
+        }
     };
     let prompt_tokens = doc.text.tokens().max(1);
     let max_tokens = doc
@@ -39,16 +64,16 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
         .or(doc.max_output_tokens);
     RequestInfo {
         understood: true,
-        model: doc.model.map(|m| match m.char_indices().nth(256) {
-            Some((cut, _)) => m[..cut].to_owned(),
-            None => m.into_owned(),
-        }),
+        model: doc.model.map(kept),
         prompt_tokens,
         max_tokens,
         stream: doc.stream.unwrap_or(false),
         include_usage: doc.include_usage.unwrap_or(false),
         estimated_tokens: prompt_tokens + max_tokens.unwrap_or(0),
         body_len: body.len(),
+        other_models: doc.other_models.into_iter().map(kept).collect(),
+        unnamed_tool_model: doc.unnamed_tool_model,
+        ambiguous: None,
     }
 }
 
@@ -183,6 +208,42 @@ mod tests {
         assert!(spliced(r#"{"stream":true,"stream_options":{"include_usage":true}}"#).is_none());
         assert!(spliced(r#"{"stream":true,"stream":true}"#).is_none());
         assert!(spliced(r#"[{"stream":true}]"#).is_none());
+    }
+
+    #[test]
+    fn the_splice_finds_members_however_their_names_are_escaped() {
+        for (body, want) in [
+            (
+                r#"{"stream":true,"stream\u005foptions":{"include\u005fusage":false}}"#,
+                r#"{"stream":true,"stream\u005foptions":{"include\u005fusage":true}}"#,
+            ),
+            (
+                r#"{"str\u0065am":true,"stream_options":{"x":1}}"#,
+                r#"{"str\u0065am":true,"stream_options":{"include_usage":true,"x":1}}"#,
+            ),
+        ] {
+            let got = spliced(body).unwrap();
+            assert_eq!(got, want);
+            let info = inspect(got.as_bytes());
+            assert!(info.include_usage && info.ambiguous.is_none());
+        }
+        // A stream flag ezgate cannot read the way the upstream would: no splice, refused.
+        let info = inspect(br#"{"stream":true,"Stream_options":{"include_usage":false}}"#);
+        assert!(info.ambiguous.is_some() && !info.understood);
+        assert!(ask_for_stream_usage(&Bytes::from_static(b"{}"), &info).is_none());
+    }
+
+    #[test]
+    fn exposes_the_models_named_inside() {
+        let info = inspect(
+            br#"{"model":"gpt-4.1","tools":[{"type":"image_generation","model":"gpt-image-1"},{"type":"image_generation"}]}"#,
+        );
+        assert_eq!(info.model.as_deref(), Some("gpt-4.1"));
+        assert_eq!(info.other_models, ["gpt-image-1"]);
+        assert!(info.unnamed_tool_model);
+        let info = inspect(br#"{"model":"a","model":"b"}"#);
+        assert!(info.ambiguous.unwrap().contains("`model` appears twice"));
+        assert_eq!(inspect(b"{not json").ambiguous, None);
     }
 
     #[test]

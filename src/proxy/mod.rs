@@ -239,9 +239,12 @@ async fn handle(
         match client_reads {
             Some(ModelAt::Query) => client.check_model(model.as_deref())?,
             Some(at) => {
-                // Models named inside the body (a tool's, a session's): none read here yet.
-                let nested: &[String] = &[];
+                // Models named inside the body (a tool's, a realtime session's) spend too.
+                let nested = request.as_ref().map_or(&[][..], |r| &r.other_models[..]);
                 client.check_named(at, &parts.method, canonical, model.as_deref(), nested)?;
+                if request.as_ref().is_some_and(|r| r.unnamed_tool_model) {
+                    client.check_unnamed_tool_model()?;
+                }
             }
             None => {}
         }

@@ -30,10 +30,10 @@ pub(super) struct Inspected {
 
 /// Reads the body when `checks` need its model or size, or when `ask_usage` may edit it;
 /// whatever its content type says (on a `form` route, a multipart body is read as a form,
-/// anything else as JSON). A body a check cannot read is refused, never waved through.
-/// Otherwise the body streams. Either way it must be complete within
-/// `server.request_body_deadline` of when ezgate starts reading it. `path` is the canonical
-/// path, for the refusal's message.
+/// anything else as JSON). A body a check cannot read is refused, never waved through; a
+/// body parsers may read differently is refused whenever it is read. Otherwise the body
+/// streams. Either way it must be complete within `server.request_body_deadline` of when
+/// ezgate starts reading it. `path` is the canonical path, for the refusal's message.
 pub(super) async fn inspect(
     body: Incoming,
     headers: &mut HeaderMap,
@@ -70,13 +70,19 @@ pub(super) async fn inspect(
     } else {
         tokens::inspect(&bytes)
     };
+    let path: String = path.chars().take(200).collect();
+    // Whatever the checks: a body ezgate read must mean to the upstream what it meant here.
+    if let Some(why) = &request.ambiguous {
+        return Err(GatewayError::BadRequest(format!(
+            "the body of POST {path} is ambiguous: {why}"
+        )));
+    }
     if checks && !request.understood {
         let what = if form {
             "a multipart/form-data body with one model field, or one JSON object (uncompressed)"
         } else {
             "one JSON object (uncompressed)"
         };
-        let path: String = path.chars().take(200).collect();
         return Err(GatewayError::BadRequest(format!(
             "the body of POST {path} must be {what}: ezgate reads its model for the policies that cover it"
         )));

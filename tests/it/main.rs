@@ -10,6 +10,7 @@ mod harness;
 mod schema;
 
 mod attacks;
+mod bodies;
 mod cancellation;
 mod errors;
 mod failures;

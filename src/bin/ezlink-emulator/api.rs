@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::body::Payload;
 use crate::faults::{openai_error, respond, JSON};
 use crate::log::Tokens;
-use crate::options::Opts;
+use crate::options::{Duplicates, Opts};
 use crate::service::State;
 use crate::sse::{Kind, Plan, SseBody};
 
@@ -99,7 +99,8 @@ pub fn complete(
     opts: &Opts,
     tokens: &Tokens,
 ) -> Response<Payload> {
-    let request: ApiRequest<'_> = match serde_json::from_slice(body) {
+    let mut tree = None;
+    let request = match parse(body, opts.duplicates, &mut tree) {
         Ok(request) => request,
         Err(err) => return invalid_json(&err),
     };
@@ -298,8 +299,9 @@ struct ReasoningTokens {
 }
 
 /// `POST /v1/embeddings`: one 8-float embedding per input.
-pub fn embeddings(body: &[u8], tokens: &Tokens) -> Response<Payload> {
-    let request: ApiRequest<'_> = match serde_json::from_slice(body) {
+pub fn embeddings(body: &[u8], opts: &Opts, tokens: &Tokens) -> Response<Payload> {
+    let mut tree = None;
+    let request = match parse(body, opts.duplicates, &mut tree) {
         Ok(request) => request,
         Err(err) => return invalid_json(&err),
     };
@@ -349,6 +351,86 @@ pub fn too_large(limit: usize) -> Response<Payload> {
         "invalid_request_error",
         Some("request_too_large"),
     )
+}
+
+/// The request as the upstream reads it. A member given twice (names compared decoded) is
+/// the last one, read from the document `tree` kept by the caller (a JSON map keeps the
+/// last value of a key), or refused.
+fn parse<'a>(
+    body: &'a [u8],
+    duplicates: Duplicates,
+    tree: &'a mut Option<Value>,
+) -> Result<ApiRequest<'a>, serde_json::Error> {
+    match duplicates {
+        Duplicates::Last => {
+            let tree = tree.insert(serde_json::from_slice(body)?);
+            ApiRequest::deserialize(&*tree)
+        }
+        Duplicates::Reject => {
+            serde_json::from_slice::<Unique>(body)?;
+            serde_json::from_slice(body)
+        }
+    }
+}
+
+/// Any JSON document whose objects name each member once.
+struct Unique;
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Unique)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Unique {
+    type Value = Unique;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_unit<E>(self) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+        while seq.next_element::<Unique>()?.is_some() {}
+        Ok(Unique)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if seen.contains(&name) {
+                let name: String = name.escape_debug().take(64).collect();
+                let why = format!("member `{name}` appears twice");
+                return Err(serde::de::Error::custom(why));
+            }
+            map.next_value::<Unique>()?;
+            seen.insert(name);
+        }
+        Ok(Unique)
+    }
 }
 
 fn invalid_json(err: &serde_json::Error) -> Response<Payload> {

@@ -151,6 +151,10 @@ Response shape (normal API):
   usage and `[DONE]` included (default 0).
 * `x-emu-id: ID` — the response's `id` is ID and its creation time is fixed
   (1700000000), so that two answers can be compared byte for byte.
+* `x-emu-duplicates: last|reject` — how chat, completions, responses and embeddings read
+  a JSON member given twice (names compared with escapes decoded, at any depth): `last`
+  (default) serves the last one, as Python, JavaScript and Go parsers do; `reject`
+  answers 400 `invalid_request_error` naming the member, as strict parsers do.
 
 Faults:
 

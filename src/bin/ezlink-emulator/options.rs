@@ -36,6 +36,19 @@ pub struct Opts {
     /// `x-emu-echo-key: 1`: the key of the request's `Authorization`, echoed back as a
     /// careless upstream does.
     pub echo_key: Option<String>,
+    /// `x-emu-duplicates`: how a JSON body's member given twice is read.
+    pub duplicates: Duplicates,
+}
+
+/// How the API routes read a JSON member given twice (names compared decoded, as every
+/// parser compares them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Duplicates {
+    /// The last one counts: Python's `json`, JavaScript's `JSON.parse`, Go's encoding/json.
+    #[default]
+    Last,
+    /// 400, as strict parsers (Rust's serde) answer.
+    Reject,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -99,6 +112,7 @@ impl Default for Opts {
             completion_tokens: 7,
             fixed_id: None,
             echo_key: None,
+            duplicates: Duplicates::Last,
         }
     }
 }
@@ -165,6 +179,18 @@ impl Opts {
             }
             opts.echo_key = Some(key);
         }
+        opts.duplicates = match text(headers, "x-emu-duplicates")? {
+            None => Duplicates::Last,
+            Some(v) if v.eq_ignore_ascii_case("last") => Duplicates::Last,
+            Some(v) if v.eq_ignore_ascii_case("reject") => Duplicates::Reject,
+            Some(v) => {
+                return Err(BadHeader {
+                    name: "x-emu-duplicates",
+                    value: v.to_owned(),
+                    expected: "last or reject",
+                })
+            }
+        };
         Ok(opts)
     }
 

@@ -188,7 +188,7 @@ async fn respond_to(
         Route::Chat => api::complete(state, Kind::Chat, &body, opts, tokens),
         Route::Completions => api::complete(state, Kind::Text, &body, opts, tokens),
         Route::Responses => api::complete(state, Kind::Responses, &body, opts, tokens),
-        Route::Embeddings => api::embeddings(&body, tokens),
+        Route::Embeddings => api::embeddings(&body, opts, tokens),
         Route::Object(object) => objects::create(state, object, &parts.headers, &body, tokens),
         Route::Inspect => echo::inspect(&parts, body_len),
         Route::Echo | Route::NotFound => api::not_found(&parts.method, parts.uri.path()),
