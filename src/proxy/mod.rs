@@ -223,10 +223,12 @@ async fn handle(
     } = request::inspect(
         body,
         &mut parts.headers,
-        canonical,
-        checks && route::model_at(&parts.method, canonical) == ModelAt::Form,
-        checks,
-        ask_usage,
+        request::Reading {
+            path: canonical,
+            form: checks && route::model_at(&parts.method, canonical) == ModelAt::Form,
+            checks,
+            ask_usage,
+        },
         &cfg.server,
         &gw.buffers,
     )

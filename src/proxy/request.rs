@@ -28,22 +28,37 @@ pub(super) struct Inspected {
     pub strip: bool,
 }
 
+/// What the request path wants of a body.
+pub(super) struct Reading<'a> {
+    /// The canonical path, for a refusal's message.
+    pub path: &'a str,
+    /// A multipart body is read as a form (else as JSON).
+    pub form: bool,
+    /// A check needs the body's model or size.
+    pub checks: bool,
+    /// ezgate may edit the body to ask a stream for its usage.
+    pub ask_usage: bool,
+}
+
 /// Reads the body when `checks` need its model or size, or when `ask_usage` may edit it;
 /// whatever its content type says (on a `form` route, a multipart body is read as a form,
 /// anything else as JSON). A body a check cannot read is refused, never waved through; a
 /// body parsers may read differently is refused whenever it is read. Otherwise the body
 /// streams. Either way it must be complete within `server.request_body_deadline` of when
-/// ezgate starts reading it. `path` is the canonical path, for the refusal's message.
+/// ezgate starts reading it.
 pub(super) async fn inspect(
     body: Incoming,
     headers: &mut HeaderMap,
-    path: &str,
-    form: bool,
-    checks: bool,
-    ask_usage: bool,
+    reading: Reading<'_>,
     server: &ServerConfig,
     buffers: &Buffers,
 ) -> Result<Inspected, GatewayError> {
+    let Reading {
+        path,
+        form,
+        checks,
+        ask_usage,
+    } = reading;
     let (max, idle) = (server.max_request_body.0, server.request_body_timeout.0);
     if content_length(headers).is_some_and(|len| len > max) {
         return Err(GatewayError::PayloadTooLarge { limit: max });
