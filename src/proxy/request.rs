@@ -123,12 +123,15 @@ pub(super) async fn inspect(
     })
 }
 
+/// Bytes of a body of declared length after which its buffer is grown to that length at once.
+const JUMP: u64 = 1 << 20;
+
 /// Buffers a request body (needed to see its model and size), refusing it past
 /// `server.max_request_body`, when the client pauses longer than
 /// `server.request_body_timeout` between two pieces, when it is not complete at `until`,
 /// and when all buffered bodies together would hold more than `server.max_buffered_bytes`.
-/// Memory grows with the bytes that arrive, never with the length a header announces (at
-/// most doubling, capped by that length): `charge` takes each growth before it happens. A
+/// Memory grows with the bytes that arrive, never with the length a header announces alone
+/// (doubling, capped by that length; past [`JUMP`] bytes, to that length): `charge` takes each growth before it happens. A
 /// body that arrives as one frame is kept as it is, without a copy.
 async fn read_whole(
     mut body: Incoming,
@@ -139,11 +142,8 @@ async fn read_whole(
     let (max, idle) = (server.max_request_body.0, server.request_body_timeout.0);
     let budget = server.max_buffered_bytes.0;
     // No body grows past the length it declared (hyper refuses the bytes beyond it).
-    let limit = body
-        .size_hint()
-        .exact()
-        .filter(|n| *n <= max)
-        .unwrap_or(max);
+    let declared = body.size_hint().exact().filter(|n| *n <= max);
+    let limit = declared.unwrap_or(max);
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let wake = (tokio::time::Instant::now() + idle).min(until);
@@ -172,7 +172,14 @@ async fn read_whole(
             return Ok(data);
         }
         if len > buf.capacity() as u64 {
-            let cap = len.max(buf.capacity() as u64 * 2).min(limit.max(len));
+            // Each doubling copies the buffer. Once a body that declared its length has sent
+            // `JUMP` bytes of it, the rest is taken at once: a large body then costs its own
+            // length (plus at most `JUMP` during that one copy), not one and a half times it.
+            let cap = if declared.is_some() && len >= JUMP {
+                limit.max(len)
+            } else {
+                len.max(buf.capacity() as u64 * 2).min(limit.max(len))
+            };
             grow(&mut buf, cap, charge, budget)?;
         }
         buf.extend_from_slice(&data);
