@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 /// Floors, bottom to top, and their modules. A module may import any module of a lower
 /// floor; beside itself only what [`SIDEWAYS`] allows.
 const FLOORS: &[(&str, &[&str])] = &[
-    ("base", &["errors", "headers", "route", "tls"]),
+    ("base", &["errors", "headers", "route", "tls", "buffers"]),
     ("config", &["config"]),
     ("domain", &["clients", "limits", "upstream", "pool"]),
     ("recording", &["outcome", "metrics", "access_log", "traces"]),
