@@ -128,3 +128,34 @@ fn the_body_deadline_is_a_408_naming_its_setting() {
         .unwrap()
         .contains("server.request_body_deadline"));
 }
+
+#[test]
+fn concurrency_and_upstream_refusals_render_their_documented_headers() {
+    let err = GatewayError::ConcurrencyLimited {
+        policy: "in-flight".into(),
+        limit: 4,
+    };
+    let (status, headers, _) = render(&err, "req-c");
+    assert_eq!(status, 429);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["retry-after-ms"], "1000");
+    assert_eq!(
+        headers["ratelimit-policy"],
+        "\"in-flight\";q=4;qu=\"concurrent-requests\""
+    );
+    assert_eq!(headers["ratelimit"], "\"in-flight\";r=0;t=1");
+    assert!(!headers.keys().any(|k| k.as_str().starts_with("x-ratelimit-")));
+    assert!(!headers.contains_key("x-should-retry"));
+
+    let err = GatewayError::UpstreamRateLimited {
+        retry_after: Duration::from_millis(2500),
+    };
+    let (status, headers, _) = render(&err, "req-u");
+    assert_eq!(status, 429);
+    assert_eq!(headers["retry-after"], "3");
+    assert_eq!(headers["retry-after-ms"], "2500");
+    assert!(!headers.contains_key("ratelimit"));
+    assert!(!headers.contains_key("ratelimit-policy"));
+    assert!(!headers.keys().any(|k| k.as_str().starts_with("x-ratelimit-")));
+    assert!(!headers.contains_key("x-should-retry"));
+}
