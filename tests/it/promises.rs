@@ -321,3 +321,55 @@ async fn with_json_logs_every_line_ezgate_prints_is_json() {
         }
     }
 }
+
+/// docs/rate-limits.md ("Clients"): the openai SDK waits through ezgate's 429s by default,
+/// and `max_retries=0` (on the client or per request) gets the 429 at once.
+#[tokio::test]
+async fn the_openai_sdk_waits_through_429s_unless_told_not_to() {
+    let emu = Emulator::start().await;
+    let config = r#"
+[[limits]]
+name = "fast"
+key = "global"
+requests = "2/s"
+burst = 1
+match = { routes = ["/v1/models"] }
+
+[[limits]]
+name = "slow"
+key = "global"
+requests = "1/min"
+match = { routes = ["/v1/files"] }
+"#;
+    let gw = Gateway::start(&emu.url(), config).await;
+    let v = run_python("sdk_retries.py", &gw.url("/v1")).await;
+    assert_eq!(v["default_max_retries"], 2, "{v}");
+    let retries: Vec<u64> = v["default_retries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_u64().unwrap())
+        .collect();
+    assert!(
+        retries.iter().any(|&r| r > 0),
+        "the SDK retried a 429 and then succeeded: {v}"
+    );
+    for rid in ["sdk-per-request", "sdk-client"] {
+        assert_eq!(v[rid]["status"], 429, "{v}");
+        assert_eq!(v[rid]["code"], "rate_limited", "{v}");
+    }
+    // Each opted-out call reached ezgate once: no retry followed. A later request's access
+    // line proves the earlier ones are all written (one writer, in order).
+    gw.get_with("/v1/marker", &[("x-request-id", "sdk-marker")])
+        .await;
+    gw.access_log("sdk-marker").await;
+    let logs = gw.logs.all();
+    for rid in ["sdk-first", "sdk-per-request", "sdk-client"] {
+        let needle = format!("\"request_id\":\"{rid}\"");
+        let n = logs
+            .iter()
+            .filter(|l| l.contains("ezgate::access") && l.contains(&needle))
+            .count();
+        assert_eq!(n, 1, "{rid} reached ezgate {n} times");
+    }
+}
