@@ -290,7 +290,10 @@ fn init_logging(settings: &Settings) -> tracing_appender::non_blocking::WorkerGu
                 .map(|s| (*s).to_owned())
                 .or_else(|| info.payload().downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "(no message)".to_owned());
-            let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+            let thread = std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_owned();
             tracing::error!(%location, %thread, "panicked: {payload}");
         }));
     }

@@ -508,7 +508,11 @@ store = "redis"
         let first = load(text).unwrap();
         let printed = first.to_string();
         let again = load(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
-        assert_eq!(effective(&again.config), effective(&first.config), "{printed}");
+        assert_eq!(
+            effective(&again.config),
+            effective(&first.config),
+            "{printed}"
+        );
         assert_eq!(again.to_string(), printed);
     }
     let printed = load(varied).unwrap().to_string();
@@ -530,7 +534,12 @@ store = "redis"
         assert!(printed.lines().any(|l| l == line), "{line}:\n{printed}");
     }
     let shipped = load(&shipped).unwrap().to_string();
-    for line in ["max_request_body = \"16MiB\"", "shutdown_grace = \"30s\"", "max_retry_after = \"5m\"", "websocket_max_lifetime = \"4h\""] {
+    for line in [
+        "max_request_body = \"16MiB\"",
+        "shutdown_grace = \"30s\"",
+        "max_retry_after = \"5m\"",
+        "websocket_max_lifetime = \"4h\"",
+    ] {
         assert!(shipped.lines().any(|l| l == line), "{line}:\n{shipped}");
     }
 }

@@ -144,7 +144,9 @@ fn concurrency_and_upstream_refusals_render_their_documented_headers() {
         "\"in-flight\";q=4;qu=\"concurrent-requests\""
     );
     assert_eq!(headers["ratelimit"], "\"in-flight\";r=0;t=1");
-    assert!(!headers.keys().any(|k| k.as_str().starts_with("x-ratelimit-")));
+    assert!(!headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-ratelimit-")));
     assert!(!headers.contains_key("x-should-retry"));
 
     let err = GatewayError::UpstreamRateLimited {
@@ -156,6 +158,8 @@ fn concurrency_and_upstream_refusals_render_their_documented_headers() {
     assert_eq!(headers["retry-after-ms"], "2500");
     assert!(!headers.contains_key("ratelimit"));
     assert!(!headers.contains_key("ratelimit-policy"));
-    assert!(!headers.keys().any(|k| k.as_str().starts_with("x-ratelimit-")));
+    assert!(!headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-ratelimit-")));
     assert!(!headers.contains_key("x-should-retry"));
 }

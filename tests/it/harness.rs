@@ -488,7 +488,12 @@ pub fn listening_addr(line: &str) -> Option<SocketAddr> {
         if !v["message"].as_str()?.contains("listening on ") {
             return None;
         }
-        return Some(v["addr"].as_str()?.parse().expect("a listening line's addr"));
+        return Some(
+            v["addr"]
+                .as_str()?
+                .parse()
+                .expect("a listening line's addr"),
+        );
     }
     let (_, addr) = line.split_once("listening on ")?;
     Some(addr.trim().parse().expect("a listening line's address"))

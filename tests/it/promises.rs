@@ -58,7 +58,12 @@ fn documented_429_headers() -> BTreeMap<String, Vec<(String, bool)>> {
 }
 
 fn assert_documented(table: &BTreeMap<String, Vec<(String, bool)>>, code: &str, r: &Resp) {
-    assert_eq!(r.status, 429, "{code}: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        429,
+        "{code}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     let e = r.error();
     assert_eq!(e["code"], code);
     let headers = table
@@ -129,7 +134,10 @@ match = { routes = ["/v1/chat/completions"] }
     let input = "word ".repeat(200);
     let body = format!(r#"{{"model":"text-embedding-3-small","input":"{input}"}}"#);
     let json = [("content-type", "application/json")];
-    assert_eq!(gw.post("/v1/embeddings", &json, body.clone()).await.status, 200);
+    assert_eq!(
+        gw.post("/v1/embeddings", &json, body.clone()).await.status,
+        200
+    );
     let r = gw.post("/v1/embeddings", &json, body).await;
     assert_documented(&table, "token_rate_limited", &r);
     assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("10"));
@@ -265,7 +273,10 @@ async fn with_json_logs_every_line_ezgate_prints_is_json() {
     assert_eq!(first["message"], format!("listening on {}", addrs[0]));
     assert_eq!(first["listener"], "proxy");
     assert_eq!(first["level"], "INFO");
-    assert!(first["timestamp"].as_str().unwrap().ends_with('Z'), "{first}");
+    assert!(
+        first["timestamp"].as_str().unwrap().ends_with('Z'),
+        "{first}"
+    );
 
     // A request (its access line), and a refused one.
     let url = format!("http://{}/v1/chat/completions", addrs[0]);
@@ -273,12 +284,18 @@ async fn with_json_logs_every_line_ezgate_prints_is_json() {
         &http1(),
         Method::POST,
         &url,
-        &[("content-type", "application/json"), ("x-request-id", "json-1")],
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "json-1"),
+        ],
         Bytes::from(CHAT_BODY),
     )
     .await;
     assert_eq!(ok.status, 200);
-    wait_line(&err, "of the request's access log", |l| l.contains("json-1")).await;
+    wait_line(&err, "of the request's access log", |l| {
+        l.contains("json-1")
+    })
+    .await;
 
     // A reload, then a SIGTERM shutdown.
     let pid = child.id().unwrap().to_string();
@@ -316,7 +333,10 @@ async fn with_json_logs_every_line_ezgate_prints_is_json() {
             let v: Value = serde_json::from_str(l)
                 .unwrap_or_else(|e| panic!("a {stream} line is not JSON ({e}): {l}"));
             assert!(v.is_object(), "{stream}: {l}");
-            assert!(v["timestamp"].is_string(), "{stream} line without timestamp: {l}");
+            assert!(
+                v["timestamp"].is_string(),
+                "{stream} line without timestamp: {l}"
+            );
             assert!(v["level"].is_string(), "{stream} line without level: {l}");
         }
     }
