@@ -393,3 +393,41 @@ match = { routes = ["/v1/files"] }
         assert_eq!(n, 1, "{rid} reached ezgate {n} times");
     }
 }
+
+/// A failure once logging is set up (here: the listen address is taken) is a JSON line too;
+/// with text logs it stays `ezgate: …`.
+#[test]
+fn a_bind_failure_is_a_json_line_with_json_logs() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for format in ["json", "text"] {
+        let dir = scratch_dir();
+        let config_path = dir.join("ezgate.toml");
+        std::fs::write(&config_path, format!("[log]\nformat = \"{format}\"\n")).unwrap();
+        let out = std::process::Command::new(bin("ezgate"))
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--listen", &addr, "--admin-listen", "127.0.0.1:0"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(out.stdout.is_empty(), "nothing was announced: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.contains(&addr), "{format}: {stderr}");
+        if format == "json" {
+            for l in stderr.lines() {
+                let v: Value = serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("a stderr line is not JSON ({e}): {l}"));
+                assert!(v["timestamp"].is_string(), "{l}");
+            }
+            let v: Value = serde_json::from_str(last).unwrap();
+            assert_eq!(v["level"], "ERROR", "{last}");
+        } else {
+            assert!(last.starts_with("ezgate: "), "{last}");
+        }
+    }
+    drop(taken);
+}
