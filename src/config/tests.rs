@@ -572,4 +572,13 @@ fn a_rate_without_its_unit_is_refused_with_a_hint() {
     ] {
         assert!(e.contains(want), "{want}\n{e}");
     }
+    let e = problems(
+        "[[limits]]\nname = \"a\"\nkey = \"global\"\nrequests = -5\n\n[server]\nshutdown_grace = -1\n",
+    );
+    for want in [
+        "limits[0].requests: -5 is not a rate; write a whole positive count and its unit, e.g. \"600/min\" (line 4)",
+        "server.shutdown_grace: -1 is not a duration; write a positive number and a unit, e.g. \"30s\" (line 7)",
+    ] {
+        assert!(e.contains(want), "{want}\n{e}");
+    }
 }

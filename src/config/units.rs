@@ -86,6 +86,9 @@ impl<'de> Deserialize<'de> for Dur {
         let text = d.deserialize_any(Written("a duration such as \"30s\""))?;
         match text {
             Ok(s) => Dur::try_from(s),
+            Err(n) if n.starts_with('-') => Err(format!(
+                "{n} is not a duration; write a positive number and a unit, e.g. \"30s\""
+            )),
             Err(n) => Err(format!(
                 "{n} is not a duration; write it with its unit, e.g. \"{n}s\" or \"{n}ms\""
             )),
@@ -240,6 +243,11 @@ impl TryFrom<String> for Rate {
 
 /// The refusal of a rate written without its unit.
 fn bare_rate(n: &str) -> String {
+    if n.starts_with('-') || n.contains('.') {
+        return format!(
+            "{n} is not a rate; write a whole positive count and its unit, e.g. \"600/min\""
+        );
+    }
     format!("{n} is not a rate; write it with its unit, e.g. \"{n}/min\"")
 }
 
