@@ -203,11 +203,12 @@ start() {
 }
 # wait_line NAME REGEX : bounded wait (15 s) for a stdout line; prints its first capture group
 wait_line() {
-  local name="$1" re="$2" pid
+  # $3: the group of $2 that holds the address (default 1).
+  local name="$1" re="$2" group="${3:-1}" pid
   pid="$(eval echo "\$PID_${name//-/_}")"
   for _ in $(seq 1 150); do
     if grep -qE "$re" "$WORK/$name.out" 2>/dev/null; then
-      sed -nE "s/$re/\\1/p" "$WORK/$name.out" | head -1
+      sed -nE "s/$re/\\$group/p" "$WORK/$name.out" | head -1
       return 0
     fi
     kill -0 "$pid" 2>/dev/null || return 1
@@ -380,8 +381,9 @@ declare -A ADDR ADMIN SSE_ADDR PROCS
 ADDR[direct]="$EMU_ADDR"; SSE_ADDR[direct]="$ORIGIN_ADDR"; PROCS[direct]=""
 ADDR[nginx]="127.0.0.1:$NGINX_PORT"; SSE_ADDR[nginx]="127.0.0.1:$NGINX_SSE_PORT"
 for n in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2; do
-  ADDR[$n]="$(wait_line "$n" '^listening on ([0-9.:]+).*')" || die "$n did not start: $(tail -5 "$WORK/$n.err" 2>/dev/null)"
-  ADMIN[$n]="$(wait_line "$n" '^admin listening on ([0-9.:]+).*')" || die "$n printed no admin address"
+  # The line is text, or a JSON log line with log.format = "json" (the default).
+  ADDR[$n]="$(wait_line "$n" '^(.*"message":")?listening on ([0-9.:]+).*' 2)" || die "$n did not start: $(tail -5 "$WORK/$n.err" 2>/dev/null)"
+  ADMIN[$n]="$(wait_line "$n" '^(.*"message":")?admin listening on ([0-9.:]+).*' 2)" || die "$n printed no admin address"
   PROCS[$n]="$(eval echo "\$PID_${n//-/_}")"
 done
 SSE_ADDR[ezgate]="${ADDR[ezgate-sse]}"

@@ -88,6 +88,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let _log_writer = init_logging(&settings);
+    let format = settings.config.log.format;
     let threads = settings.config.server.worker_threads;
     let threads = if threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -105,14 +106,14 @@ fn main() -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ezgate: cannot start the async runtime: {e}");
+            fatal(format, &format!("cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(start(settings, cli.config, overrides)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ezgate: {e}");
+            fatal(format, &e);
             ExitCode::FAILURE
         }
     }
@@ -133,8 +134,9 @@ async fn start(
     };
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, %scheme, upstream = %settings.config.upstream.base_url, "ezgate started");
     // Deliberate, stable lines for scripts and tests that start ezgate on port 0.
-    println!("listening on {proxy_addr}");
-    println!("admin listening on {admin_addr}");
+    let format = settings.config.log.format;
+    println!("{}", listening_line(format, "proxy", proxy_addr));
+    println!("{}", listening_line(format, "admin", admin_addr));
     if let Some((host, port)) = upstream_host(&settings.upstream_uri) {
         tokio::spawn(resolve_upstream(host, port));
     }
@@ -145,6 +147,37 @@ async fn start(
         Settings::load(path.as_deref(), &overrides, &env_lookup).map_err(|e| e.to_string())
     });
     ezgate::run(settings, listeners, shutdown, Some((reload, reload_rx))).await
+}
+
+/// The stdout line that announces a bound listener: `listening on ADDR` (`admin listening on
+/// ADDR`), or with `log.format = "json"` the same message as a JSON log line that also names
+/// the listener and its address, so that every line ezgate prints is JSON.
+fn listening_line(format: LogFormat, listener: &str, addr: SocketAddr) -> String {
+    let message = match listener {
+        "proxy" => format!("listening on {addr}"),
+        _ => format!("{listener} listening on {addr}"),
+    };
+    match format {
+        LogFormat::Text => message,
+        LogFormat::Json => serde_json::json!({
+            "timestamp": ezgate::access_log::timestamp(std::time::SystemTime::now()),
+            "level": "INFO",
+            "message": message,
+            "target": "ezgate",
+            "listener": listener,
+            "addr": addr.to_string(),
+        })
+        .to_string(),
+    }
+}
+
+/// A failure that ends the process once logging is set up: a JSON log line with
+/// `log.format = "json"`, else `ezgate: …` as before.
+fn fatal(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Json => tracing::error!("{message}"),
+        LogFormat::Text => eprintln!("ezgate: {message}"),
+    }
 }
 
 /// The upstream's host name and port, unless the host is an IP address.
@@ -242,6 +275,27 @@ fn init_logging(settings: &Settings) -> tracing_appender::non_blocking::WorkerGu
             .with_current_span(false)
             .init(),
         LogFormat::Text => builder.with_ansi(false).init(),
+    }
+    if log.format == LogFormat::Json {
+        // The default hook writes a plain-text line to stderr; a panic (one a request handler
+        // catches included) is an error log line like any other.
+        std::panic::set_hook(Box::new(|info| {
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let payload = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".to_owned());
+            let thread = std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_owned();
+            tracing::error!(%location, %thread, "panicked: {payload}");
+        }));
     }
     // Access lines are formatted by ezgate itself but obey the same filter, decided once here.
     if tracing::enabled!(target: ezgate::access_log::TARGET, tracing::Level::INFO) {

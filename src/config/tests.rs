@@ -52,7 +52,7 @@ fn bad_units_name_the_key() {
         "{e}"
     );
     load("[[limits]]\nname = \"a\"\nkey = \"global\"\nrequests = \"10/minute\"\n").unwrap();
-    let e = problems("[server]\nmax_request_body = 5\n");
+    let e = problems("[server]\nmax_request_body = true\n");
     assert!(
         e.contains("server.max_request_body") && e.contains("invalid type"),
         "{e}"
@@ -446,4 +446,139 @@ fn unchecked_routes_are_checked_paths() {
         e.contains("clients[0].unchecked_routes: has no effect without a models allow-list"),
         "{e}"
     );
+}
+
+/// `check-config` prints a config that reads back as the same config: every duration, size
+/// and rate written the way the docs write them, none lost to rounding.
+#[test]
+fn printed_config_parses_back_to_the_same_settings() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/ezgate.toml"))
+            .unwrap();
+    let varied = r#"
+[server]
+max_request_body = 1048577
+shutdown_grace = "1.5s"
+header_read_timeout = "90s"
+request_body_timeout = "250ms"
+request_body_deadline = "2m"
+max_buffered_bytes = "10MB"
+websocket_max_lifetime = "1d"
+websocket_ping_interval = "1500ms"
+websocket_pong_timeout = "2.000250s"
+
+[upstream]
+connect_timeout = "2.25s"
+response_timeout = "120s"
+max_retry_after = "4h"
+
+[redis]
+url = "redis://127.0.0.1:6379"
+timeout = "0.05s"
+connect_timeout = "1s"
+
+[[limits]]
+name = "mixed"
+key = "api_key"
+requests = "5000/minute"
+burst = 10
+tokens = "100000/hour"
+on_limit = "wait"
+max_wait = "2.5s"
+
+[[limits]]
+name = "in-flight"
+key = "ip"
+concurrency = 4
+store = "redis"
+"#;
+    // The print writes every default out: a default left unset reads back as set to it.
+    let effective = |c: &Config| {
+        let mut c = c.clone();
+        for l in &mut c.limits {
+            l.max_keys = Some(l.effective_max_keys());
+            if l.tokens.is_some() {
+                l.default_tokens = Some(l.effective_default_tokens());
+            }
+            l.burst = l.effective_burst();
+        }
+        c
+    };
+    for text in [shipped.as_str(), varied] {
+        let first = load(text).unwrap();
+        let printed = first.to_string();
+        let again = load(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+        assert_eq!(
+            effective(&again.config),
+            effective(&first.config),
+            "{printed}"
+        );
+        assert_eq!(again.to_string(), printed);
+    }
+    let printed = load(varied).unwrap().to_string();
+    for line in [
+        "max_request_body = \"1048577B\"",
+        "shutdown_grace = \"1500ms\"",
+        "header_read_timeout = \"90s\"",
+        "request_body_timeout = \"250ms\"",
+        "request_body_deadline = \"2m\"",
+        "max_buffered_bytes = \"10MB\"",
+        "websocket_max_lifetime = \"1d\"",
+        "websocket_pong_timeout = \"2000.25ms\"",
+        "max_retry_after = \"4h\"",
+        "timeout = \"50ms\"",
+        "requests = \"5000/min\"",
+        "tokens = \"100000/h\"",
+        "max_wait = \"2500ms\"",
+    ] {
+        assert!(printed.lines().any(|l| l == line), "{line}:\n{printed}");
+    }
+    let shipped = load(&shipped).unwrap().to_string();
+    for line in [
+        "max_request_body = \"16MiB\"",
+        "shutdown_grace = \"30s\"",
+        "max_retry_after = \"5m\"",
+        "websocket_max_lifetime = \"4h\"",
+    ] {
+        assert!(shipped.lines().any(|l| l == line), "{line}:\n{shipped}");
+    }
+}
+
+#[test]
+fn sizes_read_a_toml_integer_as_bytes() {
+    let s = load("[server]\nmax_request_body = 1048576\nmax_buffered_bytes = 2097152\n").unwrap();
+    assert_eq!(s.config.server.max_request_body, ByteSize(1 << 20));
+    assert_eq!(s.config.server.max_buffered_bytes, ByteSize(2 << 20));
+    let e = problems("[server]\nmax_request_body = -5\nmax_buffered_bytes = 1.5\n");
+    assert!(
+        e.contains("server.max_request_body: -5 is not a size; write a whole number of bytes (e.g. 1048576) or a size with its unit (e.g. \"1MiB\") (line 2)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("server.max_buffered_bytes: 1.5 is not a size"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_rate_without_its_unit_is_refused_with_a_hint() {
+    let e = problems(
+        "[[limits]]\nname = \"a\"\nkey = \"global\"\nrequests = 5000\n\n[[limits]]\nname = \"b\"\nkey = \"global\"\ntokens = \"5000\"\n\n[server]\nshutdown_grace = 30\n",
+    );
+    for want in [
+        "limits[0].requests: 5000 is not a rate; write it with its unit, e.g. \"5000/min\" (line 4)",
+        "limits[1].tokens: 5000 is not a rate; write it with its unit, e.g. \"5000/min\" (line 9)",
+        "server.shutdown_grace: 30 is not a duration; write it with its unit, e.g. \"30s\" or \"30ms\" (line 12)",
+    ] {
+        assert!(e.contains(want), "{want}\n{e}");
+    }
+    let e = problems(
+        "[[limits]]\nname = \"a\"\nkey = \"global\"\nrequests = -5\n\n[server]\nshutdown_grace = -1\n",
+    );
+    for want in [
+        "limits[0].requests: -5 is not a rate; write a whole positive count and its unit, e.g. \"600/min\" (line 4)",
+        "server.shutdown_grace: -1 is not a duration; write a positive number and a unit, e.g. \"30s\" (line 7)",
+    ] {
+        assert!(e.contains(want), "{want}\n{e}");
+    }
 }

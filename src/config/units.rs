@@ -22,10 +22,38 @@ fn unit_secs(unit: &str) -> Option<u64> {
 const UNITS: &str = "s, sec, second, m, min, minute, h, hour, d or day";
 
 /// A duration written `"250ms"`, `"30s"`, `"5m"`, `"1h"` or `"1d"` (also `"5min"`,
-/// `"2 hours"`: the units of [`unit_secs`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+/// `"2 hours"`: the units of [`unit_secs`]; fractions such as `"1.5s"` are read exactly, to
+/// the nanosecond). A bare number (`30`, `"30"`) is refused with a hint to add the unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
+
+/// Nanoseconds in one unit of a duration.
+fn unit_nanos(unit: &str) -> Option<u128> {
+    match unit {
+        "ms" => Some(1_000_000),
+        u => unit_secs(u).map(|s| u128::from(s) * 1_000_000_000),
+    }
+}
+
+/// `"1.5"` × `unit` nanoseconds, exactly (digits past the nanosecond are dropped).
+fn scaled(num: &str, unit: u128) -> Option<u128> {
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+        || int.len() > 20
+    {
+        return None;
+    }
+    let int: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    // 18 digits are below a nanosecond of a day; more cannot change the result.
+    let frac = &frac[..frac.len().min(18)];
+    let mut value = int.checked_mul(unit)?;
+    if !frac.is_empty() {
+        let f: u128 = frac.parse().ok()?;
+        value = value.checked_add(f * unit / 10u128.pow(frac.len() as u32))?;
+    }
+    Some(value)
+}
 
 impl TryFrom<String> for Dur {
     type Error = String;
@@ -34,37 +62,110 @@ impl TryFrom<String> for Dur {
             format!("\"{s}\" is not a duration; write a number and a unit (ms, {UNITS}), e.g. \"250ms\", \"30s\", \"5m\"")
         };
         let t = s.trim();
-        let split = t
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .ok_or_else(bad)?;
-        let (num, unit) = t.split_at(split);
-        let n: f64 = num.parse().map_err(|_| bad())?;
-        let secs = match unit.trim() {
-            "ms" => n / 1000.0,
-            u => n * unit_secs(u).ok_or_else(bad)? as f64,
+        let Some(split) = t.find(|c: char| !c.is_ascii_digit() && c != '.') else {
+            if !t.is_empty() && scaled(t, 1).is_some() {
+                return Err(format!(
+                    "\"{s}\" is not a duration; write it with its unit, e.g. \"{t}s\" or \"{t}ms\""
+                ));
+            }
+            return Err(bad());
         };
-        if !secs.is_finite() || secs > 365.0 * 86400.0 {
+        let (num, unit) = t.split_at(split);
+        let unit = unit_nanos(unit.trim()).ok_or_else(bad)?;
+        let nanos = scaled(num, unit).ok_or_else(bad)?;
+        if nanos > 365 * 86_400 * 1_000_000_000 {
             return Err(bad());
         }
-        Ok(Dur(Duration::from_secs_f64(secs)))
+        let nanos = u64::try_from(nanos).map_err(|_| bad())?;
+        Ok(Dur(Duration::from_nanos(nanos)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = d.deserialize_any(Written("a duration such as \"30s\""))?;
+        match text {
+            Ok(s) => Dur::try_from(s),
+            Err(n) if n.starts_with('-') => Err(format!(
+                "{n} is not a duration; write a positive number and a unit, e.g. \"30s\""
+            )),
+            Err(n) => Err(format!(
+                "{n} is not a duration; write it with its unit, e.g. \"{n}s\" or \"{n}ms\""
+            )),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a config value was written as: a string, or a bare number (as written) that a
+/// unit-bearing type refuses with a hint.
+struct Written(&'static str);
+
+impl serde::de::Visitor<'_> for Written {
+    type Value = Result<String, String>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Ok(v.to_owned()))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Ok(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Err(v.to_string()))
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Err(v.to_string()))
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Err(v.to_string()))
     }
 }
 
 impl fmt::Display for Dur {
+    /// The largest unit that writes the duration exactly, as the docs write durations:
+    /// `"250ms"`, `"30s"`, `"5m"`, `"4h"`, `"1d"`; below a millisecond, a fraction of one
+    /// (`"1.5ms"`). What it prints parses back to the same duration.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
-            write!(f, "{}s", ms / 1000)
-        } else {
-            write!(f, "{ms}ms")
+        let n = self.0.as_nanos();
+        if n == 0 {
+            return f.write_str("0s");
         }
+        const S: u128 = 1_000_000_000;
+        for (unit, size) in [("d", 86_400 * S), ("h", 3600 * S), ("m", 60 * S), ("s", S)] {
+            if n % size == 0 {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        let (ms, rest) = (n / 1_000_000, n % 1_000_000);
+        if rest == 0 {
+            return write!(f, "{ms}ms");
+        }
+        let frac = format!("{rest:06}");
+        write!(f, "{ms}.{}ms", frac.trim_end_matches('0'))
     }
 }
 
-/// A size written `"512KiB"`, `"16MiB"`, `"1GiB"`, `"1000"` (bytes), `"10MB"` or `"10kB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+/// A size written `"512KiB"`, `"16MiB"`, `"1GiB"`, `"10MB"`, `"10kB"`, `"1000"` or a TOML
+/// integer (`1048576`): bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_any(Written("a size such as \"16MiB\" or a number of bytes"))? {
+            Ok(s) => ByteSize::try_from(s),
+            Err(n) => match n.parse::<u64>() {
+                Ok(bytes) => Ok(ByteSize(bytes)),
+                Err(_) => Err(format!(
+                    "{n} is not a size; write a whole number of bytes (e.g. 1048576) or a size with its unit (e.g. \"1MiB\")"
+                )),
+            },
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
 
 impl TryFrom<String> for ByteSize {
     type Error = String;
@@ -89,22 +190,30 @@ impl TryFrom<String> for ByteSize {
 }
 
 impl fmt::Display for ByteSize {
+    /// The largest unit that writes the size exactly (`"16MiB"`, `"10MB"`, `"1000B"`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        if n >= 1 << 20 && n % (1 << 20) == 0 {
-            write!(f, "{}MiB", n >> 20)
-        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
-            write!(f, "{}KiB", n >> 10)
-        } else {
-            write!(f, "{n}B")
+        let units: [(&str, u64); 6] = [
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+            ("GB", 1_000_000_000),
+            ("MB", 1_000_000),
+            ("kB", 1000),
+        ];
+        for (unit, size) in units {
+            if n >= size && n % size == 0 {
+                return write!(f, "{}{unit}", n / size);
+            }
         }
+        write!(f, "{n}B")
     }
 }
 
 /// A rate written `"N/s"`, `"N/min"`, `"N/h"` or `"N/day"` (or any unit of [`unit_secs`]:
 /// `"N/minute"`, `"N/d"`, …).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+/// A bare number (`5000`, `"5000"`) is refused with a hint: its unit is not guessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     pub count: u32,
     pub per: Duration,
@@ -116,7 +225,11 @@ impl TryFrom<String> for Rate {
         let bad = || {
             format!("\"{s}\" is not a rate; use N/s, N/min, N/h or N/day (the unit may be {UNITS})")
         };
-        let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+        let t = s.trim();
+        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bare_rate(t));
+        }
+        let (n, unit) = t.split_once('/').ok_or_else(bad)?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
         let per = Duration::from_secs(unit_secs(unit.trim()).ok_or_else(bad)?);
         if count == 0 {
@@ -125,6 +238,26 @@ impl TryFrom<String> for Rate {
             ));
         }
         Ok(Rate { count, per })
+    }
+}
+
+/// The refusal of a rate written without its unit.
+fn bare_rate(n: &str) -> String {
+    if n.starts_with('-') || n.contains('.') {
+        return format!(
+            "{n} is not a rate; write a whole positive count and its unit, e.g. \"600/min\""
+        );
+    }
+    format!("{n} is not a rate; write it with its unit, e.g. \"{n}/min\"")
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_any(Written("a rate such as \"600/min\""))? {
+            Ok(s) => Rate::try_from(s),
+            Err(n) => Err(bare_rate(&n)),
+        }
+        .map_err(serde::de::Error::custom)
     }
 }
 
@@ -332,6 +465,62 @@ mod tests {
     }
 
     #[test]
+    fn durations_print_as_the_docs_write_them_and_read_back() {
+        for (d, text) in [
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_secs(30), "30s"),
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(4 * 3600), "4h"),
+            (Duration::from_secs(86_400), "1d"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_micros(1500), "1.5ms"),
+            (Duration::from_nanos(1), "0.000001ms"),
+            (Duration::ZERO, "0s"),
+        ] {
+            assert_eq!(Dur(d).to_string(), text);
+            assert_eq!(Dur::try_from(text.to_owned()), Ok(Dur(d)), "{text}");
+        }
+        // Fractions are read exactly, not through a float.
+        for (text, nanos) in [
+            ("0.1s", 100_000_000),
+            ("2.000250s", 2_000_250_000),
+            ("1.1ms", 1_100_000),
+            (".5s", 500_000_000),
+            ("0.3h", 1_080_000_000_000),
+        ] {
+            assert_eq!(
+                Dur::try_from(text.to_owned()),
+                Ok(Dur(Duration::from_nanos(nanos))),
+                "{text}"
+            );
+        }
+        let e = Dur::try_from("30".to_owned()).unwrap_err();
+        assert_eq!(
+            e,
+            "\"30\" is not a duration; write it with its unit, e.g. \"30s\" or \"30ms\""
+        );
+        assert!(Dur::try_from("1..5s".to_owned()).is_err());
+        assert!(Dur::try_from(".s".to_owned()).is_err());
+    }
+
+    #[test]
+    fn sizes_print_in_the_largest_exact_unit() {
+        for (n, text) in [
+            (16 << 20, "16MiB"),
+            (1 << 30, "1GiB"),
+            (512 << 10, "512KiB"),
+            (10_000_000, "10MB"),
+            (2000, "2kB"),
+            (1_048_577, "1048577B"),
+            (0, "0B"),
+        ] {
+            assert_eq!(ByteSize(n).to_string(), text);
+            assert_eq!(ByteSize::try_from(text.to_owned()), Ok(ByteSize(n)));
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(
             ByteSize::try_from("16MiB".to_owned()),
@@ -373,6 +562,10 @@ mod tests {
         assert_eq!(
             e,
             "\"10/week\" is not a rate; use N/s, N/min, N/h or N/day (the unit may be s, sec, second, m, min, minute, h, hour, d or day)"
+        );
+        assert_eq!(
+            Rate::try_from(" 5000 ".to_owned()).unwrap_err(),
+            "5000 is not a rate; write it with its unit, e.g. \"5000/min\""
         );
         assert!(Rate::try_from("10/ms".to_owned()).is_err());
         assert!(Rate::try_from("ten/min".to_owned()).is_err());

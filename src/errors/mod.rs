@@ -430,6 +430,24 @@ pub fn render(err: &GatewayError, request_id: &str) -> (StatusCode, HeaderMap, B
             remaining,
             ..
         } => (policy, retry_after, quota, "tokens", *remaining),
+        GatewayError::ConcurrencyLimited { policy, limit } => {
+            // A concurrency limit has no window and nothing that resets at a time: no
+            // `x-ratelimit-*-requests` (they describe a rate), only the draft's policy with
+            // its `concurrent-requests` quota unit, all of it in use.
+            let pairs = [
+                (
+                    "ratelimit-policy",
+                    format!("\"{policy}\";q={limit};qu=\"concurrent-requests\""),
+                ),
+                ("ratelimit", format!("\"{policy}\";r=0;t=1")),
+            ];
+            for (name, value) in pairs {
+                if let Ok(v) = HeaderValue::try_from(value) {
+                    headers.insert(name, v);
+                }
+            }
+            return err.body(request_id).into_parts(headers, err.retryable());
+        }
         _ => return err.body(request_id).into_parts(headers, err.retryable()),
     };
     let reset = reset_text(*retry);

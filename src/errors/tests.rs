@@ -128,3 +128,143 @@ fn the_body_deadline_is_a_408_naming_its_setting() {
         .unwrap()
         .contains("server.request_body_deadline"));
 }
+
+#[test]
+fn concurrency_and_upstream_refusals_render_their_documented_headers() {
+    let err = GatewayError::ConcurrencyLimited {
+        policy: "in-flight".into(),
+        limit: 4,
+    };
+    let (status, headers, _) = render(&err, "req-c");
+    assert_eq!(status, 429);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["retry-after-ms"], "1000");
+    assert_eq!(
+        headers["ratelimit-policy"],
+        "\"in-flight\";q=4;qu=\"concurrent-requests\""
+    );
+    assert_eq!(headers["ratelimit"], "\"in-flight\";r=0;t=1");
+    assert!(!headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-ratelimit-")));
+    assert!(!headers.contains_key("x-should-retry"));
+
+    let err = GatewayError::UpstreamRateLimited {
+        retry_after: Duration::from_millis(2500),
+    };
+    let (status, headers, _) = render(&err, "req-u");
+    assert_eq!(status, 429);
+    assert_eq!(headers["retry-after"], "3");
+    assert_eq!(headers["retry-after-ms"], "2500");
+    assert!(!headers.contains_key("ratelimit"));
+    assert!(!headers.contains_key("ratelimit-policy"));
+    assert!(!headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-ratelimit-")));
+    assert!(!headers.contains_key("x-should-retry"));
+}
+
+/// One error of every variant.
+fn one_of_each() -> Vec<GatewayError> {
+    let quota = Quota {
+        count: 1,
+        window: 60,
+    };
+    let d = Duration::from_secs(1);
+    vec![
+        GatewayError::RateLimited {
+            policy: "p".into(),
+            limit: String::new(),
+            retry_after: d,
+            quota,
+        },
+        GatewayError::TokenRateLimited {
+            policy: "p".into(),
+            limit: String::new(),
+            retry_after: d,
+            quota,
+            remaining: 0,
+            estimate: String::new(),
+        },
+        GatewayError::ConcurrencyLimited {
+            policy: "p".into(),
+            limit: 1,
+        },
+        GatewayError::UpstreamRateLimited { retry_after: d },
+        GatewayError::MissingApiKey,
+        GatewayError::InvalidApiKey,
+        GatewayError::ModelNotAllowed {
+            client: "c".into(),
+            model: "m".into(),
+            allowed: "a".into(),
+        },
+        GatewayError::ModelMissing {
+            client: "c".into(),
+            method: "POST".into(),
+            path: "/v1/responses".into(),
+            allowed: "a".into(),
+            field: "model",
+        },
+        GatewayError::RouteNotAllowed {
+            client: "c".into(),
+            method: "PUT".into(),
+            path: "/v1/x".into(),
+            why: "why",
+        },
+        GatewayError::PayloadTooLarge { limit: 1 },
+        GatewayError::BadRequest("x".into()),
+        GatewayError::HeadersTooLarge,
+        GatewayError::UriTooLong,
+        GatewayError::RequestTimeout(d),
+        GatewayError::BodyDeadline(d),
+        GatewayError::ClientClosed,
+        GatewayError::MethodNotAllowed("CONNECT".into()),
+        GatewayError::UpstreamUnreachable("x".into()),
+        GatewayError::UpstreamBadResponse("x".into()),
+        GatewayError::UpstreamTimeout(TimeoutPhase::Headers, d),
+        GatewayError::StreamInterrupted("x".into()),
+        GatewayError::Overloaded("x".into()),
+        GatewayError::ShuttingDown,
+        GatewayError::Internal("x".into()),
+    ]
+}
+
+/// docs/errors.md's table of gateway codes says whether a retry helps; a "No" row is exactly
+/// a code whose errors send `x-should-retry: false`, and every code of the binary is in it.
+#[test]
+fn x_should_retry_follows_the_codes_table_of_docs_errors_md() {
+    let doc = include_str!("../../docs/errors.md");
+    let section = doc
+        .split("## Gateway codes")
+        .nth(1)
+        .expect("docs/errors.md has its table of gateway codes");
+    let mut documented = std::collections::BTreeMap::new();
+    for row in section
+        .lines()
+        .skip_while(|l| !l.starts_with("| code |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+    {
+        let cells: Vec<&str> = row.trim_matches('|').split(" | ").map(str::trim).collect();
+        let code = cells[0].trim_matches('`');
+        let helps = cells[cells.len() - 1];
+        documented.insert(code.to_owned(), helps.to_owned());
+    }
+    for err in one_of_each() {
+        let code = err.code();
+        let helps = documented
+            .get(code)
+            .unwrap_or_else(|| panic!("docs/errors.md lists {code}"));
+        let (_, headers, _) = render(&err, "r");
+        let refused = headers.get("x-should-retry").is_some_and(|v| v == "false");
+        if helps == "—" {
+            continue;
+        }
+        assert_eq!(
+            refused,
+            helps.starts_with("No"),
+            "{code}: the docs say \"{helps}\"; x-should-retry: {:?}",
+            headers.get("x-should-retry")
+        );
+    }
+}

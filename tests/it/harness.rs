@@ -67,12 +67,8 @@ async fn spawn_listening(mut cmd: Command, want: usize) -> (Child, Vec<SocketAdd
         while addrs.len() < want {
             match out.next_line().await {
                 Ok(Some(l)) => {
-                    if let Some(a) = l
-                        .rsplit("listening on ")
-                        .next()
-                        .filter(|_| l.contains("listening on "))
-                    {
-                        addrs.push(a.trim().parse::<SocketAddr>().unwrap());
+                    if let Some(a) = listening_addr(&l) {
+                        addrs.push(a);
                     }
                 }
                 _ => break,
@@ -482,4 +478,23 @@ pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
     out
+}
+
+/// The address of a `listening on ADDR` / `admin listening on ADDR` line, written as text or
+/// (`log.format = "json"`) as a JSON log line with its `addr`.
+pub fn listening_addr(line: &str) -> Option<SocketAddr> {
+    if line.trim_start().starts_with('{') {
+        let v: Value = serde_json::from_str(line).ok()?;
+        if !v["message"].as_str()?.contains("listening on ") {
+            return None;
+        }
+        return Some(
+            v["addr"]
+                .as_str()?
+                .parse()
+                .expect("a listening line's addr"),
+        );
+    }
+    let (_, addr) = line.split_once("listening on ")?;
+    Some(addr.trim().parse().expect("a listening line's address"))
 }

@@ -24,7 +24,7 @@ fn ezgate(args: &[&str], config: Option<&str>) -> std::process::Output {
 fn bad_configs_exit_non_zero_naming_file_key_and_problem() {
     let cases = [
         ("[server]\nlisten = \"127.0.0.1:1\"\nport = 3\n", "server.port: unknown field `port`"),
-        ("[upstream]\nconnect_timeout = 5\n", "upstream.connect_timeout: invalid type: integer `5`"),
+        ("[upstream]\nconnect_timeout = 5\n", "upstream.connect_timeout: 5 is not a duration; write it with its unit, e.g. \"5s\""),
         ("[upstream]\nresponse_timeout = \"2 fortnights\"\n", "upstream.response_timeout: \"2 fortnights\" is not a duration"),
         ("[upstream]\napi_key = \"${EZGATE_TEST_SURELY_UNSET}\"\n", "upstream.api_key: environment variable EZGATE_TEST_SURELY_UNSET is not set"),
         ("[[limits]]\nname = \"x\"\nkey = \"global\"\nrequests = \"5/fortnight\"\n", "limits[0].requests: \"5/fortnight\" is not a rate"),

@@ -19,6 +19,7 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod metrics;
+mod promises;
 mod redis;
 mod redis_ha;
 mod redis_leases;
