@@ -101,7 +101,7 @@ VALUES: dict[tuple[str, str], frozenset[str] | None] = {
     ("*", "decision"): frozenset({"allowed", "limited", "shadow_limited", "waited"}),
     ("ezgate_upstream_failures_total", "kind"): frozenset({"connect", "tls", "timeout", "reset", "protocol"}),
     ("ezgate_tokens_total", "kind"): frozenset({"prompt", "completion"}),
-    ("ezgate_websocket_sessions_total", "end"): frozenset({"client_closed", "upstream_closed", "idle_timeout", "shutdown"}),
+    ("ezgate_websocket_sessions_total", "end"): frozenset({"client_closed", "upstream_closed", "idle_timeout", "shutdown", "max_lifetime", "ping_timeout"}),
     ("ezgate_websocket_bytes_total", "direction"): frozenset({"to_upstream", "to_client"}),
     ("ezgate_trace_spans_dropped_total", "reason"): frozenset({"queue_full", "export_failed"}),
 }
