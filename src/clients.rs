@@ -93,6 +93,14 @@ impl Clients {
     /// configured in managed mode, a known key is required; in passthrough mode an unknown
     /// key, or none, identifies no client and is not refused.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Caller, GatewayError> {
+        // Passthrough: the key ezgate judges the caller by must be the one the upstream
+        // uses. With two, which one the upstream takes is its choice: a listed key behind an
+        // unlisted one would escape its client's allow-list and limits.
+        if !self.key_required && headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+            return Err(GatewayError::BadRequest(
+                "the request has more than one Authorization header; send the key once".into(),
+            ));
+        }
         let (digest, key_fingerprint) = match bearer(headers) {
             Some(key) => {
                 let (d, fp) = digest_of(key);
@@ -396,6 +404,19 @@ mod tests {
             Some("team-a"),
             "the token is trimmed, as in managed mode"
         );
+        // Two keys: which one the upstream would use is not ezgate's to guess.
+        let mut two = auth("Bearer key-b");
+        two.append(AUTHORIZATION, "Bearer key-a".parse().unwrap());
+        for c in [configured(false), Clients::default()] {
+            let e = c.identify(&two).unwrap_err();
+            assert_eq!(e.code(), "bad_request");
+            assert!(e.to_string().contains("more than one Authorization"), "{e}");
+        }
+        // Managed mode replaces them all with the organization's key: the first decides.
+        assert!(matches!(
+            configured(true).identify(&two),
+            Err(GatewayError::InvalidApiKey)
+        ));
     }
 
     #[test]

@@ -160,6 +160,22 @@ async fn a_client_allow_list_applies_in_passthrough() {
         .await;
     assert_eq!(r.status, 200);
     // The list is the listed key's: another key (batch's, or an unknown one) has none.
+    // Hiding the listed key behind another one: refused, whichever the upstream would use.
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &[
+                json,
+                ("authorization", "Bearer sk-x"),
+                ("authorization", "Bearer sk-search-app"),
+                ("x-request-id", "pt-two-keys"),
+            ],
+            o1,
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error()["code"], "bad_request");
+    assert!(emu.entry("pt-two-keys").await.is_none());
     for (key, id) in [("Bearer sk-batch-app", "pt-batch-o1"), ("Bearer sk-x", "pt-x-o1")] {
         let r = gw
             .post(
