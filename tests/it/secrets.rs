@@ -26,6 +26,16 @@ async fn upstream_key(emu: &Emulator, request_id: &str) -> String {
         .to_owned()
 }
 
+/// Connections the emulator has accepted so far.
+async fn accepted_connections(emu: &Emulator) -> u64 {
+    let url = format!("http://{}/__emu/connections", emu.addr);
+    send(&http1(), http::Method::GET, &url, &[], bytes::Bytes::new())
+        .await
+        .json()["accepted"]
+        .as_u64()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_rotated_key_file_is_read_again_on_sighup() {
     let emu = Emulator::start().await;
@@ -41,6 +51,7 @@ async fn a_rotated_key_file_is_read_again_on_sighup() {
     let r = gw.chat(&[kept, ("x-request-id", "rot-1")]).await;
     assert_eq!(r.status, 200);
     assert_eq!(upstream_key(&emu, "rot-1").await, "Bearer sk-org-one");
+    let before = accepted_connections(&emu).await;
 
     // The file changes (as a mounted Secret does), nothing else: SIGHUP applies it.
     std::fs::write(&key_file, "sk-org-two\n").unwrap();
@@ -48,6 +59,12 @@ async fn a_rotated_key_file_is_read_again_on_sighup() {
     logged(&gw, "config reloaded", 1).await;
     let r = gw.chat(&[kept, ("x-request-id", "rot-2")]).await;
     assert_eq!(r.status, 200);
+    // One more: the question's own connection to the emulator.
+    assert_eq!(
+        accepted_connections(&emu).await,
+        before + 1,
+        "the upstream's pooled connection outlived the key's rotation"
+    );
     assert_eq!(upstream_key(&emu, "rot-2").await, "Bearer sk-org-two");
     // The limiter kept its count across the reload: the third is refused.
     let r = gw.chat(&[kept, ("x-request-id", "rot-3")]).await;
