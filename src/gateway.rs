@@ -66,9 +66,7 @@ impl State {
     ) -> Result<State, String> {
         let cfg = &settings.config;
         let upstream = match previous {
-            Some(p) if same_pool(&p.settings, &settings) => {
-                Arc::clone(&p.upstream)
-            }
+            Some(p) if same_pool(&p.settings, &settings) => Arc::clone(&p.upstream),
             _ => Arc::new(Upstream::new(&settings)?),
         };
         let clients = Clients::new(&cfg.clients, settings.managed());

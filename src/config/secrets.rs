@@ -165,6 +165,9 @@ mod tests {
             None
         };
         assert!(resolve("k", &mut Secret::new("${file:/nonexistent/k}".into()), &spy).is_err());
-        assert!(!asked.get(), "a file reference is never looked up in the environment");
+        assert!(
+            !asked.get(),
+            "a file reference is never looked up in the environment"
+        );
     }
 }

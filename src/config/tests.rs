@@ -473,7 +473,14 @@ fn secrets_are_read_from_files_each_time_the_config_is() {
         "sk-from-file-1"
     );
     assert_eq!(
-        s.config.redis.as_ref().unwrap().url.as_ref().unwrap().expose(),
+        s.config
+            .redis
+            .as_ref()
+            .unwrap()
+            .url
+            .as_ref()
+            .unwrap()
+            .expose(),
         "redis://app:hunter2@cache:6380"
     );
     let shown = s.to_string();
@@ -485,7 +492,13 @@ fn secrets_are_read_from_files_each_time_the_config_is() {
     // Read again, not remembered: a rotated file gives the new key.
     std::fs::write(&key, "sk-from-file-2").unwrap();
     assert_eq!(
-        load(&text).unwrap().config.upstream.api_key.unwrap().expose(),
+        load(&text)
+            .unwrap()
+            .config
+            .upstream
+            .api_key
+            .unwrap()
+            .expose(),
         "sk-from-file-2"
     );
     // A key a header cannot carry is refused, naming the file, not quoting it.

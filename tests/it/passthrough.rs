@@ -176,7 +176,10 @@ async fn a_client_allow_list_applies_in_passthrough() {
     assert_eq!(r.status, 400);
     assert_eq!(r.error()["code"], "bad_request");
     assert!(emu.entry("pt-two-keys").await.is_none());
-    for (key, id) in [("Bearer sk-batch-app", "pt-batch-o1"), ("Bearer sk-x", "pt-x-o1")] {
+    for (key, id) in [
+        ("Bearer sk-batch-app", "pt-batch-o1"),
+        ("Bearer sk-x", "pt-x-o1"),
+    ] {
         let r = gw
             .post(
                 "/v1/chat/completions",

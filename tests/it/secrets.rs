@@ -68,7 +68,10 @@ async fn a_rotated_key_file_is_read_again_on_sighup() {
     assert_eq!(upstream_key(&emu, "rot-2").await, "Bearer sk-org-two");
     // The limiter kept its count across the reload: the third is refused.
     let r = gw.chat(&[kept, ("x-request-id", "rot-3")]).await;
-    assert_eq!(r.status, 429, "the policy's state outlived the key's rotation");
+    assert_eq!(
+        r.status, 429,
+        "the policy's state outlived the key's rotation"
+    );
 
     // A broken file: the reload is refused, naming the file, and the old key keeps serving.
     std::fs::write(&key_file, "sk-broken\nsecond-line\n").unwrap();
@@ -129,9 +132,7 @@ async fn check_config_reads_a_file_secret_and_shows_it_redacted() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains(
-            "upstream.api_key: the secret file secrets/api-key is not an absolute path"
-        ),
+        err.contains("upstream.api_key: the secret file secrets/api-key is not an absolute path"),
         "{err}"
     );
 }
