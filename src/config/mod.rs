@@ -530,9 +530,10 @@ impl Settings {
             match secrets::resolve("upstream.api_key", key, env) {
                 Ok(origin) => {
                     if http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err() {
-                        let origin = origin.unwrap_or_else(|| "it".to_owned());
+                        // Where the key came from, never the key.
+                        let origin = origin.map(|o| format!("{o} ")).unwrap_or_default();
                         problems.push(format!(
-                            "upstream.api_key: {origin} holds a character a header cannot carry (a newline or another control character); give the key alone"
+                            "upstream.api_key: {origin}holds a character a header cannot carry (a newline or another control character); give the key alone"
                         ));
                     }
                 }

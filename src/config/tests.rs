@@ -512,6 +512,22 @@ fn secrets_are_read_from_files_each_time_the_config_is() {
         "{e}"
     );
     assert!(!e.contains("sk-line"), "{e}");
+    let env = |_: &str| Some("sk-env\r\nx-evil: 1".to_owned());
+    let e = Settings::from_toml(
+        "x",
+        "[upstream]\napi_key = \"${K}\"\n",
+        &Overrides::default(),
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("upstream.api_key: the value of K holds a character"),
+        "{e}"
+    );
+    let e = problems("[upstream]\napi_key = \"sk-literal\\u0007\"\n");
+    assert!(e.contains("upstream.api_key: holds a character"), "{e}");
+    assert!(!e.contains("sk-literal") && !e.contains("x-evil"), "{e}");
     std::fs::remove_file(&key).unwrap();
     let e = problems(&text);
     assert!(
