@@ -6,8 +6,8 @@
 Only the keys the README and config/ezgate.toml document are accepted (the binary may know
 more; the deploy kit sticks to the documented surface), with their value formats: durations
 "250ms"/"30s"/"5m", sizes "16MiB", rates "N/s|min|h|day" (or the other unit spellings),
-socket addresses (an IP and a port), an http(s) base_url. Secrets must be "${VAR}"
-references: a literal key in a file of the deploy kit is an error. The listen ports must
+socket addresses (an IP and a port), an http(s) base_url. Secrets must be "${VAR}" or
+"${file:/path}" references: a literal key in a file of the deploy kit is an error. The listen ports must
 keep clear of the ports applications, Prometheus and meshes commonly bind. Imported by the
 other checks for shutdown_grace and the kit's ports.
 """
@@ -22,7 +22,7 @@ DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
 SIZE = re.compile(r"^\d+(B|KB|MB|GB|KiB|MiB|GiB)?$")
 RATE = re.compile(r"^\d+/(s|sec|seconds?|m|min|minutes?|h|hours?|d|days?)$")
 ADDR = re.compile(r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]):\d{1,5}$")
-SECRET = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*\}$")
+SECRET = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*|file:/[^\s}]+)\}$")
 
 SCHEMA = {
     "server": {"listen": ADDR, "admin_listen": ADDR, "max_request_body": SIZE,
@@ -30,7 +30,7 @@ SCHEMA = {
                "shutdown_grace": DURATION, "tls": {"cert": str, "key": str}},
     "upstream": {"base_url": re.compile(r"^https?://[^\s/]+(/\S*)?$"), "api_key": SECRET,
                  "connect_timeout": DURATION, "response_timeout": DURATION,
-                 "stream_idle_timeout": DURATION, "ca_file": str},
+                 "stream_idle_timeout": DURATION, "ca_file": str, "forward_client_ip": bool},
 }
 CLIENT = {"name": str, "key_sha256": re.compile(r"^[0-9a-f]{64}$"), "models": list}
 LIMIT = {"name": str, "key": re.compile(r"^(client|api_key|ip|model|global|header:[A-Za-z0-9-]+)$"),
@@ -59,6 +59,9 @@ def _check(table: dict, schema: dict, path: str, errors: list[str]) -> None:
                 errors.append(f"{where}: must be a table")
             else:
                 _check(val, rule, where, errors)
+        elif rule is bool:
+            if not isinstance(val, bool):
+                errors.append(f"{where}: must be true or false")
         elif rule is int:
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 errors.append(f"{where}: must be a positive integer")

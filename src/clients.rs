@@ -1,5 +1,10 @@
-//! Who is asking: managed-mode client keys (held as SHA-256, compared in constant time),
-//! key fingerprints, and per-client model allow-lists.
+//! Who is asking: client keys (held as SHA-256, compared in constant time), key
+//! fingerprints, and per-client model allow-lists.
+//!
+//! In managed mode (`upstream.api_key` set) a request must present one of the clients'
+//! keys. In passthrough mode the key the application presents goes upstream untouched;
+//! `[[clients]]` only name the callers whose key they know, and any other key (or none) is
+//! `other`: the upstream, not ezgate, judges it.
 
 use std::sync::Arc;
 
@@ -29,12 +34,15 @@ pub struct Client {
 #[derive(Debug, Default)]
 pub struct Clients {
     list: Vec<Arc<Client>>,
+    /// Managed mode: with clients configured, a request without one of their keys is
+    /// refused (401). Passthrough: it is let through, unnamed.
+    key_required: bool,
 }
 
 /// The caller of one request, as far as ezgate knows it.
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
-    /// The matched `[[clients]]` entry (managed mode with clients configured).
+    /// The matched `[[clients]]` entry.
     pub client: Option<Arc<Client>>,
     /// A short fingerprint of the presented key, never the key itself.
     pub key_fingerprint: Option<Arc<str>>,
@@ -51,7 +59,9 @@ impl Caller {
 }
 
 impl Clients {
-    pub fn new(configs: &[ClientConfig]) -> Clients {
+    /// The configured clients; `managed`: ezgate holds the organization's key
+    /// (`upstream.api_key`), so a request must present one of the clients' keys.
+    pub fn new(configs: &[ClientConfig], managed: bool) -> Clients {
         let list = configs
             .iter()
             .filter_map(|c| {
@@ -69,15 +79,28 @@ impl Clients {
                 }))
             })
             .collect();
-        Clients { list }
+        Clients {
+            list,
+            key_required: managed,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
 
-    /// Identifies the caller. With clients configured, a known key is required.
+    /// Identifies the caller by the key it presents (`Authorization: Bearer`). With clients
+    /// configured in managed mode, a known key is required; in passthrough mode an unknown
+    /// key, or none, identifies no client and is not refused.
     pub fn identify(&self, headers: &HeaderMap) -> Result<Caller, GatewayError> {
+        // Passthrough: the key ezgate judges the caller by must be the one the upstream
+        // uses. With two, which one the upstream takes is its choice: a listed key behind an
+        // unlisted one would escape its client's allow-list and limits.
+        if !self.key_required && headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+            return Err(GatewayError::BadRequest(
+                "the request has more than one Authorization header; send the key once".into(),
+            ));
+        }
         let (digest, key_fingerprint) = match bearer(headers) {
             Some(key) => {
                 let (d, fp) = digest_of(key);
@@ -91,7 +114,12 @@ impl Clients {
                 key_fingerprint,
             });
         }
-        let digest = digest.ok_or(GatewayError::MissingApiKey)?;
+        let Some(digest) = digest else {
+            return match self.key_required {
+                true => Err(GatewayError::MissingApiKey),
+                false => Ok(Caller::default()),
+            };
+        };
         // Compare against every client, without stopping early, in constant time per compare.
         let mut found = None;
         for c in &self.list {
@@ -104,7 +132,11 @@ impl Clients {
                 client: Some(client),
                 key_fingerprint,
             }),
-            None => Err(GatewayError::InvalidApiKey),
+            None if self.key_required => Err(GatewayError::InvalidApiKey),
+            None => Ok(Caller {
+                client: None,
+                key_fingerprint,
+            }),
         }
     }
 }
@@ -312,16 +344,23 @@ mod tests {
     use super::*;
 
     fn clients() -> Clients {
+        configured(true)
+    }
+
+    fn configured(managed: bool) -> Clients {
         let hex: String = sha256(b"key-a")
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        Clients::new(&[ClientConfig {
-            name: "team-a".into(),
-            key_sha256: hex,
-            models: vec!["gpt-4o*".into()],
-            unchecked_routes: vec!["/v1/threads/*".into(), "/v1/batches/".into()],
-        }])
+        Clients::new(
+            &[ClientConfig {
+                name: "team-a".into(),
+                key_sha256: hex,
+                models: vec!["gpt-4o*".into()],
+                unchecked_routes: vec!["/v1/threads/*".into(), "/v1/batches/".into()],
+            }],
+            managed,
+        )
     }
 
     fn auth(v: &str) -> HeaderMap {
@@ -346,6 +385,49 @@ mod tests {
         assert!(matches!(
             c.identify(&auth("Basic abc")),
             Err(GatewayError::MissingApiKey)
+        ));
+    }
+
+    #[test]
+    fn passthrough_names_known_keys_and_lets_the_others_through() {
+        let c = configured(false);
+        let caller = c.identify(&auth("Bearer key-a")).unwrap();
+        assert_eq!(caller.label(), Some("team-a"));
+        assert!(caller.client.unwrap().has_model_list());
+        // An unknown key: no client, its fingerprint (never the key) for the access log.
+        let caller = c.identify(&auth("Bearer key-b")).unwrap();
+        assert!(caller.client.is_none());
+        assert_eq!(
+            caller.label(),
+            Some(fingerprint(&sha256(b"key-b")).as_str())
+        );
+        // No key, or not a bearer token: nobody, not refused.
+        for h in [HeaderMap::new(), auth("Basic abc"), auth("Bearer  ")] {
+            let caller = c.identify(&h).unwrap();
+            assert!(caller.client.is_none() && caller.label().is_none(), "{h:?}");
+        }
+        // A key that only resembles the client's names nobody.
+        for other in ["key-a2", "key-", "KEY-A", "kez-a"] {
+            let caller = c.identify(&auth(&format!("Bearer {other}"))).unwrap();
+            assert!(caller.client.is_none(), "{other:?}");
+        }
+        assert_eq!(
+            c.identify(&auth("Bearer key-a ")).unwrap().label(),
+            Some("team-a"),
+            "the token is trimmed, as in managed mode"
+        );
+        // Two keys: which one the upstream would use is not ezgate's to guess.
+        let mut two = auth("Bearer key-b");
+        two.append(AUTHORIZATION, "Bearer key-a".parse().unwrap());
+        for c in [configured(false), Clients::default()] {
+            let e = c.identify(&two).unwrap_err();
+            assert_eq!(e.code(), "bad_request");
+            assert!(e.to_string().contains("more than one Authorization"), "{e}");
+        }
+        // Managed mode replaces them all with the organization's key: the first decides.
+        assert!(matches!(
+            configured(true).identify(&two),
+            Err(GatewayError::InvalidApiKey)
         ));
     }
 

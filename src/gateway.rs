@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffers::Buffers;
 use crate::clients::Clients;
-use crate::config::{Settings, Store};
+use crate::config::{Settings, Store, UpstreamConfig};
 use crate::errors::redact::Redactor;
 use crate::limits::shared::{Health, RedisStore};
 use crate::limits::{Limits, Verdict, Verdicts};
@@ -31,8 +31,8 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
 /// Everything a request needs that a config reload replaces at once.
 pub struct State {
     pub settings: Settings,
-    /// Shared with the state before a reload when `[upstream]` did not change: its pooled
-    /// connections stay.
+    /// Shared with the state before a reload when `[upstream]` did not change but for the
+    /// key ([`same_pool`]): its pooled connections stay.
     pub upstream: Arc<Upstream>,
     pub clients: Clients,
     pub limits: Limits,
@@ -66,15 +66,10 @@ impl State {
     ) -> Result<State, String> {
         let cfg = &settings.config;
         let upstream = match previous {
-            Some(p)
-                if p.settings.config.upstream == cfg.upstream
-                    && p.settings.upstream_uri == settings.upstream_uri =>
-            {
-                Arc::clone(&p.upstream)
-            }
+            Some(p) if same_pool(&p.settings, &settings) => Arc::clone(&p.upstream),
             _ => Arc::new(Upstream::new(&settings)?),
         };
-        let clients = Clients::new(&cfg.clients);
+        let clients = Clients::new(&cfg.clients, settings.managed());
         let redis = match (&cfg.redis, previous) {
             (Some(r), Some(p)) if p.settings.config.redis.as_ref() == Some(r) => p.redis.clone(),
             (Some(r), _) => Some(Arc::new(RedisStore::new(r, Box::new(log_redis_health))?)),
@@ -474,4 +469,16 @@ impl Drop for InflightSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Whether a reload keeps the upstream's connections: everything in `[upstream]` shapes
+/// them but the key (set on each request, so a rotated `upstream.api_key` keeps the warm
+/// pool) and `forward_client_ip` (a request header).
+fn same_pool(old: &Settings, new: &Settings) -> bool {
+    let pool = |s: &Settings| UpstreamConfig {
+        api_key: None,
+        forward_client_ip: false,
+        ..s.config.upstream.clone()
+    };
+    old.upstream_uri == new.upstream_uri && pool(old) == pool(new)
 }

@@ -9,6 +9,8 @@ use http::HeaderMap;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
 /// legacy ones proxies still meet. HTTP/2 forbids all of them.
@@ -57,6 +59,22 @@ pub fn client_request_id(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(X_REQUEST_ID)?.to_str().ok()?;
     let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
     ok.then_some(v)
+}
+
+/// Removes every header that names a client address on its way (`X-Forwarded-For`,
+/// `Forwarded`, `X-Real-IP`, in any spelling or number): with
+/// `upstream.forward_client_ip = false` the upstream learns none of the organization's
+/// internal addresses, whoever wrote them.
+pub fn strip_forwarded_for(headers: &mut HeaderMap) {
+    // Usually there are none: one pass over the names instead of three removals.
+    if headers
+        .keys()
+        .any(|k| *k == X_FORWARDED_FOR || *k == FORWARDED || *k == X_REAL_IP)
+    {
+        headers.remove(X_FORWARDED_FOR);
+        headers.remove(FORWARDED);
+        headers.remove(X_REAL_IP);
+    }
 }
 
 /// Appends the peer to `X-Forwarded-For`, keeping what earlier proxies wrote.
@@ -151,6 +169,23 @@ pub fn new_request_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strips_every_client_address_header() {
+        let mut h = HeaderMap::new();
+        h.append("X-Forwarded-For", "10.0.0.1".parse().unwrap());
+        h.append("x-forwarded-for", "10.0.0.2".parse().unwrap());
+        h.insert("FORWARDED", "for=10.0.0.3".parse().unwrap());
+        h.insert("x-real-ip", "10.0.0.4".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        strip_forwarded_for(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-forwarded-proto"));
+        let mut none = HeaderMap::new();
+        none.insert("content-type", "application/json".parse().unwrap());
+        strip_forwarded_for(&mut none);
+        assert_eq!(none.len(), 1);
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {

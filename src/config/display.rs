@@ -55,6 +55,7 @@ impl fmt::Display for Settings {
         writeln!(f, "http2 = \"{}\"", u.http2)?;
         writeln!(f, "max_retry_after = \"{}\"", u.max_retry_after)?;
         writeln!(f, "stream_usage = {}", u.stream_usage)?;
+        writeln!(f, "forward_client_ip = {}", u.forward_client_ip)?;
         if let Some(ca) = &u.ca_file {
             writeln!(f, "ca_file = {ca:?}")?;
         }

@@ -4,6 +4,7 @@
 mod display;
 mod parse;
 mod redis_url;
+pub mod secrets;
 pub mod units;
 mod validate;
 
@@ -16,7 +17,7 @@ use http::Uri;
 use serde::Deserialize;
 
 pub use redis_url::RedisTarget;
-pub use units::{ByteSize, Dur, LimitKey, Rate, Secret};
+pub use units::{ByteSize, Dur, LimitKey, Rate, Secret, SecretRef};
 
 pub const DEFAULT_UPSTREAM: &str = "https://api.ezlinkai.com";
 /// Default cap on keys each policy tracks.
@@ -257,6 +258,10 @@ pub struct UpstreamConfig {
     /// Ask the upstream to report usage on streamed chat and text completions
     /// (`stream_options.include_usage`), hidden from clients that did not ask for it.
     pub stream_usage: bool,
+    /// Send the client's address upstream in `X-Forwarded-For`. Off: no `X-Forwarded-For`,
+    /// `Forwarded` or `X-Real-IP` reaches the upstream, the client's own included (they
+    /// carry the organization's internal addresses).
+    pub forward_client_ip: bool,
 }
 
 /// Whether ezgate speaks HTTP/2 to the upstream.
@@ -297,6 +302,7 @@ impl Default for UpstreamConfig {
             http2: Http2::Auto,
             max_retry_after: Dur(Duration::from_secs(300)),
             stream_usage: true,
+            forward_client_ip: false,
         }
     }
 }
@@ -475,7 +481,8 @@ impl std::error::Error for ConfigError {}
 
 impl Settings {
     /// Reads `path` (or runs on defaults when `None`), applies overrides, resolves `${VAR}`
-    /// secrets through `env` and validates everything.
+    /// secrets through `env` and `${file:/path}` secrets by reading their files (afresh on
+    /// every call: a reload picks up a rotated secret), and validates everything.
     pub fn load(
         path: Option<&Path>,
         overrides: &Overrides,
@@ -519,38 +526,26 @@ impl Settings {
         // Problems found on the config as read: each gets its line in the file, and those
         // that only follow from a value the reader had to remove are left out.
         let mut problems = Vec::new();
-        if let Some(key) = &config.upstream.api_key {
-            match key.env_ref() {
-                Some(var) => match env(var) {
-                    Some(v) if !v.is_empty() => {
-                        if http::HeaderValue::from_str(&format!("Bearer {v}")).is_err() {
-                            problems.push(format!(
-                                "upstream.api_key: the value of {var} holds a character a header cannot carry (a newline or another control character); set it to the key alone"
-                            ));
-                        }
-                        config.upstream.api_key = Some(Secret::new(v))
+        if let Some(key) = &mut config.upstream.api_key {
+            match secrets::resolve("upstream.api_key", key, env) {
+                Ok(origin) => {
+                    if http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err() {
+                        // Where the key came from, never the key.
+                        let origin = origin.map(|o| format!("{o} ")).unwrap_or_default();
+                        problems.push(format!(
+                            "upstream.api_key: {origin}holds a character a header cannot carry (a newline or another control character); give the key alone"
+                        ));
                     }
-                    _ => problems.push(format!(
-                        "upstream.api_key: environment variable {var} is not set; export it or remove the key"
-                    )),
-                },
-                None if key.expose().contains("${") => problems
-                    .push("upstream.api_key: write a secret reference as exactly \"${VAR}\"".to_owned()),
-                None if http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err() => problems.push(
-                    "upstream.api_key: holds a character a header cannot carry (a newline or another control character); give the key alone".to_owned(),
-                ),
-                None => {}
+                }
+                Err(e) => problems.push(e),
             }
         }
         if let Some(redis) = &mut config.redis {
+            let mut unresolved = false;
             let mut resolve = |key: String, secret: &mut Secret| {
-                if let Some(var) = secret.env_ref() {
-                    match env(var) {
-                        Some(v) if !v.is_empty() => *secret = Secret::new(v),
-                        _ => problems.push(format!(
-                            "{key}: environment variable {var} is not set; export it or write the URL"
-                        )),
-                    }
+                if let Err(e) = secrets::resolve(&key, secret, env) {
+                    problems.push(e);
+                    unresolved = true;
                 }
             };
             if let Some(url) = &mut redis.url {
@@ -559,12 +554,7 @@ impl Settings {
             for (i, node) in redis.nodes.iter_mut().enumerate() {
                 resolve(format!("redis.nodes[{i}]"), node);
             }
-            // A URL still reading ${VAR} was reported above.
-            let unresolved = redis
-                .url
-                .iter()
-                .chain(&redis.nodes)
-                .any(|s| s.env_ref().is_some());
+            // A URL whose reference could not be read was reported above.
             if !unresolved {
                 if let Err(e) = redis.shape() {
                     problems.extend(e);

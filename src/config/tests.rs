@@ -582,3 +582,107 @@ fn a_rate_without_its_unit_is_refused_with_a_hint() {
         assert!(e.contains(want), "{want}\n{e}");
     }
 }
+
+/// A file of its own under the system's temporary directory, for `${file:/path}`.
+fn secret_file(name: &str, content: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ezgate-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+#[test]
+fn secrets_are_read_from_files_each_time_the_config_is() {
+    let key = secret_file("api-key", "sk-from-file-1\n");
+    let url = secret_file("redis-url", "redis://app:hunter2@cache:6380\r\n");
+    let text = format!(
+        "[upstream]\napi_key = \"${{file:{}}}\"\n\n[redis]\nurl = \"${{file:{}}}\"\n",
+        key.display(),
+        url.display()
+    );
+    let s = load(&text).unwrap();
+    assert!(s.managed());
+    assert_eq!(
+        s.config.upstream.api_key.as_ref().unwrap().expose(),
+        "sk-from-file-1"
+    );
+    assert_eq!(
+        s.config
+            .redis
+            .as_ref()
+            .unwrap()
+            .url
+            .as_ref()
+            .unwrap()
+            .expose(),
+        "redis://app:hunter2@cache:6380"
+    );
+    let shown = s.to_string();
+    assert!(
+        !shown.contains("sk-from-file") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+    assert!(shown.contains("api_key = \"<redacted>\""), "{shown}");
+    // Read again, not remembered: a rotated file gives the new key.
+    std::fs::write(&key, "sk-from-file-2").unwrap();
+    assert_eq!(
+        load(&text)
+            .unwrap()
+            .config
+            .upstream
+            .api_key
+            .unwrap()
+            .expose(),
+        "sk-from-file-2"
+    );
+    // A key a header cannot carry is refused, naming the file, not quoting it.
+    std::fs::write(&key, "sk-line-one\nsk-line-two\n").unwrap();
+    let e = problems(&text);
+    assert!(
+        e.contains(&format!(
+            "upstream.api_key: the file {} holds a character a header cannot carry",
+            key.display()
+        )),
+        "{e}"
+    );
+    assert!(!e.contains("sk-line"), "{e}");
+    let env = |_: &str| Some("sk-env\r\nx-evil: 1".to_owned());
+    let e = Settings::from_toml(
+        "x",
+        "[upstream]\napi_key = \"${K}\"\n",
+        &Overrides::default(),
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("upstream.api_key: the value of K holds a character"),
+        "{e}"
+    );
+    let e = problems("[upstream]\napi_key = \"sk-literal\\u0007\"\n");
+    assert!(e.contains("upstream.api_key: holds a character"), "{e}");
+    assert!(!e.contains("sk-literal") && !e.contains("x-evil"), "{e}");
+    std::fs::remove_file(&key).unwrap();
+    let e = problems(&text);
+    assert!(
+        e.contains(&format!(
+            "upstream.api_key: the secret file {} cannot be read",
+            key.display()
+        )),
+        "{e}"
+    );
+}
+
+#[test]
+fn clients_identify_callers_in_passthrough_mode_too() {
+    let s = load(&format!(
+        "[[clients]]\nname = \"search\"\nkey_sha256 = \"{}\"\nmodels = [\"gpt-4o*\"]\n",
+        "ab".repeat(32)
+    ))
+    .unwrap();
+    assert!(!s.managed());
+    assert_eq!(s.config.clients.len(), 1);
+    assert!(!s.config.upstream.forward_client_ip, "off by default");
+    assert!(s.to_string().contains("forward_client_ip = false"));
+}

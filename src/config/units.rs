@@ -405,10 +405,29 @@ impl Secret {
         &self.0
     }
 
+    /// What this secret refers to, when it is a reference rather than the value itself.
+    pub fn reference(&self) -> Option<SecretRef<'_>> {
+        let inner = self.0.trim().strip_prefix("${")?.strip_suffix('}')?;
+        Some(match inner.strip_prefix("file:") {
+            Some(path) => SecretRef::File(path),
+            None => SecretRef::Env(inner),
+        })
+    }
+
     /// The variable name of a `${VAR}` reference, if this is one.
     pub fn env_ref(&self) -> Option<&str> {
-        self.0.trim().strip_prefix("${")?.strip_suffix('}')
+        match self.reference()? {
+            SecretRef::Env(var) => Some(var),
+            SecretRef::File(_) => None,
+        }
     }
+}
+
+/// Where a secret's value is read from: `${VAR}` or `${file:/path}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretRef<'a> {
+    Env(&'a str),
+    File(&'a str),
 }
 
 impl fmt::Debug for Secret {

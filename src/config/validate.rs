@@ -63,12 +63,6 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
     if let Err(e) = units::log_filter(&c.log.level) {
         problems.push(format!("log.level: {e}"));
     }
-    if !c.clients.is_empty() && c.upstream.api_key.is_none() {
-        problems.push(
-            "clients: [[clients]] needs upstream.api_key (managed mode); otherwise client keys would be forwarded upstream"
-                .to_owned(),
-        );
-    }
     if let Some(r) = &c.redis {
         if r.concurrency_lease.0 < super::MIN_LEASE {
             problems.push(format!(

@@ -197,6 +197,7 @@ fn one_of_each() -> Vec<GatewayError> {
             client: "c".into(),
             model: "m".into(),
             allowed: "a".into(),
+            field: "model",
         },
         GatewayError::ModelMissing {
             client: "c".into(),

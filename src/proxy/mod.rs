@@ -191,9 +191,8 @@ async fn handle(
     }
 
     // Identify: who is asking.
-    let caller = state.clients.identify(req.headers()).inspect_err(|_| {
-        out.client = ClientLabel::Other;
-    })?;
+    // A caller refused here keeps its label: `other` with clients configured, else `anonymous`.
+    let caller = state.clients.identify(req.headers())?;
     out.caller = caller.label().map(Arc::from);
     if let Some(c) = &caller.client {
         out.client = ClientLabel::Named(Arc::clone(&c.name));

@@ -238,7 +238,11 @@ pub(super) fn rewrite_request(
     if let Some(v) = request_id {
         h.insert(X_REQUEST_ID, v);
     }
-    headers::append_forwarded_for(h, peer.ip());
+    if state.settings.config.upstream.forward_client_ip {
+        headers::append_forwarded_for(h, peer.ip());
+    } else {
+        headers::strip_forwarded_for(h);
+    }
     if let Some(key) = &state.api_key {
         h.insert(AUTHORIZATION, key.clone());
         // The organization chooses the billed organization and project, not the application.

@@ -144,6 +144,32 @@ async fn sse_events_arrive_as_the_upstream_produces_them() {
 }
 
 #[tokio::test]
+async fn client_addresses_reach_the_upstream_only_with_forward_client_ip() {
+    let emu = Emulator::start().await;
+    let sent = [
+        ("X-Forwarded-For", "10.9.8.7"),
+        ("forwarded", "for=10.9.8.7;proto=https"),
+        ("X-Real-IP", "10.9.8.7"),
+    ];
+    // Off (the default): neither the pod's address nor what the client wrote.
+    let gw = Gateway::start(&emu.url(), "").await;
+    for headers in [&sent[..], &[]] {
+        let h = inspect_headers(&gw.get_with("/inspect", headers).await);
+        for name in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+            assert_eq!(header(&h, name), None, "{name} must not reach the upstream");
+        }
+    }
+    // On: the client's address appended to what earlier proxies wrote.
+    let on = "[upstream]\nforward_client_ip = true\n";
+    let gw = Gateway::start(&emu.url(), on).await;
+    let h = inspect_headers(&gw.get_with("/inspect", &sent).await);
+    assert_eq!(header(&h, "x-forwarded-for"), Some("10.9.8.7, 127.0.0.1"));
+    assert_eq!(header(&h, "forwarded"), Some("for=10.9.8.7;proto=https"));
+    let h = inspect_headers(&gw.get("/inspect").await);
+    assert_eq!(header(&h, "x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[tokio::test]
 async fn headers_are_rewritten_both_ways() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&emu.url(), "").await;
@@ -177,7 +203,11 @@ async fn headers_are_rewritten_both_ways() {
         "Host is the upstream's"
     );
     assert_eq!(header(&h, "x-request-id"), Some("client-id-123"));
-    assert_eq!(header(&h, "x-forwarded-for"), Some("10.9.8.7, 127.0.0.1"));
+    assert_eq!(
+        header(&h, "x-forwarded-for"),
+        None,
+        "upstream.forward_client_ip is off by default"
+    );
     assert_eq!(
         header(&h, "authorization"),
         Some("Bearer sk-passthrough"),
