@@ -10,11 +10,13 @@
 //! * [`store`] — local keyed state with a key cap; [`shared`] — the same in Redis, over the
 //!   connection of `link` (standalone, Sentinel or Cluster); `lease` keeps the concurrency
 //!   slots held in Redis renewed, and retries their releases until Redis answers
-//! * [`tokens`], [`scan`], [`form`] — what a request body says of its model and size;
+//! * [`tokens`], [`fields`], [`form`] — what a request body says of its model and size;
 //!   [`estimate`] — its tokens, by character class
+//! * [`scan`] — the one-pass JSON lexer that reads request bodies, and responses' usage
 
 mod check;
 pub mod estimate;
+pub mod fields;
 pub mod form;
 mod lease;
 mod link;

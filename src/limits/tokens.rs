@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use super::scan;
+use super::{fields, scan};
 
 /// What ezgate reads from an OpenAI-style JSON request body.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -44,14 +44,14 @@ fn kept(model: std::borrow::Cow<'_, str>) -> String {
 /// defaults (the upstream will refuse it; ezgate does not guess); one parsers may read
 /// differently says why in `ambiguous`.
 pub fn inspect(body: &[u8]) -> RequestInfo {
-    let doc = match scan::request_fields(body) {
+    let doc = match fields::request_fields(body) {
         Ok(doc) => doc,
         Err(unread) => {
             return RequestInfo {
                 body_len: body.len(),
                 ambiguous: match unread {
-                    scan::Unread::Ambiguous(why) => Some(why),
-                    scan::Unread::NotJson => None,
+                    fields::Unread::Ambiguous(why) => Some(why),
+                    fields::Unread::NotJson => None,
                 },
                 ..RequestInfo::default()
             }
