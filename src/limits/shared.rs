@@ -16,6 +16,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::lease::{self, Leases};
 use super::link::{Failure, Link};
 use crate::config::RedisConfig;
+use crate::metrics::StoreMetrics;
+use prometheus::{Histogram, IntGauge};
 
 /// GCRA for `cost` units. KEYS[1]: the theoretical arrival time (µs, server clock).
 /// ARGV: µs per unit, burst (units), cost. Returns {allowed, wait_us, remaining}.
@@ -152,19 +154,73 @@ pub enum Health {
 /// Where health changes go.
 pub type HealthSink = Box<dyn Fn(Health) + Send + Sync>;
 
+/// Whether Redis answers, by every check and fleet heartbeat: tells an outage once when
+/// it starts and once when it has ended, and keeps `ezgate_ratelimit_store_up`.
+struct StoreHealth {
+    on_health: Arc<HealthSink>,
+    /// Where Redis is, for the outage's log line.
+    describe: String,
+    timeout: Duration,
+    fail_closed: bool,
+    down: AtomicBool,
+    /// ms since `epoch` of the last failed check.
+    last_failure: AtomicU64,
+    epoch: Instant,
+    /// `ezgate_ratelimit_store_up`: 0 until the first answer.
+    up: IntGauge,
+}
+
+impl StoreHealth {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Tells an outage once when it starts and once when it has ended (no failure for
+    /// [`RECOVERED_AFTER`]).
+    fn note(&self, failure: Option<&Failure>) {
+        match failure {
+            None => {
+                if self.down.load(Ordering::Relaxed) {
+                    let quiet = self
+                        .now_ms()
+                        .saturating_sub(self.last_failure.load(Ordering::Relaxed));
+                    if u128::from(quiet) >= RECOVERED_AFTER.as_millis()
+                        && self.down.swap(false, Ordering::Relaxed)
+                    {
+                        self.up.set(1);
+                        (self.on_health)(Health::Up);
+                    }
+                } else if self.up.get() != 1 {
+                    // The first answer (a read on every check after it, no write).
+                    self.up.set(1);
+                }
+            }
+            Some(f) => {
+                self.last_failure.store(self.now_ms(), Ordering::Relaxed);
+                if !self.down.swap(true, Ordering::Relaxed) {
+                    self.up.set(0);
+                    (self.on_health)(Health::Down {
+                        error: format!("{}: {}", self.describe, explain(f, self.timeout)),
+                        fail_closed: self.fail_closed,
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// The connection to Redis and what every shared policy needs from it.
 pub struct RedisStore {
     on_health: Arc<HealthSink>,
+    health: Arc<StoreHealth>,
+    /// `ezgate_ratelimit_store_check_duration_seconds`
+    check_duration: Histogram,
     link: Arc<Link>,
     timeout: Duration,
     pub lease: Duration,
     /// `redis.replicas`: a fixed count that wins over [`RedisStore::fleet`].
     replicas: Option<u32>,
     pub fail_closed: bool,
-    down: AtomicBool,
-    /// ms since `epoch` of the last failed check.
-    last_failure: AtomicU64,
-    epoch: Instant,
     gcra: Script,
     adjust: Script,
     acquire: Script,
@@ -179,23 +235,39 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Sets up the connection (made in the background) and, inside a tokio runtime, starts
-    /// the fleet heartbeat.
-    pub fn new(cfg: &RedisConfig, on_health: HealthSink) -> Result<RedisStore, String> {
+    /// the fleet heartbeat. `metrics` are the store's health and check-duration handles.
+    pub fn new(
+        cfg: &RedisConfig,
+        on_health: HealthSink,
+        metrics: StoreMetrics,
+    ) -> Result<RedisStore, String> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err("redis: the shared store needs the tokio runtime".into());
         }
         let link = Arc::new(Link::open(cfg)?);
         let instance = crate::headers::new_request_id();
+        let on_health = Arc::new(on_health);
+        let fail_closed = cfg.on_failure == crate::config::OnFailure::Deny;
+        metrics.up.set(0);
+        let health = Arc::new(StoreHealth {
+            on_health: Arc::clone(&on_health),
+            describe: link.describe.clone(),
+            timeout: cfg.timeout.0,
+            fail_closed,
+            down: AtomicBool::new(false),
+            last_failure: AtomicU64::new(0),
+            epoch: Instant::now(),
+            up: metrics.up,
+        });
         let mut store = RedisStore {
-            on_health: Arc::new(on_health),
+            on_health,
+            health,
+            check_duration: metrics.check_duration,
             link,
             timeout: cfg.timeout.0,
             lease: cfg.concurrency_lease.0,
             replicas: cfg.replicas,
-            fail_closed: cfg.on_failure == crate::config::OnFailure::Deny,
-            down: AtomicBool::new(false),
-            last_failure: AtomicU64::new(0),
-            epoch: Instant::now(),
+            fail_closed,
             gcra: Script::new(GCRA),
             adjust: Script::new(ADJUST),
             acquire: Script::new(ACQUIRE),
@@ -211,6 +283,7 @@ impl RedisStore {
             Arc::clone(&store.link),
             store.instance.clone(),
             Arc::clone(&store.fleet),
+            Arc::clone(&store.health),
             store.timeout.max(Duration::from_secs(1)),
             stop.clone(),
         ));
@@ -260,42 +333,14 @@ impl RedisStore {
         key: &str,
         args: &[String],
     ) -> Result<Value, Failure> {
+        let start = Instant::now();
         let result = run_script(&self.link, script, key, args, self.timeout).await;
-        self.note(result.as_ref().err());
-        result
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Tells an outage once when it starts and once when it has ended (no failure for
-    /// [`RECOVERED_AFTER`]).
-    fn note(&self, failure: Option<&Failure>) {
-        match failure {
-            None => {
-                self.leases.answered();
-                if self.down.load(Ordering::Relaxed) {
-                    let quiet = self
-                        .now_ms()
-                        .saturating_sub(self.last_failure.load(Ordering::Relaxed));
-                    if u128::from(quiet) >= RECOVERED_AFTER.as_millis()
-                        && self.down.swap(false, Ordering::Relaxed)
-                    {
-                        (self.on_health)(Health::Up);
-                    }
-                }
-            }
-            Some(f) => {
-                self.last_failure.store(self.now_ms(), Ordering::Relaxed);
-                if !self.down.swap(true, Ordering::Relaxed) {
-                    (self.on_health)(Health::Down {
-                        error: format!("{}: {}", self.link.describe, explain(f, self.timeout)),
-                        fail_closed: self.fail_closed,
-                    });
-                }
-            }
+        self.check_duration.observe(start.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.leases.answered();
         }
+        self.health.note(result.as_ref().err());
+        result
     }
 
     /// GCRA on `key`: `cost` units at `interval` each, `burst` units at once.
@@ -413,6 +458,7 @@ async fn heartbeat(
     link: Arc<Link>,
     instance: String,
     fleet: Arc<AtomicU32>,
+    health: Arc<StoreHealth>,
     timeout: Duration,
     stop: CancellationToken,
 ) {
@@ -427,7 +473,10 @@ async fn heartbeat(
             _ = tick.tick() => {}
         }
         // A failed beat keeps the last count: the fallback needs it most while Redis is away.
-        if let Ok(v) = run_script(&link, &script, FLEET_KEY, &args, timeout).await {
+        // Its answer (or none) is news of Redis's health too, with no traffic at all.
+        let beat = run_script(&link, &script, FLEET_KEY, &args, timeout).await;
+        health.note(beat.as_ref().err());
+        if let Ok(v) = beat {
             if let Some(n) = as_int(&v).and_then(|n| u32::try_from(n).ok()) {
                 fleet.store(n.max(1), Ordering::Relaxed);
             }
