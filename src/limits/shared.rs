@@ -6,7 +6,7 @@
 //! ([`RedisStore::fleet`]). Concurrency slots are leased, renewed while their requests run
 //! and released until Redis confirms it ([`super::lease`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -162,13 +162,18 @@ struct StoreHealth {
     describe: String,
     timeout: Duration,
     fail_closed: bool,
-    down: AtomicBool,
+    /// [`UNKNOWN`] until the first answer or failure, then [`UP`] or [`DOWN`].
+    state: AtomicU8,
     /// ms since `epoch` of the last failed check.
     last_failure: AtomicU64,
     epoch: Instant,
-    /// `ezgate_ratelimit_store_up`: 0 until the first answer.
+    /// `ezgate_ratelimit_store_up`: 1 in [`UP`], else 0.
     up: IntGauge,
 }
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
 impl StoreHealth {
     fn now_ms(&self) -> u64 {
@@ -177,33 +182,58 @@ impl StoreHealth {
 
     /// Tells an outage once when it starts and once when it has ended (no failure for
     /// [`RECOVERED_AFTER`]).
+    /// A check that is answered while Redis is up costs one atomic load.
     fn note(&self, failure: Option<&Failure>) {
         match failure {
-            None => {
-                if self.down.load(Ordering::Relaxed) {
+            None => match self.state.load(Ordering::SeqCst) {
+                UP => {}
+                DOWN => {
                     let quiet = self
                         .now_ms()
-                        .saturating_sub(self.last_failure.load(Ordering::Relaxed));
+                        .saturating_sub(self.last_failure.load(Ordering::SeqCst));
                     if u128::from(quiet) >= RECOVERED_AFTER.as_millis()
-                        && self.down.swap(false, Ordering::Relaxed)
+                        && self.transition(DOWN, UP)
                     {
-                        self.up.set(1);
                         (self.on_health)(Health::Up);
                     }
-                } else if self.up.get() != 1 {
-                    // The first answer (a read on every check after it, no write).
-                    self.up.set(1);
                 }
-            }
+                _ => {
+                    self.transition(UNKNOWN, UP);
+                }
+            },
             Some(f) => {
-                self.last_failure.store(self.now_ms(), Ordering::Relaxed);
-                if !self.down.swap(true, Ordering::Relaxed) {
-                    self.up.set(0);
+                self.last_failure.store(self.now_ms(), Ordering::SeqCst);
+                if self.state.swap(DOWN, Ordering::SeqCst) != DOWN {
+                    self.publish();
                     (self.on_health)(Health::Down {
                         error: format!("{}: {}", self.describe, explain(f, self.timeout)),
                         fail_closed: self.fail_closed,
                     });
                 }
+            }
+        }
+    }
+
+    /// Moves from `from` to `to`; false when another check moved first.
+    fn transition(&self, from: u8, to: u8) -> bool {
+        let moved = self
+            .state
+            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if moved {
+            self.publish();
+        }
+        moved
+    }
+
+    /// Sets the gauge from the state, again if the state moved meanwhile: of racing
+    /// transitions, the last write is always that of the state that stays.
+    fn publish(&self) {
+        loop {
+            let state = self.state.load(Ordering::SeqCst);
+            self.up.set(i64::from(state == UP));
+            if self.state.load(Ordering::SeqCst) == state {
+                break;
             }
         }
     }
@@ -254,7 +284,7 @@ impl RedisStore {
             describe: link.describe.clone(),
             timeout: cfg.timeout.0,
             fail_closed,
-            down: AtomicBool::new(false),
+            state: AtomicU8::new(UNKNOWN),
             last_failure: AtomicU64::new(0),
             epoch: Instant::now(),
             up: metrics.up,
