@@ -38,8 +38,7 @@ const TPOT_BUCKETS: &[f64] = &[
 /// A shared-store check: 100 µs (Redis next door) to 5 s (far beyond any sane
 /// `redis.timeout`, whose time is what a check that gets no answer takes).
 const STORE_CHECK_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 /// Models that get their own `model` label value without being named in the config.

@@ -191,8 +191,7 @@ impl StoreHealth {
                     let quiet = self
                         .now_ms()
                         .saturating_sub(self.last_failure.load(Ordering::SeqCst));
-                    if u128::from(quiet) >= RECOVERED_AFTER.as_millis()
-                        && self.transition(DOWN, UP)
+                    if u128::from(quiet) >= RECOVERED_AFTER.as_millis() && self.transition(DOWN, UP)
                     {
                         (self.on_health)(Health::Up);
                     }
@@ -573,6 +572,46 @@ mod tests {
             redis_key("per-client", "team{a}", "rate"),
             "ezgate:{per-client:team_a_}:rate"
         );
+    }
+
+    #[test]
+    fn store_up_follows_outages_told_once() {
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&told);
+        let health = StoreHealth {
+            on_health: Arc::new(Box::new(move |h| sink.lock().unwrap().push(h))),
+            describe: "redis://127.0.0.1:1".into(),
+            timeout: Duration::from_millis(50),
+            fail_closed: false,
+            state: AtomicU8::new(UNKNOWN),
+            last_failure: AtomicU64::new(0),
+            epoch: Instant::now().checked_sub(Duration::from_secs(10)).unwrap(),
+            up: IntGauge::new("ezgate_ratelimit_store_up", "test").unwrap(),
+        };
+        health.up.set(0);
+        health.note(None);
+        assert_eq!(health.up.get(), 1, "the first answer");
+        assert!(told.lock().unwrap().is_empty(), "startup is not a recovery");
+        for _ in 0..3 {
+            health.note(Some(&Failure::Timeout));
+        }
+        assert_eq!(health.up.get(), 0);
+        health.note(None);
+        assert_eq!(
+            health.up.get(),
+            0,
+            "one answer right after a failure is no recovery"
+        );
+        // The last failure long ago (epoch is 10 s back): recovered.
+        health.last_failure.store(0, Ordering::SeqCst);
+        health.note(None);
+        assert_eq!(health.up.get(), 1);
+        let told = told.lock().unwrap();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(
+            matches!(&told[0], Health::Down { error, fail_closed: false } if error.contains("redis.timeout"))
+        );
+        assert_eq!(told[1], Health::Up);
     }
 
     #[test]

@@ -578,6 +578,26 @@ async fn the_shared_store_reports_its_health_and_check_time() {
     let _redis = Redis::start_on(port).await;
     wait_metric(&gw, "ezgate_ratelimit_store_up", 1.0).await;
     wait_log(&gw, "redis reachable again").await;
+    // A reload that drops [redis] drops the store's series: no stale 1 (or 0) is left.
+    std::fs::write(&gw.config_path, "").unwrap();
+    gw.signal("HUP");
+    let start = std::time::Instant::now();
+    loop {
+        let m = gw.metrics().await;
+        let left: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("ezgate_ratelimit_store_up ") || l.starts_with(checks))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "still exported after the reload: {left:?}\n{}",
+            gw.logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_log(gw: &Gateway, needle: &str) {
