@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_requests_total": ("counter", ("route", "method", "status", "source")),
     "ezgate_request_duration_seconds": ("histogram", ("route", "status_class")),
-    "ezgate_upstream_responses_total": ("counter", ("status",)),
+    "ezgate_upstream_responses_total": ("counter", ("status", "model")),
     "ezgate_upstream_failures_total": ("counter", ("kind",)),
     "ezgate_upstream_header_duration_seconds": ("histogram", ("route",)),
     "ezgate_overhead_seconds": ("histogram", ("route",)),
@@ -55,6 +55,12 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_fleet_gateways": ("gauge", ()),
     "ezgate_buffered_request_bytes": ("gauge", ()),
     "ezgate_ratelimit_store_fallbacks_total": ("counter", ("policy",)),
+    "ezgate_ratelimit_store_up": ("gauge", ()),
+    "ezgate_ratelimit_store_check_duration_seconds": ("histogram", ()),
+    "ezgate_ratelimit_utilization": ("gauge", ("policy",)),
+    "ezgate_upstream_cooldowns": ("gauge", ()),
+    "ezgate_config_reloads_total": ("counter", ("result",)),
+    "ezgate_config_info": ("gauge", ("hash",)),
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),
     "ezgate_client_requests_total": ("counter", ("client", "status")),
@@ -101,9 +107,11 @@ VALUES: dict[tuple[str, str], frozenset[str] | None] = {
     ("*", "decision"): frozenset({"allowed", "limited", "shadow_limited", "waited"}),
     ("ezgate_upstream_failures_total", "kind"): frozenset({"connect", "tls", "timeout", "reset", "protocol"}),
     ("ezgate_tokens_total", "kind"): frozenset({"prompt", "completion"}),
-    ("ezgate_websocket_sessions_total", "end"): frozenset({"client_closed", "upstream_closed", "idle_timeout", "shutdown", "max_lifetime", "ping_timeout"}),
+    ("ezgate_websocket_sessions_total", "end"): frozenset({"client_closed", "upstream_closed", "idle_timeout", "shutdown",
+                                                           "max_lifetime", "ping_timeout"}),
     ("ezgate_websocket_bytes_total", "direction"): frozenset({"to_upstream", "to_client"}),
     ("ezgate_trace_spans_dropped_total", "reason"): frozenset({"queue_full", "export_failed"}),
+    ("ezgate_config_reloads_total", "result"): frozenset({"applied", "refused"}),
 }
 
 COUNTER_FUNCS = {"rate", "irate", "increase", "resets"}

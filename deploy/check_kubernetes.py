@@ -29,7 +29,12 @@ DIR/<example>-operator.crds.yaml (the PodMonitor), and checks what a schema cann
   the prometheus.io/* annotations name the admin port and /metrics;
 * the two examples' ezgate containers are the same but for restartPolicy and lifecycle;
 * the patch docs/deploy.md gives for other ports, applied to the native example, moves every
-  port (listeners, container port, annotation, the application's URL; probes by name).
+  port (listeners, container port, annotation, the application's URL; probes by name);
+* components/prometheus-rules holds exactly deploy/prometheus/alerts.yml as a PrometheusRule
+  (the file is generated: `check_kubernetes.py --write-rules` rewrites it), and an example
+  with the component renders one PrometheusRule whose groups equal alerts.yml's.
+
+    check_kubernetes.py --write-rules     # regenerates components/prometheus-rules/prometheusrule.yaml
 """
 from __future__ import annotations
 
@@ -278,6 +283,61 @@ def with_operator(out: Path, example: str) -> Path:
     return d
 
 
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+RULES_COMPONENT = K8S / "components" / "prometheus-rules"
+RULES_HEADER = """\
+# GENERATED from deploy/prometheus/alerts.yml by `python3 deploy/check_kubernetes.py --write-rules`:
+# edit alerts.yml (and its tests, alerts_test.yml), then regenerate; deploy/check.sh fails while
+# the two differ. The alerting rules for the Prometheus Operator, part of the prometheus-rules
+# component (docs/deploy.md).
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: ezgate
+  labels:
+    app.kubernetes.io/name: ezgate
+    # Your Prometheus resource selects rules by label (spec.ruleSelector);
+    # kube-prometheus-stack, for one, wants: release: <helm release name>
+spec:
+"""
+
+
+def prometheusrule_text() -> str:
+    """alerts.yml's groups, indented under spec: (its comments and block text kept)."""
+    lines = ALERTS.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("groups:"))
+    body = "".join(("  " + line if line.strip() else "") + "\n" for line in lines[start:])
+    return RULES_HEADER + body
+
+
+def check_rules_component(c: Checker, kustomize: str, out: Path) -> None:
+    """The PrometheusRule is alerts.yml, in the file and in a rendering with the component."""
+    c.where = "components/prometheus-rules"
+    path = RULES_COMPONENT / "prometheusrule.yaml"
+    c.need(path.is_file() and path.read_text() == prometheusrule_text(),
+           f"{path.relative_to(DEPLOY.parent)} differs from deploy/prometheus/alerts.yml: "
+           "run python3 deploy/check_kubernetes.py --write-rules")
+    d = out / "native-rules"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "examples" / "native", d)],
+        "components": [os.path.relpath(RULES_COMPONENT, d)],
+    }))
+    docs = render(c, kustomize, d)
+    if docs is None:
+        return
+    rules = [x for x in docs if x.get("kind") == "PrometheusRule"]
+    if not c.need(len(rules) == 1, f"expected one PrometheusRule, got {len(rules)}"):
+        return
+    pr = rules[0]
+    c.need(pr.get("apiVersion") == "monitoring.coreos.com/v1", f"apiVersion {pr.get('apiVersion')!r}")
+    want = yaml.safe_load(ALERTS.read_text())["groups"]
+    c.need(pr.get("spec", {}).get("groups") == want, "the rendered PrometheusRule's groups differ from alerts.yml")
+    c.need(sum(x.get("kind") == "Deployment" for x in docs) == 1, "the example's Deployment is missing")
+    (out / "native-rules.crds.yaml").write_text(yaml.safe_dump_all(rules, sort_keys=False))
+
+
 def check_ports_patch(c: Checker, kustomize: str, out: Path) -> None:
     """The patch docs/deploy.md gives for other ports, applied to the native example, moves
     every port: both listeners, the named container port (only one), the annotation, the
@@ -322,8 +382,16 @@ def check_ports_patch(c: Checker, kustomize: str, out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kustomize", default="kubectl kustomize", help="command that renders a kustomization dir")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--write-rules", action="store_true",
+                    help="regenerate components/prometheus-rules/prometheusrule.yaml from alerts.yml")
     a = ap.parse_args()
+    if a.write_rules:
+        (RULES_COMPONENT / "prometheusrule.yaml").write_text(prometheusrule_text())
+        print(f"  wrote {(RULES_COMPONENT / 'prometheusrule.yaml').relative_to(DEPLOY.parent)}")
+        return 0
+    if a.out is None:
+        ap.error("--out is required")
     a.out.mkdir(parents=True, exist_ok=True)
     c = Checker()
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
@@ -349,6 +417,7 @@ def main() -> int:
             if gw is not None and not operator:
                 sidecars[ex] = gw
     check_ports_patch(c, a.kustomize, a.out)
+    check_rules_component(c, a.kustomize, a.out)
     if len(sidecars) == 2:
         c.where = "examples native vs classic"
         strip = lambda g: {k: v for k, v in g.items() if k not in ("restartPolicy", "lifecycle")}  # noqa: E731
@@ -357,7 +426,8 @@ def main() -> int:
         c.need(not diff, f"the ezgate containers differ in {diff} (only restartPolicy/lifecycle may)")
     for e in c.errors:
         print(f"  ERROR {e}", file=sys.stderr)
-    print(f"  checked {len(EXAMPLES)} examples, with and without the PodMonitor: {len(c.errors)} problem(s)")
+    print(f"  checked {len(EXAMPLES)} examples, with and without the PodMonitor, and the PrometheusRule: "
+          f"{len(c.errors)} problem(s)")
     return 1 if c.errors else 0
 
 

@@ -72,8 +72,15 @@ impl State {
         let clients = Clients::new(&cfg.clients, settings.managed());
         let redis = match (&cfg.redis, previous) {
             (Some(r), Some(p)) if p.settings.config.redis.as_ref() == Some(r) => p.redis.clone(),
-            (Some(r), _) => Some(Arc::new(RedisStore::new(r, Box::new(log_redis_health))?)),
-            (None, _) => None,
+            (Some(r), _) => Some(Arc::new(RedisStore::new(
+                r,
+                Box::new(log_redis_health),
+                metrics.store_handles(),
+            )?)),
+            (None, _) => {
+                metrics.store_removed();
+                None
+            }
         };
         let limits = match previous {
             Some(p) => p.limits.reload(&cfg.limits, redis.clone()),

@@ -35,6 +35,11 @@ const TPOT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
     0.25, 0.5, 1.0,
 ];
+/// A shared-store check: 100 µs (Redis next door) to 5 s (far beyond any sane
+/// `redis.timeout`, whose time is what a check that gets no answer takes).
+const STORE_CHECK_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 /// Models that get their own `model` label value without being named in the config.
 const WELL_KNOWN_MODELS: &[&str] = &[
@@ -80,6 +85,10 @@ pub struct Metrics {
     ratelimit_decisions: IntCounterVec,
     ratelimit_keys: IntGaugeVec,
     ratelimit_fallbacks: IntCounterVec,
+    /// `ezgate_ratelimit_store_up`: no series while no `[redis]` is configured.
+    store_up: IntGaugeVec,
+    /// `ezgate_ratelimit_store_check_duration_seconds`: no series while no `[redis]`.
+    store_check_duration: HistogramVec,
     /// `ezgate_fleet_gateways`: no series until a fleet heartbeat was answered.
     fleet_gateways: IntGaugeVec,
     /// `ezgate_buffered_request_bytes`: set when scraped.
@@ -110,6 +119,7 @@ pub struct Metrics {
     /// Handles created on first use (so only series that happen are exported), then reused.
     request_cache: Box<[OnceLock<IntCounter>]>,
     durations: Box<[OnceLock<Histogram>]>,
+    /// `ezgate_upstream_responses_total` by common status, then model label index.
     upstream_cache: Box<[OnceLock<IntCounter>]>,
 }
 
@@ -164,9 +174,9 @@ impl Metrics {
         let upstream_responses = IntCounterVec::new(
             opts(
                 "ezgate_upstream_responses_total",
-                "Responses received from the upstream API, by raw status.",
+                "Responses received from the upstream API, by raw status and model (a configured or well-known model, else other).",
             ),
-            &["status"],
+            &["status", "model"],
         )?;
         let failures_vec = IntCounterVec::new(
             opts(
@@ -215,6 +225,21 @@ impl Metrics {
                 "Checks of shared (Redis) policies answered by the local fallback (or refused, with on_failure = deny) because Redis was unavailable.",
             ),
             &["policy"],
+        )?;
+        let store_up = IntGaugeVec::new(
+            opts(
+                "ezgate_ratelimit_store_up",
+                "1 while the shared rate-limit store ([redis]) answers, 0 from its first failed check or heartbeat until it answers again; absent without [redis].",
+            ),
+            &[],
+        )?;
+        let store_check_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "ezgate_ratelimit_store_check_duration_seconds",
+                "Round trip of each shared-store (Redis) check of a shared policy, answered or not (no answer: about redis.timeout).",
+            )
+            .buckets(STORE_CHECK_BUCKETS.to_vec()),
+            &[],
         )?;
         let fleet_gateways = IntGaugeVec::new(
             opts(
@@ -316,6 +341,8 @@ impl Metrics {
             Box::new(ratelimit_decisions.clone()),
             Box::new(ratelimit_keys.clone()),
             Box::new(ratelimit_fallbacks.clone()),
+            Box::new(store_up.clone()),
+            Box::new(store_check_duration.clone()),
             Box::new(fleet_gateways.clone()),
             Box::new(buffered_request_bytes.clone()),
             Box::new(inflight_vec.clone()),
@@ -377,6 +404,8 @@ impl Metrics {
             ratelimit_decisions,
             ratelimit_keys,
             ratelimit_fallbacks,
+            store_up,
+            store_check_duration,
             fleet_gateways,
             buffered_request_bytes,
             inflight,
@@ -395,7 +424,7 @@ impl Metrics {
             token_cache,
             request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
             durations: cache(Route::ALL.len() * STATUS_CLASSES.len()),
-            upstream_cache: cache(COMMON_STATUSES.len()),
+            upstream_cache: cache(COMMON_STATUSES.len() * (model_count + 1)),
         })
     }
 
@@ -427,13 +456,16 @@ impl Metrics {
         if o.responded.is_some() {
             self.overhead[idx].observe(o.overhead().as_secs_f64());
         }
+        let model = self.model_index(o.model.as_deref());
         if let Some(s) = o.upstream_status {
             let create = || {
                 self.upstream_responses
-                    .with_label_values(&[status_code(s).as_str()])
+                    .with_label_values(&[status_code(s).as_str(), self.label_at(model)])
             };
             match common_status(s) {
-                Some(i) => self.upstream_cache[i].get_or_init(create).inc(),
+                Some(i) => self.upstream_cache[i * self.model_slots() + model]
+                    .get_or_init(create)
+                    .inc(),
                 None => create().inc(),
             }
         }
@@ -448,7 +480,6 @@ impl Metrics {
             self.gateway_errors.with_label_values(&[code]).inc();
         }
         self.count_client(o);
-        let model = self.model_index(o.model.as_deref());
         if let Some(s) = &o.session {
             let i = SessionEnd::ALL
                 .iter()
@@ -464,8 +495,7 @@ impl Metrics {
             completion.inc_by(usage.completion);
         }
         if let Some(ttft) = o.time_to_first_token() {
-            let models = self.model_names.len() + WELL_KNOWN_MODELS.len() + 1;
-            self.ttft_cache[idx * models + model]
+            self.ttft_cache[idx * self.model_slots() + model]
                 .get_or_init(|| {
                     self.time_to_first_token
                         .with_label_values(&[o.route.as_str(), self.label_at(model)])
@@ -594,6 +624,29 @@ impl Metrics {
             .set(i64::try_from(keys).unwrap_or(i64::MAX));
     }
 
+    /// The number of model label values: config models, well-known ones, `other`.
+    fn model_slots(&self) -> usize {
+        self.model_names.len() + WELL_KNOWN_MODELS.len() + 1
+    }
+
+    /// The shared store's handles (`[redis]` is configured): `ezgate_ratelimit_store_up`
+    /// and `ezgate_ratelimit_store_check_duration_seconds`, whose series start now.
+    pub fn store_handles(&self) -> StoreMetrics {
+        let no_labels: [&str; 0] = [];
+        StoreMetrics {
+            up: self.store_up.with_label_values(&no_labels),
+            check_duration: self.store_check_duration.with_label_values(&no_labels),
+        }
+    }
+
+    /// `[redis]` is gone (a reload removed it): the store series go with it, and the handles
+    /// the old store still holds write nowhere.
+    pub fn store_removed(&self) {
+        let no_labels: [&str; 0] = [];
+        let _ = self.store_up.remove_label_values(&no_labels);
+        let _ = self.store_check_duration.remove_label_values(&no_labels);
+    }
+
     /// A configured or well-known model name, else `other`: never free text from a request.
     pub fn model_label(&self, model: Option<&str>) -> &str {
         self.label_at(self.model_index(model))
@@ -631,6 +684,15 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
     }
+}
+
+/// What the shared store (`[redis]`) reports: its health and each check's round trip.
+#[derive(Clone)]
+pub struct StoreMetrics {
+    /// `ezgate_ratelimit_store_up`
+    pub up: IntGauge,
+    /// `ezgate_ratelimit_store_check_duration_seconds`
+    pub check_duration: Histogram,
 }
 
 /// `gpt-4o-2024-08-06` → `gpt-4o`. Model names come from requests and responses: any

@@ -6,7 +6,7 @@
 //! ([`RedisStore::fleet`]). Concurrency slots are leased, renewed while their requests run
 //! and released until Redis confirms it ([`super::lease`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::lease::{self, Leases};
 use super::link::{Failure, Link};
 use crate::config::RedisConfig;
+use crate::metrics::StoreMetrics;
+use prometheus::{Histogram, IntGauge};
 
 /// GCRA for `cost` units. KEYS[1]: the theoretical arrival time (µs, server clock).
 /// ARGV: µs per unit, burst (units), cost. Returns {allowed, wait_us, remaining}.
@@ -152,19 +154,102 @@ pub enum Health {
 /// Where health changes go.
 pub type HealthSink = Box<dyn Fn(Health) + Send + Sync>;
 
+/// Whether Redis answers, by every check and fleet heartbeat: tells an outage once when
+/// it starts and once when it has ended, and keeps `ezgate_ratelimit_store_up`.
+struct StoreHealth {
+    on_health: Arc<HealthSink>,
+    /// Where Redis is, for the outage's log line.
+    describe: String,
+    timeout: Duration,
+    fail_closed: bool,
+    /// [`UNKNOWN`] until the first answer or failure, then [`UP`] or [`DOWN`].
+    state: AtomicU8,
+    /// ms since `epoch` of the last failed check.
+    last_failure: AtomicU64,
+    epoch: Instant,
+    /// `ezgate_ratelimit_store_up`: 1 in [`UP`], else 0.
+    up: IntGauge,
+}
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+impl StoreHealth {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Tells an outage once when it starts and once when it has ended (no failure for
+    /// [`RECOVERED_AFTER`]).
+    /// A check that is answered while Redis is up costs one atomic load.
+    fn note(&self, failure: Option<&Failure>) {
+        match failure {
+            None => match self.state.load(Ordering::SeqCst) {
+                UP => {}
+                DOWN => {
+                    let quiet = self
+                        .now_ms()
+                        .saturating_sub(self.last_failure.load(Ordering::SeqCst));
+                    if u128::from(quiet) >= RECOVERED_AFTER.as_millis() && self.transition(DOWN, UP)
+                    {
+                        (self.on_health)(Health::Up);
+                    }
+                }
+                _ => {
+                    self.transition(UNKNOWN, UP);
+                }
+            },
+            Some(f) => {
+                self.last_failure.store(self.now_ms(), Ordering::SeqCst);
+                if self.state.swap(DOWN, Ordering::SeqCst) != DOWN {
+                    self.publish();
+                    (self.on_health)(Health::Down {
+                        error: format!("{}: {}", self.describe, explain(f, self.timeout)),
+                        fail_closed: self.fail_closed,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Moves from `from` to `to`; false when another check moved first.
+    fn transition(&self, from: u8, to: u8) -> bool {
+        let moved = self
+            .state
+            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if moved {
+            self.publish();
+        }
+        moved
+    }
+
+    /// Sets the gauge from the state, again if the state moved meanwhile: of racing
+    /// transitions, the last write is always that of the state that stays.
+    fn publish(&self) {
+        loop {
+            let state = self.state.load(Ordering::SeqCst);
+            self.up.set(i64::from(state == UP));
+            if self.state.load(Ordering::SeqCst) == state {
+                break;
+            }
+        }
+    }
+}
+
 /// The connection to Redis and what every shared policy needs from it.
 pub struct RedisStore {
     on_health: Arc<HealthSink>,
+    health: Arc<StoreHealth>,
+    /// `ezgate_ratelimit_store_check_duration_seconds`
+    check_duration: Histogram,
     link: Arc<Link>,
     timeout: Duration,
     pub lease: Duration,
     /// `redis.replicas`: a fixed count that wins over [`RedisStore::fleet`].
     replicas: Option<u32>,
     pub fail_closed: bool,
-    down: AtomicBool,
-    /// ms since `epoch` of the last failed check.
-    last_failure: AtomicU64,
-    epoch: Instant,
     gcra: Script,
     adjust: Script,
     acquire: Script,
@@ -179,23 +264,39 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Sets up the connection (made in the background) and, inside a tokio runtime, starts
-    /// the fleet heartbeat.
-    pub fn new(cfg: &RedisConfig, on_health: HealthSink) -> Result<RedisStore, String> {
+    /// the fleet heartbeat. `metrics` are the store's health and check-duration handles.
+    pub fn new(
+        cfg: &RedisConfig,
+        on_health: HealthSink,
+        metrics: StoreMetrics,
+    ) -> Result<RedisStore, String> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err("redis: the shared store needs the tokio runtime".into());
         }
         let link = Arc::new(Link::open(cfg)?);
         let instance = crate::headers::new_request_id();
+        let on_health = Arc::new(on_health);
+        let fail_closed = cfg.on_failure == crate::config::OnFailure::Deny;
+        metrics.up.set(0);
+        let health = Arc::new(StoreHealth {
+            on_health: Arc::clone(&on_health),
+            describe: link.describe.clone(),
+            timeout: cfg.timeout.0,
+            fail_closed,
+            state: AtomicU8::new(UNKNOWN),
+            last_failure: AtomicU64::new(0),
+            epoch: Instant::now(),
+            up: metrics.up,
+        });
         let mut store = RedisStore {
-            on_health: Arc::new(on_health),
+            on_health,
+            health,
+            check_duration: metrics.check_duration,
             link,
             timeout: cfg.timeout.0,
             lease: cfg.concurrency_lease.0,
             replicas: cfg.replicas,
-            fail_closed: cfg.on_failure == crate::config::OnFailure::Deny,
-            down: AtomicBool::new(false),
-            last_failure: AtomicU64::new(0),
-            epoch: Instant::now(),
+            fail_closed,
             gcra: Script::new(GCRA),
             adjust: Script::new(ADJUST),
             acquire: Script::new(ACQUIRE),
@@ -211,6 +312,7 @@ impl RedisStore {
             Arc::clone(&store.link),
             store.instance.clone(),
             Arc::clone(&store.fleet),
+            Arc::clone(&store.health),
             store.timeout.max(Duration::from_secs(1)),
             stop.clone(),
         ));
@@ -260,42 +362,14 @@ impl RedisStore {
         key: &str,
         args: &[String],
     ) -> Result<Value, Failure> {
+        let start = Instant::now();
         let result = run_script(&self.link, script, key, args, self.timeout).await;
-        self.note(result.as_ref().err());
-        result
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Tells an outage once when it starts and once when it has ended (no failure for
-    /// [`RECOVERED_AFTER`]).
-    fn note(&self, failure: Option<&Failure>) {
-        match failure {
-            None => {
-                self.leases.answered();
-                if self.down.load(Ordering::Relaxed) {
-                    let quiet = self
-                        .now_ms()
-                        .saturating_sub(self.last_failure.load(Ordering::Relaxed));
-                    if u128::from(quiet) >= RECOVERED_AFTER.as_millis()
-                        && self.down.swap(false, Ordering::Relaxed)
-                    {
-                        (self.on_health)(Health::Up);
-                    }
-                }
-            }
-            Some(f) => {
-                self.last_failure.store(self.now_ms(), Ordering::Relaxed);
-                if !self.down.swap(true, Ordering::Relaxed) {
-                    (self.on_health)(Health::Down {
-                        error: format!("{}: {}", self.link.describe, explain(f, self.timeout)),
-                        fail_closed: self.fail_closed,
-                    });
-                }
-            }
+        self.check_duration.observe(start.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.leases.answered();
         }
+        self.health.note(result.as_ref().err());
+        result
     }
 
     /// GCRA on `key`: `cost` units at `interval` each, `burst` units at once.
@@ -413,6 +487,7 @@ async fn heartbeat(
     link: Arc<Link>,
     instance: String,
     fleet: Arc<AtomicU32>,
+    health: Arc<StoreHealth>,
     timeout: Duration,
     stop: CancellationToken,
 ) {
@@ -427,7 +502,10 @@ async fn heartbeat(
             _ = tick.tick() => {}
         }
         // A failed beat keeps the last count: the fallback needs it most while Redis is away.
-        if let Ok(v) = run_script(&link, &script, FLEET_KEY, &args, timeout).await {
+        // Its answer (or none) is news of Redis's health too, with no traffic at all.
+        let beat = run_script(&link, &script, FLEET_KEY, &args, timeout).await;
+        health.note(beat.as_ref().err());
+        if let Ok(v) = beat {
             if let Some(n) = as_int(&v).and_then(|n| u32::try_from(n).ok()) {
                 fleet.store(n.max(1), Ordering::Relaxed);
             }
@@ -494,6 +572,46 @@ mod tests {
             redis_key("per-client", "team{a}", "rate"),
             "ezgate:{per-client:team_a_}:rate"
         );
+    }
+
+    #[test]
+    fn store_up_follows_outages_told_once() {
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&told);
+        let health = StoreHealth {
+            on_health: Arc::new(Box::new(move |h| sink.lock().unwrap().push(h))),
+            describe: "redis://127.0.0.1:1".into(),
+            timeout: Duration::from_millis(50),
+            fail_closed: false,
+            state: AtomicU8::new(UNKNOWN),
+            last_failure: AtomicU64::new(0),
+            epoch: Instant::now().checked_sub(Duration::from_secs(10)).unwrap(),
+            up: IntGauge::new("ezgate_ratelimit_store_up", "test").unwrap(),
+        };
+        health.up.set(0);
+        health.note(None);
+        assert_eq!(health.up.get(), 1, "the first answer");
+        assert!(told.lock().unwrap().is_empty(), "startup is not a recovery");
+        for _ in 0..3 {
+            health.note(Some(&Failure::Timeout));
+        }
+        assert_eq!(health.up.get(), 0);
+        health.note(None);
+        assert_eq!(
+            health.up.get(),
+            0,
+            "one answer right after a failure is no recovery"
+        );
+        // The last failure long ago (epoch is 10 s back): recovered.
+        health.last_failure.store(0, Ordering::SeqCst);
+        health.note(None);
+        assert_eq!(health.up.get(), 1);
+        let told = told.lock().unwrap();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(
+            matches!(&told[0], Health::Down { error, fail_closed: false } if error.contains("redis.timeout"))
+        );
+        assert_eq!(told[1], Health::Up);
     }
 
     #[test]

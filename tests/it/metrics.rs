@@ -66,8 +66,25 @@ async fn statuses_are_counted_exactly_by_source() {
         1.0
     );
     assert_eq!(
-        metric_value(&m, "ezgate_upstream_responses_total{status=\"404\"}"),
+        metric_value(
+            &m,
+            "ezgate_upstream_responses_total{model=\"gpt-4o\",status=\"404\"}"
+        ),
         2.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "ezgate_upstream_responses_total{model=\"text-embedding-3-small\",status=\"200\"}"
+        ),
+        2.0,
+        "the refused embedding never reached the upstream"
+    );
+    // No [redis]: the shared store's series do not exist (not a misleading 0 or 1).
+    assert!(!m.contains("ezgate_ratelimit_store_up"), "{m}");
+    assert!(
+        !m.contains("ezgate_ratelimit_store_check_duration_seconds"),
+        "{m}"
     );
     assert_eq!(metric_value(&m, "ezgate_request_duration_seconds_count{route=\"/v1/chat/completions\",status_class=\"2xx\"}"), 3.0);
     assert_eq!(
@@ -185,6 +202,15 @@ async fn labels_stay_bounded_under_random_paths_and_models() {
             &m,
             "ezgate_tokens_total{client=\"anonymous\",kind=\"prompt\",model=\"other\"}"
         ) > 0.0
+    );
+    let upstream_other: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("ezgate_upstream_responses_total{model=\"other\","))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        upstream_other, 10000.0,
+        "every request naming an unknown model is counted under model=\"other\":\n{m}"
     );
 }
 
@@ -495,4 +521,93 @@ async fn requests_are_counted_by_client_and_status() {
             .await,
         1.0
     );
+}
+
+/// Polls `/metrics` until `sample` reads `want`, within [`DEADLINE`].
+async fn wait_metric(gw: &Gateway, sample: &str, want: f64) {
+    let start = std::time::Instant::now();
+    loop {
+        let m = gw.metrics().await;
+        let present = m.lines().any(|l| l.starts_with(&format!("{sample} ")));
+        if present && metric_value(&m, sample) == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{sample} never read {want}:\n{m}\n{}",
+            gw.logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_shared_store_reports_its_health_and_check_time() {
+    use crate::redis_servers::Redis;
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = format!(
+        "[redis]\nurl = \"redis://127.0.0.1:{}\"\ntimeout = \"200ms\"\n\n[[limits]]\nname = \"shared\"\nkey = \"global\"\nrequests = \"100000/min\"\nstore = \"redis\"\n",
+        redis.port
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    // Up with no traffic at all: the fleet heartbeat got an answer.
+    wait_metric(&gw, "ezgate_ratelimit_store_up", 1.0).await;
+    let checks = "ezgate_ratelimit_store_check_duration_seconds_count";
+    assert_eq!(gw.metric(checks).await, 0.0, "no check without a request");
+    for _ in 0..5 {
+        assert_eq!(gw.get("/v1/models").await.status, 200);
+    }
+    let m = gw.metrics().await;
+    assert_eq!(metric_value(&m, checks), 5.0, "one Redis check per request");
+    assert_eq!(
+        metric_value(
+            &m,
+            "ezgate_ratelimit_store_check_duration_seconds_bucket{le=\"5\"}"
+        ),
+        5.0
+    );
+    // Redis goes away while nobody sends a request: the heartbeat notices.
+    let port = redis.stop().await;
+    wait_metric(&gw, "ezgate_ratelimit_store_up", 0.0).await;
+    wait_log(&gw, "redis unavailable").await;
+    // A check that gets no answer is timed too (about redis.timeout).
+    assert_eq!(gw.get("/v1/models").await.status, 200);
+    assert_eq!(gw.metric(checks).await, 6.0);
+    // Back on the same port, still without traffic: up again.
+    let _redis = Redis::start_on(port).await;
+    wait_metric(&gw, "ezgate_ratelimit_store_up", 1.0).await;
+    wait_log(&gw, "redis reachable again").await;
+    // A reload that drops [redis] drops the store's series: no stale 1 (or 0) is left.
+    std::fs::write(&gw.config_path, "").unwrap();
+    gw.signal("HUP");
+    let start = std::time::Instant::now();
+    loop {
+        let m = gw.metrics().await;
+        let left: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("ezgate_ratelimit_store_up ") || l.starts_with(checks))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "still exported after the reload: {left:?}\n{}",
+            gw.logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_log(gw: &Gateway, needle: &str) {
+    let start = std::time::Instant::now();
+    while !gw.logs.text().contains(needle) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no log line with {needle:?}:\n{}",
+            gw.logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
