@@ -34,7 +34,10 @@ fn parse(v: &str) -> (u64, u64, u64) {
     let major = parts.next().unwrap();
     let minor = parts.next().unwrap_or(0);
     let patch = parts.next().unwrap_or(0);
-    assert!(parts.next().is_none(), "rust-version {v:?} has too many parts");
+    assert!(
+        parts.next().is_none(),
+        "rust-version {v:?} has too many parts"
+    );
     (major, minor, patch)
 }
 
@@ -48,7 +51,10 @@ fn show((major, minor, patch): (u64, u64, u64)) -> String {
 
 fn host_triple() -> String {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
-    let out = Command::new(rustc).arg("-vV").output().expect("run rustc -vV");
+    let out = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .expect("run rustc -vV");
     assert!(out.status.success(), "rustc -vV failed");
     String::from_utf8(out.stdout)
         .unwrap()
@@ -134,7 +140,11 @@ fn rust_version_is_the_true_minimum_of_the_locked_graph() {
             continue;
         };
         let v = parse(v);
-        let name = format!("{} {}", p["name"].as_str().unwrap(), p["version"]);
+        let name = format!(
+            "{} {}",
+            p["name"].as_str().unwrap(),
+            p["version"].as_str().unwrap()
+        );
         match v.cmp(&needed) {
             Ordering::Greater => {
                 needed = v;
@@ -144,12 +154,16 @@ fn rust_version_is_the_true_minimum_of_the_locked_graph() {
             Ordering::Less => {}
         }
     }
-    assert!(needed > (1, 0, 0), "no package of the graph states a rust-version");
+    assert!(
+        needed > (1, 0, 0),
+        "no package of the graph states a rust-version"
+    );
     assert!(
         claimed >= needed,
-        "Cargo.toml claims rust-version {} but {} need Rust {}: raise rust-version (and the README's Prerequisites) to {}",
+        "Cargo.toml claims rust-version {} but {} {} Rust {}: raise rust-version (and the README's Prerequisites) to {}",
         show(claimed),
         by.join(", "),
+        if by.len() == 1 { "needs" } else { "need" },
         show(needed),
         show(needed)
     );

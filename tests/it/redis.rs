@@ -40,7 +40,7 @@ async fn three_replicas_share_one_quota() {
     let mut admitted = 0;
     let mut limited = 0;
     for gw in &gws {
-        let m = gw.metrics().await;
+        let m = gw.settled_metrics().await;
         admitted += metric_value(&m, "ezgate_requests_total{method=\"GET\",route=\"/v1/models\",source=\"upstream\",status=\"200\"}") as u32;
         limited += metric_value(&m, "ezgate_requests_total{method=\"GET\",route=\"/v1/models\",source=\"gateway\",status=\"429\"}") as u32;
         assert_eq!(
