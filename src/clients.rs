@@ -112,6 +112,11 @@ impl Clients {
 impl Client {
     /// Checks the model allow-list; no list means every model.
     pub fn check_model(&self, model: Option<&str>) -> Result<(), GatewayError> {
+        self.check_model_at(model, "model")
+    }
+
+    /// [`Client::check_model`] for a model read at `field` (the refusal's `param`).
+    fn check_model_at(&self, model: Option<&str>, field: &'static str) -> Result<(), GatewayError> {
         if self.models.is_empty() {
             return Ok(());
         }
@@ -121,6 +126,7 @@ impl Client {
                 client: Arc::clone(&self.name),
                 model: model.unwrap_or("(none)").chars().take(200).collect(),
                 allowed: self.allowed.clone(),
+                field,
             }),
         }
     }
@@ -136,6 +142,7 @@ impl Client {
             model: "(none: a tool in `tools` spends a model but names none; set its `model`)"
                 .into(),
             allowed: self.allowed.clone(),
+            field: "model",
         })
     }
 
@@ -191,8 +198,13 @@ impl Client {
         if let Some(m) = model {
             self.check_model(Some(m))?;
         }
+        // A realtime client secret names its model in its session, and is refused there.
+        let nested_at = match at {
+            ModelAt::Session => "session.model",
+            _ => "model",
+        };
         for m in nested {
-            self.check_model(Some(m))?;
+            self.check_model_at(Some(m), nested_at)?;
         }
         let (named, field) = match at {
             ModelAt::Session => (!nested.is_empty(), "session.model"),

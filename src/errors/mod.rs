@@ -98,6 +98,8 @@ pub enum GatewayError {
         client: Arc<str>,
         model: String,
         allowed: String,
+        /// Where the request names the refused model (`model`, `session.model`): `param`.
+        field: &'static str,
     },
     /// A client with an allow-list sent a request that names no model, on a route where the
     /// upstream then picks one itself (code `model_not_allowed`).
@@ -275,8 +277,7 @@ impl GatewayError {
     /// The `param` member: which request field the refusal is about.
     fn param(&self) -> Option<&'static str> {
         match self {
-            Self::ModelNotAllowed { .. } => Some("model"),
-            Self::ModelMissing { field, .. } => Some(field),
+            Self::ModelNotAllowed { field, .. } | Self::ModelMissing { field, .. } => Some(field),
             _ => None,
         }
     }
