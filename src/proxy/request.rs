@@ -34,6 +34,10 @@ pub(super) struct Inspected {
 /// body parsers may read differently is refused whenever it is read. Otherwise the body
 /// streams. Either way it must be complete within `server.request_body_deadline` of when
 /// ezgate starts reading it. `path` is the canonical path, for the refusal's message.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, in the request path; each flag is one question the path answers"
+)]
 pub(super) async fn inspect(
     body: Incoming,
     headers: &mut HeaderMap,
