@@ -95,11 +95,13 @@ impl Drop for Exchange {
             }
         }
         let duration = out.started.elapsed();
-        self.metrics.inflight(out.route).dec();
         self.metrics.record(out, duration);
         if self.access_log {
             access_log::record(out, duration);
         }
+        // Out of flight only once counted and logged: a scrape that sees no request in
+        // flight sees every finished one in the counters.
+        self.metrics.inflight(out.route).dec();
         if let Some(span) = self.trace.take() {
             span.finish(out);
         }

@@ -134,7 +134,7 @@ impl fmt::Display for Dur {
         }
         const S: u128 = 1_000_000_000;
         for (unit, size) in [("d", 86_400 * S), ("h", 3600 * S), ("m", 60 * S), ("s", S)] {
-            if n % size == 0 {
+            if n.is_multiple_of(size) {
                 return write!(f, "{}{unit}", n / size);
             }
         }
@@ -202,7 +202,7 @@ impl fmt::Display for ByteSize {
             ("kB", 1000),
         ];
         for (unit, size) in units {
-            if n >= size && n % size == 0 {
+            if n >= size && n.is_multiple_of(size) {
                 return write!(f, "{}{unit}", n / size);
             }
         }

@@ -689,7 +689,7 @@ mod tests {
         name.chars()
             .enumerate()
             .map(|(i, c)| {
-                if (i + from) % every == 0 {
+                if (i + from).is_multiple_of(every) {
                     c.encode_utf16(&mut [0; 2])
                         .iter()
                         .map(|u| format!("\\u{u:04x}"))

@@ -332,7 +332,7 @@ async fn a_stalled_body_gets_408_and_its_place_back() {
     }
     // Their places are free again, and nothing was blamed on the upstream.
     assert_eq!(gw.chat(&[]).await.status, 200);
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     for kind in ["connect", "tls", "timeout", "reset", "protocol"] {
         assert_eq!(
             metric_value(
@@ -381,7 +381,7 @@ async fn heads_hyper_refuses_get_the_schema_and_are_counted() {
         assert_eq!(v["error"]["code"], code);
         assert_eq!(v["error"]["status"], status);
     }
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     for status in ["400", "431"] {
         assert_eq!(
             metric_value(&m, &format!("ezgate_requests_total{{method=\"other\",route=\"other\",source=\"gateway\",status=\"{status}\"}}")),
@@ -1101,7 +1101,7 @@ async fn a_trickled_body_meets_the_total_deadline() {
         assert!(text.contains("server.request_body_deadline"), "{text}");
         assert_eq!(gw.access_log(&format!("trickle-{i}")).await["status"], 408);
     }
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     assert_eq!(
         metric_value(&m, "ezgate_upstream_failures_total{kind=\"timeout\"}"),
         0.0,
@@ -1145,7 +1145,7 @@ async fn a_cut_short_or_malformed_body_gets_400_never_499_on_the_wire() {
         assert!(text.contains("mid-body"), "{text}");
         assert_eq!(gw.access_log(&format!("half-{n}")).await["status"], 400);
     }
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     assert_eq!(
         metric_value(
             &m,
@@ -1254,7 +1254,7 @@ async fn out_of_file_descriptors_is_ezgates_503_and_the_listener_survives() {
     wait_log(&gw, "accepting connections again").await;
     drop(first);
     assert_eq!(gw.access_log("no-fds").await["status"], 503);
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     assert_eq!(
         metric_value(&m, "ezgate_gateway_errors_total{code=\"overloaded\"}"),
         1.0

@@ -329,18 +329,32 @@ pub fn sha256_hex(key: &str) -> String {
         .collect()
 }
 
+/// Longest a `tests/py` script may run (interpreter start and SDK imports included).
+pub const PYTHON_DEADLINE: Duration = Duration::from_secs(90);
+
 /// Runs `tests/py/<script> <arg>` in the test venv and returns the JSON it printed; fails
 /// the test when the script fails.
 pub async fn run_python(script: &str, arg: &str) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/py")
         .join(script);
+    // Importing the SDKs alone takes seconds of CPU, many on a machine busy compiling: the
+    // script gets a longer bound than a single step, and is killed when it is over.
     let out = tokio::time::timeout(
-        DEADLINE,
-        Command::new(python()).arg(&script).arg(arg).output(),
+        PYTHON_DEADLINE,
+        Command::new(python())
+            .arg(&script)
+            .arg(arg)
+            .kill_on_drop(true)
+            .output(),
     )
     .await
-    .unwrap()
+    .unwrap_or_else(|_| {
+        panic!(
+            "{} did not finish within {PYTHON_DEADLINE:?}",
+            script.display()
+        )
+    })
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -497,4 +511,66 @@ pub fn listening_addr(line: &str) -> Option<SocketAddr> {
     }
     let (_, addr) = line.split_once("listening on ")?;
     Some(addr.trim().parse().expect("a listening line's address"))
+}
+
+impl Gateway {
+    /// Waits until the sample `name_and_labels` of `/metrics` satisfies `want`, and returns
+    /// its value. A request is counted when its response ends on the gateway's side, which
+    /// may be just after the client read the last byte: read counters through this (or
+    /// [`Gateway::settled_metrics`]), never once right after a response.
+    pub async fn wait_metric(&self, name_and_labels: &str, want: impl Fn(f64) -> bool) -> f64 {
+        let start = std::time::Instant::now();
+        loop {
+            let text = self.metrics().await;
+            let v = metric_value(&text, name_and_labels);
+            if want(v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{name_and_labels} is {v}, never what the test waits for:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `/metrics` once no request is in flight (every `ezgate_inflight_requests` sample is
+    /// 0): a request leaves the gauge only after it was counted, so every finished request
+    /// is in this text. Only for tests that hold no request open.
+    pub async fn settled_metrics(&self) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let text = self.metrics().await;
+            let busy: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("ezgate_inflight_requests{"))
+                .filter(|l| !l.ends_with(" 0"))
+                .collect();
+            if busy.is_empty() {
+                return text;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "requests still in flight: {busy:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for a line of the gateway's log that contains `needle`, and returns it. Read a
+    /// line logged after an event through this: the line reaches the reader a little later.
+    pub async fn wait_log(&self, needle: &str) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(l) = self.logs.all().into_iter().find(|l| l.contains(needle)) {
+                return l;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no log line with {needle:?}:\n{}",
+                self.logs.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

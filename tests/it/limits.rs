@@ -143,12 +143,16 @@ async fn rate_limited_requests_get_429_and_a_retry_at_retry_after_succeeds() {
         "a retry at retry-after-ms succeeds"
     );
     assert_eq!(
-        gw.metric("ezgate_ratelimit_decisions_total{decision=\"limited\",policy=\"per-client\"}")
-            .await,
+        gw.wait_metric(
+            "ezgate_ratelimit_decisions_total{decision=\"limited\",policy=\"per-client\"}",
+            |v| v >= 1.0
+        )
+        .await,
         1.0
     );
     assert_eq!(
-        gw.metric("ezgate_gateway_errors_total{code=\"rate_limited\"}")
+        gw.wait_metric("ezgate_gateway_errors_total{code=\"rate_limited\"}", |v| v
+            >= 1.0)
             .await,
         1.0
     );
@@ -293,8 +297,11 @@ async fn token_limits_refuse_with_token_headers() {
     );
     // Usage was read from the response and charged.
     assert_eq!(
-        gw.metric("ezgate_tokens_total{client=\"anonymous\",kind=\"completion\",model=\"gpt-4o\"}")
-            .await,
+        gw.wait_metric(
+            "ezgate_tokens_total{client=\"anonymous\",kind=\"completion\",model=\"gpt-4o\"}",
+            |v| v >= 590.0
+        )
+        .await,
         590.0
     );
 }

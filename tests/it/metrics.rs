@@ -43,7 +43,7 @@ async fn statuses_are_counted_exactly_by_source() {
         )
         .await;
     }
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     let count = |labels: &str| metric_value(&m, &format!("ezgate_requests_total{{{labels}}}"));
     assert_eq!(
         count("method=\"POST\",route=\"/v1/chat/completions\",source=\"upstream\",status=\"200\""),
@@ -139,8 +139,11 @@ async fn statuses_are_counted_exactly_by_source() {
     )
     .await;
     assert_eq!(
-        gw.metric("ezgate_tokens_total{client=\"anonymous\",kind=\"completion\",model=\"gpt-4o\"}")
-            .await,
+        gw.wait_metric(
+            "ezgate_tokens_total{client=\"anonymous\",kind=\"completion\",model=\"gpt-4o\"}",
+            |v| v >= 25.0
+        )
+        .await,
         25.0
     );
 }
@@ -180,12 +183,12 @@ async fn labels_stay_bounded_under_random_paths_and_models() {
         if tasks.len() == 64 {
             futures_join(std::mem::take(&mut tasks)).await;
             if i == 127 {
-                before = series(&gw.metrics().await);
+                before = series(&gw.settled_metrics().await);
             }
         }
     }
     futures_join(tasks).await;
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     let after = series(&m);
     assert_eq!(
         after, before,
@@ -447,7 +450,7 @@ async fn streams_report_time_to_first_token_and_per_output_token() {
         .await;
     assert_eq!(r.status, 500);
 
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     let ttft = "ezgate_time_to_first_token_seconds";
     let (sum, count) = histogram(&m, ttft, "model=\"gpt-4o\",route=\"/v1/chat/completions\"");
     assert_eq!(count, 1.0, "one successful stream of gpt-4o:\n{m}");
@@ -500,7 +503,7 @@ async fn requests_are_counted_by_client_and_status() {
     );
     assert_eq!(gw.chat(&[]).await.status, 401);
 
-    let m = gw.metrics().await;
+    let m = gw.settled_metrics().await;
     let count =
         |labels: &str| metric_value(&m, &format!("ezgate_client_requests_total{{{labels}}}"));
     assert_eq!(count("client=\"team-a\",status=\"200\""), 3.0);
@@ -517,8 +520,11 @@ async fn requests_are_counted_by_client_and_status() {
     let gw = Gateway::start(&emu.url(), "").await;
     assert_eq!(gw.chat(&[]).await.status, 200);
     assert_eq!(
-        gw.metric("ezgate_client_requests_total{client=\"anonymous\",status=\"200\"}")
-            .await,
+        gw.wait_metric(
+            "ezgate_client_requests_total{client=\"anonymous\",status=\"200\"}",
+            |v| v >= 1.0
+        )
+        .await,
         1.0
     );
 }

@@ -40,7 +40,7 @@ async fn three_replicas_share_one_quota() {
     let mut admitted = 0;
     let mut limited = 0;
     for gw in &gws {
-        let m = gw.metrics().await;
+        let m = gw.settled_metrics().await;
         admitted += metric_value(&m, "ezgate_requests_total{method=\"GET\",route=\"/v1/models\",source=\"upstream\",status=\"200\"}") as u32;
         limited += metric_value(&m, "ezgate_requests_total{method=\"GET\",route=\"/v1/models\",source=\"gateway\",status=\"429\"}") as u32;
         assert_eq!(
@@ -166,9 +166,10 @@ async fn tls_with_a_user_a_password_and_a_database() {
     )
     .await;
     let emu = Emulator::start().await;
-    // The password percent-encoded, as a URL must carry it.
+    // The password percent-encoded, as a URL must carry it. A TLS handshake, AUTH and
+    // SELECT by a debug build on a busy machine may take longer than the 500 ms default.
     let config = format!(
-        "[redis]\nurl = \"rediss://app:p%40ss%3Aword@localhost:{port}/3\"\nca_file = {ca:?}\ntimeout = \"2s\"\n\n[[limits]]\nname = \"org\"\nkey = \"global\"\nrequests = \"3/h\"\nstore = \"redis\"\n"
+        "[redis]\nurl = \"rediss://app:p%40ss%3Aword@localhost:{port}/3\"\nca_file = {ca:?}\ntimeout = \"2s\"\nconnect_timeout = \"10s\"\n\n[[limits]]\nname = \"org\"\nkey = \"global\"\nrequests = \"3/h\"\nstore = \"redis\"\n"
     );
     let gw = Gateway::start(&emu.url(), &config).await;
     let statuses: Vec<u16> = {

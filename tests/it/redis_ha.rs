@@ -66,7 +66,7 @@ async fn shared_quota_holds(gws: &[Gateway], emu: &Emulator) {
     }
     let (mut admitted, mut limited) = (0, 0);
     for gw in gws {
-        let m = gw.metrics().await;
+        let m = gw.settled_metrics().await;
         admitted += metric_value(&m, "ezgate_requests_total{method=\"GET\",route=\"/v1/models\",source=\"upstream\",status=\"200\"}") as usize;
         limited += metric_value(&m, "ezgate_requests_total{method=\"GET\",route=\"/v1/models\",source=\"gateway\",status=\"429\"}") as usize;
         assert_eq!(

@@ -212,6 +212,11 @@ async fn a_running_slot_outlives_its_lease_and_a_killed_gateways_slot_expires() 
         probe(&other, "u").await == 200
     })
     .await;
+    // The probe held the slot while it ran; its release reaches Redis just after its response.
+    eventually("the probe's slot is released", || async {
+        zcard(redis.port, &key).await == "0"
+    })
+    .await;
     let _held = hold(&other, "u", "kill-b").await;
     refused_by_redis(&other, "u").await;
     assert_eq!(zcard(redis.port, &key).await, "1");

@@ -494,7 +494,7 @@ async fn routes_whose_model_cannot_be_read_answer_route_not_allowed() {
     let r = post_json(&gw, BATCH, "/v1/vector_stores", "{}", "vs").await;
     assert_refused(&emu, &r, "route_not_allowed", "vs").await;
 
-    let metrics = gw.metrics().await;
+    let metrics = gw.settled_metrics().await;
     assert!(
         metric_value(
             &metrics,

@@ -38,7 +38,7 @@ impl Receiver {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = tokio::time::timeout(DEADLINE, lines.next_line())
+        let first = tokio::time::timeout(PYTHON_DEADLINE, lines.next_line())
             .await
             .expect("the receiver starts")
             .unwrap()
@@ -238,7 +238,9 @@ async fn spans_continue_the_clients_trace_and_reach_the_upstream() {
         "a 4xx is the client's error, not the server's"
     );
 
-    assert!(gw.metric("ezgate_trace_spans_exported_total").await >= 4.0);
+    // Counted when the collector answered, a little after it had the spans.
+    gw.wait_metric("ezgate_trace_spans_exported_total", |v| v >= 4.0)
+        .await;
     gw.signal("TERM");
     assert_eq!(gw.exit_code().await, Some(0));
 
@@ -325,6 +327,8 @@ async fn a_collector_that_is_away_costs_requests_nothing() {
             .await,
         0.0
     );
+    // Logged just after the failure was counted: wait for the line, then count them.
+    gw.wait_log("the collector cannot be reached").await;
     let warned = gw
         .logs
         .all()
