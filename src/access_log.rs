@@ -326,6 +326,13 @@ fn push_millis(buf: &mut Vec<u8>, d: Duration) {
     }
 }
 
+/// `now` as the log lines write it (RFC 3339, UTC, microseconds), for other readers.
+pub fn rfc3339(now: SystemTime) -> String {
+    let mut buf = Vec::with_capacity(32);
+    push_timestamp(&mut buf, now);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// RFC 3339 in UTC with microseconds, as tracing-subscriber writes it:
 /// `2026-11-25T04:29:45.443892Z`.
 fn push_timestamp(buf: &mut Vec<u8>, now: SystemTime) {

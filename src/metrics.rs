@@ -111,6 +111,8 @@ pub struct Metrics {
     request_cache: Box<[OnceLock<IntCounter>]>,
     durations: Box<[OnceLock<Histogram>]>,
     upstream_cache: Box<[OnceLock<IntCounter>]>,
+    /// What the admin view reads too: set at scrape time and on reloads.
+    pub status: StatusMetrics,
 }
 
 /// One client label's (prompt, completion) token counters.
@@ -305,6 +307,7 @@ impl Metrics {
             ])
             .set(1);
 
+        let status = StatusMetrics::new()?;
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -328,6 +331,10 @@ impl Metrics {
             Box::new(sessions_vec.clone()),
             Box::new(ws_bytes_vec.clone()),
             Box::new(build_info),
+            Box::new(status.utilization.clone()),
+            Box::new(status.cooldowns.clone()),
+            Box::new(status.reloads.clone()),
+            Box::new(status.config_info.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -396,6 +403,7 @@ impl Metrics {
             request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
             durations: cache(Route::ALL.len() * STATUS_CLASSES.len()),
             upstream_cache: cache(COMMON_STATUSES.len()),
+            status,
         })
     }
 
@@ -630,6 +638,77 @@ impl Metrics {
         // Encoding into a Vec only fails on invalid metric families, which we never build.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
+    }
+}
+
+/// The gauges and counters of the running gateway as an operator sees it (`GET /status`
+/// shows the same): set when `/metrics` is scraped and when a reload is applied or refused,
+/// never on a request.
+pub struct StatusMetrics {
+    utilization: prometheus::GaugeVec,
+    cooldowns: IntGauge,
+    reloads: IntCounterVec,
+    config_info: IntGaugeVec,
+}
+
+impl StatusMetrics {
+    fn new() -> Result<StatusMetrics, prometheus::Error> {
+        let reloads = IntCounterVec::new(
+            opts(
+                "ezgate_config_reloads_total",
+                "Config reloads (SIGHUP), by result: applied, or refused (the previous config keeps serving).",
+            ),
+            &["result"],
+        )?;
+        for result in ["applied", "refused"] {
+            reloads.with_label_values(&[result]);
+        }
+        Ok(StatusMetrics {
+            utilization: prometheus::GaugeVec::new(
+                opts(
+                    "ezgate_ratelimit_utilization",
+                    "Share of its limit used by each policy's busiest key, 0-1 (local view; computed when scraped).",
+                ),
+                &["policy"],
+            )?,
+            cooldowns: IntGauge::new(
+                "ezgate_upstream_cooldowns",
+                "Upstream-429 cooldowns running: keys and models ezgate holds back until the upstream's Retry-After.",
+            )?,
+            reloads,
+            config_info: IntGaugeVec::new(
+                opts(
+                    "ezgate_config_info",
+                    "Always 1; its hash label names the config that is serving (as GET /status shows it).",
+                ),
+                &["hash"],
+            )?,
+        })
+    }
+
+    /// Sets `ezgate_ratelimit_utilization` for exactly these policies (a reload's removed
+    /// policies lose their series).
+    pub fn utilization<'a>(&self, policies: impl Iterator<Item = (&'a str, f64)>) {
+        self.utilization.reset();
+        for (policy, used) in policies {
+            self.utilization.with_label_values(&[policy]).set(used);
+        }
+    }
+
+    pub fn cooldowns(&self, n: usize) {
+        self.cooldowns.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a reload (`applied` or `refused`).
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.with_label_values(&[result]).inc();
+    }
+
+    /// The one `ezgate_config_info` series: the serving config's hash.
+    pub fn config(&self, hash: &str) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[hash]).set(1);
     }
 }
 

@@ -164,6 +164,8 @@ pub struct RedisStore {
     down: AtomicBool,
     /// ms since `epoch` of the last failed check.
     last_failure: AtomicU64,
+    /// What the last outage began with, for the admin view (set once per outage).
+    last_error: std::sync::Mutex<Option<String>>,
     epoch: Instant,
     gcra: Script,
     adjust: Script,
@@ -195,6 +197,7 @@ impl RedisStore {
             fail_closed: cfg.on_failure == crate::config::OnFailure::Deny,
             down: AtomicBool::new(false),
             last_failure: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
             epoch: Instant::now(),
             gcra: Script::new(GCRA),
             adjust: Script::new(ADJUST),
@@ -235,6 +238,14 @@ impl RedisStore {
             0 => None,
             n => Some(n),
         }
+    }
+
+    /// Whether Redis answers (false from a failed check until it has answered for a while),
+    /// and what its last outage began with (no password: the connection is described
+    /// without it).
+    pub fn health(&self) -> (bool, Option<String>) {
+        let last = self.last_error.lock().ok().and_then(|l| l.clone());
+        (!self.down.load(Ordering::Relaxed), last)
     }
 
     /// How many gateways a limit is divided by for the local fallback: `redis.replicas` when
@@ -289,8 +300,12 @@ impl RedisStore {
             Some(f) => {
                 self.last_failure.store(self.now_ms(), Ordering::Relaxed);
                 if !self.down.swap(true, Ordering::Relaxed) {
+                    let error = format!("{}: {}", self.link.describe, explain(f, self.timeout));
+                    if let Ok(mut last) = self.last_error.lock() {
+                        *last = Some(error.clone());
+                    }
                     (self.on_health)(Health::Down {
-                        error: format!("{}: {}", self.link.describe, explain(f, self.timeout)),
+                        error,
                         fail_closed: self.fail_closed,
                     });
                 }
