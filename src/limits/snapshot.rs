@@ -150,7 +150,7 @@ impl<C: Clock + Clone> Limits<C> {
                 }
             })
             .collect();
-        out.sort_by(|a, b| b.remaining.cmp(&a.remaining));
+        out.sort_by_key(|c| std::cmp::Reverse(c.remaining));
         out
     }
 

@@ -178,7 +178,7 @@ async fn reloads_are_recorded_applied_and_refused() {
     assert_ne!(hash, first_hash);
     assert_eq!(policy(&status, "reloaded")["keys"], 0);
     let metrics = gw.metrics().await;
-    assert_eq!(config_info_hashes(&metrics), [hash.clone()], "one series");
+    assert_eq!(config_info_hashes(&metrics), [hash.as_str()], "one series");
     assert_eq!(
         metric_value(&metrics, "ezgate_config_reloads_total{result=\"applied\"}"),
         1.0
