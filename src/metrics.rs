@@ -14,6 +14,9 @@ use crate::errors::FailureKind;
 use crate::outcome::{Outcome, SessionEnd};
 use crate::route::Route;
 
+mod status;
+pub use status::StatusMetrics;
+
 /// From 100 µs to 10 minutes: quick refusals to long streams.
 const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -638,77 +641,6 @@ impl Metrics {
         // Encoding into a Vec only fails on invalid metric families, which we never build.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
-    }
-}
-
-/// The gauges and counters of the running gateway as an operator sees it (`GET /status`
-/// shows the same): set when `/metrics` is scraped and when a reload is applied or refused,
-/// never on a request.
-pub struct StatusMetrics {
-    utilization: prometheus::GaugeVec,
-    cooldowns: IntGauge,
-    reloads: IntCounterVec,
-    config_info: IntGaugeVec,
-}
-
-impl StatusMetrics {
-    fn new() -> Result<StatusMetrics, prometheus::Error> {
-        let reloads = IntCounterVec::new(
-            opts(
-                "ezgate_config_reloads_total",
-                "Config reloads (SIGHUP), by result: applied, or refused (the previous config keeps serving).",
-            ),
-            &["result"],
-        )?;
-        for result in ["applied", "refused"] {
-            reloads.with_label_values(&[result]);
-        }
-        Ok(StatusMetrics {
-            utilization: prometheus::GaugeVec::new(
-                opts(
-                    "ezgate_ratelimit_utilization",
-                    "Share of its limit used by each policy's busiest key, 0-1 (local view; computed when scraped).",
-                ),
-                &["policy"],
-            )?,
-            cooldowns: IntGauge::new(
-                "ezgate_upstream_cooldowns",
-                "Upstream-429 cooldowns running: keys and models ezgate holds back until the upstream's Retry-After.",
-            )?,
-            reloads,
-            config_info: IntGaugeVec::new(
-                opts(
-                    "ezgate_config_info",
-                    "Always 1; its hash label names the config that is serving (as GET /status shows it).",
-                ),
-                &["hash"],
-            )?,
-        })
-    }
-
-    /// Sets `ezgate_ratelimit_utilization` for exactly these policies (a reload's removed
-    /// policies lose their series).
-    pub fn utilization<'a>(&self, policies: impl Iterator<Item = (&'a str, f64)>) {
-        self.utilization.reset();
-        for (policy, used) in policies {
-            self.utilization.with_label_values(&[policy]).set(used);
-        }
-    }
-
-    pub fn cooldowns(&self, n: usize) {
-        self.cooldowns.set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
-    /// Counts a reload (`applied` or `refused`).
-    pub fn reload(&self, applied: bool) {
-        let result = if applied { "applied" } else { "refused" };
-        self.reloads.with_label_values(&[result]).inc();
-    }
-
-    /// The one `ezgate_config_info` series: the serving config's hash.
-    pub fn config(&self, hash: &str) {
-        self.config_info.reset();
-        self.config_info.with_label_values(&[hash]).set(1);
     }
 }
 
