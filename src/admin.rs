@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -67,6 +67,13 @@ pub async fn serve(
         (false, "/cooldowns/clear") if post => {
             match clear_cooldowns(&gw, req.headers(), req.uri().query()) {
                 Ok(body) => (StatusCode::OK, JSON, body),
+                Err(e @ GatewayError::InvalidAdminToken) => {
+                    let (status, ctype, body) = error(&e);
+                    let mut resp = response(status, ctype, body);
+                    resp.headers_mut()
+                        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    return Ok(resp);
+                }
                 Err(e) => error(&e),
             }
         }

@@ -131,15 +131,18 @@ pub async fn run(
     Ok(())
 }
 
+/// A refused reload: recorded (for `/status` and the metrics) before it is logged, so who
+/// reads the log line finds it recorded.
+fn refused(gw: &Gateway, error: String) {
+    gw.reloaded(Err(error.clone()));
+    tracing::error!(error = %error, "config reload refused; the previous config keeps serving");
+}
+
 fn apply_reload(gw: &Gateway, reload: &Reload) {
     let old = gw.state();
     let settings = match reload() {
         Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "config reload refused; the previous config keeps serving");
-            gw.reloaded(Err(e));
-            return;
-        }
+        Err(e) => return refused(gw, e),
     };
     let (o, n) = (&old.settings.config.server, &settings.config.server);
     if o.listen != n.listen
@@ -157,9 +160,6 @@ fn apply_reload(gw: &Gateway, reload: &Reload) {
             let state = gw.state();
             tracing::info!(source = %state.settings.source, hash = %state.config_hash, "config reloaded; new requests use it");
         }
-        Err(e) => {
-            tracing::error!(error = %e, "config reload refused; the previous config keeps serving");
-            gw.reloaded(Err(e));
-        }
+        Err(e) => refused(gw, e),
     }
 }

@@ -282,6 +282,7 @@ async fn cooldowns_are_shown_and_lifted_with_the_admin_token() {
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
         let r = gw.admin(Method::POST, "/cooldowns/clear", &headers).await;
         assert_eq!(r.status, 401, "{auth:?}");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
         let e = r.error();
         assert_eq!(
             (&e["code"], &e["type"]),
