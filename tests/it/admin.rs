@@ -397,3 +397,52 @@ async fn the_post_endpoints_are_off_without_an_admin_token() {
         );
     }
 }
+
+/// A shared store shows its mode, health, last error and fleet; a Redis-shared policy shows
+/// its local fallback, keyed by fingerprints.
+#[tokio::test]
+async fn status_shows_the_shared_store_and_the_fallback_view() {
+    use crate::redis_servers::{eventually, Redis};
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = format!(
+        "[log]\naccess_log = false\n[redis]\nurl = \"redis://127.0.0.1:{}\"\nreplicas = 1\ntimeout = \"200ms\"\n\n[[limits]]\nname = \"shared\"\nkey = \"header:x-user\"\nrequests = \"30/h\"\nstore = \"redis\"\n",
+        redis.port
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    eventually("the heartbeat counts this gateway", || async {
+        gw.status().await.0["store"]["fleet"] == 1
+    })
+    .await;
+    let (status, _) = gw.status().await;
+    let store = &status["store"];
+    assert_eq!(
+        (&store["mode"], &store["up"], &store["last_error"]),
+        (&Value::from("standalone"), &Value::from(true), &Value::Null)
+    );
+    let p = policy(&status, "shared");
+    assert_eq!(
+        (&p["store"], &p["view"]),
+        (&Value::from("redis"), &Value::from("local_fallback"))
+    );
+    assert_eq!(p["keys"], 0, "nothing charged locally while Redis answers");
+
+    let port = redis.stop().await;
+    for _ in 0..3 {
+        gw.get_with("/v1/models", &[("x-user", "user-secret-name")])
+            .await;
+    }
+    let (status, text) = gw.status().await;
+    let store = &status["store"];
+    assert_eq!(store["up"], false, "{store}");
+    let error = store["last_error"].as_str().unwrap();
+    assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
+    let p = policy(&status, "shared");
+    assert_eq!(
+        p["busiest"][0]["key"],
+        fingerprint_of("user-secret-name"),
+        "{p}"
+    );
+    assert_eq!(p["busiest"][0]["requests"]["remaining"], 27, "{p}");
+    assert!(!text.contains("user-secret-name"));
+}
