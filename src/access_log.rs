@@ -326,9 +326,9 @@ fn push_millis(buf: &mut Vec<u8>, d: Duration) {
     }
 }
 
-/// `now` as the `timestamp` of a JSON log line (RFC 3339, UTC, microseconds), for the few
-/// lines ezgate writes outside tracing (`listening on`).
-pub fn timestamp(now: SystemTime) -> String {
+/// `now` as the log lines write it (RFC 3339, UTC, microseconds), for the lines ezgate writes
+/// outside tracing (`listening on`) and other readers (the admin view).
+pub fn rfc3339(now: SystemTime) -> String {
     let mut buf = Vec::with_capacity(32);
     push_timestamp(&mut buf, now);
     String::from_utf8_lossy(&buf).into_owned()

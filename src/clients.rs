@@ -303,7 +303,7 @@ fn digest_of(key: &[u8]) -> ([u8; 32], Arc<str>) {
 }
 
 /// Equality that takes the same time wherever the inputs differ (the lengths may show).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

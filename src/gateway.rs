@@ -46,6 +46,10 @@ pub struct State {
     policy_counters: Vec<PolicyCounters>,
     /// Request spans (`[tracing]`), kept with its export queue when the table did not change.
     pub tracer: Arc<Tracer>,
+    /// [`Settings::hash`]: which config serves (`/status`, `ezgate_config_info`).
+    pub config_hash: Arc<str>,
+    /// SHA-256 of `server.admin_token`: what a POST's bearer token is compared with.
+    pub admin_token: Option<[u8; 32]>,
 }
 
 /// `ezgate_ratelimit_decisions_total` and `…_store_fallbacks_total` of one policy.
@@ -130,7 +134,15 @@ impl State {
             }
             (None, _) => Arc::new(Tracer::off()),
         };
+        let config_hash = Arc::from(settings.hash());
+        let admin_token = cfg
+            .server
+            .admin_token
+            .as_ref()
+            .map(|t| crate::clients::sha256(t.expose().as_bytes()));
         Ok(State {
+            config_hash,
+            admin_token,
             settings,
             upstream,
             clients,
@@ -147,6 +159,14 @@ impl State {
     /// before the first heartbeat was answered).
     pub fn fleet(&self) -> Option<u32> {
         self.redis.as_ref().and_then(|r| r.fleet())
+    }
+
+    /// The shared store's state for the admin view: (mode, up, its last outage's error).
+    pub fn store_health(&self) -> Option<(crate::config::RedisMode, bool, Option<String>)> {
+        let redis = self.redis.as_ref()?;
+        let mode = self.settings.config.redis.as_ref()?.mode;
+        let (up, error) = redis.health();
+        Some((mode, up, error))
     }
 
     /// Counts what the policies decided for one request.
@@ -229,11 +249,43 @@ pub struct Gateway {
     /// Accepted HTTP/2 streams reset by their client, per client address: kept across
     /// reloads and connections.
     pub resets: Arc<AddressResets>,
+    /// The last time a config was applied or refused (startup counts as applied).
+    last_reload: Mutex<ReloadRecord>,
+}
+
+/// One config load: at startup or on SIGHUP, applied or refused.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadRecord {
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// `startup` or `signal` (SIGHUP).
+    pub trigger: &'static str,
+    /// `applied` or `refused`.
+    pub result: &'static str,
+    /// Why it was refused: the config problems, which never hold a secret's value.
+    pub error: Option<String>,
+}
+
+impl ReloadRecord {
+    fn now(trigger: &'static str, error: Option<String>) -> ReloadRecord {
+        ReloadRecord {
+            at: crate::access_log::rfc3339(std::time::SystemTime::now()),
+            trigger,
+            result: if error.is_none() {
+                "applied"
+            } else {
+                "refused"
+            },
+            error,
+        }
+    }
 }
 
 impl Gateway {
     pub fn new(state: State, metrics: Arc<Metrics>) -> Gateway {
+        metrics.status.config(&state.config_hash);
         Gateway {
+            last_reload: Mutex::new(ReloadRecord::now("startup", None)),
             state: RwLock::new(Arc::new(state)),
             metrics,
             draining: AtomicBool::new(false),
@@ -258,6 +310,29 @@ impl Gateway {
         match self.state.write() {
             Ok(mut s) => *s = new,
             Err(poisoned) => *poisoned.into_inner() = new,
+        }
+    }
+
+    /// Notes a SIGHUP reload: `Ok` when its state now serves (call after
+    /// [`Gateway::replace`]), `Err` with why it was refused.
+    pub fn reloaded(&self, result: Result<(), String>) {
+        let error = result.err();
+        self.metrics.status.reload(error.is_none());
+        if error.is_none() {
+            self.metrics.status.config(&self.state().config_hash);
+        }
+        let record = ReloadRecord::now("signal", error);
+        match self.last_reload.lock() {
+            Ok(mut r) => *r = record,
+            Err(poisoned) => *poisoned.into_inner() = record,
+        }
+    }
+
+    /// The last config load (a copy).
+    pub fn last_reload(&self) -> ReloadRecord {
+        match self.last_reload.lock() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 

@@ -6,7 +6,9 @@
 //! Each floor imports only from the floors below it (`tests/layers.rs` keeps it so).
 //!
 //! * **entry** — [`server`]: listeners (TCP, TLS with ALPN), connections, the drain;
-//!   [`admin`]: `/metrics`, `/healthz`, `/readyz`; this file: [`run`] and reloads
+//!   [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/status`, `POST /cooldowns/clear`;
+//!   [`status`]: the `/status` JSON, from the domain's snapshots; this file: [`run`] and
+//!   reloads
 //! * **the path**, where the domain and recording meet — [`proxy`]: THE request path,
 //!   identify → limit → forward → respond → record; [`stream`]: the response body (idle
 //!   timeout, usage, the SSE error event); [`exchange`]: what a request holds and when it is
@@ -57,6 +59,7 @@ pub mod pool;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod status;
 pub mod stream;
 pub mod tls;
 pub mod traces;
@@ -128,14 +131,18 @@ pub async fn run(
     Ok(())
 }
 
+/// A refused reload: recorded (for `/status` and the metrics) before it is logged, so who
+/// reads the log line finds it recorded.
+fn refused(gw: &Gateway, error: String) {
+    gw.reloaded(Err(error.clone()));
+    tracing::error!(error = %error, "config reload refused; the previous config keeps serving");
+}
+
 fn apply_reload(gw: &Gateway, reload: &Reload) {
     let old = gw.state();
     let settings = match reload() {
         Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "config reload refused; the previous config keeps serving");
-            return;
-        }
+        Err(e) => return refused(gw, e),
     };
     let (o, n) = (&old.settings.config.server, &settings.config.server);
     if o.listen != n.listen
@@ -149,10 +156,10 @@ fn apply_reload(gw: &Gateway, reload: &Reload) {
     match State::build(settings, &gw.metrics, Some(&old)) {
         Ok(state) => {
             gw.replace(state);
-            tracing::info!(source = %gw.state().settings.source, "config reloaded; new requests use it");
+            gw.reloaded(Ok(()));
+            let state = gw.state();
+            tracing::info!(source = %state.settings.source, hash = %state.config_hash, "config reloaded; new requests use it");
         }
-        Err(e) => {
-            tracing::error!(error = %e, "config reload refused; the previous config keeps serving")
-        }
+        Err(e) => refused(gw, e),
     }
 }

@@ -160,7 +160,7 @@ fn listening_line(format: LogFormat, listener: &str, addr: SocketAddr) -> String
     match format {
         LogFormat::Text => message,
         LogFormat::Json => serde_json::json!({
-            "timestamp": ezgate::access_log::timestamp(std::time::SystemTime::now()),
+            "timestamp": ezgate::access_log::rfc3339(std::time::SystemTime::now()),
             "level": "INFO",
             "message": message,
             "target": "ezgate",

@@ -14,6 +14,9 @@ use crate::errors::FailureKind;
 use crate::outcome::{Outcome, SessionEnd};
 use crate::route::Route;
 
+mod status;
+pub use status::StatusMetrics;
+
 /// From 100 µs to 10 minutes: quick refusals to long streams.
 const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -121,6 +124,8 @@ pub struct Metrics {
     durations: Box<[OnceLock<Histogram>]>,
     /// `ezgate_upstream_responses_total` by common status, then model label index.
     upstream_cache: Box<[OnceLock<IntCounter>]>,
+    /// What the admin view reads too: set at scrape time and on reloads.
+    pub status: StatusMetrics,
 }
 
 /// One client label's (prompt, completion) token counters.
@@ -330,6 +335,7 @@ impl Metrics {
             ])
             .set(1);
 
+        let status = StatusMetrics::new()?;
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -355,6 +361,10 @@ impl Metrics {
             Box::new(sessions_vec.clone()),
             Box::new(ws_bytes_vec.clone()),
             Box::new(build_info),
+            Box::new(status.utilization.clone()),
+            Box::new(status.cooldowns.clone()),
+            Box::new(status.reloads.clone()),
+            Box::new(status.config_info.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -425,6 +435,7 @@ impl Metrics {
             request_cache: cache(Route::ALL.len() * METHODS.len() * COMMON_STATUSES.len() * 2),
             durations: cache(Route::ALL.len() * STATUS_CLASSES.len()),
             upstream_cache: cache(COMMON_STATUSES.len() * (model_count + 1)),
+            status,
         })
     }
 

@@ -24,7 +24,7 @@ const FLOORS: &[(&str, &[&str])] = &[
         "path",
         &["gateway", "exchange", "proxy", "stream", "websocket"],
     ),
-    ("entry", &["server", "admin", "lib", "main"]),
+    ("entry", &["server", "admin", "status", "lib", "main"]),
 ];
 
 /// Imports between modules of one floor that are one concern.
@@ -49,6 +49,8 @@ const SIDEWAYS: &[(&str, &str)] = &[
     ("lib", "server"),
     ("lib", "admin"),
     ("server", "admin"),
+    // The admin listener serves the status view.
+    ("admin", "status"),
     ("main", "lib"),
     ("main", "server"),
 ];

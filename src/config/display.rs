@@ -41,6 +41,9 @@ impl fmt::Display for Settings {
         if let Some(tls) = &s.tls {
             writeln!(f, "tls = {{ cert = {:?}, key = {:?} }}", tls.cert, tls.key)?;
         }
+        if let Some(t) = &s.admin_token {
+            writeln!(f, "admin_token = \"{t}\"")?;
+        }
         let u = &c.upstream;
         writeln!(f, "\n[upstream]")?;
         writeln!(f, "base_url = \"{}\"", u.base_url)?;

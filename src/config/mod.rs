@@ -177,6 +177,10 @@ pub enum Store {
     Redis,
 }
 
+/// The shortest `server.admin_token` accepted: anyone who reaches the admin listener may
+/// try tokens.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -209,6 +213,9 @@ pub struct ServerConfig {
     /// Threads serving requests; 0 = one per CPU ezgate may run on (its affinity mask).
     pub worker_threads: usize,
     pub tls: Option<TlsConfig>,
+    /// Enables the admin listener's POST endpoints (`Authorization: Bearer <token>`); without
+    /// it they answer 403.
+    pub admin_token: Option<Secret>,
 }
 
 impl Default for ServerConfig {
@@ -230,6 +237,7 @@ impl Default for ServerConfig {
             websocket_pong_timeout: Dur(Duration::from_secs(20)),
             worker_threads: 0,
             tls: None,
+            admin_token: None,
         }
     }
 }
@@ -540,6 +548,35 @@ impl Settings {
                 Err(e) => problems.push(e),
             }
         }
+        if let Some(token) = &config.server.admin_token {
+            let value = match token.env_ref() {
+                Some(var) => match env(var) {
+                    Some(v) if !v.is_empty() => Some(v),
+                    _ => {
+                        problems.push(format!(
+                            "server.admin_token: environment variable {var} is not set; export it or remove the key"
+                        ));
+                        None
+                    }
+                },
+                None if token.expose().contains("${") => {
+                    problems.push(
+                        "server.admin_token: write a secret reference as exactly \"${VAR}\""
+                            .to_owned(),
+                    );
+                    None
+                }
+                None => Some(token.expose().to_owned()),
+            };
+            if let Some(v) = value {
+                if v.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                    problems.push(format!(
+                        "server.admin_token: shorter than {MIN_ADMIN_TOKEN_CHARS} characters; use a random token (e.g. `openssl rand -hex 32`)"
+                    ));
+                }
+                config.server.admin_token = Some(Secret::new(v));
+            }
+        }
         if let Some(redis) = &mut config.redis {
             let mut unresolved = false;
             let mut resolve = |key: String, secret: &mut Secret| {
@@ -611,6 +648,16 @@ impl Settings {
             }),
             _ => Err(fail(problems)),
         }
+    }
+
+    /// The first 16 hex digits of the SHA-256 of the effective config as `check-config`
+    /// prints it (secrets redacted, so a rotated secret keeps the hash): which config serves.
+    pub fn hash(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.to_string().as_bytes());
+        digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     pub fn managed(&self) -> bool {

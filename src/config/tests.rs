@@ -686,3 +686,56 @@ fn clients_identify_callers_in_passthrough_mode_too() {
     assert!(!s.config.upstream.forward_client_ip, "off by default");
     assert!(s.to_string().contains("forward_client_ip = false"));
 }
+
+#[test]
+fn the_admin_token_is_resolved_checked_and_redacted() {
+    let env = |k: &str| match k {
+        "T" => Some("admin-token-0123456789".to_owned()),
+        "SHORT" => Some("abc".to_owned()),
+        _ => None,
+    };
+    let load = |text: &str| Settings::from_toml("x", text, &Overrides::default(), &env);
+    let s = load("[server]\nadmin_token = \"${T}\"\n").unwrap();
+    assert_eq!(
+        s.config.server.admin_token.as_ref().map(|t| t.expose()),
+        Some("admin-token-0123456789")
+    );
+    let shown = s.to_string();
+    assert!(
+        !shown.contains("admin-token-0123456789") && shown.contains("admin_token = \"<redacted>\""),
+        "{shown}"
+    );
+    for (text, says) in [
+        ("[server]\nadmin_token = \"${UNSET}\"\n", "UNSET is not set"),
+        ("[server]\nadmin_token = \"${SHORT}\"\n", "shorter than 16"),
+        ("[server]\nadmin_token = \"short\"\n", "shorter than 16"),
+        ("[server]\nadmin_token = \"x${T}\"\n", "exactly"),
+    ] {
+        let e = load(text).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains("server.admin_token") && e.contains(says), "{e}");
+        assert!(!e.contains("admin-token-0123456789"), "{e}");
+    }
+    assert!(load("").unwrap().config.server.admin_token.is_none());
+}
+
+#[test]
+fn the_config_hash_follows_the_effective_config_not_its_secrets() {
+    let env = |k: &str| Some(format!("secret-value-of-{k}-0123456789"));
+    let hash = |text: &str| {
+        Settings::from_toml("x", text, &Overrides::default(), &env)
+            .unwrap()
+            .hash()
+    };
+    let base = hash("[upstream]\napi_key = \"${A}\"\n");
+    assert_eq!(base.len(), 16);
+    assert!(base.bytes().all(|b| b.is_ascii_hexdigit()), "{base}");
+    assert_eq!(
+        base,
+        hash("[upstream]\napi_key = \"${B}\"\n"),
+        "secrets are redacted first"
+    );
+    assert_ne!(
+        base,
+        hash("[upstream]\napi_key = \"${A}\"\nresponse_timeout = \"61s\"\n")
+    );
+}

@@ -93,6 +93,10 @@ pub enum GatewayError {
     MissingApiKey,
     #[error("Invalid API key: the presented key matches no configured client. Check the key the application sends.")]
     InvalidApiKey,
+    #[error("The admin listener's POST endpoints are off: set server.admin_token (e.g. \"${{EZGATE_ADMIN_TOKEN}}\") and reload to enable them.")]
+    AdminTokenNotConfigured,
+    #[error("Missing or wrong admin token: send 'Authorization: Bearer <server.admin_token>'.")]
+    InvalidAdminToken,
     #[error("Model '{model}' is not allowed for client '{client}'. Allowed: {allowed}.")]
     ModelNotAllowed {
         client: Arc<str>,
@@ -184,7 +188,10 @@ impl GatewayError {
             | Self::TokenRateLimited { .. }
             | Self::ConcurrencyLimited { .. }
             | Self::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::MissingApiKey | Self::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Self::MissingApiKey | Self::InvalidApiKey | Self::InvalidAdminToken => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::AdminTokenNotConfigured => StatusCode::FORBIDDEN,
             Self::ModelNotAllowed { .. }
             | Self::ModelMissing { .. }
             | Self::RouteNotAllowed { .. } => StatusCode::FORBIDDEN,
@@ -215,6 +222,8 @@ impl GatewayError {
             Self::UpstreamRateLimited { .. } => "upstream_rate_limited",
             Self::MissingApiKey => "missing_api_key",
             Self::InvalidApiKey => "invalid_api_key",
+            Self::AdminTokenNotConfigured => "admin_token_not_configured",
+            Self::InvalidAdminToken => "invalid_admin_token",
             Self::ModelNotAllowed { .. } | Self::ModelMissing { .. } => "model_not_allowed",
             Self::RouteNotAllowed { .. } => "route_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
@@ -263,6 +272,8 @@ impl GatewayError {
             self,
             Self::MissingApiKey
                 | Self::InvalidApiKey
+                | Self::AdminTokenNotConfigured
+                | Self::InvalidAdminToken
                 | Self::ModelNotAllowed { .. }
                 | Self::ModelMissing { .. }
                 | Self::RouteNotAllowed { .. }

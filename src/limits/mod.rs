@@ -10,6 +10,7 @@
 //! * [`store`] — local keyed state with a key cap; [`shared`] — the same in Redis, over the
 //!   connection of `link` (standalone, Sentinel or Cluster); `lease` keeps the concurrency
 //!   slots held in Redis renewed, and retries their releases until Redis answers
+//! * `snapshot` — what the policies and cooldowns hold now, as plain data for the admin view
 //! * [`tokens`], [`fields`], [`form`] — what a request body says of its model and size;
 //!   [`estimate`] — its tokens, by character class
 //! * [`scan`] — the one-pass JSON lexer that reads request bodies, and responses' usage
@@ -24,10 +25,12 @@ mod permit;
 mod policy;
 pub mod scan;
 pub mod shared;
+mod snapshot;
 pub mod store;
 pub mod tokens;
 
 pub use permit::{Admission, Checked, Permit};
+pub use snapshot::{Cooldown, KeyUse, PolicySnapshot};
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -166,6 +166,8 @@ struct StoreHealth {
     state: AtomicU8,
     /// ms since `epoch` of the last failed check.
     last_failure: AtomicU64,
+    /// What the last outage began with, for the admin view (set once per outage).
+    last_error: std::sync::Mutex<Option<String>>,
     epoch: Instant,
     /// `ezgate_ratelimit_store_up`: 1 in [`UP`], else 0.
     up: IntGauge,
@@ -204,8 +206,12 @@ impl StoreHealth {
                 self.last_failure.store(self.now_ms(), Ordering::SeqCst);
                 if self.state.swap(DOWN, Ordering::SeqCst) != DOWN {
                     self.publish();
+                    let error = format!("{}: {}", self.describe, explain(f, self.timeout));
+                    if let Ok(mut last) = self.last_error.lock() {
+                        *last = Some(error.clone());
+                    }
                     (self.on_health)(Health::Down {
-                        error: format!("{}: {}", self.describe, explain(f, self.timeout)),
+                        error,
                         fail_closed: self.fail_closed,
                     });
                 }
@@ -285,6 +291,7 @@ impl RedisStore {
             fail_closed,
             state: AtomicU8::new(UNKNOWN),
             last_failure: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
             epoch: Instant::now(),
             up: metrics.up,
         });
@@ -337,6 +344,15 @@ impl RedisStore {
             0 => None,
             n => Some(n),
         }
+    }
+
+    /// Whether Redis answers (false from a failed check until it has answered for a while),
+    /// and what its last outage began with (no password: the connection is described
+    /// without it).
+    pub fn health(&self) -> (bool, Option<String>) {
+        let h = &self.health;
+        let last = h.last_error.lock().ok().and_then(|l| l.clone());
+        (h.state.load(Ordering::SeqCst) == UP, last)
     }
 
     /// How many gateways a limit is divided by for the local fallback: `redis.replicas` when
@@ -585,6 +601,7 @@ mod tests {
             fail_closed: false,
             state: AtomicU8::new(UNKNOWN),
             last_failure: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
             epoch: Instant::now().checked_sub(Duration::from_secs(10)).unwrap(),
             up: IntGauge::new("ezgate_ratelimit_store_up", "test").unwrap(),
         };

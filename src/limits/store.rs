@@ -50,7 +50,8 @@ const EMPTY: u64 = u64::MAX;
 
 /// A DashMap of GCRA states that never holds more than `max` keys (plus the overflow key).
 pub struct CappedStore {
-    map: DashMap<Arc<str>, AtomicU64>,
+    /// Shared with the [`RequestStore`] that reads it for the admin view.
+    map: Arc<DashMap<Arc<str>, AtomicU64>>,
     count: AtomicUsize,
     max: usize,
 }
@@ -58,7 +59,7 @@ pub struct CappedStore {
 impl CappedStore {
     fn new(max: usize) -> Self {
         CappedStore {
-            map: DashMap::new(),
+            map: Arc::new(DashMap::new()),
             count: AtomicUsize::new(0),
             max,
         }
@@ -131,6 +132,10 @@ impl ShrinkableKeyedStateStore<Arc<str>> for CappedStore {
 /// Requests per unit with a burst, GCRA (governor).
 pub struct RequestStore<C: Clock> {
     limiter: RateLimiter<Arc<str>, CappedStore, C, StateInformationMiddleware>,
+    /// The limiter's states (theoretical arrival times, nanos since `start`), for [`RequestStore::usage`].
+    states: Arc<DashMap<Arc<str>, AtomicU64>>,
+    /// When the limiter started counting (its nanos are since then).
+    start: C::Instant,
     clock: C,
     pub burst: u32,
     pub interval: Duration,
@@ -140,11 +145,17 @@ impl<C: Clock + Clone> RequestStore<C> {
     pub fn new(rate: Rate, burst: u32, max_keys: usize, clock: C) -> Option<Self> {
         let burst_nz = std::num::NonZeroU32::new(burst)?;
         let quota = Quota::with_period(rate.interval())?.allow_burst(burst_nz);
+        let store = CappedStore::new(max_keys);
+        let states = Arc::clone(&store.map);
+        // The limiter takes its start from the same clock now: its nanos count from here.
+        let start = clock.now();
         let limiter: RateLimiter<Arc<str>, CappedStore, C, NoOpMiddleware<C::Instant>> =
-            RateLimiter::new(quota, CappedStore::new(max_keys), clock.clone());
+            RateLimiter::new(quota, store, clock.clone());
         let limiter = limiter.with_middleware::<StateInformationMiddleware>();
         Some(RequestStore {
             limiter,
+            states,
+            start,
             clock,
             burst,
             interval: rate.interval(),
@@ -177,6 +188,31 @@ impl<C: Clock + Clone> RequestStore<C> {
 
     pub fn evict_idle(&self) {
         self.limiter.retain_recent();
+    }
+
+    /// Calls `each` with every tracked key's use now: (key, used share of the burst 0–1,
+    /// requests remaining, time until the burst is whole again). Walks the keys one shard
+    /// lock at a time; for the admin view and the scrape, never a request.
+    pub fn usage(&self, mut each: impl FnMut(&Arc<str>, f64, u64, Duration)) {
+        let now = self.clock.now().duration_since(self.start).as_u64();
+        let cell = u64::try_from(self.interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let burst = u64::from(self.burst.max(1));
+        for entry in self.states.iter() {
+            let tat = entry.value().load(Ordering::Relaxed);
+            if tat == EMPTY {
+                continue;
+            }
+            let ahead = tat.saturating_sub(now);
+            let used = ahead.div_ceil(cell).min(burst);
+            each(
+                entry.key(),
+                used as f64 / burst as f64,
+                burst - used,
+                Duration::from_nanos(ahead),
+            );
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -267,6 +303,20 @@ impl<C: Clock> TokenStore<C> {
         }
     }
 
+    /// Calls `each` with every tracked key's use now: (key, used share of the bucket 0–1,
+    /// tokens remaining, time until the bucket is full again). For the admin view and the
+    /// scrape, never a request.
+    pub fn usage(&self, mut each: impl FnMut(&Arc<str>, f64, u64, Duration)) {
+        let now = self.now();
+        for entry in self.map.iter() {
+            let mut b = *entry.value();
+            self.refill(&mut b, now);
+            let remaining = b.balance.max(0.0) as u64;
+            let used = ((self.capacity - b.balance) / self.capacity.max(1.0)).clamp(0.0, 1.0);
+            each(entry.key(), used, remaining, self.reset_after(remaining));
+        }
+    }
+
     /// Seconds until a key's bucket is full again.
     pub fn reset_after(&self, remaining: u64) -> Duration {
         let missing = (self.capacity - remaining as f64).max(0.0);
@@ -335,6 +385,13 @@ impl ConcurrencyStore {
         });
         if removed.is_some() {
             self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls `each` with every key that has requests in flight, and how many.
+    pub fn usage(&self, mut each: impl FnMut(&Arc<str>, u32)) {
+        for entry in self.map.iter() {
+            each(entry.key(), *entry.value());
         }
     }
 

@@ -555,3 +555,85 @@ fn text_keys() {
         assert_eq!(&*super::policy::text_key(model), model);
     }
 }
+
+/// The admin view's snapshot follows what the checks spent, busiest key first, and is
+/// replenished by time like the checks are.
+#[test]
+fn snapshots_show_the_busiest_keys_and_their_use() {
+    let mut p = policy("p", "api_key");
+    p.requests = rate("10/min");
+    p.tokens = rate("1000/min");
+    let (l, clock) = limits(&[p]);
+    let (busy, calm) = (Req::new("fp:busy"), Req::new("fp:calm"));
+    // Admissions held: their token reservations are not settled yet.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(block(l.check(&busy.lr())).result.unwrap());
+    }
+    held.push(block(l.check(&calm.lr())).result.unwrap());
+    let snap = l.snapshot(5);
+    let s = &snap[0];
+    assert_eq!((&*s.name, s.keys), ("p", 2));
+    let keys: Vec<&str> = s.busiest.iter().map(|k| &*k.key).collect();
+    assert_eq!(keys, ["fp:busy", "fp:calm"]);
+    let top = &s.busiest[0];
+    assert_eq!(top.requests.map(|r| r.0), Some(6), "10 - 4 requests");
+    assert_eq!(top.requests.map(|r| r.1), Some(Duration::from_secs(24)));
+    // 4 × (10 prompt + 90 max_tokens) of 1000 tokens: 40% of the bucket.
+    assert_eq!(top.tokens.map(|t| t.0), Some(600));
+    assert!((top.used - 0.4).abs() < 1e-9, "{}", top.used);
+    assert!((s.utilization - 0.4).abs() < 1e-9);
+    assert_eq!(l.utilization().len(), 1);
+    assert!((l.utilization()[0] - 0.4).abs() < 1e-9);
+    assert_eq!(l.snapshot(1)[0].busiest.len(), 1);
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(l.utilization(), vec![0.0]);
+    drop(held);
+}
+
+/// Cooldowns are listed while they run and lifted by model, or all at once.
+#[test]
+fn cooldowns_are_listed_and_cleared() {
+    let (l, clock) = limits(&[]);
+    l.upstream_limited(
+        &cooldown_key(Some("fp:a"), Some("gpt-4o"), false),
+        Duration::from_secs(30),
+    );
+    l.upstream_limited(
+        &cooldown_key(Some("fp:b"), Some("gpt-4o"), false),
+        Duration::from_secs(10),
+    );
+    l.upstream_limited(
+        &cooldown_key(None, Some("o3"), true),
+        Duration::from_secs(20),
+    );
+    assert_eq!(l.active_cooldowns(), 3);
+    let listed = l.cooldowns();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|c| (
+                c.credential.as_str(),
+                c.model.as_str(),
+                c.remaining.as_secs()
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("fp:a", "gpt-4o", 30),
+            ("org", "o3", 20),
+            ("fp:b", "gpt-4o", 10)
+        ]
+    );
+    assert_eq!(l.clear_cooldowns(Some("gpt-4o")), 2);
+    assert_eq!(l.active_cooldowns(), 1);
+    let r = Req::new("fp:a");
+    assert!(block(l.check(&r.lr())).result.is_ok(), "lifted at once");
+    clock.advance(Duration::from_secs(25));
+    assert_eq!(l.active_cooldowns(), 0, "expired ones are not counted");
+    assert_eq!(
+        l.clear_cooldowns(None),
+        0,
+        "an expired one is removed, not counted"
+    );
+    assert!(l.cooldowns().is_empty());
+}

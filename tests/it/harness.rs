@@ -574,3 +574,43 @@ impl Gateway {
         }
     }
 }
+
+/// The admin listener.
+impl Gateway {
+    /// A request to the admin listener.
+    pub async fn admin(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let url = format!("http://{}{path_and_query}", self.admin);
+        send(&http1(), method, &url, headers, Bytes::new()).await
+    }
+
+    /// `GET /status`, as JSON (the raw body is `Resp::body`).
+    pub async fn status(&self) -> (Value, String) {
+        let r = self.admin(Method::GET, "/status", &[]).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let text = String::from_utf8(r.body.to_vec()).unwrap();
+        (serde_json::from_str(&text).unwrap(), text)
+    }
+
+    /// Waits until the gateway's log holds `needle` `n` times.
+    pub async fn wait_logs(&self, needle: &str, n: usize) {
+        let start = std::time::Instant::now();
+        while self.logs.text().matches(needle).count() < n {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no {n}× {needle:?} in the log:\n{}",
+                self.logs.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `fp:` and the first 12 hex digits of a value's SHA-256, as ezgate shows keys.
+pub fn fingerprint_of(value: &str) -> String {
+    format!("fp:{}", &sha256_hex(value)[..12])
+}

@@ -9,6 +9,7 @@
 mod harness;
 mod schema;
 
+mod admin;
 mod attacks;
 mod bodies;
 mod cancellation;

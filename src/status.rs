@@ -1,0 +1,232 @@
+//! `GET /status`: the running gateway as JSON (docs/admin.md), built from the snapshots the
+//! domain hands out (`Limits::snapshot`, `Limits::cooldowns`, the shared store's health) and
+//! the gateway's last config load. Nothing here holds a domain lock longer than its copy,
+//! and nothing runs on a request.
+//!
+//! A key is shown only as ezgate already names it: a configured client's name, a key
+//! fingerprint (`fp:` + 12 hex digits), a configured or well-known model, `global`. Values a
+//! caller sends (an IP address, a header's value, an unknown model) appear as the
+//! fingerprint of the value, never as the value.
+//!
+//! A new section (the learned upstream quota, budgets) is one more field of [`Status`].
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::clients::{fingerprint, sha256};
+use crate::config::{LimitKey, Mode};
+use crate::gateway::{Gateway, ReloadRecord};
+use crate::limits::store::OVERFLOW_KEY;
+use crate::limits::{Cooldown, KeyUse, PolicySnapshot};
+use crate::metrics::Metrics;
+
+/// How many of a policy's busiest keys `/status` shows.
+pub const BUSIEST_KEYS: usize = 5;
+
+#[derive(Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub draining: bool,
+    pub config: ConfigStatus,
+    pub limits: Vec<PolicyStatus>,
+    pub upstream_cooldowns: Vec<CooldownStatus>,
+    /// `null` without a `[redis]` section.
+    pub store: Option<StoreStatus>,
+}
+
+#[derive(Serialize)]
+pub struct ConfigStatus {
+    /// The config file's path, or `(built-in defaults)`.
+    pub source: String,
+    /// As `ezgate_config_info{hash}`.
+    pub hash: String,
+    pub last_reload: ReloadRecord,
+}
+
+#[derive(Serialize)]
+pub struct PolicyStatus {
+    pub name: String,
+    /// The configured key: `client`, `api_key`, `ip`, `header:<name>`, `model`, `global`.
+    pub key: String,
+    /// `local` or `redis`.
+    pub store: &'static str,
+    /// What the key counts below describe: `local`, or, for a Redis-shared policy, its
+    /// `local_fallback` (the shared counts live in Redis and are not read here).
+    pub view: &'static str,
+    pub mode: &'static str,
+    pub keys: usize,
+    /// As `ezgate_ratelimit_utilization{policy}`.
+    pub utilization: f64,
+    pub busiest: Vec<KeyStatus>,
+}
+
+#[derive(Serialize)]
+pub struct KeyStatus {
+    /// A client name, a fingerprint, a model, `global`, `anonymous`, `none` or `overflow`.
+    pub key: String,
+    /// The largest used share of its parts, 0–1.
+    pub used: f64,
+    pub requests: Option<PartStatus>,
+    pub tokens: Option<PartStatus>,
+    pub in_flight: Option<u32>,
+}
+
+#[derive(Serialize)]
+pub struct PartStatus {
+    pub remaining: u64,
+    /// Until the part is whole again.
+    pub reset_ms: u64,
+}
+
+#[derive(Serialize)]
+pub struct CooldownStatus {
+    /// `org` (managed mode), a key fingerprint, or `anonymous`.
+    pub credential: String,
+    /// The model of the upstream 429 (`*` when the request named none).
+    pub model: String,
+    pub retry_after_ms: u64,
+}
+
+#[derive(Serialize)]
+pub struct StoreStatus {
+    /// `standalone`, `cluster` or `sentinel`.
+    pub mode: String,
+    pub up: bool,
+    /// What the last outage began with (kept after Redis returns).
+    pub last_error: Option<String>,
+    /// Live gateways sharing the store, by the heartbeat (`null` before its first answer).
+    pub fleet: Option<u32>,
+}
+
+/// The running gateway, now.
+pub fn status(gw: &Gateway) -> Status {
+    let state = gw.state();
+    let limits = state
+        .limits
+        .snapshot(BUSIEST_KEYS)
+        .into_iter()
+        .zip(&state.settings.config.limits)
+        .map(|(p, cfg)| policy(&p, &cfg.key, &gw.metrics))
+        .collect();
+    let upstream_cooldowns = state.limits.cooldowns().iter().map(cooldown).collect();
+    let store = state
+        .store_health()
+        .map(|(mode, up, last_error)| StoreStatus {
+            mode: mode.to_string(),
+            up,
+            last_error,
+            fleet: state.fleet(),
+        });
+    Status {
+        version: env!("CARGO_PKG_VERSION"),
+        draining: gw.is_draining(),
+        config: ConfigStatus {
+            source: state.settings.source.clone(),
+            hash: state.config_hash.to_string(),
+            last_reload: gw.last_reload(),
+        },
+        limits,
+        upstream_cooldowns,
+        store,
+    }
+}
+
+fn policy(p: &PolicySnapshot, key: &str, metrics: &Metrics) -> PolicyStatus {
+    PolicyStatus {
+        name: p.name.to_string(),
+        key: key.to_owned(),
+        store: if p.shared { "redis" } else { "local" },
+        view: if p.shared { "local_fallback" } else { "local" },
+        mode: match p.mode {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+        },
+        keys: p.keys,
+        utilization: p.utilization,
+        busiest: p
+            .busiest
+            .iter()
+            .map(|k| key_status(k, &p.key, metrics))
+            .collect(),
+    }
+}
+
+fn key_status(k: &KeyUse, kind: &LimitKey, metrics: &Metrics) -> KeyStatus {
+    let part = |p: Option<(u64, Duration)>| {
+        p.map(|(remaining, reset)| PartStatus {
+            remaining,
+            reset_ms: ms(reset),
+        })
+    };
+    KeyStatus {
+        key: shown_key(kind, &k.key, metrics),
+        used: k.used,
+        requests: part(k.requests),
+        tokens: part(k.tokens),
+        in_flight: k.in_flight,
+    }
+}
+
+/// A policy key as `/status` may show it (see the module's doc).
+pub fn shown_key(kind: &LimitKey, key: &str, metrics: &Metrics) -> String {
+    if key == OVERFLOW_KEY {
+        return "overflow".to_owned();
+    }
+    let hidden = || fingerprint(&sha256(key.as_bytes()));
+    match kind {
+        // A configured client's name, or the fingerprint ezgate computed for the key.
+        LimitKey::Client | LimitKey::ApiKey => key.to_owned(),
+        LimitKey::Global => "global".to_owned(),
+        LimitKey::Model if key == "none" || metrics.model_label(Some(key)) == key => key.to_owned(),
+        LimitKey::Header(_) if key == "none" => key.to_owned(),
+        LimitKey::Model | LimitKey::Header(_) | LimitKey::Ip => hidden(),
+    }
+}
+
+fn cooldown(c: &Cooldown) -> CooldownStatus {
+    CooldownStatus {
+        credential: c.credential.clone(),
+        model: c.model.clone(),
+        retry_after_ms: ms(c.remaining),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_a_caller_sent_are_shown_as_fingerprints() {
+        let metrics = Metrics::new(["team-model".to_owned()]).unwrap_or_else(|e| panic!("{e}"));
+        let header = LimitKey::Header(http::HeaderName::from_static("x-team"));
+        let fp = |s: &str| fingerprint(&sha256(s.as_bytes()));
+        for (kind, key, shown) in [
+            (LimitKey::Client, "search-team", "search-team".to_owned()),
+            (
+                LimitKey::ApiKey,
+                "fp:0123456789ab",
+                "fp:0123456789ab".to_owned(),
+            ),
+            (LimitKey::Ip, "10.1.2.3", fp("10.1.2.3")),
+            (header.clone(), "secret-team-value", fp("secret-team-value")),
+            (header, "none", "none".to_owned()),
+            (LimitKey::Model, "gpt-4o", "gpt-4o".to_owned()),
+            (LimitKey::Model, "team-model", "team-model".to_owned()),
+            (
+                LimitKey::Model,
+                "my-private-finetune",
+                fp("my-private-finetune"),
+            ),
+            (LimitKey::Global, "", "global".to_owned()),
+            (LimitKey::Ip, OVERFLOW_KEY, "overflow".to_owned()),
+        ] {
+            assert_eq!(shown_key(&kind, key, &metrics), shown, "{kind:?} {key}");
+        }
+        assert!(fp("10.1.2.3").starts_with("fp:") && !fp("10.1.2.3").contains("10.1"));
+    }
+}
