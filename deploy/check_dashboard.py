@@ -71,10 +71,6 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_trace_spans_exported_total": ("counter", ()),
     "ezgate_trace_spans_dropped_total": ("counter", ("reason",)),
     "ezgate_build_info": ("gauge", ("version", "commit", "profile")),
-    "ezgate_ratelimit_utilization": ("gauge", ("policy",)),
-    "ezgate_upstream_cooldowns": ("gauge", ()),
-    "ezgate_config_reloads_total": ("counter", ("result",)),
-    "ezgate_config_info": ("gauge", ("hash",)),
     # prometheus crate, process collector
     "process_cpu_seconds_total": ("counter", ()),
     "process_resident_memory_bytes": ("gauge", ()),

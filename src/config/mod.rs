@@ -548,33 +548,16 @@ impl Settings {
                 Err(e) => problems.push(e),
             }
         }
-        if let Some(token) = &config.server.admin_token {
-            let value = match token.env_ref() {
-                Some(var) => match env(var) {
-                    Some(v) if !v.is_empty() => Some(v),
-                    _ => {
-                        problems.push(format!(
-                            "server.admin_token: environment variable {var} is not set; export it or remove the key"
-                        ));
-                        None
-                    }
-                },
-                None if token.expose().contains("${") => {
-                    problems.push(
-                        "server.admin_token: write a secret reference as exactly \"${VAR}\""
-                            .to_owned(),
-                    );
-                    None
-                }
-                None => Some(token.expose().to_owned()),
-            };
-            if let Some(v) = value {
-                if v.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+        if let Some(token) = &mut config.server.admin_token {
+            // `${VAR}` or `${file:/path}`, as every secret.
+            match secrets::resolve("server.admin_token", token, env) {
+                Ok(_) if token.expose().chars().count() < MIN_ADMIN_TOKEN_CHARS => {
                     problems.push(format!(
                         "server.admin_token: shorter than {MIN_ADMIN_TOKEN_CHARS} characters; use a random token (e.g. `openssl rand -hex 32`)"
                     ));
                 }
-                config.server.admin_token = Some(Secret::new(v));
+                Ok(_) => {}
+                Err(e) => problems.push(e),
             }
         }
         if let Some(redis) = &mut config.redis {
