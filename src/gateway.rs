@@ -15,7 +15,7 @@ use crate::buffers::Buffers;
 use crate::clients::Clients;
 use crate::config::{Settings, Store, UpstreamConfig};
 use crate::errors::redact::Redactor;
-use crate::limits::shared::{Health, RedisStore};
+use crate::limits::shared::{Health, RedisStore, StoreMetrics};
 use crate::limits::{Limits, Verdict, Verdicts};
 use crate::metrics::Metrics;
 use crate::traces::{TraceCounters, Tracer};
@@ -76,11 +76,10 @@ impl State {
         let clients = Clients::new(&cfg.clients, settings.managed());
         let redis = match (&cfg.redis, previous) {
             (Some(r), Some(p)) if p.settings.config.redis.as_ref() == Some(r) => p.redis.clone(),
-            (Some(r), _) => Some(Arc::new(RedisStore::new(
-                r,
-                Box::new(log_redis_health),
-                metrics.store_handles(),
-            )?)),
+            (Some(r), _) => Some(Arc::new(RedisStore::new(r, Box::new(log_redis_health), {
+                let (up, check_duration) = metrics.store_handles();
+                StoreMetrics { up, check_duration }
+            })?)),
             (None, _) => {
                 metrics.store_removed();
                 None

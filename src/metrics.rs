@@ -14,7 +14,9 @@ use crate::errors::FailureKind;
 use crate::outcome::{Outcome, SessionEnd};
 use crate::route::Route;
 
+mod models;
 mod status;
+use models::WELL_KNOWN_MODELS;
 pub use status::StatusMetrics;
 
 /// From 100 µs to 10 minutes: quick refusals to long streams.
@@ -42,36 +44,6 @@ const TPOT_BUCKETS: &[f64] = &[
 /// `redis.timeout`, whose time is what a check that gets no answer takes).
 const STORE_CHECK_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
-
-/// Models that get their own `model` label value without being named in the config.
-const WELL_KNOWN_MODELS: &[&str] = &[
-    "gpt-4o",
-    "gpt-4o-mini",
-    "gpt-4.1",
-    "gpt-4.1-mini",
-    "gpt-4.1-nano",
-    "gpt-4",
-    "gpt-4-turbo",
-    "gpt-3.5-turbo",
-    "gpt-5",
-    "gpt-5-mini",
-    "gpt-5-nano",
-    "o1",
-    "o1-mini",
-    "o3",
-    "o3-mini",
-    "o4-mini",
-    "text-embedding-3-small",
-    "text-embedding-3-large",
-    "text-embedding-ada-002",
-    "claude-3-5-sonnet",
-    "claude-3-7-sonnet",
-    "claude-sonnet-4",
-    "gemini-2.0-flash",
-    "gemini-2.5-pro",
-    "deepseek-chat",
-    "deepseek-reasoner",
 ];
 
 pub const DECISIONS: [&str; 4] = ["allowed", "limited", "shadow_limited", "waited"];
@@ -642,12 +614,12 @@ impl Metrics {
 
     /// The shared store's handles (`[redis]` is configured): `ezgate_ratelimit_store_up`
     /// and `ezgate_ratelimit_store_check_duration_seconds`, whose series start now.
-    pub fn store_handles(&self) -> StoreMetrics {
+    pub fn store_handles(&self) -> (IntGauge, Histogram) {
         let no_labels: [&str; 0] = [];
-        StoreMetrics {
-            up: self.store_up.with_label_values(&no_labels),
-            check_duration: self.store_check_duration.with_label_values(&no_labels),
-        }
+        (
+            self.store_up.with_label_values(&no_labels),
+            self.store_check_duration.with_label_values(&no_labels),
+        )
     }
 
     /// `[redis]` is gone (a reload removed it): the store series go with it, and the handles
@@ -666,26 +638,11 @@ impl Metrics {
     /// The model's place in the label table: config models, then well-known ones, then
     /// `other`.
     fn model_index(&self, model: Option<&str>) -> usize {
-        let other = self.model_names.len() + WELL_KNOWN_MODELS.len();
-        let Some(m) = model else { return other };
-        if let Ok(i) = self.model_names.binary_search_by(|n| n.as_str().cmp(m)) {
-            return i;
-        }
-        let base = strip_snapshot_date(m);
-        WELL_KNOWN_MODELS
-            .iter()
-            .position(|k| *k == base)
-            .map_or(other, |i| self.model_names.len() + i)
+        models::index(&self.model_names, model)
     }
 
     fn label_at(&self, i: usize) -> &str {
-        match self.model_names.get(i) {
-            Some(m) => m,
-            None => WELL_KNOWN_MODELS
-                .get(i - self.model_names.len())
-                .copied()
-                .unwrap_or("other"),
-        }
+        models::label_at(&self.model_names, i)
     }
 
     /// The text exposition of every metric.
@@ -695,40 +652,6 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
     }
-}
-
-/// What the shared store (`[redis]`) reports: its health and each check's round trip.
-#[derive(Clone)]
-pub struct StoreMetrics {
-    /// `ezgate_ratelimit_store_up`
-    pub up: IntGauge,
-    /// `ezgate_ratelimit_store_check_duration_seconds`
-    pub check_duration: Histogram,
-}
-
-/// `gpt-4o-2024-08-06` → `gpt-4o`. Model names come from requests and responses: any
-/// string, so every slice is checked.
-fn strip_snapshot_date(m: &str) -> &str {
-    let Some(split) = m.len().checked_sub(11) else {
-        return m;
-    };
-    match (m.get(..split), m.get(split..)) {
-        (Some(base), Some(tail)) if is_date_suffix(tail.as_bytes()) => base,
-        _ => m,
-    }
-}
-
-/// `-YYYY-MM-DD`
-fn is_date_suffix(t: &[u8]) -> bool {
-    t.len() == 11
-        && t[0] == b'-'
-        && t[1..].iter().enumerate().all(|(i, c)| {
-            if i == 4 || i == 7 {
-                *c == b'-'
-            } else {
-                c.is_ascii_digit()
-            }
-        })
 }
 
 fn status_code(status: u16) -> http::StatusCode {

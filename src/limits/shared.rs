@@ -16,8 +16,16 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::lease::{self, Leases};
 use super::link::{Failure, Link};
 use crate::config::RedisConfig;
-use crate::metrics::StoreMetrics;
 use prometheus::{Histogram, IntGauge};
+
+/// What the shared store reports, as the path hands it the handles: its health
+/// (`ezgate_ratelimit_store_up`) and each check's round trip
+/// (`ezgate_ratelimit_store_check_duration_seconds`).
+#[derive(Clone)]
+pub struct StoreMetrics {
+    pub up: IntGauge,
+    pub check_duration: Histogram,
+}
 
 /// GCRA for `cost` units. KEYS[1]: the theoretical arrival time (µs, server clock).
 /// ARGV: µs per unit, burst (units), cost. Returns {allowed, wait_us, remaining}.
