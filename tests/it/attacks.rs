@@ -916,19 +916,6 @@ async fn wait_buffered(gw: &Gateway, ok: impl Fn(f64) -> bool) -> f64 {
     }
 }
 
-/// Waits until a line of ezgate's log contains `needle`.
-async fn wait_log(gw: &Gateway, needle: &str) {
-    let start = std::time::Instant::now();
-    while !gw.logs.all().iter().any(|l| l.contains(needle)) {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no log line with {needle:?}:\n{}",
-            gw.logs.text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A chat body of exactly `len` bytes.
 fn chat_body(len: usize) -> String {
     let head = r#"{"model":"gpt-4o","messages":[{"role":"user","content":""#;
@@ -1246,12 +1233,12 @@ async fn out_of_file_descriptors_is_ezgates_503_and_the_listener_survives() {
         b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         DEADLINE,
     ));
-    wait_log(&gw, "accepting connections failed").await;
+    gw.wait_log("accepting connections failed").await;
     set_nofile(pid, 1024);
     let out = second.await.unwrap();
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    wait_log(&gw, "accepting connections again").await;
+    gw.wait_log("accepting connections again").await;
     drop(first);
     assert_eq!(gw.access_log("no-fds").await["status"], 503);
     let m = gw.settled_metrics().await;

@@ -576,14 +576,14 @@ async fn the_shared_store_reports_its_health_and_check_time() {
     // Redis goes away while nobody sends a request: the heartbeat notices.
     let port = redis.stop().await;
     wait_metric(&gw, "ezgate_ratelimit_store_up", 0.0).await;
-    wait_log(&gw, "redis unavailable").await;
+    gw.wait_log("redis unavailable").await;
     // A check that gets no answer is timed too (about redis.timeout).
     assert_eq!(gw.get("/v1/models").await.status, 200);
     assert_eq!(gw.metric(checks).await, 6.0);
     // Back on the same port, still without traffic: up again.
     let _redis = Redis::start_on(port).await;
     wait_metric(&gw, "ezgate_ratelimit_store_up", 1.0).await;
-    wait_log(&gw, "redis reachable again").await;
+    gw.wait_log("redis reachable again").await;
     // A reload that drops [redis] drops the store's series: no stale 1 (or 0) is left.
     std::fs::write(&gw.config_path, "").unwrap();
     gw.signal("HUP");
@@ -603,17 +603,5 @@ async fn the_shared_store_reports_its_health_and_check_time() {
             gw.logs.text()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_log(gw: &Gateway, needle: &str) {
-    let start = std::time::Instant::now();
-    while !gw.logs.text().contains(needle) {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no log line with {needle:?}:\n{}",
-            gw.logs.text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -2,7 +2,6 @@
 //! reported whole, and the startup warning for an upstream that does not resolve.
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use crate::harness::*;
 
@@ -175,26 +174,10 @@ fn host_names_and_unknown_levels_are_refused_before_binding() {
     assert!(out.stdout.is_empty(), "nothing was bound");
 }
 
-/// Waits for a log line containing `needle`.
-async fn wait_log(gw: &Gateway, needle: &str) -> String {
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(l) = gw.logs.all().into_iter().find(|l| l.contains(needle)) {
-            return l;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no log line with {needle:?}:\n{}",
-            gw.logs.text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn an_upstream_that_does_not_resolve_is_one_warning_not_unreadiness() {
     let gw = Gateway::start("http://no-such-host.invalid:1", "").await;
-    let line = wait_log(&gw, "upstream host does not resolve").await;
+    let line = gw.wait_log("upstream host does not resolve").await;
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["level"], "WARN");
     assert_eq!(v["host"], "no-such-host.invalid");
@@ -224,7 +207,7 @@ async fn an_upstream_that_does_not_resolve_is_one_warning_not_unreadiness() {
 async fn an_upstream_that_resolves_gets_no_warning() {
     let emu = Emulator::start().await;
     let gw = Gateway::start(&format!("http://localhost:{}", emu.addr.port()), "").await;
-    wait_log(&gw, "upstream host resolves").await;
+    gw.wait_log("upstream host resolves").await;
     assert!(
         !gw.logs.text().contains("does not resolve"),
         "{}",
