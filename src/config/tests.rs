@@ -716,6 +716,17 @@ fn the_admin_token_is_resolved_checked_and_redacted() {
         assert!(!e.contains("admin-token-0123456789"), "{e}");
     }
     assert!(load("").unwrap().config.server.admin_token.is_none());
+    // From a file, as every secret: one trailing newline dropped.
+    let file = secret_file("admin-token", "admin-token-from-a-file-01\n");
+    let s = load(&format!(
+        "[server]\nadmin_token = \"${{file:{}}}\"\n",
+        file.display()
+    ))
+    .unwrap();
+    assert_eq!(
+        s.config.server.admin_token.as_ref().map(|t| t.expose()),
+        Some("admin-token-from-a-file-01")
+    );
 }
 
 #[test]
