@@ -73,7 +73,10 @@ impl Drop for Exchange {
         }
         if let Some(permit) = self.permit.take() {
             if permit.reserves_tokens() {
-                let spent = out.tokens_spent();
+                let mut spent = out.tokens_spent();
+                if out.usage_unreadable && out.usage.is_none() && spent > 0 {
+                    spent = spent.max(permit.reserved());
+                }
                 out.charged = Some(spent);
                 permit.settle(spent);
             }

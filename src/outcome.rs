@@ -118,6 +118,10 @@ pub struct Outcome {
     /// The response's generated tokens, estimated from what streamed (for a response that
     /// ended without a usage report).
     pub output_estimate: u64,
+    /// A successful response on a model route whose body ezgate could not read (the upstream
+    /// compressed it though asked not to): its usage is unknown, so it is charged at least
+    /// what was reserved for it.
+    pub usage_unreadable: bool,
     /// Tokens the request was charged in the end, when a token policy covered it.
     pub charged: Option<u64>,
     /// Set once the response reached its end (or its final error event).
@@ -162,6 +166,7 @@ impl Outcome {
             usage: None,
             prompt_estimate: 0,
             output_estimate: 0,
+            usage_unreadable: false,
             charged: None,
             finished: false,
             first_token: None,

@@ -6,7 +6,8 @@
 /// The value of the one `model` field of a multipart body; `None` when the body is not
 /// multipart/form-data with exactly one `model` field of UTF-8 text, or holds a part the
 /// upstream might read as the model differently (a `Model` field, two `Content-Disposition`
-/// headers in one part).
+/// headers in one part, a disposition that gives a parameter twice or as `name*`, a content
+/// type with two boundaries).
 pub fn model(content_type: Option<&[u8]>, body: &[u8]) -> Option<String> {
     let boundary = boundary(content_type?)?;
     let mut delimiter = Vec::with_capacity(boundary.len() + 4);
@@ -39,7 +40,11 @@ pub fn model(content_type: Option<&[u8]>, body: &[u8]) -> Option<String> {
             (None, _) => None,
             (Some(_), Some(_)) => return None,
         };
-        let name = disposition.and_then(field_name);
+        let name = match disposition.map(field_name) {
+            Some(Err(Ambiguous)) => return None,
+            Some(Ok(name)) => name,
+            None => None,
+        };
         let is_model = name == Some(&b"model"[..]);
         if !is_model && name.is_some_and(|n| n.eq_ignore_ascii_case(b"model")) {
             return None;
@@ -80,34 +85,63 @@ pub fn is_multipart(content_type: Option<&[u8]>) -> bool {
 }
 
 /// `boundary` of a `multipart/form-data` content type (media types are case-insensitive).
+/// A content type that names its boundary twice is refused: parsers take the first or the
+/// last, and read two different forms.
 fn boundary(content_type: &[u8]) -> Option<&[u8]> {
     let mut params = content_type.split(|&b| b == b';');
     let media = params.next()?.trim_ascii();
     if !media.eq_ignore_ascii_case(b"multipart/form-data") {
         return None;
     }
-    params.find_map(|p| {
-        let (k, v) = split_param(p)?;
-        k.eq_ignore_ascii_case(b"boundary")
-            .then_some(v)
-            .filter(|v| !v.is_empty() && v.len() <= 70)
-    })
+    let mut found = None;
+    for (k, v) in params.filter_map(split_param) {
+        let k = k.strip_suffix(b"*").unwrap_or(k);
+        if k.eq_ignore_ascii_case(b"boundary") {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(v);
+        }
+    }
+    found.filter(|v| !v.is_empty() && v.len() <= 70)
 }
 
-/// `name` of `form-data; name="model"`.
-fn field_name(disposition: &[u8]) -> Option<&[u8]> {
+/// A `Content-Disposition` that parsers may read differently.
+#[derive(Debug, PartialEq)]
+struct Ambiguous;
+
+/// `name` of `form-data; name="model"`. A disposition that gives a parameter twice
+/// (`name="x"; name="model"`: some parsers take the first, others the last), or an
+/// RFC 2231 `name*` (which some decode and others ignore), or a name with a quote or a
+/// backslash inside, is ambiguous.
+fn field_name(disposition: &[u8]) -> Result<Option<&[u8]>, Ambiguous> {
     let mut params = disposition.split(|&b| b == b';');
     if !params
-        .next()?
+        .next()
+        .unwrap_or_default()
         .trim_ascii()
         .eq_ignore_ascii_case(b"form-data")
     {
-        return None;
+        return Ok(None);
     }
-    params.find_map(|p| {
-        let (k, v) = split_param(p)?;
-        k.eq_ignore_ascii_case(b"name").then_some(v)
-    })
+    let mut seen: Vec<&[u8]> = Vec::new();
+    let mut name = None;
+    for p in params {
+        let Some((k, v)) = split_param(p) else {
+            continue;
+        };
+        if k.eq_ignore_ascii_case(b"name*") || seen.iter().any(|s| s.eq_ignore_ascii_case(k)) {
+            return Err(Ambiguous);
+        }
+        seen.push(k);
+        if k.eq_ignore_ascii_case(b"name") {
+            if v.iter().any(|&b| b == b'"' || b == b'\\') {
+                return Err(Ambiguous);
+            }
+            name = Some(v);
+        }
+    }
+    Ok(name)
 }
 
 fn split_param(p: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -123,6 +157,31 @@ fn split_param(p: &[u8]) -> Option<(&[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dispositions_parsers_read_differently_are_refused() {
+        let part = |disposition: &str| {
+            format!("--XyZ\r\nContent-Disposition: {disposition}\r\n\r\nwhisper-1\r\n--XyZ--\r\n")
+        };
+        for d in [
+            r#"form-data; name="x"; name="model""#,
+            r#"form-data; name="model"; name="x""#,
+            r#"form-data; name*=UTF-8''model"#,
+            r#"form-data; name="model"; NAME="x""#,
+            r#"form-data; name="mo\"del""#,
+        ] {
+            assert_eq!(model(Some(CT), part(d).as_bytes()), None, "{d}");
+        }
+        assert_eq!(
+            model(Some(CT), part(r#"form-data; name="model""#).as_bytes()).as_deref(),
+            Some("whisper-1")
+        );
+        let two = b"multipart/form-data; boundary=XyZ; boundary=Other";
+        assert_eq!(
+            model(Some(two), part(r#"form-data; name="model""#).as_bytes()),
+            None
+        );
+    }
 
     const CT: &[u8] = b"multipart/form-data; boundary=XyZ";
 

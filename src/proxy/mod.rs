@@ -273,8 +273,9 @@ async fn handle(
     // From here the permit is settled with what the request spends, whatever happens.
     out.permit = Some(admission.permit);
     let admission_headers = admission.headers;
-    if strip {
-        // What ezgate removes from the stream must be readable: no compressed events.
+    if strip || (post && out.route.carries_tokens()) {
+        // The usage ezgate charges and meters must be readable, and what it removes from a
+        // stream too: no compressed answers on the model routes, whatever the client accepts.
         parts
             .headers
             .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));

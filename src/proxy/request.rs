@@ -131,8 +131,9 @@ const JUMP: u64 = 256 << 10;
 /// `server.request_body_timeout` between two pieces, when it is not complete at `until`,
 /// and when all buffered bodies together would hold more than `server.max_buffered_bytes`.
 /// Memory grows with the bytes that arrive, never with the length a header announces alone
-/// (doubling, capped by that length; past [`JUMP`] bytes, to that length): `charge` takes each growth before it happens. A
-/// body that arrives as one frame is kept as it is, without a copy.
+/// (doubling, capped by that length; past [`JUMP`] bytes, to that length): `charge` takes each
+/// piece's bytes before they are kept. A body that arrives as one frame is kept as it is,
+/// without a copy.
 async fn read_whole(
     mut body: Incoming,
     server: &ServerConfig,
@@ -171,6 +172,11 @@ async fn read_whole(
             }
             return Ok(data);
         }
+        // The budget is charged for the bytes that arrived: the capacity reserved beyond them
+        // is address space that no page backs until those bytes are written.
+        if !charge.take(data.len() as u64, budget) {
+            return Err(over_budget(budget));
+        }
         if len > buf.capacity() as u64 {
             // Each doubling copies the buffer. Once a body that declared its length has sent
             // `JUMP` bytes of it, the rest is taken at once: a large body then costs its own
@@ -182,7 +188,7 @@ async fn read_whole(
             } else {
                 len.max(buf.capacity() as u64 * 2).min(limit.max(len))
             };
-            grow(&mut buf, cap, charge, budget)?;
+            grow(&mut buf, cap, budget)?;
         }
         buf.extend_from_slice(&data);
         if end {
@@ -192,14 +198,10 @@ async fn read_whole(
     Ok(Bytes::from(buf))
 }
 
-/// Grows `buf` to `cap` bytes once the budget granted the difference. The old buffer is
-/// freed within this call (a reallocation runs on one worker thread, start to end), so the
-/// moment both exist is bounded by the worker threads, not by the requests.
-fn grow(buf: &mut Vec<u8>, cap: u64, charge: &mut Charge, budget: u64) -> Result<(), GatewayError> {
-    let more = cap.saturating_sub(buf.capacity() as u64);
-    if !charge.take(more, budget) {
-        return Err(over_budget(budget));
-    }
+/// Grows `buf` to `cap` bytes. The old buffer is freed within this call (a reallocation
+/// runs on one worker thread, start to end), so the moment both exist is bounded by the
+/// worker threads, not by the requests.
+fn grow(buf: &mut Vec<u8>, cap: u64, budget: u64) -> Result<(), GatewayError> {
     let more = usize::try_from(cap)
         .unwrap_or(usize::MAX)
         .saturating_sub(buf.len());

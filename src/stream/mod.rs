@@ -154,8 +154,10 @@ impl ResponseBody {
                 found.map_or((None, None), |(u, m)| (Some(u), m))
             }
             _ => {
-                // Nothing was read (an encoded body): a token is about four bytes of it.
+                // Nothing was read (an encoded body): a token is about four bytes of it, and
+                // on a model route no less than the reservation (the usage is unknown).
                 o.output_estimate = o.bytes_out.div_ceil(4);
+                o.usage_unreadable = o.route.carries_tokens();
                 (None, None)
             }
         };

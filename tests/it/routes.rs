@@ -173,6 +173,10 @@ async fn multipart_routes_have_their_model_field_checked() {
             "--f0rm\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini".into(),
             "--f0rm\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m\"\r\n\r\ngpt-4o-mini\r\n--f0rm--\r\n".into(),
             "--f0rm\r\nContent-Disposition: form-data; name=\"model\"\r\nContent-Transfer-Encoding: base64\r\n\r\nZ3B0LTRv\r\n--f0rm--\r\n".into(),
+            // A second `name` in one disposition: parsers take the first or the last.
+            "--f0rm\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini\r\n--f0rm\r\nContent-Disposition: form-data; name=\"x\"; name=\"model\"\r\n\r\ngpt-4o\r\n--f0rm--\r\n".into(),
+            // RFC 2231's `name*`, which some parsers decode to `name`.
+            "--f0rm\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-mini\r\n--f0rm\r\nContent-Disposition: form-data; name*=UTF-8''model\r\n\r\ngpt-4o\r\n--f0rm--\r\n".into(),
         ];
         for (i, body) in smuggled.into_iter().enumerate() {
             let id = format!("{path}-smuggled-{i}");

@@ -292,6 +292,52 @@ async fn shared_token_policies_settle_the_same_way() {
     );
 }
 
+/// A client that accepts gzip cannot hide a response's usage: a model route asks the
+/// upstream for an uncompressed answer, and an answer compressed anyway (its usage unread)
+/// is charged no less than its reservation.
+#[tokio::test]
+async fn compressed_answers_cannot_hide_their_usage() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), PER_DAY).await;
+    let asks = [
+        ("accept-encoding", "gzip, br"),
+        ("x-emu-completion-tokens", "300"),
+    ];
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        "gz-asked",
+        &asks,
+        &chat_body(false, Some(400)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let e = emu.entry("gz-asked").await.unwrap();
+    assert_eq!(logged_header(&e, "accept-encoding"), Some("identity"));
+    let (p, c) = emulated(&emu, "gz-asked").await;
+    assert_eq!(charged(&gw, "gz-asked").await, p + c);
+    // The upstream compresses though asked not to.
+    let forced = [
+        ("accept-encoding", "gzip"),
+        ("x-emu-encoding", "gzip"),
+        ("x-emu-completion-tokens", "300"),
+    ];
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        "gz-forced",
+        &forced,
+        &chat_body(false, Some(400)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let spent = charged(&gw, "gz-forced").await;
+    assert!(
+        spent > 400,
+        "charged {spent}: at least max_tokens and the prompt"
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_upstream_costs_nothing() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
