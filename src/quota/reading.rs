@@ -2,16 +2,18 @@
 
 use std::time::Duration;
 
+use http::header::HeaderName;
 use http::HeaderMap;
 
 use super::duration::parse_go_duration;
 
-pub const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
-pub const LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
-pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
-pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
-pub const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
-pub const RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
+pub const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+pub const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+pub const REMAINING_REQUESTS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-requests");
+pub const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+pub const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+pub const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 /// The longest integer text read (u64 has 20 digits).
 const MAX_DIGITS: usize = 20;
@@ -55,7 +57,12 @@ impl Reading {
     }
 }
 
-fn part(headers: &HeaderMap, limit: &str, remaining: &str, reset: &str) -> Option<Part> {
+fn part(
+    headers: &HeaderMap,
+    limit: HeaderName,
+    remaining: HeaderName,
+    reset: HeaderName,
+) -> Option<Part> {
     let limit = integer(one(headers, limit)?)?;
     let remaining = integer(one(headers, remaining)?)?;
     let reset = parse_go_duration(one(headers, reset)?)?;
@@ -67,7 +74,7 @@ fn part(headers: &HeaderMap, limit: &str, remaining: &str, reset: &str) -> Optio
 }
 
 /// The header's only value, as text: a header sent twice is ambiguous and not read.
-fn one<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn one(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
     let mut all = headers.get_all(name).iter();
     let first = all.next()?;
     if all.next().is_some() {
@@ -90,15 +97,15 @@ mod tests {
 
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    fn headers(pairs: &[(HeaderName, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(*k, HeaderValue::from_static(v));
+            h.append(k.clone(), HeaderValue::from_static(v));
         }
         h
     }
 
-    const FULL: [(&str, &str); 6] = [
+    const FULL: [(HeaderName, &str); 6] = [
         (LIMIT_REQUESTS, "100"),
         (REMAINING_REQUESTS, "99"),
         (RESET_REQUESTS, "6m0s"),
@@ -151,7 +158,7 @@ mod tests {
             (RESET_REQUESTS, "60"),
         ] {
             let mut h = headers(&FULL);
-            h.insert(name, HeaderValue::from_static(bad));
+            h.insert(name.clone(), HeaderValue::from_static(bad));
             let r = Reading::from_headers(&h);
             assert_eq!(r.requests, None, "{name}: {bad:?}");
             assert!(r.tokens.is_some(), "{name}: {bad:?}");
