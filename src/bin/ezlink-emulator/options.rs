@@ -304,10 +304,12 @@ const RATELIMIT_NAMES: [&str; 6] = [
 
 /// `limit-requests=100,reset-requests=6m0s`: comma-separated `suffix=value` pairs.
 fn ratelimit(list: &str) -> Result<Vec<(HeaderName, HeaderValue)>, BadHeader> {
-    let bad = || BadHeader {
+    let bad = || {
+        BadHeader {
         name: "x-emu-ratelimit",
         value: list.to_owned(),
         expected: "comma-separated SUFFIX=VALUE, SUFFIX one of limit-requests, limit-tokens, remaining-requests, remaining-tokens, reset-requests, reset-tokens",
+    }
     };
     let mut out = Vec::new();
     for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
