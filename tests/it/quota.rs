@@ -267,3 +267,39 @@ async fn mode_off_learns_nothing() {
     assert_eq!(status["upstream_quota"], Value::Null);
     assert!(!gw.metrics().await.contains("ezgate_upstream_quota_limit{"));
 }
+
+#[tokio::test]
+async fn a_reload_keeps_what_was_learned_unless_the_quota_section_changed() {
+    let emu = Emulator::start().await;
+    let config = "[upstream.quota]\nheadroom = \"5%\"\n";
+    let gw = Gateway::start(&emu.url(), config).await;
+    let r = gw
+        .chat(&[
+            ("authorization", "Bearer sk-quota-reload"),
+            ("x-emu-ratelimit", FULL),
+        ])
+        .await;
+    assert_eq!(r.status, 200);
+    wait_entry(&gw, "gpt-4o", 99.into()).await;
+    // Another section changes: the learned quota stays.
+    std::fs::write(
+        &gw.config_path,
+        format!(
+            "{config}\n[[limits]]\nname = \"roomy\"\nkey = \"global\"\nrequests = \"1000/min\"\n"
+        ),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    gw.wait_logs("config reloaded", 1).await;
+    wait_entry(&gw, "gpt-4o", 99.into()).await;
+    // `[upstream.quota]` changes: learning starts over.
+    std::fs::write(&gw.config_path, "[upstream.quota]\nheadroom = \"10%\"\n").unwrap();
+    gw.signal("HUP");
+    gw.wait_logs("config reloaded", 2).await;
+    assert_eq!(learned(&gw).await, Vec::<Value>::new());
+    // `enforce` is refused by name; the running config keeps serving.
+    std::fs::write(&gw.config_path, "[upstream.quota]\nmode = \"enforce\"\n").unwrap();
+    gw.signal("HUP");
+    let line = gw.wait_log("config reload refused").await;
+    assert!(line.contains("upstream.quota.mode"), "{line}");
+}
