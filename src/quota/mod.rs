@@ -93,10 +93,15 @@ pub struct EntryView {
     pub tokens: Option<UnitView>,
 }
 
+/// (upstream key id, model).
+type Pair = (Arc<str>, Arc<str>);
+/// Per (model, unit): (limit, remaining).
+type Tightest = HashMap<(Arc<str>, &'static str), (u64, Option<u64>)>;
+
 /// The learned quota table; shared (cheaply cloned) by the states a reload keeps it across.
 #[derive(Clone, Default)]
 pub struct Learned {
-    table: Arc<Mutex<HashMap<(Arc<str>, Arc<str>), Entry>>>,
+    table: Arc<Mutex<HashMap<Pair, Entry>>>,
     max_entries: usize,
 }
 
@@ -168,7 +173,7 @@ impl Learned {
     }
 }
 
-fn evict_oldest(table: &mut HashMap<(Arc<str>, Arc<str>), Entry>) {
+fn evict_oldest(table: &mut HashMap<Pair, Entry>) {
     let oldest = table
         .iter()
         .min_by_key(|(_, e)| e.touched)
@@ -185,7 +190,7 @@ pub const ORG_KEY: &str = "org";
 /// with the least remaining share (the key nearest its 429 is what an operator must see);
 /// an expired unit counts its limit and no remaining.
 pub fn tightest(entries: &[EntryView]) -> Vec<(Arc<str>, &'static str, u64, Option<u64>)> {
-    let mut best: HashMap<(Arc<str>, &'static str), (u64, Option<u64>)> = HashMap::new();
+    let mut best = Tightest::new();
     for e in entries {
         for (unit, view) in [("requests", e.requests), ("tokens", e.tokens)] {
             let Some(v) = view else { continue };
