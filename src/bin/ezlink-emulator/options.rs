@@ -331,3 +331,20 @@ fn flag(headers: &HeaderMap, name: &str) -> bool {
         !(v == b"0" || v.eq_ignore_ascii_case(b"false"))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratelimit_pairs_are_sent_as_given_and_unknown_names_refused() {
+        let got = ratelimit("limit-requests=100, reset-tokens=forever,").unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0.as_str(), "x-ratelimit-limit-requests");
+        assert_eq!(got[0].1, "100");
+        assert_eq!(got[1].0.as_str(), "x-ratelimit-reset-tokens");
+        assert_eq!(got[1].1, "forever");
+        assert!(ratelimit("limit-bytes=1").is_err());
+        assert!(ratelimit("limit-requests").is_err());
+    }
+}
