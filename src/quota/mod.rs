@@ -93,15 +93,23 @@ pub struct EntryView {
     pub tokens: Option<UnitView>,
 }
 
-/// (upstream key id, model).
-type Pair = (Arc<str>, Arc<str>);
+/// Per upstream key id, per model. Nested so a known pair is found by `&str` without
+/// allocating (every response of a busy key and model finds its entry).
+type Table = HashMap<Arc<str>, HashMap<Arc<str>, Entry>>;
 /// Per (model, unit): (limit, remaining).
 type Tightest = HashMap<(Arc<str>, &'static str), (u64, Option<u64>)>;
+
+#[derive(Default)]
+struct Inner {
+    table: Table,
+    /// (key, model) pairs in `table`.
+    pairs: usize,
+}
 
 /// The learned quota table; shared (cheaply cloned) by the states a reload keeps it across.
 #[derive(Clone, Default)]
 pub struct Learned {
-    table: Arc<Mutex<HashMap<Pair, Entry>>>,
+    inner: Arc<Mutex<Inner>>,
     max_entries: usize,
 }
 
@@ -113,7 +121,7 @@ impl Learned {
     /// A table that keeps at most `max_entries` (key, model) pairs (at least one).
     pub fn with_capacity(max_entries: usize) -> Learned {
         Learned {
-            table: Arc::default(),
+            inner: Arc::default(),
             max_entries: max_entries.max(1),
         }
     }
@@ -124,15 +132,24 @@ impl Learned {
         if reading.is_empty() {
             return;
         }
-        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = match table.get_mut(&(Arc::from(key), Arc::from(model))) {
-            Some(e) => e,
-            None => {
-                if table.len() >= self.max_entries {
-                    evict_oldest(&mut table);
-                }
-                table.entry((Arc::from(key), Arc::from(model))).or_default()
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let known = inner
+            .table
+            .get(key)
+            .is_some_and(|models| models.contains_key(model));
+        if !known {
+            if inner.pairs >= self.max_entries {
+                inner.evict_oldest();
             }
+            inner.pairs += 1;
+            inner
+                .table
+                .entry(Arc::from(key))
+                .or_default()
+                .insert(Arc::from(model), Entry::default());
+        }
+        let Some(entry) = inner.table.get_mut(key).and_then(|m| m.get_mut(model)) else {
+            return;
         };
         if let Some(p) = reading.requests {
             entry.requests = Some(Known::new(p, now));
@@ -145,27 +162,30 @@ impl Learned {
 
     /// Every (key, model) as of `now`, sorted by key then model.
     pub fn snapshot(&self, now: Instant) -> Vec<EntryView> {
-        let table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<EntryView> = table
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<EntryView> = inner
+            .table
             .iter()
-            .map(|((key, model), e)| EntryView {
-                key: Arc::clone(key),
-                model: Arc::clone(model),
-                requests: e.requests.as_ref().map(|k| UnitView::of(k, now)),
-                tokens: e.tokens.as_ref().map(|k| UnitView::of(k, now)),
+            .flat_map(|(key, models)| {
+                models.iter().map(move |(model, e)| EntryView {
+                    key: Arc::clone(key),
+                    model: Arc::clone(model),
+                    requests: e.requests.as_ref().map(|k| UnitView::of(k, now)),
+                    tokens: e.tokens.as_ref().map(|k| UnitView::of(k, now)),
+                })
             })
             .collect();
-        drop(table);
+        drop(inner);
         out.sort_by(|a, b| (&a.key, &a.model).cmp(&(&b.key, &b.model)));
         out
     }
 
     /// How many (key, model) pairs are kept.
     pub fn len(&self) -> usize {
-        self.table
+        self.inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len()
+            .pairs
     }
 
     pub fn is_empty(&self) -> bool {
@@ -173,13 +193,24 @@ impl Learned {
     }
 }
 
-fn evict_oldest(table: &mut HashMap<Pair, Entry>) {
-    let oldest = table
-        .iter()
-        .min_by_key(|(_, e)| e.touched)
-        .map(|(k, _)| k.clone());
-    if let Some(k) = oldest {
-        table.remove(&k);
+impl Inner {
+    /// Removes the pair learned longest ago (a scan: only when the table is full).
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .table
+            .iter()
+            .flat_map(|(key, models)| models.iter().map(move |(model, e)| (e.touched, key, model)))
+            .min_by_key(|(touched, _, _)| *touched)
+            .map(|(_, key, model)| (Arc::clone(key), Arc::clone(model)));
+        let Some((key, model)) = oldest else { return };
+        if let Some(models) = self.table.get_mut(&key) {
+            if models.remove(&model).is_some() {
+                self.pairs -= 1;
+            }
+            if models.is_empty() {
+                self.table.remove(&key);
+            }
+        }
     }
 }
 
@@ -305,6 +336,26 @@ mod tests {
             .collect();
         assert_eq!(keys, ["fp:aaaaaaaaaaaa", "fp:cccccccccccc"]);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn eviction_takes_one_model_of_a_key_and_keeps_the_others() {
+        let t = Learned::with_capacity(3);
+        let now = Instant::now();
+        let r = Reading {
+            requests: None,
+            tokens: part(1000, 10, 1_000),
+        };
+        for (i, model) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            t.learn("org", model, &r, now + Duration::from_millis(i as u64));
+        }
+        let models: Vec<_> = t
+            .snapshot(now)
+            .into_iter()
+            .map(|e| e.model.to_string())
+            .collect();
+        assert_eq!(models, ["b", "c", "d"]);
+        assert_eq!(t.len(), 3);
     }
 
     #[test]
