@@ -36,6 +36,9 @@ pub async fn serve(
                 .status
                 .utilization(state.limits.policy_names().zip(used));
             gw.metrics.status.cooldowns(state.limits.active_cooldowns());
+            if let Some(learned) = &state.quota {
+                crate::status::quota_metrics(learned, &gw.metrics);
+            }
             (
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffers::Buffers;
 use crate::clients::Clients;
-use crate::config::{Settings, Store, UpstreamConfig};
+use crate::config::{QuotaMode, Settings, Store, UpstreamConfig};
 use crate::errors::redact::Redactor;
 use crate::limits::shared::{Health, RedisStore, StoreMetrics};
 use crate::limits::{Limits, Verdict, Verdicts};
 use crate::metrics::Metrics;
+use crate::quota::Learned;
 use crate::traces::{TraceCounters, Tracer};
 use crate::upstream::Upstream;
 
@@ -50,6 +51,12 @@ pub struct State {
     pub config_hash: Arc<str>,
     /// SHA-256 of `server.admin_token`: what a POST's bearer token is compared with.
     pub admin_token: Option<[u8; 32]>,
+    /// The upstream's quota learned from its headers (`None` with `upstream.quota.mode =
+    /// "off"`); kept across a reload that leaves `[upstream.quota]` unchanged.
+    pub quota: Option<Learned>,
+    /// The id the organization's key is learned under (managed mode): `org:` and a short
+    /// fingerprint of the key, so a new key starts a new picture.
+    pub quota_org_key: Option<Arc<str>>,
 }
 
 /// `ezgate_ratelimit_decisions_total` and `…_store_fallbacks_total` of one policy.
@@ -139,7 +146,21 @@ impl State {
             .admin_token
             .as_ref()
             .map(|t| crate::clients::sha256(t.expose().as_bytes()));
+        let quota = match (cfg.upstream.quota.mode, previous) {
+            (QuotaMode::Off, _) => None,
+            (_, Some(p)) if p.settings.config.upstream.quota == cfg.upstream.quota => {
+                p.quota.clone()
+            }
+            _ => None,
+        }
+        .or_else(|| (cfg.upstream.quota.mode != QuotaMode::Off).then(Learned::new));
+        let quota_org_key = cfg.upstream.api_key.as_ref().map(|k| {
+            let fp = crate::clients::fingerprint(&crate::clients::sha256(k.expose().as_bytes()));
+            Arc::from(format!("org:{}", fp.trim_start_matches("fp:")))
+        });
         Ok(State {
+            quota,
+            quota_org_key,
             config_hash,
             admin_token,
             settings,
@@ -559,6 +580,7 @@ fn same_pool(old: &Settings, new: &Settings) -> bool {
     let pool = |s: &Settings| UpstreamConfig {
         api_key: None,
         forward_client_ip: false,
+        quota: crate::config::QuotaConfig::default(),
         ..s.config.upstream.clone()
     };
     old.upstream_uri == new.upstream_uri && pool(old) == pool(new)

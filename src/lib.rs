@@ -17,7 +17,8 @@
 //! * **the domain** — [`clients`]: who is asking (keys, fingerprints, model allow-lists);
 //!   [`limits`]: rate, token and concurrency policies, their decisions and permits as
 //!   values; [`upstream`] and [`pool`]: where requests go, connections over rustls, error
-//!   classification
+//!   classification; [`quota`]: the upstream's own quota, learned per key and model from
+//!   its `x-ratelimit-*` headers
 //! * **recording**, beside the domain — [`outcome`]: what happened to one request, plain
 //!   data; [`metrics`]: the Prometheus registry; [`access_log`]: the per-request line;
 //!   [`traces`]: the request's OpenTelemetry span and its export
@@ -57,6 +58,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod pool;
 pub mod proxy;
+pub mod quota;
 pub mod route;
 pub mod server;
 pub mod status;

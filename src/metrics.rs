@@ -337,6 +337,8 @@ impl Metrics {
             Box::new(status.cooldowns.clone()),
             Box::new(status.reloads.clone()),
             Box::new(status.config_info.clone()),
+            Box::new(status.quota_limit.clone()),
+            Box::new(status.quota_remaining.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {

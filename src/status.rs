@@ -10,7 +10,8 @@
 //!
 //! A new section (the learned upstream quota, budgets) is one more field of [`Status`].
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -20,6 +21,7 @@ use crate::gateway::{Gateway, ReloadRecord};
 use crate::limits::store::OVERFLOW_KEY;
 use crate::limits::{Cooldown, KeyUse, PolicySnapshot};
 use crate::metrics::Metrics;
+use crate::quota::{tightest, Learned, UnitView, ANY_MODEL};
 
 /// How many of a policy's busiest keys `/status` shows.
 pub const BUSIEST_KEYS: usize = 5;
@@ -33,6 +35,32 @@ pub struct Status {
     pub upstream_cooldowns: Vec<CooldownStatus>,
     /// `null` without a `[redis]` section.
     pub store: Option<StoreStatus>,
+    /// The upstream's quota learned from its headers, per key and model; `null` with
+    /// `upstream.quota.mode = "off"`.
+    pub upstream_quota: Option<Vec<QuotaStatus>>,
+}
+
+#[derive(Serialize)]
+pub struct QuotaStatus {
+    /// `org:` + a fingerprint of the organization's key (managed mode), a caller's key
+    /// fingerprint (passthrough), or `anonymous`.
+    pub key: String,
+    /// A configured or well-known model, `*` (the request named none), else its fingerprint.
+    pub model: String,
+    pub requests: Option<QuotaUnitStatus>,
+    pub tokens: Option<QuotaUnitStatus>,
+}
+
+#[derive(Serialize)]
+pub struct QuotaUnitStatus {
+    pub limit: u64,
+    /// `null` once `expired`: the upstream refilled it by an amount not yet seen.
+    pub remaining: Option<u64>,
+    /// Until the upstream's reset; 0 once passed.
+    pub reset_ms: u64,
+    /// Since the response that told it.
+    pub age_ms: u64,
+    pub expired: bool,
 }
 
 #[derive(Serialize)]
@@ -129,7 +157,57 @@ pub fn status(gw: &Gateway) -> Status {
         limits,
         upstream_cooldowns,
         store,
+        upstream_quota: state.quota.as_ref().map(|q| quota(q, &gw.metrics)),
     }
+}
+
+fn quota(learned: &Learned, metrics: &Metrics) -> Vec<QuotaStatus> {
+    let unit = |u: Option<UnitView>| {
+        u.map(|u| QuotaUnitStatus {
+            limit: u.limit,
+            remaining: u.remaining,
+            reset_ms: ms(u.reset_in),
+            age_ms: ms(u.age),
+            expired: u.expired,
+        })
+    };
+    learned
+        .snapshot(Instant::now())
+        .into_iter()
+        .map(|e| QuotaStatus {
+            key: e.key.to_string(),
+            model: shown_model(&e.model, metrics),
+            requests: unit(e.requests),
+            tokens: unit(e.tokens),
+        })
+        .collect()
+}
+
+/// A learned model as `/status` may show it: named when ezgate names it in its metrics.
+fn shown_model(model: &str, metrics: &Metrics) -> String {
+    if model == ANY_MODEL || metrics.model_label(Some(model)) == model {
+        model.to_owned()
+    } else {
+        fingerprint(&sha256(model.as_bytes()))
+    }
+}
+
+/// Sets `ezgate_upstream_quota_limit` / `_remaining` from the learned table: per model label
+/// (a configured or well-known model, else `other`) and unit, the key and model with the
+/// least remaining share.
+pub fn quota_metrics(learned: &Learned, metrics: &Metrics) {
+    let mut entries = learned.snapshot(Instant::now());
+    for e in &mut entries {
+        let label = metrics.model_label((&*e.model != ANY_MODEL).then_some(&*e.model));
+        if *label != *e.model {
+            e.model = Arc::from(label);
+        }
+    }
+    let rows = tightest(&entries);
+    metrics.status.upstream_quota(
+        rows.iter()
+            .map(|(model, unit, limit, remaining)| (&**model, *unit, *limit, *remaining)),
+    );
 }
 
 fn policy(p: &PolicySnapshot, key: &str, metrics: &Metrics) -> PolicyStatus {

@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 const FLOORS: &[(&str, &[&str])] = &[
     ("base", &["errors", "headers", "route", "tls", "buffers"]),
     ("config", &["config"]),
-    ("domain", &["clients", "limits", "upstream", "pool"]),
+    (
+        "domain",
+        &["clients", "limits", "upstream", "pool", "quota"],
+    ),
     ("recording", &["outcome", "metrics", "access_log", "traces"]),
     (
         "path",

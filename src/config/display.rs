@@ -62,6 +62,25 @@ impl fmt::Display for Settings {
         if let Some(ca) = &u.ca_file {
             writeln!(f, "ca_file = {ca:?}")?;
         }
+        let q = &u.quota;
+        writeln!(f, "\n[upstream.quota]")?;
+        writeln!(f, "mode = \"{}\"", q.mode.as_str())?;
+        writeln!(f, "headroom = \"{}\"", q.headroom)?;
+        let store = match q.store {
+            super::QuotaStore::Local => "local",
+            super::QuotaStore::Redis => "redis",
+        };
+        writeln!(f, "store = \"{store}\"")?;
+        writeln!(
+            f,
+            "reserve = {{ critical = \"{}\", interactive = \"{}\" }}",
+            q.reserve.critical, q.reserve.interactive
+        )?;
+        writeln!(
+            f,
+            "max_wait = {{ critical = \"{}\", interactive = \"{}\", batch = \"{}\" }}",
+            q.max_wait.critical, q.max_wait.interactive, q.max_wait.batch
+        )?;
         writeln!(f, "\n[log]")?;
         let format = match c.log.format {
             LogFormat::Json => "json",

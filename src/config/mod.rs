@@ -3,6 +3,7 @@
 
 mod display;
 mod parse;
+mod quota;
 mod redis_url;
 pub mod secrets;
 pub mod units;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
+pub use quota::{MaxWait, QuotaConfig, QuotaMode, QuotaStore, Reserve, Share};
 pub use redis_url::RedisTarget;
 pub use units::{ByteSize, Dur, LimitKey, Rate, Secret, SecretRef};
 
@@ -270,6 +272,8 @@ pub struct UpstreamConfig {
     /// `Forwarded` or `X-Real-IP` reaches the upstream, the client's own included (they
     /// carry the organization's internal addresses).
     pub forward_client_ip: bool,
+    /// The upstream's own quota, learned from its `x-ratelimit-*` headers.
+    pub quota: QuotaConfig,
 }
 
 /// Whether ezgate speaks HTTP/2 to the upstream.
@@ -311,6 +315,7 @@ impl Default for UpstreamConfig {
             max_retry_after: Dur(Duration::from_secs(300)),
             stream_usage: true,
             forward_client_ip: false,
+            quota: QuotaConfig::default(),
         }
     }
 }

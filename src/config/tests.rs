@@ -750,3 +750,41 @@ fn the_config_hash_follows_the_effective_config_not_its_secrets() {
         hash("[upstream]\napi_key = \"${A}\"\nresponse_timeout = \"61s\"\n")
     );
 }
+
+#[test]
+fn upstream_quota_is_read_checked_and_printed() {
+    let s = load("").unwrap();
+    assert_eq!(s.config.upstream.quota.mode, super::QuotaMode::Observe);
+    let text = "[upstream.quota]\nmode = \"off\"\nheadroom = \"7.5%\"\nreserve = { critical = \"5%\", interactive = \"20%\" }\nmax_wait = { critical = \"3s\", interactive = \"1s\", batch = \"2m\" }\n";
+    let s = load(text).unwrap();
+    let q = &s.config.upstream.quota;
+    assert_eq!(q.mode, super::QuotaMode::Off);
+    assert_eq!(q.headroom.fraction(), 0.075);
+    let printed = s.to_string();
+    assert!(
+        printed.contains("[upstream.quota]\nmode = \"off\"\nheadroom = \"7.5%\""),
+        "{printed}"
+    );
+    assert!(printed.contains("batch = \"2m\""), "{printed}");
+    // What check-config prints reads back to the same config.
+    let section = printed
+        .split("[upstream.quota]")
+        .nth(1)
+        .and_then(|t| t.split("\n[").next())
+        .unwrap();
+    let again = load(&format!("[upstream.quota]{section}")).unwrap();
+    assert_eq!(&again.config.upstream.quota, q);
+
+    let e = problems("[upstream.quota]\nmode = \"enforce\"\n");
+    assert!(e.contains("upstream.quota.mode: \"enforce\""), "{e}");
+    assert!(e.contains("use \"observe\""), "{e}");
+    let e = problems("[upstream.quota]\nmode = \"pace\"\n");
+    assert!(e.contains("upstream.quota.mode"), "{e}");
+    let e = problems("[upstream.quota]\nheadroom = \"5\"\n");
+    assert!(
+        e.contains("upstream.quota.headroom") && e.contains("percentage"),
+        "{e}"
+    );
+    let e = problems("[upstream.quota]\nwindow = \"1s\"\n");
+    assert!(e.contains("window"), "{e}");
+}

@@ -12,6 +12,7 @@ use super::{
 use crate::route::Route;
 
 pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
+    super::quota::validate(&c.upstream.quota, c.redis.is_some(), problems);
     if c.server.max_request_body.0 == 0 {
         problems.push("server.max_request_body: must be above zero".to_owned());
     }

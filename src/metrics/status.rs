@@ -15,7 +15,14 @@ pub struct StatusMetrics {
     pub(super) cooldowns: IntGauge,
     pub(super) reloads: IntCounterVec,
     pub(super) config_info: IntGaugeVec,
+    /// `ezgate_upstream_quota_limit` / `_remaining`: set when scraped from the learned table.
+    pub(super) quota_limit: IntGaugeVec,
+    pub(super) quota_remaining: IntGaugeVec,
 }
+
+/// One model label and unit of the learned upstream quota: (model, unit, limit, remaining;
+/// `None` once its reset has passed).
+pub type QuotaRow<'a> = (&'a str, &'a str, u64, Option<u64>);
 
 impl StatusMetrics {
     pub(super) fn new() -> Result<StatusMetrics, prometheus::Error> {
@@ -42,6 +49,20 @@ impl StatusMetrics {
                 "Upstream-429 cooldowns running: keys and models ezgate holds back until the upstream's Retry-After.",
             )?,
             reloads,
+            quota_limit: IntGaugeVec::new(
+                opts(
+                    "ezgate_upstream_quota_limit",
+                    "The upstream's quota limit learned from its x-ratelimit-limit-* headers, by model and unit (requests, tokens); of several keys, the one with the least remaining share.",
+                ),
+                &["model", "unit"],
+            )?,
+            quota_remaining: IntGaugeVec::new(
+                opts(
+                    "ezgate_upstream_quota_remaining",
+                    "The upstream's remaining quota learned from its x-ratelimit-remaining-* headers, by model and unit; no series once its reset has passed (no longer known).",
+                ),
+                &["model", "unit"],
+            )?,
             config_info: IntGaugeVec::new(
                 opts(
                     "ezgate_config_info",
@@ -66,6 +87,23 @@ impl StatusMetrics {
     }
 
     /// Counts a reload (`applied` or `refused`).
+    /// Replaces the learned-quota series with `rows` (one per model label and unit).
+    pub fn upstream_quota<'a>(&self, rows: impl Iterator<Item = QuotaRow<'a>>) {
+        self.quota_limit.reset();
+        self.quota_remaining.reset();
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (model, unit, limit, remaining) in rows {
+            self.quota_limit
+                .with_label_values(&[model, unit])
+                .set(gauge(limit));
+            if let Some(r) = remaining {
+                self.quota_remaining
+                    .with_label_values(&[model, unit])
+                    .set(gauge(r));
+            }
+        }
+    }
+
     pub fn reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "refused" };
         self.reloads.with_label_values(&[result]).inc();

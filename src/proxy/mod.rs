@@ -334,6 +334,15 @@ async fn handle(
             state.limits.upstream_limited(&key, wait);
         }
     }
+    if let Some(learned) = &state.quota {
+        respond::learn_quota(
+            learned,
+            resp.headers(),
+            state,
+            &caller,
+            out.model.as_deref(),
+        );
+    }
     let upstream_io = websocket::upstream_side(handshake.is_some(), &mut resp)
         .inspect_err(|_| out.upstream_failure = Some(crate::errors::FailureKind::Protocol))?;
     let (mut rparts, incoming) = resp.into_parts();

@@ -22,6 +22,7 @@ mod logs;
 mod metrics;
 mod passthrough;
 mod promises;
+mod quota;
 mod redis;
 mod redis_ha;
 mod redis_leases;

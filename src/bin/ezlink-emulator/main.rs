@@ -191,6 +191,10 @@ with `code: "emulator_bad_header"` naming the header. Request bodies are always 
 * `x-emu-retry-after: V` → `retry-after: V`. `x-emu-ratelimit-headers: 1` →
   `x-ratelimit-limit-requests: 100`, `x-ratelimit-remaining-requests: 0`,
   `x-ratelimit-reset-requests: 1s`. Both on any response.
+* `x-emu-ratelimit: SUFFIX=VALUE,…` (SUFFIX: `limit-requests`, `limit-tokens`,
+  `remaining-requests`, `remaining-tokens`, `reset-requests`, `reset-tokens`) →
+  `x-ratelimit-SUFFIX: VALUE` on any response (a WebSocket `101` too), VALUE sent as given
+  (nonsense included); after `x-emu-ratelimit-headers`.
 * `x-emu-echo-key: 1` — echo the key of the request's `Authorization` as a careless
   upstream does: the `x-emu-status` message becomes `Incorrect API key provided: KEY.
   Manage it at https://ezlink.example/keys?key=PCT. TEXT` (PCT: KEY percent-encoded), a

@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::encoding::Encoding;
@@ -23,6 +24,9 @@ pub struct Opts {
     pub retry_after: Option<HeaderValue>,
     /// `x-emu-ratelimit-headers: 1`.
     pub ratelimit_headers: bool,
+    /// `x-emu-ratelimit: limit-requests=100,remaining-tokens=9,…`: `x-ratelimit-*` headers
+    /// sent as given (nonsense included), after `x-emu-ratelimit-headers`.
+    pub ratelimit: Vec<(HeaderName, HeaderValue)>,
     /// `x-emu-reset`.
     pub reset: Option<Reset>,
     /// `x-emu-malformed` reaching the service (HTTP/2, or not the first request of an
@@ -100,6 +104,7 @@ impl Default for Opts {
             encoding: None,
             retry_after: None,
             ratelimit_headers: false,
+            ratelimit: Vec::new(),
             reset: None,
             malformed: false,
             stream: StreamOpts {
@@ -137,6 +142,9 @@ impl Opts {
         };
         opts.retry_after = headers.get("x-emu-retry-after").cloned();
         opts.ratelimit_headers = flag(headers, "x-emu-ratelimit-headers");
+        if let Some(list) = text(headers, "x-emu-ratelimit")? {
+            opts.ratelimit = ratelimit(list)?;
+        }
         opts.reset = match text(headers, "x-emu-reset")? {
             None => None,
             Some(v) if v.eq_ignore_ascii_case("headers") => Some(Reset::Headers),
@@ -284,9 +292,59 @@ fn percent(s: &str) -> String {
 }
 
 /// Present and not `0`/`false`.
+/// The six `x-ratelimit-*` suffixes `x-emu-ratelimit` may set.
+const RATELIMIT_NAMES: [&str; 6] = [
+    "limit-requests",
+    "limit-tokens",
+    "remaining-requests",
+    "remaining-tokens",
+    "reset-requests",
+    "reset-tokens",
+];
+
+/// `limit-requests=100,reset-requests=6m0s`: comma-separated `suffix=value` pairs.
+fn ratelimit(list: &str) -> Result<Vec<(HeaderName, HeaderValue)>, BadHeader> {
+    let bad = || {
+        BadHeader {
+        name: "x-emu-ratelimit",
+        value: list.to_owned(),
+        expected: "comma-separated SUFFIX=VALUE, SUFFIX one of limit-requests, limit-tokens, remaining-requests, remaining-tokens, reset-requests, reset-tokens",
+    }
+    };
+    let mut out = Vec::new();
+    for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (suffix, value) = pair.split_once('=').ok_or_else(bad)?;
+        let suffix = suffix.trim();
+        if !RATELIMIT_NAMES.contains(&suffix) {
+            return Err(bad());
+        }
+        let name = HeaderName::try_from(format!("x-ratelimit-{suffix}")).map_err(|_| bad())?;
+        let value = HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
 fn flag(headers: &HeaderMap, name: &str) -> bool {
     headers.get(name).is_some_and(|v| {
         let v = v.as_bytes().trim_ascii();
         !(v == b"0" || v.eq_ignore_ascii_case(b"false"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratelimit_pairs_are_sent_as_given_and_unknown_names_refused() {
+        let got = ratelimit("limit-requests=100, reset-tokens=forever,").unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0.as_str(), "x-ratelimit-limit-requests");
+        assert_eq!(got[0].1, "100");
+        assert_eq!(got[1].0.as_str(), "x-ratelimit-reset-tokens");
+        assert_eq!(got[1].1, "forever");
+        assert!(ratelimit("limit-bytes=1").is_err());
+        assert!(ratelimit("limit-requests").is_err());
+    }
 }

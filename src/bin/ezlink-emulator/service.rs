@@ -286,5 +286,8 @@ fn finalize(response: Response<Payload>, opts: &Opts, guard: Option<Guard>) -> R
             headers.insert(name, HeaderValue::from_static(value));
         }
     }
+    for (name, value) in &opts.ratelimit {
+        headers.insert(name.clone(), value.clone());
+    }
     Response::from_parts(parts, Tracked::new(body, guard))
 }
