@@ -61,6 +61,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_upstream_cooldowns": ("gauge", ()),
     "ezgate_config_reloads_total": ("counter", ("result",)),
     "ezgate_config_info": ("gauge", ("hash",)),
+    "ezgate_upstream_quota_limit": ("gauge", ("model", "unit")),
+    "ezgate_upstream_quota_remaining": ("gauge", ("model", "unit")),
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),
     "ezgate_client_requests_total": ("counter", ("client", "status")),
@@ -112,6 +114,8 @@ VALUES: dict[tuple[str, str], frozenset[str] | None] = {
     ("ezgate_websocket_bytes_total", "direction"): frozenset({"to_upstream", "to_client"}),
     ("ezgate_trace_spans_dropped_total", "reason"): frozenset({"queue_full", "export_failed"}),
     ("ezgate_config_reloads_total", "result"): frozenset({"applied", "refused"}),
+    ("ezgate_upstream_quota_limit", "unit"): frozenset({"requests", "tokens"}),
+    ("ezgate_upstream_quota_remaining", "unit"): frozenset({"requests", "tokens"}),
 }
 
 COUNTER_FUNCS = {"rate", "irate", "increase", "resets"}
