@@ -23,7 +23,7 @@ use super::estimate::Counts;
 use super::scan::{Scan, Str};
 
 /// The top-level members ezgate reads, in the order of the bits of `seen`.
-const TOP: [&[u8]; 11] = [
+const TOP: [&[u8]; 13] = [
     b"model",
     b"messages",
     b"prompt",
@@ -35,6 +35,8 @@ const TOP: [&[u8]; 11] = [
     b"stream_options",
     b"tools",
     b"session",
+    b"input_audio_transcription",
+    b"audio",
 ];
 const TOP_NAMES: Names = Names::new(&TOP, "");
 
@@ -53,6 +55,8 @@ fn top_index(raw: &[u8]) -> Option<usize> {
         b"stream_options" => 8,
         b"tools" => 9,
         b"session" => 10,
+        b"input_audio_transcription" => 11,
+        b"audio" => 12,
         _ => return None,
     })
 }
@@ -111,11 +115,15 @@ pub struct Fields<'a> {
     pub max_output_tokens: Option<u64>,
     pub stream: Option<bool>,
     pub include_usage: Option<bool>,
-    /// Models named inside the body: every `tools[].model`, and `session.model`.
+    /// Models named inside the body: every `tools[].model`, `session.model`, and the
+    /// transcription models of a realtime session config.
     pub other_models: Vec<Cow<'a, str>>,
     /// A tool spends a model but names none (an `image_generation` tool without `model`):
     /// the upstream picks its default.
     pub unnamed_tool_model: bool,
+    /// `session.model` names the session's model (the other models inside a session, its
+    /// transcription's, do not).
+    pub session_model: bool,
 }
 
 /// Reads the members of a top-level JSON object.
@@ -161,7 +169,11 @@ pub fn request_fields(body: &[u8]) -> Result<Fields<'_>, Unread> {
             7 => f.stream = s.flag(TOP[at])?,
             8 => f.include_usage = s.stream_options()?,
             9 => s.tools(&mut f)?,
-            _ => s.session(&mut f)?,
+            10 => s.session(&mut f)?,
+            // A realtime session's own body (`/v1/realtime/sessions`): its transcription
+            // model spends too.
+            11 => s.transcription(&mut f, 1)?,
+            _ => s.audio(&mut f, 1)?,
         }
         Some(())
     });
@@ -418,18 +430,81 @@ impl<'a> Scan<'a> {
 
     /// `session` (a Realtime client secret's): its `model`.
     fn session(&mut self, f: &mut Fields<'a>) -> Option<()> {
-        const NAMES: Names = Names::new(&[b"model"], "session.");
+        const NAMES: Names = Names::new(
+            &[b"model", b"input_audio_transcription", b"audio"],
+            "session.",
+        );
         if self.peek()? != b'{' {
             return self.value(None, 0);
         }
-        let mut seen = false;
+        let mut seen = [false; 3];
         self.members(|s, key| match s.known(&key, &NAMES)? {
             None => s.value(None, 1),
-            Some(_) if seen => s.twice(b"session.model"),
+            Some(i) if seen[i] => s.twice(match i {
+                0 => b"session.model".as_slice(),
+                1 => b"session.input_audio_transcription",
+                _ => b"session.audio",
+            }),
+            Some(i) => {
+                seen[i] = true;
+                match i {
+                    0 => {
+                        let model = s.opt_string()?;
+                        f.session_model = model.is_some();
+                        f.other_models.extend(model);
+                        Some(())
+                    }
+                    1 => s.transcription(f, 2),
+                    _ => s.audio(f, 2),
+                }
+            }
+        })
+    }
+
+    /// `{"model": …}` of a realtime transcription config (`input_audio_transcription`,
+    /// `audio.input.transcription`): the transcription model spends too.
+    fn transcription(&mut self, f: &mut Fields<'a>, depth: usize) -> Option<()> {
+        const NAMES: Names = Names::new(&[b"model"], "transcription.");
+        if self.peek()? != b'{' {
+            return self.value(None, depth);
+        }
+        let mut seen = false;
+        self.members(|s, key| match s.known(&key, &NAMES)? {
+            None => s.value(None, depth + 1),
+            Some(_) if seen => s.twice(b"transcription.model"),
             Some(_) => {
                 seen = true;
                 f.other_models.extend(s.opt_string()?);
                 Some(())
+            }
+        })
+    }
+
+    /// `audio.input.transcription` of a realtime session config.
+    fn audio(&mut self, f: &mut Fields<'a>, depth: usize) -> Option<()> {
+        const AUDIO: Names = Names::new(&[b"input"], "audio.");
+        const INPUT: Names = Names::new(&[b"transcription"], "audio.input.");
+        if self.peek()? != b'{' {
+            return self.value(None, depth);
+        }
+        let mut seen = false;
+        self.members(|s, key| match s.known(&key, &AUDIO)? {
+            None => s.value(None, depth + 1),
+            Some(_) if seen => s.twice(b"audio.input"),
+            Some(_) => {
+                seen = true;
+                if s.peek()? != b'{' {
+                    return s.value(None, depth + 1);
+                }
+                let mut inner = false;
+                s.members(|s, key| match s.known(&key, &INPUT)? {
+                    None => s.value(None, depth + 2),
+                    Some(_) if inner => s.twice(b"audio.input.transcription"),
+                    Some(_) => {
+                        inner = true;
+                        s.transcription(f, depth + 2)
+                    }
+                })
             }
         })
     }
@@ -936,6 +1011,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.other_models, ["gpt-realtime"]);
+        let g = request_fields(
+            br#"{"session":{"model":"gpt-realtime","input_audio_transcription":{"model":"whisper-1"},
+                "audio":{"input":{"transcription":{"model":"gpt-4o-transcribe"}}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            g.other_models,
+            ["gpt-realtime", "whisper-1", "gpt-4o-transcribe"]
+        );
+        assert!(g.session_model);
+        let h = request_fields(
+            br#"{"model":"gpt-realtime","input_audio_transcription":{"model":"whisper-1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(h.other_models, ["whisper-1"]);
+        assert!(matches!(
+            request_fields(br#"{"audio":{"input":{"transcription":{"model":"a","model":"b"}}}}"#),
+            Err(Unread::Ambiguous(_))
+        ));
         assert_eq!(f.model, None);
         // Not a list of tools, not a session object: nothing to read (the upstream refuses).
         let f = request_fields(br#"{"tools":{"model":"x"},"session":"s"}"#).unwrap();

@@ -27,6 +27,8 @@ pub struct RequestInfo {
     /// A tool spends a model but names none (an `image_generation` tool without `model`:
     /// the upstream picks its default).
     pub unnamed_tool_model: bool,
+    /// A realtime client secret's `session.model` was given.
+    pub session_model: bool,
     /// Why the body is refused whatever the policies: a JSON object parsers may read
     /// differently (a member twice, a name in another case, a count written `1e3`, …).
     pub ambiguous: Option<String>,
@@ -73,6 +75,7 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
         body_len: body.len(),
         other_models: doc.other_models.into_iter().map(kept).collect(),
         unnamed_tool_model: doc.unnamed_tool_model,
+        session_model: doc.session_model,
         ambiguous: None,
     }
 }

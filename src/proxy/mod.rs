@@ -242,6 +242,10 @@ async fn handle(
             Some(at) => {
                 // Models named inside the body (a tool's, a realtime session's) spend too.
                 let nested = request.as_ref().map_or(&[][..], |r| &r.other_models[..]);
+                if at == ModelAt::Session && !request.as_ref().is_some_and(|r| r.session_model) {
+                    // A transcription's model inside a session does not name the session's.
+                    client.check_named(at, &parts.method, canonical, None, &[])?;
+                }
                 client.check_named(at, &parts.method, canonical, model.as_deref(), nested)?;
                 if request.as_ref().is_some_and(|r| r.unnamed_tool_model) {
                     client.check_unnamed_tool_model()?;

@@ -313,6 +313,10 @@ async fn realtime_client_secrets_without_the_allowed_model_are_refused() {
         // The body's own `model` is not the session's: it proves nothing.
         r#"{"model":"gpt-4o-mini","session":{"type":"realtime","model":"gpt-realtime"}}"#,
         r#"{"model":"gpt-4o-mini","session":{"type":"realtime"}}"#,
+        // A transcription's model is not the session's, and it spends too.
+        r#"{"session":{"type":"realtime","audio":{"input":{"transcription":{"model":"gpt-4o-mini"}}}}}"#,
+        r#"{"session":{"type":"realtime","model":"gpt-4o-mini","audio":{"input":{"transcription":{"model":"gpt-4o-transcribe"}}}}}"#,
+        r#"{"session":{"type":"realtime","model":"gpt-4o-mini","input_audio_transcription":{"model":"whisper-1"}}}"#,
     ]
     .into_iter()
     .enumerate()
@@ -322,6 +326,16 @@ async fn realtime_client_secrets_without_the_allowed_model_are_refused() {
         assert_refused(&emu, &r, "model_not_allowed", &id).await;
         assert_eq!(r.error()["param"], "session.model", "{id}");
     }
+    // A realtime session's own body names its transcription model at the top level.
+    let r = post_json(
+        &gw,
+        MINI,
+        "/v1/realtime/sessions",
+        r#"{"model":"gpt-4o-mini","input_audio_transcription":{"model":"gpt-4o-transcribe"}}"#,
+        "session-transcribe",
+    )
+    .await;
+    assert_refused(&emu, &r, "model_not_allowed", "session-transcribe").await;
     // Unaffected without an allow-list: the emulator hands out its ephemeral key.
     let body = r#"{"session":{"type":"realtime","model":"gpt-realtime"}}"#;
     let r = post_json(&gw, OPEN, path, body, "open").await;
