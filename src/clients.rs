@@ -216,8 +216,9 @@ impl Client {
 
     /// Checks every model the request names against the allow-list: `model`, the body's
     /// own (or the form's), and `nested`, those named inside the body (a tool's, a realtime
-    /// session's); `at` is where the upstream takes the model from ([`Client::model_check`]).
-    /// A request that names none there is refused where the upstream would then choose one
+    /// session's, a transcription's); `at` is where the upstream takes the model from
+    /// ([`Client::model_check`]), and `session_named` whether a client secret gave
+    /// `session.model`, the one place its model is named. A request that names none there is refused where the upstream would then choose one
     /// itself, unless the operator allowed the route unchecked.
     pub fn check_named(
         &self,
@@ -226,6 +227,7 @@ impl Client {
         path: &str,
         model: Option<&str>,
         nested: &[String],
+        session_named: bool,
     ) -> Result<(), GatewayError> {
         if let Some(m) = model {
             self.check_model(Some(m))?;
@@ -239,7 +241,7 @@ impl Client {
             self.check_model_at(Some(m), inside)?;
         }
         let (named, field) = match at {
-            ModelAt::Session => (!nested.is_empty(), "session.model"),
+            ModelAt::Session => (session_named, "session.model"),
             ModelAt::JsonIfPresent => (true, "model"),
             _ => (model.is_some(), "model"),
         };
@@ -490,19 +492,19 @@ mod tests {
         let post = Method::POST;
         let runs = "/v1/threads/t/runs";
         assert!(client
-            .check_named(ModelAt::Json, &post, runs, Some("gpt-4o"), &[])
+            .check_named(ModelAt::Json, &post, runs, Some("gpt-4o"), &[], false)
             .is_ok());
         assert!(client
-            .check_named(ModelAt::Json, &post, runs, Some("o1"), &[])
+            .check_named(ModelAt::Json, &post, runs, Some("o1"), &[], false)
             .is_err());
         assert!(
             client
-                .check_named(ModelAt::Json, &post, runs, None, &[])
+                .check_named(ModelAt::Json, &post, runs, None, &[], false)
                 .is_ok(),
             "allowed unchecked"
         );
         let e = client
-            .check_named(ModelAt::Json, &post, "/v1/assistants", None, &[])
+            .check_named(ModelAt::Json, &post, "/v1/assistants", None, &[], false)
             .unwrap_err();
         assert_eq!(e.code(), "model_not_allowed");
         assert!(
@@ -510,7 +512,14 @@ mod tests {
             "{e}"
         );
         assert!(client
-            .check_named(ModelAt::JsonIfPresent, &post, "/v1/assistants/a", None, &[])
+            .check_named(
+                ModelAt::JsonIfPresent,
+                &post,
+                "/v1/assistants/a",
+                None,
+                &[],
+                false
+            )
             .is_ok());
         assert!(client
             .check_named(
@@ -518,17 +527,25 @@ mod tests {
                 &post,
                 "/v1/responses",
                 Some("gpt-4o"),
-                &["o1".into()]
+                &["o1".into()],
+                false
             )
             .is_err());
         // A client secret's model is its session's: the body's own `model` names nothing.
         let secrets = "/v1/realtime/client_secrets";
         let e = client
-            .check_named(ModelAt::Session, &post, secrets, Some("gpt-4o"), &[])
+            .check_named(ModelAt::Session, &post, secrets, Some("gpt-4o"), &[], false)
             .unwrap_err();
         assert!(e.to_string().contains("('session.model')"), "{e}");
         assert!(client
-            .check_named(ModelAt::Session, &post, secrets, None, &["gpt-4o".into()])
+            .check_named(
+                ModelAt::Session,
+                &post,
+                secrets,
+                None,
+                &["gpt-4o".into()],
+                true
+            )
             .is_ok());
         assert!(client
             .check_named(
@@ -536,7 +553,8 @@ mod tests {
                 &post,
                 secrets,
                 Some("gpt-4o"),
-                &["o1".into()]
+                &["o1".into()],
+                true
             )
             .is_err());
     }

@@ -224,7 +224,11 @@ async fn handle(
         &mut parts.headers,
         request::Reading {
             path: canonical,
-            form: checks && route::model_at(&parts.method, canonical) == ModelAt::Form,
+            // The client's table already said where the model is; else ask it once here.
+            form: match client_reads {
+                Some(at) => at == ModelAt::Form,
+                None => checks && route::model_at(&parts.method, canonical) == ModelAt::Form,
+            },
             checks,
             ask_usage,
         },
@@ -242,11 +246,17 @@ async fn handle(
             Some(at) => {
                 // Models named inside the body (a tool's, a realtime session's) spend too.
                 let nested = request.as_ref().map_or(&[][..], |r| &r.other_models[..]);
-                if at == ModelAt::Session && !request.as_ref().is_some_and(|r| r.session_model) {
-                    // A transcription's model inside a session does not name the session's.
-                    client.check_named(at, &parts.method, canonical, None, &[])?;
-                }
-                client.check_named(at, &parts.method, canonical, model.as_deref(), nested)?;
+                // A client secret names its model in `session.model` (a transcription's
+                // model inside the session does not).
+                let session_named = request.as_ref().is_some_and(|r| r.session_model);
+                client.check_named(
+                    at,
+                    &parts.method,
+                    canonical,
+                    model.as_deref(),
+                    nested,
+                    session_named,
+                )?;
                 if request.as_ref().is_some_and(|r| r.unnamed_tool_model) {
                     client.check_unnamed_tool_model()?;
                 }
