@@ -37,6 +37,8 @@ pub struct Entry<'a> {
     pub upstream_status: Option<u16>,
     pub duration: Duration,
     pub upstream: Duration,
+    /// Time waited for the upstream's quota (`upstream.quota.mode = "enforce"`), when any.
+    pub queued: Option<Duration>,
     pub bytes: u64,
     pub client: Option<&'a str>,
     pub model: Option<&'a str>,
@@ -148,6 +150,9 @@ pub fn format(buf: &mut Vec<u8>, format: LogFormat, entry: &Entry<'_>, now: Syst
     }
     f.millis("duration_ms", entry.duration);
     f.millis("upstream_ms", entry.upstream);
+    if let Some(q) = entry.queued {
+        f.millis("queue_ms", q);
+    }
     f.num("bytes", entry.bytes);
     if let Some(c) = entry.client {
         f.str("client", c);
@@ -286,6 +291,7 @@ pub fn record(o: &Outcome, duration: Duration) {
         upstream_status: o.upstream_status,
         duration,
         upstream: o.upstream_wait,
+        queued: (o.queue_wait > Duration::ZERO).then_some(o.queue_wait),
         bytes: o.bytes_out,
         client: o.caller.as_deref(),
         model: o.model.as_deref(),
@@ -392,6 +398,7 @@ mod tests {
             upstream_status: Some(200),
             duration: Duration::from_nanos(2_682_861),
             upstream: Duration::from_micros(2_644),
+            queued: None,
             bytes: 356,
             client: Some("search-team"),
             model: Some("gpt-4o"),

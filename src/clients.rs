@@ -29,6 +29,8 @@ pub struct Client {
     /// Routes the client may use although ezgate cannot read their model
     /// (`clients[].unchecked_routes`), matched against the canonical path.
     unchecked_routes: Vec<WildMatch>,
+    /// Its claim on a scarce upstream quota (`upstream.quota.mode = "enforce"`).
+    pub priority: crate::config::Priority,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +78,7 @@ impl Clients {
                         .iter()
                         .map(|r| WildMatch::new(r.strip_suffix('/').unwrap_or(r)))
                         .collect(),
+                    priority: c.priority,
                 }))
             })
             .collect();
@@ -360,6 +363,7 @@ mod tests {
                 key_sha256: hex,
                 models: vec!["gpt-4o*".into()],
                 unchecked_routes: vec!["/v1/threads/*".into(), "/v1/batches/".into()],
+                priority: Default::default(),
             }],
             managed,
         )

@@ -18,7 +18,7 @@ use crate::errors::redact::Redactor;
 use crate::limits::shared::{Health, RedisStore, StoreMetrics};
 use crate::limits::{Limits, Verdict, Verdicts};
 use crate::metrics::Metrics;
-use crate::quota::Learned;
+use crate::quota::{Learned, Pacer};
 use crate::traces::{TraceCounters, Tracer};
 use crate::upstream::Upstream;
 
@@ -54,6 +54,9 @@ pub struct State {
     /// The upstream's quota learned from its headers (`None` with `upstream.quota.mode =
     /// "off"`); kept across a reload that leaves `[upstream.quota]` unchanged.
     pub quota: Option<Learned>,
+    /// `upstream.quota.mode = "enforce"`: the pictures and queues requests are paced by;
+    /// kept (pictures, queues, waiting requests) by every reload that keeps enforcing.
+    pub pacer: Option<Arc<Pacer>>,
     /// The id the organization's key is learned under (managed mode): `org:` and a short
     /// fingerprint of the key, so a new key starts a new picture.
     pub quota_org_key: Option<Arc<str>>,
@@ -154,12 +157,29 @@ impl State {
             _ => None,
         }
         .or_else(|| (cfg.upstream.quota.mode != QuotaMode::Off).then(Learned::new));
+        let queue_cap = usize::try_from(cfg.server.max_inflight / 4).unwrap_or(usize::MAX);
+        let pacer = match (
+            cfg.upstream.quota.mode,
+            previous.and_then(|p| p.pacer.as_ref()),
+        ) {
+            (QuotaMode::Enforce, Some(p)) => {
+                p.configure(cfg.upstream.quota.clone(), queue_cap);
+                Some(Arc::clone(p))
+            }
+            (QuotaMode::Enforce, None) => Some(Pacer::new(
+                cfg.upstream.quota.clone(),
+                queue_cap,
+                metrics.queue.handles(),
+            )),
+            _ => None,
+        };
         let quota_org_key = cfg.upstream.api_key.as_ref().map(|k| {
             let fp = crate::clients::fingerprint(&crate::clients::sha256(k.expose().as_bytes()));
             Arc::from(format!("org:{}", fp.trim_start_matches("fp:")))
         });
         Ok(State {
             quota,
+            pacer,
             quota_org_key,
             config_hash,
             admin_token,
@@ -263,6 +283,8 @@ pub struct Gateway {
     pub buffers: Buffers,
     /// Cancelled when `server.shutdown_grace` is over: open streams end with an error event.
     cut: CancellationToken,
+    /// Cancelled when the drain begins: requests waiting for the upstream's quota end.
+    drain_started: CancellationToken,
     /// Open WebSocket sessions: they outlive their connection's task, and the drain waits
     /// for them too.
     sessions: Arc<tokio::sync::watch::Sender<usize>>,
@@ -312,6 +334,7 @@ impl Gateway {
             inflight: Arc::new(AtomicU32::new(0)),
             buffers: Buffers::default(),
             cut: CancellationToken::new(),
+            drain_started: CancellationToken::new(),
             sessions: Arc::new(tokio::sync::watch::Sender::new(0)),
             resets: Arc::new(AddressResets::default()),
         }
@@ -358,6 +381,12 @@ impl Gateway {
 
     pub fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.drain_started.cancel();
+    }
+
+    /// What a request waiting for the upstream's quota watches: the drain's start.
+    pub fn drain_token(&self) -> &CancellationToken {
+        &self.drain_started
     }
 
     pub fn is_draining(&self) -> bool {

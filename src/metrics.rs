@@ -16,11 +16,13 @@ use crate::route::Route;
 
 mod buckets;
 mod models;
+mod queue;
 mod status;
 use buckets::{
     DURATION_BUCKETS, OVERHEAD_BUCKETS, STORE_CHECK_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS,
 };
 use models::WELL_KNOWN_MODELS;
+pub use queue::QueueMetrics;
 pub use status::StatusMetrics;
 
 pub const DECISIONS: [&str; 4] = ["allowed", "limited", "shadow_limited", "waited"];
@@ -75,6 +77,7 @@ pub struct Metrics {
     upstream_cache: Box<[OnceLock<IntCounter>]>,
     /// What the admin view reads too: set at scrape time and on reloads.
     pub status: StatusMetrics,
+    pub queue: QueueMetrics,
 }
 
 /// One client label's (prompt, completion) token counters.
@@ -285,6 +288,7 @@ impl Metrics {
             .set(1);
 
         let status = StatusMetrics::new()?;
+        let queue = QueueMetrics::new()?;
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -316,6 +320,8 @@ impl Metrics {
             Box::new(status.config_info.clone()),
             Box::new(status.quota_limit.clone()),
             Box::new(status.quota_remaining.clone()),
+            Box::new(queue.queued.clone()),
+            Box::new(queue.wait.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -387,6 +393,7 @@ impl Metrics {
             durations: cache(Route::ALL.len() * STATUS_CLASSES.len()),
             upstream_cache: cache(COMMON_STATUSES.len() * (model_count + 1)),
             status,
+            queue,
         })
     }
 

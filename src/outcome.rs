@@ -104,6 +104,9 @@ pub struct Outcome {
     pub upstream_failure: Option<FailureKind>,
     /// Time spent waiting for the upstream: response headers, and error bodies ezgate read.
     pub upstream_wait: Duration,
+    /// Time waited for the upstream's quota (`upstream.quota.mode = "enforce"`): not
+    /// ezgate's overhead either.
+    pub queue_wait: Duration,
     /// When ezgate handed its response headers to the client.
     pub responded: Option<Instant>,
     pub header_wait: Option<Duration>,
@@ -157,6 +160,7 @@ impl Outcome {
             upstream_status: None,
             upstream_failure: None,
             upstream_wait: Duration::ZERO,
+            queue_wait: Duration::ZERO,
             responded: None,
             header_wait: None,
             bytes_out: 0,
@@ -257,6 +261,7 @@ impl Outcome {
         until
             .saturating_duration_since(self.started)
             .saturating_sub(self.upstream_wait)
+            .saturating_sub(self.queue_wait)
     }
 }
 

@@ -100,6 +100,7 @@ impl fmt::Display for Settings {
             if !cl.unchecked_routes.is_empty() {
                 writeln!(f, "unchecked_routes = {:?}", cl.unchecked_routes)?;
             }
+            writeln!(f, "priority = \"{}\"", cl.priority.as_str())?;
         }
         if let Some(r) = &c.redis {
             writeln!(f, "\n[redis]\nmode = \"{}\"", r.mode)?;

@@ -18,7 +18,7 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
-pub use quota::{MaxWait, QuotaConfig, QuotaMode, QuotaStore, Reserve, Share};
+pub use quota::{MaxWait, Priority, QuotaConfig, QuotaMode, QuotaStore, Reserve, Share};
 pub use redis::{OnFailure, RedisConfig, RedisMode, RedisShape, MIN_LEASE};
 pub use redis_url::RedisTarget;
 pub use units::{ByteSize, Dur, LimitKey, Rate, Secret, SecretRef};
@@ -261,6 +261,9 @@ pub struct ClientConfig {
     /// ezgate cannot read the model they spend; only meaningful with `models`.
     #[serde(default)]
     pub unchecked_routes: Vec<String>,
+    /// The client's priority for the upstream's quota (`upstream.quota.mode = "enforce"`).
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

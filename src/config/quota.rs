@@ -1,7 +1,6 @@
 //! `[upstream.quota]`: the upstream's own quota, learned from its `x-ratelimit-*` headers
-//! (docs/rate-limits.md "The upstream's quota (learned)"). The whole surface is read and
-//! checked; `mode` is what acts today (`off` or `observe`), `enforce` is refused until
-//! pacing exists.
+//! (`observe`) and paced on (`enforce`), and `[[clients]] priority`
+//! (docs/rate-limits.md "The upstream's quota").
 
 use std::fmt;
 use std::time::Duration;
@@ -41,7 +40,7 @@ pub enum QuotaMode {
     /// Learn, export (`ezgate_upstream_quota_*`), show in `/status`.
     #[default]
     Observe,
-    /// Pace on what was learned (not built yet: refused by the checks).
+    /// Also pace on what was learned: a request the quota cannot carry waits its turn.
     Enforce,
 }
 
@@ -61,6 +60,56 @@ pub enum QuotaStore {
     #[default]
     Local,
     Redis,
+}
+
+/// A client's claim on a scarce upstream quota: waiting requests are admitted by priority,
+/// and each priority keeps the `reserve` of the ones above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Critical,
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    /// Highest first.
+    pub const ALL: [Priority; 3] = [Priority::Critical, Priority::Interactive, Priority::Batch];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::Interactive => "interactive",
+            Priority::Batch => "batch",
+        }
+    }
+
+    /// Position in [`Priority::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl QuotaConfig {
+    /// The share of the learned limit a request of `p` leaves unspent: the headroom, plus
+    /// the reserve of the priorities above it.
+    pub fn floor(&self, p: Priority) -> f64 {
+        let reserve = match p {
+            Priority::Critical => 0.0,
+            Priority::Interactive => self.reserve.critical.fraction(),
+            Priority::Batch => self.reserve.interactive.fraction(),
+        };
+        (self.headroom.fraction() + reserve).min(1.0)
+    }
+
+    pub fn max_wait(&self, p: Priority) -> Duration {
+        match p {
+            Priority::Critical => self.max_wait.critical.0,
+            Priority::Interactive => self.max_wait.interactive.0,
+            Priority::Batch => self.max_wait.batch.0,
+        }
+    }
 }
 
 /// Traffic below a priority stops when less than its reserve remains.
@@ -139,18 +188,16 @@ impl fmt::Display for Share {
 }
 
 pub(super) fn validate(q: &QuotaConfig, has_redis: bool, problems: &mut Vec<String>) {
-    if q.mode == QuotaMode::Enforce {
-        problems.push(
-            "upstream.quota.mode: \"enforce\" (pacing on the learned quota) is not available in this release; use \"observe\" (learn and export) or \"off\"".to_owned(),
-        );
-    }
     if q.headroom.0 >= 100.0 {
         problems.push(
             "upstream.quota.headroom: must be below 100% (a headroom of the whole limit leaves nothing to spend)".to_owned(),
         );
     }
-    if q.reserve.interactive.0 >= 100.0 {
-        problems.push("upstream.quota.reserve.interactive: must be below 100%".to_owned());
+    if q.headroom.0 + q.reserve.interactive.0 >= 100.0 {
+        problems.push(format!(
+            "upstream.quota: headroom ({}) and reserve.interactive ({}) together leave batch traffic nothing; keep their sum below 100%",
+            q.headroom, q.reserve.interactive
+        ));
     }
     if q.reserve.critical.0 > q.reserve.interactive.0 {
         problems.push(format!(
@@ -195,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn enforce_and_impossible_values_are_refused_by_name() {
+    fn impossible_values_are_refused_by_name() {
         let mut q = QuotaConfig {
             mode: QuotaMode::Enforce,
             headroom: Share(100.0),
@@ -208,7 +255,7 @@ mod tests {
         validate(&q, false, &mut p);
         let all = p.join("\n");
         for key in [
-            "upstream.quota.mode",
+            "upstream.quota: headroom",
             "upstream.quota.headroom",
             "upstream.quota.reserve:",
             "upstream.quota.max_wait.batch",
@@ -219,5 +266,20 @@ mod tests {
         let mut p = Vec::new();
         validate(&QuotaConfig::default(), false, &mut p);
         assert!(p.is_empty(), "{p:?}");
+        let enforce = QuotaConfig {
+            mode: QuotaMode::Enforce,
+            ..QuotaConfig::default()
+        };
+        validate(&enforce, false, &mut p);
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn floors_keep_the_reserve_of_the_priorities_above() {
+        let q = QuotaConfig::default();
+        assert!((q.floor(Priority::Critical) - 0.05).abs() < 1e-9);
+        assert!((q.floor(Priority::Interactive) - 0.15).abs() < 1e-9);
+        assert!((q.floor(Priority::Batch) - 0.35).abs() < 1e-9);
+        assert_eq!(q.max_wait(Priority::Interactive), Duration::from_secs(2));
     }
 }

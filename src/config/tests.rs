@@ -775,9 +775,17 @@ fn upstream_quota_is_read_checked_and_printed() {
     let again = load(&format!("[upstream.quota]{section}")).unwrap();
     assert_eq!(&again.config.upstream.quota, q);
 
-    let e = problems("[upstream.quota]\nmode = \"enforce\"\n");
-    assert!(e.contains("upstream.quota.mode: \"enforce\""), "{e}");
-    assert!(e.contains("use \"observe\""), "{e}");
+    let enforce = load("[upstream.quota]\nmode = \"enforce\"\n[[clients]]\nname = \"etl\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\npriority = \"batch\"\n").unwrap();
+    assert_eq!(
+        enforce.config.upstream.quota.mode,
+        crate::config::QuotaMode::Enforce
+    );
+    assert_eq!(
+        enforce.config.clients[0].priority,
+        crate::config::Priority::Batch
+    );
+    let e = problems("[[clients]]\nname = \"etl\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\npriority = \"low\"\n");
+    assert!(e.contains("priority"), "{e}");
     let e = problems("[upstream.quota]\nmode = \"pace\"\n");
     assert!(e.contains("upstream.quota.mode"), "{e}");
     let e = problems("[upstream.quota]\nheadroom = \"5\"\n");

@@ -87,6 +87,14 @@ pub enum GatewayError {
     ConcurrencyLimited { policy: Arc<str>, limit: u32 },
     #[error("The upstream API rate-limited this key; ezgate holds further requests until its Retry-After passes. Retry in {}.", secs(*retry_after))]
     UpstreamRateLimited { retry_after: Duration },
+    /// `upstream.quota.mode = "enforce"`: the learned upstream quota cannot carry the request
+    /// within its priority's `max_wait` (`retry_after`: when it will), or never can (`None`:
+    /// the request alone is more than the quota allows its priority).
+    #[error("{message}")]
+    UpstreamQuotaExhausted {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error(
         "No API key: send 'Authorization: Bearer <key>' with a key configured in [[clients]]."
     )]
@@ -187,7 +195,8 @@ impl GatewayError {
             Self::RateLimited { .. }
             | Self::TokenRateLimited { .. }
             | Self::ConcurrencyLimited { .. }
-            | Self::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | Self::UpstreamRateLimited { .. }
+            | Self::UpstreamQuotaExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MissingApiKey | Self::InvalidApiKey | Self::InvalidAdminToken => {
                 StatusCode::UNAUTHORIZED
             }
@@ -220,6 +229,7 @@ impl GatewayError {
             Self::TokenRateLimited { .. } => "token_rate_limited",
             Self::ConcurrencyLimited { .. } => "concurrency_limited",
             Self::UpstreamRateLimited { .. } => "upstream_rate_limited",
+            Self::UpstreamQuotaExhausted { .. } => "upstream_quota_exhausted",
             Self::MissingApiKey => "missing_api_key",
             Self::InvalidApiKey => "invalid_api_key",
             Self::AdminTokenNotConfigured => "admin_token_not_configured",
@@ -259,6 +269,7 @@ impl GatewayError {
             Self::RateLimited { retry_after, .. }
             | Self::TokenRateLimited { retry_after, .. }
             | Self::UpstreamRateLimited { retry_after } => Some(*retry_after),
+            Self::UpstreamQuotaExhausted { retry_after, .. } => *retry_after,
             Self::ConcurrencyLimited { .. } | Self::Overloaded(_) | Self::ShuttingDown => {
                 Some(Duration::from_secs(1))
             }
@@ -268,6 +279,9 @@ impl GatewayError {
 
     /// False for refusals that sending the same request again cannot fix.
     pub fn retryable(&self) -> bool {
+        if let Self::UpstreamQuotaExhausted { retry_after, .. } = self {
+            return retry_after.is_some();
+        }
         !matches!(
             self,
             Self::MissingApiKey

@@ -20,6 +20,7 @@ use http::header::{
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+mod quota;
 mod request;
 mod respond;
 
@@ -211,7 +212,9 @@ async fn handle(
     let checks = matches!(
         client_reads,
         Some(ModelAt::Json | ModelAt::JsonIfPresent | ModelAt::Session | ModelAt::Form)
-    ) || (post && out.route.carries_model() && state.limits.needs_body(out.route));
+    ) || (post
+        && out.route.carries_model()
+        && (state.limits.needs_body(out.route) || state.pacer.is_some()));
     let ask_usage = post
         && cfg.upstream.stream_usage
         && matches!(out.route, Route::ChatCompletions | Route::Completions);
@@ -287,6 +290,15 @@ async fn handle(
     // From here the permit is settled with what the request spends, whatever happens.
     out.permit = Some(admission.permit);
     let admission_headers = admission.headers;
+    // Pace (`upstream.quota.mode = "enforce"`): a request the upstream's learned quota
+    // cannot carry waits its turn, by priority, instead of being spent on a 429.
+    let mut ticket = match &state.pacer {
+        Some(pacer) if quota::paced(out.route, post, handshake.is_some()) => {
+            let max_tokens = request.as_ref().and_then(|r| r.max_tokens);
+            Some(quota::pace(pacer, gw, state, &caller, out, max_tokens).await?)
+        }
+        _ => None,
+    };
     if strip || (post && out.route.carries_tokens()) {
         // The usage ezgate charges and meters must be readable, and what it removes from a
         // stream too: no compressed answers on the model routes, whatever the client accepts.
@@ -310,6 +322,9 @@ async fn handle(
     let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method;
     *up_req.headers_mut() = parts.headers;
+    if let Some(t) = &mut ticket {
+        t.forwarded();
+    }
     let sent = Instant::now();
     let result = match handshake {
         Some(_) => state.upstream.upgrade(up_req, path, sent).await,
@@ -332,6 +347,13 @@ async fn handle(
     out.status = status.as_u16();
     out.source = Source::Upstream;
     out.upstream_status = Some(status.as_u16());
+    let learned = quota::learn(
+        resp.headers(),
+        state,
+        &caller,
+        out.model.as_deref(),
+        ticket.as_ref(),
+    );
     if status == StatusCode::TOO_MANY_REQUESTS {
         if let Some(wait) = resp
             .headers()
@@ -340,22 +362,19 @@ async fn handle(
         {
             // One response may not hold a key back for a day.
             let wait = wait.min(cfg.upstream.max_retry_after.0);
-            let key = crate::limits::cooldown_key(
-                caller.key_fingerprint.as_deref(),
-                out.model.as_deref(),
-                state.api_key.is_some(),
-            );
-            state.limits.upstream_limited(&key, wait);
+            // Pacing learns a 429 like any answer: what it said, or else its Retry-After,
+            // empties the picture, and requests behind it wait instead of being refused.
+            let paced = state.pacer.is_some()
+                && (learned || quota::hold_empty(state, &caller, out.model.as_deref(), wait));
+            if !paced {
+                let key = crate::limits::cooldown_key(
+                    caller.key_fingerprint.as_deref(),
+                    out.model.as_deref(),
+                    state.api_key.is_some(),
+                );
+                state.limits.upstream_limited(&key, wait);
+            }
         }
-    }
-    if let Some(learned) = &state.quota {
-        respond::learn_quota(
-            learned,
-            resp.headers(),
-            state,
-            &caller,
-            out.model.as_deref(),
-        );
     }
     let upstream_io = websocket::upstream_side(handshake.is_some(), &mut resp)
         .inspect_err(|_| out.upstream_failure = Some(crate::errors::FailureKind::Protocol))?;

@@ -9,48 +9,11 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use super::with_parts;
-use crate::clients::Caller;
 use crate::errors::{self, upstream::MAX_ERROR_BODY};
 use crate::exchange::Exchange;
 use crate::gateway::State;
 use crate::pool::UpstreamBody;
-use crate::quota::{Learned, Reading, ANY_MODEL, LIMIT_REQUESTS, LIMIT_TOKENS};
 use crate::stream::ResponseBody;
-
-/// The longest model name learned under its own name; a longer one (sent by a caller) is
-/// learned under its fingerprint.
-const MAX_MODEL_LEN: usize = 128;
-
-/// Learns what an upstream response (any status, a WebSocket `101` too) tells of its key's
-/// quota. Without both limit headers: two lookups and nothing else.
-pub(super) fn learn_quota(
-    learned: &Learned,
-    headers: &HeaderMap,
-    state: &State,
-    caller: &Caller,
-    model: Option<&str>,
-) {
-    if !headers.contains_key(LIMIT_REQUESTS) && !headers.contains_key(LIMIT_TOKENS) {
-        return;
-    }
-    let reading = Reading::from_headers(headers);
-    if reading.is_empty() {
-        return;
-    }
-    // The key the upstream counted: the organization's (managed), else the caller's.
-    let key = match (&state.quota_org_key, &caller.key_fingerprint) {
-        (Some(org), _) => org.as_ref(),
-        (None, Some(fp)) => fp.as_ref(),
-        (None, None) => "anonymous",
-    };
-    let model = model.unwrap_or(ANY_MODEL);
-    if model.len() > MAX_MODEL_LEN {
-        let fp = crate::clients::fingerprint(&crate::clients::sha256(model.as_bytes()));
-        learned.learn(key, &fp, &reading, Instant::now());
-    } else {
-        learned.learn(key, model, &reading, Instant::now());
-    }
-}
 
 /// Reads an upstream error body (at most [`MAX_ERROR_BODY`]), maps it to the schema and
 /// builds the response. Upstream status, `Retry-After` and `x-ratelimit-*` are kept.

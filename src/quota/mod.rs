@@ -12,6 +12,9 @@
 //! learned longest ago makes room.
 
 mod duration;
+mod fair;
+mod gauge;
+pub mod pace;
 mod reading;
 
 use std::collections::HashMap;
@@ -19,6 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use duration::{parse_go_duration, MAX_RESET};
+pub use pace::{Ask, Cost, Marks, PaceMetrics, Pacer, Ticket};
 pub use reading::{Part, Reading, LIMIT_REQUESTS, LIMIT_TOKENS};
 
 /// The most (key, model) pairs kept.
