@@ -15,15 +15,19 @@ mod duration;
 mod fair;
 mod gauge;
 pub mod pace;
+mod picture;
 mod reading;
+mod ticket;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use duration::{parse_go_duration, MAX_RESET};
-pub use pace::{Ask, Cost, Marks, PaceMetrics, Pacer, Ticket};
+pub use pace::{Ask, PaceMetrics, Pacer};
+pub use picture::{Cost, Marks};
 pub use reading::{Part, Reading, LIMIT_REQUESTS, LIMIT_TOKENS};
+pub use ticket::Ticket;
 
 /// The most (key, model) pairs kept.
 pub const MAX_ENTRIES: usize = 4096;

@@ -23,33 +23,12 @@ use prometheus::{Histogram, IntGauge};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::fair::FairQueue;
 use super::gauge::Gauge;
-use super::{Reading, MAX_ENTRIES};
+use super::picture::{too_large, Cost, Inner, Marks, Waiter};
+use super::ticket::{Place, Ticket};
+use super::Reading;
 use crate::config::{Priority, QuotaConfig};
 use crate::errors::GatewayError;
-
-/// What a request costs the upstream's quota.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Cost {
-    pub requests: u64,
-    /// Its estimated tokens as the upstream counts them: the prompt and `max_tokens`.
-    pub tokens: u64,
-}
-
-impl Cost {
-    /// What fairness weighs: tokens (at least one per request).
-    fn weight(&self) -> u64 {
-        self.tokens.max(1)
-    }
-}
-
-/// The running totals right after a request's take, per unit (`None`: nothing taken).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Marks {
-    pub requests: Option<u64>,
-    pub tokens: Option<u64>,
-}
 
 /// One request asking to be paced.
 pub struct Ask<'a> {
@@ -75,35 +54,10 @@ enum End {
     Drain,
 }
 
-struct Waiter {
-    cost: Cost,
-    grant: oneshot::Sender<Marks>,
-}
-
-#[derive(Default)]
-struct Picture {
-    requests: Option<Gauge>,
-    tokens: Option<Gauge>,
-    waiting: FairQueue<Waiter>,
-    touched: Option<Instant>,
-}
-
-struct Inner {
-    pictures: HashMap<Arc<str>, HashMap<Arc<str>, Picture>>,
-    pairs: usize,
-    /// Pictures with requests waiting: what the dispatcher walks.
-    busy: Vec<(Arc<str>, Arc<str>)>,
-    next_id: u64,
-    queued: [usize; 3],
-    config: QuotaConfig,
-    /// The most requests one priority may keep waiting.
-    queue_cap: usize,
-}
-
 pub struct Pacer {
     inner: Mutex<Inner>,
-    wake: Arc<Notify>,
-    metrics: PaceMetrics,
+    pub(super) wake: Arc<Notify>,
+    pub(super) metrics: PaceMetrics,
 }
 
 impl Pacer {
@@ -141,7 +95,7 @@ impl Pacer {
         self.wake.notify_one();
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -369,279 +323,6 @@ fn exhausted(model: &str, why: &str, wait: Duration) -> GatewayError {
             wait.as_secs_f64()
         ),
         retry_after: Some(wait),
-    }
-}
-
-/// Why the picture can never carry `cost` for priority `p`, if it cannot.
-fn too_large(pic: &Picture, cost: Cost, floor: f64, p: Priority) -> Option<String> {
-    for (unit, gauge, need) in [
-        ("requests", &pic.requests, cost.requests),
-        ("tokens", &pic.tokens, cost.tokens),
-    ] {
-        let Some(g) = gauge else { continue };
-        if !g.could_carry(need, floor) {
-            return Some(format!(
-                "This request is estimated at {need} {unit}, more than the upstream's quota of {} {unit} lets a {} request spend at once ({:.0}% of it stays unspent: upstream.quota.headroom and reserve). Lower max_tokens or shorten the prompt.",
-                g.limit,
-                p.as_str(),
-                floor * 100.0
-            ));
-        }
-    }
-    None
-}
-
-impl Picture {
-    fn units(&mut self) -> impl Iterator<Item = (&mut Gauge, fn(&Cost) -> u64)> {
-        let requests: fn(&Cost) -> u64 = |c| c.requests;
-        let tokens: fn(&Cost) -> u64 = |c| c.tokens;
-        [
-            self.requests.as_mut().map(|g| (g, requests)),
-            self.tokens.as_mut().map(|g| (g, tokens)),
-        ]
-        .into_iter()
-        .flatten()
-    }
-
-    fn carries(&self, cost: Cost, floor: f64, now: Instant) -> bool {
-        self.requests
-            .as_ref()
-            .is_none_or(|g| g.carries(cost.requests, floor, now))
-            && self
-                .tokens
-                .as_ref()
-                .is_none_or(|g| g.carries(cost.tokens, floor, now))
-    }
-
-    fn take(&mut self, cost: Cost, now: Instant) -> Marks {
-        Marks {
-            requests: self.requests.as_mut().map(|g| g.take(cost.requests, now)),
-            tokens: self.tokens.as_mut().map(|g| g.take(cost.tokens, now)),
-        }
-    }
-
-    fn give_back(&mut self, cost: Cost, marks: Marks, now: Instant) {
-        if marks.requests.is_some() {
-            if let Some(g) = &mut self.requests {
-                g.give_back(cost.requests, now);
-            }
-        }
-        if marks.tokens.is_some() {
-            if let Some(g) = &mut self.tokens {
-                g.give_back(cost.tokens, now);
-            }
-        }
-    }
-
-    /// How long until the picture carries `cost` above `floor`.
-    fn estimate_one(&mut self, cost: Cost, floor: f64, now: Instant) -> Duration {
-        self.units()
-            .filter_map(|(g, of)| g.wait_for(of(&cost), floor, now))
-            .max()
-            .unwrap_or(Duration::ZERO)
-    }
-
-    /// How long until the picture carries `cost` after what waits ahead of it (at `p` and
-    /// above; before `id` within `p`): the honest `Retry-After`.
-    fn estimate(
-        &mut self,
-        p: Priority,
-        id: Option<u64>,
-        cost: Cost,
-        floor: f64,
-        now: Instant,
-    ) -> Duration {
-        let ahead = self
-            .waiting
-            .ahead(p, id)
-            .fold(Cost::default(), |sum, w| Cost {
-                requests: sum.requests + w.cost.requests,
-                tokens: sum.tokens + w.cost.tokens,
-            });
-        let total = Cost {
-            requests: ahead.requests + cost.requests,
-            tokens: ahead.tokens + cost.tokens,
-        };
-        self.estimate_one(total, floor, now)
-    }
-}
-
-impl Inner {
-    fn picture_mut(&mut self, key: &str, model: &str) -> Option<&mut Picture> {
-        self.pictures.get_mut(key)?.get_mut(model)
-    }
-
-    fn picture_or_insert(&mut self, key: &str, model: &str) -> &mut Picture {
-        let known = self
-            .pictures
-            .get(key)
-            .is_some_and(|models| models.contains_key(model));
-        if !known {
-            if self.pairs >= MAX_ENTRIES {
-                self.evict_oldest_idle();
-            }
-            self.pairs += 1;
-        }
-        self.pictures
-            .entry(Arc::from(key))
-            .or_default()
-            .entry(Arc::from(model))
-            .or_default()
-    }
-
-    /// Removes the picture touched longest ago that nobody waits for.
-    fn evict_oldest_idle(&mut self) {
-        let oldest = self
-            .pictures
-            .iter()
-            .flat_map(|(key, models)| models.iter().map(move |(model, pic)| (key, model, pic)))
-            .filter(|(_, _, pic)| pic.waiting.is_empty())
-            .min_by_key(|(_, _, pic)| pic.touched)
-            .map(|(key, model, _)| (Arc::clone(key), Arc::clone(model)));
-        let Some((key, model)) = oldest else { return };
-        if let Some(models) = self.pictures.get_mut(&key) {
-            if models.remove(&model).is_some() {
-                self.pairs -= 1;
-            }
-            if models.is_empty() {
-                self.pictures.remove(&key);
-            }
-        }
-    }
-}
-
-/// A request's place in a queue: given up when it is dropped (its client left).
-struct Place<'a> {
-    pacer: &'a Arc<Pacer>,
-    key: &'a str,
-    model: &'a str,
-    id: u64,
-    priority: Priority,
-    cost: Cost,
-    rx: Option<oneshot::Receiver<Marks>>,
-    since: Instant,
-}
-
-impl Place<'_> {
-    async fn granted(&mut self) -> Option<Marks> {
-        let rx = self.rx.as_mut()?;
-        let marks = rx.await.ok();
-        self.rx = None;
-        self.leave();
-        marks
-    }
-
-    /// Leaves the queue with `refusal` (its argument: the honest wait from here); if the
-    /// grant came first, it is taken instead.
-    fn give_up(
-        &mut self,
-        refusal: impl FnOnce(Duration) -> GatewayError,
-    ) -> Result<Marks, GatewayError> {
-        let now = Clock::now().into_std();
-        let mut inner = self.pacer.lock();
-        let floor = inner.config.floor(self.priority);
-        let wait = inner
-            .picture_mut(self.key, self.model)
-            .map(|pic| pic.estimate(self.priority, Some(self.id), self.cost, floor, now));
-        if remove(&mut inner, self.key, self.model, self.id, self.priority) {
-            drop(inner);
-            self.rx = None;
-            self.leave();
-            self.pacer.wake.notify_one();
-            return Err(refusal(wait.unwrap_or(Duration::ZERO)));
-        }
-        drop(inner);
-        // Granted meanwhile: the grant is in the channel.
-        let marks = self.rx.take().and_then(|mut rx| rx.try_recv().ok());
-        self.leave();
-        Ok(marks.unwrap_or_default())
-    }
-
-    fn leave(&self) {
-        let i = self.priority.index();
-        self.pacer.metrics.queued[i].dec();
-        let waited = Clock::now()
-            .into_std()
-            .saturating_duration_since(self.since);
-        self.pacer.metrics.wait[i].observe(waited.as_secs_f64());
-    }
-}
-
-impl Drop for Place<'_> {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else { return };
-        // The client left while waiting: its place is given up at once, and a grant that
-        // raced in is given back.
-        let mut inner = self.pacer.lock();
-        let removed = remove(&mut inner, self.key, self.model, self.id, self.priority);
-        if !removed {
-            if let Ok(marks) = rx.try_recv() {
-                if let Some(pic) = inner.picture_mut(self.key, self.model) {
-                    pic.give_back(self.cost, marks, Clock::now().into_std());
-                }
-            }
-        }
-        drop(inner);
-        self.leave();
-        self.pacer.wake.notify_one();
-    }
-}
-
-/// Takes waiter `id` out of its queue; `false` when it is not there (granted).
-fn remove(inner: &mut Inner, key: &str, model: &str, id: u64, p: Priority) -> bool {
-    let removed = inner
-        .picture_mut(key, model)
-        .and_then(|pic| pic.waiting.remove(id, p))
-        .is_some();
-    if removed {
-        inner.queued[p.index()] -= 1;
-    }
-    removed
-}
-
-/// What a forwarded (or about to be forwarded) request took from the picture.
-pub struct Ticket {
-    pacer: Arc<Pacer>,
-    key: Arc<str>,
-    model: Arc<str>,
-    cost: Cost,
-    marks: Marks,
-    forwarded: bool,
-}
-
-impl Ticket {
-    /// The request goes upstream now: what it took stays taken.
-    pub fn forwarded(&mut self) {
-        self.forwarded = true;
-    }
-
-    pub fn marks(&self) -> Marks {
-        self.marks
-    }
-
-    /// The picture this request paced on, to learn its response into.
-    pub fn pacer(&self) -> &Arc<Pacer> {
-        &self.pacer
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if self.forwarded || self.marks == Marks::default() {
-            return;
-        }
-        // Refused by a later check, or the client left before it was sent.
-        let mut inner = self.pacer.lock();
-        if let Some(pic) = inner.picture_mut(&self.key, &self.model) {
-            pic.give_back(self.cost, self.marks, Clock::now().into_std());
-        }
-        let waiting = inner
-            .picture_mut(&self.key, &self.model)
-            .is_some_and(|p| !p.waiting.is_empty());
-        drop(inner);
-        if waiting {
-            self.pacer.wake.notify_one();
-        }
     }
 }
 

@@ -1,0 +1,211 @@
+//! One key and model's picture of the upstream's quota (a [`Gauge`] per unit) with the
+//! requests waiting for it, and the table of all pictures: what the pacer holds behind its
+//! one mutex.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::fair::FairQueue;
+use super::gauge::Gauge;
+use super::MAX_ENTRIES;
+use crate::config::{Priority, QuotaConfig};
+
+/// What a request costs the upstream's quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cost {
+    pub requests: u64,
+    /// Its estimated tokens as the upstream counts them: the prompt and `max_tokens`.
+    pub tokens: u64,
+}
+
+impl Cost {
+    /// What fairness weighs: tokens (at least one per request).
+    pub(super) fn weight(&self) -> u64 {
+        self.tokens.max(1)
+    }
+}
+
+/// The running totals right after a request's take, per unit (`None`: nothing taken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Marks {
+    pub requests: Option<u64>,
+    pub tokens: Option<u64>,
+}
+
+pub(super) struct Waiter {
+    pub(super) cost: Cost,
+    pub(super) grant: oneshot::Sender<Marks>,
+}
+
+#[derive(Default)]
+pub(super) struct Picture {
+    pub(super) requests: Option<Gauge>,
+    pub(super) tokens: Option<Gauge>,
+    pub(super) waiting: FairQueue<Waiter>,
+    pub(super) touched: Option<Instant>,
+}
+
+pub(super) struct Inner {
+    pub(super) pictures: HashMap<Arc<str>, HashMap<Arc<str>, Picture>>,
+    pub(super) pairs: usize,
+    /// Pictures with requests waiting: what the dispatcher walks.
+    pub(super) busy: Vec<(Arc<str>, Arc<str>)>,
+    pub(super) next_id: u64,
+    pub(super) queued: [usize; 3],
+    pub(super) config: QuotaConfig,
+    /// The most requests one priority may keep waiting.
+    pub(super) queue_cap: usize,
+}
+
+/// Why the picture can never carry `cost` for priority `p`, if it cannot.
+pub(super) fn too_large(pic: &Picture, cost: Cost, floor: f64, p: Priority) -> Option<String> {
+    for (unit, gauge, need) in [
+        ("requests", &pic.requests, cost.requests),
+        ("tokens", &pic.tokens, cost.tokens),
+    ] {
+        let Some(g) = gauge else { continue };
+        if !g.could_carry(need, floor) {
+            return Some(format!(
+                "This request is estimated at {need} {unit}, more than the upstream's quota of {} {unit} lets a {} request spend at once ({:.0}% of it stays unspent: upstream.quota.headroom and reserve). Lower max_tokens or shorten the prompt.",
+                g.limit,
+                p.as_str(),
+                floor * 100.0
+            ));
+        }
+    }
+    None
+}
+
+impl Picture {
+    pub(super) fn units(&mut self) -> impl Iterator<Item = (&mut Gauge, fn(&Cost) -> u64)> {
+        let requests: fn(&Cost) -> u64 = |c| c.requests;
+        let tokens: fn(&Cost) -> u64 = |c| c.tokens;
+        [
+            self.requests.as_mut().map(|g| (g, requests)),
+            self.tokens.as_mut().map(|g| (g, tokens)),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    pub(super) fn carries(&self, cost: Cost, floor: f64, now: Instant) -> bool {
+        self.requests
+            .as_ref()
+            .is_none_or(|g| g.carries(cost.requests, floor, now))
+            && self
+                .tokens
+                .as_ref()
+                .is_none_or(|g| g.carries(cost.tokens, floor, now))
+    }
+
+    pub(super) fn take(&mut self, cost: Cost, now: Instant) -> Marks {
+        Marks {
+            requests: self.requests.as_mut().map(|g| g.take(cost.requests, now)),
+            tokens: self.tokens.as_mut().map(|g| g.take(cost.tokens, now)),
+        }
+    }
+
+    pub(super) fn give_back(&mut self, cost: Cost, marks: Marks, now: Instant) {
+        if marks.requests.is_some() {
+            if let Some(g) = &mut self.requests {
+                g.give_back(cost.requests, now);
+            }
+        }
+        if marks.tokens.is_some() {
+            if let Some(g) = &mut self.tokens {
+                g.give_back(cost.tokens, now);
+            }
+        }
+    }
+
+    /// How long until the picture carries `cost` above `floor`.
+    pub(super) fn estimate_one(&mut self, cost: Cost, floor: f64, now: Instant) -> Duration {
+        self.units()
+            .filter_map(|(g, of)| g.wait_for(of(&cost), floor, now))
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// How long until the picture carries `cost` after what waits ahead of it (at `p` and
+    /// above; before `id` within `p`): the honest `Retry-After`.
+    pub(super) fn estimate(
+        &mut self,
+        p: Priority,
+        id: Option<u64>,
+        cost: Cost,
+        floor: f64,
+        now: Instant,
+    ) -> Duration {
+        let ahead = self
+            .waiting
+            .ahead(p, id)
+            .fold(Cost::default(), |sum, w| Cost {
+                requests: sum.requests + w.cost.requests,
+                tokens: sum.tokens + w.cost.tokens,
+            });
+        let total = Cost {
+            requests: ahead.requests + cost.requests,
+            tokens: ahead.tokens + cost.tokens,
+        };
+        self.estimate_one(total, floor, now)
+    }
+}
+
+impl Inner {
+    pub(super) fn picture_mut(&mut self, key: &str, model: &str) -> Option<&mut Picture> {
+        self.pictures.get_mut(key)?.get_mut(model)
+    }
+
+    pub(super) fn picture_or_insert(&mut self, key: &str, model: &str) -> &mut Picture {
+        let known = self
+            .pictures
+            .get(key)
+            .is_some_and(|models| models.contains_key(model));
+        if !known {
+            if self.pairs >= MAX_ENTRIES {
+                self.evict_oldest_idle();
+            }
+            self.pairs += 1;
+        }
+        self.pictures
+            .entry(Arc::from(key))
+            .or_default()
+            .entry(Arc::from(model))
+            .or_default()
+    }
+
+    /// Removes the picture touched longest ago that nobody waits for.
+    pub(super) fn evict_oldest_idle(&mut self) {
+        let oldest = self
+            .pictures
+            .iter()
+            .flat_map(|(key, models)| models.iter().map(move |(model, pic)| (key, model, pic)))
+            .filter(|(_, _, pic)| pic.waiting.is_empty())
+            .min_by_key(|(_, _, pic)| pic.touched)
+            .map(|(key, model, _)| (Arc::clone(key), Arc::clone(model)));
+        let Some((key, model)) = oldest else { return };
+        if let Some(models) = self.pictures.get_mut(&key) {
+            if models.remove(&model).is_some() {
+                self.pairs -= 1;
+            }
+            if models.is_empty() {
+                self.pictures.remove(&key);
+            }
+        }
+    }
+}
+
+/// Takes waiter `id` out of its queue; `false` when it is not there (granted).
+pub(super) fn remove(inner: &mut Inner, key: &str, model: &str, id: u64, p: Priority) -> bool {
+    let removed = inner
+        .picture_mut(key, model)
+        .and_then(|pic| pic.waiting.remove(id, p))
+        .is_some();
+    if removed {
+        inner.queued[p.index()] -= 1;
+    }
+    removed
+}
