@@ -333,3 +333,115 @@ fn the_oldest_touched_pair_is_dropped_beyond_the_bound() {
     assert_eq!(keys[MAX_PAIRS - 1], fingerprint("new"));
     assert_eq!(json["admitted"], MAX_PAIRS as u64 + 2);
 }
+
+/// One HTTP/1.1 request on a fresh connection: status, headers (lowercase names), body.
+async fn send(
+    addr: std::net::SocketAddr,
+    head: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, HashMap<String, String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!("{head} HTTP/1.1\r\nhost: emu\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+#[tokio::test]
+async fn the_running_emulator_charges_reports_limits_and_is_driven_by_its_control_api() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = std::sync::Arc::new(crate::service::State::default());
+    let server = tokio::spawn(crate::conn::serve(
+        listener,
+        None,
+        state,
+        std::future::pending(),
+    ));
+    let quota = r#"{"requests": {"limit": 2, "per": "1h"}, "tokens": {"limit": 100, "per": "1h"}}"#;
+    let (status, _, body) = send(addr, "PUT /__emu/quota", &[], quota).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = send(addr, "PUT /__emu/quota", &[], r#"{"requests": 2}"#).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("emulator_bad_quota"), "{body}");
+
+    let key = [("authorization", "Bearer sk-one")];
+    // P = 8 characters / 4 = 2, M = max_tokens = 10.
+    let chat = |max: u64| {
+        format!(
+            r#"{{"model":"gpt-4o-mini","messages":[{{"content":"abcdefgh"}}],"max_tokens":{max}}}"#
+        )
+    };
+    let (status, h, body) = send(addr, "POST /v1/chat/completions", &key, &chat(10)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(h["x-ratelimit-limit-requests"], "2");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(h["x-ratelimit-reset-requests"], "30m0s");
+    assert_eq!(h["x-ratelimit-limit-tokens"], "100");
+    assert_eq!(h["x-ratelimit-remaining-tokens"], "88");
+    assert_eq!(h["x-ratelimit-reset-tokens"], "7m12s");
+
+    let (_, h, _) = send(addr, "GET /v1/models", &key, "").await;
+    assert!(!h.keys().any(|n| n.starts_with("x-ratelimit")), "{h:?}");
+
+    // 97 tokens > 88 left: refused, nothing taken.
+    let (status, h, body) = send(addr, "POST /v1/chat/completions", &key, &chat(95)).await;
+    assert_eq!(status, 429, "{body}");
+    let retry: u64 = h["retry-after"].parse().unwrap();
+    assert!((323..=324).contains(&retry), "{retry}");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(h["x-ratelimit-remaining-tokens"], "88");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    let want = "Rate limit reached for gpt-4o-mini in organization org-emu on tokens per min \
+                (TPM): Limit 100, Used 12, Requested 97. Please try again in 5m2";
+    assert!(message.starts_with(want), "{message}");
+    assert_eq!(error["error"]["type"], "tokens");
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+
+    // Another key has buckets of its own; x-emu-ratelimit still overrides.
+    let other = [
+        ("authorization", "Bearer sk-two"),
+        ("x-emu-ratelimit", "remaining-requests=42"),
+    ];
+    let (status, h, _) = send(addr, "POST /v1/chat/completions", &other, &chat(10)).await;
+    assert_eq!(status, 200);
+    assert_eq!(h["x-ratelimit-remaining-requests"], "42");
+    assert_eq!(h["x-ratelimit-remaining-tokens"], "88");
+
+    let (_, _, body) = send(addr, "GET /__emu/quota", &[], "").await;
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["admitted"], 2);
+    assert_eq!(json["limited"], 1);
+    assert_eq!(json["admitted_tokens"], 24);
+    assert_eq!(
+        json["quota"]["tokens"],
+        json!({"limit": 100, "per": "1h0m0s"})
+    );
+    assert_eq!(json["pairs"][0]["key"], fingerprint("sk-one"));
+    assert_eq!(json["pairs"][0]["model"], "gpt-4o-mini");
+    assert_eq!(json["pairs"][0]["tokens_remaining"], 88);
+    assert_eq!(json["pairs"][0]["limited"], 1);
+    assert!(!body.contains("sk-one"), "{body}");
+
+    let (status, _, _) = send(addr, "DELETE /__emu/quota", &[], "").await;
+    assert_eq!(status, 200);
+    let (status, h, _) = send(addr, "POST /v1/chat/completions", &key, &chat(95)).await;
+    assert_eq!(status, 200);
+    assert!(!h.keys().any(|n| n.starts_with("x-ratelimit")), "{h:?}");
+    server.abort();
+}
