@@ -70,6 +70,13 @@ struct ApiRequest<'a> {
     input: Option<Value>,
     #[serde(default)]
     instructions: Option<Value>,
+    /// The output caps quota mode charges (read leniently: any JSON value).
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -104,21 +111,7 @@ pub fn complete(
         Ok(request) => request,
         Err(err) => return invalid_json(&err),
     };
-    let chars = match kind {
-        Kind::Chat => request
-            .messages
-            .iter()
-            .flatten()
-            .filter_map(|m| m.content.as_ref())
-            .map(text_chars)
-            .sum(),
-        Kind::Text => request.prompt.as_ref().map_or(0, text_chars),
-        Kind::Responses => {
-            request.input.as_ref().map_or(0, text_chars)
-                + request.instructions.as_ref().map_or(0, text_chars)
-        }
-    };
-    let prompt_tokens = (chars / 4).max(1) as u64;
+    let prompt_tokens = prompt_tokens(Some(kind), &request);
     // `x-emu-echo-key`: an upstream careless enough to name the key as the model.
     let model = opts
         .echo_key
@@ -311,8 +304,7 @@ pub fn embeddings(body: &[u8], opts: &Opts, tokens: &Tokens) -> Response<Payload
         Some(Value::Array(items)) => items.len(),
         Some(_) => 1,
     };
-    let chars = request.input.as_ref().map_or(0, text_chars);
-    let prompt_tokens = (chars / 4).max(1) as u64;
+    let prompt_tokens = prompt_tokens(None, &request);
     tokens.set(prompt_tokens, 0);
     let data: Vec<Embedding> = (0..inputs)
         .map(|index| Embedding {
@@ -331,6 +323,62 @@ pub fn embeddings(body: &[u8], opts: &Opts, tokens: &Tokens) -> Response<Payload
         },
     });
     respond(StatusCode::OK, JSON, body.unwrap_or_default())
+}
+
+/// `P` of a completion, a response (`kind`) or embeddings (`None`).
+fn prompt_tokens(kind: Option<Kind>, request: &ApiRequest) -> u64 {
+    let chars = match kind {
+        Some(Kind::Chat) => request
+            .messages
+            .iter()
+            .flatten()
+            .filter_map(|m| m.content.as_ref())
+            .map(text_chars)
+            .sum(),
+        Some(Kind::Text) => request.prompt.as_ref().map_or(0, text_chars),
+        Some(Kind::Responses) => {
+            request.input.as_ref().map_or(0, text_chars)
+                + request.instructions.as_ref().map_or(0, text_chars)
+        }
+        None => request.input.as_ref().map_or(0, text_chars),
+    };
+    (chars / 4).max(1) as u64
+}
+
+/// What quota mode charges a completion, a response (`kind`) or embeddings (`None`): the
+/// model and `P + M` tokens. A body that does not parse costs `P` = 1 and the default `M`.
+pub fn quota_cost(kind: Option<Kind>, body: &[u8], opts: &Opts) -> (String, u64) {
+    let default_model = if kind.is_some() {
+        "gpt-4o"
+    } else {
+        "text-embedding-3-small"
+    };
+    let mut tree = None;
+    let Ok(request) = parse(body, opts.duplicates, &mut tree) else {
+        let m = if kind.is_some() {
+            opts.completion_tokens
+        } else {
+            0
+        };
+        return (default_model.to_owned(), 1 + m);
+    };
+    let cap = match kind {
+        None => Some(0),
+        Some(Kind::Responses) => request.max_output_tokens.as_ref().and_then(Value::as_u64),
+        Some(_) => [&request.max_tokens, &request.max_completion_tokens]
+            .into_iter()
+            .find_map(|v| v.as_ref().and_then(Value::as_u64)),
+    };
+    let completion = cap.unwrap_or(if request.stream == Some(true) {
+        opts.stream.events as u64
+    } else {
+        opts.completion_tokens
+    });
+    let model = request.model.as_deref().unwrap_or(default_model).to_owned();
+    (
+        model,
+        prompt_tokens(kind, &request).saturating_add(completion),
+    )
 }
 
 pub fn not_found(method: &Method, path: &str) -> Response<Payload> {

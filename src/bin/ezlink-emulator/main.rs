@@ -6,7 +6,7 @@
 //! # Command line
 //!
 //! ```text
-//! ezlink-emulator --listen ADDR [--tls-cert PEM_PATH --tls-key PEM_PATH]
+//! ezlink-emulator --listen ADDR [--tls-cert PEM_PATH --tls-key PEM_PATH] [--quota SPEC]
 //! ezlink-emulator --help        # these options and every x-emu-* request header
 //! ezlink-emulator --version     # version, git commit, build profile
 //! ```
@@ -17,6 +17,9 @@
 //! * Plain: HTTP/1.1 and h2c with prior knowledge. With `--tls-cert`/`--tls-key` (PEM; both
 //!   or neither): TLS via rustls, ALPN `h2` and `http/1.1`.
 //! * Exits 0 on SIGTERM or SIGINT, dropping open connections.
+//! * `--quota requests=60/1m,tokens=40000/1m` starts in quota mode (below); either part may
+//!   be left out (unlimited); a window is a number with `ms`, `s`, `m` or `h` (`20/2s`,
+//!   Go-style compounds such as `1m30s` too); a limit is at least 1.
 //!
 //! # Normal API
 //!
@@ -89,7 +92,73 @@
 //!   on purpose (`x-emu-reset`, `x-emu-cut-after`). A raw `x-emu-malformed` reply counts as
 //!   completed.
 //! * `GET /__emu/connections` → `{"accepted": n}`: TCP connections accepted since start.
-//! * `POST /__emu/reset` → 200 `{"reset":true}`; clears the log.
+//! * `POST /__emu/reset` → 200 `{"reset":true}`; clears the log, zeroes the quota
+//!   counters and drops every quota bucket (so all are full again); the quota config stays.
+//! * `PUT /__emu/quota` with `{"requests": {"limit": 60, "per": "1m"}, "tokens": {"limit":
+//!   40000, "per": "1m"}}` (either part null or absent = unlimited; `per` as for `--quota`;
+//!   unknown members refused) turns quota mode on or changes it at once: existing buckets
+//!   keep their level (capped at the new limit) and refill at the new rate from now; a
+//!   bucket that was unlimited starts full. → 200 and the `GET` document. A bad body → 400
+//!   `{"error":{"message":"ezlink-emulator: bad quota: …","type":"invalid_request_error",
+//!   "param":null,"code":"emulator_bad_quota"}}`. `{}` is quota mode with both unlimited:
+//!   requests are counted, never limited, and carry no quota headers.
+//! * `DELETE /__emu/quota` → quota mode off: buckets dropped, no headers (the global
+//!   counters stay until `/__emu/reset`); → 200 and the `GET` document.
+//! * `GET /__emu/quota` → `{"quota": {"requests": {"limit":60,"per":"1m0s"} | null,
+//!   "tokens": … | null} | null, "admitted": n, "limited": n, "admitted_tokens": n,
+//!   "pairs": [{"key": K, "model": "m", "requests_remaining": n | null,
+//!   "tokens_remaining": n | null, "admitted": n, "limited": n, "admitted_tokens": n}]}`:
+//!   `per` as a Go duration, `K` the first 12 hex digits of the SHA-256 of the key,
+//!   `*_remaining` floor(level) now (null: unlimited), pairs oldest-touched first,
+//!   `admitted_tokens` the tokens charged to admitted requests.
+//!
+//! # Quota mode
+//!
+//! Off unless `--quota` or `PUT /__emu/quota` turns it on. Then every (key, model) pair has
+//! a requests bucket and a tokens bucket (each unless unlimited): capacity `limit`, starting
+//! full, refilling continuously at `limit / per`. At most 10 000 pairs are kept; beyond,
+//! the oldest-touched is dropped (it starts full if it comes back).
+//!
+//! * Key: the value of `Authorization: Bearer <value>` (the header without its `Bearer `
+//!   prefix, any case), `anonymous` when absent or empty. Never printed or logged as such.
+//! * Model: a completion's, response's or embeddings' JSON `model` (default `gpt-4o`,
+//!   embeddings `text-embedding-3-small`; the `x-emu-echo-key` model is ignored); the
+//!   realtime handshake's query `model` (default `gpt-realtime`); an object route's model as
+//!   logged (default `gpt-realtime` for sessions and client secrets, `-` for images and
+//!   audio).
+//! * Counted: `POST` chat/completions, completions, responses, embeddings,
+//!   `/v1/images/{generations,edits,variations}`, `/v1/audio/{transcriptions,translations}`,
+//!   `/v1/realtime/{sessions,client_secrets}`, and `GET /v1/realtime` (the handshake). Not
+//!   counted, no quota headers: everything else (models, echo, inspect, assistants, runs,
+//!   jobs, batches, 404s, control endpoints) and a request refused for a bad `x-emu-*`
+//!   header.
+//! * Cost: 1 request and `P + M` tokens. `P` as in usage above (embeddings: its `P`); `M` =
+//!   chat and completions: `max_tokens`, else `max_completion_tokens`; responses:
+//!   `max_output_tokens` (a non-negative integer; else as absent); without one: a stream's `N`
+//!   (`x-emu-stream-events`), else `C` (`x-emu-completion-tokens`); embeddings 0. A body
+//!   that does not parse costs `P` = 1 (and `M` = `C`, embeddings 0) under the default
+//!   model. Realtime handshakes, sessions, client secrets, images and audio cost 0 tokens.
+//! * Decided when the request arrives (its body read, before `x-emu-header-delay-ms`): the
+//!   cost is taken only if BOTH buckets can carry it (level ≥ cost); never refunded.
+//!   Otherwise nothing is taken and the answer is 429 `{"error":{"message":"Rate limit
+//!   reached for MODEL in organization org-emu on tokens per min (TPM): Limit L, Used U,
+//!   Requested R. Please try again in WAIT.","type":"tokens","param":null,"code":
+//!   "rate_limit_exceeded"}}` (`requests per min (RPM)` and `"type":"requests"` when the
+//!   requests bucket is the short one; both short: the longer wait, requests on a tie),
+//!   `U` = L − remaining, `WAIT` the time until that bucket can carry the request (a Go
+//!   duration, ms rounded up), `retry-after` WAIT in whole seconds rounded up. A token cost
+//!   above the token limit can never pass: same 429, WAIT = the time until full (`0s` and
+//!   `retry-after: 0` when full).
+//! * Precedence: `x-emu-malformed` > `x-emu-reset` > the quota's 429 > `x-emu-status` >
+//!   the route (a charge taken stays taken whatever follows).
+//! * Every counted response (200, 101, streams, 429, any error of those routes) carries,
+//!   per limited bucket, `x-ratelimit-limit-{requests,tokens}` (the limit),
+//!   `x-ratelimit-remaining-{requests,tokens}` (floor(level) after the take) and
+//!   `x-ratelimit-reset-{requests,tokens}` (time until full, (limit − level) / rate), as at
+//!   the decision, as Go's `time.Duration.String()` writes it rounded up to the
+//!   millisecond: `0s`, `20ms`, `1.5s`, `59.999s`, `6m0s`, `1h2m3.5s`. An unlimited
+//!   bucket's three headers are absent. `x-emu-ratelimit-headers` and `x-emu-ratelimit`
+//!   are applied after, overriding.
 //!
 //! # Request headers: faults and response shapes
 //!
@@ -100,6 +169,7 @@
 //! * `conn` — accept, TLS, first-request sniffing (`x-emu-malformed`), the RST switch
 //! * `service` — one request: record → fault plan → body → delay → fault or route → finalize
 //! * `options` — the `x-emu-*` headers; `faults` — error shapes, reset body
+//! * `quota` — quota mode: buckets, `x-ratelimit-*` headers, the 429, `/__emu/quota`
 //! * `api` — models, completions, embeddings; `sse` — the streamed completions body
 //! * `realtime` — `/v1/realtime`, the WebSocket session
 //! * `echo` — `/echo`, `/inspect`; `encoding` — gzip/deflate/br; `body` — body types,
@@ -114,6 +184,7 @@ mod faults;
 mod log;
 mod objects;
 mod options;
+mod quota;
 mod realtime;
 mod service;
 mod sse;
@@ -159,7 +230,7 @@ Response shape (normal API):
 Faults:
 
 Precedence: `x-emu-malformed` > `x-emu-reset: headers` > `x-emu-reset: body` >
-`x-emu-status` > the route. An `x-emu-*` value that cannot be parsed → 400 OpenAI error
+quota mode's 429 (`--quota`) > `x-emu-status` > the route. An `x-emu-*` value that cannot be parsed → 400 OpenAI error
 with `code: "emulator_bad_header"` naming the header. Request bodies are always read
 (drained) before the fault, so HTTP/1 connections stay reusable.
 
@@ -194,7 +265,8 @@ with `code: "emulator_bad_header"` naming the header. Request bodies are always 
 * `x-emu-ratelimit: SUFFIX=VALUE,…` (SUFFIX: `limit-requests`, `limit-tokens`,
   `remaining-requests`, `remaining-tokens`, `reset-requests`, `reset-tokens`) →
   `x-ratelimit-SUFFIX: VALUE` on any response (a WebSocket `101` too), VALUE sent as given
-  (nonsense included); after `x-emu-ratelimit-headers`.
+  (nonsense included); after `x-emu-ratelimit-headers`. Both override quota mode's
+  headers of the same names.
 * `x-emu-echo-key: 1` — echo the key of the request's `Authorization` as a careless
   upstream does: the `x-emu-status` message becomes `Incorrect API key provided: KEY.
   Manage it at https://ezlink.example/keys?key=PCT. TEXT` (PCT: KEY percent-encoded), a
@@ -237,6 +309,10 @@ struct Cli {
     /// PEM private key for --tls-cert.
     #[arg(long, value_name = "PEM_PATH", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Quota mode from the start: `requests=60/1m,tokens=40000/1m` (either part optional;
+    /// windows in ms, s, m, h, e.g. `20/2s`). Changeable at run time: `/__emu/quota`.
+    #[arg(long, value_name = "SPEC", value_parser = quota::Config::from_cli)]
+    quota: Option<quota::Config>,
 }
 
 fn main() -> ExitCode {
@@ -282,7 +358,11 @@ async fn run(cli: Cli) -> Result<(), String> {
         .and_then(|()| stdout.flush())
         .map_err(|e| format!("cannot write to stdout: {e}"))?;
     drop(stdout);
-    let state = Arc::new(service::State::default());
+    let state = service::State::default();
+    if let Some(config) = cli.quota {
+        state.quota.set(Some(config), std::time::Instant::now());
+    }
+    let state = Arc::new(state);
     conn::serve(listener, tls, state, shutdown_signal()).await;
     Ok(())
 }

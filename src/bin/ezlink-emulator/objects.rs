@@ -52,29 +52,9 @@ pub fn create(
     body: &[u8],
     log: &Tokens,
 ) -> Response<Payload> {
-    let content_type = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let model = if content_type
-        .to_ascii_lowercase()
-        .starts_with("multipart/form-data")
-    {
-        match form_field(content_type, body, "model") {
-            Ok(model) => model,
-            Err(why) => return bad_request(why),
-        }
-    } else if body.is_empty() {
-        None
-    } else {
-        let Ok(value) = serde_json::from_slice::<Value>(body) else {
-            return bad_request("We could not parse the JSON body of your request.");
-        };
-        let model = match object {
-            Object::ClientSecret => &value["session"]["model"],
-            _ => &value["model"],
-        };
-        model.as_str().map(str::to_owned)
+    let model = match model(object, headers, body) {
+        Ok(model) => model,
+        Err(why) => return bad_request(why),
     };
     if let Some(m) = &model {
         log.set_model(m);
@@ -112,6 +92,54 @@ pub fn create(
         Object::AudioText => json!({"text": "tok0 "}),
     };
     respond(StatusCode::OK, JSON, body.to_string())
+}
+
+/// The model the real API would use: a JSON body's `model` (a client secret's
+/// `session.model`) or a multipart form's last `model` field; `Err` when the body does not
+/// parse.
+pub fn model(
+    object: Object,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Option<String>, &'static str> {
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        form_field(content_type, body, "model")
+    } else if body.is_empty() {
+        Ok(None)
+    } else {
+        let Ok(value) = serde_json::from_slice::<Value>(body) else {
+            return Err("We could not parse the JSON body of your request.");
+        };
+        let model = match object {
+            Object::ClientSecret => &value["session"]["model"],
+            _ => &value["model"],
+        };
+        Ok(model.as_str().map(str::to_owned))
+    }
+}
+
+/// Whether quota mode counts the route: realtime sessions and client secrets, images and
+/// audio (not assistants, runs, jobs or batches).
+pub fn counted(object: Object) -> bool {
+    matches!(
+        object,
+        Object::RealtimeSession | Object::ClientSecret | Object::Image | Object::AudioText
+    )
+}
+
+/// The model quota mode charges when the request names none (or does not parse).
+pub fn default_model(object: Object) -> &'static str {
+    match object {
+        Object::RealtimeSession | Object::ClientSecret => "gpt-realtime",
+        _ => "-",
+    }
 }
 
 fn bad_request(message: &str) -> Response<Payload> {

@@ -138,7 +138,7 @@ fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -
 }
 
 /// The query's `model` (not percent-decoded: the emulator echoes what it got).
-fn model(query: Option<&str>) -> String {
+pub fn model(query: Option<&str>) -> String {
     query
         .unwrap_or("")
         .split('&')

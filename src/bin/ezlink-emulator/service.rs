@@ -4,10 +4,11 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
@@ -20,6 +21,7 @@ use crate::faults::{self, openai_error, respond, JSON};
 use crate::log::{Guard, RequestLog, Tokens};
 use crate::objects;
 use crate::options::{Opts, Reset};
+use crate::quota::{self, Decision, Quota};
 use crate::realtime;
 use crate::sse::Kind;
 
@@ -33,6 +35,8 @@ pub struct State {
     next_id: AtomicU64,
     /// TCP connections accepted since start (`/__emu/connections`).
     connections: AtomicU64,
+    /// Quota mode (`--quota`, `/__emu/quota`).
+    pub quota: Quota,
 }
 
 impl State {
@@ -66,6 +70,8 @@ enum Route {
     Completions,
     Embeddings,
     Responses,
+    /// `GET /v1/realtime` reaching the routes (a fault answers it).
+    Realtime,
     /// Realtime sessions and client secrets, assistants, runs, jobs, batches, images, audio.
     Object(objects::Object),
     Echo,
@@ -89,6 +95,7 @@ fn route(method: &Method, path: &str) -> Route {
         (&Method::POST, "/v1/completions") => Route::Completions,
         (&Method::POST, "/v1/embeddings") => Route::Embeddings,
         (&Method::POST, "/v1/responses") => Route::Responses,
+        (&Method::GET, "/v1/realtime") => Route::Realtime,
         _ => Route::NotFound,
     }
 }
@@ -99,8 +106,9 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Tracked>, Abort> {
     if let Some(name) = request.uri().path().strip_prefix("/__emu/") {
-        let response = control(&state, request.method(), name);
-        drain(request.into_body()).await?;
+        let (method, name) = (request.method().clone(), name.to_owned());
+        let body = read(request.into_body()).await?.unwrap_or_default();
+        let response = control(&state, &method, &name, &body);
         return Ok(finalize(response, &Opts::default(), None));
     }
     let guard = state.log.record(
@@ -124,9 +132,20 @@ pub async fn handle(
         }
     };
     if realtime::is_realtime(request.method(), request.uri().path()) && !opts.overrides_route() {
+        let model = realtime::model(request.uri().query());
+        let decision = state
+            .quota
+            .decide(&bearer(request.headers()), &model, 0, Instant::now());
         delay(&opts).await;
+        if let Some(Decision::Limited(report, short)) = &decision {
+            let response = quota::too_many(&model, report, short);
+            return Ok(finalize(response, &opts, Some(guard)));
+        }
         // The session holds the log entry until it ends.
-        let (response, guard) = realtime::accept(request, &opts, &state, &conn, guard);
+        let (mut response, guard) = realtime::accept(request, &opts, &state, &conn, guard);
+        if let Some(decision) = &decision {
+            decision.report().write(response.headers_mut());
+        }
         return Ok(finalize(response, &opts, guard));
     }
     let is_head = request.method() == Method::HEAD;
@@ -155,20 +174,24 @@ async fn respond_to(
         route,
         Route::Chat | Route::Completions | Route::Embeddings | Route::Responses | Route::Object(_)
     );
-    let (body, body_len) = if reads_json && !opts.overrides_route() {
+    let counted = counted(route) && state.quota.is_on();
+    let (body, body_len, too_large) = if reads_json && (!opts.overrides_route() || counted) {
         match read(incoming).await? {
             Some(body) => {
                 let len = body.len() as u64;
-                (body, len)
+                (body, len, false)
             }
-            None => {
-                delay(opts).await;
-                return Ok(api::too_large(MAX_API_BODY));
-            }
+            None => (Bytes::new(), 0, true),
         }
     } else {
         // Drained even when unused, so the HTTP/1 connection stays reusable.
-        (Bytes::new(), drain(incoming).await?)
+        (Bytes::new(), drain(incoming).await?, false)
+    };
+    // Quota mode charges the request as it arrives, before any delay or fault.
+    let decision = if counted {
+        charge(state, &parts, route, &body, opts)
+    } else {
+        None
     };
     delay(opts).await;
     if opts.malformed || opts.reset == Some(Reset::Headers) {
@@ -177,22 +200,99 @@ async fn respond_to(
         }
         return Err(Abort("emulated connection reset before the response"));
     }
-    if opts.reset == Some(Reset::Body) {
-        return Ok(faults::reset_body());
+    let mut response = if opts.reset == Some(Reset::Body) {
+        faults::reset_body()
+    } else if let Some((model, Decision::Limited(report, short))) = &decision {
+        quota::too_many(model, report, short)
+    } else if let Some(fault) = &opts.fault {
+        faults::render(fault)
+    } else if too_large {
+        api::too_large(MAX_API_BODY)
+    } else {
+        answer(state, route, &parts, &body, body_len, opts, tokens)
+    };
+    if let Some((_, decision)) = &decision {
+        decision.report().write(response.headers_mut());
     }
-    if let Some(fault) = &opts.fault {
-        return Ok(faults::render(fault));
-    }
-    Ok(match route {
+    Ok(response)
+}
+
+/// The route's own answer.
+fn answer(
+    state: &State,
+    route: Route,
+    parts: &http::request::Parts,
+    body: &[u8],
+    body_len: u64,
+    opts: &Opts,
+    tokens: &Tokens,
+) -> Response<Payload> {
+    match route {
         Route::Models => api::models(),
-        Route::Chat => api::complete(state, Kind::Chat, &body, opts, tokens),
-        Route::Completions => api::complete(state, Kind::Text, &body, opts, tokens),
-        Route::Responses => api::complete(state, Kind::Responses, &body, opts, tokens),
-        Route::Embeddings => api::embeddings(&body, opts, tokens),
-        Route::Object(object) => objects::create(state, object, &parts.headers, &body, tokens),
-        Route::Inspect => echo::inspect(&parts, body_len),
-        Route::Echo | Route::NotFound => api::not_found(&parts.method, parts.uri.path()),
-    })
+        Route::Chat => api::complete(state, Kind::Chat, body, opts, tokens),
+        Route::Completions => api::complete(state, Kind::Text, body, opts, tokens),
+        Route::Responses => api::complete(state, Kind::Responses, body, opts, tokens),
+        Route::Embeddings => api::embeddings(body, opts, tokens),
+        Route::Object(object) => objects::create(state, object, &parts.headers, body, tokens),
+        Route::Inspect => echo::inspect(parts, body_len),
+        Route::Echo | Route::NotFound | Route::Realtime => {
+            api::not_found(&parts.method, parts.uri.path())
+        }
+    }
+}
+
+/// Whether quota mode counts the route (the realtime handshake is counted in `handle`).
+fn counted(route: Route) -> bool {
+    match route {
+        Route::Chat | Route::Completions | Route::Responses | Route::Embeddings => true,
+        Route::Realtime => true,
+        Route::Object(object) => objects::counted(object),
+        Route::Models | Route::Echo | Route::Inspect | Route::NotFound => false,
+    }
+}
+
+/// Quota mode's decision on a counted request, with the model it was charged to.
+fn charge(
+    state: &State,
+    parts: &http::request::Parts,
+    route: Route,
+    body: &[u8],
+    opts: &Opts,
+) -> Option<(String, Decision)> {
+    let (model, tokens) = match route {
+        Route::Chat => api::quota_cost(Some(Kind::Chat), body, opts),
+        Route::Completions => api::quota_cost(Some(Kind::Text), body, opts),
+        Route::Responses => api::quota_cost(Some(Kind::Responses), body, opts),
+        Route::Embeddings => api::quota_cost(None, body, opts),
+        Route::Realtime => (realtime::model(parts.uri.query()), 0),
+        Route::Object(object) => {
+            let model = objects::model(object, &parts.headers, body).ok().flatten();
+            let model = model.unwrap_or_else(|| objects::default_model(object).to_owned());
+            (model, 0)
+        }
+        Route::Models | Route::Echo | Route::Inspect | Route::NotFound => return None,
+    };
+    let key = bearer(&parts.headers);
+    let decision = state.quota.decide(&key, &model, tokens, Instant::now())?;
+    Some((model, decision))
+}
+
+/// The quota key: the value of `Authorization: Bearer <value>` (the whole header without
+/// the `Bearer ` prefix), `anonymous` when there is none.
+fn bearer(headers: &HeaderMap) -> String {
+    let value = headers
+        .get(AUTHORIZATION)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
+        .unwrap_or_default();
+    let key = match value.get(..7) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("bearer ") => value[7..].trim(),
+        _ => value.as_str(),
+    };
+    if key.is_empty() {
+        "anonymous".to_owned()
+    } else {
+        key.to_owned()
+    }
 }
 
 /// `x-emu-header-delay-ms`. If the client leaves meanwhile, hyper drops this future (it
@@ -225,7 +325,8 @@ async fn drain(mut incoming: Incoming) -> Result<u64, Abort> {
 }
 
 /// `/__emu/…`: never recorded, never faulted.
-fn control(state: &State, method: &Method, name: &str) -> Response<Payload> {
+fn control(state: &State, method: &Method, name: &str, body: &[u8]) -> Response<Payload> {
+    let quota_json = || respond(StatusCode::OK, JSON, state.quota.to_json(Instant::now()));
     match (method, name) {
         (&Method::GET, "log") => respond(StatusCode::OK, JSON, state.log.to_json()),
         (&Method::GET, "connections") => respond(
@@ -238,7 +339,25 @@ fn control(state: &State, method: &Method, name: &str) -> Response<Payload> {
         ),
         (&Method::POST, "reset") => {
             state.log.clear();
+            state.quota.reset();
             respond(StatusCode::OK, JSON, r#"{"reset":true}"#)
+        }
+        (&Method::GET, "quota") => quota_json(),
+        (&Method::PUT, "quota") => match quota::Config::from_json(body) {
+            Ok(config) => {
+                state.quota.set(Some(config), Instant::now());
+                quota_json()
+            }
+            Err(why) => openai_error(
+                StatusCode::BAD_REQUEST,
+                &format!("ezlink-emulator: bad quota: {why}"),
+                "invalid_request_error",
+                Some("emulator_bad_quota"),
+            ),
+        },
+        (&Method::DELETE, "quota") => {
+            state.quota.set(None, Instant::now());
+            quota_json()
         }
         _ => api::not_found(method, &format!("/__emu/{name}")),
     }
