@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffers::Buffers;
 use crate::clients::Clients;
-use crate::config::{QuotaMode, Settings, Store, UpstreamConfig};
+use crate::config::{QuotaMode, QuotaStore, Settings, Store, UpstreamConfig};
 use crate::errors::redact::Redactor;
 use crate::limits::shared::{Health, RedisStore, StoreMetrics};
 use crate::limits::{Limits, Verdict, Verdicts};
 use crate::metrics::Metrics;
-use crate::quota::{Learned, Pacer};
+use crate::quota::{Learned, Pacer, SharedPictures};
 use crate::traces::{TraceCounters, Tracer};
 use crate::upstream::Upstream;
 
@@ -158,10 +158,15 @@ impl State {
         }
         .or_else(|| (cfg.upstream.quota.mode != QuotaMode::Off).then(Learned::new));
         let queue_cap = usize::try_from(cfg.server.max_inflight / 4).unwrap_or(usize::MAX);
-        let pacer = match (
-            cfg.upstream.quota.mode,
-            previous.and_then(|p| p.pacer.as_ref()),
-        ) {
+        // `store = "redis"`: the fleet's picture, in the shared limits' Redis.
+        let quota_redis = match cfg.upstream.quota.store {
+            QuotaStore::Redis => redis.as_ref(),
+            QuotaStore::Local => None,
+        };
+        let kept = previous
+            .and_then(|p| p.pacer.as_ref())
+            .filter(|p| p.same_store(quota_redis));
+        let pacer = match (cfg.upstream.quota.mode, kept) {
             (QuotaMode::Enforce, Some(p)) => {
                 p.configure(cfg.upstream.quota.clone(), queue_cap);
                 Some(Arc::clone(p))
@@ -170,6 +175,7 @@ impl State {
                 cfg.upstream.quota.clone(),
                 queue_cap,
                 metrics.queue.handles(),
+                quota_redis.map(|r| SharedPictures::new(Arc::clone(r))),
             )),
             _ => None,
         };

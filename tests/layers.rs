@@ -34,6 +34,8 @@ const FLOORS: &[(&str, &[&str])] = &[
 const SIDEWAYS: &[(&str, &str)] = &[
     // The upstream side and its connection pool.
     ("upstream", "pool"),
+    // The learned quota's shared picture lives in the shared limits' Redis.
+    ("quota", "limits"),
     // Recording reads the outcome.
     ("metrics", "outcome"),
     ("access_log", "outcome"),

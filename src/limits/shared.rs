@@ -94,13 +94,13 @@ pub const FLEET_EXPIRY: Duration = Duration::from_secs(10);
 /// outage (one cluster node of several) is one outage, not a flap per request.
 pub const RECOVERED_AFTER: Duration = Duration::from_secs(1);
 
-pub(super) struct Script {
+pub struct Script {
     body: &'static str,
     sha: String,
 }
 
 impl Script {
-    pub(super) fn new(body: &'static str) -> Script {
+    pub fn new(body: &'static str) -> Script {
         let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, body.as_bytes());
         let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         Script { body, sha }
@@ -374,7 +374,7 @@ impl RedisStore {
 
     /// Runs a script by SHA (sending its body with `EVAL` on `NOSCRIPT`, so it is loaded on
     /// whichever node owns the key), within the check timeout.
-    async fn eval(&self, script: &Script, key: &str, args: &[String]) -> Result<Value, String> {
+    pub async fn eval(&self, script: &Script, key: &str, args: &[String]) -> Result<Value, String> {
         self.eval_raw(script, key, args)
             .await
             .map_err(|f| explain(&f, self.timeout))

@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::shared::UnitMirror;
 use super::Part;
 
 /// Without a usable measurement of the refill rate: the whole limit per minute (the
@@ -50,6 +51,26 @@ impl Gauge {
             taken: 0,
             empty_until: None,
         }
+    }
+
+    /// The fleet's picture of a unit as Redis replied it (`store = "redis"`).
+    pub fn mirrored(m: UnitMirror, now: Instant) -> Gauge {
+        Gauge {
+            limit: m.limit,
+            level: m.level,
+            rate: m.rate,
+            at: now,
+            taken: 0,
+            empty_until: (m.held > Duration::ZERO).then(|| now + m.held),
+        }
+    }
+
+    /// Keeps `share` of the unit (this gateway's part of the fleet's picture).
+    pub fn scale(&mut self, share: f64, now: Instant) {
+        self.settle(now);
+        self.limit = ((self.limit as f64 * share).floor() as u64).max(1);
+        self.level *= share;
+        self.rate *= share;
     }
 
     /// What the picture holds at `now` (refilled, capped at the limit).

@@ -13,10 +13,12 @@
 
 mod duration;
 mod fair;
+mod fleet;
 mod gauge;
 pub mod pace;
 mod picture;
 mod reading;
+pub mod shared;
 mod ticket;
 
 use std::collections::HashMap;
@@ -27,6 +29,7 @@ pub use duration::{parse_go_duration, MAX_RESET};
 pub use pace::{Ask, PaceMetrics, Pacer};
 pub use picture::{Cost, Marks};
 pub use reading::{Part, Reading, LIMIT_REQUESTS, LIMIT_TOKENS};
+pub use shared::SharedPictures;
 pub use ticket::Ticket;
 
 /// The most (key, model) pairs kept.

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::gauge::Gauge;
 use super::picture::{too_large, Cost, Inner, Marks, Waiter};
+use super::shared::SharedPictures;
 use super::ticket::{Place, Ticket};
 use super::Reading;
 use crate::config::{Priority, QuotaConfig};
@@ -58,12 +59,29 @@ pub struct Pacer {
     inner: Mutex<Inner>,
     pub(super) wake: Arc<Notify>,
     pub(super) metrics: PaceMetrics,
+    /// `store = "redis"`: the fleet's pictures (`fleet.rs`).
+    pub(super) shared: Option<SharedPictures>,
+}
+
+/// What one look at the picture decided for a request.
+pub(super) enum Step {
+    Go(Marks),
+    Refuse(GatewayError),
+    Wait(u64, oneshot::Receiver<Marks>, Duration),
+    /// `store = "redis"`: ask the fleet's picture.
+    AskShared,
 }
 
 impl Pacer {
-    /// A pacer with `config`; at most `queue_cap` requests wait per priority. Starts its
-    /// dispatcher on the current runtime (none in unit tests: [`Pacer::dispatch`] by hand).
-    pub fn new(config: QuotaConfig, queue_cap: usize, metrics: PaceMetrics) -> Arc<Pacer> {
+    /// A pacer with `config`; at most `queue_cap` requests wait per priority; `shared`: the
+    /// fleet's pictures (`store = "redis"`). Starts its dispatcher on the current runtime
+    /// (none in unit tests: [`Pacer::dispatch`] by hand).
+    pub fn new(
+        config: QuotaConfig,
+        queue_cap: usize,
+        metrics: PaceMetrics,
+        shared: Option<SharedPictures>,
+    ) -> Arc<Pacer> {
         let pacer = Arc::new(Pacer {
             inner: Mutex::new(Inner {
                 pictures: HashMap::new(),
@@ -76,6 +94,7 @@ impl Pacer {
             }),
             wake: Arc::new(Notify::new()),
             metrics,
+            shared,
         });
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(dispatch_forever(
@@ -86,13 +105,23 @@ impl Pacer {
         pacer
     }
 
-    /// A reload that keeps enforcing: new settings, the same pictures and queues.
+    /// A reload that keeps enforcing on the same store: new settings, the same pictures
+    /// and queues.
     pub fn configure(&self, config: QuotaConfig, queue_cap: usize) {
         let mut inner = self.lock();
         inner.config = config;
         inner.queue_cap = queue_cap.max(1);
         drop(inner);
         self.wake.notify_one();
+    }
+
+    /// Whether a reload to `store` (with the shared store `redis`) keeps this pacer.
+    pub fn same_store(&self, redis: Option<&Arc<crate::limits::shared::RedisStore>>) -> bool {
+        match (&self.shared, redis) {
+            (None, None) => true,
+            (Some(s), Some(r)) => s.same_store(r),
+            _ => false,
+        }
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -108,68 +137,18 @@ impl Pacer {
     ) -> Result<Ticket, GatewayError> {
         let now = Clock::now().into_std();
         let p = ask.priority;
-        let (id, rx, max_wait) = {
-            let mut inner = self.lock();
-            let floor = inner.config.floor(p);
-            let max_wait = inner.config.max_wait(p);
-            let cap = inner.queue_cap;
-            let queued = inner.queued[p.index()];
-            let Some(pic) = inner.picture_mut(ask.key, ask.model) else {
-                // Nothing learned yet: the first answer teaches.
-                drop(inner);
-                self.metrics.wait[p.index()].observe(0.0);
-                return Ok(self.ticket(&ask, Marks::default()));
-            };
-            pic.touched = Some(now);
-            if let Some(message) = too_large(pic, ask.cost, floor, p) {
-                return Err(GatewayError::UpstreamQuotaExhausted {
-                    message,
-                    retry_after: None,
-                });
-            }
-            if pic.waiting.waiting_at_or_above(p) == 0 && pic.carries(ask.cost, floor, now) {
-                let marks = pic.take(ask.cost, now);
-                drop(inner);
+        let mut step = self.step(&ask, now, None);
+        if let Step::AskShared = step {
+            step = self.ask_shared(&ask, now).await;
+        }
+        let (id, rx, max_wait) = match step {
+            Step::Go(marks) => {
                 self.metrics.wait[p.index()].observe(0.0);
                 return Ok(self.ticket(&ask, marks));
             }
-            let wait = pic.estimate(p, None, ask.cost, floor, now);
-            if wait > max_wait || queued >= cap {
-                let why = if queued >= cap {
-                    format!("{cap} {} requests already wait for it", p.as_str())
-                } else {
-                    format!(
-                        "it would carry this request in about {:.1}s, past the {:.1}s a {} request waits (upstream.quota.max_wait.{})",
-                        wait.as_secs_f64(),
-                        max_wait.as_secs_f64(),
-                        p.as_str(),
-                        p.as_str()
-                    )
-                };
-                return Err(exhausted(ask.model, &why, wait));
-            }
-            let id = inner.next_id;
-            inner.next_id += 1;
-            let (tx, rx) = oneshot::channel();
-            let Some(pic) = inner.picture_mut(ask.key, ask.model) else {
-                return Err(GatewayError::Internal("quota picture vanished".into()));
-            };
-            pic.waiting.push(
-                id,
-                ask.flow,
-                p,
-                ask.cost.weight(),
-                Waiter {
-                    cost: ask.cost,
-                    grant: tx,
-                },
-            );
-            inner.queued[p.index()] += 1;
-            let pair = (Arc::<str>::from(ask.key), Arc::<str>::from(ask.model));
-            if !inner.busy.contains(&pair) {
-                inner.busy.push(pair);
-            }
-            (id, rx, max_wait)
+            Step::Refuse(e) => return Err(e),
+            Step::Wait(id, rx, max_wait) => (id, rx, max_wait),
+            Step::AskShared => return Err(GatewayError::Internal("quota: asked twice".into())),
         };
         self.metrics.queued[p.index()].inc();
         self.wake.notify_one();
@@ -208,6 +187,88 @@ impl Pacer {
         Ok(self.ticket(&ask, marks))
     }
 
+    /// One look at the picture: go, refuse, wait, or (`store = "redis"`) ask Redis first.
+    /// `shared_wait`: Redis just said the fleet's picture carries the request only after
+    /// that long.
+    pub(super) fn step(&self, ask: &Ask<'_>, now: Instant, shared_wait: Option<Duration>) -> Step {
+        let p = ask.priority;
+        let mut inner = self.lock();
+        let floor = inner.config.floor(p);
+        let max_wait = inner.config.max_wait(p);
+        let cap = inner.queue_cap;
+        let queued = inner.queued[p.index()];
+        let shared = self.shared.is_some();
+        let Some(pic) = inner.picture_mut(ask.key, ask.model) else {
+            // Nothing learned yet (here, or in Redis): the first answer teaches.
+            return if shared && shared_wait.is_none() {
+                Step::AskShared
+            } else {
+                Step::Go(Marks::default())
+            };
+        };
+        pic.touched = Some(now);
+        let ahead = pic.waiting.waiting_at_or_above(p);
+        if shared_wait.is_none() && ahead == 0 && pic.asks_shared(shared, now) {
+            return Step::AskShared;
+        }
+        if let Some(message) = too_large(pic, ask.cost, floor, p) {
+            return Step::Refuse(GatewayError::UpstreamQuotaExhausted {
+                message,
+                retry_after: None,
+            });
+        }
+        let local = !pic.asks_shared(shared, now);
+        if local && ahead == 0 && pic.carries(ask.cost, floor, now) {
+            return Step::Go(pic.take(ask.cost, now));
+        }
+        let wait = pic
+            .estimate(p, None, ask.cost, floor, now)
+            .max(shared_wait.unwrap_or_default());
+        if wait > max_wait || queued >= cap {
+            let why = if queued >= cap {
+                format!("{cap} {} requests already wait for it", p.as_str())
+            } else {
+                format!(
+                    "it would carry this request in about {:.1}s, past the {:.1}s a {} request waits (upstream.quota.max_wait.{})",
+                    wait.as_secs_f64(),
+                    max_wait.as_secs_f64(),
+                    p.as_str(),
+                    p.as_str()
+                )
+            };
+            return Step::Refuse(exhausted(ask.model, &why, wait));
+        }
+        if let Some(w) = shared_wait {
+            // The head waits for Redis's own estimate before asking it again.
+            if ahead == 0 {
+                pic.retry_at = Some(now + w);
+            }
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let (tx, rx) = oneshot::channel();
+        let Some(pic) = inner.picture_mut(ask.key, ask.model) else {
+            return Step::Refuse(GatewayError::Internal("quota picture vanished".into()));
+        };
+        pic.waiting.push(
+            id,
+            ask.flow,
+            p,
+            ask.cost.weight(),
+            Waiter {
+                id,
+                cost: ask.cost,
+                grant: tx,
+            },
+        );
+        inner.queued[p.index()] += 1;
+        let pair = (Arc::<str>::from(ask.key), Arc::<str>::from(ask.model));
+        if !inner.busy.contains(&pair) {
+            inner.busy.push(pair);
+        }
+        Step::Wait(id, rx, max_wait)
+    }
+
     fn ticket(self: &Arc<Self>, ask: &Ask<'_>, marks: Marks) -> Ticket {
         Ticket {
             pacer: Arc::clone(self),
@@ -220,17 +281,42 @@ impl Pacer {
     }
 
     /// Takes what a response told of `key`'s quota for `model`; `marks` are its request's
-    /// (from its [`Ticket`]), or none when it took nothing.
-    pub fn learn(&self, key: &str, model: &str, reading: &Reading, marks: Marks, now: Instant) {
+    /// (from its [`Ticket`]), or none when it took nothing. With `store = "redis"` the
+    /// fleet's picture learns it, off the request's path.
+    pub fn learn(
+        self: &Arc<Self>,
+        key: &str,
+        model: &str,
+        reading: &Reading,
+        marks: Marks,
+        now: Instant,
+    ) {
         if reading.is_empty() {
             return;
         }
+        if self.shared.is_some() && tokio::runtime::Handle::try_current().is_ok() {
+            self.learn_shared(key, model, *reading, marks);
+            return;
+        }
+        self.learn_local(key, model, reading, marks, now);
+    }
+
+    /// Corrects this gateway's picture (a mark taken from Redis does not count here).
+    pub(super) fn learn_local(
+        &self,
+        key: &str,
+        model: &str,
+        reading: &Reading,
+        marks: Marks,
+        now: Instant,
+    ) {
+        let local = |m: Option<u64>| m.filter(|_| !marks.shared);
         let mut inner = self.lock();
         let pic = inner.picture_or_insert(key, model);
         pic.touched = Some(now);
         for (gauge, part, mark) in [
-            (&mut pic.requests, reading.requests, marks.requests),
-            (&mut pic.tokens, reading.tokens, marks.tokens),
+            (&mut pic.requests, reading.requests, local(marks.requests)),
+            (&mut pic.tokens, reading.tokens, local(marks.tokens)),
         ] {
             let Some(part) = part else { continue };
             match gauge {
@@ -248,7 +334,13 @@ impl Pacer {
     /// An upstream 429 without readable headers but with a `Retry-After`: the picture stays
     /// empty until then. `false` when nothing is learned of the pair (the caller then holds
     /// the key back as it does without pacing).
-    pub fn hold_empty(&self, key: &str, model: &str, wait: Duration, now: Instant) -> bool {
+    pub fn hold_empty(
+        self: &Arc<Self>,
+        key: &str,
+        model: &str,
+        wait: Duration,
+        now: Instant,
+    ) -> bool {
         let mut inner = self.lock();
         let Some(pic) = inner.picture_mut(key, model) else {
             return false;
@@ -256,29 +348,75 @@ impl Pacer {
         for g in [&mut pic.requests, &mut pic.tokens].into_iter().flatten() {
             g.hold_empty(now + wait, now);
         }
+        drop(inner);
+        if self.shared.is_some() {
+            self.hold_shared(key, model, wait);
+        }
         true
     }
 
+    /// Gives back what a request took and never forwarded: to Redis, or to this picture.
+    pub(super) fn give_back(self: &Arc<Self>, key: &str, model: &str, cost: Cost, marks: Marks) {
+        if marks.shared {
+            self.give_shared(key, model, cost, marks);
+            return;
+        }
+        let mut inner = self.lock();
+        let Some(pic) = inner.picture_mut(key, model) else {
+            return;
+        };
+        pic.give_back(cost, marks, Clock::now().into_std());
+        let waiting = !pic.waiting.is_empty();
+        drop(inner);
+        if waiting {
+            self.wake.notify_one();
+        }
+    }
+
     /// Hands the pictures out to the requests waiting for them, as far as they carry; the
-    /// next instant one may carry more.
-    pub fn dispatch(&self, now: Instant) -> Option<Instant> {
+    /// next instant one may carry more, and the heads to ask Redis for (`store = "redis"`).
+    pub(super) fn dispatch(&self, now: Instant) -> (Option<Instant>, Vec<Candidate>) {
         let mut inner = self.lock();
         let mut next: Option<Instant> = None;
+        let mut candidates = Vec::new();
         let busy = std::mem::take(&mut inner.busy);
         let mut still = Vec::with_capacity(busy.len());
         let config = inner.config.clone();
+        let shared = self.shared.is_some();
         let mut granted = [0usize; 3];
+        let mut soonest = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
         for (key, model) in busy {
             let Some(pic) = inner.picture_mut(&key, &model) else {
                 continue;
             };
             while let Some((p, head)) = pic.waiting.peek() {
                 let floor = config.floor(p);
-                let cost = head.cost;
+                let (cost, id) = (head.cost, head.id);
+                if pic.asks_shared(shared, now) {
+                    match pic.retry_at {
+                        Some(at) if at > now => soonest(at),
+                        _ if pic.carries(cost, floor, now) => {
+                            // Asked once at a time: the next look waits for the answer.
+                            pic.retry_at = Some(now + ASKING);
+                            candidates.push(Candidate {
+                                key: Arc::clone(&key),
+                                model: Arc::clone(&model),
+                                id,
+                                priority: p,
+                                cost,
+                                floor,
+                            });
+                        }
+                        _ => {
+                            let wait = pic.estimate_one(cost, floor, now);
+                            soonest(now + wait.max(Duration::from_millis(1)));
+                        }
+                    }
+                    break;
+                }
                 if !pic.carries(cost, floor, now) {
                     let wait = pic.estimate_one(cost, floor, now);
-                    let at = now + wait.max(Duration::from_millis(1));
-                    next = Some(next.map_or(at, |n| n.min(at)));
+                    soonest(now + wait.max(Duration::from_millis(1)));
                     break;
                 }
                 let Some(waiter) = pic.waiting.pop() else {
@@ -299,7 +437,7 @@ impl Pacer {
         for p in Priority::ALL {
             inner.queued[p.index()] -= granted[p.index()];
         }
-        next
+        (next, candidates)
     }
 
     /// Pairs with a picture, and requests waiting per priority (for `/status`).
@@ -307,6 +445,19 @@ impl Pacer {
         let inner = self.lock();
         (inner.pairs, inner.queued)
     }
+}
+
+/// How long a head waits for Redis's answer before it is asked again.
+const ASKING: Duration = Duration::from_secs(5);
+
+/// The head of a queue whose picture lives in Redis, to ask it for.
+pub(super) struct Candidate {
+    pub key: Arc<str>,
+    pub model: Arc<str>,
+    pub id: u64,
+    pub priority: Priority,
+    pub cost: Cost,
+    pub floor: f64,
 }
 
 impl Drop for Pacer {
@@ -329,10 +480,15 @@ fn exhausted(model: &str, why: &str, wait: Duration) -> GatewayError {
 /// Hands pictures out as they refill, until the pacer is dropped.
 async fn dispatch_forever(pacer: Weak<Pacer>, wake: Arc<Notify>) {
     loop {
-        let next = match pacer.upgrade() {
-            Some(p) => p.dispatch(Clock::now().into_std()),
-            None => return,
-        };
+        let Some(p) = pacer.upgrade() else { return };
+        let (next, candidates) = p.dispatch(Clock::now().into_std());
+        if !candidates.is_empty() {
+            for c in candidates {
+                p.grant_shared(c).await;
+            }
+            continue;
+        }
+        drop(p);
         match next {
             Some(at) => {
                 tokio::select! {

@@ -22,7 +22,7 @@ fn pacer() -> Arc<Pacer> {
         mode: QuotaMode::Enforce,
         ..QuotaConfig::default()
     };
-    Pacer::new(config, 100, metrics())
+    Pacer::new(config, 100, metrics(), None)
 }
 
 fn now() -> Instant {
@@ -30,7 +30,7 @@ fn now() -> Instant {
 }
 
 /// 100 requests per 10 s (10/s), `remaining` of them left; tokens unknown.
-fn learn_requests(p: &Pacer, remaining: u64) {
+fn learn_requests(p: &Arc<Pacer>, remaining: u64) {
     let part = Part {
         limit: 100,
         remaining,
@@ -289,6 +289,7 @@ async fn a_response_corrects_the_picture_and_wakes_the_queue() {
     let marks = Marks {
         requests: Some(0),
         tokens: None,
+        shared: false,
     };
     p.learn("org", "m", &reading, marks, now());
     let waited = waiting.await.unwrap().unwrap();

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 
 use super::fair::FairQueue;
 use super::gauge::Gauge;
+use super::shared::Mirror;
 use super::MAX_ENTRIES;
 use crate::config::{Priority, QuotaConfig};
 
@@ -33,9 +34,15 @@ impl Cost {
 pub struct Marks {
     pub requests: Option<u64>,
     pub tokens: Option<u64>,
+    /// Taken from the fleet's picture in Redis (else from this gateway's).
+    pub shared: bool,
 }
 
+/// While Redis is away, how often a picture asks it again.
+const FALLBACK_RETRY: Duration = Duration::from_secs(1);
+
 pub(super) struct Waiter {
+    pub(super) id: u64,
     pub(super) cost: Cost,
     pub(super) grant: oneshot::Sender<Marks>,
 }
@@ -46,6 +53,12 @@ pub(super) struct Picture {
     pub(super) tokens: Option<Gauge>,
     pub(super) waiting: FairQueue<Waiter>,
     pub(super) touched: Option<Instant>,
+    /// `store = "redis"` while Redis is away: the gauges are this gateway's share of the
+    /// last picture, paced on locally, and Redis is asked again from this instant.
+    pub(super) fallback: Option<Instant>,
+    /// `store = "redis"`: Redis said the head of the queue waits until then (or a take for
+    /// it is under way: far away).
+    pub(super) retry_at: Option<Instant>,
 }
 
 pub(super) struct Inner {
@@ -80,6 +93,31 @@ pub(super) fn too_large(pic: &Picture, cost: Cost, floor: f64, p: Priority) -> O
 }
 
 impl Picture {
+    /// Whether Redis is asked (`store = "redis"` and not falling back just now).
+    pub(super) fn asks_shared(&self, shared: bool, now: Instant) -> bool {
+        shared && self.fallback.is_none_or(|at| now >= at)
+    }
+
+    /// Takes the fleet's picture as Redis replied it.
+    pub(super) fn mirror(&mut self, m: Mirror, now: Instant) {
+        self.requests = m.requests.map(|u| Gauge::mirrored(u, now));
+        self.tokens = m.tokens.map(|u| Gauge::mirrored(u, now));
+        self.fallback = None;
+    }
+
+    /// Redis did not answer: from now on (until it does) this gateway paces on its share
+    /// of the last picture, one of `share` gateways.
+    pub(super) fn fall_back(&mut self, share: u32, now: Instant) {
+        if self.fallback.is_none() {
+            let f = 1.0 / f64::from(share.max(1));
+            for (g, _) in self.units() {
+                g.scale(f, now);
+            }
+        }
+        self.fallback = Some(now + FALLBACK_RETRY);
+        self.retry_at = None;
+    }
+
     pub(super) fn units(&mut self) -> impl Iterator<Item = (&mut Gauge, fn(&Cost) -> u64)> {
         let requests: fn(&Cost) -> u64 = |c| c.requests;
         let tokens: fn(&Cost) -> u64 = |c| c.tokens;
@@ -105,6 +143,7 @@ impl Picture {
         Marks {
             requests: self.requests.as_mut().map(|g| g.take(cost.requests, now)),
             tokens: self.tokens.as_mut().map(|g| g.take(cost.tokens, now)),
+            shared: false,
         }
     }
 

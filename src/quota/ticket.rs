@@ -77,14 +77,12 @@ impl Drop for Place<'_> {
         // raced in is given back.
         let mut inner = self.pacer.lock();
         let removed = remove(&mut inner, self.key, self.model, self.id, self.priority);
+        drop(inner);
         if !removed {
             if let Ok(marks) = rx.try_recv() {
-                if let Some(pic) = inner.picture_mut(self.key, self.model) {
-                    pic.give_back(self.cost, marks, Clock::now().into_std());
-                }
+                self.pacer.give_back(self.key, self.model, self.cost, marks);
             }
         }
-        drop(inner);
         self.leave();
         self.pacer.wake.notify_one();
     }
@@ -122,16 +120,7 @@ impl Drop for Ticket {
             return;
         }
         // Refused by a later check, or the client left before it was sent.
-        let mut inner = self.pacer.lock();
-        if let Some(pic) = inner.picture_mut(&self.key, &self.model) {
-            pic.give_back(self.cost, self.marks, Clock::now().into_std());
-        }
-        let waiting = inner
-            .picture_mut(&self.key, &self.model)
-            .is_some_and(|p| !p.waiting.is_empty());
-        drop(inner);
-        if waiting {
-            self.pacer.wake.notify_one();
-        }
+        self.pacer
+            .give_back(&self.key, &self.model, self.cost, self.marks);
     }
 }
