@@ -18,7 +18,7 @@ use crate::errors::redact::Redactor;
 use crate::limits::shared::{Health, RedisStore, StoreMetrics};
 use crate::limits::{Limits, Verdict, Verdicts};
 use crate::metrics::Metrics;
-use crate::quota::{Learned, Pacer, SharedPictures};
+use crate::quota::{Learned, PaceMetrics, Pacer, SharedPictures};
 use crate::traces::{TraceCounters, Tracer};
 use crate::upstream::Upstream;
 
@@ -174,7 +174,10 @@ impl State {
             (QuotaMode::Enforce, None) => Some(Pacer::new(
                 cfg.upstream.quota.clone(),
                 queue_cap,
-                metrics.queue.handles(),
+                {
+                    let (queued, wait) = metrics.queue.handles();
+                    PaceMetrics { queued, wait }
+                },
                 quota_redis.map(|r| SharedPictures::new(Arc::clone(r))),
             )),
             _ => None,

@@ -1,10 +1,9 @@
 //! `ezgate_queued_requests` and `ezgate_queue_wait_seconds`: requests waiting for the
 //! upstream's quota (`upstream.quota.mode = "enforce"`), by priority.
 
-use prometheus::{HistogramOpts, HistogramVec, IntGaugeVec, Opts};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts};
 
 use crate::config::Priority;
-use crate::quota::PaceMetrics;
 
 /// Waits from none (admitted at once) to the longest `max_wait` (an hour).
 const QUEUE_WAIT_BUCKETS: &[f64] = &[
@@ -40,11 +39,11 @@ impl QueueMetrics {
         Ok(QueueMetrics { queued, wait })
     }
 
-    /// The handles a pacer counts with, by [`Priority::ALL`] position.
-    pub fn handles(&self) -> PaceMetrics {
-        PaceMetrics {
-            queued: Priority::ALL.map(|p| self.queued.with_label_values(&[p.as_str()])),
-            wait: Priority::ALL.map(|p| self.wait.with_label_values(&[p.as_str()])),
-        }
+    /// The handles a pacer counts with (queued, waits), by [`Priority::ALL`] position.
+    pub fn handles(&self) -> ([IntGauge; 3], [Histogram; 3]) {
+        (
+            Priority::ALL.map(|p| self.queued.with_label_values(&[p.as_str()])),
+            Priority::ALL.map(|p| self.wait.with_label_values(&[p.as_str()])),
+        )
     }
 }

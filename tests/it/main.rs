@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod metrics;
+mod pacing_fleet;
 mod passthrough;
 mod promises;
 mod quota;
