@@ -63,6 +63,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_config_info": ("gauge", ("hash",)),
     "ezgate_upstream_quota_limit": ("gauge", ("model", "unit")),
     "ezgate_upstream_quota_remaining": ("gauge", ("model", "unit")),
+    "ezgate_queued_requests": ("gauge", ("priority",)),
+    "ezgate_queue_wait_seconds": ("histogram", ("priority",)),
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),
     "ezgate_client_requests_total": ("counter", ("client", "status")),
@@ -88,7 +90,8 @@ SYNTHETIC: dict[str, tuple[str, tuple[str, ...]]] = {"up": ("gauge", ())}
 TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "container", "endpoint"})
 
 GATEWAY_CODES = frozenset("""
-    rate_limited token_rate_limited concurrency_limited upstream_rate_limited missing_api_key
+    rate_limited token_rate_limited concurrency_limited upstream_rate_limited
+    upstream_quota_exhausted missing_api_key
     invalid_api_key model_not_allowed payload_too_large upstream_unreachable
     upstream_bad_response upstream_timeout upstream_stream_interrupted overloaded
     shutting_down internal_error bad_request not_found method_not_allowed request_timeout
@@ -116,6 +119,7 @@ VALUES: dict[tuple[str, str], frozenset[str] | None] = {
     ("ezgate_config_reloads_total", "result"): frozenset({"applied", "refused"}),
     ("ezgate_upstream_quota_limit", "unit"): frozenset({"requests", "tokens"}),
     ("ezgate_upstream_quota_remaining", "unit"): frozenset({"requests", "tokens"}),
+    ("*", "priority"): frozenset({"critical", "interactive", "batch"}),
 }
 
 COUNTER_FUNCS = {"rate", "irate", "increase", "resets"}

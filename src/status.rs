@@ -38,6 +38,25 @@ pub struct Status {
     /// The upstream's quota learned from its headers, per key and model; `null` with
     /// `upstream.quota.mode = "off"`.
     pub upstream_quota: Option<Vec<QuotaStatus>>,
+    /// `upstream.quota.mode = "enforce"`: what the pacing holds; `null` otherwise.
+    pub upstream_quota_pacing: Option<PacingStatus>,
+}
+
+#[derive(Serialize)]
+pub struct PacingStatus {
+    /// `local` or `redis`.
+    pub store: &'static str,
+    /// Keys and models with a picture.
+    pub pictures: usize,
+    /// Requests waiting for the quota, per priority.
+    pub queued: QueuedStatus,
+}
+
+#[derive(Serialize)]
+pub struct QueuedStatus {
+    pub critical: usize,
+    pub interactive: usize,
+    pub batch: usize,
 }
 
 #[derive(Serialize)]
@@ -158,6 +177,21 @@ pub fn status(gw: &Gateway) -> Status {
         upstream_cooldowns,
         store,
         upstream_quota: state.quota.as_ref().map(|q| quota(q, &gw.metrics)),
+        upstream_quota_pacing: state.pacer.as_ref().map(|p| {
+            let (pictures, [critical, interactive, batch]) = p.counts();
+            PacingStatus {
+                store: match state.settings.config.upstream.quota.store {
+                    crate::config::QuotaStore::Local => "local",
+                    crate::config::QuotaStore::Redis => "redis",
+                },
+                pictures,
+                queued: QueuedStatus {
+                    critical,
+                    interactive,
+                    batch,
+                },
+            }
+        }),
     }
 }
 
