@@ -2,6 +2,7 @@
 """benches/ab.py — CPU per request of two ezgate builds (or configs), loaded at the same time.
 
     python3 benches/ab.py A_BIN B_BIN [--config-a F] [--config-b F] [--rounds 8] [--secs 3]
+                          [--emu-quota requests=1000000000/1m]
                           [--load chat|sse] [--rate N]
     python3 benches/ab.py nginx B_BIN          (A is nginx, configured as in proxy.sh)
 
@@ -124,6 +125,8 @@ def main():
     ap.add_argument("--secs", type=int, default=3)
     ap.add_argument("--load", choices=("chat", "sse"), default="chat")
     ap.add_argument("--rate", type=int, default=0, help="req/s of the latency rounds (0: none)")
+    ap.add_argument("--emu-quota", help="the emulator's --quota (e.g. requests=1000000000/1m): "
+                    "every answer then carries the six x-ratelimit-* headers")
     args = ap.parse_args()
     if not 1 <= args.rounds <= 50 or not 1 <= args.secs <= 30 or not 0 <= args.rate <= 5000:
         sys.exit("ab.py: --rounds 1..50, --secs 1..30 and --rate 0..5000")
@@ -137,8 +140,9 @@ def main():
     procs = []
     try:
         emu_port = free_port()
+        quota = ["--quota", args.emu_quota] if args.emu_quota else []
         emu = subprocess.Popen(pin(1) + [os.path.join(ROOT, "target/release/ezlink-emulator"),
-                                         "--listen", f"127.0.0.1:{emu_port}"], stdout=subprocess.DEVNULL)
+                                         "--listen", f"127.0.0.1:{emu_port}"] + quota, stdout=subprocess.DEVNULL)
         procs.append(emu)
         wait_http(f"http://127.0.0.1:{emu_port}/v1/models", emu)
         gates, admins = [], {}

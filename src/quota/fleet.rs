@@ -20,29 +20,30 @@ impl Pacer {
     /// this gateway's share of the last one.
     pub(super) async fn ask_shared(&self, ask: &Ask<'_>, now: Instant) -> Step {
         let Some(shared) = &self.shared else {
-            return Step::Go(Marks::default());
+            return Step::Go(Marks::default(), None);
         };
         let floor = self.lock().config.floor(ask.priority);
         match shared.take(ask.key, ask.model, ask.cost, floor).await {
-            Ok(Took::Unknown) => Step::Go(Marks::default()),
+            Ok(Took::Unknown) => Step::Go(Marks::default(), None),
             Ok(Took::Taken(marks, mirror)) => {
                 let mut inner = self.lock();
-                inner
-                    .picture_or_insert(ask.key, ask.model)
-                    .mirror(mirror, now);
-                Step::Go(marks)
+                let pair = inner.picture_or_insert(ask.key, ask.model).and_then(|pic| {
+                    pic.mirror(mirror, now);
+                    pic.pair.clone()
+                });
+                Step::Go(marks, pair)
             }
             Ok(Took::Short(wait, mirror)) => {
-                self.lock()
-                    .picture_or_insert(ask.key, ask.model)
-                    .mirror(mirror, now);
+                if let Some(pic) = self.lock().picture_or_insert(ask.key, ask.model) {
+                    pic.mirror(mirror, now);
+                }
                 self.step(ask, now, Some(wait))
             }
             Err(_) => {
                 let share = shared.share();
                 match self.lock().picture_mut(ask.key, ask.model) {
                     Some(pic) => pic.fall_back(share, now),
-                    None => return Step::Go(Marks::default()),
+                    None => return Step::Go(Marks::default(), None),
                 }
                 self.step(ask, now, Some(Duration::ZERO))
             }
@@ -113,7 +114,9 @@ impl Pacer {
             match answer {
                 Ok(mirror) => {
                     let mut inner = pacer.lock();
-                    let pic = inner.picture_or_insert(&key, &model);
+                    let Some(pic) = inner.picture_or_insert(&key, &model) else {
+                        return;
+                    };
                     pic.mirror(mirror, now);
                     let waiting = !pic.waiting.is_empty();
                     drop(inner);

@@ -65,7 +65,8 @@ pub struct Pacer {
 
 /// What one look at the picture decided for a request.
 pub(super) enum Step {
-    Go(Marks),
+    /// With the picture's key and model when it took from one.
+    Go(Marks, Option<(Arc<str>, Arc<str>)>),
     Refuse(GatewayError),
     Wait(u64, oneshot::Receiver<Marks>, Duration),
     /// `store = "redis"`: ask the fleet's picture.
@@ -142,9 +143,9 @@ impl Pacer {
             step = self.ask_shared(&ask, now).await;
         }
         let (id, rx, max_wait) = match step {
-            Step::Go(marks) => {
+            Step::Go(marks, pair) => {
                 self.metrics.wait[p.index()].observe(0.0);
-                return Ok(self.ticket(&ask, marks));
+                return Ok(self.ticket(&ask, marks, pair));
             }
             Step::Refuse(e) => return Err(e),
             Step::Wait(id, rx, max_wait) => (id, rx, max_wait),
@@ -184,7 +185,7 @@ impl Pacer {
             })?,
             End::Drain => place.give_up(|_| GatewayError::ShuttingDown)?,
         };
-        Ok(self.ticket(&ask, marks))
+        Ok(self.ticket(&ask, marks, None))
     }
 
     /// One look at the picture: go, refuse, wait, or (`store = "redis"`) ask Redis first.
@@ -203,7 +204,7 @@ impl Pacer {
             return if shared && shared_wait.is_none() {
                 Step::AskShared
             } else {
-                Step::Go(Marks::default())
+                Step::Go(Marks::default(), None)
             };
         };
         pic.touched = Some(now);
@@ -219,7 +220,7 @@ impl Pacer {
         }
         let local = !pic.asks_shared(shared, now);
         if local && ahead == 0 && pic.carries(ask.cost, floor, now) {
-            return Step::Go(pic.take(ask.cost, now));
+            return Step::Go(pic.take(ask.cost, now), pic.pair.clone());
         }
         let wait = pic
             .estimate(p, None, ask.cost, floor, now)
@@ -269,11 +270,21 @@ impl Pacer {
         Step::Wait(id, rx, max_wait)
     }
 
-    fn ticket(self: &Arc<Self>, ask: &Ask<'_>, marks: Marks) -> Ticket {
+    fn ticket(
+        self: &Arc<Self>,
+        ask: &Ask<'_>,
+        marks: Marks,
+        pair: Option<(Arc<str>, Arc<str>)>,
+    ) -> Ticket {
+        // What took nothing needs no names; else the picture's, or (after a wait) new ones.
+        let pair = match pair {
+            _ if marks == Marks::default() => None,
+            Some(pair) => Some(pair),
+            None => Some((Arc::from(ask.key), Arc::from(ask.model))),
+        };
         Ticket {
             pacer: Arc::clone(self),
-            key: Arc::from(ask.key),
-            model: Arc::from(ask.model),
+            pair,
             cost: ask.cost,
             marks,
             forwarded: false,
@@ -312,7 +323,9 @@ impl Pacer {
     ) {
         let local = |m: Option<u64>| m.filter(|_| !marks.shared);
         let mut inner = self.lock();
-        let pic = inner.picture_or_insert(key, model);
+        let Some(pic) = inner.picture_or_insert(key, model) else {
+            return;
+        };
         pic.touched = Some(now);
         for (gauge, part, mark) in [
             (&mut pic.requests, reading.requests, local(marks.requests)),

@@ -59,6 +59,8 @@ pub(super) struct Picture {
     /// `store = "redis"`: Redis said the head of the queue waits until then (or a take for
     /// it is under way: far away).
     pub(super) retry_at: Option<Instant>,
+    /// Its key and model, shared with the tickets taken from it (no allocation per request).
+    pub(super) pair: Option<(Arc<str>, Arc<str>)>,
 }
 
 pub(super) struct Inner {
@@ -198,7 +200,9 @@ impl Inner {
         self.pictures.get_mut(key)?.get_mut(model)
     }
 
-    pub(super) fn picture_or_insert(&mut self, key: &str, model: &str) -> &mut Picture {
+    /// The picture of a pair, made when there is none (`None` only if the table cannot
+    /// hold it, which eviction prevents). A known pair is found without allocating.
+    pub(super) fn picture_or_insert(&mut self, key: &str, model: &str) -> Option<&mut Picture> {
         let known = self
             .pictures
             .get(key)
@@ -208,12 +212,14 @@ impl Inner {
                 self.evict_oldest_idle();
             }
             self.pairs += 1;
+            let (key, model) = (Arc::<str>::from(key), Arc::<str>::from(model));
+            let pic = Picture {
+                pair: Some((Arc::clone(&key), Arc::clone(&model))),
+                ..Picture::default()
+            };
+            self.pictures.entry(key).or_default().insert(model, pic);
         }
-        self.pictures
-            .entry(Arc::from(key))
-            .or_default()
-            .entry(Arc::from(model))
-            .or_default()
+        self.picture_mut(key, model)
     }
 
     /// Removes the picture touched longest ago that nobody waits for.

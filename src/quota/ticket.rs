@@ -91,8 +91,8 @@ impl Drop for Place<'_> {
 /// What a forwarded (or about to be forwarded) request took from the picture.
 pub struct Ticket {
     pub(super) pacer: Arc<Pacer>,
-    pub(super) key: Arc<str>,
-    pub(super) model: Arc<str>,
+    /// The key and model it took from (`None` when it took nothing).
+    pub(super) pair: Option<(Arc<str>, Arc<str>)>,
     pub(super) cost: Cost,
     pub(super) marks: Marks,
     pub(super) forwarded: bool,
@@ -116,11 +116,12 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if self.forwarded || self.marks == Marks::default() {
+        if self.forwarded {
             return;
         }
         // Refused by a later check, or the client left before it was sent.
-        self.pacer
-            .give_back(&self.key, &self.model, self.cost, self.marks);
+        if let Some((key, model)) = &self.pair {
+            self.pacer.give_back(key, model, self.cost, self.marks);
+        }
     }
 }
