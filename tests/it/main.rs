@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod metrics;
+mod pacing;
 mod passthrough;
 mod promises;
 mod quota;
