@@ -684,7 +684,24 @@ async fn an_upstream_429_is_learned_not_a_cooldown_in_enforce() {
         assert_eq!(first.error()["source"], "upstream");
         let limited = n(&emu.quota().await, "limited");
 
-        let behind = futures_join(3, || chat_as(&gw, APP, 16)).await;
+        let ids = ["pacing-behind-0", "pacing-behind-1", "pacing-behind-2"];
+        let behind = futures_util::future::join_all(ids.map(|id| {
+            let auth = format!("Bearer {}", APP.key);
+            let gw = &gw;
+            async move {
+                gw.post(
+                    "/v1/chat/completions",
+                    &[
+                        ("authorization", &auth),
+                        ("content-type", "application/json"),
+                        ("x-request-id", id),
+                    ],
+                    chat_body(16),
+                )
+                .await
+            }
+        }))
+        .await;
         let codes: Vec<(u16, Option<String>)> = behind
             .iter()
             .map(|r| {
@@ -702,6 +719,16 @@ async fn an_upstream_429_is_learned_not_a_cooldown_in_enforce() {
                 limited,
                 "no more upstream 429s"
             );
+            // They waited: the access log says how long, and the metrics count it (the
+            // quota was empty, so the first waits about 1 s, the others longer).
+            for id in ids {
+                let log = gw.access_log(id).await;
+                assert!(log["queue_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{log}");
+            }
+            let waited = gw
+                .metric("ezgate_queue_wait_seconds_sum{priority=\"interactive\"}")
+                .await;
+            assert!(waited >= 1.0, "{waited}");
         } else {
             // Control: without pacing, the upstream's Retry-After holds the key.
             assert!(
