@@ -614,3 +614,36 @@ impl Gateway {
 pub fn fingerprint_of(value: &str) -> String {
     format!("fp:{}", &sha256_hex(value)[..12])
 }
+
+/// The emulator's quota mode (`/__emu/quota`).
+impl Emulator {
+    /// `PUT /__emu/quota` with `spec` (e.g. `{"requests": {"limit": 20, "per": "2s"}}`):
+    /// quota mode on, or changed at once. Returns the `GET` document.
+    pub async fn set_quota(&self, spec: Value) -> Value {
+        let r = send(
+            &http1(),
+            Method::PUT,
+            &format!("http://{}/__emu/quota", self.addr),
+            &[("content-type", "application/json")],
+            Bytes::from(spec.to_string()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        r.json()
+    }
+
+    /// `GET /__emu/quota`: the quota, and the `admitted`, `limited` and `admitted_tokens`
+    /// counters.
+    pub async fn quota(&self) -> Value {
+        let r = send(
+            &http1(),
+            Method::GET,
+            &format!("http://{}/__emu/quota", self.addr),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+        r.json()
+    }
+}

@@ -21,6 +21,7 @@ mod limits;
 mod logs;
 mod metrics;
 mod pacing_fleet;
+mod pacing;
 mod passthrough;
 mod promises;
 mod quota;

@@ -96,6 +96,7 @@ async fn every_429_code_sends_the_headers_docs_errors_md_promises() {
             "concurrency_limited",
             "rate_limited",
             "token_rate_limited",
+            "upstream_quota_exhausted",
             "upstream_rate_limited"
         ],
         "the table covers every 429 code of ezgate"
@@ -191,6 +192,17 @@ match = { routes = ["/v1/chat/completions"] }
     );
     assert_eq!(r.header("ratelimit"), Some("\"one-at-a-time\";r=0;t=1"));
     drop(s);
+
+    // upstream_quota_exhausted: pacing on a learned quota of two requests a minute, with no
+    // patience. The first answer teaches the quota; the next request would wait for it.
+    let emu = Emulator::start().await;
+    emu.set_quota(serde_json::json!({"requests": {"limit": 2, "per": "1m"}}))
+        .await;
+    let paced = "[upstream.quota]\nmode = \"enforce\"\nmax_wait = { interactive = \"1ms\" }\n";
+    let gw = Gateway::start(&emu.url(), paced).await;
+    assert_eq!(gw.chat(&[]).await.status, 200);
+    let r = gw.chat(&[]).await;
+    assert_documented(&table, "upstream_quota_exhausted", &r);
 }
 
 /// Lines of a child's stream, collected until it closes.
