@@ -134,17 +134,26 @@ impl<T> FairQueue<T> {
         Some(q.item)
     }
 
-    /// Every item at `p` or above it that goes before item `id` (by priority, then start
-    /// tag), or all of them when `id` is not given.
-    pub fn ahead(&self, p: Priority, start_of: Option<u64>) -> impl Iterator<Item = &T> {
-        let limit = start_of.and_then(|id| {
-            self.levels[p.index()]
+    /// Every item that goes before `at`: all of the priorities above `p`, and those of `p`
+    /// with an earlier start tag (for a request not queued yet, the tag it would get).
+    pub fn ahead(&self, p: Priority, at: Slot<'_>) -> impl Iterator<Item = &T> {
+        let level = &self.levels[p.index()];
+        // (tag, whether an equal tag goes first)
+        let limit = match at {
+            Slot::Waiting(id) => level
                 .flows
                 .values()
                 .flat_map(|f| f.queue.iter())
                 .find(|q| q.id == id)
-                .map(|q| q.start)
-        });
+                .map(|q| (q.start, false)),
+            Slot::New(flow) => Some((
+                level
+                    .flows
+                    .get(flow)
+                    .map_or(level.vtime, |f| f.last_finish.max(level.vtime)),
+                true,
+            )),
+        };
         self.levels[..=p.index()]
             .iter()
             .enumerate()
@@ -153,10 +162,22 @@ impl<T> FairQueue<T> {
                     .flows
                     .values()
                     .flat_map(|f| f.queue.iter())
-                    .filter(move |q| i < p.index() || limit.is_none_or(|s| q.start < s))
+                    .filter(move |q| {
+                        i < p.index()
+                            || limit.is_none_or(|(s, equal)| q.start < s || (equal && q.start == s))
+                    })
                     .map(|q| &q.item)
             })
     }
+}
+
+/// Where a request stands in a [`FairQueue`], for what goes before it.
+#[derive(Debug, Clone, Copy)]
+pub enum Slot<'a> {
+    /// Queued, with this id.
+    Waiting(u64),
+    /// Not queued yet; of this flow.
+    New(&'a str),
 }
 
 impl<T> Level<T> {
@@ -255,11 +276,23 @@ mod tests {
         q.push(3, &a, Priority::Interactive, 10, 3);
         q.push(4, &flow("c"), Priority::Critical, 10, 4);
         q.push(5, &flow("b"), Priority::Batch, 10, 5);
-        let ahead: Vec<_> = q.ahead(Priority::Interactive, Some(3)).copied().collect();
+        let ahead: Vec<_> = q
+            .ahead(Priority::Interactive, Slot::Waiting(3))
+            .copied()
+            .collect();
         assert_eq!(ahead.len(), 3, "{ahead:?}");
+        // A new request of another client would start at the present: only the critical
+        // one and the first of a go before it.
+        let ahead: Vec<_> = q
+            .ahead(Priority::Interactive, Slot::New("b"))
+            .copied()
+            .collect();
+        assert_eq!(ahead.len(), 2, "{ahead:?}");
+        // One of client a goes after all of a's.
+        assert_eq!(q.ahead(Priority::Interactive, Slot::New("a")).count(), 4);
         assert_eq!(q.remove(2, Priority::Interactive), Some(2));
         assert_eq!(q.remove(2, Priority::Interactive), None);
         assert_eq!(q.len(), 4);
-        assert_eq!(q.ahead(Priority::Batch, None).count(), 4);
+        assert_eq!(q.ahead(Priority::Batch, Slot::New("x")).count(), 4);
     }
 }

@@ -23,6 +23,7 @@ use prometheus::{Histogram, IntGauge};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::fair::Slot;
 use super::gauge::Gauge;
 use super::picture::{too_large, Cost, Inner, Marks, Waiter};
 use super::shared::SharedPictures;
@@ -223,7 +224,7 @@ impl Pacer {
             return Step::Go(pic.take(ask.cost, now), pic.pair.clone());
         }
         let wait = pic
-            .estimate(p, None, ask.cost, floor, now)
+            .estimate(p, Slot::New(ask.flow), ask.cost, floor, now)
             .max(shared_wait.unwrap_or_default());
         if wait > max_wait || queued >= cap {
             let why = if queued >= cap {

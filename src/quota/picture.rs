@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::fair::FairQueue;
+use super::fair::{FairQueue, Slot};
 use super::gauge::Gauge;
 use super::shared::Mirror;
 use super::MAX_ENTRIES;
@@ -170,19 +170,20 @@ impl Picture {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// How long until the picture carries `cost` after what waits ahead of it (at `p` and
-    /// above; before `id` within `p`): the honest `Retry-After`.
+    /// How long until the picture carries `cost` after what waits ahead of it (the
+    /// priorities above `p`, and what goes before `at` in the fair order of `p`): the honest
+    /// `Retry-After`.
     pub(super) fn estimate(
         &mut self,
         p: Priority,
-        id: Option<u64>,
+        at: Slot<'_>,
         cost: Cost,
         floor: f64,
         now: Instant,
     ) -> Duration {
         let ahead = self
             .waiting
-            .ahead(p, id)
+            .ahead(p, at)
             .fold(Cost::default(), |sum, w| Cost {
                 requests: sum.requests + w.cost.requests,
                 tokens: sum.tokens + w.cost.tokens,

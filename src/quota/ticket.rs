@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::time::Instant as Clock;
 
+use super::fair::Slot;
 use super::pace::Pacer;
 use super::picture::{remove, Cost, Marks};
 use crate::config::Priority;
@@ -45,7 +46,7 @@ impl Place<'_> {
         let floor = inner.config.floor(self.priority);
         let wait = inner
             .picture_mut(self.key, self.model)
-            .map(|pic| pic.estimate(self.priority, Some(self.id), self.cost, floor, now));
+            .map(|pic| pic.estimate(self.priority, Slot::Waiting(self.id), self.cost, floor, now));
         if remove(&mut inner, self.key, self.model, self.id, self.priority) {
             drop(inner);
             self.rx = None;

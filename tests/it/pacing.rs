@@ -453,7 +453,6 @@ async fn interactive_is_served_beside_a_batch_flood() {
 }
 
 #[tokio::test]
-#[ignore = "pace.rs refuses past max_wait by the whole queue, not by the fair order: small requests take the room"]
 async fn two_batch_clients_share_fairly_in_tokens() {
     let _serial = SERIAL.lock().await;
     // Tokens bind: 4000 per 2 s is 2000/s. Small requests cost 7 + 93 = 100 tokens, big ones

@@ -297,9 +297,13 @@ async fn a_reload_keeps_what_was_learned_unless_the_quota_section_changed() {
     gw.signal("HUP");
     gw.wait_logs("config reloaded", 2).await;
     assert_eq!(learned(&gw).await, Vec::<Value>::new());
-    // `enforce` is refused by name; the running config keeps serving.
-    std::fs::write(&gw.config_path, "[upstream.quota]\nmode = \"enforce\"\n").unwrap();
+    // An impossible section is refused by name; the running config keeps serving.
+    std::fs::write(
+        &gw.config_path,
+        "[upstream.quota]\nmode = \"enforce\"\nheadroom = \"80%\"\n",
+    )
+    .unwrap();
     gw.signal("HUP");
     let line = gw.wait_log("config reload refused").await;
-    assert!(line.contains("upstream.quota.mode"), "{line}");
+    assert!(line.contains("upstream.quota"), "{line}");
 }
