@@ -11,9 +11,7 @@ use crate::config::{Priority, DEFAULT_COMPLETION_TOKENS};
 use crate::errors::GatewayError;
 use crate::exchange::Exchange;
 use crate::gateway::{Gateway, State};
-use crate::quota::{
-    Ask, Cost, Marks, Pacer, Reading, Ticket, ANY_MODEL, LIMIT_REQUESTS, LIMIT_TOKENS,
-};
+use crate::quota::{Ask, Cost, Marks, Pacer, Reading, Ticket, ANY_MODEL};
 use crate::route::Route;
 
 /// The longest model name learned under its own name; a longer one (sent by a caller) is
@@ -96,15 +94,21 @@ pub(super) async fn pace(
             tokens,
         },
     };
-    let started = Instant::now();
-    let ticket = pacer.admit(ask, gw.drain_token()).await;
-    out.queue_wait = started.elapsed();
-    ticket
+    match pacer.admit(ask, gw.drain_token()).await {
+        Ok((ticket, waited)) => {
+            out.queue_wait = waited;
+            Ok(ticket)
+        }
+        Err((refusal, waited)) => {
+            out.queue_wait = waited;
+            Err(refusal)
+        }
+    }
 }
 
 /// Learns what an upstream response (any status, a WebSocket `101` too) tells of its key's
 /// quota: into the table `/status` and the metrics show, and into the pacer's picture.
-/// Without both limit headers: two lookups and nothing else. `true` when it read something.
+/// One pass over the headers, nothing else without them. `true` when it read something.
 pub(super) fn learn(
     headers: &HeaderMap,
     state: &State,
@@ -115,9 +119,6 @@ pub(super) fn learn(
     let Some(learned) = &state.quota else {
         return false;
     };
-    if !headers.contains_key(LIMIT_REQUESTS) && !headers.contains_key(LIMIT_TOKENS) {
-        return false;
-    }
     let reading = Reading::from_headers(headers);
     if reading.is_empty() {
         return false;

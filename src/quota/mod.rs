@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 pub use duration::{parse_go_duration, MAX_RESET};
 pub use pace::{Ask, PaceMetrics, Pacer};
 pub use picture::{Cost, Marks};
-pub use reading::{Part, Reading, LIMIT_REQUESTS, LIMIT_TOKENS};
+pub use reading::{Part, Reading};
 pub use shared::SharedPictures;
 pub use ticket::Ticket;
 
@@ -104,9 +104,13 @@ pub struct EntryView {
     pub tokens: Option<UnitView>,
 }
 
+/// The hash maps of the quota's tables: looked up on every response, with keys and models
+/// that are bounded in number ([`MAX_ENTRIES`]); foldhash, seeded per process.
+pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Per upstream key id, per model. Nested so a known pair is found by `&str` without
 /// allocating (every response of a busy key and model finds its entry).
-type Table = HashMap<Arc<str>, HashMap<Arc<str>, Entry>>;
+type Table = Map<Arc<str>, Map<Arc<str>, Entry>>;
 /// Per (model, unit): (limit, remaining).
 type Tightest = HashMap<(Arc<str>, &'static str), (u64, Option<u64>)>;
 
@@ -144,24 +148,28 @@ impl Learned {
             return;
         }
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let known = inner
-            .table
-            .get(key)
-            .is_some_and(|models| models.contains_key(model));
-        if !known {
-            if inner.pairs >= self.max_entries {
-                inner.evict_oldest();
-            }
-            inner.pairs += 1;
-            inner
-                .table
-                .entry(Arc::from(key))
-                .or_default()
-                .insert(Arc::from(model), Entry::default());
-        }
-        let Some(entry) = inner.table.get_mut(key).and_then(|m| m.get_mut(model)) else {
+        if let Some(entry) = inner.table.get_mut(key).and_then(|m| m.get_mut(model)) {
+            entry.update(reading, now);
             return;
-        };
+        }
+        if inner.pairs >= self.max_entries {
+            inner.evict_oldest();
+        }
+        inner.pairs += 1;
+        let mut entry = Entry::default();
+        entry.update(reading, now);
+        inner
+            .table
+            .entry(Arc::from(key))
+            .or_default()
+            .insert(Arc::from(model), entry);
+    }
+}
+
+impl Entry {
+    /// Takes the units a reading has; the others stay as they were.
+    fn update(&mut self, reading: &Reading, now: Instant) {
+        let entry = self;
         if let Some(p) = reading.requests {
             entry.requests = Some(Known::new(p, now));
         }
@@ -170,7 +178,9 @@ impl Learned {
         }
         entry.touched = Some(now);
     }
+}
 
+impl Learned {
     /// Every (key, model) as of `now`, sorted by key then model.
     pub fn snapshot(&self, now: Instant) -> Vec<EntryView> {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);

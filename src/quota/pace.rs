@@ -13,7 +13,6 @@
 //! Everything sits behind one mutex: a request takes it once to be admitted and once to be
 //! learned from, for well under a microsecond each (docs/performance.md).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,7 @@ use super::gauge::Gauge;
 use super::picture::{too_large, Cost, Inner, Marks, Waiter};
 use super::shared::SharedPictures;
 use super::ticket::{Place, Ticket};
-use super::Reading;
+use super::{Map, Reading};
 use crate::config::{Priority, QuotaConfig};
 use crate::errors::GatewayError;
 
@@ -86,7 +85,7 @@ impl Pacer {
     ) -> Arc<Pacer> {
         let pacer = Arc::new(Pacer {
             inner: Mutex::new(Inner {
-                pictures: HashMap::new(),
+                pictures: Map::default(),
                 pairs: 0,
                 busy: Vec::new(),
                 next_id: 0,
@@ -131,27 +130,51 @@ impl Pacer {
     }
 
     /// Admits a request now, or when the picture carries it; refuses it past its
-    /// priority's `max_wait`, or with `shutting_down` when `drain` is cancelled.
+    /// priority's `max_wait`, or with `shutting_down` when `drain` is cancelled. Either way
+    /// with how long it waited.
     pub async fn admit(
         self: &Arc<Self>,
         ask: Ask<'_>,
         drain: &CancellationToken,
-    ) -> Result<Ticket, GatewayError> {
+    ) -> Result<(Ticket, Duration), (GatewayError, Duration)> {
         let now = Clock::now().into_std();
-        let p = ask.priority;
         let mut step = self.step(&ask, now, None);
         if let Step::AskShared = step {
-            step = self.ask_shared(&ask, now).await;
+            // Boxed, as the wait below: the request's own future stays small.
+            step = Box::pin(self.ask_shared(&ask, now)).await;
         }
-        let (id, rx, max_wait) = match step {
+        match step {
             Step::Go(marks, pair) => {
-                self.metrics.wait[p.index()].observe(0.0);
-                return Ok(self.ticket(&ask, marks, pair));
+                self.metrics.wait[ask.priority.index()].observe(0.0);
+                Ok((self.ticket(&ask, marks, pair), Duration::ZERO))
             }
-            Step::Refuse(e) => return Err(e),
-            Step::Wait(id, rx, max_wait) => (id, rx, max_wait),
-            Step::AskShared => return Err(GatewayError::Internal("quota: asked twice".into())),
-        };
+            Step::Refuse(e) => Err((e, Duration::ZERO)),
+            Step::Wait(id, rx, max_wait) => {
+                let waited = Box::pin(self.wait(ask, id, rx, max_wait, drain)).await;
+                let took = Clock::now().into_std().saturating_duration_since(now);
+                match waited {
+                    Ok(ticket) => Ok((ticket, took)),
+                    Err(e) => Err((e, took)),
+                }
+            }
+            Step::AskShared => Err((
+                GatewayError::Internal("quota: asked twice".into()),
+                Duration::ZERO,
+            )),
+        }
+    }
+
+    /// Waits in the queue for a grant, `max_wait` or the drain.
+    async fn wait(
+        self: &Arc<Self>,
+        ask: Ask<'_>,
+        id: u64,
+        rx: oneshot::Receiver<Marks>,
+        max_wait: Duration,
+        drain: &CancellationToken,
+    ) -> Result<Ticket, GatewayError> {
+        let p = ask.priority;
+        let now = Clock::now().into_std();
         self.metrics.queued[p.index()].inc();
         self.wake.notify_one();
         let mut place = Place {

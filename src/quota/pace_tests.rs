@@ -25,6 +25,25 @@ fn pacer() -> Arc<Pacer> {
     Pacer::new(config, 100, metrics(), None)
 }
 
+/// `admit` without the time waited.
+trait AdmitPlain {
+    async fn admit_(&self, ask: Ask<'_>, drain: &CancellationToken)
+        -> Result<Ticket, GatewayError>;
+}
+
+impl AdmitPlain for Arc<Pacer> {
+    async fn admit_(
+        &self,
+        ask: Ask<'_>,
+        drain: &CancellationToken,
+    ) -> Result<Ticket, GatewayError> {
+        self.admit(ask, drain)
+            .await
+            .map(|(t, _)| t)
+            .map_err(|(e, _)| e)
+    }
+}
+
 fn now() -> Instant {
     Clock::now().into_std()
 }
@@ -62,13 +81,13 @@ async fn nothing_learned_passes_and_a_learned_picture_is_taken_from() {
     let flow: Arc<str> = Arc::from("a");
     let drain = CancellationToken::new();
     let t = p
-        .admit(ask(&flow, Priority::Interactive), &drain)
+        .admit_(ask(&flow, Priority::Interactive), &drain)
         .await
         .unwrap();
     assert_eq!(t.marks(), Marks::default());
     learn_requests(&p, 50);
     let mut t = p
-        .admit(ask(&flow, Priority::Interactive), &drain)
+        .admit_(ask(&flow, Priority::Interactive), &drain)
         .await
         .unwrap();
     assert_eq!(t.marks().requests, Some(1));
@@ -77,13 +96,13 @@ async fn nothing_learned_passes_and_a_learned_picture_is_taken_from() {
     drop(t);
     // A ticket never forwarded gives its take back.
     let t = p
-        .admit(ask(&flow, Priority::Interactive), &drain)
+        .admit_(ask(&flow, Priority::Interactive), &drain)
         .await
         .unwrap();
     assert_eq!(t.marks().requests, Some(2));
     drop(t);
     let t = p
-        .admit(ask(&flow, Priority::Interactive), &drain)
+        .admit_(ask(&flow, Priority::Interactive), &drain)
         .await
         .unwrap();
     assert_eq!(t.marks().requests, Some(2));
@@ -98,7 +117,7 @@ async fn a_request_waits_until_the_picture_refills() {
     learn_requests(&p, 15);
     let start = Clock::now();
     let t = p
-        .admit(ask(&flow, Priority::Interactive), &drain)
+        .admit_(ask(&flow, Priority::Interactive), &drain)
         .await
         .unwrap();
     let waited = start.elapsed();
@@ -125,14 +144,14 @@ async fn past_max_wait_the_refusal_says_when_the_quota_will_carry_it() {
         let flow = Arc::clone(&flow);
         let drain = drain.clone();
         waiting.push(tokio::spawn(async move {
-            p.admit(ask(&flow, Priority::Interactive), &drain)
+            p.admit_(ask(&flow, Priority::Interactive), &drain)
                 .await
                 .map(|mut t| t.forwarded())
         }));
     }
     tokio::task::yield_now().await;
     let err = p
-        .admit(ask(&flow, Priority::Interactive), &drain)
+        .admit_(ask(&flow, Priority::Interactive), &drain)
         .await
         .err()
         .unwrap();
@@ -182,7 +201,7 @@ async fn higher_priorities_go_first_and_batch_keeps_the_reserve() {
             Arc::clone(&order),
         );
         tasks.push(tokio::spawn(async move {
-            let mut t = p.admit(ask(&flow, prio), &drain).await.unwrap();
+            let mut t = p.admit_(ask(&flow, prio), &drain).await.unwrap();
             t.forwarded();
             order.lock().unwrap().push(prio);
         }));
@@ -211,7 +230,7 @@ async fn a_client_that_leaves_frees_its_place_and_the_drain_ends_a_wait() {
     learn_requests(&p, 0);
     let waiting = {
         let (p, flow, drain) = (Arc::clone(&p), Arc::clone(&flow), drain.clone());
-        tokio::spawn(async move { p.admit(ask(&flow, Priority::Batch), &drain).await.is_ok() })
+        tokio::spawn(async move { p.admit_(ask(&flow, Priority::Batch), &drain).await.is_ok() })
     };
     tokio::task::yield_now().await;
     assert_eq!(p.counts().1, [0, 0, 1]);
@@ -222,7 +241,7 @@ async fn a_client_that_leaves_frees_its_place_and_the_drain_ends_a_wait() {
     // The drain: a waiting request gets shutting_down.
     let waiting = {
         let (p, flow, drain) = (Arc::clone(&p), Arc::clone(&flow), drain.clone());
-        tokio::spawn(async move { p.admit(ask(&flow, Priority::Batch), &drain).await })
+        tokio::spawn(async move { p.admit_(ask(&flow, Priority::Batch), &drain).await })
     };
     tokio::task::yield_now().await;
     drain.cancel();
@@ -243,7 +262,7 @@ async fn a_request_larger_than_the_quota_is_refused_at_once_for_good() {
     learn_requests(&p, 100);
     let mut big = ask(&flow, Priority::Batch);
     big.cost.requests = 70;
-    let err = p.admit(big, &drain).await.err().unwrap();
+    let err = p.admit_(big, &drain).await.err().unwrap();
     assert!(
         matches!(
             err,
@@ -267,7 +286,7 @@ async fn a_response_corrects_the_picture_and_wakes_the_queue() {
         let (p, flow, drain) = (Arc::clone(&p), Arc::clone(&flow), drain.clone());
         tokio::spawn(async move {
             let start = Clock::now();
-            p.admit(ask(&flow, Priority::Interactive), &drain)
+            p.admit_(ask(&flow, Priority::Interactive), &drain)
                 .await
                 .map(|mut t| {
                     t.forwarded();

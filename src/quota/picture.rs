@@ -2,7 +2,6 @@
 //! requests waiting for it, and the table of all pictures: what the pacer holds behind its
 //! one mutex.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use tokio::sync::oneshot;
 use super::fair::{FairQueue, Slot};
 use super::gauge::Gauge;
 use super::shared::Mirror;
-use super::MAX_ENTRIES;
+use super::{Map, MAX_ENTRIES};
 use crate::config::{Priority, QuotaConfig};
 
 /// What a request costs the upstream's quota.
@@ -64,7 +63,7 @@ pub(super) struct Picture {
 }
 
 pub(super) struct Inner {
-    pub(super) pictures: HashMap<Arc<str>, HashMap<Arc<str>, Picture>>,
+    pub(super) pictures: Map<Arc<str>, Map<Arc<str>, Picture>>,
     pub(super) pairs: usize,
     /// Pictures with requests waiting: what the dispatcher walks.
     pub(super) busy: Vec<(Arc<str>, Arc<str>)>,
