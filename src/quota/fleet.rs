@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::time::Instant as Clock;
 
 use super::pace::{Ask, Candidate, Pacer, Step};
-use super::picture::{Cost, Marks};
+use super::picture::{Cost, Grant, Marks};
 use super::shared::Took;
 use super::{Part, Reading};
 
@@ -81,16 +81,18 @@ impl Pacer {
                 return;
             }
         };
-        let waiter = pic.waiting.remove(c.id, c.priority);
-        if waiter.is_some() {
-            inner.queued[c.priority.index()] -= 1;
-        }
-        drop(inner);
-        // A head that left meanwhile (or this very moment) gives its take back.
-        let left = match waiter {
-            Some(w) => w.grant.send(marks).err(),
+        // Sent under the lock: a waiter that gives up meanwhile finds the grant in its
+        // channel, never an empty one.
+        let left = match pic.waiting.remove(c.id, c.priority) {
+            Some(w) => {
+                let i = c.priority.index();
+                inner.queued[i] = inner.queued[i].saturating_sub(1);
+                w.grant.send(Grant::Take(marks)).err().map(|_| marks)
+            }
             None => Some(marks),
         };
+        drop(inner);
+        // A head that left meanwhile (or this very moment) gives its take back.
         if let Some(marks) = left {
             self.give_back(&c.key, &c.model, c.cost, marks);
         }

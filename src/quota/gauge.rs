@@ -33,7 +33,8 @@ pub struct Gauge {
     /// Refill per second.
     rate: f64,
     at: Instant,
-    /// Everything taken by forwarded requests, less what was given back: the mark a ticket
+    /// Everything ever taken (a give-back does not lower it, so a correction never counts
+    /// too little as forwarded since a mark: the picture errs low, never high): the mark a ticket
     /// keeps to correct the picture with its response.
     pub taken: u64,
     /// Held empty until then (an upstream 429 without readable headers).
@@ -55,10 +56,19 @@ impl Gauge {
 
     /// The fleet's picture of a unit as Redis replied it (`store = "redis"`).
     pub fn mirrored(m: UnitMirror, now: Instant) -> Gauge {
+        let limit = m.limit as f64;
         Gauge {
             limit: m.limit,
-            level: m.level,
-            rate: m.rate,
+            level: if m.level.is_finite() {
+                m.level.clamp(-limit, limit)
+            } else {
+                0.0
+            },
+            rate: if m.rate.is_finite() && m.rate > 0.0 {
+                m.rate
+            } else {
+                default_rate(m.limit)
+            },
             at: now,
             taken: 0,
             empty_until: (m.held > Duration::ZERO).then(|| now + m.held),
@@ -122,7 +132,6 @@ impl Gauge {
     pub fn give_back(&mut self, cost: u64, now: Instant) {
         self.settle(now);
         self.level = (self.level + cost as f64).min(self.limit as f64);
-        self.taken = self.taken.wrapping_sub(cost);
     }
 
     /// How long until `need` above `floor` is there (zero when it is now), as if the bucket
@@ -161,10 +170,12 @@ impl Gauge {
         self.limit = part.limit;
         let remaining = part.remaining as f64;
         self.level = match mark {
-            Some(m) => remaining - self.taken.wrapping_sub(m) as f64,
+            // A mark from before the running total restarted (a picture rebuilt from Redis
+            // or after eviction) says nothing: no more taken since than what it shows.
+            Some(m) => remaining - self.taken.saturating_sub(m) as f64,
             None => self.level.min(remaining),
         }
-        .min(self.limit as f64);
+        .clamp(-(self.limit as f64), self.limit as f64);
     }
 
     /// An upstream 429 that said nothing readable: empty until `until`.
@@ -229,7 +240,7 @@ mod tests {
         assert_eq!(g.wait_for(96, 0.05, t0), Some(ms(9_100)));
         assert!(!g.could_carry(96, 0.05));
         g.give_back(30, t0);
-        assert_eq!(g.taken, 0);
+        assert_eq!(g.taken, 30, "a give-back never lowers the running total");
         assert!((g.level(t0) - 40.0).abs() < 1e-9);
     }
 
@@ -250,6 +261,16 @@ mod tests {
         assert!((g.level(t0 + ms(5)) - 50.0).abs() < 1e-9);
         g.correct(part(100, 20, 8_000), None, t0 + ms(5));
         assert!((g.level(t0 + ms(5)) - 20.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_mark_from_before_a_rebuilt_picture_counts_nothing_taken_since() {
+        let t0 = Instant::now();
+        let mut g = Gauge::learned(part(100, 100, 0), t0);
+        // The running total restarted (a picture rebuilt from Redis): a mark of 50 from the
+        // old one is ahead of it; it must not wrap into an enormous debt.
+        g.correct(part(100, 40, 6_000), Some(50), t0);
+        assert!((g.level(t0) - 40.0).abs() < 1e-9, "{}", g.level(t0));
     }
 
     #[test]

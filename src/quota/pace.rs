@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fair::Slot;
 use super::gauge::Gauge;
-use super::picture::{too_large, Cost, Inner, Marks, Waiter};
+use super::picture::{too_large, Cost, Grant, Inner, Marks, Waiter};
 use super::shared::SharedPictures;
 use super::ticket::{Place, Ticket};
 use super::{Map, Reading};
@@ -50,7 +50,7 @@ pub struct PaceMetrics {
 
 /// How a wait ended.
 enum End {
-    Granted(Option<Marks>),
+    Granted(Option<Grant>),
     Waited,
     Drain,
 }
@@ -68,7 +68,7 @@ pub(super) enum Step {
     /// With the picture's key and model when it took from one.
     Go(Marks, Option<(Arc<str>, Arc<str>)>),
     Refuse(GatewayError),
-    Wait(u64, oneshot::Receiver<Marks>, Duration),
+    Wait(u64, oneshot::Receiver<Grant>, Duration),
     /// `store = "redis"`: ask the fleet's picture.
     AskShared,
 }
@@ -169,7 +169,7 @@ impl Pacer {
         self: &Arc<Self>,
         ask: Ask<'_>,
         id: u64,
-        rx: oneshot::Receiver<Marks>,
+        rx: oneshot::Receiver<Grant>,
         max_wait: Duration,
         drain: &CancellationToken,
     ) -> Result<Ticket, GatewayError> {
@@ -192,9 +192,9 @@ impl Pacer {
             () = tokio::time::sleep(max_wait) => End::Waited,
             () = drain.cancelled() => End::Drain,
         };
-        let marks = match end {
+        let grant = match end {
             // `None`: the pacer let go of its queue (it cannot while it lives).
-            End::Granted(marks) => marks.unwrap_or_default(),
+            End::Granted(grant) => grant.unwrap_or(Grant::Take(Marks::default())),
             End::Waited => place.give_up(|wait| {
                 exhausted(
                     ask.model,
@@ -209,7 +209,13 @@ impl Pacer {
             })?,
             End::Drain => place.give_up(|_| GatewayError::ShuttingDown)?,
         };
-        Ok(self.ticket(&ask, marks, None))
+        match grant {
+            Grant::Take(marks) => Ok(self.ticket(&ask, marks, None)),
+            Grant::Refuse(message) => Err(GatewayError::UpstreamQuotaExhausted {
+                message,
+                retry_after: None,
+            }),
+        }
     }
 
     /// One look at the picture: go, refuse, wait, or (`store = "redis"`) ask Redis first.
@@ -250,6 +256,12 @@ impl Pacer {
             .estimate(p, Slot::New(ask.flow), ask.cost, floor, now)
             .max(shared_wait.unwrap_or_default());
         if wait > max_wait || queued >= cap {
+            // A full queue: at least a second, never an invitation to come straight back.
+            let wait = if queued >= cap {
+                wait.max(Duration::from_secs(1))
+            } else {
+                wait
+            };
             let why = if queued >= cap {
                 format!("{cap} {} requests already wait for it", p.as_str())
             } else {
@@ -429,6 +441,15 @@ impl Pacer {
             while let Some((p, head)) = pic.waiting.peek() {
                 let floor = config.floor(p);
                 let (cost, id) = (head.cost, head.id);
+                if let Some(why) = too_large(pic, cost, floor, p) {
+                    // The limit fell (or the floor rose) under it: it would block its
+                    // priority, and every one below, until its max_wait.
+                    if let Some(waiter) = pic.waiting.pop() {
+                        granted[p.index()] += 1;
+                        let _ = waiter.grant.send(Grant::Refuse(why));
+                    }
+                    continue;
+                }
                 if pic.asks_shared(shared, now) {
                     match pic.retry_at {
                         Some(at) if at > now => soonest(at),
@@ -461,7 +482,7 @@ impl Pacer {
                 };
                 granted[p.index()] += 1;
                 let marks = pic.take(cost, now);
-                if waiter.grant.send(marks).is_err() {
+                if waiter.grant.send(Grant::Take(marks)).is_err() {
                     // Its request left at this very moment: nothing was forwarded.
                     pic.give_back(cost, marks, now);
                 }
@@ -472,7 +493,8 @@ impl Pacer {
         }
         inner.busy = still;
         for p in Priority::ALL {
-            inner.queued[p.index()] -= granted[p.index()];
+            let i = p.index();
+            inner.queued[i] = inner.queued[i].saturating_sub(granted[i]);
         }
         (next, candidates)
     }

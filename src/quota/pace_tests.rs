@@ -94,18 +94,28 @@ async fn nothing_learned_passes_and_a_learned_picture_is_taken_from() {
     assert_eq!(t.marks().tokens, None);
     t.forwarded();
     drop(t);
-    // A ticket never forwarded gives its take back.
+    // A ticket never forwarded gives its take back: the level, not the running total
+    // (which only grows, so a correction errs low).
     let t = p
         .admit_(ask(&flow, Priority::Interactive), &drain)
         .await
         .unwrap();
     assert_eq!(t.marks().requests, Some(2));
+    let level = |p: &Arc<Pacer>| {
+        p.lock()
+            .picture_mut("org", "m")
+            .and_then(|pic| pic.requests)
+            .map(|g| g.level(now()))
+            .unwrap()
+    };
+    let before = level(&p);
     drop(t);
+    assert!((level(&p) - before - 1.0).abs() < 1e-6);
     let t = p
         .admit_(ask(&flow, Priority::Interactive), &drain)
         .await
         .unwrap();
-    assert_eq!(t.marks().requests, Some(2));
+    assert_eq!(t.marks().requests, Some(3));
 }
 
 #[tokio::test(start_paused = true)]
@@ -313,4 +323,48 @@ async fn a_response_corrects_the_picture_and_wakes_the_queue() {
     p.learn("org", "m", &reading, marks, now());
     let waited = waiting.await.unwrap().unwrap();
     assert!(waited < Duration::from_millis(10), "{waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_the_lowered_quota_can_never_carry_is_refused_not_left_blocking() {
+    let p = pacer();
+    let drain = CancellationToken::new();
+    // 60 left at 10/s: 50 more above the 15% floor in half a second.
+    learn_requests(&p, 60);
+    let (big, small) = (Arc::<str>::from("big"), Arc::<str>::from("small"));
+    let waiting = {
+        let (p, big, drain) = (Arc::clone(&p), Arc::clone(&big), drain.clone());
+        tokio::spawn(async move {
+            let mut a = ask(&big, Priority::Interactive);
+            a.cost.requests = 50;
+            p.admit_(a, &drain).await.map(|mut t| t.forwarded())
+        })
+    };
+    tokio::task::yield_now().await;
+    assert_eq!(p.counts().1, [0, 1, 0]);
+    // The upstream lowers the limit to 20: 50 requests at once can never pass again.
+    let reading = Reading {
+        requests: Some(Part {
+            limit: 20,
+            remaining: 20,
+            reset: Duration::ZERO,
+        }),
+        tokens: None,
+    };
+    p.learn("org", "m", &reading, Marks::default(), now());
+    let got = waiting.await.unwrap();
+    assert!(
+        matches!(
+            got,
+            Err(GatewayError::UpstreamQuotaExhausted {
+                retry_after: None,
+                ..
+            })
+        ),
+        "{got:?}"
+    );
+    assert_eq!(p.counts().1, [0, 0, 0]);
+    // What waited behind it is not held up.
+    let t = p.admit_(ask(&small, Priority::Interactive), &drain).await;
+    assert!(t.is_ok());
 }

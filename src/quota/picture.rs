@@ -43,7 +43,16 @@ const FALLBACK_RETRY: Duration = Duration::from_secs(1);
 pub(super) struct Waiter {
     pub(super) id: u64,
     pub(super) cost: Cost,
-    pub(super) grant: oneshot::Sender<Marks>,
+    pub(super) grant: oneshot::Sender<Grant>,
+}
+
+/// How a wait ends when the pacer ends it.
+#[derive(Debug)]
+pub(super) enum Grant {
+    /// The picture carried it: what it took.
+    Take(Marks),
+    /// The picture no longer can (the limit fell, or a reload raised the floor): why.
+    Refuse(String),
 }
 
 #[derive(Default)]
@@ -250,7 +259,7 @@ pub(super) fn remove(inner: &mut Inner, key: &str, model: &str, id: u64, p: Prio
         .and_then(|pic| pic.waiting.remove(id, p))
         .is_some();
     if removed {
-        inner.queued[p.index()] -= 1;
+        inner.queued[p.index()] = inner.queued[p.index()].saturating_sub(1);
     }
     removed
 }

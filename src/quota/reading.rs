@@ -34,9 +34,9 @@ impl Reading {
     /// `x-ratelimit-` is passed over after a few bytes).
     ///
     /// A part is taken only whole and sane: a missing, repeated, non-integer or overlong
-    /// value, a reset that is not a non-negative Go duration, or a remaining above its limit
-    /// (a response that contradicts itself) leaves the part out, so what was learned before
-    /// stays.
+    /// value, a reset that is not a non-negative Go duration, a limit of 0, or a remaining
+    /// above its limit (a response that contradicts itself) leaves the part out, so what was
+    /// learned before stays.
     pub fn from_headers(headers: &HeaderMap) -> Reading {
         // limit, remaining, reset of requests, then of tokens; `Err` when sent twice.
         let mut seen: [Option<Result<&HeaderValue, ()>>; 6] = [None; 6];
@@ -75,7 +75,13 @@ fn part(seen: &[Option<Result<&HeaderValue, ()>>]) -> Option<Part> {
     let limit = integer(text(0)?)?;
     let remaining = integer(text(1)?)?;
     let reset = parse_go_duration(text(2)?)?;
-    (remaining <= limit).then_some(Part {
+    // A limit of 0 is no quota anyone could pace on (a proxy's placeholder, or "none"):
+    // read, it would refuse every request, and nothing forwarded could correct it.
+    // Beyond 2^53 a count is not exact as a float (the pictures' arithmetic): as good as
+    // unlimited, and kept there.
+    const EXACT: u64 = 1 << 53;
+    let (limit, remaining) = (limit.min(EXACT), remaining.min(EXACT));
+    (remaining <= limit && limit > 0).then_some(Part {
         limit,
         remaining,
         reset,
@@ -159,6 +165,7 @@ mod tests {
             (REMAINING_REQUESTS, "1e2"),
             (REMAINING_REQUESTS, "101"),
             (LIMIT_REQUESTS, ""),
+            (LIMIT_REQUESTS, "0"),
             (LIMIT_REQUESTS, "99999999999999999999999"),
             (RESET_REQUESTS, "soon"),
             (RESET_REQUESTS, "-1s"),

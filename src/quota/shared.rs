@@ -18,8 +18,9 @@ use super::Reading;
 use crate::limits::shared::{RedisStore, Script};
 
 /// The picture script. KEYS[1]: the hash (fields `<u>l` limit, `<u>v` level, `<u>k` refill
-/// per ms, `<u>a` when the level was true, `<u>n` running total taken, `<u>e` held empty
-/// until; `<u>` = `r` requests, `t` tokens). ARGV[1]: the op. Every reply that describes the
+/// per ms, `<u>a` when the level was true, `<u>n` running total taken (never lowered by a
+/// give-back, so a correction errs low), `<u>e` held empty until; `<u>` = `r` requests,
+/// `t` tokens). Counts are written `%.0f` (exact to 2^53, which the readings are capped at). ARGV[1]: the op. Every reply that describes the
 /// picture ends with, per unit, limit (-1: unknown), level, refill per ms and the ms it is
 /// still held empty.
 pub const PICTURE: &str = r"
@@ -48,9 +49,9 @@ for i, u in ipairs(names) do
 end
 local function save()
   for u, g in pairs(units) do
-    redis.call('HSET', key, u .. 'l', string.format('%d', g.l), u .. 'v', string.format('%.6f', g.v),
-      u .. 'k', string.format('%.9f', g.k), u .. 'a', string.format('%.3f', g.a),
-      u .. 'n', string.format('%d', g.n), u .. 'e', string.format('%.3f', g.e))
+    redis.call('HSET', key, u .. 'l', string.format('%.0f', g.l), u .. 'v', string.format('%.6f', g.v),
+      u .. 'k', string.format('%.12f', g.k), u .. 'a', string.format('%.3f', g.a),
+      u .. 'n', string.format('%.0f', g.n), u .. 'e', string.format('%.3f', g.e))
   end
   redis.call('PEXPIRE', key, 3600000)
 end
@@ -58,9 +59,9 @@ local function view(out)
   for _, u in ipairs(names) do
     local g = units[u]
     if g then
-      table.insert(out, string.format('%d', g.l))
+      table.insert(out, string.format('%.0f', g.l))
       table.insert(out, string.format('%.6f', g.v))
-      table.insert(out, string.format('%.9f', g.k))
+      table.insert(out, string.format('%.12f', g.k))
       table.insert(out, string.format('%.3f', math.max(0, g.e - now)))
     else
       table.insert(out, '-1') table.insert(out, '0') table.insert(out, '0') table.insert(out, '0')
@@ -89,7 +90,7 @@ if op == 'take' then
     if g then
       g.v = g.v - cost[u]
       g.n = g.n + cost[u]
-      marks[i] = string.format('%d', g.n)
+      marks[i] = string.format('%.0f', g.n)
     end
   end
   save()
@@ -116,8 +117,8 @@ elseif op == 'learn' then
           if g.k <= 0 then g.k = limit / 60000 end
         end
         g.l = limit
-        if mark >= 0 then g.v = rem - (g.n - mark) else g.v = math.min(g.v, rem) end
-        g.v = math.min(g.v, g.l)
+        if mark >= 0 then g.v = rem - math.max(0, g.n - mark) else g.v = math.min(g.v, rem) end
+        g.v = math.max(-g.l, math.min(g.v, g.l))
       end
     end
   end
@@ -127,7 +128,6 @@ elseif op == 'give' then
   local cost = {r = tonumber(ARGV[2]), t = tonumber(ARGV[3])}
   for u, g in pairs(units) do
     g.v = math.min(g.l, g.v + cost[u])
-    g.n = g.n - cost[u]
   end
   save()
   return view({'given'})
@@ -237,12 +237,12 @@ impl SharedPictures {
                     tokens: mark(2).and_then(|m| u64::try_from(m).ok()),
                     shared: true,
                 };
-                Ok(Took::Taken(marks, mirror(&r[3..])?))
+                Ok(Took::Taken(marks, mirror(r.get(3..).unwrap_or_default())?))
             }
             Some("short") => {
                 let ms: f64 = r.get(1).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-                let wait = Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 86_400.0));
-                Ok(Took::Short(wait, mirror(&r[2..])?))
+                let wait = seconds(ms / 1000.0);
+                Ok(Took::Short(wait, mirror(r.get(2..).unwrap_or_default())?))
             }
             _ => Err("unexpected reply to the quota picture's take".into()),
         }
@@ -326,6 +326,16 @@ fn redis_key(key: &str, model: &str) -> String {
     format!("ezgate:{{quota:{hex}}}")
 }
 
+/// A duration of `secs` seconds from a reply: what is not a finite number is none, and at
+/// most a day.
+fn seconds(secs: f64) -> Duration {
+    if secs.is_finite() && secs > 0.0 {
+        Duration::from_secs_f64(secs.min(86_400.0))
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// Reads the eight values that describe a picture.
 fn mirror(v: &[String]) -> Result<Mirror, String> {
     let unit = |i: usize| -> Result<Option<UnitMirror>, String> {
@@ -338,11 +348,15 @@ fn mirror(v: &[String]) -> Result<Mirror, String> {
         if limit < 0.0 {
             return Ok(None);
         }
+        let (level, rate) = (num(1)?, num(2)?);
+        if !(limit.is_finite() && level.is_finite() && rate.is_finite()) {
+            return Err("a reply from the quota picture script that is not a number".to_owned());
+        }
         Ok(Some(UnitMirror {
             limit: limit as u64,
-            level: num(1)?,
-            rate: num(2)? * 1000.0,
-            held: Duration::from_secs_f64((num(3)? / 1000.0).clamp(0.0, 86_400.0)),
+            level,
+            rate: rate * 1000.0,
+            held: seconds(num(3)? / 1000.0),
         }))
     };
     Ok(Mirror {
@@ -367,6 +381,13 @@ mod tests {
         assert!((req.rate - 10.0).abs() < 1e-9);
         assert_eq!(m.tokens, None);
         assert!(mirror(&r[..3]).is_err());
+        let nan: Vec<String> = ["100", "nan", "0.01", "0", "-1", "0", "0", "0"]
+            .map(str::to_owned)
+            .to_vec();
+        assert!(mirror(&nan).is_err());
+        assert_eq!(seconds(f64::NAN), Duration::ZERO);
+        assert_eq!(seconds(-1.0), Duration::ZERO);
+        assert_eq!(seconds(1e300), Duration::from_secs(86_400));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio::time::Instant as Clock;
 
 use super::fair::Slot;
 use super::pace::Pacer;
-use super::picture::{remove, Cost, Marks};
+use super::picture::{remove, Cost, Grant, Marks};
 use crate::config::Priority;
 use crate::errors::GatewayError;
 
@@ -22,17 +22,17 @@ pub(super) struct Place<'a> {
     pub(super) id: u64,
     pub(super) priority: Priority,
     pub(super) cost: Cost,
-    pub(super) rx: Option<oneshot::Receiver<Marks>>,
+    pub(super) rx: Option<oneshot::Receiver<Grant>>,
     pub(super) since: Instant,
 }
 
 impl Place<'_> {
-    pub(super) async fn granted(&mut self) -> Option<Marks> {
+    pub(super) async fn granted(&mut self) -> Option<Grant> {
         let rx = self.rx.as_mut()?;
-        let marks = rx.await.ok();
+        let grant = rx.await.ok();
         self.rx = None;
         self.leave();
-        marks
+        grant
     }
 
     /// Leaves the queue with `refusal` (its argument: the honest wait from here); if the
@@ -40,7 +40,7 @@ impl Place<'_> {
     pub(super) fn give_up(
         &mut self,
         refusal: impl FnOnce(Duration) -> GatewayError,
-    ) -> Result<Marks, GatewayError> {
+    ) -> Result<Grant, GatewayError> {
         let now = Clock::now().into_std();
         let mut inner = self.pacer.lock();
         let floor = inner.config.floor(self.priority);
@@ -55,10 +55,10 @@ impl Place<'_> {
             return Err(refusal(wait.unwrap_or(Duration::ZERO)));
         }
         drop(inner);
-        // Granted meanwhile: the grant is in the channel.
-        let marks = self.rx.take().and_then(|mut rx| rx.try_recv().ok());
+        // Granted meanwhile: the grant is in the channel (sent under the lock).
+        let grant = self.rx.take().and_then(|mut rx| rx.try_recv().ok());
         self.leave();
-        Ok(marks.unwrap_or_default())
+        Ok(grant.unwrap_or(Grant::Take(Marks::default())))
     }
 
     fn leave(&self) {
@@ -80,7 +80,7 @@ impl Drop for Place<'_> {
         let removed = remove(&mut inner, self.key, self.model, self.id, self.priority);
         drop(inner);
         if !removed {
-            if let Ok(marks) = rx.try_recv() {
+            if let Ok(Grant::Take(marks)) = rx.try_recv() {
                 self.pacer.give_back(self.key, self.model, self.cost, marks);
             }
         }
