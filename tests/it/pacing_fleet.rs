@@ -166,3 +166,49 @@ async fn without_redis_each_gateway_paces_on_its_share() {
         "{statuses:?}"
     );
 }
+
+#[tokio::test]
+async fn the_fleets_picture_lives_in_a_redis_cluster_too() {
+    let cluster = Cluster::start(3).await;
+    let emu = Emulator::start().await;
+    set_quota(&emu, r#"{"requests":{"limit":20,"per":"2s"}}"#).await;
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+    let config = format!(
+        "[log]\naccess_log = false\n[upstream]\napi_key = \"${{ORG_KEY}}\"\n[upstream.quota]\nmode = \"enforce\"\nstore = \"redis\"\n[redis]\nmode = \"cluster\"\nnodes = [{}]\ntimeout = \"1s\"\n",
+        nodes[..3].join(", ")
+    );
+    let (a, b) = (gateway(&emu, &config).await, gateway(&emu, &config).await);
+    assert_eq!(a.chat(&[]).await.status, 200);
+    let (before, _) = counters(&emu).await;
+    // Together twice the quota: 2 × 10 a second against 10.
+    let start = Instant::now();
+    let statuses = offer(&[&a, &b], 10, Duration::from_secs(4)).await;
+    let elapsed = start.elapsed();
+    let (admitted, limited) = counters(&emu).await;
+    let admitted = admitted - before;
+    let forwarded = admitted + limited;
+    eprintln!("cluster: admitted {admitted}, upstream 429s {limited}, in {elapsed:?}");
+    assert!(
+        limited * 100 < forwarded * 3,
+        "{limited} of {forwarded} forwarded requests came back 429 from the upstream"
+    );
+    let allowed = 20.0 + 10.0 * elapsed.as_secs_f64();
+    assert!(
+        admitted as f64 >= 0.75 * allowed,
+        "used {admitted} of the {allowed:.0} the quota allowed"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    // The picture is one hash, on the primary that owns its slot.
+    let mut holders = 0;
+    for n in &cluster.nodes {
+        if n.cli(&["role"]).await.starts_with("master")
+            && !n.cli(&["keys", "ezgate:{quota:*"]).await.trim().is_empty()
+        {
+            holders += 1;
+        }
+    }
+    assert_eq!(holders, 1, "one primary holds the picture");
+}
