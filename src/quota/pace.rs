@@ -341,8 +341,8 @@ impl Pacer {
         if reading.is_empty() {
             return;
         }
-        if self.shared.is_some() && tokio::runtime::Handle::try_current().is_ok() {
-            self.learn_shared(key, model, *reading, marks);
+        if self.shared.is_some() {
+            self.learn_shared(key, model, *reading, marks, now);
             return;
         }
         self.learn_local(key, model, reading, marks, now);

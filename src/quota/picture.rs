@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use super::fair::{FairQueue, Slot};
 use super::gauge::Gauge;
 use super::shared::Mirror;
-use super::{Map, MAX_ENTRIES};
+use super::{Map, Reading, MAX_ENTRIES};
 use crate::config::{Priority, QuotaConfig};
 
 /// What a request costs the upstream's quota.
@@ -67,6 +67,8 @@ pub(super) struct Picture {
     /// `store = "redis"`: Redis said the head of the queue waits until then (or a take for
     /// it is under way: far away).
     pub(super) retry_at: Option<Instant>,
+    /// `store = "redis"`: the latest answers' correction, carried by the next take.
+    pub(super) pending: Option<(Reading, Marks)>,
     /// Its key and model, shared with the tickets taken from it (no allocation per request).
     pub(super) pair: Option<(Arc<str>, Arc<str>)>,
 }

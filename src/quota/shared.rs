@@ -17,7 +17,8 @@ use super::picture::{Cost, Marks};
 use super::Reading;
 use crate::limits::shared::{RedisStore, Script};
 
-/// The picture script. KEYS[1]: the hash (fields `<u>l` limit, `<u>v` level, `<u>k` refill
+/// The picture script (`take` also applies the reading it carries first: a correction costs
+/// no round trip of its own). KEYS[1]: the hash (fields `<u>l` limit, `<u>v` level, `<u>k` refill
 /// per ms, `<u>a` when the level was true, `<u>n` running total taken (never lowered by a
 /// give-back, so a correction errs low), `<u>e` held empty until; `<u>` = `r` requests,
 /// `t` tokens). Counts are written `%.0f` (exact to 2^53, which the readings are capped at). ARGV[1]: the op. Every reply that describes the
@@ -69,40 +70,15 @@ local function view(out)
   end
   return out
 end
-if op == 'take' then
-  if not units.r and not units.t then return {'none'} end
-  local cost = {r = tonumber(ARGV[2]), t = tonumber(ARGV[3])}
-  local floor = tonumber(ARGV[4])
-  local wait = -1
-  for u, g in pairs(units) do
-    local target = cost[u] + floor * g.l
-    if g.v < target then
-      local w = 86400000
-      if g.k > 0 then w = math.min(w, (target - g.v) / g.k) end
-      w = w + math.max(0, g.e - now)
-      if w > wait then wait = w end
-    end
-  end
-  if wait >= 0 then return view({'short', string.format('%.3f', wait)}) end
-  local marks = {'-1', '-1'}
+-- A response's reading, ARGV[b..b+9]: per unit has, limit, remaining, reset ms, mark.
+local function learn(b)
   for i, u in ipairs(names) do
-    local g = units[u]
-    if g then
-      g.v = g.v - cost[u]
-      g.n = g.n + cost[u]
-      marks[i] = string.format('%.0f', g.n)
-    end
-  end
-  save()
-  return view({'taken', marks[1], marks[2]})
-elseif op == 'learn' then
-  for i, u in ipairs(names) do
-    local b = 1 + (i - 1) * 5
-    if ARGV[b + 1] == '1' then
-      local limit = tonumber(ARGV[b + 2])
-      local rem = tonumber(ARGV[b + 3])
-      local reset = tonumber(ARGV[b + 4])
-      local mark = tonumber(ARGV[b + 5])
+    local o = b + (i - 1) * 5
+    if ARGV[o] == '1' then
+      local limit = tonumber(ARGV[o + 1])
+      local rem = tonumber(ARGV[o + 2])
+      local reset = tonumber(ARGV[o + 3])
+      local mark = tonumber(ARGV[o + 4])
       local deficit = limit - rem
       local rate = nil
       if deficit >= math.max(1, limit * 0.01) and reset >= 20 then rate = deficit / reset end
@@ -122,6 +98,41 @@ elseif op == 'learn' then
       end
     end
   end
+end
+if op == 'take' then
+  -- The correction of this gateway's latest answer rides on its next take.
+  if ARGV[5] == '1' then learn(6) end
+  if not units.r and not units.t then return {'none'} end
+  local cost = {r = tonumber(ARGV[2]), t = tonumber(ARGV[3])}
+  local floor = tonumber(ARGV[4])
+  local wait = -1
+  for u, g in pairs(units) do
+    local target = cost[u] + floor * g.l
+    if g.v < target then
+      local w = 86400000
+      if g.k > 0 then w = math.min(w, (target - g.v) / g.k) end
+      w = w + math.max(0, g.e - now)
+      if w > wait then wait = w end
+    end
+  end
+  if wait >= 0 then
+    -- A correction it carried is kept, taken or not.
+    if ARGV[5] == '1' then save() end
+    return view({'short', string.format('%.3f', wait)})
+  end
+  local marks = {'-1', '-1'}
+  for i, u in ipairs(names) do
+    local g = units[u]
+    if g then
+      g.v = g.v - cost[u]
+      g.n = g.n + cost[u]
+      marks[i] = string.format('%.0f', g.n)
+    end
+  end
+  save()
+  return view({'taken', marks[1], marks[2]})
+elseif op == 'learn' then
+  learn(2)
   save()
   return view({'learned'})
 elseif op == 'give' then
@@ -213,20 +224,29 @@ impl SharedPictures {
             .collect())
     }
 
-    /// Takes `cost` leaving `floor` (a share of the limit), or says how long until it can.
+    /// Takes `cost` leaving `floor` (a share of the limit), or says how long until it can;
+    /// first corrects the picture with `pending`, the latest answer's reading and its marks.
     pub async fn take(
         &self,
         key: &str,
         model: &str,
         cost: Cost,
         floor: f64,
+        pending: Option<&(Reading, Marks)>,
     ) -> Result<Took, String> {
-        let args = [
+        let mut args = vec![
             "take".to_owned(),
             cost.requests.to_string(),
             cost.tokens.to_string(),
             format!("{floor:.6}"),
         ];
+        match pending {
+            Some((reading, marks)) => {
+                args.push("1".to_owned());
+                reading_args(&mut args, reading, *marks);
+            }
+            None => args.push("0".to_owned()),
+        }
         let r = self.run(key, model, &args).await?;
         match r.first().map(String::as_str) {
             Some("none") => Ok(Took::Unknown),
@@ -246,36 +266,6 @@ impl SharedPictures {
             }
             _ => Err("unexpected reply to the quota picture's take".into()),
         }
-    }
-
-    /// Corrects the picture with a response's reading; `marks` are its request's shared
-    /// marks (or none).
-    pub async fn learn(
-        &self,
-        key: &str,
-        model: &str,
-        reading: &Reading,
-        marks: Marks,
-    ) -> Result<Mirror, String> {
-        let mut args = vec!["learn".to_owned()];
-        for (part, mark) in [
-            (reading.requests, marks.requests),
-            (reading.tokens, marks.tokens),
-        ] {
-            match part {
-                Some(p) => args.extend([
-                    "1".to_owned(),
-                    p.limit.to_string(),
-                    p.remaining.to_string(),
-                    format!("{:.3}", p.reset.as_secs_f64() * 1000.0),
-                    mark.filter(|_| marks.shared)
-                        .map_or("-1".to_owned(), |m| m.to_string()),
-                ]),
-                None => args.extend(["0", "0", "0", "0", "-1"].map(str::to_owned)),
-            }
-        }
-        let r = self.run(key, model, &args).await?;
-        mirror(r.get(1..).unwrap_or_default())
     }
 
     /// Gives back what a request took and never forwarded.
@@ -308,6 +298,27 @@ impl SharedPictures {
     pub async fn hold(&self, key: &str, model: &str, wait: Duration) -> Result<(), String> {
         let args = ["hold".to_owned(), wait.as_millis().to_string()];
         self.run(key, model, &args).await.map(|_| ())
+    }
+}
+
+/// A reading as the script's arguments: per unit has, limit, remaining, reset ms and the
+/// request's shared mark (`-1`: none).
+fn reading_args(args: &mut Vec<String>, reading: &Reading, marks: Marks) {
+    for (part, mark) in [
+        (reading.requests, marks.requests),
+        (reading.tokens, marks.tokens),
+    ] {
+        match part {
+            Some(p) => args.extend([
+                "1".to_owned(),
+                p.limit.to_string(),
+                p.remaining.to_string(),
+                format!("{:.3}", p.reset.as_secs_f64() * 1000.0),
+                mark.filter(|_| marks.shared)
+                    .map_or("-1".to_owned(), |m| m.to_string()),
+            ]),
+            None => args.extend(["0", "0", "0", "0", "-1"].map(str::to_owned)),
+        }
     }
 }
 
