@@ -102,7 +102,7 @@ end
 if op == 'take' then
   -- The correction of this gateway's latest answer rides on its next take.
   if ARGV[5] == '1' then learn(6) end
-  if not units.r and not units.t then return {'none'} end
+  if not units.r and not units.t then return 'none' end
   local cost = {r = tonumber(ARGV[2]), t = tonumber(ARGV[3])}
   local floor = tonumber(ARGV[4])
   local wait = -1
@@ -118,7 +118,7 @@ if op == 'take' then
   if wait >= 0 then
     -- A correction it carried is kept, taken or not.
     if ARGV[5] == '1' then save() end
-    return view({'short', string.format('%.3f', wait)})
+    return table.concat(view({'short', string.format('%.3f', wait)}), ' ')
   end
   local marks = {'-1', '-1'}
   for i, u in ipairs(names) do
@@ -130,26 +130,26 @@ if op == 'take' then
     end
   end
   save()
-  return view({'taken', marks[1], marks[2]})
+  return table.concat(view({'taken', marks[1], marks[2]}), ' ')
 elseif op == 'learn' then
   learn(2)
   save()
-  return view({'learned'})
+  return table.concat(view({'learned'}), ' ')
 elseif op == 'give' then
   local cost = {r = tonumber(ARGV[2]), t = tonumber(ARGV[3])}
   for u, g in pairs(units) do
     g.v = math.min(g.l, g.v + cost[u])
   end
   save()
-  return view({'given'})
+  return table.concat(view({'given'}), ' ')
 elseif op == 'hold' then
-  if not units.r and not units.t then return {'none'} end
+  if not units.r and not units.t then return 'none' end
   for _, g in pairs(units) do
     g.v = math.min(g.v, 0)
     g.e = math.max(g.e, now + tonumber(ARGV[2]))
   end
   save()
-  return view({'held'})
+  return table.concat(view({'held'}), ' ')
 end
 return redis.error_reply('unknown op')
 ";
@@ -205,23 +205,19 @@ impl SharedPictures {
         Arc::ptr_eq(&self.store, other)
     }
 
-    async fn run(&self, key: &str, model: &str, args: &[String]) -> Result<Vec<String>, String> {
+    /// Runs the script; its reply is one line of words (one bulk string to read, not a
+    /// dozen: the reply's parse is on every paced request's path).
+    async fn run(&self, key: &str, model: &str, args: &[String]) -> Result<String, String> {
         let reply = self
             .store
             .eval(&self.script, &redis_key(key, model), args)
             .await?;
-        let Value::Array(items) = reply else {
-            return Err("unexpected reply to the quota picture script".into());
-        };
-        Ok(items
-            .into_iter()
-            .map(|v| match v {
-                Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-                Value::SimpleString(s) => s,
-                Value::Int(i) => i.to_string(),
-                _ => String::new(),
-            })
-            .collect())
+        match reply {
+            Value::BulkString(b) => String::from_utf8(b)
+                .map_err(|_| "a reply of the quota picture script that is not text".into()),
+            Value::SimpleString(s) => Ok(s),
+            _ => Err("unexpected reply to the quota picture script".into()),
+        }
     }
 
     /// Takes `cost` leaving `floor` (a share of the limit), or says how long until it can;
@@ -247,8 +243,9 @@ impl SharedPictures {
             }
             None => args.push("0".to_owned()),
         }
-        let r = self.run(key, model, &args).await?;
-        match r.first().map(String::as_str) {
+        let line = self.run(key, model, &args).await?;
+        let r: Vec<&str> = line.split(' ').collect();
+        match r.first().copied() {
             Some("none") => Ok(Took::Unknown),
             Some("taken") => {
                 let mark = |i: usize| r.get(i).and_then(|s| s.parse::<i64>().ok());
@@ -348,7 +345,7 @@ fn seconds(secs: f64) -> Duration {
 }
 
 /// Reads the eight values that describe a picture.
-fn mirror(v: &[String]) -> Result<Mirror, String> {
+fn mirror(v: &[&str]) -> Result<Mirror, String> {
     let unit = |i: usize| -> Result<Option<UnitMirror>, String> {
         let num = |j: usize| -> Result<f64, String> {
             v.get(i + j)
@@ -382,9 +379,7 @@ mod tests {
 
     #[test]
     fn a_reply_reads_into_a_mirror() {
-        let r: Vec<String> = ["100", "42.5", "0.010000000", "0", "-1", "0", "0", "0"]
-            .map(str::to_owned)
-            .to_vec();
+        let r = ["100", "42.5", "0.010000000", "0", "-1", "0", "0", "0"];
         let m = mirror(&r).unwrap();
         let req = m.requests.unwrap();
         assert_eq!(req.limit, 100);
@@ -392,9 +387,7 @@ mod tests {
         assert!((req.rate - 10.0).abs() < 1e-9);
         assert_eq!(m.tokens, None);
         assert!(mirror(&r[..3]).is_err());
-        let nan: Vec<String> = ["100", "nan", "0.01", "0", "-1", "0", "0", "0"]
-            .map(str::to_owned)
-            .to_vec();
+        let nan = ["100", "nan", "0.01", "0", "-1", "0", "0", "0"];
         assert!(mirror(&nan).is_err());
         assert_eq!(seconds(f64::NAN), Duration::ZERO);
         assert_eq!(seconds(-1.0), Duration::ZERO);
