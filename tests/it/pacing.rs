@@ -767,3 +767,56 @@ async fn a_reload_with_the_same_quota_section_keeps_the_picture() {
     let q = emu.quota().await;
     assert_eq!((n(&q, "admitted"), n(&q, "limited")), (2.0, 0.0), "{q}");
 }
+
+/// A realtime WebSocket handshake through `gw`: its status (101, or the refusal's).
+async fn handshake(gw: &Gateway) -> (u16, Option<Value>) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let req = format!("ws://{}/v1/realtime?model=gpt-realtime", gw.addr)
+        .into_client_request()
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let answer = tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(req, tcp))
+        .await
+        .expect("the handshake is answered");
+    match answer {
+        Ok((_ws, resp)) => (resp.status().as_u16(), None),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => (
+            resp.status().as_u16(),
+            resp.body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok()),
+        ),
+        Err(e) => panic!("handshake: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn realtime_handshakes_are_paced_too() {
+    let emu = Emulator::start().await;
+    // 3 sessions a minute: one every 20 s.
+    emu.set_quota(serde_json::json!({"requests": {"limit": 3, "per": "1m"}}))
+        .await;
+    let gw = Gateway::start_env(
+        &emu.url(),
+        "[upstream]\napi_key = \"${ORG_KEY}\"\n[upstream.quota]\nmode = \"enforce\"\n",
+        &[("ORG_KEY", "sk-org-realtime")],
+    )
+    .await;
+    // The first teaches (2 left), the second takes one (1 left); the third would leave
+    // less than interactive's 15% and would wait about 9 s, past its 2 s: refused at once.
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(handshake(&gw).await);
+    }
+    let statuses: Vec<u16> = got.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [101, 101, 429, 429], "{got:?}");
+    let body = got[2].1.as_ref().expect("a JSON refusal");
+    assert_eq!(body["error"]["code"], "upstream_quota_exhausted", "{body}");
+    // The upstream saw the two sessions it could carry, and refused none.
+    let q = emu.quota().await;
+    assert_eq!(
+        (q["admitted"].as_u64(), q["limited"].as_u64()),
+        (Some(2), Some(0)),
+        "{q}"
+    );
+}
