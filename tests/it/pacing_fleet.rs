@@ -167,40 +167,45 @@ async fn without_redis_each_gateway_paces_on_its_share() {
     );
 }
 
-#[tokio::test]
-async fn the_fleets_picture_lives_in_a_redis_cluster_too() {
-    let cluster = Cluster::start(3).await;
+/// Two gateways sharing the picture through `redis` (a `[redis]` section's body), together
+/// offering twice a 20 / 2 s quota for 4 s: few upstream 429s, most of the quota used.
+async fn two_gateways_pace_through(redis: &str, what: &str) {
     let emu = Emulator::start().await;
     set_quota(&emu, r#"{"requests":{"limit":20,"per":"2s"}}"#).await;
-    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
     let config = format!(
-        "[log]\naccess_log = false\n[upstream]\napi_key = \"${{ORG_KEY}}\"\n[upstream.quota]\nmode = \"enforce\"\nstore = \"redis\"\n[redis]\nmode = \"cluster\"\nnodes = [{}]\ntimeout = \"1s\"\n",
-        nodes[..3].join(", ")
+        "[log]\naccess_log = false\n[upstream]\napi_key = \"${{ORG_KEY}}\"\n[upstream.quota]\nmode = \"enforce\"\nstore = \"redis\"\n[redis]\n{redis}timeout = \"1s\"\n"
     );
     let (a, b) = (gateway(&emu, &config).await, gateway(&emu, &config).await);
     assert_eq!(a.chat(&[]).await.status, 200);
     let (before, _) = counters(&emu).await;
-    // Together twice the quota: 2 × 10 a second against 10.
     let start = Instant::now();
     let statuses = offer(&[&a, &b], 10, Duration::from_secs(4)).await;
     let elapsed = start.elapsed();
     let (admitted, limited) = counters(&emu).await;
     let admitted = admitted - before;
     let forwarded = admitted + limited;
-    eprintln!("cluster: admitted {admitted}, upstream 429s {limited}, in {elapsed:?}");
+    eprintln!("{what}: admitted {admitted}, upstream 429s {limited}, in {elapsed:?}");
     assert!(
         limited * 100 < forwarded * 3,
-        "{limited} of {forwarded} forwarded requests came back 429 from the upstream"
+        "{what}: {limited} of {forwarded} forwarded requests came back 429 from the upstream"
     );
     let allowed = 20.0 + 10.0 * elapsed.as_secs_f64();
     assert!(
         admitted as f64 >= 0.75 * allowed,
-        "used {admitted} of the {allowed:.0} the quota allowed"
+        "{what}: used {admitted} of the {allowed:.0} the quota allowed"
     );
     assert!(
         statuses.iter().all(|s| *s == 200 || *s == 429),
         "{statuses:?}"
     );
+}
+
+#[tokio::test]
+async fn the_fleets_picture_lives_in_a_redis_cluster_too() {
+    let cluster = Cluster::start(3).await;
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+    let redis = format!("mode = \"cluster\"\nnodes = [{}]\n", nodes[..3].join(", "));
+    two_gateways_pace_through(&redis, "cluster").await;
     // The picture is one hash, on the primary that owns its slot.
     let mut holders = 0;
     for n in &cluster.nodes {
@@ -211,4 +216,25 @@ async fn the_fleets_picture_lives_in_a_redis_cluster_too() {
         }
     }
     assert_eq!(holders, 1, "one primary holds the picture");
+}
+
+#[tokio::test]
+async fn the_fleets_picture_lives_behind_sentinels_too() {
+    let sentinels = Sentinels::start().await;
+    let nodes: Vec<String> = sentinels.urls().iter().map(|u| format!("{u:?}")).collect();
+    let redis = format!(
+        "mode = \"sentinel\"\nnodes = [{}]\nmaster_name = \"{}\"\n",
+        nodes.join(", "),
+        sentinels.master_name
+    );
+    two_gateways_pace_through(&redis, "sentinel").await;
+    let primary = sentinels.primary.as_ref().expect("the primary runs");
+    assert!(
+        !primary
+            .cli(&["keys", "ezgate:{quota:*"])
+            .await
+            .trim()
+            .is_empty(),
+        "the primary the sentinels name holds the picture"
+    );
 }
