@@ -35,6 +35,8 @@ pub struct Opts {
     pub stream: StreamOpts,
     /// `x-emu-completion-tokens` (non-streamed responses).
     pub completion_tokens: u64,
+    /// `x-emu-cached-tokens`: prompt tokens the usage reports as read from the cache.
+    pub cached_tokens: Option<u64>,
     /// `x-emu-id`: the response's id, with a fixed creation time (byte-comparable bodies).
     pub fixed_id: Option<String>,
     /// `x-emu-echo-key: 1`: the key of the request's `Authorization`, echoed back as a
@@ -115,6 +117,7 @@ impl Default for Opts {
                 error_event: false,
             },
             completion_tokens: 7,
+            cached_tokens: None,
             fixed_id: None,
             echo_key: None,
             duplicates: Duplicates::Last,
@@ -170,6 +173,7 @@ impl Opts {
         if let Some(tokens) = number::<u64>(headers, "x-emu-completion-tokens", "an integer")? {
             opts.completion_tokens = tokens;
         }
+        opts.cached_tokens = number::<u64>(headers, "x-emu-cached-tokens", "an integer")?;
         opts.fixed_id = text(headers, "x-emu-id")?.map(str::to_owned);
         if flag(headers, "x-emu-echo-key") {
             let auth = lossy(headers, "authorization").unwrap_or_default();

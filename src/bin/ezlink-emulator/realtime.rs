@@ -11,7 +11,9 @@
 //!   events (`delta` = piece `i`, N = `x-emu-stream-events` of the handshake, default 5,
 //!   `x-emu-stream-interval-ms` before each event after the first), `response.output_text
 //!   .done`, then `response.done` whose `response.usage` is `{"total_tokens":10+N,
-//!   "input_tokens":10,"output_tokens":N}`; the log entry's `usage` sums every response;
+//!   "input_tokens":10,"output_tokens":N}` (with `x-emu-cached-tokens: K` on the handshake
+//!   also `"input_token_details":{"cached_tokens":min(K,10),"text_tokens":10,
+//!   "audio_tokens":0}`); the log entry's `usage` sums every response;
 //!   with `"emu_hold":true` the response stops after its deltas: no `.done` event comes,
 //!   and the emulator waits for the peer's close frame (or its end), as a response the
 //!   client left before it finished;
@@ -112,6 +114,7 @@ pub fn accept(
         id: state.next_id(),
         model: model(request.uri().query()),
         events: opts.stream.events,
+        cached: opts.cached_tokens,
         interval: opts.stream.interval,
         guard,
         conn: Arc::clone(conn),
@@ -152,6 +155,8 @@ struct Session {
     id: u64,
     model: String,
     events: usize,
+    /// `x-emu-cached-tokens` of the handshake: each response's cached input tokens.
+    cached: Option<u64>,
     interval: Duration,
     guard: Guard,
     conn: Arc<ConnCtl>,
@@ -264,7 +269,12 @@ impl Session {
             json!({"response_id": id, "item_id": item, "output_index": 0, "content_index": 0, "text": text}),
         ));
         let output = self.events as u64;
-        let usage = json!({"total_tokens": INPUT_TOKENS + output, "input_tokens": INPUT_TOKENS, "output_tokens": output});
+        let mut usage = json!({"total_tokens": INPUT_TOKENS + output, "input_tokens": INPUT_TOKENS, "output_tokens": output});
+        if let Some(k) = self.cached {
+            let cached = k.min(INPUT_TOKENS);
+            usage["input_token_details"] =
+                json!({"cached_tokens": cached, "text_tokens": INPUT_TOKENS, "audio_tokens": 0});
+        }
         events.push(event(
             "response.done",
             &event_id(self.events + 2),
