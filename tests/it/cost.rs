@@ -28,7 +28,7 @@ currency = "USD"
 models = [
   {{ model = "gpt-4o*", input = 2.50, cached_input = 1.25, output = 10.00 }},
   {{ model = "text-embedding-3-small", input = 0.02 }},
-  {{ model = "gpt-realtime", input = 4.00, cached_input = 0.40, output = 16.00 }},
+  {{ model = "gpt-realtime", input = 4.00, cached_input = 0.40, output = 16.00, audio_input = 32.00, audio_output = 64.00 }},
 ]
 "#,
         sha256_hex(KEY)
@@ -236,6 +236,42 @@ async fn a_realtime_session_is_priced_from_its_response_done_events() {
         gw.wait_metric(&cost_metric("gpt-realtime"), |v| v > 0.0)
             .await,
         0.000_196_8
+    );
+}
+
+#[tokio::test]
+async fn realtime_audio_tokens_cost_the_audio_prices() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), &config()).await;
+    let h = [
+        ("authorization", "Bearer sk-search-team-key"),
+        ("x-request-id", "realtime-audio"),
+        ("x-emu-cached-tokens", "6"),
+        ("x-emu-audio-tokens", "4,3"),
+        ("x-emu-stream-events", "5"),
+    ];
+    let mut ws = open(&gw, "/v1/realtime?model=gpt-realtime", &h).await;
+    for _ in 0..2 {
+        let (_, done) = respond(&mut ws).await;
+        let usage = &done["response"]["usage"];
+        assert_eq!(usage["input_token_details"]["audio_tokens"], 4, "{usage}");
+        assert_eq!(usage["output_token_details"]["audio_tokens"], 3, "{usage}");
+    }
+    emit(
+        &mut ws,
+        json!({"type": "emu.close", "code": 1000, "reason": "done"}),
+    )
+    .await;
+    assert_eq!(close_of(&mut ws).await.0, 1000);
+    // Each response: 10 input tokens, 6 cached and 4 audio (no text left); 5 output
+    // tokens, 3 audio and 2 text. In pico-units:
+    // 6 × 400,000 + 4 × 32,000,000 + 2 × 16,000,000 + 3 × 64,000,000 = 354,400,000.
+    let want = 2 * 354_400_000 / 1000;
+    assert_eq!(logged_cost(&gw, "realtime-audio", 12).await, shown(want));
+    assert_eq!(
+        gw.wait_metric(&cost_metric("gpt-realtime"), |v| v > 0.0)
+            .await,
+        0.000_708_8
     );
 }
 

@@ -225,6 +225,9 @@ Response shape (normal API):
   stream's usage chunk), `input_tokens_details.cached_tokens` (Responses), and, on a
   realtime handshake, `input_token_details.cached_tokens` of every `response.done`
   (min(K, 10)). Without it chat usage has no details and Responses report 0.
+* `x-emu-audio-tokens: A,B` — on a realtime handshake: every `response.done` reports
+  min(A, 10) input and min(B, N) output tokens as audio (`input_token_details` and
+  `output_token_details`).
 * `x-emu-stream-interval-ms: MS` — wait before every streamed event after the first,
   usage and `[DONE]` included (default 0).
 * `x-emu-id: ID` — the response's `id` is ID and its creation time is fixed

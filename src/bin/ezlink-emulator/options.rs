@@ -37,6 +37,8 @@ pub struct Opts {
     pub completion_tokens: u64,
     /// `x-emu-cached-tokens`: prompt tokens the usage reports as read from the cache.
     pub cached_tokens: Option<u64>,
+    /// `x-emu-audio-tokens: IN,OUT` (a realtime handshake): audio tokens of each response.
+    pub audio_tokens: Option<(u64, u64)>,
     /// `x-emu-id`: the response's id, with a fixed creation time (byte-comparable bodies).
     pub fixed_id: Option<String>,
     /// `x-emu-echo-key: 1`: the key of the request's `Authorization`, echoed back as a
@@ -118,6 +120,7 @@ impl Default for Opts {
             },
             completion_tokens: 7,
             cached_tokens: None,
+            audio_tokens: None,
             fixed_id: None,
             echo_key: None,
             duplicates: Duplicates::Last,
@@ -174,6 +177,18 @@ impl Opts {
             opts.completion_tokens = tokens;
         }
         opts.cached_tokens = number::<u64>(headers, "x-emu-cached-tokens", "an integer")?;
+        opts.audio_tokens = match text(headers, "x-emu-audio-tokens")? {
+            None => None,
+            Some(v) => Some(
+                v.split_once(',')
+                    .and_then(|(i, o)| Some((i.trim().parse().ok()?, o.trim().parse().ok()?)))
+                    .ok_or_else(|| BadHeader {
+                        name: "x-emu-audio-tokens",
+                        value: v.to_owned(),
+                        expected: "two integers, IN,OUT",
+                    })?,
+            ),
+        };
         opts.fixed_id = text(headers, "x-emu-id")?.map(str::to_owned);
         if flag(headers, "x-emu-echo-key") {
             let auth = lossy(headers, "authorization").unwrap_or_default();

@@ -12,8 +12,10 @@
 //!   `x-emu-stream-interval-ms` before each event after the first), `response.output_text
 //!   .done`, then `response.done` whose `response.usage` is `{"total_tokens":10+N,
 //!   "input_tokens":10,"output_tokens":N}` (with `x-emu-cached-tokens: K` on the handshake
-//!   also `"input_token_details":{"cached_tokens":min(K,10),"text_tokens":10,
-//!   "audio_tokens":0}`); the log entry's `usage` sums every response;
+//!   and/or `x-emu-audio-tokens: A,B` also `"input_token_details":{"cached_tokens":
+//!   min(K,10),"text_tokens":10−a,"audio_tokens":a}` and `"output_token_details":
+//!   {"text_tokens":N−b,"audio_tokens":b}`, a = min(A,10), b = min(B,N)); the log entry's
+//!   `usage` sums every response;
 //!   with `"emu_hold":true` the response stops after its deltas: no `.done` event comes,
 //!   and the emulator waits for the peer's close frame (or its end), as a response the
 //!   client left before it finished;
@@ -115,6 +117,7 @@ pub fn accept(
         model: model(request.uri().query()),
         events: opts.stream.events,
         cached: opts.cached_tokens,
+        audio: opts.audio_tokens,
         interval: opts.stream.interval,
         guard,
         conn: Arc::clone(conn),
@@ -157,6 +160,8 @@ struct Session {
     events: usize,
     /// `x-emu-cached-tokens` of the handshake: each response's cached input tokens.
     cached: Option<u64>,
+    /// `x-emu-audio-tokens: IN,OUT` of the handshake: each response's audio tokens.
+    audio: Option<(u64, u64)>,
     interval: Duration,
     guard: Guard,
     conn: Arc<ConnCtl>,
@@ -270,10 +275,13 @@ impl Session {
         ));
         let output = self.events as u64;
         let mut usage = json!({"total_tokens": INPUT_TOKENS + output, "input_tokens": INPUT_TOKENS, "output_tokens": output});
-        if let Some(k) = self.cached {
-            let cached = k.min(INPUT_TOKENS);
-            usage["input_token_details"] =
-                json!({"cached_tokens": cached, "text_tokens": INPUT_TOKENS, "audio_tokens": 0});
+        if self.cached.is_some() || self.audio.is_some() {
+            let cached = self.cached.unwrap_or(0).min(INPUT_TOKENS);
+            let (audio_in, audio_out) = self.audio.unwrap_or((0, 0));
+            let (audio_in, audio_out) = (audio_in.min(INPUT_TOKENS), audio_out.min(output));
+            usage["input_token_details"] = json!({"cached_tokens": cached, "text_tokens": INPUT_TOKENS - audio_in, "audio_tokens": audio_in});
+            usage["output_token_details"] =
+                json!({"text_tokens": output - audio_out, "audio_tokens": audio_out});
         }
         events.push(event(
             "response.done",
