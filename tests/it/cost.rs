@@ -379,6 +379,11 @@ fn check_config_refuses_a_bad_price_table() {
         err.contains("prices.models[1].model: \"gpt-4o-mini\" and prices.models[0].model \"gpt-4o*\" both match"),
         "{err}"
     );
+    let (code, _, err) = check(
+        "[[clients]]\nname = \"a\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nteam = \" \"\n",
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("clients[0].team: must not be empty"), "{err}");
     // A good table is printed with every default written out.
     let (code, out, err) = check(
         "[prices]\ncurrency = \"EUR\"\nmodels = [{ model = \"gpt-4o*\", input = 2.5, output = 10 }]\ndefault = { input = 5, cached_input = 2.5, output = 15 }\n\n[[clients]]\nname = \"a\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\nteam = \"core\"\n",
@@ -389,4 +394,34 @@ fn check_config_refuses_a_bad_price_table() {
         out.contains("[prices]\ncurrency = \"EUR\"\nmodels = [\n  { model = \"gpt-4o*\", input = 2.5, cached_input = 2.5, output = 10 },\n]\ndefault = { input = 5, cached_input = 2.5, output = 15 }\n"),
         "{out}"
     );
+}
+
+#[tokio::test]
+async fn without_prices_and_for_an_unpriced_model_there_is_no_cost() {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "").await;
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &headers("no-prices", &[]),
+            CHAT_BODY,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let line = gw.access_log("no-prices").await;
+    assert!(line["prompt_tokens"].as_u64().is_some(), "{line}");
+    assert!(line.get("cost").is_none(), "{line}");
+    assert!(!gw.settled_metrics().await.contains("ezgate_cost_total"));
+    assert_eq!(gw.status().await.0["costs"], serde_json::Value::Null);
+    // With prices, a model no entry matches and no default: unpriced, not refused.
+    let gw = Gateway::start(&emu.url(), &config()).await;
+    let body = r#"{"model":"o3-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let r = gw
+        .post("/v1/chat/completions", &headers("unpriced", &[]), body)
+        .await;
+    assert_eq!(r.status, 200);
+    let line = gw.access_log("unpriced").await;
+    assert!(line.get("cost").is_none(), "{line}");
+    assert!(!gw.settled_metrics().await.contains("ezgate_cost_total{"));
+    assert_eq!(gw.status().await.0["costs"]["clients"], json!({}));
 }
