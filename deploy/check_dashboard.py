@@ -67,6 +67,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_queue_wait_seconds": ("histogram", ("priority",)),
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),
+    "ezgate_cost_total": ("counter", ("client", "model")),
     "ezgate_client_requests_total": ("counter", ("client", "status")),
     "ezgate_time_to_first_token_seconds": ("histogram", ("route", "model")),
     "ezgate_time_per_output_token_seconds": ("histogram", ("model",)),

@@ -31,6 +31,8 @@ pub struct Client {
     unchecked_routes: Vec<WildMatch>,
     /// Its claim on a scarce upstream quota (`upstream.quota.mode = "enforce"`).
     pub priority: crate::config::Priority,
+    /// Whose costs this client's add up to (`clients[].team`).
+    pub team: Option<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +81,7 @@ impl Clients {
                         .map(|r| WildMatch::new(r.strip_suffix('/').unwrap_or(r)))
                         .collect(),
                     priority: c.priority,
+                    team: c.team.as_deref().map(Arc::from),
                 }))
             })
             .collect();
@@ -364,6 +367,7 @@ mod tests {
                 models: vec!["gpt-4o*".into()],
                 unchecked_routes: vec!["/v1/threads/*".into(), "/v1/batches/".into()],
                 priority: Default::default(),
+                team: None,
             }],
             managed,
         )

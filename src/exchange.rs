@@ -8,6 +8,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use crate::access_log;
+use crate::cost::{Prices, Tokens};
 use crate::errors::redact::Redactor;
 use crate::gateway::{InflightSlot, StreamSlot};
 use crate::limits::Permit;
@@ -26,6 +27,8 @@ pub struct Exchange {
     /// The organization's key (managed mode), replaced in what the upstream said before the
     /// outcome is logged and traced.
     pub redact: Option<Arc<Redactor>>,
+    /// `[prices]`: the outcome's cost is computed from its usage when it is counted.
+    pub prices: Option<Arc<Prices>>,
     metrics: Arc<Metrics>,
     access_log: bool,
 }
@@ -46,6 +49,7 @@ impl Exchange {
             stream: None,
             trace: None,
             redact: None,
+            prices: None,
             metrics,
             access_log,
         }
@@ -97,6 +101,9 @@ impl Drop for Exchange {
                 r.string(said);
             }
         }
+        if let (Some(prices), Some(u)) = (&self.prices, out.usage) {
+            out.cost = priced(prices, out, u);
+        }
         let duration = out.started.elapsed();
         self.metrics.record(out, duration);
         if self.access_log {
@@ -107,6 +114,27 @@ impl Drop for Exchange {
         self.metrics.inflight(out.route).dec();
         if let Some(span) = self.trace.take() {
             span.finish(out);
+        }
+    }
+}
+
+/// What `usage` cost, priced by the model the request named (else the one its response
+/// named). A model with no price is not refused here (`Unpriced` is for budgets): its
+/// request has no cost.
+fn priced(prices: &Prices, out: &Outcome, u: crate::outcome::Usage) -> Option<u64> {
+    let model = out.model.as_deref().or(out.response_model.as_deref())?;
+    let tokens = Tokens {
+        prompt: u.prompt,
+        completion: u.completion,
+        cached: u.cached,
+        audio_in: u.audio_in,
+        audio_out: u.audio_out,
+    };
+    match prices.cost(model, &tokens) {
+        Ok(cost) => Some(cost.0),
+        Err(unpriced) => {
+            tracing::debug!(request_id = %out.request_id, "{unpriced}");
+            None
         }
     }
 }

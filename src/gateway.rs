@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::buffers::Buffers;
 use crate::clients::Clients;
 use crate::config::{QuotaMode, QuotaStore, Settings, Store, UpstreamConfig};
+use crate::cost::Prices;
 use crate::errors::redact::Redactor;
 use crate::limits::shared::{Health, RedisStore, StoreMetrics};
 use crate::limits::{Limits, Verdict, Verdicts};
@@ -60,6 +61,8 @@ pub struct State {
     /// The id the organization's key is learned under (managed mode): `org:` and a short
     /// fingerprint of the key, so a new key starts a new picture.
     pub quota_org_key: Option<Arc<str>>,
+    /// `[prices]`, compiled: what each request's usage cost.
+    pub prices: Option<Arc<Prices>>,
 }
 
 /// `ezgate_ratelimit_decisions_total` and `…_store_fallbacks_total` of one policy.
@@ -186,7 +189,9 @@ impl State {
             let fp = crate::clients::fingerprint(&crate::clients::sha256(k.expose().as_bytes()));
             Arc::from(format!("org:{}", fp.trim_start_matches("fp:")))
         });
+        let prices = cfg.prices.as_ref().map(|p| Arc::new(Prices::new(p)));
         Ok(State {
+            prices,
             quota,
             pacer,
             quota_org_key,

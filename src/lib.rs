@@ -18,7 +18,8 @@
 //!   [`limits`]: rate, token and concurrency policies, their decisions and permits as
 //!   values; [`upstream`] and [`pool`]: where requests go, connections over rustls, error
 //!   classification; [`quota`]: the upstream's own quota, learned per key and model from
-//!   its `x-ratelimit-*` headers
+//!   its `x-ratelimit-*` headers; [`cost`]: `[prices]` compiled, what a usage costs in
+//!   exact nano-units of the currency
 //! * **recording**, beside the domain — [`outcome`]: what happened to one request, plain
 //!   data; [`metrics`]: the Prometheus registry; [`access_log`]: the per-request line;
 //!   [`traces`]: the request's OpenTelemetry span and its export
@@ -49,6 +50,7 @@ pub mod admin;
 pub mod buffers;
 pub mod clients;
 pub mod config;
+pub mod cost;
 pub mod errors;
 pub mod exchange;
 pub mod gateway;
@@ -101,6 +103,13 @@ pub async fn run(
                 .limits
                 .iter()
                 .flat_map(|l| l.matches.models.iter().cloned()),
+        )
+        .chain(
+            settings
+                .config
+                .prices
+                .iter()
+                .flat_map(|p| p.models.iter().map(|m| m.model.clone())),
         );
     let metrics = Arc::new(Metrics::new(models).map_err(|e| format!("metrics registry: {e}"))?);
     let grace = settings.config.server.shutdown_grace.0;

@@ -15,12 +15,15 @@ use crate::outcome::{Outcome, SessionEnd};
 use crate::route::Route;
 
 mod buckets;
+mod cost;
 mod models;
 mod queue;
 mod status;
+mod store;
 use buckets::{
     DURATION_BUCKETS, OVERHEAD_BUCKETS, STORE_CHECK_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS,
 };
+pub use cost::{currency_value, CostMetrics, CostTotals};
 use models::WELL_KNOWN_MODELS;
 pub use queue::QueueMetrics;
 pub use status::StatusMetrics;
@@ -78,6 +81,8 @@ pub struct Metrics {
     /// What the admin view reads too: set at scrape time and on reloads.
     pub status: StatusMetrics,
     pub queue: QueueMetrics,
+    /// `ezgate_cost_total`, and the totals per client and team of `/status`.
+    pub cost: CostMetrics,
 }
 
 /// One client label's (prompt, completion) token counters.
@@ -289,6 +294,7 @@ impl Metrics {
 
         let status = StatusMetrics::new()?;
         let queue = QueueMetrics::new()?;
+        let cost = CostMetrics::new()?;
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -322,6 +328,7 @@ impl Metrics {
             Box::new(status.quota_remaining.clone()),
             Box::new(queue.queued.clone()),
             Box::new(queue.wait.clone()),
+            Box::new(cost.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -394,6 +401,7 @@ impl Metrics {
             upstream_cache: cache(COMMON_STATUSES.len() * (model_count + 1)),
             status,
             queue,
+            cost,
         })
     }
 
@@ -462,6 +470,11 @@ impl Metrics {
             let [prompt, completion] = self.token_counters(model, o.client.as_str());
             prompt.inc_by(usage.prompt);
             completion.inc_by(usage.completion);
+        }
+        if let Some(nanos) = o.cost {
+            let team = o.team.as_deref();
+            self.cost
+                .add(o.client.as_str(), self.label_at(model), team, nanos);
         }
         if let Some(ttft) = o.time_to_first_token() {
             self.ttft_cache[idx * self.model_slots() + model]
@@ -573,14 +586,6 @@ impl Metrics {
         self.ratelimit_fallbacks.with_label_values(&[policy])
     }
 
-    /// `ezgate_fleet_gateways`: the live gateways the fleet heartbeat counted.
-    pub fn fleet_gateways(&self, n: u32) {
-        let no_labels: [&str; 0] = [];
-        self.fleet_gateways
-            .with_label_values(&no_labels)
-            .set(i64::from(n));
-    }
-
     /// `ezgate_buffered_request_bytes`: what buffered request bodies hold now.
     pub fn buffered_request_bytes(&self, bytes: u64) {
         self.buffered_request_bytes
@@ -596,24 +601,6 @@ impl Metrics {
     /// The number of model label values: config models, well-known ones, `other`.
     fn model_slots(&self) -> usize {
         self.model_names.len() + WELL_KNOWN_MODELS.len() + 1
-    }
-
-    /// The shared store's handles (`[redis]` is configured): `ezgate_ratelimit_store_up`
-    /// and `ezgate_ratelimit_store_check_duration_seconds`, whose series start now.
-    pub fn store_handles(&self) -> (IntGauge, Histogram) {
-        let no_labels: [&str; 0] = [];
-        (
-            self.store_up.with_label_values(&no_labels),
-            self.store_check_duration.with_label_values(&no_labels),
-        )
-    }
-
-    /// `[redis]` is gone (a reload removed it): the store series go with it, and the handles
-    /// the old store still holds write nowhere.
-    pub fn store_removed(&self) {
-        let no_labels: [&str; 0] = [];
-        let _ = self.store_up.remove_label_values(&no_labels);
-        let _ = self.store_check_duration.remove_label_values(&no_labels);
     }
 
     /// A configured or well-known model name, else `other`: never free text from a request.
@@ -645,29 +632,4 @@ fn status_code(status: u16) -> http::StatusCode {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn model_labels_are_bounded_and_never_panic() {
-        let m = Metrics::new(vec!["my-finetune".to_owned(), "gpt-*".to_owned()]).unwrap();
-        assert_eq!(m.model_label(Some("gpt-4o-2024-08-06")), "gpt-4o");
-        assert_eq!(m.model_label(Some("my-finetune")), "my-finetune");
-        assert_eq!(
-            m.model_label(Some("gpt-*")),
-            "other",
-            "globs are not label values"
-        );
-        assert_eq!(m.model_label(Some("anything-else")), "other");
-        assert_eq!(m.model_label(None), "other");
-        for weird in [
-            "xxxxxxxxxxx-éééééé",
-            "é",
-            "-2024-08-06",
-            "ab-2024-08-0é",
-            "\u{0}\u{ffff}\u{10ffff}",
-        ] {
-            assert_eq!(m.model_label(Some(weird)), "other");
-        }
-    }
-}
+mod tests;

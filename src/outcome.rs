@@ -39,6 +39,31 @@ impl ClientLabel {
 pub struct Usage {
     pub prompt: u64,
     pub completion: u64,
+    /// Prompt tokens the upstream read from its cache (part of `prompt`).
+    pub cached: u64,
+    /// Audio tokens of the prompt and of the completion (parts of `prompt` and
+    /// `completion`), where the usage reports them.
+    pub audio_in: u64,
+    pub audio_out: u64,
+}
+
+impl Usage {
+    pub fn new(prompt: u64, completion: u64) -> Usage {
+        Usage {
+            prompt,
+            completion,
+            ..Usage::default()
+        }
+    }
+
+    /// Adds another report (a realtime session's responses).
+    pub fn add(&mut self, other: Usage) {
+        self.prompt += other.prompt;
+        self.completion += other.completion;
+        self.cached += other.cached;
+        self.audio_in += other.audio_in;
+        self.audio_out += other.audio_out;
+    }
 }
 
 /// How a WebSocket session ended: the `end` label of `ezgate_websocket_sessions_total`.
@@ -114,6 +139,11 @@ pub struct Outcome {
     pub caller: Option<Arc<str>>,
     /// The `client` label: a configured client's name, `anonymous` or `other`.
     pub client: ClientLabel,
+    /// The configured client's `team`, when it has one.
+    pub team: Option<Arc<str>>,
+    /// What the request cost, in nano-units of `prices.currency`, from its reported usage
+    /// (`None` without `[prices]`, without a usage, or for a model with no price).
+    pub cost: Option<u64>,
     pub model: Option<String>,
     pub usage: Option<Usage>,
     /// The request's prompt, estimated before it was sent (model routes).
@@ -166,6 +196,8 @@ impl Outcome {
             bytes_out: 0,
             caller: None,
             client: ClientLabel::Anonymous,
+            team: None,
+            cost: None,
             model: None,
             usage: None,
             prompt_estimate: 0,

@@ -10,6 +10,7 @@
 //!
 //! A new section (the learned upstream quota, budgets) is one more field of [`Status`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use crate::config::{LimitKey, Mode};
 use crate::gateway::{Gateway, ReloadRecord};
 use crate::limits::store::OVERFLOW_KEY;
 use crate::limits::{Cooldown, KeyUse, PolicySnapshot};
-use crate::metrics::Metrics;
+use crate::metrics::{currency_value, Metrics};
 use crate::quota::{tightest, Learned, UnitView, ANY_MODEL};
 
 /// How many of a policy's busiest keys `/status` shows.
@@ -40,6 +41,19 @@ pub struct Status {
     pub upstream_quota: Option<Vec<QuotaStatus>>,
     /// `upstream.quota.mode = "enforce"`: what the pacing holds; `null` otherwise.
     pub upstream_quota_pacing: Option<PacingStatus>,
+    /// What requests cost since ezgate started, per team and per client; `null` without
+    /// `[prices]`.
+    pub costs: Option<CostsStatus>,
+}
+
+#[derive(Serialize)]
+pub struct CostsStatus {
+    /// `prices.currency`: what every amount here is in.
+    pub currency: String,
+    /// Per `clients[].team`, in the currency (exact sums of exact costs).
+    pub teams: BTreeMap<String, f64>,
+    /// Per client label: a configured client's name, `anonymous` or `other`.
+    pub clients: BTreeMap<String, f64>,
 }
 
 #[derive(Serialize)]
@@ -190,6 +204,19 @@ pub fn status(gw: &Gateway) -> Status {
                     interactive,
                     batch,
                 },
+            }
+        }),
+        costs: state.prices.as_ref().map(|p| {
+            let totals = gw.metrics.cost.totals();
+            let shown = |list: Vec<(String, u64)>| {
+                list.into_iter()
+                    .map(|(name, nanos)| (name, currency_value(nanos)))
+                    .collect()
+            };
+            CostsStatus {
+                currency: p.currency().to_owned(),
+                teams: shown(totals.teams),
+                clients: shown(totals.clients),
             }
         }),
     }

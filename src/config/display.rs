@@ -101,6 +101,12 @@ impl fmt::Display for Settings {
                 writeln!(f, "unchecked_routes = {:?}", cl.unchecked_routes)?;
             }
             writeln!(f, "priority = \"{}\"", cl.priority.as_str())?;
+            if let Some(t) = &cl.team {
+                writeln!(f, "team = {t:?}")?;
+            }
+        }
+        if let Some(p) = &c.prices {
+            prices(f, p)?;
         }
         if let Some(r) = &c.redis {
             writeln!(f, "\n[redis]\nmode = \"{}\"", r.mode)?;
@@ -200,4 +206,33 @@ impl fmt::Display for Settings {
         }
         Ok(())
     }
+}
+
+/// `[prices]`, every default written out.
+fn prices(f: &mut fmt::Formatter<'_>, p: &super::PricesConfig) -> fmt::Result {
+    writeln!(f, "\n[prices]\ncurrency = \"{}\"", p.currency.as_str())?;
+    let row = |r: super::Rates| {
+        let mut s = format!(
+            "input = {}, cached_input = {}, output = {}",
+            super::Price(r.input),
+            super::Price(r.cached_input),
+            super::Price(r.output)
+        );
+        if let Some(a) = r.audio_input {
+            s.push_str(&format!(", audio_input = {}", super::Price(a)));
+        }
+        if let Some(a) = r.audio_output {
+            s.push_str(&format!(", audio_output = {}", super::Price(a)));
+        }
+        s
+    };
+    writeln!(f, "models = [")?;
+    for m in &p.models {
+        writeln!(f, "  {{ model = {:?}, {} }},", m.model, row(m.rates()))?;
+    }
+    writeln!(f, "]")?;
+    if let Some(d) = &p.default {
+        writeln!(f, "default = {{ {} }}", row(d.rates()))?;
+    }
+    Ok(())
 }

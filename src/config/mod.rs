@@ -3,6 +3,7 @@
 
 mod display;
 mod parse;
+mod prices;
 mod quota;
 mod redis;
 mod redis_url;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
+pub use prices::{decimal, overlap, Currency, ModelPrice, Price, PriceConfig, PricesConfig, Rates};
 pub use quota::{MaxWait, Priority, QuotaConfig, QuotaMode, QuotaStore, Reserve, Share};
 pub use redis::{OnFailure, RedisConfig, RedisMode, RedisShape, MIN_LEASE};
 pub use redis_url::RedisTarget;
@@ -38,6 +40,7 @@ pub struct Config {
     pub log: LogConfig,
     pub clients: Vec<ClientConfig>,
     pub limits: Vec<LimitConfig>,
+    pub prices: Option<PricesConfig>,
     pub redis: Option<RedisConfig>,
     pub tracing: Option<TracingConfig>,
 }
@@ -264,6 +267,9 @@ pub struct ClientConfig {
     /// The client's priority for the upstream's quota (`upstream.quota.mode = "enforce"`).
     #[serde(default)]
     pub priority: Priority,
+    /// The team whose costs this client's add up to (`/status` costs, budgets by team).
+    #[serde(default)]
+    pub team: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

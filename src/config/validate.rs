@@ -74,6 +74,9 @@ pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
         }
     }
     clients(&c.clients, problems);
+    if let Some(p) = &c.prices {
+        super::prices::validate(p, problems);
+    }
     limits(&c.limits, &c.clients, problems);
     if let Some(t) = &c.tracing {
         tracing(t, problems);
@@ -138,6 +141,11 @@ fn clients(clients: &[ClientConfig], problems: &mut Vec<String>) {
         if !(c.key_sha256.len() == 64 && c.key_sha256.bytes().all(|b| b.is_ascii_hexdigit())) {
             problems.push(format!(
                 "clients[{i}].key_sha256: must be 64 hex digits, the SHA-256 of the client's key (e.g. `printf %s \"$KEY\" | sha256sum`)"
+            ));
+        }
+        if c.team.as_ref().is_some_and(|t| t.trim().is_empty()) {
+            problems.push(format!(
+                "clients[{i}].team: must not be empty; leave it out for no team"
             ));
         }
         if !c.unchecked_routes.is_empty() && c.models.is_empty() {

@@ -20,19 +20,50 @@ use super::estimate::Counts;
 /// Nesting deeper than this is refused, as serde_json refuses it.
 const MAX_DEPTH: usize = 128;
 
+/// The token counts of a `usage` object, as the upstream reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageCounts {
+    pub prompt: u64,
+    pub completion: u64,
+    /// `prompt_tokens_details.cached_tokens` (Responses: `input_tokens_details`, realtime:
+    /// `input_token_details`): prompt tokens read from the upstream's cache.
+    pub cached: u64,
+    /// `audio_tokens` of those details: audio in the prompt.
+    pub audio_in: u64,
+    /// `completion_tokens_details.audio_tokens` (`output_tokens_details`,
+    /// `output_token_details`): audio in the completion.
+    pub audio_out: u64,
+}
+
 /// The token counts of a `usage` object at the start of `doc` (after spaces): the
 /// `prompt_tokens` (or `input_tokens`) and `completion_tokens` (or `output_tokens`) members,
 /// 0 when absent, other members skipped. As serde reads them into `u64` fields: a value that
 /// is not a whole number, or a count given twice, means `None`. What follows the object is
-/// not looked at.
-pub fn usage_counts(doc: &[u8]) -> Option<(u64, u64)> {
+/// not looked at. The details objects are read leniently (a count there that is not a whole
+/// number is 0): they refine the price of tokens already counted.
+pub fn usage_counts(doc: &[u8]) -> Option<UsageCounts> {
     // Characters are not counted here.
     let mut s = Scan::new(doc, true);
     let (mut prompt, mut completion) = (None, None);
+    let mut counts = UsageCounts::default();
     s.members(|s, key| {
         let slot = match &*key.name() {
             b"prompt_tokens" | b"input_tokens" => &mut prompt,
             b"completion_tokens" | b"output_tokens" => &mut completion,
+            b"prompt_tokens_details" | b"input_tokens_details" | b"input_token_details" => {
+                return details(s, &mut |name, n| match name {
+                    b"cached_tokens" => counts.cached = n,
+                    b"audio_tokens" => counts.audio_in = n,
+                    _ => {}
+                });
+            }
+            b"completion_tokens_details" | b"output_tokens_details" | b"output_token_details" => {
+                return details(s, &mut |name, n| {
+                    if name == b"audio_tokens" {
+                        counts.audio_out = n;
+                    }
+                });
+            }
             _ => return s.value(None, 0),
         };
         if slot.is_some() {
@@ -42,7 +73,31 @@ pub fn usage_counts(doc: &[u8]) -> Option<(u64, u64)> {
         *slot = Some(std::str::from_utf8(text).ok()?.parse::<u64>().ok()?);
         Some(())
     })?;
-    Some((prompt.unwrap_or(0), completion.unwrap_or(0)))
+    counts.prompt = prompt.unwrap_or(0);
+    counts.completion = completion.unwrap_or(0);
+    Some(counts)
+}
+
+/// A details object of a usage: `each` gets every member whose value is a whole number
+/// (the last one given); anything else is skipped.
+fn details(s: &mut Scan<'_>, each: &mut dyn FnMut(&[u8], u64)) -> Option<()> {
+    s.ws();
+    if s.peek()? != b'{' {
+        return s.value(None, 1);
+    }
+    s.members(|s, key| {
+        s.ws();
+        match s.peek()? {
+            b'-' | b'0'..=b'9' => {
+                let text = s.number()?;
+                if let Some(n) = std::str::from_utf8(text).ok().and_then(|t| t.parse().ok()) {
+                    each(&key.name(), n);
+                }
+                Some(())
+            }
+            _ => s.value(None, 2),
+        }
+    })
 }
 
 /// The string at the start of `doc` (after spaces), decoded; `None` for any other value.
@@ -473,7 +528,7 @@ pub(super) mod tests {
                 .ok()
                 .map(|u| (u.prompt_tokens, u.completion_tokens));
             let doc = format!("{object}{tail}");
-            prop_assert_eq!(usage_counts(doc.as_bytes()), reference, "{}", doc);
+            prop_assert_eq!(usage_counts(doc.as_bytes()).map(|u| (u.prompt, u.completion)), reference, "{}", doc);
         }
 
         /// A string value reads as serde reads a `String`; any other value is none.

@@ -82,6 +82,7 @@ async fn serve_request(
     let refused = conn.as_ref().is_some_and(|c| c.refusing());
     out.stream = conn.map(StreamSlot::new);
     out.redact.clone_from(&state.redactor);
+    out.prices.clone_from(&state.prices);
     out.trace = state.tracer.start(req.headers(), out.method, route);
     out.trace_id = out.trace.as_ref().map(|t| t.trace_id());
     // Until a client is identified: `anonymous` without [[clients]], else `other`.
@@ -197,6 +198,7 @@ async fn handle(
     out.caller = caller.label().map(Arc::from);
     if let Some(c) = &caller.client {
         out.client = ClientLabel::Named(Arc::clone(&c.name));
+        out.team.clone_from(&c.team);
     }
     let (mut parts, body) = req.into_parts();
     // Which model the request spends, for a client's allow-list: a route whose model ezgate

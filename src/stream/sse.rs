@@ -336,13 +336,7 @@ mod tests {
         let mut r = SseReader::new(true);
         let out = run(&mut r, &[CHUNK, CHUNK, USAGE, DONE]);
         assert_eq!(out, [PLAIN, PLAIN, DONE].concat());
-        assert_eq!(
-            r.usage,
-            Some(Usage {
-                prompt: 12,
-                completion: 5
-            })
-        );
+        assert_eq!(r.usage, Some(Usage::new(12, 5)));
         assert_eq!((r.content_events, r.content.chars()), (2, 4));
     }
 

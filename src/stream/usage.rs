@@ -73,7 +73,7 @@ pub fn find_usage(doc: &[u8]) -> Option<usize> {
 /// `null`, or not whole numbers).
 pub fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
     let f = finders();
-    let (prompt, completion) = scan::usage_counts(value_after(
+    let counts = scan::usage_counts(value_after(
         doc,
         USAGE_KEY.len(),
         f.usage_rev.rfind_iter(doc),
@@ -81,7 +81,14 @@ pub fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
     let model = value_after(doc, MODEL_KEY.len(), f.model.find_iter(doc))
         .and_then(scan::string_at)
         .map(String::from);
-    Some((Usage { prompt, completion }, model))
+    let usage = Usage {
+        prompt: counts.prompt,
+        completion: counts.completion,
+        cached: counts.cached,
+        audio_in: counts.audio_in,
+        audio_out: counts.audio_out,
+    };
+    Some((usage, model))
 }
 
 /// Adds the generated text of one streamed chunk to `text`; false when it carries none.
@@ -122,36 +129,38 @@ mod tests {
         let doc = br#"{"id":"x","model":"gpt-4o","choices":[{"message":{"content":"say \"usage\": {} and \"model\":1"}}],"usage": {"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}"#;
         assert_eq!(
             json_usage(doc),
-            Some((
-                Usage {
-                    prompt: 9,
-                    completion: 3
-                },
-                Some("gpt-4o".into())
-            ))
+            Some((Usage::new(9, 3), Some("gpt-4o".into())))
         );
         assert_eq!(json_usage(br#"{"usage":null}"#), None);
         assert_eq!(json_usage(br#"{"choices":[]}"#), None);
         assert_eq!(
             json_usage(br#"{"usage":{"input_tokens":4,"output_tokens":5}}"#),
-            Some((
-                Usage {
-                    prompt: 4,
-                    completion: 5
-                },
-                None
-            ))
+            Some((Usage::new(4, 5), None))
         );
         assert_eq!(json_usage(b"\"usage\":"), None);
         // The Responses API: usage inside the completed response.
         let done = br#"{"type":"response.completed","response":{"id":"r","model":"gpt-4o","usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},"output_tokens":30,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":42}}}"#;
-        assert_eq!(
-            json_usage(done).map(|(u, _)| u),
-            Some(Usage {
-                prompt: 12,
-                completion: 30
-            })
-        );
+        assert_eq!(json_usage(done).map(|(u, _)| u), Some(Usage::new(12, 30)));
+    }
+
+    #[test]
+    fn cached_and_audio_tokens_are_read_from_the_details() {
+        let chat = br#"{"model":"gpt-4o","usage":{"prompt_tokens":2006,"completion_tokens":300,"total_tokens":2306,"prompt_tokens_details":{"cached_tokens":1920,"audio_tokens":6},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":12,"accepted_prediction_tokens":0}}}"#;
+        let want = Usage {
+            prompt: 2006,
+            completion: 300,
+            cached: 1920,
+            audio_in: 6,
+            audio_out: 12,
+        };
+        assert_eq!(json_usage(chat).map(|(u, _)| u), Some(want));
+        let responses = br#"{"type":"response.completed","response":{"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":8},"output_tokens":30,"output_tokens_details":{"reasoning_tokens":4},"total_tokens":42}}}"#;
+        let mut want = Usage::new(12, 30);
+        want.cached = 8;
+        assert_eq!(json_usage(responses).map(|(u, _)| u), Some(want));
+        // Details that are null, or hold what is not a count, add nothing.
+        let odd = br#"{"usage":{"prompt_tokens":5,"prompt_tokens_details":null,"completion_tokens_details":{"audio_tokens":"x"},"completion_tokens":1}}"#;
+        assert_eq!(json_usage(odd).map(|(u, _)| u), Some(Usage::new(5, 1)));
     }
 
     fn content_chars(doc: &[u8]) -> usize {

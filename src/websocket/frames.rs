@@ -87,8 +87,8 @@ impl Frames {
         !self.lost && self.left.is_none() && self.head_len == 0
     }
 
-    /// The usage read so far (input, output tokens), if any event carried some.
-    pub fn usage(&self) -> Option<(u64, u64)> {
+    /// The usage read so far, if any event carried some.
+    pub fn usage(&self) -> Option<crate::outcome::Usage> {
         self.usage.as_ref().and_then(|u| u.total())
     }
 

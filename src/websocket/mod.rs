@@ -35,7 +35,7 @@ use crate::config::Config;
 use crate::errors::{FailureKind, GatewayError};
 use crate::exchange::Exchange;
 use crate::gateway::SessionPlace;
-use crate::outcome::{Session, SessionEnd, Usage};
+use crate::outcome::{Session, SessionEnd};
 pub use session::Timing;
 
 /// A client's WebSocket handshake, accepted for forwarding.
@@ -233,8 +233,8 @@ impl Start {
                 end: report.end,
                 bytes_in: report.bytes_in,
             });
-            if let Some((prompt, completion)) = report.usage {
-                out.usage = Some(Usage { prompt, completion });
+            if let Some(usage) = report.usage {
+                out.usage = Some(usage);
             }
             // Responses under way are charged what they streamed (settled with the
             // exchange, on top of the reports charged already), and never less than a

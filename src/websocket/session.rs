@@ -60,8 +60,8 @@ pub struct Report {
     /// Bytes the client sent through, and the upstream.
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Input and output tokens of the upstream's `response.done` events.
-    pub usage: Option<(u64, u64)>,
+    /// The usage of the upstream's `response.done` events, summed.
+    pub usage: Option<crate::outcome::Usage>,
     /// Responses were under way when the session ended (after their `response.created`,
     /// before their `response.done`): the estimated tokens of what they streamed.
     pub unfinished: Option<u64>,
@@ -398,8 +398,8 @@ where
         let usage = frames.usage();
         if usage != reported {
             reported = usage;
-            if let Some((input, output)) = usage {
-                on_usage(input, output);
+            if let Some(u) = usage {
+                on_usage(u.prompt, u.completion);
             }
         }
     };

@@ -12,6 +12,7 @@ use memchr::memmem;
 use serde::Deserialize;
 
 use crate::limits::estimate::Counts;
+use crate::outcome::Usage as Reported;
 
 /// Bytes of a text message looked at for its event type: OpenAI's events begin with
 /// `{"type":…` or `{"event_id":"event_…","type":…`.
@@ -37,8 +38,8 @@ pub struct UsageWatch {
     /// The message being read: its first bytes, or all of it once it is a `response.done`.
     buf: Vec<u8>,
     state: Message,
-    input: u64,
-    output: u64,
+    /// The usage of every `response.done` so far.
+    reported: Reported,
     /// Some event reported usage.
     seen: bool,
     /// Responses created and not done yet.
@@ -210,9 +211,8 @@ impl UsageWatch {
         }
         match self.state {
             Message::Done => {
-                if let Some((input, output)) = response_usage(&self.buf) {
-                    self.input += input;
-                    self.output += output;
+                if let Some(usage) = response_usage(&self.buf) {
+                    self.reported.add(usage);
                     self.seen = true;
                 }
                 self.response_done();
@@ -233,9 +233,9 @@ impl UsageWatch {
         }
     }
 
-    /// Input and output tokens of every `response.done` so far.
-    pub fn total(&self) -> Option<(u64, u64)> {
-        self.seen.then_some((self.input, self.output))
+    /// The usage of every `response.done` so far (cached and audio tokens included).
+    pub fn total(&self) -> Option<Reported> {
+        self.seen.then_some(self.reported)
     }
 
     /// The estimated tokens of the text deltas of responses not done yet; `None` when no
@@ -245,8 +245,9 @@ impl UsageWatch {
     }
 }
 
-/// `response.usage` of a `response.done` event.
-fn response_usage(event: &[u8]) -> Option<(u64, u64)> {
+/// `response.usage` of a `response.done` event, with its `input_token_details`
+/// (`cached_tokens`, `audio_tokens`) and `output_token_details` (`audio_tokens`).
+fn response_usage(event: &[u8]) -> Option<Reported> {
     #[derive(Deserialize)]
     struct Event<'a> {
         #[serde(rename = "type", borrow)]
@@ -263,13 +264,31 @@ fn response_usage(event: &[u8]) -> Option<(u64, u64)> {
         input_tokens: u64,
         #[serde(default)]
         output_tokens: u64,
+        #[serde(default)]
+        input_token_details: Option<Details>,
+        #[serde(default)]
+        output_token_details: Option<Details>,
+    }
+    #[derive(Deserialize, Default)]
+    struct Details {
+        #[serde(default)]
+        cached_tokens: u64,
+        #[serde(default)]
+        audio_tokens: u64,
     }
     let e: Event = serde_json::from_slice(event).ok()?;
     if e.kind != "response.done" {
         return None;
     }
     let u = e.response?.usage?;
-    Some((u.input_tokens, u.output_tokens))
+    let input = u.input_token_details.unwrap_or_default();
+    Some(Reported {
+        prompt: u.input_tokens,
+        completion: u.output_tokens,
+        cached: input.cached_tokens,
+        audio_in: input.audio_tokens,
+        audio_out: u.output_token_details.unwrap_or_default().audio_tokens,
+    })
 }
 
 #[cfg(test)]
@@ -300,8 +319,21 @@ mod tests {
             feed(&mut w, done.as_bytes(), step);
             feed(&mut w, delta.as_bytes(), step);
             feed(&mut w, short.as_bytes(), step);
-            assert_eq!(w.total(), Some((21, 12)), "pieces of {step}");
+            assert_eq!(w.total(), Some(Reported::new(21, 12)), "pieces of {step}");
         }
+        // Realtime details: cached and audio tokens of each response, summed.
+        let detailed = r#"{"type":"response.done","response":{"usage":{"input_tokens":100,"output_tokens":50,"input_token_details":{"cached_tokens":64,"text_tokens":40,"audio_tokens":60},"output_token_details":{"text_tokens":10,"audio_tokens":40}}}}"#;
+        let mut w = UsageWatch::default();
+        feed(&mut w, detailed.as_bytes(), 7);
+        feed(&mut w, detailed.as_bytes(), 7);
+        let want = Reported {
+            prompt: 200,
+            completion: 100,
+            cached: 128,
+            audio_in: 120,
+            audio_out: 80,
+        };
+        assert_eq!(w.total(), Some(want));
         // A compressed or binary message is not read.
         let mut w = UsageWatch::default();
         w.message_started(false);
@@ -342,7 +374,10 @@ mod tests {
             assert!(want > 0);
             assert_eq!(w.total(), None);
             feed(&mut w, done.as_bytes(), step);
-            assert_eq!((w.total(), w.unfinished()), (Some((3, 4)), None));
+            assert_eq!(
+                (w.total(), w.unfinished()),
+                (Some(Reported::new(3, 4)), None)
+            );
             // Deltas without a `response.created` are counted too.
             feed(&mut w, delta("more").as_bytes(), step);
             assert_eq!(w.unfinished(), Some(1));

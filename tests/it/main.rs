@@ -13,6 +13,7 @@ mod admin;
 mod attacks;
 mod bodies;
 mod cancellation;
+mod cost;
 mod errors;
 mod failures;
 mod forwarding;

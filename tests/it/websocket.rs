@@ -18,10 +18,10 @@ use tokio_tungstenite::{client_async, WebSocketStream};
 
 use crate::harness::*;
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// What a session runs on: TCP, or TLS over it.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Io for T {}
 
 /// The headers of a handshake, for requests made without a WebSocket client.
@@ -53,7 +53,7 @@ async fn connect(
         .expect("the handshake is answered")
 }
 
-async fn open(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Ws {
+pub(crate) async fn open(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Ws {
     let (mut ws, resp) = connect(gw.addr, path, headers)
         .await
         .unwrap_or_else(|e| panic!("handshake for {path} refused: {e:?}"));
@@ -84,12 +84,12 @@ async fn next<S: Io>(ws: &mut WebSocketStream<S>) -> Option<Message> {
     .expect("a message or the end within the deadline")
 }
 
-async fn emit<S: Io>(ws: &mut WebSocketStream<S>, event: Value) {
+pub(crate) async fn emit<S: Io>(ws: &mut WebSocketStream<S>, event: Value) {
     ws.send(Message::text(event.to_string())).await.unwrap();
 }
 
 /// Asks for a response and reads its events up to `response.done`, which it returns.
-async fn respond<S: Io>(ws: &mut WebSocketStream<S>) -> (Vec<String>, Value) {
+pub(crate) async fn respond<S: Io>(ws: &mut WebSocketStream<S>) -> (Vec<String>, Value) {
     emit(ws, json!({"type": "response.create"})).await;
     let mut types = Vec::new();
     loop {
@@ -103,7 +103,7 @@ async fn respond<S: Io>(ws: &mut WebSocketStream<S>) -> (Vec<String>, Value) {
 }
 
 /// Reads up to the close frame ezgate (or the upstream) sent; returns its code and reason.
-async fn close_of<S: Io>(ws: &mut WebSocketStream<S>) -> (u16, String) {
+pub(crate) async fn close_of<S: Io>(ws: &mut WebSocketStream<S>) -> (u16, String) {
     loop {
         match next(ws).await {
             Some(Message::Close(Some(CloseFrame { code, reason }))) => {

@@ -37,15 +37,25 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// With `x-emu-cached-tokens`: `{"cached_tokens": min(K, P)}`, as OpenAI reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<CachedTokens>,
 }
 
 impl Usage {
-    fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+    fn new(prompt_tokens: u64, completion_tokens: u64, cached: Option<u64>) -> Usage {
         Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: cached.map(|k| CachedTokens {
+                cached_tokens: k.min(prompt_tokens),
+            }),
         }
+    }
+
+    fn cached(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
     }
 }
 
@@ -143,7 +153,8 @@ pub fn complete(
             created,
             model: model.to_owned(),
             opts: opts.stream,
-            usage: include_usage.then(|| Usage::new(prompt_tokens, opts.stream.events as u64)),
+            usage: include_usage
+                .then(|| Usage::new(prompt_tokens, opts.stream.events as u64, opts.cached_tokens)),
             tokens: tokens.clone(),
         };
         let mut response = Response::new(Payload::Stream(SseBody::new(plan).boxed_unsync()));
@@ -152,7 +163,7 @@ pub fn complete(
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return response;
     }
-    let usage = Usage::new(prompt_tokens, opts.completion_tokens);
+    let usage = Usage::new(prompt_tokens, opts.completion_tokens, opts.cached_tokens);
     tokens.set(prompt_tokens, opts.completion_tokens);
     let content: String = (0..opts.completion_tokens.min(MAX_CONTENT_PIECES) as usize)
         .map(piece)
@@ -233,7 +244,9 @@ pub fn response_object<'a>(
             .collect(),
         usage: usage.map(|u| ResponsesUsage {
             input_tokens: u.prompt_tokens,
-            input_tokens_details: CachedTokens { cached_tokens: 0 },
+            input_tokens_details: CachedTokens {
+                cached_tokens: u.cached(),
+            },
             output_tokens: u.completion_tokens,
             output_tokens_details: ReasoningTokens {
                 reasoning_tokens: 0,
@@ -281,8 +294,8 @@ struct ResponsesUsage {
     total_tokens: u64,
 }
 
-#[derive(Serialize)]
-struct CachedTokens {
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CachedTokens {
     cached_tokens: u64,
 }
 

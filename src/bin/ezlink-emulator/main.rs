@@ -33,7 +33,9 @@
 //!   * Non-stream → 200 `chat.completion` (resp. `text_completion`) JSON whose content is
 //!     pieces `0..min(C, 64)` concatenated, `finish_reason: "stop"`, and
 //!     `usage: {prompt_tokens: P, completion_tokens: C, total_tokens: P+C}`, where `C` is
-//!     header `x-emu-completion-tokens` (default 7).
+//!     header `x-emu-completion-tokens` (default 7); with `x-emu-cached-tokens: K` the
+//!     usage (here and in a stream's usage chunk) also has `prompt_tokens_details:
+//!     {cached_tokens: min(K, P)}`, and a Responses usage's `input_tokens_details`.
 //!   * `"stream": true` → 200 `content-type: text/event-stream`, each event its own body
 //!     frame, produced when polled: `N` events `data: {chunk}\n\n` (header
 //!     `x-emu-stream-events`, default 5), one content piece each (chat: `delta.content`,
@@ -218,6 +220,14 @@ Response shape (normal API):
 * `x-emu-completion-tokens: C` — completion tokens of a non-streamed completion (default 7);
   the content holds min(C, 64) pieces.
 * `x-emu-stream-events: N` — content events of a streamed completion (default 5).
+* `x-emu-cached-tokens: K` — the usage reports min(K, P) prompt tokens read from the
+  cache: `prompt_tokens_details: {"cached_tokens": …}` (chat and completions, JSON and the
+  stream's usage chunk), `input_tokens_details.cached_tokens` (Responses), and, on a
+  realtime handshake, `input_token_details.cached_tokens` of every `response.done`
+  (min(K, 10)). Without it chat usage has no details and Responses report 0.
+* `x-emu-audio-tokens: A,B` — on a realtime handshake: every `response.done` reports
+  min(A, 10) input and min(B, N) output tokens as audio (`input_token_details` and
+  `output_token_details`).
 * `x-emu-stream-interval-ms: MS` — wait before every streamed event after the first,
   usage and `[DONE]` included (default 0).
 * `x-emu-id: ID` — the response's `id` is ID and its creation time is fixed

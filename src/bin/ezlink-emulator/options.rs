@@ -35,6 +35,10 @@ pub struct Opts {
     pub stream: StreamOpts,
     /// `x-emu-completion-tokens` (non-streamed responses).
     pub completion_tokens: u64,
+    /// `x-emu-cached-tokens`: prompt tokens the usage reports as read from the cache.
+    pub cached_tokens: Option<u64>,
+    /// `x-emu-audio-tokens: IN,OUT` (a realtime handshake): audio tokens of each response.
+    pub audio_tokens: Option<(u64, u64)>,
     /// `x-emu-id`: the response's id, with a fixed creation time (byte-comparable bodies).
     pub fixed_id: Option<String>,
     /// `x-emu-echo-key: 1`: the key of the request's `Authorization`, echoed back as a
@@ -115,6 +119,8 @@ impl Default for Opts {
                 error_event: false,
             },
             completion_tokens: 7,
+            cached_tokens: None,
+            audio_tokens: None,
             fixed_id: None,
             echo_key: None,
             duplicates: Duplicates::Last,
@@ -170,6 +176,19 @@ impl Opts {
         if let Some(tokens) = number::<u64>(headers, "x-emu-completion-tokens", "an integer")? {
             opts.completion_tokens = tokens;
         }
+        opts.cached_tokens = number::<u64>(headers, "x-emu-cached-tokens", "an integer")?;
+        opts.audio_tokens = match text(headers, "x-emu-audio-tokens")? {
+            None => None,
+            Some(v) => Some(
+                v.split_once(',')
+                    .and_then(|(i, o)| Some((i.trim().parse().ok()?, o.trim().parse().ok()?)))
+                    .ok_or_else(|| BadHeader {
+                        name: "x-emu-audio-tokens",
+                        value: v.to_owned(),
+                        expected: "two integers, IN,OUT",
+                    })?,
+            ),
+        };
         opts.fixed_id = text(headers, "x-emu-id")?.map(str::to_owned);
         if flag(headers, "x-emu-echo-key") {
             let auth = lossy(headers, "authorization").unwrap_or_default();

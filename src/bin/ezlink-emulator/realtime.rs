@@ -11,7 +11,11 @@
 //!   events (`delta` = piece `i`, N = `x-emu-stream-events` of the handshake, default 5,
 //!   `x-emu-stream-interval-ms` before each event after the first), `response.output_text
 //!   .done`, then `response.done` whose `response.usage` is `{"total_tokens":10+N,
-//!   "input_tokens":10,"output_tokens":N}`; the log entry's `usage` sums every response;
+//!   "input_tokens":10,"output_tokens":N}` (with `x-emu-cached-tokens: K` on the handshake
+//!   and/or `x-emu-audio-tokens: A,B` also `"input_token_details":{"cached_tokens":
+//!   min(K,10),"text_tokens":10−a,"audio_tokens":a}` and `"output_token_details":
+//!   {"text_tokens":N−b,"audio_tokens":b}`, a = min(A,10), b = min(B,N)); the log entry's
+//!   `usage` sums every response;
 //!   with `"emu_hold":true` the response stops after its deltas: no `.done` event comes,
 //!   and the emulator waits for the peer's close frame (or its end), as a response the
 //!   client left before it finished;
@@ -112,6 +116,8 @@ pub fn accept(
         id: state.next_id(),
         model: model(request.uri().query()),
         events: opts.stream.events,
+        cached: opts.cached_tokens,
+        audio: opts.audio_tokens,
         interval: opts.stream.interval,
         guard,
         conn: Arc::clone(conn),
@@ -152,6 +158,10 @@ struct Session {
     id: u64,
     model: String,
     events: usize,
+    /// `x-emu-cached-tokens` of the handshake: each response's cached input tokens.
+    cached: Option<u64>,
+    /// `x-emu-audio-tokens: IN,OUT` of the handshake: each response's audio tokens.
+    audio: Option<(u64, u64)>,
     interval: Duration,
     guard: Guard,
     conn: Arc<ConnCtl>,
@@ -264,7 +274,15 @@ impl Session {
             json!({"response_id": id, "item_id": item, "output_index": 0, "content_index": 0, "text": text}),
         ));
         let output = self.events as u64;
-        let usage = json!({"total_tokens": INPUT_TOKENS + output, "input_tokens": INPUT_TOKENS, "output_tokens": output});
+        let mut usage = json!({"total_tokens": INPUT_TOKENS + output, "input_tokens": INPUT_TOKENS, "output_tokens": output});
+        if self.cached.is_some() || self.audio.is_some() {
+            let cached = self.cached.unwrap_or(0).min(INPUT_TOKENS);
+            let (audio_in, audio_out) = self.audio.unwrap_or((0, 0));
+            let (audio_in, audio_out) = (audio_in.min(INPUT_TOKENS), audio_out.min(output));
+            usage["input_token_details"] = json!({"cached_tokens": cached, "text_tokens": INPUT_TOKENS - audio_in, "audio_tokens": audio_in});
+            usage["output_token_details"] =
+                json!({"text_tokens": output - audio_out, "audio_tokens": audio_out});
+        }
         events.push(event(
             "response.done",
             &event_id(self.events + 2),
