@@ -46,6 +46,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod budget;
 pub mod buffers;
 pub mod clients;
 pub mod config;

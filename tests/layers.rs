@@ -20,7 +20,7 @@ const FLOORS: &[(&str, &[&str])] = &[
     ("config", &["config"]),
     (
         "domain",
-        &["clients", "limits", "upstream", "pool", "quota"],
+        &["clients", "limits", "upstream", "pool", "quota", "budget"],
     ),
     ("recording", &["outcome", "metrics", "access_log", "traces"]),
     (
