@@ -72,6 +72,7 @@ pub struct Ledger {
 
 /// The accounts of one period, as written to the state file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Saved {
     pub window: String,
     pub accounts: Vec<(String, Micros)>,

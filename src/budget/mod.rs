@@ -5,3 +5,4 @@
 
 pub mod ledger;
 pub mod period;
+pub mod state;
