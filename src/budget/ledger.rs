@@ -18,8 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::period::{window, Period, Window};
 
-/// Millionths of the currency unit.
-pub type Micros = u64;
+pub use crate::config::Micros;
 
 /// The most keys one budget tracks in a period (keys come from requests: API keys, headers).
 pub const MAX_KEYS: usize = 100_000;

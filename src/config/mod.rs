@@ -1,6 +1,7 @@
 //! Configuration: TOML read into strict serde structs, then validated into [`Settings`].
 //! Every problem names the file and the key path. Nothing here binds or spawns.
 
+mod budgets;
 mod display;
 mod parse;
 mod quota;
@@ -18,6 +19,10 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
+pub use budgets::{
+    micros, validate as validate_budgets, zone, BudgetConfig, BudgetKey, BudgetMatch, BudgetMode,
+    BudgetStore, Micros, Period,
+};
 pub use quota::{MaxWait, Priority, QuotaConfig, QuotaMode, QuotaStore, Reserve, Share};
 pub use redis::{OnFailure, RedisConfig, RedisMode, RedisShape, MIN_LEASE};
 pub use redis_url::RedisTarget;
