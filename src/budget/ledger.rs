@@ -18,15 +18,15 @@ use serde::{Deserialize, Serialize};
 
 use super::period::{window, Period, Window};
 
-pub use crate::config::Micros;
+pub use crate::config::Amount;
 
 /// The most keys one budget tracks in a period (keys come from requests: API keys, headers).
 pub const MAX_KEYS: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
-    pub spent: Micros,
-    pub reserved: Micros,
+    pub spent: Amount,
+    pub reserved: Amount,
     /// How many of the budget's `warn_at` shares `spent` has crossed.
     pub warned: u8,
 }
@@ -36,7 +36,7 @@ pub struct Account {
 pub struct Reservation {
     pub key: Arc<str>,
     pub window: String,
-    pub amount: Micros,
+    pub amount: Amount,
 }
 
 /// Why a request does not fit.
@@ -44,7 +44,7 @@ pub struct Reservation {
 pub enum Refusal {
     /// Its maximum cost is more than what is left until `next_period`.
     Exceeded {
-        left: Micros,
+        left: Amount,
         next_period: Timestamp,
     },
     /// [`MAX_KEYS`] keys already have an account this period.
@@ -56,11 +56,11 @@ pub enum Refusal {
 pub struct Crossed {
     pub key: Arc<str>,
     pub share: f64,
-    pub spent: Micros,
+    pub spent: Amount,
 }
 
 pub struct Ledger {
-    amount: Micros,
+    amount: Amount,
     /// Shares of `amount`, ascending.
     warn_at: Vec<f64>,
     period: Period,
@@ -74,12 +74,12 @@ pub struct Ledger {
 #[serde(deny_unknown_fields)]
 pub struct Saved {
     pub window: String,
-    pub accounts: Vec<(String, Micros)>,
+    pub accounts: Vec<(String, Amount)>,
 }
 
 impl Ledger {
     pub fn new(
-        amount: Micros,
+        amount: Amount,
         mut warn_at: Vec<f64>,
         period: Period,
         tz: TimeZone,
@@ -117,7 +117,7 @@ impl Ledger {
     pub fn reserve(
         &mut self,
         key: &str,
-        max_cost: Micros,
+        max_cost: Amount,
         now: Timestamp,
     ) -> Result<Reservation, Refusal> {
         self.roll(now);
@@ -143,7 +143,7 @@ impl Ledger {
 
     /// Replaces a reservation by what the request cost; returns the `warn_at` shares its
     /// account crossed. A reservation of a period that has ended settles into nothing.
-    pub fn settle(&mut self, r: Reservation, actual: Micros, now: Timestamp) -> Vec<Crossed> {
+    pub fn settle(&mut self, r: Reservation, actual: Amount, now: Timestamp) -> Vec<Crossed> {
         self.roll(now);
         if r.window != self.window.id {
             return Vec::new();
@@ -228,13 +228,13 @@ impl Ledger {
 mod tests {
     use super::*;
 
-    const DOLLAR: Micros = 1_000_000;
+    const DOLLAR: Amount = 1_000_000_000;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
     }
 
-    fn monthly(amount: Micros) -> Ledger {
+    fn monthly(amount: Amount) -> Ledger {
         let utc = TimeZone::get("UTC").unwrap();
         Ledger::new(
             amount,
@@ -263,11 +263,11 @@ mod tests {
         // Another key has its own account.
         assert!(l.reserve("ads", 10 * DOLLAR, now).is_ok());
         // The first cost 1.25: 8.75 left.
-        let crossed = l.settle(a, 1_250_000, now);
+        let crossed = l.settle(a, 1_250_000_000, now);
         assert!(crossed.is_empty());
         let acct = l.account("search", now);
-        assert_eq!((acct.spent, acct.reserved), (1_250_000, 0));
-        assert!(l.reserve("search", 8_750_000, now).is_ok());
+        assert_eq!((acct.spent, acct.reserved), (1_250_000_000, 0));
+        assert!(l.reserve("search", 8_750_000_000, now).is_ok());
         assert!(l.reserve("search", 1, now).is_err());
     }
 
@@ -279,8 +279,8 @@ mod tests {
         l.settle(r, 0, now);
         assert_eq!(l.account("k", now), Account::default());
         let r = l.reserve("k", 3 * DOLLAR, now).unwrap();
-        l.settle(r, 400_000, now);
-        assert_eq!(l.account("k", now).spent, 400_000);
+        l.settle(r, 400_000_000, now);
+        assert_eq!(l.account("k", now).spent, 400_000_000);
     }
 
     #[test]
@@ -288,11 +288,11 @@ mod tests {
         let mut l = monthly(10 * DOLLAR);
         let now = ts("2026-12-07T06:00:00Z");
         let r = l.reserve("k", 10 * DOLLAR, now).unwrap();
-        let crossed = l.settle(r, 9_600_000, now);
+        let crossed = l.settle(r, 9_600_000_000, now);
         let shares: Vec<f64> = crossed.iter().map(|c| c.share).collect();
         assert_eq!(shares, [0.8, 0.95]);
-        let r = l.reserve("k", 100_000, now).unwrap();
-        assert!(l.settle(r, 100_000, now).is_empty());
+        let r = l.reserve("k", 100_000_000, now).unwrap();
+        assert!(l.settle(r, 100_000_000, now).is_empty());
     }
 
     #[test]
@@ -312,16 +312,16 @@ mod tests {
         let mut l = monthly(10 * DOLLAR);
         let now = ts("2026-12-07T06:00:00Z");
         let r = l.reserve("k", 9 * DOLLAR, now).unwrap();
-        l.settle(r, 8_500_000, now);
+        l.settle(r, 8_500_000_000, now);
         let saved = l.save(now);
         assert_eq!(saved.window, "2026-12");
-        assert_eq!(saved.accounts, [("k".to_owned(), 8_500_000)]);
+        assert_eq!(saved.accounts, [("k".to_owned(), 8_500_000_000)]);
         let mut again = monthly(10 * DOLLAR);
         again.restore(&saved, now);
-        assert_eq!(again.account("k", now).spent, 8_500_000);
+        assert_eq!(again.account("k", now).spent, 8_500_000_000);
         // Warnings already crossed are not raised again after a restart.
         let r = again.reserve("k", DOLLAR, now).unwrap();
-        let crossed = again.settle(r, 100_000, now);
+        let crossed = again.settle(r, 100_000_000, now);
         assert_eq!(
             crossed.iter().map(|c| c.share).collect::<Vec<_>>(),
             Vec::<f64>::new()

@@ -106,7 +106,7 @@ mod tests {
             "team-monthly".to_owned(),
             Saved {
                 window: "2026-12".into(),
-                accounts: vec![("search".into(), 1_250_000)],
+                accounts: vec![("search".into(), 1_250_000_000)],
             },
         );
         save(&file, budgets.clone()).unwrap();

@@ -4,8 +4,8 @@
 
 use serde::Deserialize;
 
-/// Millionths of the currency unit.
-pub type Micros = u64;
+/// An amount of the currency in whole nano-units (billionths), as costs are priced.
+pub type Amount = u64;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,13 +105,13 @@ impl BudgetKey {
     }
 }
 
-/// The largest amount accepted: a trillion currency units, far beyond any budget, and well
-/// inside what micro-units hold.
-const MAX_AMOUNT: f64 = 1e12;
+/// The largest amount accepted: a billion currency units, far beyond any budget, and inside
+/// what nano-units in a `u64` hold (1.8e10 units).
+const MAX_AMOUNT: f64 = 1e9;
 
 /// `amount` in micro-units, rounded to the nearest.
-pub fn micros(amount: f64) -> Micros {
-    (amount * 1e6).round() as Micros
+pub fn nanos(amount: f64) -> Amount {
+    (amount * 1e9).round() as Amount
 }
 
 /// Checks every budget; `has_redis`: a `[redis]` section exists; `has_state_dir`:
@@ -201,7 +201,7 @@ match = { models = ["gpt-4o*"] }
 "#,
         );
         assert_eq!(b.mode, BudgetMode::Shadow);
-        assert_eq!(micros(b.amount), 500_000_000);
+        assert_eq!(nanos(b.amount), 500_000_000_000);
         assert_eq!(b.matches.models, ["gpt-4o*"]);
         let (mut p, mut n) = (Vec::new(), Vec::new());
         validate(&[b], false, false, &mut p, &mut n);

@@ -20,8 +20,8 @@ use http::Uri;
 use serde::Deserialize;
 
 pub use budgets::{
-    micros, validate as validate_budgets, zone, BudgetConfig, BudgetKey, BudgetMatch, BudgetMode,
-    BudgetStore, Micros, Period,
+    nanos, validate as validate_budgets, zone, Amount, BudgetConfig, BudgetKey, BudgetMatch,
+    BudgetMode, BudgetStore, Period,
 };
 pub use quota::{MaxWait, Priority, QuotaConfig, QuotaMode, QuotaStore, Reserve, Share};
 pub use redis::{OnFailure, RedisConfig, RedisMode, RedisShape, MIN_LEASE};
