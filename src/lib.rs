@@ -47,6 +47,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod budget;
 pub mod buffers;
 pub mod clients;
 pub mod config;

@@ -20,7 +20,9 @@ const FLOORS: &[(&str, &[&str])] = &[
     ("config", &["config"]),
     (
         "domain",
-        &["clients", "limits", "upstream", "pool", "quota", "cost"],
+        &[
+            "clients", "limits", "upstream", "pool", "quota", "cost", "budget",
+        ],
     ),
     ("recording", &["outcome", "metrics", "access_log", "traces"]),
     (

@@ -1,6 +1,7 @@
 //! Configuration: TOML read into strict serde structs, then validated into [`Settings`].
 //! Every problem names the file and the key path. Nothing here binds or spawns.
 
+mod budgets;
 mod display;
 mod parse;
 mod prices;
@@ -19,6 +20,10 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
+pub use budgets::{
+    nanos, validate as validate_budgets, zone, Amount, BudgetConfig, BudgetKey, BudgetMatch,
+    BudgetMode, BudgetStore, Period,
+};
 pub use prices::{decimal, overlap, Currency, ModelPrice, Price, PriceConfig, PricesConfig, Rates};
 pub use quota::{MaxWait, Priority, QuotaConfig, QuotaMode, QuotaStore, Reserve, Share};
 pub use redis::{OnFailure, RedisConfig, RedisMode, RedisShape, MIN_LEASE};
