@@ -108,11 +108,6 @@ impl Ticket {
     pub fn marks(&self) -> Marks {
         self.marks
     }
-
-    /// The picture this request paced on, to learn its response into.
-    pub fn pacer(&self) -> &Arc<Pacer> {
-        &self.pacer
-    }
 }
 
 impl Drop for Ticket {
