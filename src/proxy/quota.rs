@@ -21,6 +21,13 @@ const MAX_MODEL_LEN: usize = 128;
 /// The flow of a caller with neither a client nor a key.
 const ANONYMOUS: &str = "anonymous";
 
+/// The one flow of every caller with neither a client nor a key, made once (not an
+/// allocation per paced request).
+fn anonymous_flow() -> Arc<str> {
+    static FLOW: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    Arc::clone(FLOW.get_or_init(|| Arc::from(ANONYMOUS)))
+}
+
 /// The (key, model) pair the upstream counts a request under: the organization's key
 /// (managed), else the caller's fingerprint; the request's model, or [`ANY_MODEL`].
 fn pair<'a>(state: &'a State, caller: &'a Caller, model: Option<&'a str>) -> (&'a str, Model<'a>) {
@@ -82,7 +89,7 @@ pub(super) async fn pace(
     let flow: Arc<str> = match (client, &caller.key_fingerprint) {
         (Some(c), _) => Arc::clone(&c.name),
         (None, Some(fp)) => Arc::clone(fp),
-        (None, None) => Arc::from(ANONYMOUS),
+        (None, None) => anonymous_flow(),
     };
     let ask = Ask {
         key,
