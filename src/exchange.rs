@@ -8,6 +8,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use crate::access_log;
+use crate::budget::Hold;
 use crate::cost::{Prices, Tokens};
 use crate::errors::redact::Redactor;
 use crate::gateway::{InflightSlot, StreamSlot};
@@ -20,6 +21,8 @@ use crate::traces::RequestSpan;
 pub struct Exchange {
     out: Outcome,
     pub permit: Option<Permit>,
+    /// What the budgets that cover the request hold for it, settled with its cost.
+    pub budget: Option<Hold>,
     pub slot: Option<InflightSlot>,
     pub stream: Option<StreamSlot>,
     /// The request's span, ended with the outcome.
@@ -45,6 +48,7 @@ impl Exchange {
         Exchange {
             out: Outcome::new(request_id, method, route),
             permit: None,
+            budget: None,
             slot: None,
             stream: None,
             trace: None,
@@ -104,6 +108,9 @@ impl Drop for Exchange {
         if let (Some(prices), Some(u)) = (&self.prices, out.usage) {
             out.cost = priced(prices, out, u);
         }
+        if let (Some(hold), Some(prices)) = (self.budget.take(), &self.prices) {
+            settle(hold, prices, out);
+        }
         let duration = out.started.elapsed();
         self.metrics.record(out, duration);
         if self.access_log {
@@ -137,4 +144,56 @@ fn priced(prices: &Prices, out: &Outcome, u: crate::outcome::Usage) -> Option<u6
             None
         }
     }
+}
+
+/// Settles the request's budgets with what it cost: its priced usage, and, for what the
+/// upstream did not report (a stream cut before its usage, a session's unfinished
+/// response), the estimate the token policies charge, at the model's prices.
+fn settle(hold: Hold, prices: &Prices, out: &Outcome) {
+    let reported = out.cost.unwrap_or(0);
+    let (prompt, completion) = out.tokens_used();
+    let estimated = match (out.usage, out.session.is_some()) {
+        (Some(_), false) => 0,
+        (Some(_), true) => estimate(
+            prices,
+            out,
+            &Tokens {
+                completion: out.output_estimate,
+                ..Tokens::default()
+            },
+        ),
+        (None, _) => estimate(
+            prices,
+            out,
+            &Tokens {
+                prompt,
+                completion,
+                ..Tokens::default()
+            },
+        ),
+    };
+    let mut actual = reported.saturating_add(estimated);
+    if out.usage_unreadable && out.usage.is_none() && actual > 0 {
+        // A success whose usage could not be read: charged what was reserved, at least.
+        actual = actual.max(hold.reserved());
+    }
+    let now = crate::budget::clock::now();
+    for w in hold.settle(actual, now) {
+        tracing::warn!(
+            budget = %w.budget,
+            key = %w.crossed.key,
+            share = w.crossed.share,
+            spent = %crate::cost::Nanos(w.crossed.spent),
+            amount = %crate::cost::Nanos(w.amount),
+            "budget warning: spend crossed a warn_at share of the period's amount"
+        );
+    }
+}
+
+/// What `tokens` of the request's model cost (0 for an unpriced model).
+fn estimate(prices: &Prices, out: &Outcome, tokens: &Tokens) -> u64 {
+    let Some(model) = out.model.as_deref().or(out.response_model.as_deref()) else {
+        return 0;
+    };
+    prices.cost(model, tokens).map_or(0, |c| c.0)
 }

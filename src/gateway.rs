@@ -11,6 +11,7 @@ use http::header::HeaderValue;
 use prometheus::IntCounter;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budgets;
 use crate::buffers::Buffers;
 use crate::clients::Clients;
 use crate::config::{QuotaMode, QuotaStore, Settings, Store, UpstreamConfig};
@@ -63,6 +64,8 @@ pub struct State {
     pub quota_org_key: Option<Arc<str>>,
     /// `[prices]`, compiled: what each request's usage cost.
     pub prices: Option<Arc<Prices>>,
+    /// `[[budgets]]`: what requests may spend; a reload keeps the accounts of unchanged ones.
+    pub budgets: Arc<Budgets>,
 }
 
 /// `ezgate_ratelimit_decisions_total` and `…_store_fallbacks_total` of one policy.
@@ -190,8 +193,15 @@ impl State {
             Arc::from(format!("org:{}", fp.trim_start_matches("fp:")))
         });
         let prices = cfg.prices.as_ref().map(|p| Arc::new(Prices::new(p)));
+        let budgets = Arc::new(Budgets::new(
+            &cfg.budgets,
+            previous.map(|p| &*p.budgets),
+            cfg.server.state_dir.as_deref(),
+            crate::budget::clock::now(),
+        )?);
         Ok(State {
             prices,
+            budgets,
             quota,
             pacer,
             quota_org_key,

@@ -82,6 +82,10 @@ use server::Listeners;
 /// The longest shutdown waits for the last spans to be exported.
 const TRACE_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How often the spend of local budgets is written to `server.state_dir` (when it
+/// changed): what a crash can lose at most.
+const BUDGETS_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How to re-read the config on SIGHUP.
 pub type Reload = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
 
@@ -116,6 +120,21 @@ pub async fn run(
     let grace = settings.config.server.shutdown_grace.0;
     let state = State::build(settings, &metrics, None)?;
     let gw = Arc::new(Gateway::new(state, Arc::clone(&metrics)));
+    for note in &gw.state().settings.notes {
+        tracing::warn!("{note}");
+    }
+    let weak = Arc::downgrade(&gw);
+    metrics.budget.read_from(Box::new(move || {
+        weak.upgrade()
+            .map(|gw| status::budget_samples(&gw.state().budgets))
+            .unwrap_or_default()
+    }));
+    // A state directory ezgate cannot write to is found now, not at the first charge.
+    let budgets = Arc::clone(&gw.state().budgets);
+    tokio::task::spawn_blocking(move || budgets.flush(true))
+        .await
+        .map_err(|e| e.to_string())??;
+    let budgets_writer = tokio::spawn(write_budgets_forever(Arc::clone(&gw)));
 
     let admin = tokio::spawn(server::serve_admin(Arc::clone(&gw), listeners.admin));
     let reloader = reload.map(|(reload, mut signals)| {
@@ -134,6 +153,9 @@ pub async fn run(
         grace,
     )
     .await;
+    // Every drained request is settled: the last spend is written down.
+    budgets_writer.abort();
+    write_budgets(&gw, true, true).await;
     // Spans of the drained requests reach the collector, if it answers soon.
     gw.state().tracer.flush(TRACE_FLUSH).await;
     admin.abort();
@@ -141,6 +163,36 @@ pub async fn run(
         r.abort();
     }
     Ok(())
+}
+
+/// Writes the spend of local budgets every [`BUDGETS_FLUSH_EVERY`] while it changes.
+async fn write_budgets_forever(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(BUDGETS_FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let ok = write_budgets(&gw, false, !failing).await;
+        if ok && failing {
+            tracing::info!("the budgets' spend is written to server.state_dir again");
+        }
+        failing = !ok;
+    }
+}
+
+/// Writes the spend of local budgets (`all`: whether or not it changed), off the request
+/// threads: the file is flushed to disk. Says whether it was; logs a failure if `loud`.
+async fn write_budgets(gw: &Gateway, all: bool, loud: bool) -> bool {
+    let budgets = Arc::clone(&gw.state().budgets);
+    let e = match tokio::task::spawn_blocking(move || budgets.flush(all)).await {
+        Ok(Ok(())) => return true,
+        Ok(Err(e)) => e,
+        Err(e) => e.to_string(),
+    };
+    if loud {
+        tracing::error!(error = %e, "cannot write the budgets' spend to server.state_dir; retrying every 2s, and a restart before it succeeds loses what was spent since the last write");
+    }
+    false
 }
 
 /// A refused reload: recorded (for `/status` and the metrics) before it is logged, so who
@@ -170,6 +222,9 @@ fn apply_reload(gw: &Gateway, reload: &Reload) {
             gw.replace(state);
             gw.reloaded(Ok(()));
             let state = gw.state();
+            for note in &state.settings.notes {
+                tracing::warn!("{note}");
+            }
             tracing::info!(source = %state.settings.source, hash = %state.config_hash, "config reloaded; new requests use it");
         }
         Err(e) => refused(gw, e),

@@ -15,6 +15,7 @@ use crate::outcome::{Outcome, SessionEnd};
 use crate::route::Route;
 
 mod buckets;
+mod budget;
 mod cost;
 mod models;
 mod queue;
@@ -23,6 +24,7 @@ mod store;
 use buckets::{
     DURATION_BUCKETS, OVERHEAD_BUCKETS, STORE_CHECK_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS,
 };
+pub use budget::{BudgetMetrics, BudgetSample};
 pub use cost::{currency_value, CostMetrics, CostTotals};
 use models::WELL_KNOWN_MODELS;
 pub use queue::QueueMetrics;
@@ -83,6 +85,8 @@ pub struct Metrics {
     pub queue: QueueMetrics,
     /// `ezgate_cost_total`, and the totals per client and team of `/status`.
     pub cost: CostMetrics,
+    /// `ezgate_budget_spent` and `ezgate_budget_limit`, read from the budgets when scraped.
+    pub budget: BudgetMetrics,
 }
 
 /// One client label's (prompt, completion) token counters.
@@ -295,6 +299,7 @@ impl Metrics {
         let status = StatusMetrics::new()?;
         let queue = QueueMetrics::new()?;
         let cost = CostMetrics::new()?;
+        let budget = BudgetMetrics::new()?;
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(requests.clone()),
             Box::new(duration.clone()),
@@ -329,6 +334,7 @@ impl Metrics {
             Box::new(queue.queued.clone()),
             Box::new(queue.wait.clone()),
             Box::new(cost.clone()),
+            Box::new(budget.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -402,6 +408,7 @@ impl Metrics {
             status,
             queue,
             cost,
+            budget,
         })
     }
 

@@ -227,24 +227,30 @@ impl Outcome {
     /// streamed. A WebSocket session is charged its reports and what its unfinished
     /// responses streamed.
     pub fn tokens_spent(&self) -> u64 {
+        let (prompt, completion) = self.tokens_used();
+        prompt.saturating_add(completion)
+    }
+
+    /// The request's prompt and completion tokens: as reported, else as estimated.
+    pub fn tokens_used(&self) -> (u64, u64) {
         // A WebSocket session: its `response.done` usages, and the estimate of what the
         // responses it left unfinished streamed.
         if self.session.is_some() {
-            let reported = self.usage.map_or(0, |u| u.prompt + u.completion);
-            return reported + self.output_estimate;
+            let (p, c) = self.usage.map_or((0, 0), |u| (u.prompt, u.completion));
+            return (p, c.saturating_add(self.output_estimate));
         }
         if let Some(u) = self.usage {
-            return u.prompt + u.completion;
+            return (u.prompt, u.completion);
         }
         match self.upstream_status {
             // No response: the upstream failed (refunded) or the client left while it was
             // working on the prompt.
-            None if self.status == CLIENT_CLOSED => self.prompt_estimate,
-            None => 0,
-            Some(s) if !(200..300).contains(&s) => 0,
+            None if self.status == CLIENT_CLOSED => (self.prompt_estimate, 0),
+            None => (0, 0),
+            Some(s) if !(200..300).contains(&s) => (0, 0),
             // The upstream broke before any body byte: nothing was generated.
-            Some(_) if self.upstream_failure.is_some() && self.bytes_out == 0 => 0,
-            Some(_) => self.prompt_estimate + self.output_estimate,
+            Some(_) if self.upstream_failure.is_some() && self.bytes_out == 0 => (0, 0),
+            Some(_) => (self.prompt_estimate, self.output_estimate),
         }
     }
 

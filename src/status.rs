@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::budget::Budgets;
 use crate::clients::{fingerprint, sha256};
-use crate::config::{LimitKey, Mode};
+use crate::config::{BudgetMode, BudgetStore, LimitKey, Mode, Period};
 use crate::gateway::{Gateway, ReloadRecord};
 use crate::limits::store::OVERFLOW_KEY;
 use crate::limits::{Cooldown, KeyUse, PolicySnapshot};
-use crate::metrics::{currency_value, Metrics};
+use crate::metrics::{currency_value, BudgetSample, Metrics};
 use crate::quota::{tightest, Learned, UnitView, ANY_MODEL};
 
 /// How many of a policy's busiest keys `/status` shows.
@@ -44,6 +45,49 @@ pub struct Status {
     /// What requests cost since ezgate started, per team and per client; `null` without
     /// `[prices]`.
     pub costs: Option<CostsStatus>,
+    /// Every `[[budgets]]` entry this period; `null` without budgets.
+    pub budgets: Option<BudgetsStatus>,
+}
+
+#[derive(Serialize)]
+pub struct BudgetsStatus {
+    /// `prices.currency`: what every amount here is in.
+    pub currency: String,
+    pub list: Vec<BudgetStatus>,
+}
+
+#[derive(Serialize)]
+pub struct BudgetStatus {
+    pub name: String,
+    /// `team`, `client`, `api_key`, `header:<name>` or `global`.
+    pub key: String,
+    pub mode: &'static str,
+    pub store: &'static str,
+    pub period: &'static str,
+    /// Each account's amount per period.
+    pub amount: f64,
+    /// RFC 3339, UTC.
+    pub period_start: String,
+    pub period_end: String,
+    /// Accounts (teams, clients, key fingerprints…) with spend or a reservation this period.
+    pub accounts: usize,
+    /// The accounts that spent most, most first: names, or fingerprints of keys and header
+    /// values, never the keys or values themselves.
+    pub top: Vec<AccountStatus>,
+    /// Requests a `shadow` budget would have refused since ezgate started.
+    pub would_refuse: u64,
+}
+
+#[derive(Serialize)]
+pub struct AccountStatus {
+    pub key: String,
+    pub spent: f64,
+    /// Held by requests in flight.
+    pub reserved: f64,
+    /// `spent` ÷ `amount`.
+    pub used: f64,
+    /// The highest `warn_at` share crossed, if any.
+    pub warned: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -160,6 +204,94 @@ pub struct StoreStatus {
     pub fleet: Option<u32>,
 }
 
+/// How many of a budget's biggest spenders `/status` shows.
+pub const TOP_SPENDERS: usize = 10;
+
+fn budgets(b: &Budgets, currency: &str) -> BudgetsStatus {
+    let now = crate::budget::clock::now();
+    let list = b
+        .views(TOP_SPENDERS, now)
+        .into_iter()
+        .map(|v| BudgetStatus {
+            name: v.name.to_string(),
+            key: v.key,
+            mode: match v.mode {
+                BudgetMode::Enforce => "enforce",
+                BudgetMode::Shadow => "shadow",
+            },
+            store: match v.store {
+                BudgetStore::Local => "local",
+                BudgetStore::Redis => "redis",
+            },
+            period: match v.period {
+                Period::Day => "day",
+                Period::Week => "week",
+                Period::Month => "month",
+            },
+            amount: currency_value(v.amount),
+            period_start: v.period_start.to_string(),
+            period_end: v.period_end.to_string(),
+            accounts: v.accounts,
+            top: v
+                .top
+                .iter()
+                .map(|(key, a)| AccountStatus {
+                    key: key.to_string(),
+                    spent: currency_value(a.spent),
+                    reserved: currency_value(a.reserved),
+                    used: if v.amount == 0 {
+                        0.0
+                    } else {
+                        a.spent as f64 / v.amount as f64
+                    },
+                    warned: usize::from(a.warned)
+                        .checked_sub(1)
+                        .and_then(|i| v.warn_at.get(i).copied()),
+                })
+                .collect(),
+            would_refuse: v.would_refuse,
+        })
+        .collect();
+    BudgetsStatus {
+        currency: currency.to_owned(),
+        list,
+    }
+}
+
+/// The series of `ezgate_budget_spent` and `ezgate_budget_limit`: every account of a budget
+/// keyed by team, client or `global` (names the config bounds), and the busiest account of
+/// one keyed by API key or header, without a key.
+pub fn budget_samples(b: &Budgets) -> Vec<BudgetSample> {
+    let now = crate::budget::clock::now();
+    let mut out = Vec::new();
+    for v in b.views(usize::MAX, now) {
+        if v.named_keys {
+            out.extend(v.top.iter().map(|(key, a)| BudgetSample {
+                budget: Arc::clone(&v.name),
+                key: Arc::clone(key),
+                spent: a.spent,
+                limit: v.amount,
+            }));
+            if v.key == "global" && v.top.is_empty() {
+                out.push(BudgetSample {
+                    budget: Arc::clone(&v.name),
+                    key: Arc::from("global"),
+                    spent: 0,
+                    limit: v.amount,
+                });
+            }
+        } else {
+            out.push(BudgetSample {
+                budget: Arc::clone(&v.name),
+                key: Arc::from(""),
+                spent: v.top.first().map_or(0, |(_, a)| a.spent),
+                limit: v.amount,
+            });
+        }
+    }
+    out
+}
+
 /// The running gateway, now.
 pub fn status(gw: &Gateway) -> Status {
     let state = gw.state();
@@ -219,6 +351,10 @@ pub fn status(gw: &Gateway) -> Status {
                 clients: shown(totals.clients),
             }
         }),
+        budgets: match &state.prices {
+            Some(p) if !state.budgets.is_empty() => Some(budgets(&state.budgets, p.currency())),
+            _ => None,
+        },
     }
 }
 

@@ -38,6 +38,9 @@ const SIDEWAYS: &[(&str, &str)] = &[
     ("upstream", "pool"),
     // The learned quota's shared picture lives in the shared limits' Redis.
     ("quota", "limits"),
+    // Budgets count money as costs price it, and share it through the shared limits' Redis.
+    ("budget", "cost"),
+    ("budget", "limits"),
     // Recording reads the outcome.
     ("metrics", "outcome"),
     ("access_log", "outcome"),

@@ -1,5 +1,5 @@
 //! One budget's accounts for the current period: per key, what was spent (settled) and what
-//! requests in flight hold (reserved), in micro-units of the currency (millionths; integers,
+//! requests in flight hold (reserved), in nano-units of the currency (billionths; integers,
 //! so sums are exact and the same on every replica).
 //!
 //! A request is admitted when its maximum cost fits beside what is spent and reserved
@@ -47,8 +47,8 @@ pub enum Refusal {
         left: Amount,
         next_period: Timestamp,
     },
-    /// [`MAX_KEYS`] keys already have an account this period.
-    Full,
+    /// [`MAX_KEYS`] keys already have an account this period (until `next_period`).
+    Full { next_period: Timestamp },
 }
 
 /// A `warn_at` share that an account's spend crossed.
@@ -116,29 +116,101 @@ impl Ledger {
     /// Admits `max_cost` for `key`, or says why not (the account is left as it was).
     pub fn reserve(
         &mut self,
-        key: &str,
+        key: &Arc<str>,
         max_cost: Amount,
         now: Timestamp,
     ) -> Result<Reservation, Refusal> {
-        self.roll(now);
-        if !self.accounts.contains_key(key) && self.accounts.len() >= MAX_KEYS {
-            return Err(Refusal::Full);
+        self.hold(key, max_cost, now, false)
+    }
+
+    /// Holds `max_cost` for `key` whether or not it fits (a budget in shadow mode counts
+    /// what it would have refused); says whether it would have been refused.
+    pub fn force(
+        &mut self,
+        key: &Arc<str>,
+        max_cost: Amount,
+        now: Timestamp,
+    ) -> (Reservation, Option<Refusal>) {
+        let refusal = self.fits(key, max_cost, now).err();
+        match self.hold(key, max_cost, now, true) {
+            Ok(r) => (r, refusal),
+            // Only a full table refuses a forced hold: nothing is held, and nothing settles.
+            Err(full) => (
+                Reservation {
+                    key: Arc::clone(key),
+                    window: String::new(),
+                    amount: 0,
+                },
+                Some(full),
+            ),
         }
-        let a = self.accounts.entry(Arc::from(key)).or_default();
-        let held = a.spent.saturating_add(a.reserved);
-        let left = self.amount.saturating_sub(held);
+    }
+
+    /// Whether `max_cost` fits `key`'s account now.
+    fn fits(&mut self, key: &Arc<str>, max_cost: Amount, now: Timestamp) -> Result<(), Refusal> {
+        self.roll(now);
+        let a = self.accounts.get(key).copied().unwrap_or_default();
+        let left = self
+            .amount
+            .saturating_sub(a.spent.saturating_add(a.reserved));
         if max_cost > left {
             return Err(Refusal::Exceeded {
                 left,
                 next_period: self.window.end,
             });
         }
-        a.reserved += max_cost;
+        Ok(())
+    }
+
+    fn hold(
+        &mut self,
+        key: &Arc<str>,
+        max_cost: Amount,
+        now: Timestamp,
+        anyway: bool,
+    ) -> Result<Reservation, Refusal> {
+        self.roll(now);
+        if !self.accounts.contains_key(key) && self.accounts.len() >= MAX_KEYS {
+            return Err(Refusal::Full {
+                next_period: self.window.end,
+            });
+        }
+        let a = self.accounts.entry(Arc::clone(key)).or_default();
+        let held = a.spent.saturating_add(a.reserved);
+        let left = self.amount.saturating_sub(held);
+        if max_cost > left && !anyway {
+            return Err(Refusal::Exceeded {
+                left,
+                next_period: self.window.end,
+            });
+        }
+        a.reserved = a.reserved.saturating_add(max_cost);
         Ok(Reservation {
-            key: Arc::from(key),
+            key: Arc::clone(key),
             window: self.window.id.clone(),
             amount: max_cost,
         })
+    }
+
+    /// A reload's new amount and warning shares; the period's spend stays.
+    pub fn configure(&mut self, amount: Amount, mut warn_at: Vec<f64>) {
+        warn_at.sort_by(f64::total_cmp);
+        self.amount = amount;
+        self.warn_at = warn_at;
+        for a in self.accounts.values_mut() {
+            a.warned = crossed(&self.warn_at, self.amount, a.spent);
+        }
+    }
+
+    /// The amount each account may spend per period.
+    pub fn amount(&self) -> Amount {
+        self.amount
+    }
+
+    /// How many accounts the period has.
+    pub fn len(&mut self, now: Timestamp) -> usize {
+        self.roll(now);
+        self.accounts.len()
     }
 
     /// Replaces a reservation by what the request cost; returns the `warn_at` shares its
@@ -214,14 +286,18 @@ impl Ledger {
         for (key, spent) in &saved.accounts {
             let a = self.accounts.entry(Arc::from(key.as_str())).or_default();
             a.spent = a.spent.max(*spent);
-            while let Some(&share) = self.warn_at.get(usize::from(a.warned)) {
-                if (a.spent as f64) < share * self.amount as f64 {
-                    break;
-                }
-                a.warned += 1;
-            }
+            a.warned = crossed(&self.warn_at, self.amount, a.spent);
         }
     }
+}
+
+/// How many of `warn_at` (ascending shares of `amount`) `spent` has reached.
+fn crossed(warn_at: &[f64], amount: Amount, spent: Amount) -> u8 {
+    let n = warn_at
+        .iter()
+        .take_while(|&&share| spent as f64 >= share * amount as f64)
+        .count();
+    u8::try_from(n).unwrap_or(u8::MAX)
 }
 
 #[cfg(test)]
@@ -232,6 +308,10 @@ mod tests {
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    fn k(s: &str) -> Arc<str> {
+        Arc::from(s)
     }
 
     fn monthly(amount: Amount) -> Ledger {
@@ -250,9 +330,9 @@ mod tests {
     fn reservations_hold_room_and_settlement_replaces_them() {
         let mut l = monthly(10 * DOLLAR);
         let now = ts("2026-12-07T06:00:00Z");
-        let a = l.reserve("search", 6 * DOLLAR, now).unwrap();
+        let a = l.reserve(&k("search"), 6 * DOLLAR, now).unwrap();
         // 4 left while the first is in flight: a 5-dollar request does not fit.
-        let e = l.reserve("search", 5 * DOLLAR, now).unwrap_err();
+        let e = l.reserve(&k("search"), 5 * DOLLAR, now).unwrap_err();
         assert_eq!(
             e,
             Refusal::Exceeded {
@@ -261,24 +341,24 @@ mod tests {
             }
         );
         // Another key has its own account.
-        assert!(l.reserve("ads", 10 * DOLLAR, now).is_ok());
+        assert!(l.reserve(&k("ads"), 10 * DOLLAR, now).is_ok());
         // The first cost 1.25: 8.75 left.
         let crossed = l.settle(a, 1_250_000_000, now);
         assert!(crossed.is_empty());
         let acct = l.account("search", now);
         assert_eq!((acct.spent, acct.reserved), (1_250_000_000, 0));
-        assert!(l.reserve("search", 8_750_000_000, now).is_ok());
-        assert!(l.reserve("search", 1, now).is_err());
+        assert!(l.reserve(&k("search"), 8_750_000_000, now).is_ok());
+        assert!(l.reserve(&k("search"), 1, now).is_err());
     }
 
     #[test]
     fn a_refusal_or_an_error_costs_nothing_and_a_cut_stream_what_it_used() {
         let mut l = monthly(10 * DOLLAR);
         let now = ts("2026-12-07T06:00:00Z");
-        let r = l.reserve("k", 3 * DOLLAR, now).unwrap();
+        let r = l.reserve(&k("k"), 3 * DOLLAR, now).unwrap();
         l.settle(r, 0, now);
         assert_eq!(l.account("k", now), Account::default());
-        let r = l.reserve("k", 3 * DOLLAR, now).unwrap();
+        let r = l.reserve(&k("k"), 3 * DOLLAR, now).unwrap();
         l.settle(r, 400_000_000, now);
         assert_eq!(l.account("k", now).spent, 400_000_000);
     }
@@ -287,11 +367,11 @@ mod tests {
     fn warnings_cross_once_each_in_order() {
         let mut l = monthly(10 * DOLLAR);
         let now = ts("2026-12-07T06:00:00Z");
-        let r = l.reserve("k", 10 * DOLLAR, now).unwrap();
+        let r = l.reserve(&k("k"), 10 * DOLLAR, now).unwrap();
         let crossed = l.settle(r, 9_600_000_000, now);
         let shares: Vec<f64> = crossed.iter().map(|c| c.share).collect();
         assert_eq!(shares, [0.8, 0.95]);
-        let r = l.reserve("k", 100_000_000, now).unwrap();
+        let r = l.reserve(&k("k"), 100_000_000, now).unwrap();
         assert!(l.settle(r, 100_000_000, now).is_empty());
     }
 
@@ -299,19 +379,19 @@ mod tests {
     fn a_new_period_starts_at_zero_and_old_reservations_settle_into_nothing() {
         let mut l = monthly(10 * DOLLAR);
         let dec = ts("2026-12-31T23:59:00Z");
-        let r = l.reserve("k", 10 * DOLLAR, dec).unwrap();
+        let r = l.reserve(&k("k"), 10 * DOLLAR, dec).unwrap();
         let jan = ts("2027-01-01T00:00:01Z");
         assert_eq!(l.window(jan).id, "2027-01");
         assert!(l.settle(r, 10 * DOLLAR, jan).is_empty());
         assert_eq!(l.account("k", jan), Account::default());
-        assert!(l.reserve("k", 10 * DOLLAR, jan).is_ok());
+        assert!(l.reserve(&k("k"), 10 * DOLLAR, jan).is_ok());
     }
 
     #[test]
     fn saved_spend_comes_back_in_its_period_only() {
         let mut l = monthly(10 * DOLLAR);
         let now = ts("2026-12-07T06:00:00Z");
-        let r = l.reserve("k", 9 * DOLLAR, now).unwrap();
+        let r = l.reserve(&k("k"), 9 * DOLLAR, now).unwrap();
         l.settle(r, 8_500_000_000, now);
         let saved = l.save(now);
         assert_eq!(saved.window, "2026-12");
@@ -320,7 +400,7 @@ mod tests {
         again.restore(&saved, now);
         assert_eq!(again.account("k", now).spent, 8_500_000_000);
         // Warnings already crossed are not raised again after a restart.
-        let r = again.reserve("k", DOLLAR, now).unwrap();
+        let r = again.reserve(&k("k"), DOLLAR, now).unwrap();
         let crossed = again.settle(r, 100_000_000, now);
         assert_eq!(
             crossed.iter().map(|c| c.share).collect::<Vec<_>>(),
@@ -336,9 +416,38 @@ mod tests {
         let mut l = monthly(10 * DOLLAR);
         let now = ts("2026-12-07T06:00:00Z");
         for i in 0..MAX_KEYS {
-            l.reserve(&format!("k{i}"), 1, now).unwrap();
+            l.reserve(&k(&format!("k{i}")), 1, now).unwrap();
         }
-        assert_eq!(l.reserve("one-more", 1, now), Err(Refusal::Full));
-        assert!(l.reserve("k7", 1, now).is_ok());
+        assert!(matches!(
+            l.reserve(&k("one-more"), 1, now),
+            Err(Refusal::Full { .. })
+        ));
+        assert!(l.reserve(&k("k7"), 1, now).is_ok());
+    }
+
+    #[test]
+    fn shadow_holds_anyway_and_says_what_it_would_have_refused() {
+        let mut l = monthly(10 * DOLLAR);
+        let now = ts("2026-12-07T06:00:00Z");
+        let (r, refused) = l.force(&k("k"), 6 * DOLLAR, now);
+        assert!(refused.is_none());
+        let (r2, refused) = l.force(&k("k"), 6 * DOLLAR, now);
+        assert!(matches!(refused, Some(Refusal::Exceeded { left, .. }) if left == 4 * DOLLAR));
+        l.settle(r, 6 * DOLLAR, now);
+        l.settle(r2, 6 * DOLLAR, now);
+        assert_eq!(l.account(&k("k"), now).spent, 12 * DOLLAR);
+    }
+
+    #[test]
+    fn a_new_amount_keeps_the_spend_and_recounts_the_warnings() {
+        let mut l = monthly(10 * DOLLAR);
+        let now = ts("2026-12-07T06:00:00Z");
+        let r = l.reserve(&k("k"), 9 * DOLLAR, now).unwrap();
+        assert_eq!(l.settle(r, 9 * DOLLAR, now).len(), 1);
+        l.configure(20 * DOLLAR, vec![0.8]);
+        assert_eq!(l.account(&k("k"), now).spent, 9 * DOLLAR);
+        assert_eq!(l.account(&k("k"), now).warned, 0);
+        let r = l.reserve(&k("k"), 8 * DOLLAR, now).unwrap();
+        assert_eq!(l.settle(r, 8 * DOLLAR, now).len(), 1);
     }
 }

@@ -105,24 +105,41 @@ impl BudgetKey {
     }
 }
 
+/// The routes whose requests a budget can cover: their responses report token usage.
+pub const PRICED_ROUTES: [&str; 5] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/realtime",
+];
+
 /// The largest amount accepted: a billion currency units, far beyond any budget, and inside
 /// what nano-units in a `u64` hold (1.8e10 units).
 const MAX_AMOUNT: f64 = 1e9;
 
-/// `amount` in micro-units, rounded to the nearest.
+/// `amount` in nano-units, rounded to the nearest.
 pub fn nanos(amount: f64) -> Amount {
     (amount * 1e9).round() as Amount
 }
 
-/// Checks every budget; `has_redis`: a `[redis]` section exists; `has_state_dir`:
-/// `server.state_dir` is set. Problems refuse the config; notes only warn.
+/// Checks every budget; `has_prices`: a `[prices]` table exists; `has_redis`: a `[redis]`
+/// section exists; `has_state_dir`: `server.state_dir` is set. Problems refuse the config;
+/// notes only warn.
 pub fn validate(
     budgets: &[BudgetConfig],
+    has_prices: bool,
     has_redis: bool,
     has_state_dir: bool,
     problems: &mut Vec<String>,
     notes: &mut Vec<String>,
 ) {
+    if !budgets.is_empty() && !has_prices {
+        problems.push(
+            "budgets: a budget counts money, and there is no [prices] table to price requests with; add [prices] (docs/budgets.md)"
+                .to_owned(),
+        );
+    }
     let mut names = std::collections::HashSet::new();
     for (i, b) in budgets.iter().enumerate() {
         let at = if b.name.is_empty() {
@@ -165,6 +182,16 @@ pub fn validate(
             }
             last = *w;
         }
+        for (j, r) in b.matches.routes.iter().enumerate() {
+            let priced = crate::route::Route::from_template(r)
+                .is_some_and(|r| r.carries_tokens() || r == crate::route::Route::Realtime);
+            if !priced {
+                problems.push(format!(
+                    "{at}.match.routes[{j}]: \"{r}\" is not a route whose usage ezgate prices; use some of {}",
+                    PRICED_ROUTES.join(", ")
+                ));
+            }
+        }
         match b.store {
             BudgetStore::Redis if !has_redis => problems.push(format!(
                 "{at}: store \"redis\" needs a [redis] section; add one or use store = \"local\""
@@ -174,6 +201,44 @@ pub fn validate(
             )),
             _ => {}
         }
+    }
+}
+
+impl BudgetConfig {
+    /// As `check-config` shows it, every default written out.
+    pub fn display(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "\n[[budgets]]\nname = {:?}\nkey = {:?}\namount = {}",
+            self.name,
+            self.key,
+            super::decimal(u128::from(nanos(self.amount)), 9)
+        )?;
+        let period = match self.period {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        };
+        writeln!(f, "period = \"{period}\"\ntimezone = {:?}", self.timezone)?;
+        writeln!(f, "warn_at = {:?}", self.warn_at)?;
+        let mode = match self.mode {
+            BudgetMode::Enforce => "enforce",
+            BudgetMode::Shadow => "shadow",
+        };
+        let store = match self.store {
+            BudgetStore::Local => "local",
+            BudgetStore::Redis => "redis",
+        };
+        writeln!(f, "mode = \"{mode}\"\nstore = \"{store}\"")?;
+        let m = &self.matches;
+        if !(m.models.is_empty() && m.routes.is_empty()) {
+            writeln!(
+                f,
+                "match = {{ models = {:?}, routes = {:?} }}",
+                m.models, m.routes
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -204,7 +269,7 @@ match = { models = ["gpt-4o*"] }
         assert_eq!(nanos(b.amount), 500_000_000_000);
         assert_eq!(b.matches.models, ["gpt-4o*"]);
         let (mut p, mut n) = (Vec::new(), Vec::new());
-        validate(&[b], false, false, &mut p, &mut n);
+        validate(&[b], true, false, false, &mut p, &mut n);
         assert!(p.is_empty(), "{p:?}");
         assert_eq!(
             n.len(),
@@ -227,7 +292,7 @@ store = "redis"
 "#,
         );
         let (mut p, mut n) = (Vec::new(), Vec::new());
-        validate(&[b.clone(), b], false, true, &mut p, &mut n);
+        validate(&[b.clone(), b], true, false, true, &mut p, &mut n);
         let all = p.join("\n");
         for want in [
             "name is used by another budget",

@@ -44,6 +44,9 @@ impl fmt::Display for Settings {
         if let Some(t) = &s.admin_token {
             writeln!(f, "admin_token = \"{t}\"")?;
         }
+        if let Some(d) = &s.state_dir {
+            writeln!(f, "state_dir = {d:?}")?;
+        }
         let u = &c.upstream;
         writeln!(f, "\n[upstream]")?;
         writeln!(f, "base_url = \"{}\"", u.base_url)?;
@@ -203,6 +206,12 @@ impl fmt::Display for Settings {
                 writeln!(f, "max_wait = \"{w}\"")?;
             }
             writeln!(f, "max_keys = {}", l.effective_max_keys())?;
+        }
+        for b in &c.budgets {
+            b.display(f)?;
+        }
+        for n in &self.notes {
+            writeln!(f, "# warning: {n}")?;
         }
         Ok(())
     }

@@ -46,6 +46,7 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     pub limits: Vec<LimitConfig>,
     pub prices: Option<PricesConfig>,
+    pub budgets: Vec<BudgetConfig>,
     pub redis: Option<RedisConfig>,
     pub tracing: Option<TracingConfig>,
 }
@@ -128,6 +129,9 @@ pub struct ServerConfig {
     /// Enables the admin listener's POST endpoints (`Authorization: Bearer <token>`); without
     /// it they answer 403.
     pub admin_token: Option<Secret>,
+    /// Where local budgets keep their spend across restarts (`budgets.json`); without it
+    /// they live in memory.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -150,6 +154,7 @@ impl Default for ServerConfig {
             worker_threads: 0,
             tls: None,
             admin_token: None,
+            state_dir: None,
         }
     }
 }
@@ -383,6 +388,8 @@ pub struct Settings {
     pub source: String,
     pub config: Config,
     pub upstream_uri: Uri,
+    /// What `check-config` and startup warn about without refusing the config.
+    pub notes: Vec<String>,
 }
 
 /// Every problem found in one config, each naming the file and the key path.
@@ -525,7 +532,8 @@ impl Settings {
                 None
             }
         };
-        validate::validate(&config, &mut problems);
+        let mut notes = Vec::new();
+        validate::validate(&config, &mut problems, &mut notes);
         let mut from_flags = Vec::new();
         for (set, key) in [
             (overrides.listen.is_some(), "server.listen"),
@@ -549,6 +557,7 @@ impl Settings {
                 source: source.to_owned(),
                 config,
                 upstream_uri,
+                notes,
             }),
             _ => Err(fail(problems)),
         }

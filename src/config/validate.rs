@@ -11,7 +11,15 @@ use super::{
 };
 use crate::route::Route;
 
-pub(super) fn validate(c: &Config, problems: &mut Vec<String>) {
+pub(super) fn validate(c: &Config, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+    super::budgets::validate(
+        &c.budgets,
+        c.prices.is_some(),
+        c.redis.is_some(),
+        c.server.state_dir.is_some(),
+        problems,
+        notes,
+    );
     super::quota::validate(&c.upstream.quota, c.redis.is_some(), problems);
     if c.server.max_request_body.0 == 0 {
         problems.push("server.max_request_body: must be above zero".to_owned());

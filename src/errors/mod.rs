@@ -95,6 +95,17 @@ pub enum GatewayError {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// A `[[budgets]]` entry has not enough left for the request's maximum cost this period
+    /// (`retry_after`: until the next period begins). Retrying sooner cannot help.
+    #[error("{message}")]
+    BudgetExceeded {
+        budget: Arc<str>,
+        message: String,
+        retry_after: Duration,
+    },
+    /// A budget applies to the request and its model has no price (`[prices]`).
+    #[error("Model '{model}' has no price, and budget '{budget}' applies to this request: no prices.models entry matches it and there is no prices.default. The operator can add a price for it.")]
+    Unpriced { budget: Arc<str>, model: String },
     #[error(
         "No API key: send 'Authorization: Bearer <key>' with a key configured in [[clients]]."
     )]
@@ -196,13 +207,15 @@ impl GatewayError {
             | Self::TokenRateLimited { .. }
             | Self::ConcurrencyLimited { .. }
             | Self::UpstreamRateLimited { .. }
-            | Self::UpstreamQuotaExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | Self::UpstreamQuotaExhausted { .. }
+            | Self::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MissingApiKey | Self::InvalidApiKey | Self::InvalidAdminToken => {
                 StatusCode::UNAUTHORIZED
             }
             Self::AdminTokenNotConfigured => StatusCode::FORBIDDEN,
             Self::ModelNotAllowed { .. }
             | Self::ModelMissing { .. }
+            | Self::Unpriced { .. }
             | Self::RouteNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -230,11 +243,14 @@ impl GatewayError {
             Self::ConcurrencyLimited { .. } => "concurrency_limited",
             Self::UpstreamRateLimited { .. } => "upstream_rate_limited",
             Self::UpstreamQuotaExhausted { .. } => "upstream_quota_exhausted",
+            Self::BudgetExceeded { .. } => "budget_exceeded",
             Self::MissingApiKey => "missing_api_key",
             Self::InvalidApiKey => "invalid_api_key",
             Self::AdminTokenNotConfigured => "admin_token_not_configured",
             Self::InvalidAdminToken => "invalid_admin_token",
-            Self::ModelNotAllowed { .. } | Self::ModelMissing { .. } => "model_not_allowed",
+            Self::ModelNotAllowed { .. } | Self::ModelMissing { .. } | Self::Unpriced { .. } => {
+                "model_not_allowed"
+            }
             Self::RouteNotAllowed { .. } => "route_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::BadRequest(_) => "bad_request",
@@ -258,7 +274,8 @@ impl GatewayError {
         match self {
             Self::RateLimited { policy, .. }
             | Self::TokenRateLimited { policy, .. }
-            | Self::ConcurrencyLimited { policy, .. } => Some(policy),
+            | Self::ConcurrencyLimited { policy, .. }
+            | Self::BudgetExceeded { budget: policy, .. } => Some(policy),
             _ => None,
         }
     }
@@ -270,6 +287,7 @@ impl GatewayError {
             | Self::TokenRateLimited { retry_after, .. }
             | Self::UpstreamRateLimited { retry_after } => Some(*retry_after),
             Self::UpstreamQuotaExhausted { retry_after, .. } => *retry_after,
+            Self::BudgetExceeded { retry_after, .. } => Some(*retry_after),
             Self::ConcurrencyLimited { .. } | Self::Overloaded(_) | Self::ShuttingDown => {
                 Some(Duration::from_secs(1))
             }
@@ -290,6 +308,8 @@ impl GatewayError {
                 | Self::InvalidAdminToken
                 | Self::ModelNotAllowed { .. }
                 | Self::ModelMissing { .. }
+                | Self::Unpriced { .. }
+                | Self::BudgetExceeded { .. }
                 | Self::RouteNotAllowed { .. }
                 | Self::PayloadTooLarge { .. }
                 | Self::BadRequest(_)
@@ -303,6 +323,7 @@ impl GatewayError {
     fn param(&self) -> Option<&'static str> {
         match self {
             Self::ModelNotAllowed { field, .. } | Self::ModelMissing { field, .. } => Some(field),
+            Self::Unpriced { .. } => Some("model"),
             _ => None,
         }
     }

@@ -199,6 +199,15 @@ fn one_of_each() -> Vec<GatewayError> {
             message: "m".into(),
             retry_after: None,
         },
+        GatewayError::BudgetExceeded {
+            budget: "b".into(),
+            message: "m".into(),
+            retry_after: d,
+        },
+        GatewayError::Unpriced {
+            budget: "b".into(),
+            model: "m".into(),
+        },
         GatewayError::MissingApiKey,
         GatewayError::InvalidApiKey,
         GatewayError::ModelNotAllowed {

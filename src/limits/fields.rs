@@ -23,7 +23,7 @@ use super::estimate::Counts;
 use super::scan::{Scan, Str};
 
 /// The top-level members ezgate reads, in the order of the bits of `seen`.
-const TOP: [&[u8]; 13] = [
+const TOP: [&[u8]; 14] = [
     b"model",
     b"messages",
     b"prompt",
@@ -37,6 +37,7 @@ const TOP: [&[u8]; 13] = [
     b"session",
     b"input_audio_transcription",
     b"audio",
+    b"n",
 ];
 const TOP_NAMES: Names = Names::new(&TOP, "");
 
@@ -57,6 +58,7 @@ fn top_index(raw: &[u8]) -> Option<usize> {
         b"session" => 10,
         b"input_audio_transcription" => 11,
         b"audio" => 12,
+        b"n" => 13,
         _ => return None,
     })
 }
@@ -113,6 +115,8 @@ pub struct Fields<'a> {
     pub max_tokens: Option<u64>,
     pub max_completion_tokens: Option<u64>,
     pub max_output_tokens: Option<u64>,
+    /// `n`: how many choices the completion generates, each up to the cap.
+    pub n: Option<u64>,
     pub stream: Option<bool>,
     pub include_usage: Option<bool>,
     /// Models named inside the body: every `tools[].model`, `session.model`, and the
@@ -173,7 +177,8 @@ pub fn request_fields(body: &[u8]) -> Result<Fields<'_>, Unread> {
             // A realtime session's own body (`/v1/realtime/sessions`): its transcription
             // model spends too.
             11 => s.transcription(&mut f, 1)?,
-            _ => s.audio(&mut f, 1)?,
+            12 => s.audio(&mut f, 1)?,
+            _ => f.n = s.count(TOP[at])?,
         }
         Some(())
     });

@@ -14,8 +14,11 @@ pub struct RequestInfo {
     /// Prompt size estimate: the prompt text's characters weighed by class
     /// ([`super::estimate`]), at least 1.
     pub prompt_tokens: u64,
-    /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, when the request caps it.
+    /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, when the request caps it,
+    /// times its `n` choices.
     pub max_tokens: Option<u64>,
+    /// `n`: the completions generated (at least 1).
+    pub choices: u64,
     pub stream: bool,
     pub include_usage: bool,
     /// Estimate used when no policy default applies: prompt + max_tokens (or 0).
@@ -60,18 +63,21 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
         }
     };
     let prompt_tokens = doc.text.tokens().max(1);
+    let choices = doc.n.unwrap_or(1).max(1);
     let max_tokens = doc
         .max_tokens
         .or(doc.max_completion_tokens)
-        .or(doc.max_output_tokens);
+        .or(doc.max_output_tokens)
+        .map(|cap| cap.saturating_mul(choices));
     RequestInfo {
         understood: true,
         model: doc.model.map(kept),
         prompt_tokens,
         max_tokens,
+        choices,
         stream: doc.stream.unwrap_or(false),
         include_usage: doc.include_usage.unwrap_or(false),
-        estimated_tokens: prompt_tokens + max_tokens.unwrap_or(0),
+        estimated_tokens: prompt_tokens.saturating_add(max_tokens.unwrap_or(0)),
         body_len: body.len(),
         other_models: doc.other_models.into_iter().map(kept).collect(),
         unnamed_tool_model: doc.unnamed_tool_model,

@@ -20,6 +20,7 @@ use http::header::{
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+mod budget;
 mod quota;
 mod request;
 mod respond;
@@ -216,7 +217,9 @@ async fn handle(
         Some(ModelAt::Json | ModelAt::JsonIfPresent | ModelAt::Session | ModelAt::Form)
     ) || (post
         && out.route.carries_model()
-        && (state.limits.needs_body(out.route) || state.pacer.is_some()));
+        && (state.limits.needs_body(out.route)
+            || state.pacer.is_some()
+            || state.budgets.may_cover(out.route)));
     let ask_usage = post
         && cfg.upstream.stream_usage
         && matches!(out.route, Route::ChatCompletions | Route::Completions);
@@ -292,6 +295,13 @@ async fn handle(
     // From here the permit is settled with what the request spends, whatever happens.
     out.permit = Some(admission.permit);
     let admission_headers = admission.headers;
+    // Budget: the request's maximum cost must fit what every budget covering it has left.
+    let asked = budget::Asked {
+        max_tokens: request.as_ref().and_then(|r| r.max_tokens),
+        choices: request.as_ref().map_or(1, |r| r.choices),
+        spends: post || handshake.is_some(),
+    };
+    budget::admit(state, &caller, &parts.headers, asked, out)?;
     // Pace (`upstream.quota.mode = "enforce"`): a request the upstream's learned quota
     // cannot carry waits its turn, by priority, instead of being spent on a 429.
     let mut ticket = match &state.pacer {
