@@ -161,6 +161,20 @@ mod tests {
     }
 
     #[test]
+    fn n_choices_multiply_the_cap() {
+        let info = inspect(br#"{"model":"m","n":3,"max_completion_tokens":100,"messages":[]}"#);
+        assert_eq!((info.max_tokens, info.choices), (Some(300), 3));
+        // Spelled in another case (Go's decoder would read it as `n`): ambiguous, as for
+        // every member ezgate reads.
+        assert!(inspect(br#"{"model":"m","N":2,"max_tokens":10}"#)
+            .ambiguous
+            .is_some());
+        assert!(inspect(br#"{"model":"m","n":1e3}"#).ambiguous.is_some());
+        let info = inspect(br#"{"model":"m","n":null}"#);
+        assert_eq!((info.max_tokens, info.choices), (None, 1));
+    }
+
+    #[test]
     fn weighs_scripts() {
         // 71 characters of Chinese, at 0.74 a token each; characters / 4 said 18.
         let body = r#"{"model":"m","messages":[{"role":"user","content":"请帮我总结下面这个工单，并建议下一步应该怎么处理。客户说他们的发票上同一个月出现了两笔扣款。请帮我总结下面这个工单，并建议下一步应该怎么处理。"}]}"#;
