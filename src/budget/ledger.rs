@@ -21,6 +21,8 @@ use super::period::{window, Period, Window};
 pub use crate::config::Amount;
 
 /// The most keys one budget tracks in a period (keys come from requests: API keys, headers).
+/// An account leaves the table when it holds nothing (no spend, no reservation), so only
+/// keys that spent money this period fill it.
 pub const MAX_KEYS: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +227,11 @@ impl Ledger {
         };
         a.reserved = a.reserved.saturating_sub(r.amount);
         a.spent = a.spent.saturating_add(actual);
+        if a.spent == 0 && a.reserved == 0 {
+            // An account that holds nothing takes no room: only money spent fills the table.
+            self.accounts.remove(&r.key);
+            return Vec::new();
+        }
         let mut crossed = Vec::new();
         while let Some(&share) = self.warn_at.get(usize::from(a.warned)) {
             if (a.spent as f64) < share * self.amount as f64 {
@@ -423,6 +430,15 @@ mod tests {
             Err(Refusal::Full { .. })
         ));
         assert!(l.reserve(&k("k7"), 1, now).is_ok());
+        // A key that ends up spending nothing makes room again.
+        let r = l.reserve(&k("k8"), 1, now).unwrap();
+        let r8 = Reservation {
+            amount: 2,
+            ..r.clone()
+        };
+        l.settle(r, 0, now);
+        l.settle(r8, 0, now);
+        assert!(l.reserve(&k("one-more"), 1, now).is_ok());
     }
 
     #[test]
