@@ -68,6 +68,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ezgate_inflight_requests": ("gauge", ("route",)),
     "ezgate_tokens_total": ("counter", ("model", "kind", "client")),
     "ezgate_cost_total": ("counter", ("client", "model")),
+    "ezgate_budget_spent": ("gauge", ("budget", "key")),
+    "ezgate_budget_limit": ("gauge", ("budget", "key")),
     "ezgate_client_requests_total": ("counter", ("client", "status")),
     "ezgate_time_to_first_token_seconds": ("histogram", ("route", "model")),
     "ezgate_time_per_output_token_seconds": ("histogram", ("model",)),
@@ -92,8 +94,8 @@ TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "container", "
 
 GATEWAY_CODES = frozenset("""
     rate_limited token_rate_limited concurrency_limited upstream_rate_limited
-    upstream_quota_exhausted missing_api_key
-    invalid_api_key model_not_allowed payload_too_large upstream_unreachable
+    upstream_quota_exhausted budget_exceeded missing_api_key
+    invalid_api_key model_not_allowed route_not_allowed payload_too_large upstream_unreachable
     upstream_bad_response upstream_timeout upstream_stream_interrupted overloaded
     shutting_down internal_error bad_request not_found method_not_allowed request_timeout
     client_closed_request headers_too_large uri_too_long""".split())
