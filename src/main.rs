@@ -124,6 +124,13 @@ async fn start(
     path: Option<PathBuf>,
     overrides: Overrides,
 ) -> Result<(), String> {
+    // The budgets' state is read before anything listens: a file that cannot be read or a
+    // directory that cannot be written stops startup.
+    if let Some(dir) = &settings.config.server.state_dir {
+        if !settings.config.budgets.is_empty() {
+            ezgate::budget::state::check(dir)?;
+        }
+    }
     let listeners = Listeners::bind(&settings).await?;
     let proxy_addr = listeners.proxy.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = listeners.admin.local_addr().map_err(|e| e.to_string())?;

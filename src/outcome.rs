@@ -148,6 +148,8 @@ pub struct Outcome {
     pub usage: Option<Usage>,
     /// The request's prompt, estimated before it was sent (model routes).
     pub prompt_estimate: u64,
+    /// The request was sent upstream (not refused or abandoned before).
+    pub forwarded: bool,
     /// The response's generated tokens, estimated from what streamed (for a response that
     /// ended without a usage report).
     pub output_estimate: u64,
@@ -201,6 +203,7 @@ impl Outcome {
             model: None,
             usage: None,
             prompt_estimate: 0,
+            forwarded: false,
             output_estimate: 0,
             usage_unreadable: false,
             charged: None,
@@ -244,8 +247,9 @@ impl Outcome {
         }
         match self.upstream_status {
             // No response: the upstream failed (refunded) or the client left while it was
-            // working on the prompt.
-            None if self.status == CLIENT_CLOSED => (self.prompt_estimate, 0),
+            // working on the prompt (a request the client left before it was sent, while
+            // it waited for the upstream's quota, spent nothing).
+            None if self.status == CLIENT_CLOSED && self.forwarded => (self.prompt_estimate, 0),
             None => (0, 0),
             Some(s) if !(200..300).contains(&s) => (0, 0),
             // The upstream broke before any body byte: nothing was generated.

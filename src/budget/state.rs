@@ -59,6 +59,22 @@ pub fn load(file: &Path) -> Result<State, String> {
     Ok(state)
 }
 
+/// Checks, before ezgate serves, that the state in `dir` can be read and written again:
+/// a budget that restarted from zero, or whose spend could not be written down, is money
+/// lost.
+pub fn check(dir: &Path) -> Result<(), String> {
+    load(&path(dir))?;
+    let probe = dir.join(format!(".{FILE}.{}.probe", std::process::id()));
+    File::create(&probe).map_err(|e| {
+        format!(
+            "{}: server.state_dir is not writable ({e}); create it for the user ezgate runs as, or point state_dir elsewhere",
+            dir.display()
+        )
+    })?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Writes `budgets` atomically.
 pub fn save(file: &Path, budgets: BTreeMap<String, Saved>) -> Result<(), String> {
     let state = State {
@@ -118,6 +134,16 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, [FILE]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_written_is_named() {
+        let dir = scratch("check");
+        assert!(check(&dir).is_ok());
+        let missing = dir.join("missing");
+        let e = check(&missing).unwrap_err();
+        assert!(e.contains("missing") && e.contains("not writable"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

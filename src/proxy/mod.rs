@@ -338,6 +338,7 @@ async fn handle(
         t.forwarded();
     }
     let sent = Instant::now();
+    out.forwarded = true;
     let result = match handshake {
         Some(_) => state.upstream.upgrade(up_req, path, sent).await,
         None => state.upstream.send(up_req, path, sent).await,
