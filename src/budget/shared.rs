@@ -1,0 +1,638 @@
+//! `store = "redis"`: one budget for the whole fleet, in the shared limits' Redis.
+//!
+//! Each account of each period is one Redis hash, `ezgate:budget:{<budget>|<window>|<account>}`
+//! (the hash tag is the whole triple, so one Cluster slot holds it; the account is a name or
+//! a fingerprint, never a key). Every gateway owns its fields there: `s:<gw>`, what it
+//! charged this period, `r:<gw>`, what its requests in flight hold, `t:<gw>`, when it last
+//! refreshed them (server clock), `v:<gw>`, the version of its last write. The account's
+//! spend is the sum of the `s:` fields, its reservations the sum of the `r:` fields of the
+//! gateways that refreshed within the lease (`redis.concurrency_lease`): the reservations of
+//! a gateway that died are dropped by the next run of [`SCRIPT`].
+//!
+//! Admission (`reserve`) is one round trip: the script admits iff spent + live reservations
+//! + the maximum cost ≤ the amount, and adds the maximum cost to the gateway's `r:`. A
+//! settlement changes the gateway's own truth here and writes it (`sync`: absolute `s:` and
+//! `r:`, versioned, so a write that is retried or arrives late never counts twice) from a
+//! task, off the request's path; a background task refreshes the gateway's reservations
+//! and writes whatever Redis has not taken yet (a settlement made during an outage).
+//!
+//! Amounts are nano-units up to 1e18, beyond a Lua double's exact 2^53: the script reads
+//! and adds them as two limbs of 9 decimal digits, exact to the nano-unit.
+//!
+//! While Redis does not answer, an account is admitted against this gateway's share of what
+//! Redis last said was left ((amount − spent − reserved) ÷ [`RedisStore::share`]); an
+//! account never seen before the outage follows `redis.on_failure` (`local`: the amount ÷
+//! share; `deny`: refused). What was charged meanwhile reaches Redis when it answers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use redis::Value;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::ledger::{Account, Amount, Refusal, MAX_KEYS};
+use super::period::Window;
+use crate::limits::shared::{RedisStore, Script};
+
+/// How long an account's hash outlives its period (late settlements, `/status`).
+const GRACE: Duration = Duration::from_secs(86_400);
+
+/// The budget script. KEYS[1]: the account's hash. ARGV: op, gateway id, lease ms, ttl ms,
+/// then `reserve`: max cost, amount, force (`1`: hold whether it fits); `sync`: version,
+/// spent, reserved (this gateway's, absolute). Replies one line: the verdict (`ok`, `over`
+/// (held anyway, would not fit), `no`, `stale`), the account's spend before the op, after
+/// it, and its live reservations.
+pub const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local key = KEYS[1]
+local op, gw = ARGV[1], ARGV[2]
+local lease, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local B = 1000000000
+local function num(s)
+  if not s or s == '' then return {0, 0} end
+  local n = #s
+  if n <= 9 then return {0, tonumber(s)} end
+  return {tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8))}
+end
+local function add(a, b)
+  local hi, lo = a[1] + b[1], a[2] + b[2]
+  if lo >= B then lo = lo - B hi = hi + 1 end
+  return {hi, lo}
+end
+local function sub(a, b)
+  local hi, lo = a[1] - b[1], a[2] - b[2]
+  if lo < 0 then lo = lo + B hi = hi - 1 end
+  if hi < 0 then return {0, 0} end
+  return {hi, lo}
+end
+local function le(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] <= b[2]) end
+local function str(a)
+  if a[1] == 0 then return string.format('%.0f', a[2]) end
+  return string.format('%.0f', a[1]) .. string.format('%09.0f', a[2])
+end
+local f = redis.call('HGETALL', key)
+local fields = {}
+for i = 1, #f, 2 do fields[f[i]] = f[i + 1] end
+local spent, live = {0, 0}, {0, 0}
+for name, value in pairs(fields) do
+  local kind, who = string.sub(name, 1, 2), string.sub(name, 3)
+  if kind == 's:' then
+    spent = add(spent, num(value))
+  elseif kind == 'r:' then
+    if who == gw or (tonumber(fields['t:' .. who]) or 0) + lease >= now then
+      live = add(live, num(value))
+    else
+      redis.call('HDEL', key, name, 't:' .. who)
+    end
+  end
+end
+local before = spent
+local verdict = 'ok'
+if op == 'reserve' then
+  local max, amount = num(ARGV[5]), num(ARGV[6])
+  if not le(add(add(spent, live), max), amount) then
+    if ARGV[7] == '1' then verdict = 'over' else verdict = 'no' end
+  end
+  if verdict ~= 'no' then
+    redis.call('HSET', key, 'r:' .. gw, str(add(num(fields['r:' .. gw]), max)), 't:' .. gw, now)
+    live = add(live, max)
+    redis.call('PEXPIRE', key, ttl)
+  end
+elseif op == 'sync' then
+  if tonumber(ARGV[5]) > (tonumber(fields['v:' .. gw]) or -1) then
+    spent = add(sub(spent, num(fields['s:' .. gw])), num(ARGV[6]))
+    live = add(sub(live, num(fields['r:' .. gw])), num(ARGV[7]))
+    redis.call('HSET', key, 's:' .. gw, ARGV[6], 'v:' .. gw, ARGV[5])
+    if ARGV[7] == '0' then
+      redis.call('HDEL', key, 'r:' .. gw, 't:' .. gw)
+    else
+      redis.call('HSET', key, 'r:' .. gw, ARGV[7], 't:' .. gw, now)
+    end
+    redis.call('PEXPIRE', key, ttl)
+  else
+    verdict = 'stale'
+  end
+else
+  return redis.error_reply('unknown op')
+end
+return verdict .. ' ' .. str(before) .. ' ' .. str(spent) .. ' ' .. str(live)
+";
+
+/// Where a request's reservation was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Redis,
+    /// In this gateway's share, while Redis did not answer.
+    Local,
+}
+
+/// One reply of the script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reply {
+    verdict: Verdict,
+    before: Amount,
+    spent: Amount,
+    live: Amount,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Ok,
+    Over,
+    No,
+    Stale,
+}
+
+/// What this gateway knows of one account of one period.
+#[derive(Debug, Clone, Default)]
+struct Record {
+    account: Arc<str>,
+    window: String,
+    /// When the window ends (the hash expires a [`GRACE`] later).
+    end: jiff::Timestamp,
+    /// This gateway's own truth: what it charged (`s:`), what Redis holds for it (`r:`).
+    spent: Amount,
+    held: Amount,
+    /// Reservations sent and not answered yet.
+    pending: Amount,
+    /// Reservations made in this gateway's share during an outage.
+    local: Amount,
+    /// Bumped at every change of `spent` or `held`; `acked`: the version Redis took, with
+    /// the spend it took.
+    version: u64,
+    acked: u64,
+    acked_spent: Amount,
+    /// The mirror: the account's spend and live reservations as Redis last said.
+    seen: Option<(Amount, Amount)>,
+    warned: u8,
+}
+
+impl Record {
+    /// What this gateway charged that Redis has not taken yet.
+    fn unsynced(&self) -> Amount {
+        self.spent.saturating_sub(self.acked_spent)
+    }
+
+    fn idle(&self) -> bool {
+        self.held == 0 && self.pending == 0 && self.local == 0 && self.acked == self.version
+    }
+}
+
+/// What the fleet budget's accounts are held to (changed by a reload).
+struct Book {
+    records: HashMap<String, Record>,
+    /// The latest window an admission was made in.
+    current: String,
+    amount: Amount,
+    warn_at: Vec<f64>,
+}
+
+/// A `warn_at` share crossed by one of this gateway's writes.
+pub struct Crossing {
+    pub account: Arc<str>,
+    pub share: f64,
+    pub spent: Amount,
+    pub amount: Amount,
+}
+
+/// One `store = "redis"` budget, as this gateway shares it.
+pub struct Fleet {
+    name: Arc<str>,
+    store: Arc<RedisStore>,
+    script: Script,
+    /// This process: its fields in every account's hash.
+    gateway: String,
+    book: Mutex<Book>,
+    /// Logs the `warn_at` crossings of settlements (they are written off the request path).
+    on_crossing: fn(&str, &Crossing),
+    _refresh: Mutex<Option<DropGuard>>,
+}
+
+impl Fleet {
+    /// The shared side of budget `name`; starts the task that refreshes its reservations
+    /// and writes what Redis has not taken (inside a tokio runtime).
+    pub fn new(
+        name: Arc<str>,
+        store: Arc<RedisStore>,
+        amount: Amount,
+        warn_at: Vec<f64>,
+        on_crossing: fn(&str, &Crossing),
+    ) -> Arc<Fleet> {
+        let fleet = Arc::new(Fleet {
+            name,
+            store,
+            script: Script::new(SCRIPT),
+            gateway: crate::headers::new_request_id(),
+            book: Mutex::new(Book {
+                records: HashMap::new(),
+                current: String::new(),
+                amount,
+                warn_at: sorted(warn_at),
+            }),
+            on_crossing,
+            _refresh: Mutex::new(None),
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let stop = CancellationToken::new();
+            tokio::spawn(refresh(Arc::downgrade(&fleet), stop.clone()));
+            *fleet._refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop.drop_guard());
+        }
+        fleet
+    }
+
+    pub fn same_store(&self, store: &Arc<RedisStore>) -> bool {
+        Arc::ptr_eq(&self.store, store)
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A reload's amount and shares (the spend stays in Redis).
+    pub fn configure(&self, amount: Amount, warn_at: Vec<f64>) {
+        let mut book = self.book();
+        book.amount = amount;
+        book.warn_at = sorted(warn_at);
+        let book = &mut *book;
+        for r in book.records.values_mut() {
+            let spent = r.seen.map_or(0, |s| s.0);
+            r.warned = crossed(&book.warn_at, book.amount, spent);
+        }
+    }
+
+    /// Reserves `max_cost` for `account` in `window`: in Redis, or, while Redis does not
+    /// answer, in this gateway's share of what was left. `force` (shadow): held whether it
+    /// fits; the second value says it would not have.
+    pub async fn reserve(
+        &self,
+        account: &Arc<str>,
+        window: &Window,
+        max_cost: Amount,
+        force: bool,
+        now: jiff::Timestamp,
+    ) -> Result<(Place, bool), Refusal> {
+        let key = redis_key(&self.name, &window.id, account);
+        let amount = {
+            let mut book = self.book();
+            let full = book.records.len() >= MAX_KEYS;
+            let amount = book.amount;
+            if !book.records.contains_key(&key) && full {
+                return Err(Refusal::Full {
+                    next_period: window.end,
+                });
+            }
+            let book = &mut *book;
+            let r = book.records.entry(key.clone()).or_insert_with(|| Record {
+                account: Arc::clone(account),
+                window: window.id.clone(),
+                end: window.end,
+                ..Record::default()
+            });
+            if book.current != window.id {
+                book.current.clone_from(&window.id);
+            }
+            r.pending = r.pending.saturating_add(max_cost);
+            amount
+        };
+        let args = [
+            "reserve".to_owned(),
+            self.gateway.clone(),
+            self.lease_ms(),
+            ttl_ms(&window.end, now),
+            max_cost.to_string(),
+            amount.to_string(),
+            if force { "1" } else { "0" }.to_owned(),
+        ];
+        let reply = self.run(&key, &args).await;
+        let mut book = self.book();
+        let Some(r) = book.records.get_mut(&key) else {
+            return Err(Refusal::Unshared {
+                error: "the account was dropped while it was reserved".into(),
+            });
+        };
+        r.pending = r.pending.saturating_sub(max_cost);
+        match reply {
+            Ok(reply) => {
+                r.seen = Some((reply.spent, reply.live));
+                match reply.verdict {
+                    Verdict::Ok | Verdict::Over => {
+                        r.held = r.held.saturating_add(max_cost);
+                        Ok((Place::Redis, reply.verdict == Verdict::Over))
+                    }
+                    _ => Err(Refusal::Exceeded {
+                        left: amount.saturating_sub(reply.before.saturating_add(reply.live)),
+                        next_period: window.end,
+                    }),
+                }
+            }
+            Err(error) => {
+                // The reserve may still run (a frozen Redis): the next write of this
+                // gateway's reservations, absolute, takes it back.
+                r.version += 1;
+                let allowed = match r.seen {
+                    Some((spent, live)) => share_left(amount, spent, live, self.store.share()),
+                    None if self.store.fail_closed => {
+                        return Err(Refusal::Unshared { error });
+                    }
+                    None => share_left(amount, 0, 0, self.store.share()),
+                };
+                let used = r.local.saturating_add(r.unsynced());
+                let fits = used.saturating_add(max_cost) <= allowed;
+                if !(fits || force) {
+                    return Err(Refusal::Exceeded {
+                        left: allowed.saturating_sub(used),
+                        next_period: window.end,
+                    });
+                }
+                r.local = r.local.saturating_add(max_cost);
+                Ok((Place::Local, !fits))
+            }
+        }
+    }
+
+    /// Replaces a reservation by what the request cost; the write to Redis is made by a
+    /// task (or, failing, by the refresh task once Redis answers).
+    pub fn settle(
+        self: &Arc<Self>,
+        account: &str,
+        window: &str,
+        place: Place,
+        held: u64,
+        actual: u64,
+    ) {
+        let key = redis_key(&self.name, window, account);
+        {
+            let mut book = self.book();
+            let Some(r) = book.records.get_mut(&key) else {
+                return;
+            };
+            match place {
+                Place::Redis => r.held = r.held.saturating_sub(held),
+                Place::Local => r.local = r.local.saturating_sub(held),
+            }
+            r.spent = r.spent.saturating_add(actual);
+            r.version += 1;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let this = Arc::clone(self);
+            handle.spawn(async move {
+                let _ = this.sync(&key).await;
+            });
+        }
+    }
+
+    /// Writes this gateway's truth of one account (absolute, versioned) and mirrors the
+    /// reply; logs the `warn_at` shares the write crossed.
+    async fn sync(&self, key: &str) -> Result<(), String> {
+        let (args, version, spent) = {
+            let book = self.book();
+            let Some(r) = book.records.get(key) else {
+                return Ok(());
+            };
+            let reserved = r.held.saturating_add(r.pending);
+            let args = [
+                "sync".to_owned(),
+                self.gateway.clone(),
+                self.lease_ms(),
+                ttl_ms(&r.end, super::clock::now()),
+                r.version.to_string(),
+                r.spent.to_string(),
+                reserved.to_string(),
+            ];
+            (args, r.version, r.spent)
+        };
+        let reply = self.run(key, &args).await?;
+        let mut book = self.book();
+        let (amount, warn_at) = (book.amount, book.warn_at.clone());
+        let Some(r) = book.records.get_mut(key) else {
+            return Ok(());
+        };
+        if reply.verdict == Verdict::Ok && version > r.acked {
+            r.acked = version;
+            r.acked_spent = spent;
+        }
+        r.seen = Some((reply.spent, reply.live));
+        r.warned = crossed(&warn_at, amount, reply.spent);
+        let account = Arc::clone(&r.account);
+        drop(book);
+        // Only the write that moved the spend across a share tells it: one gateway.
+        for share in warn_at {
+            let mark = share * amount as f64;
+            if (reply.before as f64) < mark && reply.spent as f64 >= mark {
+                let c = Crossing {
+                    account: Arc::clone(&account),
+                    share,
+                    spent: reply.spent,
+                    amount,
+                };
+                (self.on_crossing)(&self.name, &c);
+            }
+        }
+        Ok(())
+    }
+
+    fn lease_ms(&self) -> String {
+        self.store.lease.as_millis().to_string()
+    }
+
+    async fn run(&self, key: &str, args: &[String]) -> Result<Reply, String> {
+        let v = self.store.eval(&self.script, key, args).await?;
+        let line = match v {
+            Value::BulkString(b) => String::from_utf8(b)
+                .map_err(|_| "a reply of the budget script that is not text".to_owned())?,
+            Value::SimpleString(s) => s,
+            _ => return Err("unexpected reply to the budget script".into()),
+        };
+        parse(&line)
+    }
+
+    /// The accounts of `window` this gateway saw, with what Redis last said of them (and
+    /// what it charged since that Redis has not taken yet).
+    pub fn mirror(&self, window: &str) -> Vec<(Arc<str>, Account)> {
+        let book = self.book();
+        book.records
+            .values()
+            .filter(|r| r.window == window)
+            .map(|r| {
+                let (spent, live) = r.seen.unwrap_or_default();
+                let a = Account {
+                    spent: spent.saturating_add(r.unsynced()),
+                    reserved: live.saturating_add(r.local),
+                    warned: r.warned,
+                };
+                (Arc::clone(&r.account), a)
+            })
+            .collect()
+    }
+
+    /// The keys to write now: reservations to refresh, spend Redis has not taken; drops
+    /// the idle accounts of past periods.
+    fn due(&self) -> Vec<String> {
+        let mut book = self.book();
+        let book = &mut *book;
+        let current = &book.current;
+        book.records
+            .retain(|_, r| !(r.idle() && r.window != *current));
+        book.records
+            .iter()
+            .filter(|(_, r)| r.held > 0 || r.pending > 0 || r.acked != r.version)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+/// Every few seconds (a third of the lease, at least 1 s): writes the accounts where this
+/// gateway holds reservations (their lease is refreshed) or charged what Redis has not
+/// taken yet (an outage's charges reach Redis when it answers).
+async fn refresh(fleet: Weak<Fleet>, stop: CancellationToken) {
+    let every = match fleet.upgrade() {
+        Some(f) => (f.store.lease / 3).max(Duration::from_secs(1)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(f) = fleet.upgrade() else { return };
+        for key in f.due() {
+            if f.sync(&key).await.is_err() {
+                // Redis does not answer: the rest waits for the next tick.
+                break;
+            }
+        }
+    }
+}
+
+fn sorted(mut warn_at: Vec<f64>) -> Vec<f64> {
+    warn_at.sort_by(f64::total_cmp);
+    warn_at
+}
+
+/// How many of `warn_at` (ascending shares of `amount`) `spent` has reached.
+fn crossed(warn_at: &[f64], amount: Amount, spent: Amount) -> u8 {
+    let n = warn_at
+        .iter()
+        .take_while(|&&share| spent as f64 >= share * amount as f64)
+        .count();
+    u8::try_from(n).unwrap_or(u8::MAX)
+}
+
+/// This gateway's share of what Redis last said was left: (amount − spent − reserved) ÷
+/// the gateways sharing it.
+fn share_left(amount: Amount, spent: Amount, reserved: Amount, share: u32) -> Amount {
+    amount.saturating_sub(spent.saturating_add(reserved)) / u64::from(share.max(1))
+}
+
+/// The hash of one account of one period: one Cluster slot (the whole triple is the hash
+/// tag; braces in a name cannot end it early).
+fn redis_key(budget: &str, window: &str, account: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c == '{' || c == '}' { '_' } else { c })
+            .collect()
+    };
+    format!(
+        "ezgate:budget:{{{}|{}|{}}}",
+        clean(budget),
+        clean(window),
+        clean(account)
+    )
+}
+
+/// Milliseconds until the hash may expire: the window's end, plus [`GRACE`].
+fn ttl_ms(end: &jiff::Timestamp, now: jiff::Timestamp) -> String {
+    let left = end.duration_since(now).as_millis().max(0);
+    let grace = i128::try_from(GRACE.as_millis()).unwrap_or(i128::MAX);
+    left.saturating_add(grace).to_string()
+}
+
+/// Reads a reply line: verdict, spend before, spend after, live reservations.
+fn parse(line: &str) -> Result<Reply, String> {
+    let mut words = line.split(' ');
+    let verdict = match words.next() {
+        Some("ok") => Verdict::Ok,
+        Some("over") => Verdict::Over,
+        Some("no") => Verdict::No,
+        Some("stale") => Verdict::Stale,
+        _ => return Err(format!("unexpected reply to the budget script: {line:?}")),
+    };
+    let mut amount = || -> Result<Amount, String> {
+        words
+            .next()
+            .and_then(|w| w.parse::<Amount>().ok())
+            .ok_or_else(|| format!("a reply of the budget script that is not a number: {line:?}"))
+    };
+    Ok(Reply {
+        verdict,
+        before: amount()?,
+        spent: amount()?,
+        live: amount()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_read_exactly_near_the_cap() {
+        let r = parse("ok 999999999999999998 999999999999999999 1").unwrap();
+        assert_eq!(r.verdict, Verdict::Ok);
+        assert_eq!(r.before, 999_999_999_999_999_998);
+        assert_eq!(r.spent, 999_999_999_999_999_999);
+        assert_eq!(r.live, 1);
+        assert_eq!(parse("no 0 0 5").unwrap().verdict, Verdict::No);
+        assert_eq!(parse("stale 1 1 0").unwrap().verdict, Verdict::Stale);
+        assert!(parse("ok 1 2").is_err());
+        assert!(parse("ok 1 x 2").is_err());
+        assert!(parse("maybe 1 1 1").is_err());
+    }
+
+    #[test]
+    fn one_slot_per_account_of_a_period() {
+        let k = redis_key("team-monthly", "2026-12", "search");
+        assert_eq!(k, "ezgate:budget:{team-monthly|2026-12|search}");
+        let odd = redis_key("b}", "2026-12", "{x}");
+        assert_eq!(odd, "ezgate:budget:{b_|2026-12|_x_}");
+        assert_eq!(odd.matches('{').count(), 1);
+    }
+
+    #[test]
+    fn the_fallback_is_a_share_of_what_was_left() {
+        const D: Amount = 1_000_000_000;
+        assert_eq!(share_left(10 * D, 4 * D, 2 * D, 2), 2 * D);
+        assert_eq!(share_left(10 * D, 4 * D, 2 * D, 0), 4 * D);
+        assert_eq!(share_left(10 * D, 12 * D, 0, 3), 0);
+        assert_eq!(share_left(u64::MAX, u64::MAX, 1, 1), 0);
+    }
+
+    #[test]
+    fn the_hash_outlives_its_window() {
+        let end: jiff::Timestamp = "2027-01-01T00:00:00Z".parse().unwrap();
+        let now: jiff::Timestamp = "2026-12-31T23:59:59Z".parse().unwrap();
+        assert_eq!(ttl_ms(&end, now), (1000 + 86_400_000).to_string());
+        assert_eq!(ttl_ms(&now, end), 86_400_000.to_string());
+    }
+
+    #[test]
+    fn a_record_is_idle_once_redis_took_everything() {
+        let mut r = Record {
+            spent: 5,
+            version: 2,
+            acked: 1,
+            acked_spent: 3,
+            ..Record::default()
+        };
+        assert_eq!(r.unsynced(), 2);
+        assert!(!r.idle());
+        r.acked = 2;
+        assert!(r.idle());
+        r.local = 1;
+        assert!(!r.idle());
+    }
+}
