@@ -3,18 +3,19 @@
 //! Each account of each period is one Redis hash, `ezgate:budget:{<budget>|<window>|<account>}`
 //! (the hash tag is the whole triple, so one Cluster slot holds it; the account is a name or
 //! a fingerprint, never a key). Every gateway owns its fields there: `s:<gw>`, what it
-//! charged this period, `r:<gw>`, what its requests in flight hold, `t:<gw>`, when it last
-//! refreshed them (server clock), `v:<gw>`, the version of its last write. The account's
-//! spend is the sum of the `s:` fields, its reservations the sum of the `r:` fields of the
-//! gateways that refreshed within the lease (`redis.concurrency_lease`): the reservations of
-//! a gateway that died are dropped by the next run of [`SCRIPT`].
+//! charged this period (written whole, with its version `v:<gw>`, so a write that is
+//! retried or arrives late never counts twice), `q:<gw>:<n>`, the reservation of each of
+//! its requests in flight, and `t:<gw>`, when it last refreshed them (server clock). The
+//! account's spend is the sum of the `s:` fields, its reservations the sum of the `q:`
+//! fields of the gateways that refreshed within the lease (`redis.concurrency_lease`): the
+//! reservations of a gateway that died are dropped by the next run of [`SCRIPT`].
 //!
 //! Admission (`reserve`) is one round trip: the script admits iff spent + live reservations
-//! + the maximum cost ≤ the amount, and adds the maximum cost to the gateway's `r:`. A
-//! settlement changes the gateway's own truth here and writes it (`sync`: absolute `s:` and
-//! `r:`, versioned, so a write that is retried or arrives late never counts twice) from a
-//! task, off the request's path; a background task refreshes the gateway's reservations
-//! and writes whatever Redis has not taken yet (a settlement made during an outage).
+//! + the maximum cost ≤ the amount, and adds the request's `q:` field. A settlement
+//! changes this gateway's own truth and writes it (`sync`: its whole `s:`, and the `q:`
+//! fields of the requests that ended, deleted) from a task, off the request's path; a
+//! background task refreshes this gateway's lease and writes whatever Redis has not taken
+//! yet (a settlement made during an outage).
 //!
 //! Amounts are nano-units up to 1e18, beyond a Lua double's exact 2^53: the script reads
 //! and adds them as two limbs of 9 decimal digits, exact to the nano-unit.
@@ -35,14 +36,19 @@ use super::ledger::{Account, Amount, Refusal, MAX_KEYS};
 use super::period::Window;
 use crate::limits::shared::{RedisStore, Script};
 
+/// How many idle accounts each refresh re-reads (their mirror: `/status`, the fallback).
+const MIRRORED: usize = 64;
+
 /// How long an account's hash outlives its period (late settlements, `/status`).
 const GRACE: Duration = Duration::from_secs(86_400);
 
 /// The budget script. KEYS[1]: the account's hash. ARGV: op, gateway id, lease ms, ttl ms,
-/// then `reserve`: max cost, amount, force (`1`: hold whether it fits); `sync`: version,
-/// spent, reserved (this gateway's, absolute). Replies one line: the verdict (`ok`, `over`
-/// (held anyway, would not fit), `no`, `stale`), the account's spend before the op, after
-/// it, and its live reservations.
+/// then `reserve`: max cost, amount, force (`1`: hold whether it fits), the request's
+/// number; `sync`: version, spent (this gateway's, whole: taken unless a later version
+/// was), then the numbers of the requests whose reservation ends. Replies one line: the
+/// verdict (`ok`, `over` (held anyway, would not fit), `no`, `stale`), the account's spend
+/// before the op, after it, its live reservations, and the count of writes the account
+/// has had (`n`: a mirror takes a reply only if it is not older than the last).
 pub const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -75,55 +81,66 @@ end
 local f = redis.call('HGETALL', key)
 local fields = {}
 for i = 1, #f, 2 do fields[f[i]] = f[i + 1] end
+local function alive(who)
+  return who == gw or (tonumber(fields['t:' .. who]) or 0) + lease >= now
+end
 local spent, live = {0, 0}, {0, 0}
 for name, value in pairs(fields) do
-  local kind, who = string.sub(name, 1, 2), string.sub(name, 3)
+  local kind = string.sub(name, 1, 2)
   if kind == 's:' then
     spent = add(spent, num(value))
-  elseif kind == 'r:' then
-    if who == gw or (tonumber(fields['t:' .. who]) or 0) + lease >= now then
-      live = add(live, num(value))
-    else
-      redis.call('HDEL', key, name, 't:' .. who)
-    end
+  elseif kind == 'q:' then
+    local who = string.match(name, '^q:(.*):[0-9]+$') or ''
+    if alive(who) then live = add(live, num(value)) else redis.call('HDEL', key, name) end
+  elseif kind == 't:' and not alive(string.sub(name, 3)) then
+    redis.call('HDEL', key, name)
   end
 end
 local before = spent
 local verdict = 'ok'
+local n = tonumber(fields['n']) or 0
 if op == 'reserve' then
   local max, amount = num(ARGV[5]), num(ARGV[6])
   if not le(add(add(spent, live), max), amount) then
     if ARGV[7] == '1' then verdict = 'over' else verdict = 'no' end
   end
   if verdict ~= 'no' then
-    redis.call('HSET', key, 'r:' .. gw, str(add(num(fields['r:' .. gw]), max)), 't:' .. gw, now)
+    redis.call('HSET', key, 'q:' .. gw .. ':' .. ARGV[8], ARGV[5], 't:' .. gw, now)
     live = add(live, max)
+    n = redis.call('HINCRBY', key, 'n', 1)
     redis.call('PEXPIRE', key, ttl)
   end
 elseif op == 'sync' then
-  if tonumber(ARGV[5]) > (tonumber(fields['v:' .. gw]) or -1) then
-    spent = add(sub(spent, num(fields['s:' .. gw])), num(ARGV[6]))
-    live = add(sub(live, num(fields['r:' .. gw])), num(ARGV[7]))
-    redis.call('HSET', key, 's:' .. gw, ARGV[6], 'v:' .. gw, ARGV[5])
-    if ARGV[7] == '0' then
-      redis.call('HDEL', key, 'r:' .. gw, 't:' .. gw)
-    else
-      redis.call('HSET', key, 'r:' .. gw, ARGV[7], 't:' .. gw, now)
+  for i = 7, #ARGV do
+    local q = 'q:' .. gw .. ':' .. ARGV[i]
+    if fields[q] then
+      live = sub(live, num(fields[q]))
+      redis.call('HDEL', key, q)
     end
-    redis.call('PEXPIRE', key, ttl)
+  end
+  if tonumber(ARGV[5]) >= (tonumber(fields['v:' .. gw]) or -1) then
+    spent = add(sub(spent, num(fields['s:' .. gw])), num(ARGV[6]))
+    redis.call('HSET', key, 's:' .. gw, ARGV[6], 'v:' .. gw, ARGV[5])
   else
     verdict = 'stale'
   end
+  redis.call('HSET', key, 't:' .. gw, now)
+  n = redis.call('HINCRBY', key, 'n', 1)
+  redis.call('PEXPIRE', key, ttl)
 else
   return redis.error_reply('unknown op')
 end
-return verdict .. ' ' .. str(before) .. ' ' .. str(spent) .. ' ' .. str(live)
+return verdict .. ' ' .. str(before) .. ' ' .. str(spent) .. ' ' .. str(live) .. ' ' .. n
 ";
+
+/// The most ended reservations one `sync` deletes (the rest go with the next).
+const GONE_PER_SYNC: usize = 256;
 
 /// Where a request's reservation was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
-    Redis,
+    /// In Redis, as this gateway's request number `n` (`q:<gw>:<n>`).
+    Redis(u64),
     /// In this gateway's share, while Redis did not answer.
     Local,
 }
@@ -135,6 +152,7 @@ struct Reply {
     before: Amount,
     spent: Amount,
     live: Amount,
+    writes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,9 +170,12 @@ struct Record {
     window: String,
     /// When the window ends (the hash expires a [`GRACE`] later).
     end: jiff::Timestamp,
-    /// This gateway's own truth: what it charged (`s:`), what Redis holds for it (`r:`).
+    /// This gateway's own truth: what it charged (`s:`), what Redis holds for it (`q:`).
     spent: Amount,
     held: Amount,
+    /// Requests whose reservation ended (or whose reserve got no answer and may have run):
+    /// their `q:` fields are deleted by the next sync.
+    gone: Vec<u64>,
     /// Reservations sent and not answered yet.
     pending: Amount,
     /// Reservations made in this gateway's share during an outage.
@@ -166,17 +187,32 @@ struct Record {
     acked_spent: Amount,
     /// The mirror: the account's spend and live reservations as Redis last said.
     seen: Option<(Amount, Amount)>,
+    /// The account's count of writes when `seen` was read.
+    seen_at: u64,
     warned: u8,
 }
 
 impl Record {
+    /// Mirrors a reply, unless the mirror already holds a later picture.
+    fn see(&mut self, reply: &Reply) {
+        if reply.writes >= self.seen_at || self.seen.is_none() {
+            self.seen = Some((reply.spent, reply.live));
+            self.seen_at = reply.writes;
+        }
+    }
+
     /// What this gateway charged that Redis has not taken yet.
     fn unsynced(&self) -> Amount {
         self.spent.saturating_sub(self.acked_spent)
     }
 
     fn idle(&self) -> bool {
-        self.held == 0 && self.pending == 0 && self.local == 0 && self.acked == self.version
+        !self.busy() && self.local == 0
+    }
+
+    /// Whether Redis has something of this gateway's to take or refresh.
+    fn busy(&self) -> bool {
+        self.held > 0 || self.pending > 0 || self.acked != self.version || !self.gone.is_empty()
     }
 }
 
@@ -204,6 +240,8 @@ pub struct Fleet {
     script: Script,
     /// This process: its fields in every account's hash.
     gateway: String,
+    /// The number of this gateway's next reservation.
+    next: std::sync::atomic::AtomicU64,
     book: Mutex<Book>,
     /// Logs the `warn_at` crossings of settlements (they are written off the request path).
     on_crossing: fn(&str, &Crossing),
@@ -225,6 +263,7 @@ impl Fleet {
             store,
             script: Script::new(SCRIPT),
             gateway: crate::headers::new_request_id(),
+            next: std::sync::atomic::AtomicU64::new(0),
             book: Mutex::new(Book {
                 records: HashMap::new(),
                 current: String::new(),
@@ -296,6 +335,7 @@ impl Fleet {
             r.pending = r.pending.saturating_add(max_cost);
             amount
         };
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let args = [
             "reserve".to_owned(),
             self.gateway.clone(),
@@ -304,6 +344,7 @@ impl Fleet {
             max_cost.to_string(),
             amount.to_string(),
             if force { "1" } else { "0" }.to_owned(),
+            n.to_string(),
         ];
         let reply = self.run(&key, &args).await;
         let mut book = self.book();
@@ -315,11 +356,11 @@ impl Fleet {
         r.pending = r.pending.saturating_sub(max_cost);
         match reply {
             Ok(reply) => {
-                r.seen = Some((reply.spent, reply.live));
+                r.see(&reply);
                 match reply.verdict {
                     Verdict::Ok | Verdict::Over => {
                         r.held = r.held.saturating_add(max_cost);
-                        Ok((Place::Redis, reply.verdict == Verdict::Over))
+                        Ok((Place::Redis(n), reply.verdict == Verdict::Over))
                     }
                     _ => Err(Refusal::Exceeded {
                         left: amount.saturating_sub(reply.before.saturating_add(reply.live)),
@@ -328,9 +369,8 @@ impl Fleet {
                 }
             }
             Err(error) => {
-                // The reserve may still run (a frozen Redis): the next write of this
-                // gateway's reservations, absolute, takes it back.
-                r.version += 1;
+                // The reserve may still run (a frozen Redis): the next sync deletes it.
+                r.gone.push(n);
                 let allowed = match r.seen {
                     Some((spent, live)) => share_left(amount, spent, live, self.store.share()),
                     None if self.store.fail_closed => {
@@ -369,7 +409,10 @@ impl Fleet {
                 return;
             };
             match place {
-                Place::Redis => r.held = r.held.saturating_sub(held),
+                Place::Redis(n) => {
+                    r.held = r.held.saturating_sub(held);
+                    r.gone.push(n);
+                }
                 Place::Local => r.local = r.local.saturating_sub(held),
             }
             r.spent = r.spent.saturating_add(actual);
@@ -386,22 +429,22 @@ impl Fleet {
     /// Writes this gateway's truth of one account (absolute, versioned) and mirrors the
     /// reply; logs the `warn_at` shares the write crossed.
     async fn sync(&self, key: &str) -> Result<(), String> {
-        let (args, version, spent) = {
+        let (args, version, spent, gone) = {
             let book = self.book();
             let Some(r) = book.records.get(key) else {
                 return Ok(());
             };
-            let reserved = r.held.saturating_add(r.pending);
-            let args = [
+            let gone: Vec<u64> = r.gone.iter().take(GONE_PER_SYNC).copied().collect();
+            let mut args = vec![
                 "sync".to_owned(),
                 self.gateway.clone(),
                 self.lease_ms(),
                 ttl_ms(&r.end, super::clock::now()),
                 r.version.to_string(),
                 r.spent.to_string(),
-                reserved.to_string(),
             ];
-            (args, r.version, r.spent)
+            args.extend(gone.iter().map(u64::to_string));
+            (args, r.version, r.spent, gone)
         };
         let reply = self.run(key, &args).await?;
         let mut book = self.book();
@@ -409,12 +452,13 @@ impl Fleet {
         let Some(r) = book.records.get_mut(key) else {
             return Ok(());
         };
+        r.gone.retain(|n| !gone.contains(n));
         if reply.verdict == Verdict::Ok && version > r.acked {
             r.acked = version;
             r.acked_spent = spent;
         }
-        r.seen = Some((reply.spent, reply.live));
-        r.warned = crossed(&warn_at, amount, reply.spent);
+        r.see(&reply);
+        r.warned = crossed(&warn_at, amount, r.seen.map_or(0, |s| s.0));
         let account = Arc::clone(&r.account);
         drop(book);
         // Only the write that moved the spend across a share tells it: one gateway.
@@ -467,19 +511,23 @@ impl Fleet {
             .collect()
     }
 
-    /// The keys to write now: reservations to refresh, spend Redis has not taken; drops
-    /// the idle accounts of past periods.
+    /// The keys to write now: reservations to refresh, spend Redis has not taken, and (at
+    /// most [`MIRRORED`]) idle accounts of the period, to keep their mirror fresh; drops the
+    /// idle accounts of past periods.
     fn due(&self) -> Vec<String> {
         let mut book = self.book();
         let book = &mut *book;
         let current = &book.current;
         book.records
             .retain(|_, r| !(r.idle() && r.window != *current));
-        book.records
+        let (mut busy, mut idle): (Vec<_>, Vec<_>) = book
+            .records
             .iter()
-            .filter(|(_, r)| r.held > 0 || r.pending > 0 || r.acked != r.version)
-            .map(|(k, _)| k.clone())
-            .collect()
+            .map(|(k, r)| (k, r.busy()))
+            .partition(|(_, busy)| *busy);
+        idle.truncate(MIRRORED);
+        busy.append(&mut idle);
+        busy.into_iter().map(|(k, _)| k.clone()).collect()
     }
 }
 
@@ -572,6 +620,7 @@ fn parse(line: &str) -> Result<Reply, String> {
         before: amount()?,
         spent: amount()?,
         live: amount()?,
+        writes: amount()?,
     })
 }
 
@@ -581,16 +630,33 @@ mod tests {
 
     #[test]
     fn replies_read_exactly_near_the_cap() {
-        let r = parse("ok 999999999999999998 999999999999999999 1").unwrap();
+        let r = parse("ok 999999999999999998 999999999999999999 1 7").unwrap();
         assert_eq!(r.verdict, Verdict::Ok);
         assert_eq!(r.before, 999_999_999_999_999_998);
         assert_eq!(r.spent, 999_999_999_999_999_999);
-        assert_eq!(r.live, 1);
-        assert_eq!(parse("no 0 0 5").unwrap().verdict, Verdict::No);
-        assert_eq!(parse("stale 1 1 0").unwrap().verdict, Verdict::Stale);
-        assert!(parse("ok 1 2").is_err());
-        assert!(parse("ok 1 x 2").is_err());
-        assert!(parse("maybe 1 1 1").is_err());
+        assert_eq!((r.live, r.writes), (1, 7));
+        assert_eq!(parse("no 0 0 5 1").unwrap().verdict, Verdict::No);
+        assert_eq!(parse("stale 1 1 0 2").unwrap().verdict, Verdict::Stale);
+        assert!(parse("ok 1 2 3").is_err());
+        assert!(parse("ok 1 x 2 1").is_err());
+        assert!(parse("maybe 1 1 1 1").is_err());
+    }
+
+    #[test]
+    fn the_mirror_keeps_the_latest_picture() {
+        let reply = |spent, writes| Reply {
+            verdict: Verdict::Ok,
+            before: 0,
+            spent,
+            live: 0,
+            writes,
+        };
+        let mut r = Record::default();
+        r.see(&reply(5, 3));
+        r.see(&reply(2, 1));
+        assert_eq!((r.seen, r.seen_at), (Some((5, 0)), 3));
+        r.see(&reply(9, 3));
+        assert_eq!(r.seen, Some((9, 0)));
     }
 
     #[test]
