@@ -449,6 +449,21 @@ impl Budgets {
         })
     }
 
+    /// Writes to Redis what the `store = "redis"` budgets charged and Redis has not taken
+    /// (after the drain); logs what could not be.
+    pub async fn push(&self) {
+        for fleet in self.list.iter().filter_map(|b| b.fleet.as_ref()) {
+            let left = fleet.push().await;
+            if left > 0 {
+                tracing::error!(
+                    budget = %fleet.name(),
+                    unwritten = %crate::cost::Nanos(left),
+                    "Redis did not take this gateway's last charges before it stopped; the fleet's budget misses them"
+                );
+            }
+        }
+    }
+
     /// Every budget as `/status` and the metrics show it, with its `top` spenders.
     pub fn views(&self, top: usize, now: Timestamp) -> Vec<BudgetView> {
         self.list

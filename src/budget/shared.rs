@@ -10,12 +10,12 @@
 //! fields of the gateways that refreshed within the lease (`redis.concurrency_lease`): the
 //! reservations of a gateway that died are dropped by the next run of [`SCRIPT`].
 //!
-//! Admission (`reserve`) is one round trip: the script admits iff spent + live reservations
-//! + the maximum cost ≤ the amount, and adds the request's `q:` field. A settlement
-//! changes this gateway's own truth and writes it (`sync`: its whole `s:`, and the `q:`
-//! fields of the requests that ended, deleted) from a task, off the request's path; a
-//! background task refreshes this gateway's lease and writes whatever Redis has not taken
-//! yet (a settlement made during an outage).
+//! Admission (`reserve`) is one round trip: the script admits iff the spend, the live
+//! reservations and the maximum cost add up to no more than the amount, and adds the
+//! request's `q:` field. A settlement changes this gateway's own truth and writes it
+//! (`sync`: its whole `s:`, and the `q:` fields of the requests that ended, deleted) from a
+//! task, off the request's path; a background task refreshes this gateway's lease and
+//! writes whatever Redis has not taken yet (a settlement made during an outage).
 //!
 //! Amounts are nano-units up to 1e18, beyond a Lua double's exact 2^53: the script reads
 //! and adds them as two limbs of 9 decimal digits, exact to the nano-unit.
@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use redis::Value;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::ledger::{Account, Amount, Refusal, MAX_KEYS};
 use super::period::Window;
@@ -245,7 +244,6 @@ pub struct Fleet {
     book: Mutex<Book>,
     /// Logs the `warn_at` crossings of settlements (they are written off the request path).
     on_crossing: fn(&str, &Crossing),
-    _refresh: Mutex<Option<DropGuard>>,
 }
 
 impl Fleet {
@@ -271,12 +269,10 @@ impl Fleet {
                 warn_at: sorted(warn_at),
             }),
             on_crossing,
-            _refresh: Mutex::new(None),
         });
         if tokio::runtime::Handle::try_current().is_ok() {
-            let stop = CancellationToken::new();
-            tokio::spawn(refresh(Arc::downgrade(&fleet), stop.clone()));
-            *fleet._refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop.drop_guard());
+            // It ends with the budget (it holds it only while it writes).
+            tokio::spawn(refresh(Arc::downgrade(&fleet)));
         }
         fleet
     }
@@ -511,6 +507,22 @@ impl Fleet {
             .collect()
     }
 
+    /// Writes what Redis has not taken and refreshes this gateway's lease (the refresh
+    /// task, and once more after the drain); stops at the first failure (Redis does not
+    /// answer: the rest waits). Returns the spend Redis has not taken yet.
+    pub async fn push(&self) -> Amount {
+        for key in self.due() {
+            if self.sync(&key).await.is_err() {
+                break;
+            }
+        }
+        self.book().records.values().map(Record::unsynced).sum()
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
     /// The keys to write now: reservations to refresh, spend Redis has not taken, and (at
     /// most [`MIRRORED`]) idle accounts of the period, to keep their mirror fresh; drops the
     /// idle accounts of past periods.
@@ -534,7 +546,7 @@ impl Fleet {
 /// Every few seconds (a third of the lease, at least 1 s): writes the accounts where this
 /// gateway holds reservations (their lease is refreshed) or charged what Redis has not
 /// taken yet (an outage's charges reach Redis when it answers).
-async fn refresh(fleet: Weak<Fleet>, stop: CancellationToken) {
+async fn refresh(fleet: Weak<Fleet>) {
     let every = match fleet.upgrade() {
         Some(f) => (f.store.lease / 3).max(Duration::from_secs(1)),
         None => return,
@@ -542,17 +554,9 @@ async fn refresh(fleet: Weak<Fleet>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+        tick.tick().await;
         let Some(f) = fleet.upgrade() else { return };
-        for key in f.due() {
-            if f.sync(&key).await.is_err() {
-                // Redis does not answer: the rest waits for the next tick.
-                break;
-            }
-        }
+        let _ = f.push().await;
     }
 }
 
@@ -625,80 +629,4 @@ fn parse(line: &str) -> Result<Reply, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replies_read_exactly_near_the_cap() {
-        let r = parse("ok 999999999999999998 999999999999999999 1 7").unwrap();
-        assert_eq!(r.verdict, Verdict::Ok);
-        assert_eq!(r.before, 999_999_999_999_999_998);
-        assert_eq!(r.spent, 999_999_999_999_999_999);
-        assert_eq!((r.live, r.writes), (1, 7));
-        assert_eq!(parse("no 0 0 5 1").unwrap().verdict, Verdict::No);
-        assert_eq!(parse("stale 1 1 0 2").unwrap().verdict, Verdict::Stale);
-        assert!(parse("ok 1 2 3").is_err());
-        assert!(parse("ok 1 x 2 1").is_err());
-        assert!(parse("maybe 1 1 1 1").is_err());
-    }
-
-    #[test]
-    fn the_mirror_keeps_the_latest_picture() {
-        let reply = |spent, writes| Reply {
-            verdict: Verdict::Ok,
-            before: 0,
-            spent,
-            live: 0,
-            writes,
-        };
-        let mut r = Record::default();
-        r.see(&reply(5, 3));
-        r.see(&reply(2, 1));
-        assert_eq!((r.seen, r.seen_at), (Some((5, 0)), 3));
-        r.see(&reply(9, 3));
-        assert_eq!(r.seen, Some((9, 0)));
-    }
-
-    #[test]
-    fn one_slot_per_account_of_a_period() {
-        let k = redis_key("team-monthly", "2026-12", "search");
-        assert_eq!(k, "ezgate:budget:{team-monthly|2026-12|search}");
-        let odd = redis_key("b}", "2026-12", "{x}");
-        assert_eq!(odd, "ezgate:budget:{b_|2026-12|_x_}");
-        assert_eq!(odd.matches('{').count(), 1);
-    }
-
-    #[test]
-    fn the_fallback_is_a_share_of_what_was_left() {
-        const D: Amount = 1_000_000_000;
-        assert_eq!(share_left(10 * D, 4 * D, 2 * D, 2), 2 * D);
-        assert_eq!(share_left(10 * D, 4 * D, 2 * D, 0), 4 * D);
-        assert_eq!(share_left(10 * D, 12 * D, 0, 3), 0);
-        assert_eq!(share_left(u64::MAX, u64::MAX, 1, 1), 0);
-    }
-
-    #[test]
-    fn the_hash_outlives_its_window() {
-        let end: jiff::Timestamp = "2027-01-01T00:00:00Z".parse().unwrap();
-        let now: jiff::Timestamp = "2026-12-31T23:59:59Z".parse().unwrap();
-        assert_eq!(ttl_ms(&end, now), (1000 + 86_400_000).to_string());
-        assert_eq!(ttl_ms(&now, end), 86_400_000.to_string());
-    }
-
-    #[test]
-    fn a_record_is_idle_once_redis_took_everything() {
-        let mut r = Record {
-            spent: 5,
-            version: 2,
-            acked: 1,
-            acked_spent: 3,
-            ..Record::default()
-        };
-        assert_eq!(r.unsynced(), 2);
-        assert!(!r.idle());
-        r.acked = 2;
-        assert!(r.idle());
-        r.local = 1;
-        assert!(!r.idle());
-    }
-}
+mod tests;

@@ -255,6 +255,31 @@ async fn without_redis_each_gateway_spends_its_share_of_what_was_left() {
 }
 
 #[tokio::test]
+async fn charges_made_without_redis_reach_it_even_from_a_gateway_stopped_at_once() {
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = config(&standalone(redis.port), 10 * COST);
+    let mut gw = Gateway::start(&emu.url(), &config).await;
+    assert_eq!(chat(&gw).await.status, 200);
+    settled_in_redis(&[&redis], COST).await;
+    // Redis refuses the scripts at once (a frozen Redis would run them when it thaws).
+    redis
+        .cli(&["acl", "setuser", "default", "-eval", "-evalsha"])
+        .await;
+    assert_eq!(chat(&gw).await.status, 200);
+    assert_eq!(chat(&gw).await.status, 200);
+    assert_eq!(in_redis(&[&redis]).await.0, COST);
+    redis.cli(&["acl", "setuser", "default", "+@all"]).await;
+    // Stopped before its refresh may have run: the charges go after the drain.
+    gw.signal("TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+    eventually("the outage's charges are in Redis", || async {
+        in_redis(&[&redis]).await.0 == 3 * COST
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_account_never_seen_is_refused_during_an_outage_with_on_failure_deny() {
     let redis = Redis::start().await;
     let emu = Emulator::start().await;
