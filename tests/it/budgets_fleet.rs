@@ -384,3 +384,43 @@ async fn amounts_near_the_cap_compare_to_the_nano_unit() {
     settled_in_redis(&[&redis], amount).await;
     assert_exceeded(&chat(&gw).await);
 }
+
+#[tokio::test]
+async fn a_new_period_is_a_new_account_in_redis() {
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = config(&standalone(redis.port), COST);
+    // The budgets' clock starts three seconds before July.
+    let gw = Gateway::start_env(
+        &emu.url(),
+        &config,
+        &[("EZGATE_BUDGET_CLOCK", "2026-06-30T23:59:57Z")],
+    )
+    .await;
+    assert_eq!(chat(&gw).await.status, 200);
+    let r = chat(&gw).await;
+    assert_exceeded(&r);
+    assert!(r.error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("until 2026-07-01T00:00:00Z"));
+    eventually("July's budget admits a request", || async {
+        chat(&gw).await.status == 200
+    })
+    .await;
+    assert_exceeded(&chat(&gw).await);
+    for month in ["2026-06", "2026-07"] {
+        let key = format!("ezgate:budget:{{fleet|{month}|global}}");
+        eventually(&format!("{key} holds one request's cost"), || async {
+            let all = redis.cli(&["hgetall", &key]).await;
+            let lines: Vec<&str> = all.lines().collect();
+            let spent: u64 = lines
+                .chunks(2)
+                .filter(|p| p[0].starts_with("s:"))
+                .filter_map(|p| p.get(1)?.parse::<u64>().ok())
+                .sum();
+            spent == COST
+        })
+        .await;
+    }
+}

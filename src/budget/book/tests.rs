@@ -136,3 +136,108 @@ fn local_spend_survives_in_the_state_file_and_a_corrupt_file_is_named() {
     assert!(e.contains("budgets.json"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A shared store whose Redis never answers (nothing listens on port 1).
+fn unreachable_redis(extra: &str) -> Arc<RedisStore> {
+    let cfg: crate::config::RedisConfig = toml_edit::de::from_str(&format!(
+        "url = \"redis://127.0.0.1:1\"\ntimeout = \"50ms\"\n{extra}"
+    ))
+    .unwrap();
+    let metrics = crate::limits::shared::StoreMetrics {
+        up: prometheus::IntGauge::new("up", "test").unwrap(),
+        check_duration: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new(
+            "d", "test",
+        ))
+        .unwrap(),
+    };
+    Arc::new(RedisStore::new(&cfg, Box::new(|_| {}), metrics).unwrap())
+}
+
+#[tokio::test]
+async fn a_reload_keeps_a_fleet_budgets_mirror_while_it_and_its_redis_stay_the_same() {
+    let now = ts("2026-12-07T10:00:00Z");
+    let store = unreachable_redis("");
+    let c = budget(
+        "name = \"f\"\nkey = \"team\"\namount = 10.0\nperiod = \"month\"\nstore = \"redis\"",
+    );
+    let fleet = |b: &Budgets| Arc::clone(b.list[0].fleet.as_ref().unwrap());
+    let b = Budgets::new(std::slice::from_ref(&c), None, None, Some(&store), now).unwrap();
+    let mut more = c.clone();
+    more.amount = 20.0;
+    let kept = Budgets::new(&[more], Some(&b), None, Some(&store), now).unwrap();
+    assert!(Arc::ptr_eq(&fleet(&b), &fleet(&kept)));
+    assert!(kept.views(1, now)[0].mirror);
+    let other = unreachable_redis("");
+    let moved = Budgets::new(
+        std::slice::from_ref(&c),
+        Some(&kept),
+        None,
+        Some(&other),
+        now,
+    )
+    .unwrap();
+    assert!(!Arc::ptr_eq(&fleet(&kept), &fleet(&moved)));
+    let mut daily = c.clone();
+    daily.period = Period::Day;
+    let fresh = Budgets::new(&[daily], Some(&kept), None, Some(&store), now).unwrap();
+    assert!(!Arc::ptr_eq(&fleet(&kept), &fleet(&fresh)));
+    let e = Budgets::new(&[c], None, None, None, now).err().unwrap();
+    assert!(e.contains("needs a [redis] section"), "{e}");
+}
+
+#[tokio::test]
+async fn without_redis_an_account_never_seen_follows_on_failure() {
+    let now = ts("2026-12-07T10:00:00Z");
+    let c = [budget(
+        "name = \"f\"\nkey = \"global\"\namount = 10.0\nperiod = \"month\"\nstore = \"redis\"",
+    )];
+    let h = HeaderMap::new();
+    // deny: refused, naming why.
+    let deny = Budgets::new(
+        &c,
+        None,
+        None,
+        Some(&unreachable_redis("on_failure = \"deny\"")),
+        now,
+    )
+    .unwrap();
+    let e = deny
+        .admit(&ask(None, "m", &h), DOLLAR, now)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e.refusal, Refusal::Unshared { .. }), "{e:?}");
+    // local: the amount ÷ the fleet (two replicas): 5 of 10 here.
+    let local = Budgets::new(
+        &c,
+        None,
+        None,
+        Some(&unreachable_redis("replicas = 2")),
+        now,
+    )
+    .unwrap();
+    let hold = local
+        .admit(&ask(None, "m", &h), 3 * DOLLAR, now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(hold.parts[0].2, Some(Place::Local)));
+    let e = local
+        .admit(&ask(None, "m", &h), 3 * DOLLAR, now)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e.refusal, Refusal::Exceeded { left, .. } if left == 2 * DOLLAR),
+        "{e:?}"
+    );
+    // What was charged counts against the share until Redis takes it.
+    drop(hold.settle(DOLLAR, now));
+    assert!(local
+        .admit(&ask(None, "m", &h), 4 * DOLLAR, now)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(local.admit(&ask(None, "m", &h), 1, now).await.is_err());
+    assert_eq!(local.views(1, now)[0].top[0].1.spent, DOLLAR);
+}
