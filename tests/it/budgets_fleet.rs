@@ -39,6 +39,7 @@ name = "fleet"
 key = "global"
 amount = {}
 period = "month"
+warn_at = [0.5]
 store = "redis"
 
 [redis]
@@ -172,6 +173,26 @@ async fn two_gateways_spend_exactly(redis: &str, nodes: &[&Redis], what: &str) {
         r.body
     );
     assert_exceeded(&chat(&b).await);
+    // The write that crossed half the budget logged it, on one gateway of the two.
+    let warning = "budget warning: spend crossed a warn_at share";
+    eventually("a gateway logs the warn_at share", || async {
+        a.logs.text().contains(warning) || b.logs.text().contains(warning)
+    })
+    .await;
+    let told = [&a, &b].map(|gw| gw.logs.all().iter().filter(|l| l.contains(warning)).count());
+    assert_eq!(told[0] + told[1], 1, "{what}: {told:?}");
+    // Each gateway's metric reads its mirror, which catches up with the fleet's spend.
+    for gw in [&a, &b] {
+        gw.wait_metric(r#"ezgate_budget_spent{budget="fleet",key="global"}"#, |v| {
+            v == shown(n * COST)
+        })
+        .await;
+    }
+}
+
+/// A nano-unit amount as the float the metric shows.
+fn shown(nanos: u64) -> f64 {
+    decimal(nanos).parse().unwrap()
 }
 
 #[tokio::test]
@@ -232,7 +253,7 @@ async fn without_redis_each_gateway_spends_its_share_of_what_was_left() {
     settled_in_redis(&[&redis], 5 * COST).await;
     // Each gateway's mirror catches up with the other's spend (the refresh re-reads it).
     for gw in [&a, &b] {
-        let spent = decimal(5 * COST).parse::<f64>().unwrap();
+        let spent = shown(5 * COST);
         eventually("the mirror shows the fleet's spend", || async {
             mirrored(gw).await["spent"].as_f64() == Some(spent)
         })
@@ -423,4 +444,21 @@ async fn a_new_period_is_a_new_account_in_redis() {
         })
         .await;
     }
+}
+
+#[tokio::test]
+async fn a_shadow_fleet_budget_serves_and_counts_what_it_would_refuse() {
+    let redis = Redis::start().await;
+    let emu = Emulator::start().await;
+    let config = config(&standalone(redis.port), COST).replace(
+        "store = \"redis\"\n",
+        "store = \"redis\"\nmode = \"shadow\"\n",
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    for _ in 0..3 {
+        assert_eq!(chat(&gw).await.status, 200);
+    }
+    settled_in_redis(&[&redis], 3 * COST).await;
+    let (status, _) = gw.status().await;
+    assert_eq!(status["budgets"]["list"][0]["would_refuse"], 2, "{status}");
 }
