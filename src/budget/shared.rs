@@ -133,7 +133,10 @@ return verdict .. ' ' .. str(before) .. ' ' .. str(spent) .. ' ' .. str(live) ..
 ";
 
 /// The most ended reservations one `sync` deletes (the rest go with the next).
-const GONE_PER_SYNC: usize = 256;
+const GONE_PER_SYNC: usize = 1000;
+/// The most unanswered reserves an account remembers to delete (an outage of a frozen
+/// Redis that runs them when it thaws); past it, one may hold its amount for the period.
+const MAX_UNANSWERED: usize = 100_000;
 
 /// Where a request's reservation was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,7 +369,9 @@ impl Fleet {
             }
             Err(error) => {
                 // The reserve may still run (a frozen Redis): the next sync deletes it.
-                r.gone.push(n);
+                if r.gone.len() < MAX_UNANSWERED {
+                    r.gone.push(n);
+                }
                 let allowed = match r.seen {
                     Some((spent, live)) => share_left(amount, spent, live, self.store.share()),
                     None if self.store.fail_closed => {
@@ -511,9 +516,17 @@ impl Fleet {
     /// task, and once more after the drain); stops at the first failure (Redis does not
     /// answer: the rest waits). Returns the spend Redis has not taken yet.
     pub async fn push(&self) -> Amount {
-        for key in self.due() {
-            if self.sync(&key).await.is_err() {
-                break;
+        'keys: for key in self.due() {
+            // An outage's ended reservations go a thousand a write.
+            let writes = self
+                .book()
+                .records
+                .get(&key)
+                .map_or(1, |r| 1 + r.gone.len() / GONE_PER_SYNC);
+            for _ in 0..writes {
+                if self.sync(&key).await.is_err() {
+                    break 'keys;
+                }
             }
         }
         self.book().records.values().map(Record::unsynced).sum()
