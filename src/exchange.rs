@@ -179,14 +179,7 @@ fn settle(hold: Hold, prices: &Prices, out: &Outcome) {
     }
     let now = crate::budget::clock::now();
     for w in hold.settle(actual, now) {
-        tracing::warn!(
-            budget = %w.budget,
-            key = %w.crossed.key,
-            share = w.crossed.share,
-            spent = %crate::cost::Nanos(w.crossed.spent),
-            amount = %crate::cost::Nanos(w.amount),
-            "budget warning: spend crossed a warn_at share of the period's amount"
-        );
+        w.log();
     }
 }
 

@@ -197,6 +197,7 @@ impl State {
             &cfg.budgets,
             previous.map(|p| &*p.budgets),
             cfg.server.state_dir.as_deref(),
+            redis.as_ref(),
             crate::budget::clock::now(),
         )?);
         Ok(State {

@@ -156,6 +156,7 @@ pub async fn run(
     // Every drained request is settled: the last spend is written down.
     budgets_writer.abort();
     write_budgets(&gw, true, true).await;
+    gw.state().budgets.push().await;
     // Spans of the drained requests reach the collector, if it answers soon.
     gw.state().tracer.flush(TRACE_FLUSH).await;
     admin.abort();

@@ -76,6 +76,9 @@ pub struct BudgetStatus {
     pub top: Vec<AccountStatus>,
     /// Requests a `shadow` budget would have refused since ezgate started.
     pub would_refuse: u64,
+    /// `ledger`: the accounts as this gateway keeps them (`store = "local"`); `mirror`: the
+    /// accounts this gateway saw, with what Redis last said of them (`store = "redis"`).
+    pub view: &'static str,
 }
 
 #[derive(Serialize)]
@@ -250,6 +253,7 @@ fn budgets(b: &Budgets, currency: &str) -> BudgetsStatus {
                 })
                 .collect(),
             would_refuse: v.would_refuse,
+            view: if v.mirror { "mirror" } else { "ledger" },
         })
         .collect();
     BudgetsStatus {

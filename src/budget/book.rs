@@ -17,8 +17,10 @@ use jiff::Timestamp;
 use wildmatch::WildMatch;
 
 use super::ledger::{Account, Crossed, Ledger, Refusal, Reservation, Saved};
+use super::shared::{Crossing, Fleet, Place};
 use super::state;
 use crate::config::{nanos, zone, BudgetConfig, BudgetKey, BudgetMode, BudgetStore, Period};
+use crate::limits::shared::RedisStore;
 use crate::route::Route;
 
 /// A request, as the budgets see it.
@@ -45,7 +47,10 @@ pub struct Budget {
     pub mode: BudgetMode,
     models: Vec<WildMatch>,
     routes: Vec<Route>,
+    /// The accounts (`store = "local"`); the amount and periods (every budget).
     ledger: Arc<Mutex<Ledger>>,
+    /// `store = "redis"`: the accounts are in Redis, this gateway keeps a mirror.
+    fleet: Option<Arc<Fleet>>,
     /// Spend settled since the state file was last written.
     dirty: Arc<AtomicBool>,
     /// Requests a `shadow` budget would have refused, this process.
@@ -64,7 +69,8 @@ pub struct Refused {
 /// What an admitted request holds in each budget that covers it, until it is settled.
 #[must_use = "a hold is settled with what the request cost"]
 pub struct Hold {
-    parts: Vec<(Arc<Budget>, Reservation)>,
+    /// `Some`: held in a `store = "redis"` budget (in Redis, or in this gateway's share).
+    parts: Vec<(Arc<Budget>, Reservation, Option<Place>)>,
 }
 
 /// A `warn_at` share crossed by a settlement: logged by whoever settles.
@@ -92,6 +98,9 @@ pub struct BudgetView {
     pub top: Vec<(Arc<str>, Account)>,
     pub warn_at: Vec<f64>,
     pub would_refuse: u64,
+    /// `store = "redis"`: `accounts` and `top` are this gateway's mirror (the accounts it
+    /// saw, with what Redis last said of them).
+    pub mirror: bool,
 }
 
 /// The budgets of one config.
@@ -160,6 +169,69 @@ impl Budget {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Counts and logs a request a `shadow` budget would have refused.
+    fn would_refuse(&self, key: &str, max_cost: u64) {
+        self.would_refuse.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            budget = %self.name,
+            key = %key,
+            max_cost = %crate::cost::Nanos(max_cost),
+            "budget in shadow mode would have refused this request"
+        );
+    }
+
+    /// Reserves in the local ledger (shadow: whatever happens).
+    fn reserve_local(
+        &self,
+        key: &Arc<str>,
+        max_cost: u64,
+        now: Timestamp,
+    ) -> Result<Reservation, (Refusal, u64)> {
+        let mut ledger = self.ledger();
+        match self.mode {
+            BudgetMode::Enforce => ledger
+                .reserve(key, max_cost, now)
+                .map_err(|r| (r, ledger.amount())),
+            BudgetMode::Shadow => {
+                let (r, would) = ledger.force(key, max_cost, now);
+                drop(ledger);
+                if would.is_some() {
+                    self.would_refuse(key, max_cost);
+                }
+                Ok(r)
+            }
+        }
+    }
+
+    /// Reserves in Redis, or in this gateway's share while Redis does not answer.
+    async fn reserve_shared(
+        &self,
+        fleet: &Fleet,
+        key: Arc<str>,
+        max_cost: u64,
+        now: Timestamp,
+    ) -> Result<(Reservation, Place), (Refusal, u64)> {
+        let (window, amount) = {
+            let mut ledger = self.ledger();
+            (ledger.window(now).clone(), ledger.amount())
+        };
+        let shadow = self.mode == BudgetMode::Shadow;
+        match fleet.reserve(&key, &window, max_cost, shadow, now).await {
+            Ok((place, would)) => {
+                if would {
+                    self.would_refuse(&key, max_cost);
+                }
+                let r = Reservation {
+                    key,
+                    window: window.id,
+                    amount: max_cost,
+                };
+                Ok((r, place))
+            }
+            Err(refusal) => Err((refusal, amount)),
+        }
+    }
+
     /// Whether a reload may keep this budget's accounts for `c`.
     fn same_accounts(&self, c: &BudgetConfig) -> bool {
         let a = &self.config;
@@ -191,6 +263,7 @@ impl Budgets {
         configs: &[BudgetConfig],
         previous: Option<&Budgets>,
         state_dir: Option<&Path>,
+        redis: Option<&Arc<RedisStore>>,
         now: Timestamp,
     ) -> Result<Budgets, String> {
         let state_file = state_dir.map(state::path);
@@ -199,15 +272,42 @@ impl Budgets {
         for c in configs {
             let key = BudgetKey::parse(&c.key)
                 .ok_or_else(|| format!("budget \"{}\": key \"{}\" is not known", c.name, c.key))?;
-            let kept = previous
-                .and_then(|p| p.list.iter().find(|b| b.same_accounts(c)))
-                .map(|b| {
-                    (
-                        Arc::clone(&b.ledger),
-                        Arc::clone(&b.dirty),
-                        Arc::clone(&b.would_refuse),
-                    )
-                });
+            let kept_budget = previous.and_then(|p| p.list.iter().find(|b| b.same_accounts(c)));
+            let kept = kept_budget.map(|b| {
+                (
+                    Arc::clone(&b.ledger),
+                    Arc::clone(&b.dirty),
+                    Arc::clone(&b.would_refuse),
+                )
+            });
+            let fleet = match (c.store, redis) {
+                (BudgetStore::Local, _) => None,
+                (BudgetStore::Redis, None) => {
+                    return Err(format!(
+                        "budget \"{}\": store \"redis\" needs a [redis] section",
+                        c.name
+                    ))
+                }
+                // The mirror is kept while the budget and its Redis stay the same.
+                (BudgetStore::Redis, Some(store)) => Some(
+                    match kept_budget
+                        .and_then(|b| b.fleet.as_ref())
+                        .filter(|f| f.same_store(store))
+                    {
+                        Some(f) => {
+                            f.configure(nanos(c.amount), c.warn_at.clone());
+                            Arc::clone(f)
+                        }
+                        None => Fleet::new(
+                            Arc::from(c.name.as_str()),
+                            Arc::clone(store),
+                            nanos(c.amount),
+                            c.warn_at.clone(),
+                            log_crossing,
+                        ),
+                    },
+                ),
+            };
             let (ledger, dirty, would_refuse) = match kept {
                 Some((ledger, dirty, would_refuse)) => {
                     ledger
@@ -248,6 +348,7 @@ impl Budgets {
                     .filter_map(|r| Route::from_template(r))
                     .collect(),
                 ledger,
+                fleet,
                 dirty,
                 would_refuse,
             }));
@@ -279,8 +380,9 @@ impl Budgets {
 
     /// Reserves `max_cost` (nano-units) in every budget that covers `ask`, or refuses it
     /// with the first enforcing budget that has not enough left (what the others reserved
-    /// is given back). `Ok(None)`: no budget covers it.
-    pub fn admit(
+    /// is given back). `Ok(None)`: no budget covers it. Only a `store = "redis"` budget
+    /// awaits (its round trip to Redis).
+    pub async fn admit(
         &self,
         ask: &Ask<'_>,
         max_cost: u64,
@@ -294,29 +396,17 @@ impl Budgets {
             let Some(key) = b.account(ask, &self.words) else {
                 continue;
             };
-            let mut ledger = b.ledger();
-            let reserved = match b.mode {
-                BudgetMode::Enforce => ledger.reserve(&key, max_cost, now),
-                BudgetMode::Shadow => {
-                    let (r, would) = ledger.force(&key, max_cost, now);
-                    if would.is_some() {
-                        b.would_refuse.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            budget = %b.name,
-                            key = %key,
-                            max_cost = %crate::cost::Nanos(max_cost),
-                            "budget in shadow mode would have refused this request"
-                        );
-                    }
-                    Ok(r)
-                }
+            let reserved = match &b.fleet {
+                None => b.reserve_local(&key, max_cost, now).map(|r| (r, None)),
+                Some(fleet) => b
+                    .reserve_shared(fleet, key, max_cost, now)
+                    .await
+                    .map(|(r, place)| (r, Some(place))),
             };
             match reserved {
-                Ok(r) => parts.push((Arc::clone(b), r)),
-                Err(refusal) => {
-                    let amount = ledger.amount();
-                    drop(ledger);
-                    Hold { parts }.settle(0, now);
+                Ok((r, place)) => parts.push((Arc::clone(b), r, place)),
+                Err((refusal, amount)) => {
+                    let _ = Hold { parts }.settle(0, now);
                     return Err(Refused {
                         budget: Arc::clone(&b.name),
                         refusal,
@@ -338,7 +428,7 @@ impl Budgets {
         let local = || {
             self.list
                 .iter()
-                .filter(|b| b.config.store == BudgetStore::Local)
+                .filter(|b| b.fleet.is_none() && b.config.store == BudgetStore::Local)
         };
         // Every flag is taken down (no short circuit): one write covers them all.
         let changed = local()
@@ -359,6 +449,21 @@ impl Budgets {
         })
     }
 
+    /// Writes to Redis what the `store = "redis"` budgets charged and Redis has not taken
+    /// (after the drain); logs what could not be.
+    pub async fn push(&self) {
+        for fleet in self.list.iter().filter_map(|b| b.fleet.as_ref()) {
+            let left = fleet.push().await;
+            if left > 0 {
+                tracing::error!(
+                    budget = %fleet.name(),
+                    unwritten = %crate::cost::Nanos(left),
+                    "Redis did not take this gateway's last charges before it stopped; the fleet's budget misses them"
+                );
+            }
+        }
+    }
+
     /// Every budget as `/status` and the metrics show it, with its `top` spenders.
     pub fn views(&self, top: usize, now: Timestamp) -> Vec<BudgetView> {
         self.list
@@ -366,6 +471,16 @@ impl Budgets {
             .map(|b| {
                 let mut ledger = b.ledger();
                 let window = ledger.window(now).clone();
+                let (accounts, top) = match &b.fleet {
+                    None => (ledger.len(now), ledger.top(top, now)),
+                    Some(fleet) => {
+                        let mut all = fleet.mirror(&window.id);
+                        all.sort_by(|a, b| b.1.spent.cmp(&a.1.spent).then_with(|| a.0.cmp(&b.0)));
+                        let n = all.len();
+                        all.truncate(top);
+                        (n, all)
+                    }
+                };
                 BudgetView {
                     name: Arc::clone(&b.name),
                     key: b.config.key.clone(),
@@ -379,10 +494,11 @@ impl Budgets {
                     amount: ledger.amount(),
                     period_start: window.start,
                     period_end: window.end,
-                    accounts: ledger.len(now),
-                    top: ledger.top(top, now),
+                    accounts,
+                    top,
                     warn_at: b.config.warn_at.clone(),
                     would_refuse: b.would_refuse.load(Ordering::Relaxed),
+                    mirror: b.fleet.is_some(),
                 }
             })
             .collect()
@@ -394,7 +510,12 @@ impl Hold {
     /// the upstream failed or answered an error. Returns the warnings it crossed.
     pub fn settle(self, actual: u64, now: Timestamp) -> Vec<Warning> {
         let mut warnings = Vec::new();
-        for (b, r) in self.parts {
+        for (b, r, place) in self.parts {
+            if let (Some(fleet), Some(place)) = (&b.fleet, place) {
+                // Written to Redis by a task, which logs the warnings it crosses.
+                fleet.settle(&r.key, &r.window, place, r.amount, actual);
+                continue;
+            }
             let mut ledger = b.ledger();
             let crossed = ledger.settle(r, actual, now);
             let amount = ledger.amount();
@@ -413,13 +534,46 @@ impl Hold {
 
     /// The most the request was let spend (the same in every budget it is held in).
     pub fn reserved(&self) -> u64 {
-        self.parts.iter().map(|(_, r)| r.amount).max().unwrap_or(0)
+        self.parts
+            .iter()
+            .map(|(_, r, _)| r.amount)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The budgets the request is held in.
     pub fn budgets(&self) -> impl Iterator<Item = &Arc<str>> {
-        self.parts.iter().map(|(b, _)| &b.name)
+        self.parts.iter().map(|(b, _, _)| &b.name)
     }
+}
+
+impl Warning {
+    /// The log line of a crossed share.
+    pub fn log(&self) {
+        warn(
+            &self.budget,
+            &self.crossed.key,
+            self.crossed.share,
+            self.crossed.spent,
+            self.amount,
+        );
+    }
+}
+
+/// The log line of a `warn_at` share crossed in a `store = "redis"` budget.
+fn log_crossing(budget: &str, c: &Crossing) {
+    warn(budget, &c.account, c.share, c.spent, c.amount);
+}
+
+fn warn(budget: &str, key: &str, share: f64, spent: u64, amount: u64) {
+    tracing::warn!(
+        budget = %budget,
+        key = %key,
+        share = share,
+        spent = %crate::cost::Nanos(spent),
+        amount = %crate::cost::Nanos(amount),
+        "budget warning: spend crossed a warn_at share of the period's amount"
+    );
 }
 
 #[cfg(test)]

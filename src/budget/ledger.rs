@@ -51,6 +51,9 @@ pub enum Refusal {
     },
     /// [`MAX_KEYS`] keys already have an account this period (until `next_period`).
     Full { next_period: Timestamp },
+    /// A `store = "redis"` budget's Redis does not answer, the account was never seen
+    /// before, and `redis.on_failure = "deny"`.
+    Unshared { error: String },
 }
 
 /// A `warn_at` share that an account's spend crossed.

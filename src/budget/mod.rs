@@ -10,6 +10,7 @@ pub mod book;
 pub mod clock;
 pub mod ledger;
 pub mod period;
+pub mod shared;
 pub mod state;
 
 pub use book::{Ask, BudgetView, Budgets, Hold, Refused};

@@ -25,7 +25,7 @@ pub(super) struct Asked {
 
 /// Reserves the request's maximum cost in the budgets that cover it; the hold goes into
 /// `out`. Refuses it when one has not enough left, or when its model has no price.
-pub(super) fn admit(
+pub(super) async fn admit(
     state: &State,
     caller: &Caller,
     headers: &HeaderMap,
@@ -85,7 +85,7 @@ pub(super) fn admit(
         },
     );
     let now = clock::now();
-    match budgets.admit(&ask, max_cost.0, now) {
+    match budgets.admit(&ask, max_cost.0, now).await {
         Ok(hold) => {
             out.budget = hold;
             Ok(())
@@ -118,6 +118,12 @@ fn exceeded(
                 ),
                 *next_period,
             )
+        }
+        Refusal::Unshared { error } => {
+            return GatewayError::Overloaded(format!(
+                "budget '{}' is kept in Redis, which does not answer ({error}), and this account has no spend known to this gateway; with redis.on_failure = \"deny\" it is refused until Redis answers",
+                r.budget
+            ))
         }
         Refusal::Full { next_period } => (
             format!(

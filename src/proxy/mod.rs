@@ -301,7 +301,7 @@ async fn handle(
         choices: request.as_ref().map_or(1, |r| r.choices),
         spends: post || handshake.is_some(),
     };
-    budget::admit(state, &caller, &parts.headers, asked, out)?;
+    budget::admit(state, &caller, &parts.headers, asked, out).await?;
     // Pace (`upstream.quota.mode = "enforce"`): a request the upstream's learned quota
     // cannot carry waits its turn, by priority, instead of being spent on a 429.
     let mut ticket = match &state.pacer {
