@@ -269,12 +269,40 @@ impl Budgets {
         !self.list.is_empty() && (route.carries_tokens() || route == Route::Realtime)
     }
 
-    /// The first budget that covers `ask` and charges it to an account, if any.
-    pub fn applies(&self, ask: &Ask<'_>) -> Option<&Arc<str>> {
-        self.list
+    /// Whether any budget covers `ask` and charges it to an account: the first enforcing
+    /// one (the budget a refusal for the request's price names), else the first in shadow
+    /// mode, which never refuses.
+    pub fn applies(&self, ask: &Ask<'_>) -> Option<(&Arc<str>, BudgetMode)> {
+        let mut covering = self
+            .list
             .iter()
-            .find(|b| b.covers(ask) && b.account(ask, &self.words).is_some())
-            .map(|b| &b.name)
+            .filter(|b| b.covers(ask) && b.account(ask, &self.words).is_some());
+        let first = covering.next()?;
+        let enforcing = std::iter::once(first)
+            .chain(covering)
+            .find(|b| b.mode == BudgetMode::Enforce);
+        let b = enforcing.unwrap_or(first);
+        Some((&b.name, b.mode))
+    }
+
+    /// Counts and logs, in every shadow budget that covers `ask`, a request it would have
+    /// refused for `why` (its model has no price); the request goes on, held in none.
+    pub fn shadow_refused(&self, ask: &Ask<'_>, why: &dyn std::fmt::Display) {
+        for b in &self.list {
+            if b.mode != BudgetMode::Shadow || !b.covers(ask) {
+                continue;
+            }
+            let Some(key) = b.account(ask, &self.words) else {
+                continue;
+            };
+            b.would_refuse.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                budget = %b.name,
+                key = %key,
+                reason = %why,
+                "budget in shadow mode would have refused this request"
+            );
+        }
     }
 
     /// Reserves `max_cost` (nano-units) in every budget that covers `ask`, or refuses it

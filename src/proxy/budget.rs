@@ -9,7 +9,7 @@ use http::HeaderMap;
 use crate::budget::ledger::Refusal;
 use crate::budget::{clock, Ask, Refused};
 use crate::clients::Caller;
-use crate::config::DEFAULT_COMPLETION_TOKENS;
+use crate::config::{BudgetMode, DEFAULT_COMPLETION_TOKENS};
 use crate::cost::{self, Nanos, Tokens};
 use crate::errors::GatewayError;
 use crate::exchange::Exchange;
@@ -47,23 +47,33 @@ pub(super) fn admit(
         fingerprint: caller.key_fingerprint.as_ref(),
         headers,
     };
-    let Some(first) = budgets.applies(&ask) else {
+    let Some((first, mode)) = budgets.applies(&ask) else {
         return Ok(());
     };
     let Some(prices) = &state.prices else {
         // Validation refuses budgets without [prices].
         return Err(GatewayError::Internal("budgets without [prices]".into()));
     };
-    let rates = match out.model.as_deref() {
+    let priced = match out.model.as_deref() {
         Some(model) => prices.rates(model).map_err(|e| GatewayError::Unpriced {
             budget: std::sync::Arc::clone(first),
             model: e.model,
-        })?,
+        }),
         None => prices.rates("").map_err(|_| {
             GatewayError::BadRequest(format!(
                 "the request names no model, and budget '{first}' applies to it: ezgate prices a request by its model; name one"
             ))
-        })?,
+        }),
+    };
+    let rates = match priced {
+        Ok(rates) => rates,
+        // Only shadow budgets cover it: they count what they would have refused, and it
+        // goes on.
+        Err(unpriced) if mode == BudgetMode::Shadow => {
+            budgets.shadow_refused(&ask, &unpriced);
+            return Ok(());
+        }
+        Err(unpriced) => return Err(unpriced),
     };
     let completion = match out.route {
         Route::Embeddings => 0,
