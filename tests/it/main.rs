@@ -12,6 +12,7 @@ mod schema;
 mod admin;
 mod attacks;
 mod bodies;
+mod budgets;
 mod cancellation;
 mod cost;
 mod errors;
