@@ -93,6 +93,7 @@ async fn every_429_code_sends_the_headers_docs_errors_md_promises() {
     assert_eq!(
         table.keys().map(String::as_str).collect::<Vec<_>>(),
         [
+            "budget_exceeded",
             "concurrency_limited",
             "rate_limited",
             "token_rate_limited",
@@ -203,6 +204,13 @@ match = { routes = ["/v1/chat/completions"] }
     assert_eq!(gw.chat(&[]).await.status, 200);
     let r = gw.chat(&[]).await;
     assert_documented(&table, "upstream_quota_exhausted", &r);
+
+    // budget_exceeded: a global budget smaller than any request's maximum cost.
+    let budgeted = "[prices]\ncurrency = \"USD\"\nmodels = [{ model = \"gpt-4o\", input = 2.5, output = 10 }]\n\n[[budgets]]\nname = \"tiny\"\nkey = \"global\"\namount = 0.000001\nperiod = \"month\"\ntimezone = \"UTC\"\n";
+    let gw = Gateway::start(&emu.url(), budgeted).await;
+    let r = gw.chat(&[("x-request-id", "over-budget")]).await;
+    assert_documented(&table, "budget_exceeded", &r);
+    assert!(emu.entry("over-budget").await.is_none());
 }
 
 /// Lines of a child's stream, collected until it closes.
