@@ -95,6 +95,89 @@ async fn a_stream_cut_by_the_upstream_costs_what_it_streamed() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_mid_stream_pays_what_streamed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start().await;
+    let rest = budget("team-monthly", "team", "1", "month", "");
+    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let body = chat(Some(300), true);
+    // The upstream streams three pieces and then nothing; the client reads them and leaves.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer {SEARCH}\r\nx-request-id: left\r\nx-emu-stream-events: 10\r\nx-emu-stall-after: 3\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while !String::from_utf8_lossy(&seen).contains("tok2 ") {
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("three pieces arrive");
+    drop(s);
+    assert_eq!(gw.access_log("left").await["status"], 499);
+    // The prompt at its estimate, the completion at what streamed ("tok0 tok1 tok2 ": 5).
+    let want = nanos(GPT_4O, prompt_estimate(&body), 0, 5);
+    assert_eq!(spent(&gw, "team-monthly", "search").await, shown(want));
+}
+
+#[tokio::test]
+async fn concurrent_requests_never_hold_more_than_the_amount() {
+    let emu = Emulator::start().await;
+    let body = chat(Some(100), true);
+    // Room for three requests' maximum cost; eight arrive together and each streams for
+    // seconds, so no hold is settled while the others are admitted.
+    let amount = 3 * max_cost(&body, 100);
+    let rest = budget("team-monthly", "team", &decimal(amount), "month", "");
+    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let url = gw.url("/v1/chat/completions");
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let h = headers(
+                SEARCH,
+                "",
+                &[("x-emu-stream-events", "3"), ("x-emu-stream-interval-ms", "1000")],
+            );
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move {
+                let rid = format!("burst-{i}");
+                let mut h: Vec<(&str, &str)> =
+                    h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                h.retain(|(k, _)| *k != "x-request-id");
+                h.push(("x-request-id", &rid));
+                let r = send(&http1(), Method::POST, &url, &h, body.into()).await;
+                (rid, r)
+            })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    for t in tasks {
+        let (rid, r) = t.await.unwrap();
+        match r.status.as_u16() {
+            200 => admitted.push(rid),
+            _ => {
+                assert_exceeded(&r, "team-monthly");
+                assert!(emu.entry(&rid).await.is_none(), "{rid} reached the upstream");
+            }
+        }
+    }
+    assert_eq!(admitted.len(), 3, "exactly what the amount holds: {admitted:?}");
+    let mut want = 0;
+    for rid in &admitted {
+        let (p, c) = usage(&emu, rid).await;
+        want += nanos(GPT_4O, p, 0, c);
+    }
+    assert_eq!(spent(&gw, "team-monthly", "search").await, shown(want));
+    assert_eq!(emu.log().await.len(), 3);
+}
+
+#[tokio::test]
 async fn every_covering_budget_must_admit_and_a_refusal_gives_back_the_others_holds() {
     let emu = Emulator::start().await;
     let rest = format!(

@@ -101,6 +101,35 @@ async fn spend_survives_a_sigterm_and_a_sigkill() {
 }
 
 #[tokio::test]
+async fn a_request_in_flight_at_sigterm_is_charged_before_the_last_write() {
+    let emu = Emulator::start().await;
+    let dir = scratch_dir();
+    let cfg = config(Some(&dir), &budget("team-monthly", "team", "10", "month", ""));
+    let mut gw = Gateway::start(&emu.url(), &cfg).await;
+    let h = headers(
+        SEARCH,
+        "draining",
+        &[("x-emu-stream-events", "4"), ("x-emu-stream-interval-ms", "500")],
+    );
+    let url = gw.url("/v1/chat/completions");
+    let stream = tokio::spawn(async move {
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        send(&http1(), http::Method::POST, &url, &h, chat(Some(100), true).into()).await
+    });
+    emu.wait_state("draining", "in_progress", DEADLINE).await;
+    gw.signal("TERM");
+    let r = stream.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("[DONE]"), "the drain let it finish");
+    assert_eq!(gw.exit_code().await, Some(0));
+    let (p, c) = usage(&emu, "draining").await;
+    let cost = nanos(GPT_4O, p, 0, c);
+    assert_eq!(saved(&dir, "team-monthly", "search"), Some(cost));
+    let gw = Gateway::start(&emu.url(), &cfg).await;
+    assert_eq!(spent(&gw, "team-monthly", "search").await, shown(cost));
+}
+
+#[tokio::test]
 async fn a_corrupt_state_file_or_an_unwritable_state_dir_stops_startup() {
     let dir = scratch_dir();
     let file = dir.join("budgets.json");
