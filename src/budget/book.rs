@@ -224,7 +224,13 @@ impl Budgets {
                         if saved.is_none() {
                             saved = Some(state::load(file)?);
                         }
-                        if let Some(s) = saved.as_ref().and_then(|s| s.budgets.get(&c.name)) {
+                        // The accounts of the same budget under another key (a team's
+                        // spend, read as a client's) mean nothing: not restored.
+                        if let Some(s) = saved
+                            .as_ref()
+                            .and_then(|s| s.budgets.get(&c.name))
+                            .filter(|s| s.key.as_ref().is_none_or(|k| *k == c.key))
+                        {
                             ledger.restore(s, now);
                         }
                     }
@@ -377,7 +383,11 @@ impl Budgets {
         }
         let now = super::clock::now();
         let all: BTreeMap<String, Saved> = local()
-            .map(|b| (b.name.to_string(), b.ledger().save(now)))
+            .map(|b| {
+                let mut saved = b.ledger().save(now);
+                saved.key = Some(b.config.key.clone());
+                (b.name.to_string(), saved)
+            })
             .collect();
         state::save(file, all).inspect_err(|_| {
             // Written again at the next flush.

@@ -74,6 +74,10 @@ pub struct Ledger {
 #[serde(deny_unknown_fields)]
 pub struct Saved {
     pub window: String,
+    /// What the accounts are of (`team`, `client`, `api_key`, `header:<name>`, `global`):
+    /// accounts of another key are not restored. Absent in files that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub accounts: Vec<(String, Amount)>,
 }
 
@@ -282,6 +286,7 @@ impl Ledger {
         accounts.sort();
         Saved {
             window: self.window.id.clone(),
+            key: None,
             accounts,
         }
     }

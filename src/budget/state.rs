@@ -106,6 +106,7 @@ mod tests {
             "team-monthly".to_owned(),
             Saved {
                 window: "2026-12".into(),
+                key: Some("team".into()),
                 accounts: vec![("search".into(), 1_250_000_000)],
             },
         );
@@ -118,6 +119,20 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, [FILE]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_written_before_budgets_named_their_key_is_read() {
+        let dir = scratch("keyless");
+        let file = path(&dir);
+        fs::write(
+            &file,
+            r#"{"version":1,"budgets":{"b":{"window":"2026-12","accounts":[["search",5]]}}}"#,
+        )
+        .unwrap();
+        let b = &load(&file).unwrap().budgets["b"];
+        assert_eq!((b.key.as_deref(), b.accounts.len()), (None, 1));
         fs::remove_dir_all(&dir).unwrap();
     }
 
