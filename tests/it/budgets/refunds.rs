@@ -114,7 +114,11 @@ async fn a_client_that_leaves_mid_stream_pays_what_streamed() {
         while !String::from_utf8_lossy(&seen).contains("tok2 ") {
             let mut buf = [0u8; 4096];
             let n = s.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the stream ended early: {}", String::from_utf8_lossy(&seen));
+            assert!(
+                n > 0,
+                "the stream ended early: {}",
+                String::from_utf8_lossy(&seen)
+            );
             seen.extend_from_slice(&buf[..n]);
         }
     })
@@ -142,7 +146,10 @@ async fn concurrent_requests_never_hold_more_than_the_amount() {
             let h = headers(
                 SEARCH,
                 "",
-                &[("x-emu-stream-events", "3"), ("x-emu-stream-interval-ms", "1000")],
+                &[
+                    ("x-emu-stream-events", "3"),
+                    ("x-emu-stream-interval-ms", "1000"),
+                ],
             );
             let (url, body) = (url.clone(), body.clone());
             tokio::spawn(async move {
@@ -163,11 +170,18 @@ async fn concurrent_requests_never_hold_more_than_the_amount() {
             200 => admitted.push(rid),
             _ => {
                 assert_exceeded(&r, "team-monthly");
-                assert!(emu.entry(&rid).await.is_none(), "{rid} reached the upstream");
+                assert!(
+                    emu.entry(&rid).await.is_none(),
+                    "{rid} reached the upstream"
+                );
             }
         }
     }
-    assert_eq!(admitted.len(), 3, "exactly what the amount holds: {admitted:?}");
+    assert_eq!(
+        admitted.len(),
+        3,
+        "exactly what the amount holds: {admitted:?}"
+    );
     let mut want = 0;
     for rid in &admitted {
         let (p, c) = usage(&emu, rid).await;

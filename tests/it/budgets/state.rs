@@ -104,23 +104,39 @@ async fn spend_survives_a_sigterm_and_a_sigkill() {
 async fn a_request_in_flight_at_sigterm_is_charged_before_the_last_write() {
     let emu = Emulator::start().await;
     let dir = scratch_dir();
-    let cfg = config(Some(&dir), &budget("team-monthly", "team", "10", "month", ""));
+    let cfg = config(
+        Some(&dir),
+        &budget("team-monthly", "team", "10", "month", ""),
+    );
     let mut gw = Gateway::start(&emu.url(), &cfg).await;
     let h = headers(
         SEARCH,
         "draining",
-        &[("x-emu-stream-events", "4"), ("x-emu-stream-interval-ms", "500")],
+        &[
+            ("x-emu-stream-events", "4"),
+            ("x-emu-stream-interval-ms", "500"),
+        ],
     );
     let url = gw.url("/v1/chat/completions");
     let stream = tokio::spawn(async move {
         let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        send(&http1(), http::Method::POST, &url, &h, chat(Some(100), true).into()).await
+        send(
+            &http1(),
+            http::Method::POST,
+            &url,
+            &h,
+            chat(Some(100), true).into(),
+        )
+        .await
     });
     emu.wait_state("draining", "in_progress", DEADLINE).await;
     gw.signal("TERM");
     let r = stream.await.unwrap();
     assert_eq!(r.status, 200);
-    assert!(String::from_utf8_lossy(&r.body).contains("[DONE]"), "the drain let it finish");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("[DONE]"),
+        "the drain let it finish"
+    );
     assert_eq!(gw.exit_code().await, Some(0));
     let (p, c) = usage(&emu, "draining").await;
     let cost = nanos(GPT_4O, p, 0, c);
@@ -332,4 +348,44 @@ async fn a_reload_keeps_the_spend_of_budgets_whose_period_is_unchanged() {
     let gw = Gateway::start(&emu.url(), &config(Some(&dir), &budgets("2.5", "day"))).await;
     assert_eq!(spent(&gw, "resized", "search").await, shown(cost + more));
     assert_eq!(spent(&gw, "reperiod", "search").await, shown(more));
+}
+
+#[tokio::test]
+async fn a_budget_whose_key_changed_restores_nothing_of_the_old_keys() {
+    let emu = Emulator::start().await;
+    let dir = scratch_dir();
+    let keyed = |key: &str| config(Some(&dir), &budget("spend", key, "10", "month", ""));
+    let mut gw = Gateway::start(&emu.url(), &keyed("team")).await;
+    let cost = spend(&gw, &emu, "by-team", 2).await;
+    assert_eq!(spent(&gw, "spend", "search").await, shown(cost));
+    let start = std::time::Instant::now();
+    while saved(&dir, "spend", "search") != Some(cost) {
+        assert!(start.elapsed() < DEADLINE, "budgets.json never held {cost}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Reloaded as a per-client budget: the teams' spend says nothing of any client's.
+    std::fs::write(&gw.config_path, keyed("client")).unwrap();
+    gw.signal("HUP");
+    gw.wait_metric("ezgate_config_reloads_total{result=\"applied\"}", |v| {
+        v == 1.0
+    })
+    .await;
+    let v = view(&gw, "spend").await;
+    assert_eq!(
+        (&v["key"], &v["accounts"]),
+        (&Value::from("client"), &Value::from(0)),
+        "{v}"
+    );
+    let more = spend(&gw, &emu, "by-client", 1).await;
+    assert_eq!(spent(&gw, "spend", "search-app").await, shown(more));
+    gw.signal("TERM");
+    assert_eq!(gw.exit_code().await, Some(0));
+    // Restarted as a global budget: the clients' spend is not restored either.
+    let gw = Gateway::start(&emu.url(), &keyed("global")).await;
+    let v = view(&gw, "spend").await;
+    assert_eq!(
+        (&v["key"], &v["accounts"]),
+        (&Value::from("global"), &Value::from(0)),
+        "{v}"
+    );
 }
