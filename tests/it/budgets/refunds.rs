@@ -206,8 +206,14 @@ async fn every_covering_budget_must_admit_and_a_refusal_gives_back_the_others_ho
         )
     );
     let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    // A model the global budget does not cover: the team budget alone admits and charges.
+    let r = post(&gw, SEARCH, "4o", &[], &chat(Some(50), false)).await;
+    assert_eq!(r.status, 200);
+    let (p, c) = usage(&emu, "4o").await;
+    let cost = nanos(GPT_4O, p, 0, c);
+    assert_eq!(spent(&gw, "team-monthly", "search").await, shown(cost));
     // The team budget reserves first, then the global one refuses: the team's hold is
-    // given back.
+    // given back, its spend unchanged.
     let mini = chat(Some(50), false).replace("gpt-4o", "gpt-4o-mini");
     let r = post(&gw, SEARCH, "mini", &[], &mini).await;
     let message = assert_exceeded(&r, "mini-global");
@@ -216,16 +222,6 @@ async fn every_covering_budget_must_admit_and_a_refusal_gives_back_the_others_ho
         "{message}"
     );
     assert!(emu.entry("mini").await.is_none());
-    assert_eq!(
-        view(&gw, "team-monthly").await["accounts"],
-        0,
-        "given back whole"
-    );
-    // A model the global budget does not cover: the team budget alone admits and charges.
-    let r = post(&gw, SEARCH, "4o", &[], &chat(Some(50), false)).await;
-    assert_eq!(r.status, 200);
-    let (p, c) = usage(&emu, "4o").await;
-    let cost = nanos(GPT_4O, p, 0, c);
     assert_eq!(spent(&gw, "team-monthly", "search").await, shown(cost));
     let v = view(&gw, "mini-global").await;
     assert_eq!(v["accounts"], 0, "{v}");
