@@ -100,7 +100,13 @@ pub(super) fn admit(
             out.budget = hold;
             Ok(())
         }
-        Err(refused) => Err(exceeded(&refused, asked.max_tokens, prices.currency(), now)),
+        Err(refused) => Err(exceeded(
+            &refused,
+            out.route,
+            asked.max_tokens,
+            prices.currency(),
+            now,
+        )),
     }
 }
 
@@ -108,15 +114,20 @@ pub(super) fn admit(
 /// what to do.
 fn exceeded(
     r: &Refused,
+    route: Route,
     max_tokens: Option<u64>,
     currency: &str,
     now: jiff::Timestamp,
 ) -> GatewayError {
     let (message, next) = match &r.refusal {
         Refusal::Exceeded { left, next_period } => {
-            let lower = match max_tokens {
-                Some(m) => format!("send a lower max_tokens (this request asks for up to {m} completion tokens) or wait for the next period"),
-                None => format!("set max_tokens (without it ezgate reserves {DEFAULT_COMPLETION_TOKENS} completion tokens) or wait for the next period"),
+            // What the client can change: an embedding has no completion to cap, and a
+            // realtime session names no cap when it opens.
+            let lower = match (route, max_tokens) {
+                (Route::Embeddings, _) => "send less input (an embedding costs its input tokens) or wait for the next period".to_owned(),
+                (Route::Realtime, _) => format!("wait for the next period (a realtime session reserves {DEFAULT_COMPLETION_TOKENS} output tokens when it opens)"),
+                (_, Some(m)) => format!("send a lower max_tokens (this request asks for up to {m} completion tokens) or wait for the next period"),
+                (_, None) => format!("set max_tokens (without it ezgate reserves {DEFAULT_COMPLETION_TOKENS} completion tokens) or wait for the next period"),
             };
             (
                 format!(
