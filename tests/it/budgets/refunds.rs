@@ -276,7 +276,9 @@ async fn budgets_cover_their_routes_models_and_keys_and_show_only_fingerprints()
     // Routes: embeddings are refused, chat on another model is not covered.
     let embed = r#"{"model":"text-embedding-3-small","input":"a few words"}"#;
     let r = post_to(&gw, "/v1/embeddings", SEARCH, "embed", &[], embed).await;
-    assert_exceeded(&r, "embeddings");
+    let message = assert_exceeded(&r, "embeddings");
+    assert!(message.contains("To fit, send less input"), "{message}");
+    assert!(!message.contains("max_tokens"), "{message}");
     let mini = chat(Some(10), false).replace("gpt-4o", "gpt-4o-mini");
     // Teams: the caller with no team is not covered by a team budget; one with a team is.
     let r = post(&gw, LONE, "lone", &[], &mini).await;
@@ -502,4 +504,30 @@ async fn a_realtime_session_under_a_budget_is_settled_at_its_usage() {
     let want = nanos(REALTIME, 20, 12, 10);
     assert_eq!(want, 196_800);
     assert_eq!(spent(&gw, "team-monthly", "search").await, shown(want));
+}
+
+#[tokio::test]
+async fn a_realtime_session_that_does_not_fit_is_refused_at_the_handshake() {
+    let emu = Emulator::start().await;
+    // A session reserves 1,000 output tokens at gpt-realtime's dearest output price (audio,
+    // 64.00 per 1M): 0.064, more than the budget.
+    let rest = budget("team-monthly", "team", "0.05", "month", "");
+    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let h = [
+        ("authorization", "Bearer sk-search-team-key"),
+        ("x-request-id", "realtime-refused"),
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let r = gw.get_with("/v1/realtime?model=gpt-realtime", &h).await;
+    let message = assert_exceeded(&r, "team-monthly");
+    assert!(message.contains("may cost up to 0.064 USD"), "{message}");
+    assert!(
+        message.contains("a realtime session reserves 1000 output tokens"),
+        "{message}"
+    );
+    assert!(!message.contains("max_tokens"), "{message}");
+    assert!(emu.entry("realtime-refused").await.is_none());
 }
