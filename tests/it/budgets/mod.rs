@@ -400,6 +400,14 @@ async fn a_request_that_does_not_fit_what_in_flight_requests_hold_is_refused_bef
     assert_eq!(spent(&gw, "team-daily", "search").await, shown(cost));
     let r = post(&gw, SEARCH, "fits", &[], &small).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        gw.wait_metric(
+            "ezgate_gateway_errors_total{code=\"budget_exceeded\"}",
+            |v| v >= 1.0
+        )
+        .await,
+        1.0
+    );
     // Without max_tokens, ezgate reserves 1,000 completion tokens, and says so.
     let r = post(&gw, SEARCH, "uncapped", &[], &chat(None, false)).await;
     let message = assert_exceeded(&r, "team-daily");
@@ -433,4 +441,32 @@ pub async fn wait_view(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn n_choices_reserve_max_tokens_for_each_choice() {
+    let emu = Emulator::start().await;
+    let one = chat(Some(100), false);
+    let amount = max_cost(&one, 100);
+    let rest = budget("team-monthly", "team", &decimal(amount), "month", "");
+    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    // Two choices of up to 100 tokens each: 200 completion tokens may be generated.
+    let mut two: Value = serde_json::from_str(&one).unwrap();
+    two["n"] = json!(2);
+    let r = post(&gw, SEARCH, "two", &[], &two.to_string()).await;
+    let message = assert_exceeded(&r, "team-monthly");
+    assert!(
+        message.contains("asks for up to 200 completion tokens"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "may cost up to {}",
+            shown(max_cost(&two.to_string(), 200))
+        )),
+        "{message}"
+    );
+    assert!(emu.entry("two").await.is_none());
+    // One choice fits exactly.
+    assert_eq!(post(&gw, SEARCH, "one", &[], &one).await.status, 200);
 }

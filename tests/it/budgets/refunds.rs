@@ -349,6 +349,7 @@ async fn an_unpriced_model_under_a_budget_is_refused_naming_model_and_budget() {
     assert_eq!(e["code"], "model_not_allowed", "{e}");
     assert_eq!(e["param"], "model", "{e}");
     assert_eq!(e["source"], "gateway", "{e}");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
     let message = e["message"].as_str().unwrap();
     assert!(
         message.contains("o3-mini") && message.contains("team-monthly"),

@@ -332,6 +332,14 @@ async fn a_reload_keeps_the_spend_of_budgets_whose_period_is_unchanged() {
         (&Value::from(2.5), &Value::from(shown(cost))),
         "{v}"
     );
+    let metrics = gw.settled_metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ezgate_budget_limit{budget=\"resized\",key=\"search\"}"
+        ),
+        2.5
+    );
     let v = view(&gw, "reperiod").await;
     assert_eq!(
         (&v["period"], &v["accounts"]),
