@@ -324,7 +324,13 @@ impl Budgets {
                         if saved.is_none() {
                             saved = Some(state::load(file)?);
                         }
-                        if let Some(s) = saved.as_ref().and_then(|s| s.budgets.get(&c.name)) {
+                        // The accounts of the same budget under another key (a team's
+                        // spend, read as a client's) mean nothing: not restored.
+                        if let Some(s) = saved
+                            .as_ref()
+                            .and_then(|s| s.budgets.get(&c.name))
+                            .filter(|s| s.key.as_ref().is_none_or(|k| *k == c.key))
+                        {
                             ledger.restore(s, now);
                         }
                     }
@@ -370,12 +376,40 @@ impl Budgets {
         !self.list.is_empty() && (route.carries_tokens() || route == Route::Realtime)
     }
 
-    /// The first budget that covers `ask` and charges it to an account, if any.
-    pub fn applies(&self, ask: &Ask<'_>) -> Option<&Arc<str>> {
-        self.list
+    /// Whether any budget covers `ask` and charges it to an account: the first enforcing
+    /// one (the budget a refusal for the request's price names), else the first in shadow
+    /// mode, which never refuses.
+    pub fn applies(&self, ask: &Ask<'_>) -> Option<(&Arc<str>, BudgetMode)> {
+        let mut covering = self
+            .list
             .iter()
-            .find(|b| b.covers(ask) && b.account(ask, &self.words).is_some())
-            .map(|b| &b.name)
+            .filter(|b| b.covers(ask) && b.account(ask, &self.words).is_some());
+        let first = covering.next()?;
+        let enforcing = std::iter::once(first)
+            .chain(covering)
+            .find(|b| b.mode == BudgetMode::Enforce);
+        let b = enforcing.unwrap_or(first);
+        Some((&b.name, b.mode))
+    }
+
+    /// Counts and logs, in every shadow budget that covers `ask`, a request it would have
+    /// refused for `why` (its model has no price); the request goes on, held in none.
+    pub fn shadow_refused(&self, ask: &Ask<'_>, why: &dyn std::fmt::Display) {
+        for b in &self.list {
+            if b.mode != BudgetMode::Shadow || !b.covers(ask) {
+                continue;
+            }
+            let Some(key) = b.account(ask, &self.words) else {
+                continue;
+            };
+            b.would_refuse.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                budget = %b.name,
+                key = %key,
+                reason = %why,
+                "budget in shadow mode would have refused this request"
+            );
+        }
     }
 
     /// Reserves `max_cost` (nano-units) in every budget that covers `ask`, or refuses it
@@ -439,7 +473,11 @@ impl Budgets {
         }
         let now = super::clock::now();
         let all: BTreeMap<String, Saved> = local()
-            .map(|b| (b.name.to_string(), b.ledger().save(now)))
+            .map(|b| {
+                let mut saved = b.ledger().save(now);
+                saved.key = Some(b.config.key.clone());
+                (b.name.to_string(), saved)
+            })
             .collect();
         state::save(file, all).inspect_err(|_| {
             // Written again at the next flush.

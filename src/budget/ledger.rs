@@ -79,6 +79,10 @@ pub struct Ledger {
 #[serde(deny_unknown_fields)]
 pub struct Saved {
     pub window: String,
+    /// What the accounts are of (`team`, `client`, `api_key`, `header:<name>`, `global`):
+    /// accounts of another key are not restored. Absent in files that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub accounts: Vec<(String, Amount)>,
 }
 
@@ -180,8 +184,12 @@ impl Ledger {
                 next_period: self.window.end,
             });
         }
-        let a = self.accounts.entry(Arc::clone(key)).or_default();
-        let held = a.spent.saturating_add(a.reserved);
+        // A refusal leaves no account behind: refused requests with ever new keys (header
+        // values) must not fill the budget's accounts and lock new keys out.
+        let held = self
+            .accounts
+            .get(key)
+            .map_or(0, |a| a.spent.saturating_add(a.reserved));
         let left = self.amount.saturating_sub(held);
         if max_cost > left && !anyway {
             return Err(Refusal::Exceeded {
@@ -189,6 +197,7 @@ impl Ledger {
                 next_period: self.window.end,
             });
         }
+        let a = self.accounts.entry(Arc::clone(key)).or_default();
         a.reserved = a.reserved.saturating_add(max_cost);
         Ok(Reservation {
             key: Arc::clone(key),
@@ -282,6 +291,7 @@ impl Ledger {
         accounts.sort();
         Saved {
             window: self.window.id.clone(),
+            key: None,
             accounts,
         }
     }
@@ -371,6 +381,23 @@ mod tests {
         let r = l.reserve(&k("k"), 3 * DOLLAR, now).unwrap();
         l.settle(r, 400_000_000, now);
         assert_eq!(l.account("k", now).spent, 400_000_000);
+    }
+
+    #[test]
+    fn refused_and_refunded_requests_leave_no_account_behind() {
+        let mut l = monthly(DOLLAR);
+        let now = ts("2026-12-07T06:00:00Z");
+        for i in 0..1000 {
+            assert!(l.reserve(&k(&format!("fp:{i}")), 2 * DOLLAR, now).is_err());
+        }
+        assert_eq!(l.len(now), 0);
+        let r = l.reserve(&k("k"), DOLLAR / 2, now).unwrap();
+        let held = l.reserve(&k("k"), DOLLAR / 4, now).unwrap();
+        l.settle(r, 0, now);
+        assert_eq!(l.len(now), 1, "a reservation still holds it");
+        l.settle(held, 0, now);
+        assert_eq!(l.len(now), 0);
+        assert!(l.top(10, now).is_empty());
     }
 
     #[test]

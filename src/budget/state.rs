@@ -122,6 +122,7 @@ mod tests {
             "team-monthly".to_owned(),
             Saved {
                 window: "2026-12".into(),
+                key: Some("team".into()),
                 accounts: vec![("search".into(), 1_250_000_000)],
             },
         );
@@ -159,6 +160,20 @@ mod tests {
         );
         fs::write(&file, b"{\"version\":9,\"budgets\":{}}").unwrap();
         assert!(load(&file).unwrap_err().contains("version 9"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_written_before_budgets_named_their_key_is_read() {
+        let dir = scratch("keyless");
+        let file = path(&dir);
+        fs::write(
+            &file,
+            r#"{"version":1,"budgets":{"b":{"window":"2026-12","accounts":[["search",5]]}}}"#,
+        )
+        .unwrap();
+        let b = &load(&file).unwrap().budgets["b"];
+        assert_eq!((b.key.as_deref(), b.accounts.len()), (None, 1));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,7 +9,7 @@ use http::HeaderMap;
 use crate::budget::ledger::Refusal;
 use crate::budget::{clock, Ask, Refused};
 use crate::clients::Caller;
-use crate::config::DEFAULT_COMPLETION_TOKENS;
+use crate::config::{BudgetMode, DEFAULT_COMPLETION_TOKENS};
 use crate::cost::{self, Nanos, Tokens};
 use crate::errors::GatewayError;
 use crate::exchange::Exchange;
@@ -47,23 +47,33 @@ pub(super) async fn admit(
         fingerprint: caller.key_fingerprint.as_ref(),
         headers,
     };
-    let Some(first) = budgets.applies(&ask) else {
+    let Some((first, mode)) = budgets.applies(&ask) else {
         return Ok(());
     };
     let Some(prices) = &state.prices else {
         // Validation refuses budgets without [prices].
         return Err(GatewayError::Internal("budgets without [prices]".into()));
     };
-    let rates = match out.model.as_deref() {
+    let priced = match out.model.as_deref() {
         Some(model) => prices.rates(model).map_err(|e| GatewayError::Unpriced {
             budget: std::sync::Arc::clone(first),
             model: e.model,
-        })?,
+        }),
         None => prices.rates("").map_err(|_| {
             GatewayError::BadRequest(format!(
                 "the request names no model, and budget '{first}' applies to it: ezgate prices a request by its model; name one"
             ))
-        })?,
+        }),
+    };
+    let rates = match priced {
+        Ok(rates) => rates,
+        // Only shadow budgets cover it: they count what they would have refused, and it
+        // goes on.
+        Err(unpriced) if mode == BudgetMode::Shadow => {
+            budgets.shadow_refused(&ask, &unpriced);
+            return Ok(());
+        }
+        Err(unpriced) => return Err(unpriced),
     };
     let completion = match out.route {
         Route::Embeddings => 0,
@@ -90,7 +100,13 @@ pub(super) async fn admit(
             out.budget = hold;
             Ok(())
         }
-        Err(refused) => Err(exceeded(&refused, asked.max_tokens, prices.currency(), now)),
+        Err(refused) => Err(exceeded(
+            &refused,
+            out.route,
+            asked.max_tokens,
+            prices.currency(),
+            now,
+        )),
     }
 }
 
@@ -98,15 +114,20 @@ pub(super) async fn admit(
 /// what to do.
 fn exceeded(
     r: &Refused,
+    route: Route,
     max_tokens: Option<u64>,
     currency: &str,
     now: jiff::Timestamp,
 ) -> GatewayError {
     let (message, next) = match &r.refusal {
         Refusal::Exceeded { left, next_period } => {
-            let lower = match max_tokens {
-                Some(m) => format!("send a lower max_tokens (this request asks for up to {m} completion tokens) or wait for the next period"),
-                None => format!("set max_tokens (without it ezgate reserves {DEFAULT_COMPLETION_TOKENS} completion tokens) or wait for the next period"),
+            // What the client can change: an embedding has no completion to cap, and a
+            // realtime session names no cap when it opens.
+            let lower = match (route, max_tokens) {
+                (Route::Embeddings, _) => "send less input (an embedding costs its input tokens) or wait for the next period".to_owned(),
+                (Route::Realtime, _) => format!("wait for the next period (a realtime session reserves {DEFAULT_COMPLETION_TOKENS} output tokens when it opens)"),
+                (_, Some(m)) => format!("send a lower max_tokens (this request asks for up to {m} completion tokens) or wait for the next period"),
+                (_, None) => format!("set max_tokens (without it ezgate reserves {DEFAULT_COMPLETION_TOKENS} completion tokens) or wait for the next period"),
             };
             (
                 format!(

@@ -13,6 +13,7 @@ mod admin;
 mod attacks;
 mod bodies;
 mod budgets_fleet;
+mod budgets;
 mod cancellation;
 mod cost;
 mod errors;

@@ -203,6 +203,33 @@ match = { routes = ["/v1/chat/completions"] }
     assert_eq!(gw.chat(&[]).await.status, 200);
     let r = gw.chat(&[]).await;
     assert_documented(&table, "upstream_quota_exhausted", &r);
+
+    // budget_exceeded: a global budget smaller than any request's maximum cost.
+    let budgeted = "[prices]\ncurrency = \"USD\"\nmodels = [{ model = \"gpt-4o\", input = 2.5, output = 10 }]\n\n[[budgets]]\nname = \"tiny\"\nkey = \"global\"\namount = 0.000001\nperiod = \"month\"\ntimezone = \"UTC\"\n";
+    let gw = Gateway::start(&emu.url(), budgeted).await;
+    let r = gw.chat(&[("x-request-id", "over-budget")]).await;
+    assert_budget_exceeded(&table, &r);
+    assert!(emu.entry("over-budget").await.is_none());
+}
+
+/// `budget_exceeded`, "a 429 of another kind" (docs/errors.md, after the table): no window
+/// and no rate, so none of the table's rate-limit headers; `Retry-After` and
+/// `retry-after-ms` until the next period, and always `x-should-retry: false`.
+fn assert_budget_exceeded(table: &BTreeMap<String, Vec<(String, bool)>>, r: &Resp) {
+    let sent = ["retry-after", "retry-after-ms", "x-should-retry"];
+    let mut table = table.clone();
+    let headers = table
+        .values()
+        .flatten()
+        .map(|(name, _)| (name.clone(), sent.contains(&name.as_str())))
+        .collect::<std::collections::BTreeSet<_>>();
+    assert!(
+        sent.iter().all(|s| headers.iter().any(|(n, _)| n == s)),
+        "the table names every header: {headers:?}"
+    );
+    table.insert("budget_exceeded".to_owned(), headers.into_iter().collect());
+    assert_documented(&table, "budget_exceeded", r);
+    assert_eq!(r.header("x-should-retry"), Some("false"));
 }
 
 /// Lines of a child's stream, collected until it closes.
