@@ -126,7 +126,10 @@ pub async fn run(
     let weak = Arc::downgrade(&gw);
     metrics.budget.read_from(Box::new(move || {
         weak.upgrade()
-            .map(|gw| status::budget_samples(&gw.state().budgets))
+            .map(|gw| {
+                let state = gw.state();
+                status::budget_samples(&state.budgets, &state.settings.config.clients)
+            })
             .unwrap_or_default()
     }));
     // A state directory ezgate cannot write to is found now, not at the first charge.

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::budget::Budgets;
 use crate::clients::{fingerprint, sha256};
-use crate::config::{BudgetMode, BudgetStore, LimitKey, Mode, Period};
+use crate::config::{BudgetMode, BudgetStore, ClientConfig, LimitKey, Mode, Period};
 use crate::gateway::{Gateway, ReloadRecord};
 use crate::limits::store::OVERFLOW_KEY;
 use crate::limits::{Cooldown, KeyUse, PolicySnapshot};
@@ -265,25 +265,32 @@ fn budgets(b: &Budgets, currency: &str) -> BudgetsStatus {
 /// The series of `ezgate_budget_spent` and `ezgate_budget_limit`: every account of a budget
 /// keyed by team, client or `global` (names the config bounds), and the busiest account of
 /// one keyed by API key or header, without a key.
-pub fn budget_samples(b: &Budgets) -> Vec<BudgetSample> {
+pub fn budget_samples(b: &Budgets, clients: &[ClientConfig]) -> Vec<BudgetSample> {
     let now = crate::budget::clock::now();
     let mut out = Vec::new();
     for v in b.views(usize::MAX, now) {
         if v.named_keys {
-            out.extend(v.top.iter().map(|(key, a)| BudgetSample {
+            // Every configured team or client has a series from the start of each period,
+            // at 0 until it spends: graphs and alerts see no gap at a rollover.
+            let mut spent: BTreeMap<Arc<str>, u64> = match v.key.as_str() {
+                "team" => clients
+                    .iter()
+                    .filter_map(|c| c.team.as_deref())
+                    .map(|t| (Arc::from(t), 0))
+                    .collect(),
+                "client" => clients
+                    .iter()
+                    .map(|c| (Arc::from(c.name.as_str()), 0))
+                    .collect(),
+                _ => BTreeMap::from([(Arc::from("global"), 0)]),
+            };
+            spent.extend(v.top.iter().map(|(key, a)| (Arc::clone(key), a.spent)));
+            out.extend(spent.into_iter().map(|(key, spent)| BudgetSample {
                 budget: Arc::clone(&v.name),
-                key: Arc::clone(key),
-                spent: a.spent,
+                key,
+                spent,
                 limit: v.amount,
             }));
-            if v.key == "global" && v.top.is_empty() {
-                out.push(BudgetSample {
-                    budget: Arc::clone(&v.name),
-                    key: Arc::from("global"),
-                    spent: 0,
-                    limit: v.amount,
-                });
-            }
         } else {
             out.push(BudgetSample {
                 budget: Arc::clone(&v.name),

@@ -155,10 +155,12 @@ fn exceeded(
             *next_period,
         ),
     };
-    let wait = next.duration_since(now).unsigned_abs();
+    // Exact to the millisecond: `Retry-After` rounds it up, so a client that waits that
+    // long arrives in the new period.
+    let wait = Duration::try_from(next.duration_since(now)).unwrap_or(Duration::ZERO);
     GatewayError::BudgetExceeded {
         budget: std::sync::Arc::clone(&r.budget),
         message,
-        retry_after: Duration::from_secs(wait.as_secs().max(1)),
+        retry_after: wait.max(Duration::from_millis(1)),
     }
 }
