@@ -3,18 +3,19 @@
 //! It is written on every request, so it does not go through `tracing`'s formatter: each line
 //! is formatted by hand into a buffer reused by the thread (JSON with the same fields, names
 //! and shape as the other log lines, or tracing's `key=value` text shape) and handed whole to
-//! the same non-blocking writer as the other logs, which keeps the lines in order and never
+//! the same batched writer as the other logs ([`sink`]), which keeps the lines in order and never
 //! drops one. Nothing is written until [`install`] is called, which the `ezgate` command does
 //! at startup when the log filter lets `info` through for `ezgate::access`.
 //!
 //! The fields are names, codes, numbers and durations; never a key or a body.
 
 use std::cell::RefCell;
-use std::io::Write;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tracing_appender::non_blocking::NonBlocking;
+pub mod sink;
+
+pub use sink::{LineSink, SinkGuard};
 
 use crate::config::LogFormat;
 use crate::outcome::Outcome;
@@ -59,27 +60,25 @@ pub struct Entry<'a> {
 }
 
 struct Sink {
-    writer: NonBlocking,
+    writer: LineSink,
     format: LogFormat,
 }
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
-/// Per thread: the line being formatted, and a handle on the writer (cloning one per line
-/// would touch the shared channel counters on every request).
+/// Per thread: the line being formatted.
 struct Local {
     line: Vec<u8>,
-    writer: Option<NonBlocking>,
 }
 
 thread_local! {
     static LOCAL: RefCell<Local> = const {
-        RefCell::new(Local { line: Vec::new(), writer: None })
+        RefCell::new(Local { line: Vec::new() })
     };
 }
 
 /// Sends access lines to `writer`, formatted as `format`. The first call wins.
-pub fn install(writer: NonBlocking, format: LogFormat) {
+pub fn install(writer: LineSink, format: LogFormat) {
     let _ = SINK.set(Sink { writer, format });
 }
 
@@ -105,11 +104,7 @@ pub fn write(entry: &Entry<'_>) {
         .unwrap_or(false);
     if !written {
         // Thread-local storage is being torn down (or in use): a one-off buffer does.
-        Local {
-            line: Vec::new(),
-            writer: None,
-        }
-        .emit(sink, entry, now);
+        Local { line: Vec::new() }.emit(sink, entry, now);
     }
 }
 
@@ -117,9 +112,7 @@ impl Local {
     fn emit(&mut self, sink: &Sink, entry: &Entry<'_>, now: SystemTime) {
         self.line.clear();
         format(&mut self.line, sink.format, entry, now);
-        let writer = self.writer.get_or_insert_with(|| sink.writer.clone());
-        // The writer only fails once its thread is gone, at exit; there is nowhere to report.
-        let _ = writer.write_all(&self.line);
+        sink.writer.append(&self.line);
         if self.line.capacity() > KEEP_CAPACITY {
             self.line = Vec::new();
         }

@@ -249,22 +249,19 @@ fn signals(
     })
 }
 
-/// Logs go to stderr through a writer thread, so a request never waits on a `write(2)`;
-/// the queue blocks rather than drop lines when stderr cannot keep up. The guard flushes it.
-/// The queue holds 16,384 lines (a third of a second of access lines at 50,000 requests/s);
-/// its slots are allocated up front and, as it cycles, all become resident, so a larger queue
-/// is memory the process carries for its whole life.
-/// The access log shares the writer, so its lines stay in order with the others.
-fn init_logging(settings: &Settings) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(16_384)
-        .thread_name("ezgate-log")
-        // Lines queued while the thread writes go out together, in one write per batch.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+/// Logs go to stderr through a writer thread, so a request never waits on a `write(2)`:
+/// every line, the access log's and the others, is appended to one buffer that the thread
+/// writes in batches, in order, never dropping one (it holds callers back when stderr cannot
+/// keep up: src/access_log/sink.rs). The guard writes what is left.
+fn init_logging(settings: &Settings) -> Option<ezgate::access_log::SinkGuard> {
+    let (writer, guard) =
+        match ezgate::access_log::LineSink::start(Box::new(std::io::stderr()), "ezgate-log") {
+            Ok((w, g)) => (w, Some(g)),
+            Err(e) => {
+                eprintln!("ezgate: cannot start the log writer thread ({e})");
+                return None;
+            }
+        };
     let log = &settings.config.log;
     let filter = std::env::var("RUST_LOG")
         .ok()
