@@ -56,9 +56,19 @@ async fn upstream_over_tls_with_an_extra_ca() {
     let r = gw.chat(&[]).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["object"], "chat.completion");
-    // Streams too, over the upstream's h2 (ALPN).
     assert_streams_to_the_end(&gw).await;
+    // `auto`, the default: with few requests in flight, HTTP/1.1 (cheaper per request),
+    // though ALPN would pick h2.
+    let r = gw.get("/inspect").await;
+    assert_eq!(r.json()["version"], "HTTP/1.1");
 
+    // `always` over TLS: h2 by ALPN, streams included.
+    let config = format!(
+        "[upstream]\nca_file = {:?}\nhttp2 = \"always\"\n",
+        pki.ca.display().to_string()
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    assert_streams_to_the_end(&gw).await;
     // Connection-specific headers would be a protocol error on the upstream's HTTP/2.
     let r = send(
         &http1(),
