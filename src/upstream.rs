@@ -17,6 +17,17 @@ use crate::pool::{
     RequestBody, UpstreamBody,
 };
 
+/// A connector whose TLS offers only `http/1.1` by ALPN (hyper-rustls' own HTTP/1.1-only
+/// connector offers no ALPN at all, which an HTTP/2-only upstream cannot refuse).
+pub fn http1_connector(
+    tls: &rustls::ClientConfig,
+    http: HttpConnector,
+) -> hyper_rustls::HttpsConnector<HttpConnector> {
+    let mut tls = tls.clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    hyper_rustls::HttpsConnector::from((http, tls))
+}
+
 /// With `upstream.http2 = "auto"` over TLS: requests in flight carried over HTTP/1.1
 /// before HTTP/2 is offered. HTTP/1.1 costs about 8 % less CPU per request than hyper's
 /// HTTP/2 client; HTTP/2 about 17 KiB less memory per open stream (13.8 KiB against 31
@@ -52,12 +63,10 @@ impl Upstream {
         http.set_connect_timeout(Some(cfg.connect_timeout.0));
         http.set_keepalive(Some(Duration::from_secs(60)));
         // What ALPN offers over TLS; `always` also speaks HTTP/2 on plain connections.
-        // WebSocket handshakes: HTTP/1.1 alone, on connections of their own.
-        let upgrades = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http.clone());
+        // WebSocket handshakes, and `auto`'s connections while few requests are in flight:
+        // HTTP/1.1 alone, offered by ALPN (so that an upstream that speaks only HTTP/2
+        // refuses the handshake, and the pool offers it h2 instead).
+        let upgrades = http1_connector(&tls, http.clone());
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http();

@@ -138,11 +138,7 @@ fn build_pool(
     let uri: Uri = base.parse().unwrap();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
-    let h1_only = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls.clone())
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http.clone());
+    let h1_only = crate::upstream::http1_connector(&tls, http.clone());
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
@@ -177,7 +173,7 @@ pub(super) async fn tls_upstream(alpn: &'static [u8]) -> (Arc<Pool>, Arc<AtomicU
 /// As [`tls_upstream`], the upstream's ALPN offering `alpn` (in its order of preference),
 /// the pool's `http2_above` set.
 pub(super) async fn tls_upstream_with(
-    alpn: &'static [&'static [u8]],
+    alpn: &[&[u8]],
     http2_above: usize,
 ) -> (Arc<Pool>, Arc<AtomicUsize>) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
