@@ -11,7 +11,7 @@ use hyper::client::conn::http1;
 
 use super::http2::Stream;
 use super::RequestBody;
-use super::Shared;
+use super::{InFlight, Shared};
 
 /// What a response body holds of its connection until its end.
 pub(super) enum Back {
@@ -27,11 +27,17 @@ pub(super) enum Back {
 pub struct UpstreamBody {
     inner: Incoming,
     back: Back,
+    /// Counts the request in flight until the body drops (under `http2_above`).
+    _flight: Option<InFlight>,
 }
 
 impl UpstreamBody {
-    pub(super) fn new(inner: Incoming, back: Back) -> UpstreamBody {
-        let mut body = UpstreamBody { inner, back };
+    pub(super) fn new(inner: Incoming, back: Back, flight: Option<InFlight>) -> UpstreamBody {
+        let mut body = UpstreamBody {
+            inner,
+            back,
+            _flight: flight,
+        };
         if body.inner.is_end_stream() {
             body.release();
         }

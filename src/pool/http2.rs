@@ -198,7 +198,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::RequestBody;
-    use crate::pool::tests::{get, pool_with, tls_upstream, upstream_h2};
+    use crate::pool::tests::{get, pool_with, tls_upstream, tls_upstream_with, upstream_h2};
     use crate::pool::{BoxError, ConnectError, Pool, UpstreamBody};
 
     /// `n` requests for `/` sent at once, each on a task of its own.
@@ -298,6 +298,46 @@ mod tests {
             "one HTTP/1.1 connection per request"
         );
         read_all(open).await;
+    }
+
+    #[tokio::test]
+    async fn up_to_http2_above_in_flight_go_over_http1_and_beyond_over_http2_streams() {
+        // The upstream offers both; the pool carries up to two requests in flight on HTTP/1.1.
+        let (pool, accepted) = tls_upstream_with(&[b"h2", b"http/1.1"], 2).await;
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            open.push(get(&pool, "/").await.into_body());
+        }
+        assert!(pool.h2_streams().is_empty(), "two in flight: HTTP/1.1");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        for _ in 0..3 {
+            open.push(get(&pool, "/").await.into_body());
+        }
+        assert_eq!(pool.h2_streams(), [3], "beyond two: one HTTP/2 connection");
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        read_all(open).await;
+        assert_eq!(pool.idle_count(), 2);
+        // Few in flight again: an idle HTTP/1.1 connection, not the HTTP/2 one (left to be
+        // swept when idle).
+        let body = get(&pool, "/").await.into_body();
+        assert_eq!(pool.idle_count(), 1);
+        assert_eq!(pool.h2_streams(), [0]);
+        read_all(vec![body]).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_refuses_http1_by_alpn_is_offered_h2_from_then_on() {
+        let (pool, accepted) = tls_upstream_with(&[b"h2"], 2).await;
+        let first = get(&pool, "/").await.into_body();
+        let second = get(&pool, "/").await.into_body();
+        assert_eq!(pool.h2_streams(), [2]);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "one handshake refused, then one HTTP/2 connection"
+        );
+        read_all(vec![first, second]).await;
     }
 
     #[tokio::test]

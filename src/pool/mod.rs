@@ -19,6 +19,14 @@
 //! request's task instead, which saves that task and its wake-ups, measured 5–10 % more CPU
 //! per request: the client connection's task then polls both sides on every wake-up.)
 //!
+//! HTTP/2 costs more CPU per request than HTTP/1.1 (HPACK, stream state and, in hyper's
+//! client, a task per request between the connection and the request), and less memory
+//! per open stream (many streams share one connection and one TLS session). With
+//! `http2_above` set (`upstream.http2 = "auto"` over TLS), the pool takes the cheaper side
+//! by how many requests are in flight: up to that many, HTTP/1.1 connections (dialled
+//! with ALPN offering `http/1.1` alone); beyond it, streams on HTTP/2 connections (ALPN
+//! offering h2 too). Connections opened by a burst and no longer needed are swept as idle.
+//!
 //! A request that finds its pooled connection closed before anything was written (the
 //! upstream closed an idle keep-alive connection) is retried once on a new connection;
 //! once written, it is never retried.
@@ -33,7 +41,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -96,6 +104,10 @@ pub struct PoolConfig {
     pub http2_only: bool,
     /// HTTP/2 offered by ALPN on `https://` connections.
     pub http2_offered: bool,
+    /// With `http2_offered`: HTTP/1.1 (connections dialled by the HTTP/1.1-only connector
+    /// of [`Pool::with_upgrades`]) while at most this many requests are in flight, HTTP/2
+    /// streams beyond. 0: HTTP/2 wherever ALPN picks it.
+    pub http2_above: usize,
 }
 
 pub struct Pool {
@@ -110,8 +122,11 @@ pub struct Pool {
     http2_only: bool,
     shared: Arc<Shared>,
     /// What dials the dedicated HTTP/1.1 connection of a WebSocket handshake (ALPN
-    /// `http/1.1` only); `None`: the pool's own connector.
+    /// `http/1.1` only), and, under `http2_above`, the pool's connections while few
+    /// requests are in flight; `None`: the pool's own connector.
     upgrades: Option<HttpsConnector<HttpConnector>>,
+    /// See [`PoolConfig::http2_above`]; 0 when it does not apply (no HTTP/2 offered by ALPN).
+    http2_above: usize,
 }
 
 struct Shared {
@@ -128,6 +143,50 @@ struct Shared {
     opened: tokio::sync::Notify,
     /// The last connection made spoke HTTP/2 (so the next one most likely will).
     h2_seen: std::sync::atomic::AtomicBool,
+    /// Requests in flight (sent, their response bodies not dropped), counted only under
+    /// `http2_above`.
+    in_flight: AtomicUsize,
+    /// The upstream refused a connection that offered only `http/1.1` by ALPN.
+    h1_refused: std::sync::atomic::AtomicBool,
+}
+
+/// Whether a TLS handshake failed because the upstream accepts none of the protocols ALPN
+/// offered (rustls errors come wrapped in, possibly nested, `io::Error`s, whose `source()`
+/// skips them).
+fn alpn_refused(err: &(dyn StdError + 'static)) -> bool {
+    let refused = |e: &(dyn StdError + 'static)| {
+        matches!(
+            e.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol
+            ))
+        )
+    };
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let mut inner = Some(e);
+        while let Some(i) = inner {
+            if refused(i) {
+                return true;
+            }
+            inner = i
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|x| x as &(dyn StdError + 'static));
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// One request in flight, counted in [`Shared::in_flight`] until dropped (with its
+/// response body, or with the request when it failed).
+pub(super) struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -188,7 +247,14 @@ impl Pool {
             h2_seen: std::sync::atomic::AtomicBool::new(
                 cfg.http2_only || (cfg.http2_offered && scheme == Scheme::HTTPS),
             ),
+            in_flight: AtomicUsize::new(0),
+            h1_refused: std::sync::atomic::AtomicBool::new(false),
         });
+        let http2_above = if cfg.http2_offered && !cfg.http2_only && scheme == Scheme::HTTPS {
+            cfg.http2_above
+        } else {
+            0
+        };
         // ezgate builds its pools inside the runtime; a pool built outside one (a test of
         // config parsing, say) never sends, so it has nothing to sweep.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -205,6 +271,7 @@ impl Pool {
             http2_only: cfg.http2_only,
             shared,
             upgrades: None,
+            http2_above,
         })
     }
 
@@ -222,18 +289,33 @@ impl Pool {
         mut req: Request<RequestBody>,
         path: PathAndQuery,
     ) -> Result<Response<UpstreamBody>, BoxError> {
+        // Under `http2_above`: whether this request goes over HTTP/1.1 (few in flight).
+        let (flight, h1_first) = if self.http2_above == 0 {
+            (None, false)
+        } else {
+            let before = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+            (
+                Some(InFlight(Arc::clone(&self.shared))),
+                before < self.http2_above && !self.shared.h1_refused.load(Ordering::Relaxed),
+            )
+        };
         let mut reused = true;
-        let mut conn = self.checkout();
+        let mut conn = self.checkout(h1_first);
         loop {
             let c = match conn.take() {
                 Some(c) => c,
                 None => {
                     reused = false;
-                    match self.shared.place_or_open().await {
+                    let placed = if h1_first {
+                        Err(None)
+                    } else {
+                        self.shared.place_or_open().await
+                    };
+                    match placed {
                         Ok(c) => c,
                         // Boxed: the connect future is large and rarely needed; every
                         // request would otherwise carry (and move) it.
-                        Err(opening) => Box::pin(self.connect(opening)).await?,
+                        Err(opening) => Box::pin(self.connect(opening, h1_first)).await?,
                     }
                 }
             };
@@ -243,9 +325,8 @@ impl Pool {
                     req.headers_mut().remove(HOST);
                     match tx.try_send_request(req).await {
                         Ok(resp) => {
-                            return Ok(
-                                resp.map(|b| UpstreamBody::new(b, Back::H2 { _stream: stream }))
-                            )
+                            let back = Back::H2 { _stream: stream };
+                            return Ok(resp.map(|b| UpstreamBody::new(b, back, flight)));
                         }
                         Err(mut e) => match e.take_message() {
                             // Never sent (the connection was going away): once more, on a new one.
@@ -261,7 +342,7 @@ impl Pool {
                     if tx.ready().await.is_err() {
                         if reused {
                             // Closed while idle: the next pooled one, or a new one.
-                            conn = self.checkout();
+                            conn = self.checkout(h1_first);
                             continue;
                         }
                         return Err("the new upstream connection closed at once".into());
@@ -271,7 +352,7 @@ impl Pool {
                     match tx.try_send_request(req).await {
                         Ok(resp) => {
                             let back = Back::H1(tx, Arc::clone(&self.shared));
-                            return Ok(resp.map(|b| UpstreamBody::new(b, back)));
+                            return Ok(resp.map(|b| UpstreamBody::new(b, back, flight)));
                         }
                         Err(mut e) => match e.take_message() {
                             // Never written: safe to send again, once, on a new connection.
@@ -295,25 +376,48 @@ impl Pool {
             .build()?)
     }
 
-    fn checkout(&self) -> Option<Conn> {
+    /// A pooled connection: a place on a shared HTTP/2 connection, else an idle HTTP/1.1
+    /// one; with `h1_only` (few requests in flight under `http2_above`), only an idle
+    /// HTTP/1.1 connection: the streams of HTTP/2 connections a burst opened are left to
+    /// end, and the connections to be swept.
+    fn checkout(&self, h1_only: bool) -> Option<Conn> {
+        if h1_only {
+            return self.shared.take().map(Conn::H1);
+        }
         self.shared
             .h2_stream()
             .or_else(|| self.shared.take().map(Conn::H1))
     }
 
-    /// Opens a connection; `_opening`, held until it is made or has failed, lets other
-    /// requests wait for it.
-    async fn connect(&self, _opening: Option<OpeningGuard<'_>>) -> Result<Conn, BoxError> {
-        let mut connector = self.connector.clone();
-        std::future::poll_fn(|cx| connector.poll_ready(cx))
-            .await
-            .map_err(ConnectError)?;
-        let io = connector
-            .call(self.base.clone())
-            .await
-            .map_err(ConnectError)?;
+    /// Opens a connection (`h1`: with the HTTP/1.1-only connector, if there is one);
+    /// `_opening`, held until it is made or has failed, lets other requests wait for it.
+    async fn connect(
+        &self,
+        _opening: Option<OpeningGuard<'_>>,
+        h1: bool,
+    ) -> Result<Conn, BoxError> {
+        let mut h1_connector = if h1 { self.upgrades.as_ref() } else { None };
+        let io = loop {
+            let mut connector = h1_connector.unwrap_or(&self.connector).clone();
+            std::future::poll_fn(|cx| connector.poll_ready(cx))
+                .await
+                .map_err(ConnectError)?;
+            match connector.call(self.base.clone()).await {
+                Ok(io) => break io,
+                // An upstream that speaks only HTTP/2 refuses an ALPN of `http/1.1` alone:
+                // offered h2 from now on.
+                Err(e) if h1_connector.is_some() && alpn_refused(&*e) => {
+                    self.shared.h1_refused.store(true, Ordering::Relaxed);
+                    h1_connector = None;
+                }
+                Err(e) => return Err(ConnectError(e).into()),
+            }
+        };
         let h2 = self.http2_only || io.connected().is_negotiated_h2();
-        self.shared.h2_seen.store(h2, Ordering::Relaxed);
+        // Only a connection that offered h2 says whether the upstream speaks it.
+        if h1_connector.is_none() {
+            self.shared.h2_seen.store(h2, Ordering::Relaxed);
+        }
         let io: UpstreamIo = Box::new(io);
         if h2 {
             self.handshake_h2(io).await

@@ -122,21 +122,23 @@ pub(super) fn pool(base: &str, idle_timeout: Duration) -> Pool {
 
 pub(super) fn pool_with(base: &str, idle_timeout: Duration, http2_only: bool) -> Pool {
     let tls = crate::tls::client_tls(None).unwrap();
-    build_pool(base, idle_timeout, tls, http2_only, http2_only)
+    build_pool(base, idle_timeout, tls, http2_only, http2_only, 0)
 }
 
 /// A pool as `upstream.rs` builds one: `offer_h2` is ALPN's h2 on `https://` (and
-/// prior knowledge on `http://` when `http2_only`).
+/// prior knowledge on `http://` when `http2_only`); `http2_above` as in [`PoolConfig`].
 fn build_pool(
     base: &str,
     idle_timeout: Duration,
     tls: rustls::ClientConfig,
     http2_only: bool,
     offer_h2: bool,
+    http2_above: usize,
 ) -> Pool {
     let uri: Uri = base.parse().unwrap();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
+    let h1_only = crate::upstream::http1_connector(&tls, http.clone());
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
@@ -154,15 +156,26 @@ fn build_pool(
             idle_timeout,
             http2_only,
             http2_offered: offer_h2,
+            http2_above,
         },
     )
     .unwrap()
+    .with_upgrades(h1_only)
 }
 
 /// A TLS upstream on 127.0.0.1, signed by a CA made here, whose ALPN offers only
 /// `alpn`; it counts its connections and serves [`Held`] bodies over what ALPN chose.
 /// Returns a pool that trusts the CA and offers h2 and HTTP/1.1, and the connection count.
 pub(super) async fn tls_upstream(alpn: &'static [u8]) -> (Arc<Pool>, Arc<AtomicUsize>) {
+    tls_upstream_with(&[alpn], 0).await
+}
+
+/// As [`tls_upstream`], the upstream's ALPN offering `alpn` (in its order of preference),
+/// the pool's `http2_above` set.
+pub(super) async fn tls_upstream_with(
+    alpn: &[&[u8]],
+    http2_above: usize,
+) -> (Arc<Pool>, Arc<AtomicUsize>) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -184,7 +197,7 @@ pub(super) async fn tls_upstream(alpn: &'static [u8]) -> (Arc<Pool>, Arc<AtomicU
             rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
         )
         .unwrap();
-    server.alpn_protocols = vec![alpn.to_vec()];
+    server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
     let (base, accepted) = counting_upstream(move |tcp| {
         let acceptor = acceptor.clone();
@@ -221,7 +234,14 @@ pub(super) async fn tls_upstream(alpn: &'static [u8]) -> (Arc<Pool>, Arc<AtomicU
     let tls = crate::tls::client_tls(Some(&ca_file)).unwrap();
     let _ = std::fs::remove_file(&ca_file);
     let base = base.replace("http://", "https://");
-    let pool = build_pool(&base, Duration::from_secs(30), tls, false, true);
+    let pool = build_pool(
+        &base,
+        Duration::from_secs(30),
+        tls,
+        false,
+        true,
+        http2_above,
+    );
     (Arc::new(pool), accepted)
 }
 

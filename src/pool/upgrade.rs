@@ -46,6 +46,6 @@ impl Pool {
         req.headers_mut().insert(HOST, self.host.clone());
         let resp = tx.send_request(req).await?;
         // The sender goes with this function: the connection serves this one exchange.
-        Ok(resp.map(|b| UpstreamBody::new(b, Back::Done)))
+        Ok(resp.map(|b| UpstreamBody::new(b, Back::Done, None)))
     }
 }

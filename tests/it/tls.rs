@@ -56,9 +56,19 @@ async fn upstream_over_tls_with_an_extra_ca() {
     let r = gw.chat(&[]).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["object"], "chat.completion");
-    // Streams too, over the upstream's h2 (ALPN).
     assert_streams_to_the_end(&gw).await;
+    // `auto`, the default: with few requests in flight, HTTP/1.1 (cheaper per request),
+    // though ALPN would pick h2.
+    let r = gw.get("/inspect").await;
+    assert_eq!(r.json()["version"], "HTTP/1.1");
 
+    // `always` over TLS: h2 by ALPN, streams included.
+    let config = format!(
+        "[upstream]\nca_file = {:?}\nhttp2 = \"always\"\n",
+        pki.ca.display().to_string()
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    assert_streams_to_the_end(&gw).await;
     // Connection-specific headers would be a protocol error on the upstream's HTTP/2.
     let r = send(
         &http1(),
@@ -197,4 +207,38 @@ async fn upstream_http2_can_be_required_or_refused() {
     let r = gw.get("/inspect").await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["version"], "HTTP/1.1");
+}
+
+#[tokio::test]
+async fn auto_carries_64_requests_in_flight_over_http1_and_more_over_h2() {
+    let pki = make_pki();
+    let emu = Emulator::start_tls(&pki.cert, &pki.key).await;
+    let config = format!("[upstream]\nca_file = {:?}\n", pki.ca.display().to_string());
+    let gw = Gateway::start(&emu.url(), &config).await;
+    // 64 streamed completions held open: the upstream pauses after their first event.
+    let client = http1();
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let req = http::Request::post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-emu-stream-interval-ms", "30000")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"m","stream":true,"messages":[]}"#,
+            )))
+            .unwrap();
+        let resp = tokio::time::timeout(DEADLINE, client.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
+    let r = gw.get("/inspect").await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json()["version"],
+        "HTTP/2.0",
+        "the 65th request in flight is a stream of an h2 connection"
+    );
+    drop(held);
 }
