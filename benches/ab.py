@@ -41,14 +41,16 @@ here), with and without the access log. After the CPU rounds each gateway's open
 the upstream are counted: a handful with h2, one per connection of load with HTTP/1.1.
 
 Prints the median of the per-round ratios and every round. Needs wrk and taskset (and openssl
-with --tls-upstream); starts the release emulator (or the TLS upstream nginx). Traffic goes only to 127.0.0.1, bounded in time; every process it starts is
-stopped on exit.
+with --tls-upstream); starts the release emulator (or the TLS upstream nginx). Traffic goes
+only to 127.0.0.1, bounded in time; every process it starts is stopped on exit (SIGTERM
+included, as `timeout` sends it) and its temp dir removed.
 """
 import argparse
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -272,9 +274,13 @@ def wait_https(url, proc, ca):
 
 
 def upstream_conns(pids, port):
-    """Established TCP connections from the processes `pids` to 127.0.0.1:`port` (ss -tnp)."""
-    out = subprocess.run(["ss", "-Htnp", "state", "established", "dst", f"127.0.0.1:{port}"],
-                         capture_output=True, text=True).stdout
+    """Established TCP connections from the processes `pids` to 127.0.0.1:`port` (ss -tnp), or
+    None without ss."""
+    try:
+        out = subprocess.run(["ss", "-Htnp", "state", "established", "dst", f"127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # no ss (iproute2): the count is informative only
     return sum(1 for l in out.splitlines() if any(f"pid={p}," in l for p in pids))
 
 
@@ -304,6 +310,8 @@ def main():
     ap.add_argument("--emu-quota", help="the emulator's --quota (e.g. requests=1000000000/1m): "
                     "every answer then carries the six x-ratelimit-* headers")
     args = ap.parse_args()
+    # A SIGTERM (proxy.sh's `timeout`) unwinds through the `finally` below like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not 1 <= args.rounds <= 50 or not 1 <= args.secs <= 30 or not 0 <= args.rate <= 5000:
         sys.exit("ab.py: --rounds 1..50, --secs 1..30 and --rate 0..5000")
     if args.tls_upstream and args.emu_quota and args.load == "chat":

@@ -8,7 +8,8 @@
 #                                    on the debug build, so no target is judged
 #
 # Options: --out DIR (keep results there; default a temp dir, removed unless --keep),
-#          --keep, --no-build (use existing binaries), --strict (exit 3 if a target is missed)
+#          --keep, --no-build (use existing binaries), --strict (exit 3 if a target is missed),
+#          --tls-only (only the TLS-upstream stages: streams held over TLS, ab.py --tls-upstream)
 # Env:     EZGATE_BIN, EMULATOR_BIN (override the binaries), RATE (fixed rate, default 1000),
 #          LATENCY_TOOL=python (use the Python open-loop client even when oha is installed)
 #
@@ -37,6 +38,7 @@ OUT=""
 KEEP=0
 BUILD=1
 STRICT=0
+TLS_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=quick ;;
@@ -44,7 +46,8 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1 ;;
     --no-build) BUILD=0 ;;
     --strict) STRICT=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --tls-only) TLS_ONLY=1 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
     *) echo "proxy.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -581,40 +584,43 @@ wait_quiet() {  # wait_quiet LABEL
   printf '{"phase":"noise","target":null,"label":"%s","busy_pct":%s,"waited_s":%s}\n' "$1" "$pct" "$waited" >> "$RESULTS"
 }
 
-log "warm-up"
-for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do wrk_run "$t" warm 1 1; done
-for r in $(seq 1 "$ROUNDS"); do
-  wait_quiet "throughput round $r"
-  log "throughput round $r/$ROUNDS (wrk -t1 -c$WRK_CONNS, ${TPUT_S}s each)"
-  for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do with_retries wrk_run "$t" "$r" "$TPUT_S"; done
-done
-for r in $(seq 1 "$ROUNDS"); do
-  wait_quiet "fixed-rate round $r"
-  log "fixed rate round $r/$ROUNDS ($RATE req/s for ${LAT_S}s; $TOOL_LAT)"
-  for t in direct nginx ezgate ezgate-local1 ezgate-redis ezgate-cluster; do with_retries lat_run "$t" "$r"; done
-done
-for t in nginx ezgate; do
-  # shellcheck disable=SC2086
-  printf '{"phase":"mem","target":"%s","hwm_kb":%s,"rss_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" "$(mem_kb VmRSS ${PROCS[$t]})" >> "$RESULTS"
-done
-for r in $(seq 1 "$ROUNDS"); do
-  wait_quiet "SSE round $r"
-  log "SSE per-event delay round $r/$ROUNDS ($SSE_STREAMS streams x $SSE_EVENTS events, ${SSE_INTERVAL_MS} ms apart)"
-  for t in direct nginx ezgate; do with_retries sse_run "$t" "$r"; done
-done
 fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
-EMU_FDS_IDLE="$(fd_count "$PID_emu")"
-wait_quiet "streams"
-log "$HOLD_N SSE streams open at once"
-for t in direct nginx ezgate ezgate-h2; do
-  hold_run "$t"
-  # The upstream holds one socket per stream until it notices the client left (within one
-  # event interval): wait (bounded) so the next target starts with the upstream's fds free.
-  for _ in $(seq 1 100); do
-    [ "$(fd_count "$PID_emu")" -le $((EMU_FDS_IDLE + 600)) ] && break
-    sleep 0.2
+# --tls-only: only the TLS-upstream stages (the streams held over TLS, then ab.py below).
+if [ $TLS_ONLY = 0 ]; then
+  log "warm-up"
+  for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do wrk_run "$t" warm 1 1; done
+  for r in $(seq 1 "$ROUNDS"); do
+    wait_quiet "throughput round $r"
+    log "throughput round $r/$ROUNDS (wrk -t1 -c$WRK_CONNS, ${TPUT_S}s each)"
+    for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do with_retries wrk_run "$t" "$r" "$TPUT_S"; done
   done
-done
+  for r in $(seq 1 "$ROUNDS"); do
+    wait_quiet "fixed-rate round $r"
+    log "fixed rate round $r/$ROUNDS ($RATE req/s for ${LAT_S}s; $TOOL_LAT)"
+    for t in direct nginx ezgate ezgate-local1 ezgate-redis ezgate-cluster; do with_retries lat_run "$t" "$r"; done
+  done
+  for t in nginx ezgate; do
+    # shellcheck disable=SC2086
+    printf '{"phase":"mem","target":"%s","hwm_kb":%s,"rss_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" "$(mem_kb VmRSS ${PROCS[$t]})" >> "$RESULTS"
+  done
+  for r in $(seq 1 "$ROUNDS"); do
+    wait_quiet "SSE round $r"
+    log "SSE per-event delay round $r/$ROUNDS ($SSE_STREAMS streams x $SSE_EVENTS events, ${SSE_INTERVAL_MS} ms apart)"
+    for t in direct nginx ezgate; do with_retries sse_run "$t" "$r"; done
+  done
+  EMU_FDS_IDLE="$(fd_count "$PID_emu")"
+  wait_quiet "streams"
+  log "$HOLD_N SSE streams open at once"
+  for t in direct nginx ezgate ezgate-h2; do
+    hold_run "$t"
+    # The upstream holds one socket per stream until it notices the client left (within one
+    # event interval): wait (bounded) so the next target starts with the upstream's fds free.
+    for _ in $(seq 1 100); do
+      [ "$(fd_count "$PID_emu")" -le $((EMU_FDS_IDLE + 600)) ] && break
+      sleep 0.2
+    done
+  done
+fi
 EMU_TLS_FDS_IDLE="$(fd_count "$PID_emu_tls")"
 wait_quiet "streams over TLS"
 log "$HOLD_N SSE streams open at once, TLS upstream"
@@ -672,7 +678,9 @@ python3 "$BENCH/report.py" "${report_args[@]}"
 # Memory per open session and the delay a message gains, beside nginx configured for
 # WebSockets (benches/ws.py starts its own emulator, ezgate and nginx; the servers above are
 # idle by now). It needs Python's websockets, from the venv .ci/test makes.
-if [ -x "$ROOT/target/test-venv/bin/python" ]; then
+if [ $TLS_ONLY = 1 ]; then
+  :
+elif [ -x "$ROOT/target/test-venv/bin/python" ]; then
   log "WebSocket sessions (benches/ws.py)"
   ws_args=(--ezgate "$EZGATE" --emulator "$EMULATOR")
   [ "$MODE" = quick ] && ws_args+=(--quick)

@@ -209,10 +209,13 @@ def main() -> int:
 
     # Text table.
     hdr = ("measurement", "direct", "nginx", "ezgate", "ez/direct", "ez/nginx", "target", "")
-    body = [(l, *v, rd, rn, tg, vd) for (l, v, rd, rn, tg, vd) in lines]
+    # proxy.sh --tls-only runs none of the plain stages: no main table then.
+    plain = any(r["phase"] in ("tput", "lat", "sse", "mem") for r in rows)
+    body = [(l, *v, rd, rn, tg, vd) for (l, v, rd, rn, tg, vd) in lines] if plain else []
     widths = [max(len(str(x[i])) for x in [hdr] + body) for i in range(len(hdr))]
     out = []
-    out.append("  ".join(str(h).ljust(widths[i]) if i == 0 else str(h).rjust(widths[i]) for i, h in enumerate(hdr)))
+    if plain:
+        out.append("  ".join(str(h).ljust(widths[i]) if i == 0 else str(h).rjust(widths[i]) for i, h in enumerate(hdr)))
     for b in body:
         out.append("  ".join(str(x).ljust(widths[i]) if i in (0, 6, 7) else str(x).rjust(widths[i])
                              for i, x in enumerate(b)))
@@ -251,15 +254,17 @@ def main() -> int:
     print("\n".join(out))
 
     if a.markdown:
-        md = ["| measurement | direct | nginx | ezgate | ezgate/direct | ezgate/nginx | target | |",
-              "|---|--:|--:|--:|--:|--:|---|---|"]
-        for b in body:
-            md.append("| " + " | ".join(str(x) for x in b) + " |")
-        md.append("")
-        md.append("| variant | throughput, req/s | CPU µs/req | × bare ezgate | target | |")
-        md.append("|---|--:|--:|--:|---|---|")
-        for label, v, c, ratio, target, vd in extra:
-            md.append(f"| {label} | {v:,.0f} | {'—' if c is None else f'{c:.1f}'} | {ratio:.2f} | {target} | {vd} |")
+        md = []
+        if plain:
+            md = ["| measurement | direct | nginx | ezgate | ezgate/direct | ezgate/nginx | target | |",
+                  "|---|--:|--:|--:|--:|--:|---|---|"]
+            for b in body:
+                md.append("| " + " | ".join(str(x) for x in b) + " |")
+            md.append("")
+            md.append("| variant | throughput, req/s | CPU µs/req | × bare ezgate | target | |")
+            md.append("|---|--:|--:|--:|---|---|")
+            for label, v, c, ratio, target, vd in extra:
+                md.append(f"| {label} | {v:,.0f} | {'—' if c is None else f'{c:.1f}'} | {ratio:.2f} | {target} | {vd} |")
         if shared:
             md.append("")
             md.append(f"| shared limits | throughput, req/s | CPU µs/req | p50 at {meta.get('rate', 1000):,} req/s, µs | p99, µs |")
