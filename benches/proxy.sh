@@ -624,7 +624,10 @@ fi
 EMU_TLS_FDS_IDLE="$(fd_count "$PID_emu_tls")"
 wait_quiet "streams over TLS"
 log "$HOLD_N SSE streams open at once, TLS upstream"
-for t in nginx-tls ezgate-tls-h1 ezgate-tls-h2; do
+# --tls-only holds the h2c streams here too, so that one run compares TLS h2 with h2c.
+TLS_HOLDS=(nginx-tls ezgate-tls-h1 ezgate-tls-h2)
+[ $TLS_ONLY = 1 ] && TLS_HOLDS+=(ezgate-h2)
+for t in "${TLS_HOLDS[@]}"; do
   hold_run "$t"
   for _ in $(seq 1 100); do
     [ "$(fd_count "$PID_emu_tls")" -le $((EMU_TLS_FDS_IDLE + 600)) ] && break

@@ -185,8 +185,9 @@ def main() -> int:
     # at the same moment (benches/ab.py --tls-upstream, "ab" lines).
     tls_mem = []
     for t, label in (("nginx-tls", "nginx (proxy_pass https://)"), ("ezgate-tls-h1", "ezgate, HTTP/1.1 upstream"),
-                     ("ezgate-tls-h2", "ezgate, h2 upstream (http2 = \"auto\", ALPN)")):
-        if by[("hold", t)]:
+                     ("ezgate-tls-h2", "ezgate, h2 upstream (http2 = \"auto\", ALPN)"),
+                     ("ezgate-h2", "for comparison, the same run: ezgate over h2c to the plain upstream")):
+        if by[("hold", t)] and by[("hold", "ezgate-tls-h2")]:
             tls_mem.append((label, hold_mib(t), per_stream_kib(t)))
             summary[f"{t}_streams"] = {"rss_mib": hold_mib(t), "kib_per_stream": per_stream_kib(t)}
     tls_cpu = []
@@ -226,7 +227,8 @@ def main() -> int:
         out.append(f"{label}: {v:,.0f} req/s, {c if c is None else round(c, 1)} CPU µs/req, "
                    f"p50 {f0(p50)} µs, p99 {f0(p99)} µs at {meta.get('rate', 1000):,} req/s")
     if tls_mem:
-        out.append(f"with a TLS upstream (TLS 1.3, ALPN), {hold_n:,} SSE streams open:")
+        out.append(f"with a TLS upstream (TLS 1.3, ALPN), {hold_n:,} SSE streams open"
+                   + (f" (extrapolated from {measured_n:,})" if measured_n < hold_n else "") + ":")
         for label, mib, kib in tls_mem:
             out.append(f"  {label}: {f1(mib)} MiB, {f1(kib)} KiB per stream")
     for label, r, la, lb, vd in tls_cpu:
@@ -295,10 +297,11 @@ def main() -> int:
         if noise_text:
             md.append("")
             md.append(noise_text[0].upper() + noise_text[1:] + ".")
-        md.append("")
-        md.append("Per-round values (the table shows their median):")
-        md.append("")
-        for t in TARGETS + ["ezgate-policies", "ezgate-log"]:
+        if plain:
+            md.append("")
+            md.append("Per-round values (the table shows their median):")
+            md.append("")
+        for t in (TARGETS + ["ezgate-policies", "ezgate-log"]) if plain else []:
             tr = [f"{r['requests'] / (r['duration_us'] / 1e6):,.0f}" for r in by[("tput", t)]]
             if tr:
                 md.append(f"- {t}: throughput {' / '.join(tr)} req/s")
