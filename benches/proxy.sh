@@ -8,7 +8,8 @@
 #                                    on the debug build, so no target is judged
 #
 # Options: --out DIR (keep results there; default a temp dir, removed unless --keep),
-#          --keep, --no-build (use existing binaries), --strict (exit 3 if a target is missed)
+#          --keep, --no-build (use existing binaries), --strict (exit 3 if a target is missed),
+#          --tls-only (only the TLS-upstream stages: streams held over TLS, ab.py --tls-upstream)
 # Env:     EZGATE_BIN, EMULATOR_BIN (override the binaries), RATE (fixed rate, default 1000),
 #          LATENCY_TOOL=python (use the Python open-loop client even when oha is installed)
 #
@@ -19,8 +20,13 @@
 # each SSE event gains crossing the proxy. Also ezgate with three rate-limit policies plus
 # /metrics scrapes, ezgate with its access log on, and one request policy held locally, in a
 # standalone Redis and in a Redis Cluster of three primaries (all started here on free
-# ports). Then WebSocket sessions (benches/ws.py): memory per open session and per-message
-# delay, beside nginx. See docs/performance.md.
+# ports). With a TLS upstream (a throwaway CA made with openssl; TLS 1.3, ALPN h2 and
+# http/1.1): memory per open stream for nginx (proxy_pass https://, verification, session
+# reuse), ezgate over HTTP/1.1 and ezgate over h2, in front of the emulator serving TLS; then
+# benches/ab.py --tls-upstream, nginx and ezgate loaded at the same moment, for the CPU per
+# request and p50/p99 at a fixed rate (HTTP/1.1 and h2). Then WebSocket sessions
+# (benches/ws.py): memory per open session and per-message delay, beside nginx. See
+# docs/performance.md.
 #
 # Traffic goes only to 127.0.0.1; every load is bounded in count and time; every process this
 # script starts is stopped on exit. Any failed stage (a non-200, a short stream, a process
@@ -32,6 +38,7 @@ OUT=""
 KEEP=0
 BUILD=1
 STRICT=0
+TLS_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=quick ;;
@@ -39,7 +46,8 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1 ;;
     --no-build) BUILD=0 ;;
     --strict) STRICT=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --tls-only) TLS_ONLY=1 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
     *) echo "proxy.sh: unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -52,11 +60,13 @@ RATE="${RATE:-1000}"
 if [ "$MODE" = quick ]; then
   ROUNDS=1; TPUT_S=2; LAT_S=2; WRK_CONNS=32
   HOLD_N=500; SSE_STREAMS=10; SSE_EVENTS=10; SSE_INTERVAL_MS=20
-  DEADLINE_S=160
+  TLS_AB=(--rounds 1 --secs 1 --rate 200)
+  DEADLINE_S=240
 else
   ROUNDS=3; TPUT_S=8; LAT_S=10; WRK_CONNS=64
   HOLD_N=10000; SSE_STREAMS=50; SSE_EVENTS=60; SSE_INTERVAL_MS=50
-  DEADLINE_S=1500
+  TLS_AB=(--rounds 4 --secs 3 --rate 500)
+  DEADLINE_S=1800
 fi
 # Slow streams for the memory test: an event every 2 s, 1,000 of them, so every stream stays
 # open for the whole hold, and one whose client has gone is noticed (and its sockets closed)
@@ -104,6 +114,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ ${#need[@]} -gt 0 ] && apt_install "${need[@]}"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
@@ -262,9 +273,20 @@ fi
 start origin "$WORK/origin.err" "${PIN_LOAD[@]}" python3 "$BENCH/sse_origin.py" --listen 127.0.0.1:0
 ORIGIN_ADDR="$(wait_line origin '^listening on ([0-9.:]+).*')" || die "sse_origin.py did not start"
 log "upstream ($UPSTREAM_KIND) on $EMU_ADDR; timestamping SSE origin on $ORIGIN_ADDR"
+# The TLS upstream for the streams held over TLS: the emulator with a certificate of a
+# throwaway CA (benches/ab.py makes both, ECDSA P-256, in $WORK/tls), offering h2 and
+# http/1.1 by ALPN, as EZLINK does.
+python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import ab; ab.make_certs(sys.argv[2])' "$BENCH" "$WORK" \
+  || die "could not make the throwaway CA and certificate (openssl)"
+CA="$WORK/tls/ca.pem"
+[ -x "$EMULATOR" ] || die "the TLS-upstream stage needs ezlink-emulator ($EMULATOR)"
+start emu-tls "$WORK/emu-tls.err" "${PIN_LOAD[@]}" "$EMULATOR" --listen 127.0.0.1:0 \
+  --tls-cert "$WORK/tls/server.pem" --tls-key "$WORK/tls/server.key"
+EMU_TLS_ADDR="$(wait_line emu-tls '^listening on ([0-9.:]+).*')" || die "the emulator did not start with TLS: $(tail -3 "$WORK/emu-tls.err")"
+log "TLS upstream (emulator, ALPN h2 + http/1.1) on $EMU_TLS_ADDR"
 
 # ---------------------------------------------------------------- nginx (reference proxy)
-NGINX_PORT="$(free_port)"; NGINX_SSE_PORT="$(free_port)"
+NGINX_PORT="$(free_port)"; NGINX_SSE_PORT="$(free_port)"; NGINX_TLS_PORT="$(free_port)"
 mkdir -p "$WORK/nginx/tmp" "$WORK/nginx/logs"
 cat > "$WORK/nginx/nginx.conf" <<EOF
 worker_processes 1;
@@ -284,6 +306,7 @@ http {
   client_max_body_size 16m;
   upstream emu    { server $EMU_ADDR;    keepalive 512; keepalive_requests 1000000; }
   upstream origin { server $ORIGIN_ADDR; keepalive 512; keepalive_requests 1000000; }
+  upstream emu_tls { server $EMU_TLS_ADDR; keepalive 512; keepalive_requests 1000000; }
   proxy_http_version 1.1;
   proxy_set_header Connection "";
   proxy_buffering off;
@@ -291,6 +314,18 @@ http {
   proxy_read_timeout 300s;
   server { listen 127.0.0.1:$NGINX_PORT backlog=4096;     location / { proxy_pass http://emu; } }
   server { listen 127.0.0.1:$NGINX_SSE_PORT backlog=4096; location / { proxy_pass http://origin; } }
+  server {
+    listen 127.0.0.1:$NGINX_TLS_PORT backlog=4096;
+    location / {
+      proxy_pass https://emu_tls;
+      proxy_ssl_verify on;
+      proxy_ssl_verify_depth 2;
+      proxy_ssl_trusted_certificate $CA;
+      proxy_ssl_name localhost;
+      proxy_ssl_session_reuse on;
+      proxy_ssl_protocols TLSv1.3;
+    }
+  }
 }
 EOF
 start nginx "$WORK/nginx/logs/stderr.log" "${PIN_PROXY[@]}" "$NGINX" -p "$WORK/nginx" -e "$WORK/nginx/logs/error.log" -c "$WORK/nginx/nginx.conf"
@@ -360,13 +395,19 @@ write_cfg "$WORK/ezgate-sse.toml" false
 # streams share upstream connections instead of holding one each.
 write_cfg "$WORK/ezgate-h2.toml" false
 sed -i 's/^\[upstream\]$/[upstream]\nhttp2 = "always"/' "$WORK/ezgate-h2.toml"
-for c in policies cluster; do
+# The same gateway in front of the TLS upstream, trusting the throwaway CA: HTTP/1.1
+# (http2 = "never") and the default, http2 = "auto", where ALPN picks h2.
+write_cfg "$WORK/ezgate-tls-h1.toml" false
+sed -i "s|^\[upstream\]\$|[upstream]\nhttp2 = \"never\"\nca_file = \"$CA\"|" "$WORK/ezgate-tls-h1.toml"
+write_cfg "$WORK/ezgate-tls-h2.toml" false
+sed -i "s|^\[upstream\]\$|[upstream]\nhttp2 = \"auto\"\nca_file = \"$CA\"|" "$WORK/ezgate-tls-h2.toml"
+for c in policies cluster tls-h1 tls-h2; do
   "$EZGATE" check-config --config "$WORK/ezgate-$c.toml" > "$WORK/check-config.out" 2>&1 \
     || die "ezgate rejects the bench config ezgate-$c.toml: $(cat "$WORK/check-config.out")"
 done
-ez() {  # ez NAME CONFIG UPSTREAM STDERR — started as the deploy kit runs it (deploy/)
+ez() {  # ez NAME CONFIG UPSTREAM STDERR [SCHEME] — started as the deploy kit runs it (deploy/)
   start "$1" "$4" "${PIN_PROXY[@]}" env MIMALLOC_ARENA_EAGER_COMMIT="${MIMALLOC_ARENA_EAGER_COMMIT:-0}" \
-    "$EZGATE" --config "$2" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream "http://$3"
+    "$EZGATE" --config "$2" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream "${5:-http}://$3"
 }
 ez ezgate "$WORK/ezgate-bare.toml" "$EMU_ADDR" "$WORK/ezgate.err"
 ez ezgate-policies "$WORK/ezgate-policies.toml" "$EMU_ADDR" "$WORK/ezgate-policies.err"
@@ -376,11 +417,14 @@ ez ezgate-local1 "$WORK/ezgate-local1.toml" "$EMU_ADDR" "$WORK/ezgate-local1.err
 ez ezgate-redis "$WORK/ezgate-redis.toml" "$EMU_ADDR" "$WORK/ezgate-redis.err"
 ez ezgate-cluster "$WORK/ezgate-cluster.toml" "$EMU_ADDR" "$WORK/ezgate-cluster.err"
 ez ezgate-h2 "$WORK/ezgate-h2.toml" "$EMU_ADDR" "$WORK/ezgate-h2.err"
+ez ezgate-tls-h1 "$WORK/ezgate-tls-h1.toml" "$EMU_TLS_ADDR" "$WORK/ezgate-tls-h1.err" https
+ez ezgate-tls-h2 "$WORK/ezgate-tls-h2.toml" "$EMU_TLS_ADDR" "$WORK/ezgate-tls-h2.err" https
 
 declare -A ADDR ADMIN SSE_ADDR PROCS
 ADDR[direct]="$EMU_ADDR"; SSE_ADDR[direct]="$ORIGIN_ADDR"; PROCS[direct]=""
 ADDR[nginx]="127.0.0.1:$NGINX_PORT"; SSE_ADDR[nginx]="127.0.0.1:$NGINX_SSE_PORT"
-for n in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2; do
+ADDR[nginx-tls]="127.0.0.1:$NGINX_TLS_PORT"
+for n in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2 ezgate-tls-h1 ezgate-tls-h2; do
   # The line is text, or a JSON log line with log.format = "json" (the default).
   ADDR[$n]="$(wait_line "$n" '^(.*"message":")?listening on ([0-9.:]+).*' 2)" || die "$n did not start: $(tail -5 "$WORK/$n.err" 2>/dev/null)"
   ADMIN[$n]="$(wait_line "$n" '^(.*"message":")?admin listening on ([0-9.:]+).*' 2)" || die "$n printed no admin address"
@@ -394,7 +438,9 @@ for _ in $(seq 1 50); do
 done
 PROCS[nginx]="$PID_nginx $(pgrep -P "$PID_nginx" | tr '\n' ' ')"
 PROCS[nginx-sse]="${PROCS[nginx]}"
-for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2; do post_ok "${ADDR[$t]}"; done
+PROCS[nginx-tls]="${PROCS[nginx]}"
+for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2 \
+         nginx-tls ezgate-tls-h1 ezgate-tls-h2; do post_ok "${ADDR[$t]}"; done
 log "nginx on ${ADDR[nginx]} (pids ${PROCS[nginx]}); ezgate on ${ADDR[ezgate]}; all answer 200"
 
 TOOL_LAT="python open-loop client (bench_client.py rate)"
@@ -538,37 +584,53 @@ wait_quiet() {  # wait_quiet LABEL
   printf '{"phase":"noise","target":null,"label":"%s","busy_pct":%s,"waited_s":%s}\n' "$1" "$pct" "$waited" >> "$RESULTS"
 }
 
-log "warm-up"
-for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do wrk_run "$t" warm 1 1; done
-for r in $(seq 1 "$ROUNDS"); do
-  wait_quiet "throughput round $r"
-  log "throughput round $r/$ROUNDS (wrk -t1 -c$WRK_CONNS, ${TPUT_S}s each)"
-  for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do with_retries wrk_run "$t" "$r" "$TPUT_S"; done
-done
-for r in $(seq 1 "$ROUNDS"); do
-  wait_quiet "fixed-rate round $r"
-  log "fixed rate round $r/$ROUNDS ($RATE req/s for ${LAT_S}s; $TOOL_LAT)"
-  for t in direct nginx ezgate ezgate-local1 ezgate-redis ezgate-cluster; do with_retries lat_run "$t" "$r"; done
-done
-for t in nginx ezgate; do
-  # shellcheck disable=SC2086
-  printf '{"phase":"mem","target":"%s","hwm_kb":%s,"rss_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" "$(mem_kb VmRSS ${PROCS[$t]})" >> "$RESULTS"
-done
-for r in $(seq 1 "$ROUNDS"); do
-  wait_quiet "SSE round $r"
-  log "SSE per-event delay round $r/$ROUNDS ($SSE_STREAMS streams x $SSE_EVENTS events, ${SSE_INTERVAL_MS} ms apart)"
-  for t in direct nginx ezgate; do with_retries sse_run "$t" "$r"; done
-done
 fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
-EMU_FDS_IDLE="$(fd_count "$PID_emu")"
-wait_quiet "streams"
-log "$HOLD_N SSE streams open at once"
-for t in direct nginx ezgate ezgate-h2; do
+# --tls-only: only the TLS-upstream stages (the streams held over TLS, then ab.py below).
+if [ $TLS_ONLY = 0 ]; then
+  log "warm-up"
+  for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do wrk_run "$t" warm 1 1; done
+  for r in $(seq 1 "$ROUNDS"); do
+    wait_quiet "throughput round $r"
+    log "throughput round $r/$ROUNDS (wrk -t1 -c$WRK_CONNS, ${TPUT_S}s each)"
+    for t in direct nginx ezgate ezgate-policies ezgate-log ezgate-local1 ezgate-redis ezgate-cluster; do with_retries wrk_run "$t" "$r" "$TPUT_S"; done
+  done
+  for r in $(seq 1 "$ROUNDS"); do
+    wait_quiet "fixed-rate round $r"
+    log "fixed rate round $r/$ROUNDS ($RATE req/s for ${LAT_S}s; $TOOL_LAT)"
+    for t in direct nginx ezgate ezgate-local1 ezgate-redis ezgate-cluster; do with_retries lat_run "$t" "$r"; done
+  done
+  for t in nginx ezgate; do
+    # shellcheck disable=SC2086
+    printf '{"phase":"mem","target":"%s","hwm_kb":%s,"rss_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" "$(mem_kb VmRSS ${PROCS[$t]})" >> "$RESULTS"
+  done
+  for r in $(seq 1 "$ROUNDS"); do
+    wait_quiet "SSE round $r"
+    log "SSE per-event delay round $r/$ROUNDS ($SSE_STREAMS streams x $SSE_EVENTS events, ${SSE_INTERVAL_MS} ms apart)"
+    for t in direct nginx ezgate; do with_retries sse_run "$t" "$r"; done
+  done
+  EMU_FDS_IDLE="$(fd_count "$PID_emu")"
+  wait_quiet "streams"
+  log "$HOLD_N SSE streams open at once"
+  for t in direct nginx ezgate ezgate-h2; do
+    hold_run "$t"
+    # The upstream holds one socket per stream until it notices the client left (within one
+    # event interval): wait (bounded) so the next target starts with the upstream's fds free.
+    for _ in $(seq 1 100); do
+      [ "$(fd_count "$PID_emu")" -le $((EMU_FDS_IDLE + 600)) ] && break
+      sleep 0.2
+    done
+  done
+fi
+EMU_TLS_FDS_IDLE="$(fd_count "$PID_emu_tls")"
+wait_quiet "streams over TLS"
+log "$HOLD_N SSE streams open at once, TLS upstream"
+# --tls-only holds the h2c streams here too, so that one run compares TLS h2 with h2c.
+TLS_HOLDS=(nginx-tls ezgate-tls-h1 ezgate-tls-h2)
+[ $TLS_ONLY = 1 ] && TLS_HOLDS+=(ezgate-h2)
+for t in "${TLS_HOLDS[@]}"; do
   hold_run "$t"
-  # The upstream holds one socket per stream until it notices the client left (within one
-  # event interval): wait (bounded) so the next target starts with the upstream's fds free.
   for _ in $(seq 1 100); do
-    [ "$(fd_count "$PID_emu")" -le $((EMU_FDS_IDLE + 600)) ] && break
+    [ "$(fd_count "$PID_emu_tls")" -le $((EMU_TLS_FDS_IDLE + 600)) ] && break
     sleep 0.2
   done
 done
@@ -576,7 +638,8 @@ for t in nginx ezgate; do
   # shellcheck disable=SC2086
   printf '{"phase":"hwm_end","target":"%s","hwm_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" >> "$RESULTS"
 done
-for t in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2; do
+for t in ezgate ezgate-policies ezgate-log ezgate-sse ezgate-local1 ezgate-redis ezgate-cluster ezgate-h2 \
+         ezgate-tls-h1 ezgate-tls-h2; do
   kill -0 "${PROCS[$t]}" 2>/dev/null || die "$t exited during the run"
 done
 
@@ -591,6 +654,21 @@ for t in ezgate-redis ezgate-cluster; do
   fi
 done
 
+# ---------------------------------------------------------------- TLS upstream: CPU at the same moment
+# nginx (proxy_pass https://) and ezgate loaded together by benches/ab.py --tls-upstream, an
+# nginx upstream speaking TLS 1.3 with ALPN h2 + http/1.1; ezgate as shipped (access log on,
+# to a file), over HTTP/1.1 (benches/tls/h1.toml) and with the default http2 = "auto" (h2
+# here, benches/tls/auto.toml). The servers above are idle meanwhile. ab.py starts its own
+# processes on the same two cores and writes one "ab" line per comparison to results.jsonl.
+for c in h1 auto; do
+  wait_quiet "TLS upstream, ab.py $c"
+  log "TLS upstream: nginx and ezgate ($c) at the same moment (benches/ab.py --tls-upstream ${TLS_AB[*]})"
+  timeout 600 python3 "$BENCH/ab.py" nginx "$EZGATE" --config-b "$BENCH/tls/$c.toml" --tls-upstream "${TLS_AB[@]}" \
+    --json "$RESULTS" --label "tls-$c" > "$WORK/ab-tls-$c.out" 2>&1 \
+    || die "benches/ab.py --tls-upstream ($c) failed: $(tail -5 "$WORK/ab-tls-$c.out")"
+  sed 's/^/  /' "$WORK/ab-tls-$c.out" >&2
+done
+
 echo
 echo "ezgate benchmark ($MODE): $(nproc) cpus, $CPU_MODEL, kernel $(uname -r); $PINNING"
 echo "upstream: $UPSTREAM_KIND; fixed-rate tool: $TOOL_LAT; rounds: $ROUNDS (medians shown)"
@@ -603,7 +681,9 @@ python3 "$BENCH/report.py" "${report_args[@]}"
 # Memory per open session and the delay a message gains, beside nginx configured for
 # WebSockets (benches/ws.py starts its own emulator, ezgate and nginx; the servers above are
 # idle by now). It needs Python's websockets, from the venv .ci/test makes.
-if [ -x "$ROOT/target/test-venv/bin/python" ]; then
+if [ $TLS_ONLY = 1 ]; then
+  :
+elif [ -x "$ROOT/target/test-venv/bin/python" ]; then
   log "WebSocket sessions (benches/ws.py)"
   ws_args=(--ezgate "$EZGATE" --emulator "$EMULATOR")
   [ "$MODE" = quick ] && ws_args+=(--quick)

@@ -181,12 +181,42 @@ def main() -> int:
         shared.append((label, v, cpu_us("tput", t), lat(t, "p50"), lat(t, "p99")))
         summary[t] = {"throughput_rps": v, "cpu_us_per_req": cpu_us("tput", t), "p50_us": lat(t, "p50"), "p99_us": lat(t, "p99")}
 
+    # With a TLS upstream: memory per open stream (held here) and CPU per request against nginx
+    # at the same moment (benches/ab.py --tls-upstream, "ab" lines).
+    tls_mem = []
+    for t, label in (("nginx-tls", "nginx (proxy_pass https://)"), ("ezgate-tls-h1", "ezgate, HTTP/1.1 upstream"),
+                     ("ezgate-tls-h2", "ezgate, h2 upstream (http2 = \"auto\", ALPN)"),
+                     ("ezgate-h2", "for comparison, the same run: ezgate over h2c to the plain upstream")):
+        if by[("hold", t)] and by[("hold", "ezgate-tls-h2")]:
+            tls_mem.append((label, hold_mib(t), per_stream_kib(t)))
+            summary[f"{t}_streams"] = {"rss_mib": hold_mib(t), "kib_per_stream": per_stream_kib(t)}
+    tls_cpu = []
+    for t, label in (("tls-h1", "ezgate over HTTP/1.1 (benches/tls/h1.toml)"),
+                     ("tls-auto", "ezgate as shipped, http2 = \"auto\": h2 (benches/tls/auto.toml)")):
+        for r in by[("ab", t)]:
+            lat_ = r.get("latency_us") or {}
+            ok = r["ratio"] <= 1.0 if t == "tls-auto" else None
+            tls_cpu.append((label, r, lat_.get("A", {}), lat_.get("B", {}), verdict_of(ok)))
+            summary[t] = {"cpu_ratio_to_nginx": r["ratio"], "cpu_us": r["cpu_us"], "latency_us": lat_ or None,
+                          "rate": r.get("rate"), "upstream_conns": r.get("upstream_conns"),
+                          "target": "ezgate ≤ nginx" if ok is not None else None, "verdict": verdict_of(ok) or None}
+
+    def tls_cpu_cells(r, la, lb):
+        conns = r.get("upstream_conns") or {}
+        return (f"{r['cpu_us']['A']:.1f}", f"{r['cpu_us']['B']:.1f}",
+                f"{r['ratio']:.3f} ({min(r['ratios']):.3f}–{max(r['ratios']):.3f})",
+                f"{f0(la.get('p50'))} / {f0(lb.get('p50'))}", f"{f0(la.get('p99'))} / {f0(lb.get('p99'))}",
+                f"{conns.get('A', '—')} / {conns.get('B', '—')}")
+
     # Text table.
     hdr = ("measurement", "direct", "nginx", "ezgate", "ez/direct", "ez/nginx", "target", "")
-    body = [(l, *v, rd, rn, tg, vd) for (l, v, rd, rn, tg, vd) in lines]
+    # proxy.sh --tls-only runs none of the plain stages: no main table then.
+    plain = any(r["phase"] in ("tput", "lat", "sse", "mem") for r in rows)
+    body = [(l, *v, rd, rn, tg, vd) for (l, v, rd, rn, tg, vd) in lines] if plain else []
     widths = [max(len(str(x[i])) for x in [hdr] + body) for i in range(len(hdr))]
     out = []
-    out.append("  ".join(str(h).ljust(widths[i]) if i == 0 else str(h).rjust(widths[i]) for i, h in enumerate(hdr)))
+    if plain:
+        out.append("  ".join(str(h).ljust(widths[i]) if i == 0 else str(h).rjust(widths[i]) for i, h in enumerate(hdr)))
     for b in body:
         out.append("  ".join(str(x).ljust(widths[i]) if i in (0, 6, 7) else str(x).rjust(widths[i])
                              for i, x in enumerate(b)))
@@ -196,6 +226,18 @@ def main() -> int:
     for label, v, c, p50, p99 in shared:
         out.append(f"{label}: {v:,.0f} req/s, {c if c is None else round(c, 1)} CPU µs/req, "
                    f"p50 {f0(p50)} µs, p99 {f0(p99)} µs at {meta.get('rate', 1000):,} req/s")
+    if tls_mem:
+        out.append(f"with a TLS upstream (TLS 1.3, ALPN), {hold_n:,} SSE streams open"
+                   + (f" (extrapolated from {measured_n:,})" if measured_n < hold_n else "") + ":")
+        for label, mib, kib in tls_mem:
+            out.append(f"  {label}: {f1(mib)} MiB, {f1(kib)} KiB per stream")
+    for label, r, la, lb, vd in tls_cpu:
+        c = tls_cpu_cells(r, la, lb)
+        out.append(f"with a TLS upstream, same moment ({r['rounds']} rounds): {label}: {c[1]} CPU µs/req against "
+                   f"nginx {c[0]}, ezgate/nginx {c[2]}  {'target ezgate ≤ nginx ' + vd if vd else ''}")
+        if la:
+            out.append(f"  at {r['rate']:,} req/s, nginx / ezgate: p50 {c[3]} µs, p99 {c[4]} µs; "
+                       f"connections to the upstream {c[5]}")
     noise = [r for r in rows if r["phase"] == "noise"]
     foreign = [r.get("foreign_pct") for r in rows if r.get("foreign_pct") is not None]
     noise_text = ""
@@ -214,28 +256,52 @@ def main() -> int:
     print("\n".join(out))
 
     if a.markdown:
-        md = ["| measurement | direct | nginx | ezgate | ezgate/direct | ezgate/nginx | target | |",
-              "|---|--:|--:|--:|--:|--:|---|---|"]
-        for b in body:
-            md.append("| " + " | ".join(str(x) for x in b) + " |")
-        md.append("")
-        md.append("| variant | throughput, req/s | CPU µs/req | × bare ezgate | target | |")
-        md.append("|---|--:|--:|--:|---|---|")
-        for label, v, c, ratio, target, vd in extra:
-            md.append(f"| {label} | {v:,.0f} | {'—' if c is None else f'{c:.1f}'} | {ratio:.2f} | {target} | {vd} |")
+        md = []
+        if plain:
+            md = ["| measurement | direct | nginx | ezgate | ezgate/direct | ezgate/nginx | target | |",
+                  "|---|--:|--:|--:|--:|--:|---|---|"]
+            for b in body:
+                md.append("| " + " | ".join(str(x) for x in b) + " |")
+            md.append("")
+            md.append("| variant | throughput, req/s | CPU µs/req | × bare ezgate | target | |")
+            md.append("|---|--:|--:|--:|---|---|")
+            for label, v, c, ratio, target, vd in extra:
+                md.append(f"| {label} | {v:,.0f} | {'—' if c is None else f'{c:.1f}'} | {ratio:.2f} | {target} | {vd} |")
         if shared:
             md.append("")
             md.append(f"| shared limits | throughput, req/s | CPU µs/req | p50 at {meta.get('rate', 1000):,} req/s, µs | p99, µs |")
             md.append("|---|--:|--:|--:|--:|")
             for label, v, c, p50, p99 in shared:
                 md.append(f"| {label} | {v:,.0f} | {'—' if c is None else f'{c:.1f}'} | {f0(p50)} | {f0(p99)} |")
+        if tls_mem:
+            md.append("")
+            md.append(f"| with a TLS upstream (TLS 1.3, ALPN h2 + http/1.1) | RSS with {hold_n:,} SSE streams open, MiB"
+                      + (" (extrapolated)" if measured_n < hold_n else "") + " | memory per open stream, KiB |")
+            md.append("|---|--:|--:|")
+            for label, mib, kib in tls_mem:
+                md.append(f"| {label} | {f1(mib)} | {f1(kib)} |")
+        if tls_cpu:
+            md.append("")
+            md.append("| with a TLS upstream, loaded at the same moment (`ab.py --tls-upstream`) | nginx CPU µs/req "
+                      "| ezgate CPU µs/req | ezgate/nginx (rounds) | p50 nginx / ezgate, µs | p99 nginx / ezgate, µs "
+                      "| upstream connections nginx / ezgate | target | |")
+            md.append("|---|--:|--:|--:|--:|--:|--:|---|---|")
+            for label, r, la, lb, vd in tls_cpu:
+                md.append(f"| {label} | " + " | ".join(tls_cpu_cells(r, la, lb))
+                          + f" | {'ezgate ≤ nginx' if vd else ''} | {vd} |")
+            rates = sorted({r.get("rate") for _, r, *_ in tls_cpu if r.get("rate")})
+            if rates:
+                md.append("")
+                md.append(f"Latencies at {', '.join(f'{x:,}' for x in rates)} req/s (benches/bench_client.py rate, "
+                          "open loop), medians of the rounds; access log on, to a file.")
         if noise_text:
             md.append("")
             md.append(noise_text[0].upper() + noise_text[1:] + ".")
-        md.append("")
-        md.append("Per-round values (the table shows their median):")
-        md.append("")
-        for t in TARGETS + ["ezgate-policies", "ezgate-log"]:
+        if plain:
+            md.append("")
+            md.append("Per-round values (the table shows their median):")
+            md.append("")
+        for t in (TARGETS + ["ezgate-policies", "ezgate-log"]) if plain else []:
             tr = [f"{r['requests'] / (r['duration_us'] / 1e6):,.0f}" for r in by[("tput", t)]]
             if tr:
                 md.append(f"- {t}: throughput {' / '.join(tr)} req/s")
