@@ -177,9 +177,36 @@ fn settle(hold: Hold, prices: &Prices, out: &Outcome) {
         // A success whose usage could not be read: charged what was reserved, at least.
         actual = actual.max(hold.reserved());
     }
+    if unaccounted(out) {
+        // The upstream may generate (and bill) all it was allowed: charged the reservation.
+        actual = actual.max(hold.reserved());
+    }
     let now = crate::budget::clock::now();
     for w in hold.settle(actual, now) {
         w.log();
+    }
+}
+
+/// A request the upstream may have spent its whole allowance on without ezgate learning
+/// what it spent: sent, and then its client left or the upstream's answer did not come in
+/// `upstream.response_timeout` (a caller could do either at will, with a large
+/// `max_tokens`); or a non-streamed success on a token route without a usage (a Responses
+/// request run in the `background`, whose result is fetched later).
+fn unaccounted(out: &Outcome) -> bool {
+    if out.session.is_some() || !out.forwarded {
+        return false;
+    }
+    match out.upstream_status {
+        None => {
+            out.status == CLIENT_CLOSED
+                || out.upstream_failure == Some(crate::errors::FailureKind::Timeout)
+        }
+        Some(s) => {
+            (200..300).contains(&s)
+                && out.usage.is_none()
+                && !out.streamed
+                && out.route.carries_tokens()
+        }
     }
 }
 

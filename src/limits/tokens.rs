@@ -64,11 +64,16 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
     };
     let prompt_tokens = doc.text.tokens().max(1);
     let choices = doc.n.unwrap_or(1).max(1);
-    let max_tokens = doc
-        .max_tokens
-        .or(doc.max_completion_tokens)
-        .or(doc.max_output_tokens)
-        .map(|cap| cap.saturating_mul(choices));
+    // Upstreams differ in which cap they read when several are given: the largest counts.
+    let max_tokens = [
+        doc.max_tokens,
+        doc.max_completion_tokens,
+        doc.max_output_tokens,
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .map(|cap| cap.saturating_mul(choices));
     RequestInfo {
         understood: true,
         model: doc.model.map(kept),
@@ -158,6 +163,14 @@ mod tests {
         assert_eq!(info.prompt_tokens, 3);
         assert_eq!(info.estimated_tokens, 103);
         assert!(!info.stream);
+    }
+
+    #[test]
+    fn the_largest_of_several_caps_counts() {
+        let info = inspect(br#"{"model":"m","max_tokens":1,"max_completion_tokens":16000}"#);
+        assert_eq!(info.max_tokens, Some(16000));
+        let info = inspect(br#"{"model":"m","max_output_tokens":5,"max_tokens":3}"#);
+        assert_eq!(info.max_tokens, Some(5));
     }
 
     #[test]

@@ -77,7 +77,8 @@ pub(super) async fn admit(
     };
     let completion = match out.route {
         Route::Embeddings => 0,
-        _ => asked.max_tokens.unwrap_or_else(|| {
+        // A cap of 0 is read by some upstreams as no cap: reserved as none given.
+        _ => asked.max_tokens.filter(|&m| m > 0).unwrap_or_else(|| {
             u64::from(DEFAULT_COMPLETION_TOKENS).saturating_mul(asked.choices.max(1))
         }),
     };

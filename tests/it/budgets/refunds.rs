@@ -532,3 +532,58 @@ async fn a_realtime_session_that_does_not_fit_is_refused_at_the_handshake() {
     assert!(!message.contains("max_tokens"), "{message}");
     assert!(emu.entry("realtime-refused").await.is_none());
 }
+
+/// A request the upstream may spend its whole allowance on without ezgate learning what it
+/// spent is charged its reservation: its client left after it was sent, the upstream's
+/// answer did not come within `upstream.response_timeout`, or a non-streamed success
+/// carried no usage. A caller can bring about the first two at will, with a large
+/// `max_tokens`, so charging only the prompt would let a budget be spent without limit.
+#[tokio::test]
+async fn a_request_sent_and_then_left_or_timed_out_is_charged_its_reservation() {
+    let emu = Emulator::start().await;
+    let rest = format!(
+        "[upstream]\nresponse_timeout = \"1s\"\n\n{}",
+        budget("team-monthly", "team", "100", "month", "")
+    );
+    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let body = chat(Some(4000), false);
+    let reservation = max_cost(&body, 4000);
+    // The upstream answers after 3 s: 504 at 1 s, charged the reservation.
+    let r = post(
+        &gw,
+        SEARCH,
+        "slow",
+        &[("x-emu-header-delay-ms", "3000")],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 504);
+    assert_eq!(
+        spent(&gw, "team-monthly", "search").await,
+        shown(reservation)
+    );
+    // The client leaves 300 ms after sending, before the answer's headers.
+    let left = tokio::time::timeout(
+        Duration::from_millis(300),
+        post(
+            &gw,
+            SEARCH,
+            "left",
+            &[("x-emu-header-delay-ms", "800")],
+            &body,
+        ),
+    )
+    .await;
+    assert!(left.is_err(), "the client left before the answer");
+    wait_view(&gw, "team-monthly", DEADLINE, |v| {
+        v["top"][0]["spent"].as_f64() == Some(shown(2 * reservation))
+    })
+    .await;
+    // A request refused before it was sent costs nothing, as before: an upstream error too.
+    let r = post(&gw, SEARCH, "e500", &[("x-emu-status", "500")], &body).await;
+    assert_eq!(r.status, 500);
+    assert_eq!(
+        spent(&gw, "team-monthly", "search").await,
+        shown(2 * reservation)
+    );
+}
