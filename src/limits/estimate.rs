@@ -28,6 +28,8 @@ const SYMBOL: u64 = 680;
 const CJK: u64 = 740;
 const OTHER: u64 = 340;
 const ASTRAL: u64 = 1900;
+/// A number in the prompt: a token id (`prompt` or `input` given as arrays of token ids).
+const NUMBER: u64 = 1000;
 
 /// Characters of a text, by class.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct Counts {
     pub cjk: usize,
     pub other: usize,
     pub astral: usize,
+    /// Numbers: token ids, one token each.
+    pub numbers: usize,
 }
 
 /// The estimated tokens of plain UTF-8 text (not JSON: escapes are not decoded). A character
@@ -57,12 +61,13 @@ impl Counts {
             + self.symbol as u64 * SYMBOL
             + self.cjk as u64 * CJK
             + self.other as u64 * OTHER
-            + self.astral as u64 * ASTRAL;
+            + self.astral as u64 * ASTRAL
+            + self.numbers as u64 * NUMBER;
         milli.div_ceil(1000)
     }
 
     pub fn chars(&self) -> usize {
-        self.word + self.symbol + self.cjk + self.other + self.astral
+        self.word + self.symbol + self.cjk + self.other + self.astral + self.numbers
     }
 
     pub fn add(&mut self, o: &Counts) {
@@ -71,6 +76,7 @@ impl Counts {
         self.cjk += o.cjk;
         self.other += o.other;
         self.astral += o.astral;
+        self.numbers += o.numbers;
     }
 
     /// One character.

@@ -576,6 +576,7 @@ mod tests {
     fn count(v: &serde_json::Value, c: &mut Counts) {
         match v {
             serde_json::Value::String(s) => s.chars().for_each(|ch| c.add_char(ch)),
+            serde_json::Value::Number(_) => c.numbers += 1,
             serde_json::Value::Array(a) => a.iter().for_each(|v| count(v, c)),
             serde_json::Value::Object(o) => o
                 .iter()
@@ -695,6 +696,7 @@ mod tests {
             cjk: 6,
             other: 0,
             astral: 1,
+            numbers: 0,
         };
         assert_eq!(f.text, want);
         same(body.as_bytes());

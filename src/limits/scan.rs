@@ -337,7 +337,14 @@ impl<'a> Scan<'a> {
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
-            b'-' | b'0'..=b'9' => self.number().map(|_| ()),
+            b'-' | b'0'..=b'9' => {
+                self.number()?;
+                // In a prompt, a number is a token id (`prompt: [[1, 2, …]]`): one token.
+                if let Some(t) = text {
+                    t.numbers += 1;
+                }
+                Some(())
+            }
             _ => None,
         }
     }

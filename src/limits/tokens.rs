@@ -166,6 +166,15 @@ mod tests {
     }
 
     #[test]
+    fn token_ids_count_one_token_each() {
+        let ids: Vec<String> = (0..8000).map(|i| i.to_string()).collect();
+        let body = format!(r#"{{"model":"m","prompt":[[{}]]}}"#, ids.join(","));
+        assert_eq!(inspect(body.as_bytes()).prompt_tokens, 8000);
+        let body = format!(r#"{{"model":"m","input":[{}]}}"#, ids.join(","));
+        assert_eq!(inspect(body.as_bytes()).prompt_tokens, 8000);
+    }
+
+    #[test]
     fn the_largest_of_several_caps_counts() {
         let info = inspect(br#"{"model":"m","max_tokens":1,"max_completion_tokens":16000}"#);
         assert_eq!(info.max_tokens, Some(16000));
