@@ -129,7 +129,6 @@ impl Drop for Exchange {
 /// named). A model with no price is not refused here (`Unpriced` is for budgets): its
 /// request has no cost.
 fn priced(prices: &Prices, out: &Outcome, u: crate::outcome::Usage) -> Option<u64> {
-    let model = out.model.as_deref().or(out.response_model.as_deref())?;
     let tokens = Tokens {
         prompt: u.prompt,
         completion: u.completion,
@@ -137,7 +136,14 @@ fn priced(prices: &Prices, out: &Outcome, u: crate::outcome::Usage) -> Option<u6
         audio_in: u.audio_in,
         audio_out: u.audio_out,
     };
-    match prices.cost(model, &tokens) {
+    cost_of(prices, out, &tokens)
+}
+
+/// What `tokens` of the request's model (else its response's) cost; `None` for an unpriced
+/// model or none named.
+fn cost_of(prices: &Prices, out: &Outcome, tokens: &Tokens) -> Option<u64> {
+    let model = out.model.as_deref().or(out.response_model.as_deref())?;
+    match prices.cost(model, tokens) {
         Ok(cost) => Some(cost.0),
         Err(unpriced) => {
             tracing::debug!(request_id = %out.request_id, "{unpriced}");
@@ -150,35 +156,26 @@ fn priced(prices: &Prices, out: &Outcome, u: crate::outcome::Usage) -> Option<u6
 /// upstream did not report (a stream cut before its usage, a session's unfinished
 /// response), the estimate the token policies charge, at the model's prices.
 fn settle(hold: Hold, prices: &Prices, out: &Outcome) {
-    let reported = out.cost.unwrap_or(0);
-    let (prompt, completion) = out.tokens_used();
-    let estimated = match (out.usage, out.session.is_some()) {
-        (Some(_), false) => 0,
-        (Some(_), true) => estimate(
-            prices,
-            out,
-            &Tokens {
-                completion: out.output_estimate,
-                ..Tokens::default()
-            },
-        ),
-        (None, _) => estimate(
-            prices,
-            out,
-            &Tokens {
-                prompt,
-                completion,
-                ..Tokens::default()
-            },
-        ),
+    // What the upstream did not report: all of it without a usage, a session's unfinished
+    // response beside its usages.
+    let unreported = match (out.usage, out.session.is_some()) {
+        (Some(_), false) => None,
+        (Some(_), true) => Some((0, out.output_estimate)),
+        (None, _) => Some(out.tokens_used()),
     };
-    let mut actual = reported.saturating_add(estimated);
-    if out.usage_unreadable && out.usage.is_none() && actual > 0 {
-        // A success whose usage could not be read: charged what was reserved, at least.
-        actual = actual.max(hold.reserved());
-    }
-    if unaccounted(out) {
-        // The upstream may generate (and bill) all it was allowed: charged the reservation.
+    let estimated = unreported.map_or(0, |(prompt, completion)| {
+        let tokens = Tokens {
+            prompt,
+            completion,
+            ..Tokens::default()
+        };
+        cost_of(prices, out, &tokens).unwrap_or(0)
+    });
+    let mut actual = out.cost.unwrap_or(0).saturating_add(estimated);
+    // A success whose usage could not be read, or a request the upstream may have spent
+    // all it was allowed on unseen: charged what was reserved, at least.
+    let unread = out.usage_unreadable && out.usage.is_none() && actual > 0;
+    if unread || unaccounted(out) {
         actual = actual.max(hold.reserved());
     }
     let now = crate::budget::clock::now();
@@ -208,12 +205,4 @@ fn unaccounted(out: &Outcome) -> bool {
                 && out.route.carries_tokens()
         }
     }
-}
-
-/// What `tokens` of the request's model cost (0 for an unpriced model).
-fn estimate(prices: &Prices, out: &Outcome, tokens: &Tokens) -> u64 {
-    let Some(model) = out.model.as_deref().or(out.response_model.as_deref()) else {
-        return 0;
-    };
-    prices.cost(model, tokens).map_or(0, |c| c.0)
 }

@@ -132,7 +132,8 @@ pub async fn run(
             })
             .unwrap_or_default()
     }));
-    // A state directory ezgate cannot write to is found now, not at the first charge.
+    // The state file is rewritten at once for the current period (a previous period's spend
+    // leaves it now, not at the first charge).
     let budgets = Arc::clone(&gw.state().budgets);
     tokio::task::spawn_blocking(move || budgets.flush(true))
         .await

@@ -41,6 +41,8 @@ const SIDEWAYS: &[(&str, &str)] = &[
     // Budgets count money as costs price it, and share it through the shared limits' Redis.
     ("budget", "cost"),
     ("budget", "limits"),
+    // Budgets show a header's value as a key is shown: its fingerprint.
+    ("budget", "clients"),
     // Recording reads the outcome.
     ("metrics", "outcome"),
     ("access_log", "outcome"),

@@ -19,6 +19,7 @@ use wildmatch::WildMatch;
 use super::ledger::{Account, Crossed, Ledger, Refusal, Reservation, Saved};
 use super::shared::{Crossing, Fleet, Place};
 use super::state;
+use crate::clients::{fingerprint, sha256};
 use crate::config::{nanos, zone, BudgetConfig, BudgetKey, BudgetMode, BudgetStore, Period};
 use crate::limits::shared::RedisStore;
 use crate::route::Route;
@@ -142,6 +143,12 @@ impl Budget {
                     .is_some_and(|m| self.models.iter().any(|g| g.matches(m))))
     }
 
+    /// Whether the budget's key applies to `ask` (what [`Budget::account`] says, without
+    /// making the account's name).
+    fn charges(&self, ask: &Ask<'_>) -> bool {
+        !matches!(self.key, BudgetKey::Team) || ask.team.is_some()
+    }
+
     /// The account `ask` is charged to; `None` when the budget's key does not apply (a team
     /// budget and a caller with no team).
     fn account(&self, ask: &Ask<'_>, words: &Words) -> Option<Arc<str>> {
@@ -157,7 +164,7 @@ impl Budget {
                 .map_or_else(|| Arc::clone(&words.none), Arc::clone),
             // A header's value may be personal: only its fingerprint is kept and shown.
             BudgetKey::Header(name) => match ask.headers.get(name) {
-                Some(v) => Arc::from(fingerprint(v.as_bytes())),
+                Some(v) => Arc::from(fingerprint(&sha256(v.as_bytes()))),
                 None => Arc::clone(&words.none),
             },
             BudgetKey::Global => Arc::clone(&words.global),
@@ -241,18 +248,6 @@ impl Budget {
             && a.timezone == c.timezone
             && a.store == c.store
     }
-}
-
-/// `fp:` and the first 12 hex digits of the SHA-256 of `value`, as key fingerprints are
-/// shown everywhere.
-fn fingerprint(value: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, value);
-    let mut s = String::with_capacity(15);
-    s.push_str("fp:");
-    for b in &digest.as_ref()[..6] {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
 }
 
 impl Budgets {
@@ -380,10 +375,7 @@ impl Budgets {
     /// one (the budget a refusal for the request's price names), else the first in shadow
     /// mode, which never refuses.
     pub fn applies(&self, ask: &Ask<'_>) -> Option<(&Arc<str>, BudgetMode)> {
-        let mut covering = self
-            .list
-            .iter()
-            .filter(|b| b.covers(ask) && b.account(ask, &self.words).is_some());
+        let mut covering = self.list.iter().filter(|b| b.covers(ask) && b.charges(ask));
         let first = covering.next()?;
         let enforcing = std::iter::once(first)
             .chain(covering)
