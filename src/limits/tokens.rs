@@ -49,7 +49,13 @@ fn kept(model: std::borrow::Cow<'_, str>) -> String {
 /// defaults (the upstream will refuse it; ezgate does not guess); one parsers may read
 /// differently says why in `ambiguous`.
 pub fn inspect(body: &[u8]) -> RequestInfo {
-    let doc = match fields::request_fields(body) {
+    inspect_estimating(body, true)
+}
+
+/// [`inspect`]; the prompt is estimated only with `estimate` (`prompt_tokens` is 0 without):
+/// a body read only to ask a stream for its usage needs no estimate.
+pub fn inspect_estimating(body: &[u8], estimate: bool) -> RequestInfo {
+    let doc = match fields::request_fields_counting(body, estimate) {
         Ok(doc) => doc,
         Err(unread) => {
             return RequestInfo {
@@ -62,7 +68,11 @@ pub fn inspect(body: &[u8]) -> RequestInfo {
             }
         }
     };
-    let prompt_tokens = doc.text.tokens().max(1);
+    let prompt_tokens = if estimate {
+        doc.text.tokens().max(1)
+    } else {
+        0
+    };
     let choices = doc.n.unwrap_or(1).max(1);
     // Upstreams differ in which cap they read when several are given: the largest counts.
     let max_tokens = [

@@ -301,7 +301,10 @@ async fn handle(
         choices: request.as_ref().map_or(1, |r| r.choices),
         spends: post || handshake.is_some(),
     };
-    budget::admit(state, &caller, &parts.headers, asked, out).await?;
+    if !state.budgets.is_empty() {
+        // Boxed: the admission's future is large, and only gateways with budgets await it.
+        Box::pin(budget::admit(state, &caller, &parts.headers, asked, out)).await?;
+    }
     // Pace (`upstream.quota.mode = "enforce"`): a request the upstream's learned quota
     // cannot carry waits its turn, by priority, instead of being spent on a 429.
     let mut ticket = match &state.pacer {
@@ -340,7 +343,8 @@ async fn handle(
     let sent = Instant::now();
     out.forwarded = true;
     let result = match handshake {
-        Some(_) => state.upstream.upgrade(up_req, path, sent).await,
+        // Boxed: a handshake is rare, and its connect future would sit in every request's.
+        Some(_) => Box::pin(state.upstream.upgrade(up_req, path, sent)).await,
         None => state.upstream.send(up_req, path, sent).await,
     };
     let arrived = Instant::now();

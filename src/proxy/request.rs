@@ -83,13 +83,15 @@ pub(super) async fn inspect(
             ..Default::default()
         }
     } else {
-        tokens::inspect(&bytes)
+        tokens::inspect_estimating(&bytes, checks)
     };
-    let path: String = path.chars().take(200).collect();
+    // For a refusal's message only.
+    let path = || path.chars().take(200).collect::<String>();
     // Whatever the checks: a body ezgate read must mean to the upstream what it meant here.
     if let Some(why) = &request.ambiguous {
         return Err(GatewayError::BadRequest(format!(
-            "the body of POST {path} is ambiguous: {why}"
+            "the body of POST {} is ambiguous: {why}",
+            path()
         )));
     }
     if checks && !request.understood {
@@ -99,7 +101,8 @@ pub(super) async fn inspect(
             "one JSON object (uncompressed)"
         };
         return Err(GatewayError::BadRequest(format!(
-            "the body of POST {path} must be {what}: ezgate reads its model for the policies that cover it"
+            "the body of POST {} must be {what}: ezgate reads its model for the policies that cover it",
+            path()
         )));
     }
     let (body, strip) = match ask_usage
