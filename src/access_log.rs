@@ -66,14 +66,30 @@ struct Sink {
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
-/// Per thread: the line being formatted.
+/// Per thread: the line being formatted, and the timestamp's second.
 struct Local {
     line: Vec<u8>,
+    second: Second,
+}
+
+/// A timestamp up to its second (`2026-11-25T04:29:45`), written once per second: the date
+/// arithmetic cost ~8 % of a line.
+#[derive(Clone, Copy)]
+struct Second {
+    unix: u64,
+    text: [u8; 19],
+}
+
+impl Second {
+    const NONE: Second = Second {
+        unix: u64::MAX,
+        text: [0; 19],
+    };
 }
 
 thread_local! {
     static LOCAL: RefCell<Local> = const {
-        RefCell::new(Local { line: Vec::new() })
+        RefCell::new(Local { line: Vec::new(), second: Second::NONE })
     };
 }
 
@@ -104,14 +120,18 @@ pub fn write(entry: &Entry<'_>) {
         .unwrap_or(false);
     if !written {
         // Thread-local storage is being torn down (or in use): a one-off buffer does.
-        Local { line: Vec::new() }.emit(sink, entry, now);
+        Local {
+            line: Vec::new(),
+            second: Second::NONE,
+        }
+        .emit(sink, entry, now);
     }
 }
 
 impl Local {
     fn emit(&mut self, sink: &Sink, entry: &Entry<'_>, now: SystemTime) {
         self.line.clear();
-        format(&mut self.line, sink.format, entry, now);
+        format_at(&mut self.line, sink.format, entry, now, &mut self.second);
         sink.writer.append(&self.line);
         if self.line.capacity() > KEEP_CAPACITY {
             self.line = Vec::new();
@@ -121,13 +141,27 @@ impl Local {
 
 /// Appends the line of `entry`, newline included, as logged at `now`.
 pub fn format(buf: &mut Vec<u8>, format: LogFormat, entry: &Entry<'_>, now: SystemTime) {
+    let mut second = Second::NONE;
+    format_at(buf, format, entry, now, &mut second);
+}
+
+/// [`format`], with the timestamp's second as last written (rewritten when it changed).
+fn format_at(
+    buf: &mut Vec<u8>,
+    format: LogFormat,
+    entry: &Entry<'_>,
+    now: SystemTime,
+    second: &mut Second,
+) {
+    // One growth for the usual line.
+    buf.reserve(480);
     let json = matches!(format, LogFormat::Json);
     if json {
         buf.extend_from_slice(b"{\"timestamp\":\"");
-        push_timestamp(buf, now);
+        push_timestamp_cached(buf, now, second);
         buf.extend_from_slice(b"\",\"level\":\"INFO\",");
     } else {
-        push_timestamp(buf, now);
+        push_timestamp_cached(buf, now, second);
         buf.extend_from_slice(b"  INFO ");
         buf.extend_from_slice(TARGET.as_bytes());
         buf.extend_from_slice(b": ");
@@ -200,7 +234,9 @@ struct Fields<'b> {
     first: bool,
 }
 
+// Inlined: each key is a constant, so its copy is a few moves instead of a call.
 impl Fields<'_> {
+    #[inline(always)]
     fn key(&mut self, key: &str) {
         if self.json {
             if !self.first {
@@ -219,6 +255,7 @@ impl Fields<'_> {
         self.first = false;
     }
 
+    #[inline(always)]
     fn str(&mut self, key: &str, value: &str) {
         self.key(key);
         push_quoted(self.buf, value);
@@ -227,11 +264,14 @@ impl Fields<'_> {
     /// A string that the text format shows bare when it is a plain token (as tracing shows
     /// the request id), quoted otherwise.
     fn id(&mut self, key: &str, value: &str) {
+        if self.json {
+            return self.str(key, value);
+        }
         let plain = !value.is_empty()
             && value
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
-        if self.json || !plain {
+        if !plain {
             self.str(key, value);
         } else {
             self.key(key);
@@ -239,11 +279,13 @@ impl Fields<'_> {
         }
     }
 
+    #[inline(always)]
     fn num(&mut self, key: &str, value: u64) {
         self.key(key);
         push_u64(self.buf, value);
     }
 
+    #[inline(always)]
     fn millis(&mut self, key: &str, value: Duration) {
         self.key(key);
         push_millis(self.buf, value);
@@ -256,6 +298,12 @@ fn push_quoted(buf: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     buf.push(b'"');
     let bytes = s.as_bytes();
+    if !needs_escape(bytes) {
+        // The usual value (an id, a route, a model): copied whole.
+        buf.extend_from_slice(bytes);
+        buf.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if b >= 0x20 && b != b'"' && b != b'\\' {
@@ -280,6 +328,29 @@ fn push_quoted(buf: &mut Vec<u8>, s: &str) {
     }
     buf.extend_from_slice(&bytes[start..]);
     buf.push(b'"');
+}
+
+/// Whether `bytes` hold a quote, a backslash or a control character, eight bytes at a time
+/// (a byte-by-byte look cost ~10 instructions per byte of a line's values).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Exact for "some byte is below n" (n ≤ 128): a borrow only reaches a byte above one
+    // that matched.
+    let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH != 0;
+    let special = |w: u64| {
+        below(w, 0x20)
+            || below(w ^ (ONES * u64::from(b'"')), 1)
+            || below(w ^ (ONES * u64::from(b'\\')), 1)
+    };
+    let mut words = bytes.chunks_exact(8);
+    let any = words
+        .by_ref()
+        .any(|c| c.try_into().is_ok_and(|c| special(u64::from_ne_bytes(c))));
+    any || words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// Writes the access line of a finished request (when access lines are on).
@@ -346,6 +417,25 @@ pub fn rfc3339(now: SystemTime) -> String {
     let mut buf = Vec::with_capacity(32);
     push_timestamp(&mut buf, now);
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// [`push_timestamp`], its second taken from `second` while it is the same second.
+fn push_timestamp_cached(buf: &mut Vec<u8>, now: SystemTime, second: &mut Second) {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let unix = since.as_secs();
+    if unix != second.unix {
+        let mut text = Vec::with_capacity(32);
+        push_timestamp(&mut text, now);
+        // Years past 9999 (never in practice) are not cached.
+        match text.get(..19).and_then(|t| <[u8; 19]>::try_from(t).ok()) {
+            Some(t) if text.len() == 27 => *second = Second { unix, text: t },
+            _ => return buf.extend_from_slice(&text),
+        }
+    }
+    buf.extend_from_slice(&second.text);
+    buf.push(b'.');
+    push_padded(buf, since.subsec_micros().into(), 6);
+    buf.push(b'Z');
 }
 
 /// RFC 3339 in UTC with microseconds, as tracing-subscriber writes it:

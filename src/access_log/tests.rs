@@ -232,6 +232,55 @@ fn timestamps_are_rfc3339_utc() {
 }
 
 #[test]
+fn the_word_check_finds_what_the_byte_check_finds() {
+    let slow = |b: &[u8]| b.iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\');
+    let mut cases: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b"01a2505e-a58a-7208-93f0-47595e5034a6".to_vec(),
+        "modèle-東京 ok".as_bytes().to_vec(),
+    ];
+    // Every byte value at every position of a word and of the remainder, among plain bytes
+    // and among high ones (a borrow from a neighbour must not hide or invent a match).
+    for fill in [b'a', 0xff, 0x80, 0x21] {
+        for at in 0..12 {
+            for v in 0..=255u8 {
+                let mut c = vec![fill; 12];
+                c[at] = v;
+                cases.push(c);
+            }
+        }
+    }
+    for c in cases {
+        assert_eq!(needs_escape(&c), slow(&c), "{c:?}");
+    }
+}
+
+#[test]
+fn a_cached_second_is_rewritten_when_the_second_changes() {
+    let mut second = Second::NONE;
+    for (secs, micros) in [
+        (1_709_251_199, 1),
+        (1_709_251_199, 999_999),
+        (1_709_251_200, 0),
+        (1_709_251_199, 7),
+        (4_102_444_799, 500_000),
+    ] {
+        let (mut cached, mut fresh) = (Vec::new(), Vec::new());
+        push_timestamp_cached(&mut cached, at(secs, micros), &mut second);
+        push_timestamp(&mut fresh, at(secs, micros));
+        assert_eq!(
+            String::from_utf8(cached).unwrap(),
+            String::from_utf8(fresh).unwrap()
+        );
+    }
+    // A year past 9999 is written whole, never cached.
+    let mut far = Vec::new();
+    push_timestamp_cached(&mut far, at(253_402_300_800, 0), &mut second);
+    assert!(far.starts_with(b"+10000-01-01T00:00:00"));
+    assert_eq!(second.unix, 4_102_444_799);
+}
+
+#[test]
 fn calendar_matches_counting_days() {
     let (mut y, mut m, mut d) = (1970u64, 1u64, 1u64);
     for days in 0..(400 * 366) {
