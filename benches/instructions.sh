@@ -13,7 +13,10 @@
 # (core 0), warms up with 3 s of wrk, counts instructions over SECS (default 6) seconds of
 # `wrk -t1 -c16` with the ~1 KB chat body, and prints instructions per request. The profile
 # stays in OUT (default a temp dir) for `callgrind_annotate`.
-# Env: EZGATE_BIN, EMULATOR_BIN, SECS, OUT. Installs valgrind and wrk from Debian if missing.
+# Env: EZGATE_BIN, EMULATOR_BIN, SECS, OUT; TLS=1 puts TLS 1.3 between ezgate and the emulator
+# (a throwaway CA made by openssl in OUT; each config gets `upstream.ca_file` appended, so give
+# configs without an [upstream] table of their own). Installs valgrind and wrk from Debian if
+# missing.
 # Traffic goes only to 127.0.0.1, bounded in time; every process started is stopped on exit.
 set -euo pipefail
 
@@ -39,17 +42,29 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 pin() { if taskset -c "$1" true 2>/dev/null; then echo "taskset -c $1"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 1 150); do curl -s -o /dev/null --max-time 1 "$1" && return 0; sleep 0.2; done; return 1; }
+wait_http() { for _ in $(seq 1 150); do curl -sk -o /dev/null --max-time 1 "$1" && return 0; sleep 0.2; done; return 1; }
 
 # The same ~1 KB chat-completion body as proxy.sh.
 export BENCH_BODY_FILE="$OUT/body.json"
 python3 "$ROOT/benches/bench_client.py" body "$BENCH_BODY_FILE"
 
 EMU_PORT="$(free_port)"
+SCHEME=http; EMU_TLS=()
+if [ "${TLS:-0}" = 1 ]; then
+  SCHEME=https
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  openssl req -x509 "${ec[@]}" -keyout "$OUT/ca.key" -out "$OUT/ca.pem" -days 2 -subj "/CN=ezgate bench CA" \
+    -addext "basicConstraints = critical, CA:TRUE" -addext "keyUsage = critical, keyCertSign" 2>/dev/null
+  openssl req "${ec[@]}" -keyout "$OUT/server.key" -out "$OUT/server.csr" -subj /CN=localhost 2>/dev/null
+  printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\nextendedKeyUsage = serverAuth\n' > "$OUT/server.ext"
+  openssl x509 -req -in "$OUT/server.csr" -CA "$OUT/ca.pem" -CAkey "$OUT/ca.key" -CAcreateserial -days 2 \
+    -out "$OUT/server.pem" -extfile "$OUT/server.ext" 2>/dev/null
+  EMU_TLS=(--tls-cert "$OUT/server.pem" --tls-key "$OUT/server.key")
+fi
 # shellcheck disable=SC2046
-$(pin 1) "$EMULATOR" --listen "127.0.0.1:$EMU_PORT" > "$OUT/emu.out" 2>&1 &
+$(pin 1) "$EMULATOR" --listen "127.0.0.1:$EMU_PORT" "${EMU_TLS[@]}" > "$OUT/emu.out" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:$EMU_PORT/v1/models" || { echo "the emulator did not start" >&2; exit 1; }
+wait_http "$SCHEME://127.0.0.1:$EMU_PORT/v1/models" || { echo "the emulator did not start" >&2; exit 1; }
 
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
@@ -58,10 +73,14 @@ if [ ${#configs[@]} -eq 0 ]; then
 fi
 for cfg in "${configs[@]}"; do
   port="$(free_port)"; admin="$(free_port)"; label="$(basename "$cfg" .toml)"
+  if [ "$SCHEME" = https ]; then
+    { cat "$cfg"; printf '\n[upstream]\nca_file = "%s"\n' "$OUT/ca.pem"; } > "$OUT/$label.tls.toml"
+    cfg="$OUT/$label.tls.toml"
+  fi
   # shellcheck disable=SC2046
   $(pin 0) valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.$label.%p" \
     "$EZGATE" --config "$cfg" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-    --upstream "http://127.0.0.1:$EMU_PORT" > "$OUT/$label.log" 2>&1 &
+    --upstream "$SCHEME://127.0.0.1:$EMU_PORT" > "$OUT/$label.log" 2>&1 &
   vg=$!; PIDS+=("$vg")
   wait_http "http://127.0.0.1:$admin/healthz" || { echo "$label: ezgate did not start: $(tail -3 "$OUT/$label.log")" >&2; exit 1; }
   # shellcheck disable=SC2046
