@@ -150,8 +150,14 @@ impl ResponseBody {
                     [one] => usage::json_usage(one),
                     _ => usage::json_usage(&parts.concat()),
                 };
-                o.output_estimate = parts.iter().map(|p| text_tokens(p)).sum();
-                found.map_or((None, None), |(u, m)| (Some(u), m))
+                match found {
+                    Some((u, m)) => (Some(u), m),
+                    None => {
+                        // Only what was not reported is estimated.
+                        o.output_estimate = parts.iter().map(|p| text_tokens(p)).sum();
+                        (None, None)
+                    }
+                }
             }
             _ => {
                 // Nothing was read (an encoded body): a token is about four bytes of it, and
