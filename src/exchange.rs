@@ -111,7 +111,11 @@ impl Drop for Exchange {
         if let (Some(hold), Some(prices)) = (self.budget.take(), &self.prices) {
             settle(hold, prices, out);
         }
-        let duration = out.started.elapsed();
+        // A body that ended just read the clock (the exchange drops right after).
+        let duration = match out.ended {
+            Some(ended) => ended.saturating_duration_since(out.started),
+            None => out.started.elapsed(),
+        };
         self.metrics.record(out, duration);
         if self.access_log {
             access_log::record(out, duration);
