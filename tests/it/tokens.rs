@@ -51,17 +51,24 @@ async fn emulated(emu: &Emulator, rid: &str) -> (u64, u64) {
 }
 
 /// The bucket's balance, read from the `RateLimit` header of a request that costs nothing
-/// in the end (the upstream refuses it: refunded). Its own estimate is 2 tokens.
+/// in the end (the upstream refuses it: refunded). Its own estimate is 2 tokens. Returns
+/// once the probe is refunded (its access line is written after its settlement): the client
+/// can read the whole answer before ezgate ends the exchange, and a probe still reserved
+/// would lower the next one's balance.
 async fn balance(gw: &Gateway) -> u64 {
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let rid = format!("balance-probe-{n:06}");
     let body = r#"{"model":"gpt-4o","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#;
     let r = gw
         .post(
             "/v1/chat/completions",
-            &[JSON, ("x-emu-status", "400")],
+            &[JSON, ("x-emu-status", "400"), ("x-request-id", &rid)],
             body,
         )
         .await;
     assert_eq!(r.status, 400);
+    gw.access_log(&rid).await;
     let header = r.header("ratelimit").expect("the probe is covered");
     let remaining: u64 = header
         .split(";r=")
