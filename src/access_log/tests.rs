@@ -210,6 +210,9 @@ fn numbers_and_durations() {
         (Duration::from_nanos(206_748), "0.206748"),
         (Duration::from_nanos(1), "0.000001"),
         (Duration::from_secs(90), "90000.0"),
+        (Duration::new(1, 999_999_999), "1999.999999"),
+        // Past u64 milliseconds: saturated, as before.
+        (Duration::new(u64::MAX, 0), "18446744073709551615.0"),
     ] {
         let mut b = Vec::new();
         push_millis(&mut b, d);
