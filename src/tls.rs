@@ -7,6 +7,18 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+/// The rustls error `err` is, or wraps inside (possibly nested) `io::Error`s, as hyper-rustls
+/// and tokio-rustls report a failed handshake. `io::Error::source()` skips the error it
+/// wraps, so a walk of sources alone never sees it.
+pub fn rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut inner = err;
+    loop {
+        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        inner = inner.downcast_ref::<std::io::Error>()?.get_ref()?;
+    }
+}
 
 /// The certificates of a PEM file (at least one).
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

@@ -242,21 +242,13 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
             };
         }
         is_connect |= e.is::<ConnectError>();
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        if let Some(tls) = crate::tls::rustls_error(e) {
             return Failure {
                 error: GatewayError::UpstreamUnreachable(format!("TLS handshake failed ({tls})")),
                 kind: Some(FailureKind::Tls),
             };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = rustls_inside(io) {
-                return Failure {
-                    error: GatewayError::UpstreamUnreachable(format!(
-                        "TLS handshake failed ({tls})"
-                    )),
-                    kind: Some(FailureKind::Tls),
-                };
-            }
             // Out of file descriptors (EMFILE, ENFILE): ezgate's own overload, not EZLINK's.
             if out_of_fds(io) {
                 return Failure {
@@ -329,18 +321,6 @@ fn out_of_fds(io: &std::io::Error) -> bool {
             Some(inner) => io = inner,
             None => return false,
         }
-    }
-}
-
-/// The rustls error wrapped inside (possibly nested) `io::Error`s. `io::Error::source()` skips
-/// the wrapped error itself, so the walk in [`classify`] alone would never see it.
-fn rustls_inside(io: &std::io::Error) -> Option<&rustls::Error> {
-    let mut inner: &(dyn StdError + 'static) = io.get_ref()?;
-    loop {
-        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        inner = inner.downcast_ref::<std::io::Error>()?.get_ref()?;
     }
 }
 

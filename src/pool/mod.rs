@@ -151,32 +151,16 @@ struct Shared {
 }
 
 /// Whether a TLS handshake failed because the upstream accepts none of the protocols ALPN
-/// offered (rustls errors come wrapped in, possibly nested, `io::Error`s, whose `source()`
-/// skips them).
+/// offered.
 fn alpn_refused(err: &(dyn StdError + 'static)) -> bool {
-    let refused = |e: &(dyn StdError + 'static)| {
+    std::iter::successors(Some(err), |&e| e.source()).any(|e| {
         matches!(
-            e.downcast_ref::<rustls::Error>(),
+            crate::tls::rustls_error(e),
             Some(rustls::Error::AlertReceived(
                 rustls::AlertDescription::NoApplicationProtocol
             ))
         )
-    };
-    let mut next = Some(err);
-    while let Some(e) = next {
-        let mut inner = Some(e);
-        while let Some(i) = inner {
-            if refused(i) {
-                return true;
-            }
-            inner = i
-                .downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .map(|x| x as &(dyn StdError + 'static));
-        }
-        next = e.source();
-    }
-    false
+    })
 }
 
 /// One request in flight, counted in [`Shared::in_flight`] until dropped (with its
