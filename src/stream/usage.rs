@@ -44,39 +44,29 @@ pub fn mentions_usage(doc: &[u8]) -> bool {
 
 /// True when `doc`'s `usage` member holds an object (not `null`): a usage report.
 pub fn reports_usage(doc: &[u8]) -> bool {
-    find_usage(doc).is_some_and(|at| {
-        doc[at + USAGE_KEY.len()..]
-            .trim_ascii_start()
-            .strip_prefix(b":")
-            .is_some_and(|v| v.trim_ascii_start().starts_with(b"{"))
-    })
+    last_usage(doc).is_some_and(|(_, v)| v.trim_ascii_start().starts_with(b"{"))
 }
 
 /// Where the last `"usage"` key of `doc` stands (OpenAI writes it last).
 pub fn find_usage(doc: &[u8]) -> Option<usize> {
-    // Forward (SIMD) and keep the last: faster than the reverse searcher on a short chunk.
-    finders()
-        .usage
-        .find_iter(doc)
-        .filter(|&i| {
-            doc[i + USAGE_KEY.len()..]
-                .trim_ascii_start()
-                .starts_with(b":")
-        })
-        .last()
+    last_usage(doc).map(|(at, _)| at)
+}
+
+/// The last `usage` key of `doc` and the text where its value starts. Forward (SIMD) and
+/// keep the last: the reverse searcher is not vectorized, and costs more on a chunk and on
+/// a whole answer alike (~350 instructions per 1 KB answer, `benches/instructions.sh`).
+fn last_usage(doc: &[u8]) -> Option<(usize, &[u8])> {
+    members(doc, &finders().usage, USAGE_KEY.len()).last()
 }
 
 /// `usage` and `model` of a JSON response or chunk: the last `usage` key (OpenAI writes it
 /// last) and the first `model` key. `None` when there is no usable usage (absent,
 /// `null`, or not whole numbers).
 pub fn json_usage(doc: &[u8]) -> Option<(Usage, Option<String>)> {
-    let f = finders();
-    // The last key: a forward SIMD search beats the reverse searcher (not vectorized) on a
-    // whole answer too (~350 instructions per 1 KB answer, `benches/instructions.sh`).
-    let at = find_usage(doc)?;
-    let counts = scan::usage_counts(value_after(doc, USAGE_KEY.len(), std::iter::once(at))?)?;
-    let model = value_after(doc, MODEL_KEY.len(), f.model.find_iter(doc))
-        .and_then(scan::string_at)
+    let counts = scan::usage_counts(last_usage(doc)?.1)?;
+    let model = members(doc, &finders().model, MODEL_KEY.len())
+        .next()
+        .and_then(|(_, v)| scan::string_at(v))
         .map(String::from);
     let usage = Usage {
         prompt: counts.prompt,
@@ -95,10 +85,7 @@ pub fn content_text(doc: &[u8], text: &mut Counts) -> bool {
     // chunk's content (a chunk carries one kind), so the usual chunk costs one search.
     for (finder, key) in f.content.iter().zip(CONTENT_KEYS) {
         let mut any = false;
-        for i in finder.find_iter(doc) {
-            let Some(value) = doc[i + key.len()..].trim_ascii_start().strip_prefix(b":") else {
-                continue;
-            };
+        for (_, value) in members(doc, finder, key.len()) {
             if let Some(piece) = scan::string_at(value).filter(|p| !p.is_empty()) {
                 text.add_utf8(piece.as_bytes());
                 any = true;
@@ -111,10 +98,17 @@ pub fn content_text(doc: &[u8], text: &mut Counts) -> bool {
     false
 }
 
-/// The text after the first hit (in the iterator's order) that is a key (`"key":`): where
-/// its value starts.
-fn value_after(doc: &[u8], key_len: usize, mut hits: impl Iterator<Item = usize>) -> Option<&[u8]> {
-    hits.find_map(|i| doc[i + key_len..].trim_ascii_start().strip_prefix(b":"))
+/// Each hit of `key` (found by `finder`, `key_len` bytes long) that is a key (`"key":`), in
+/// order: where it stands, and the text where its value starts.
+fn members<'a>(
+    doc: &'a [u8],
+    finder: &'a Finder<'static>,
+    key_len: usize,
+) -> impl Iterator<Item = (usize, &'a [u8])> + 'a {
+    finder.find_iter(doc).filter_map(move |i| {
+        let value = doc[i + key_len..].trim_ascii_start().strip_prefix(b":")?;
+        Some((i, value))
+    })
 }
 
 #[cfg(test)]
