@@ -428,25 +428,31 @@ fn push_timestamp_cached(buf: &mut Vec<u8>, now: SystemTime, second: &mut Second
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let unix = since.as_secs();
     if unix != second.unix {
-        let mut text = Vec::with_capacity(32);
-        push_timestamp(&mut text, now);
-        // Years past 9999 (never in practice) are not cached.
-        match text.get(..19).and_then(|t| <[u8; 19]>::try_from(t).ok()) {
-            Some(t) if text.len() == 27 => *second = Second { unix, text: t },
-            _ => return buf.extend_from_slice(&text),
+        let mut text = Vec::with_capacity(24);
+        push_second(&mut text, unix);
+        match <[u8; 19]>::try_from(text.as_slice()) {
+            Ok(text) => *second = Second { unix, text },
+            // A year past 9999 (never in practice) is longer: written, not cached.
+            Err(_) => {
+                buf.extend_from_slice(&text);
+                return push_fraction(buf, since);
+            }
         }
     }
     buf.extend_from_slice(&second.text);
-    buf.push(b'.');
-    push_padded(buf, since.subsec_micros().into(), 6);
-    buf.push(b'Z');
+    push_fraction(buf, since);
 }
 
 /// RFC 3339 in UTC with microseconds, as tracing-subscriber writes it:
 /// `2026-11-25T04:29:45.443892Z`.
 fn push_timestamp(buf: &mut Vec<u8>, now: SystemTime) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
+    push_second(buf, since.as_secs());
+    push_fraction(buf, since);
+}
+
+/// A timestamp up to its second: `2026-11-25T04:29:45`.
+fn push_second(buf: &mut Vec<u8>, secs: u64) {
     let (year, month, day) = civil_from_days(secs / 86_400);
     let rem = secs % 86_400;
     if year > 9999 {
@@ -465,6 +471,10 @@ fn push_timestamp(buf: &mut Vec<u8>, now: SystemTime) {
     push_padded(buf, rem / 60 % 60, 2);
     buf.push(b':');
     push_padded(buf, rem % 60, 2);
+}
+
+/// A timestamp's microseconds and zone: `.443892Z`.
+fn push_fraction(buf: &mut Vec<u8>, since: Duration) {
     buf.push(b'.');
     push_padded(buf, since.subsec_micros().into(), 6);
     buf.push(b'Z');
