@@ -47,6 +47,19 @@ pub fn make_pki() -> Pki {
     pki
 }
 
+/// The emulator serving TLS with a certificate of a new CA, and ezgate in front of it
+/// trusting that CA (`ca_file`); `upstream` adds lines to ezgate's `[upstream]` table.
+async fn gateway_to_tls_emulator(upstream: &str) -> (Emulator, Gateway) {
+    let pki = make_pki();
+    let emu = Emulator::start_tls(&pki.cert, &pki.key).await;
+    let config = format!(
+        "[upstream]\nca_file = {:?}\n{upstream}",
+        pki.ca.display().to_string()
+    );
+    let gw = Gateway::start(&emu.url(), &config).await;
+    (emu, gw)
+}
+
 #[tokio::test]
 async fn upstream_over_tls_with_an_extra_ca() {
     let pki = make_pki();
@@ -197,13 +210,7 @@ async fn upstream_http2_can_be_required_or_refused() {
     assert_streams_to_the_end(&gw).await;
 
     // `never` over TLS: ALPN offers HTTP/1.1 only, though the upstream speaks h2.
-    let pki = make_pki();
-    let emu = Emulator::start_tls(&pki.cert, &pki.key).await;
-    let config = format!(
-        "[upstream]\nca_file = {:?}\nhttp2 = \"never\"\n",
-        pki.ca.display().to_string()
-    );
-    let gw = Gateway::start(&emu.url(), &config).await;
+    let (_emu, gw) = gateway_to_tls_emulator("http2 = \"never\"\n").await;
     let r = gw.get("/inspect").await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["version"], "HTTP/1.1");
@@ -211,10 +218,7 @@ async fn upstream_http2_can_be_required_or_refused() {
 
 #[tokio::test]
 async fn auto_carries_64_requests_in_flight_over_http1_and_more_over_h2() {
-    let pki = make_pki();
-    let emu = Emulator::start_tls(&pki.cert, &pki.key).await;
-    let config = format!("[upstream]\nca_file = {:?}\n", pki.ca.display().to_string());
-    let gw = Gateway::start(&emu.url(), &config).await;
+    let (_emu, gw) = gateway_to_tls_emulator("").await;
     // 64 streamed completions held open: the upstream pauses after their first event.
     let client = http1();
     let mut held = Vec::new();
