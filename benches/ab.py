@@ -90,26 +90,30 @@ def ticks(pids):
     return total
 
 
-NGINX_CONF = """worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
+def nginx_conf(http, main="", conns="4096"):
+    """An nginx.conf as a `str.format` template (fill in `work` and the placeholders of `main`
+    and `http`): one worker in the foreground, its pid, error log and temp files in `work`, no
+    access log; `main` goes before the events block, `http` inside the http block."""
+    return ("worker_processes 1;\ndaemon off;\npid {work}/nginx.pid;\nerror_log {work}/nginx-error.log warn;\n"
+            + main + "events {{ worker_connections " + conns + "; }}\nhttp {{\n" + NGINX_FILES + http + "}}\n")
+
+
+NGINX_FILES = """  access_log off;
   client_body_temp_path {work}/body;
   proxy_temp_path {work}/proxy;
   fastcgi_temp_path {work}/fastcgi;
   uwsgi_temp_path {work}/uwsgi;
   scgi_temp_path {work}/scgi;
-  keepalive_requests 1000000;
+"""
+
+# nginx as a proxy, as benches/proxy.sh runs it: upstream keepalive, no buffering.
+NGINX_HTTP = """  keepalive_requests 1000000;
   upstream emu {{ server 127.0.0.1:{emu}; keepalive 512; keepalive_requests 1000000; }}
   proxy_http_version 1.1;
   proxy_set_header Connection "";
   proxy_buffering off;
   proxy_request_buffering off;
   server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ proxy_pass http://emu; }} }}
-}}
 """
 
 
@@ -130,19 +134,7 @@ NGINX_TLS_LOCATION = """location / {{
 # offered by ALPN (nginx 1.22 spells it `listen … ssl http2`; `http2 on;` from 1.25.1), one
 # fixed ~1 KB chat completion for every request (`return` reads and discards the request
 # body), no access log, connections kept for the whole run.
-UPSTREAM_CONF = """worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/body;
-  proxy_temp_path {work}/proxy;
-  fastcgi_temp_path {work}/fastcgi;
-  uwsgi_temp_path {work}/uwsgi;
-  scgi_temp_path {work}/scgi;
-  keepalive_requests 1000000;
+UPSTREAM_HTTP = """  keepalive_requests 1000000;
   keepalive_timeout 300s;
   ssl_protocols TLSv1.3;
   ssl_certificate {cert};
@@ -154,7 +146,6 @@ http {{
     default_type application/json;
     location / {{ return 200 '{body}'; }}
   }}
-}}
 """
 
 # What the TLS upstream answers: a chat completion shaped like the emulator's, ~1 KB.
@@ -181,7 +172,7 @@ def start_nginx(work, emu_port, port, label, ca=None):
     work = os.path.join(work, f"nginx-{label}")
     os.makedirs(work, exist_ok=True)
     conf = os.path.join(work, "nginx.conf")
-    text = NGINX_CONF.format(work=work, emu=emu_port, port=port)
+    text = nginx_conf(NGINX_HTTP).format(work=work, emu=emu_port, port=port)
     if ca:
         plain = "location / { proxy_pass http://emu; }"
         text = text.replace(plain, NGINX_TLS_LOCATION.format(ca=ca))
@@ -192,18 +183,18 @@ def start_nginx(work, emu_port, port, label, ca=None):
 
 
 def start_tls_upstream(work, certs, port):
-    """The nginx TLS upstream (see UPSTREAM_CONF), pinned to the load core."""
+    """The nginx TLS upstream (see UPSTREAM_HTTP), pinned to the load core."""
     work = os.path.join(work, "upstream")
     os.makedirs(work, exist_ok=True)
     new = nginx_version() >= (1, 25, 1)
     conf = os.path.join(work, "nginx.conf")
     if "'" in COMPLETION or "$" in COMPLETION or "\\" in COMPLETION:
         sys.exit("ab.py: the upstream's completion cannot be written into nginx's config")
-    open(conf, "w").write(UPSTREAM_CONF.format(
+    open(conf, "w").write(nginx_conf(UPSTREAM_HTTP).format(
         work=work, cert=certs["cert"], key=certs["key"], port=port, body=COMPLETION,
         http2="" if new else "http2", http2_on="http2 on;" if new else ""))
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    return subprocess.Popen(pin(1) + [nginx, "-p", work, "-e", os.path.join(work, "error.log"), "-c", conf],
+    return subprocess.Popen(pin(1) + [nginx, "-p", work, "-e", os.path.join(work, "nginx-error.log"), "-c", conf],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

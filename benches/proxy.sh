@@ -585,6 +585,19 @@ wait_quiet() {  # wait_quiet LABEL
 }
 
 fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
+hold_each() {  # hold_each UPSTREAM_PID TARGET... : hold_run each target in turn
+  # The upstream holds one socket per stream until it notices the client left (within one
+  # event interval): wait (bounded) so the next target starts with the upstream's fds free.
+  local up="$1" idle t; shift
+  idle="$(fd_count "$up")"
+  for t in "$@"; do
+    hold_run "$t"
+    for _ in $(seq 1 100); do
+      [ "$(fd_count "$up")" -le $((idle + 600)) ] && break
+      sleep 0.2
+    done
+  done
+}
 # --tls-only: only the TLS-upstream stages (the streams held over TLS, then ab.py below).
 if [ $TLS_ONLY = 0 ]; then
   log "warm-up"
@@ -608,32 +621,16 @@ if [ $TLS_ONLY = 0 ]; then
     log "SSE per-event delay round $r/$ROUNDS ($SSE_STREAMS streams x $SSE_EVENTS events, ${SSE_INTERVAL_MS} ms apart)"
     for t in direct nginx ezgate; do with_retries sse_run "$t" "$r"; done
   done
-  EMU_FDS_IDLE="$(fd_count "$PID_emu")"
   wait_quiet "streams"
   log "$HOLD_N SSE streams open at once"
-  for t in direct nginx ezgate ezgate-h2; do
-    hold_run "$t"
-    # The upstream holds one socket per stream until it notices the client left (within one
-    # event interval): wait (bounded) so the next target starts with the upstream's fds free.
-    for _ in $(seq 1 100); do
-      [ "$(fd_count "$PID_emu")" -le $((EMU_FDS_IDLE + 600)) ] && break
-      sleep 0.2
-    done
-  done
+  hold_each "$PID_emu" direct nginx ezgate ezgate-h2
 fi
-EMU_TLS_FDS_IDLE="$(fd_count "$PID_emu_tls")"
 wait_quiet "streams over TLS"
 log "$HOLD_N SSE streams open at once, TLS upstream"
 # --tls-only holds the h2c streams here too, so that one run compares TLS h2 with h2c.
 TLS_HOLDS=(nginx-tls ezgate-tls-h1 ezgate-tls-h2)
 [ $TLS_ONLY = 1 ] && TLS_HOLDS+=(ezgate-h2)
-for t in "${TLS_HOLDS[@]}"; do
-  hold_run "$t"
-  for _ in $(seq 1 100); do
-    [ "$(fd_count "$PID_emu_tls")" -le $((EMU_TLS_FDS_IDLE + 600)) ] && break
-    sleep 0.2
-  done
-done
+hold_each "$PID_emu_tls" "${TLS_HOLDS[@]}"
 for t in nginx ezgate; do
   # shellcheck disable=SC2086
   printf '{"phase":"hwm_end","target":"%s","hwm_kb":%s}\n' "$t" "$(mem_kb VmHWM ${PROCS[$t]})" >> "$RESULTS"

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from ab import free_port, pin, wait_http  # the same helpers as the CPU A/B (benches/ab.py)
+from ab import free_port, nginx_conf, pin, wait_http  # the same helpers as the CPU A/B (benches/ab.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PY = os.path.join(ROOT, "target/test-venv/bin/python")
@@ -47,20 +47,8 @@ except ImportError:
         os.execv(VENV_PY, [VENV_PY] + sys.argv)
     sys.exit("ws.py: needs Python's websockets: run .ci/test once (it makes target/test-venv)")
 
-NGINX_CONF = """worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-worker_rlimit_nofile {nofile};
-events {{ worker_connections {conns}; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/body;
-  proxy_temp_path {work}/proxy;
-  fastcgi_temp_path {work}/fastcgi;
-  uwsgi_temp_path {work}/uwsgi;
-  scgi_temp_path {work}/scgi;
-  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+# nginx as a WebSocket proxy: Upgrade and Connection passed on, no buffering.
+NGINX_CONF = nginx_conf("""  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     location / {{
@@ -72,8 +60,7 @@ http {{
       proxy_buffering off;
     }}
   }}
-}}
-"""
+""", main="worker_rlimit_nofile {nofile};\n", conns="{conns}")
 
 
 def rss_kb(pids):

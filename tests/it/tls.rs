@@ -164,6 +164,28 @@ fn tls_client(
     b.build(connector)
 }
 
+/// A JSON POST through `client` with `headers` beside its content type, answered within
+/// the deadline.
+async fn post_json<C>(
+    client: &Client<C, Full<Bytes>>,
+    url: String,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> http::Response<hyper::body::Incoming>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut req = http::Request::post(url).header("content-type", "application/json");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Full::new(body)).unwrap();
+    tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_proxy_listener_serves_h2_and_http1_over_tls() {
     let pki = make_pki();
@@ -179,17 +201,8 @@ async fn the_proxy_listener_serves_h2_and_http1_over_tls() {
         (false, http::Version::HTTP_11),
     ] {
         let client = tls_client(&pki.ca_der, h2);
-        let req = http::Request::post(format!(
-            "https://localhost:{}/v1/chat/completions",
-            gw.addr.port()
-        ))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(CHAT_BODY)))
-        .unwrap();
-        let resp = tokio::time::timeout(DEADLINE, client.request(req))
-            .await
-            .unwrap()
-            .unwrap();
+        let url = format!("https://localhost:{}/v1/chat/completions", gw.addr.port());
+        let resp = post_json(&client, url, &[], Bytes::from(CHAT_BODY)).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.version(), version);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -223,17 +236,13 @@ async fn auto_carries_64_requests_in_flight_over_http1_and_more_over_h2() {
     let client = http1();
     let mut held = Vec::new();
     for _ in 0..64 {
-        let req = http::Request::post(gw.url("/v1/chat/completions"))
-            .header("content-type", "application/json")
-            .header("x-emu-stream-interval-ms", "30000")
-            .body(Full::new(Bytes::from_static(
-                br#"{"model":"m","stream":true,"messages":[]}"#,
-            )))
-            .unwrap();
-        let resp = tokio::time::timeout(DEADLINE, client.request(req))
-            .await
-            .unwrap()
-            .unwrap();
+        let resp = post_json(
+            &client,
+            gw.url("/v1/chat/completions"),
+            &[("x-emu-stream-interval-ms", "30000")],
+            Bytes::from_static(br#"{"model":"m","stream":true,"messages":[]}"#),
+        )
+        .await;
         assert_eq!(resp.status(), 200);
         held.push(resp);
     }

@@ -30,6 +30,13 @@ pub const GPT_4O: (u64, u64, u64) = (2_500_000, 1_250_000, 10_000_000);
 /// gpt-realtime's text prices; its audio output (64.00) is its dearest output price.
 pub const REALTIME: (u64, u64, u64) = (4_000_000, 400_000, 16_000_000);
 
+/// The emulator, and ezgate in front of it with [`config`]'s clients and prices and `rest`.
+pub async fn gateway(rest: &str) -> (Emulator, Gateway) {
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), &config(None, rest)).await;
+    (emu, gw)
+}
+
 /// Clients, prices, an optional `server.state_dir`, then `rest` (`[[budgets]]`, …).
 pub fn config(state_dir: Option<&Path>, rest: &str) -> String {
     let server = state_dir.map_or_else(String::new, |d| {
@@ -232,9 +239,8 @@ pub fn assert_exceeded(r: &Resp, name: &str) -> String {
 
 #[tokio::test]
 async fn a_team_budget_adds_up_the_priced_usages_to_the_nano_unit() {
-    let emu = Emulator::start().await;
     let rest = budget("team-monthly", "team", "500", "month", "");
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (emu, gw) = gateway(&rest).await;
     let mut want = 0;
     // JSON chats with cached tokens.
     for i in 0..5u64 {

@@ -25,12 +25,11 @@ async fn emulated_prompt(emu: &Emulator, body: &str) -> u64 {
 
 #[tokio::test]
 async fn upstream_errors_and_other_policies_refusals_cost_nothing() {
-    let emu = Emulator::start().await;
     let rest = format!(
         "{}[[limits]]\nname = \"one-a-minute\"\nkey = \"client\"\nrequests = \"1/min\"\nmatch = {{ models = [\"gpt-4o-mini\"] }}\n",
         budget("team-monthly", "team", "1", "month", "")
     );
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (emu, gw) = gateway(&rest).await;
     let body = chat(Some(50), false);
     // The upstream's 500 and 429: reserved, then given back whole.
     for (rid, status) in [("e500", "500"), ("e429", "429"), ("e503", "503")] {
@@ -74,9 +73,8 @@ async fn upstream_errors_and_other_policies_refusals_cost_nothing() {
 
 #[tokio::test]
 async fn a_stream_cut_by_the_upstream_costs_what_it_streamed() {
-    let emu = Emulator::start().await;
     let rest = budget("team-monthly", "team", "1", "month", "");
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (_emu, gw) = gateway(&rest).await;
     let body = chat(Some(200), true);
     let extra = [("x-emu-stream-events", "10"), ("x-emu-cut-after", "3")];
     let r = post(&gw, SEARCH, "cut", &extra, &body).await;
@@ -97,9 +95,8 @@ async fn a_stream_cut_by_the_upstream_costs_what_it_streamed() {
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_pays_what_streamed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let emu = Emulator::start().await;
     let rest = budget("team-monthly", "team", "1", "month", "");
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (_emu, gw) = gateway(&rest).await;
     let body = chat(Some(300), true);
     // The upstream streams three pieces and then nothing; the client reads them and leaves.
     let head = format!(
@@ -193,7 +190,6 @@ async fn concurrent_requests_never_hold_more_than_the_amount() {
 
 #[tokio::test]
 async fn every_covering_budget_must_admit_and_a_refusal_gives_back_the_others_holds() {
-    let emu = Emulator::start().await;
     let rest = format!(
         "{}{}",
         budget("team-monthly", "team", "1", "month", ""),
@@ -205,7 +201,7 @@ async fn every_covering_budget_must_admit_and_a_refusal_gives_back_the_others_ho
             "match = { models = [\"gpt-4o-mini\"] }"
         )
     );
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (emu, gw) = gateway(&rest).await;
     // A model the global budget does not cover: the team budget alone admits and charges.
     let r = post(&gw, SEARCH, "4o", &[], &chat(Some(50), false)).await;
     assert_eq!(r.status, 200);
@@ -240,7 +236,6 @@ async fn every_covering_budget_must_admit_and_a_refusal_gives_back_the_others_ho
 
 #[tokio::test]
 async fn budgets_cover_their_routes_models_and_keys_and_show_only_fingerprints() {
-    let emu = Emulator::start().await;
     let rest = [
         budget(
             "embeddings",
@@ -272,7 +267,7 @@ async fn budgets_cover_their_routes_models_and_keys_and_show_only_fingerprints()
         ),
     ]
     .concat();
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (emu, gw) = gateway(&rest).await;
     // Routes: embeddings are refused, chat on another model is not covered.
     let embed = r#"{"model":"text-embedding-3-small","input":"a few words"}"#;
     let r = post_to(&gw, "/v1/embeddings", SEARCH, "embed", &[], embed).await;
@@ -364,7 +359,6 @@ async fn an_unpriced_model_under_a_budget_is_refused_naming_model_and_budget() {
 
 #[tokio::test]
 async fn a_shadow_budget_never_refuses_and_counts_what_it_would_have_refused() {
-    let emu = Emulator::start().await;
     let rest = budget(
         "shadow-team",
         "team",
@@ -372,7 +366,7 @@ async fn a_shadow_budget_never_refuses_and_counts_what_it_would_have_refused() {
         "month",
         "mode = \"shadow\"",
     );
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (emu, gw) = gateway(&rest).await;
     let mut want = 0;
     for rid in ["s1", "s2", "s3"] {
         let r = post(
@@ -479,9 +473,8 @@ async fn warn_at_shares_are_logged_once_each_and_shown() {
 
 #[tokio::test]
 async fn a_realtime_session_under_a_budget_is_settled_at_its_usage() {
-    let emu = Emulator::start().await;
     let rest = budget("team-monthly", "team", "1", "month", "");
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (_emu, gw) = gateway(&rest).await;
     let h = [
         ("authorization", "Bearer sk-search-team-key"),
         ("x-request-id", "realtime-budget"),
@@ -540,12 +533,11 @@ async fn a_realtime_session_that_does_not_fit_is_refused_at_the_handshake() {
 /// `max_tokens`, so charging only the prompt would let a budget be spent without limit.
 #[tokio::test]
 async fn a_request_sent_and_then_left_or_timed_out_is_charged_its_reservation() {
-    let emu = Emulator::start().await;
     let rest = format!(
         "[upstream]\nresponse_timeout = \"1s\"\n\n{}",
         budget("team-monthly", "team", "100", "month", "")
     );
-    let gw = Gateway::start(&emu.url(), &config(None, &rest)).await;
+    let (_emu, gw) = gateway(&rest).await;
     let body = chat(Some(4000), false);
     let reservation = max_cost(&body, 4000);
     // The upstream answers after 3 s: 504 at 1 s, charged the reservation.
