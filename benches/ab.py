@@ -40,8 +40,9 @@ configs of benches/tls/ choose HTTP/1.1 (`h1*.toml`) or the default ALPN (`auto*
 here), with and without the access log. After the CPU rounds each gateway's open connections to
 the upstream are counted: a handful with h2, one per connection of load with HTTP/1.1.
 
-Prints the median of the per-round ratios and every round. Needs wrk and taskset (and openssl
-with --tls-upstream); starts the release emulator (or the TLS upstream nginx). Traffic goes
+Prints the median of the per-round ratios and every round, and each side's CPU per request
+with its user and system shares (on loopback, much of the receiver's TCP work is done in
+the sender's system time). Needs wrk and taskset (and openssl with --tls-upstream); starts the release emulator (or the TLS upstream nginx). Traffic goes
 only to 127.0.0.1, bounded in time; every process it starts is stopped on exit (SIGTERM
 included, as `timeout` sends it) and its temp dir removed.
 """
@@ -83,11 +84,13 @@ def wait_http(url, proc):
 
 
 def ticks(pids):
-    total = 0
+    """CPU time of `pids` so far, in clock ticks: (user, system)."""
+    user = system = 0
     for pid in pids:
         fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
 
 
 def nginx_conf(http, main="", conns="4096"):
@@ -377,7 +380,7 @@ def main():
 
         for _, port, _ in gates:  # warm-up
             load(port, 1).communicate()
-        ratios, cpu = [], {"A": [], "B": []}
+        ratios, cpu, split = [], {"A": [], "B": []}, {"A": [], "B": []}
         for r in range(args.rounds):
             order = gates if r % 2 == 0 else gates[::-1]
             before = {label: ticks(pids) for label, _, pids in gates}
@@ -392,7 +395,11 @@ def main():
                 if sum(j["errors"].values()):
                     sys.exit(f"ab.py: errors against {label}: {j['errors']}")
                 pids = dict((g[0], g[2]) for g in gates)[label]
-                per[label] = (ticks(pids) - before[label]) * 1e6 / os.sysconf("SC_CLK_TCK") / j["requests"]
+                scale = 1e6 / os.sysconf("SC_CLK_TCK") / j["requests"]
+                after = ticks(pids)
+                user, system = ((after[i] - before[label][i]) * scale for i in (0, 1))
+                per[label] = user + system
+                split[label].append((user, system))
             for label in per:
                 cpu[label].append(per[label])
             ratios.append(per["B"] / per["A"])
@@ -400,7 +407,9 @@ def main():
               + " ".join(f"{x:.3f}" for x in ratios))
         for label in ("A", "B"):
             print(f"{label}: median {statistics.median(cpu[label]):.1f} µs; rounds "
-                  + " ".join(f"{x:.1f}" for x in cpu[label]))
+                  + " ".join(f"{x:.1f}" for x in cpu[label])
+                  + f" (user {statistics.median(u for u, _ in split[label]):.1f}, system "
+                  + f"{statistics.median(s for _, s in split[label]):.1f}: medians of each)")
 
         # Which protocol the upstream connections speak shows in how many there are, counted
         # while the load's connections are still warm (the idle ones are swept later).
@@ -408,7 +417,9 @@ def main():
         result = {"phase": "ab", "target": args.label, "a": args.a, "b": args.b, "config_a": args.config_a,
                   "config_b": args.config_b, "load": args.load, "tls_upstream": args.tls_upstream,
                   "rounds": args.rounds, "secs": args.secs, "ratio": statistics.median(ratios), "ratios": ratios,
-                  "cpu_us": {k: statistics.median(v) for k, v in cpu.items()}, "rate": args.rate,
+                  "cpu_us": {k: statistics.median(v) for k, v in cpu.items()},
+                  "user_us": {k: statistics.median(u for u, _ in v) for k, v in split.items()},
+                  "system_us": {k: statistics.median(s for _, s in v) for k, v in split.items()}, "rate": args.rate,
                   "upstream_conns": conns}
         if args.rate:
             lat = {"A": {"p50": [], "p99": []}, "B": {"p50": [], "p99": []}}
