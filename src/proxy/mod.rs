@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, RETRY_AFTER,
+    HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
+    RETRY_AFTER,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -72,13 +73,14 @@ async fn serve_request(
         .map(str::to_owned)
         .unwrap_or_else(headers::new_request_id);
     let access_log = state.settings.config.log.access_log;
-    let mut out = Exchange::start(
+    // Boxed: the request's future stays smaller, and the response body takes it as it is.
+    let mut out = Box::new(Exchange::start(
         Arc::clone(&gw.metrics),
         access_log,
         request_id,
         req.method(),
         route,
-    );
+    ));
     // An address that reset too many accepted streams: refused without going upstream.
     let refused = conn.as_ref().is_some_and(|c| c.refusing());
     out.stream = conn.map(StreamSlot::new);
@@ -436,13 +438,18 @@ async fn handle(
         .await);
     }
     let encoded = rparts.headers.contains_key(CONTENT_ENCODING);
-    let watch = if respond::is_event_stream(&rparts.headers) && !encoded {
+    let content_type = rparts.headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes);
+    let (sse, json) = (
+        respond::is_event_stream(content_type),
+        respond::is_json(content_type),
+    );
+    let watch = if sse && !encoded {
         if strip {
             // Events may be removed: the upstream's length no longer describes the body.
             rparts.headers.remove(CONTENT_LENGTH);
         }
         Watch::Sse { strip }
-    } else if out.route.carries_tokens() && respond::is_json(&rparts.headers) && !encoded {
+    } else if out.route.carries_tokens() && json && !encoded {
         Watch::JsonUsage
     } else {
         Watch::Nothing

@@ -60,7 +60,8 @@ pub(super) async fn inspect(
         ask_usage,
     } = reading;
     let (max, idle) = (server.max_request_body.0, server.request_body_timeout.0);
-    if content_length(headers).is_some_and(|len| len > max) {
+    let declared = content_length(headers);
+    if declared.is_some_and(|len| len > max) {
         return Err(GatewayError::PayloadTooLarge { limit: max });
     }
     let total = server.request_body_deadline.0;
@@ -116,7 +117,7 @@ pub(super) async fn inspect(
     let body = body.holding(charge);
     // The body is now whole: its length replaces chunked framing or an edited length.
     let len = body.size_hint().exact().unwrap_or(0);
-    if content_length(headers) != Some(len) {
+    if declared != Some(len) {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     }
     Ok(Inspected {

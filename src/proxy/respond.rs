@@ -85,20 +85,22 @@ async fn read_capped(mut body: UpstreamBody, cap: usize) -> (Vec<u8>, bool) {
     (buf, false)
 }
 
-pub(super) fn is_json(h: &HeaderMap) -> bool {
-    // A byte window, not `str::contains`, whose searcher costs more to build than this.
-    h.get(CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .windows(4)
-            .any(|w| w.eq_ignore_ascii_case(b"json"))
+/// A `Content-Type` (its bytes, when there is one) that says JSON.
+pub(super) fn is_json(content_type: Option<&[u8]>) -> bool {
+    // The usual type first; then a byte window, not `str::contains`, whose searcher costs
+    // more to build than this.
+    content_type.is_some_and(|t| {
+        t.get(..16)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"application/json"))
+            || t.windows(4).any(|w| w.eq_ignore_ascii_case(b"json"))
     })
 }
 
-pub(super) fn is_event_stream(h: &HeaderMap) -> bool {
+/// A `Content-Type` (its bytes, when there is one) that says `text/event-stream`.
+pub(super) fn is_event_stream(content_type: Option<&[u8]>) -> bool {
     // Media types are case-insensitive.
-    h.get(CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .get(..17)
+    content_type.is_some_and(|t| {
+        t.get(..17)
             .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
     })
 }

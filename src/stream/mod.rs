@@ -123,12 +123,12 @@ impl ResponseBody {
     }
 
     /// Hands the request's outcome to the body; it is recorded when the body finishes.
-    pub fn attach(&mut self, mut outcome: Exchange) {
+    pub fn attach(&mut self, mut outcome: Box<Exchange>) {
         // hyper never polls a body that is empty from the start: it is complete as it is.
         if self.is_end_stream() {
             outcome.finished = true;
         }
-        self.outcome = Some(Box::new(outcome));
+        self.outcome = Some(outcome);
     }
 
     /// Moves what the body learnt (usage, model, how much content streamed) into the

@@ -190,7 +190,7 @@ pub fn upstream_side<B>(
 impl Start {
     /// Runs the session on a task of its own, holding `out` (its permit) and its place
     /// until it ends; the drain waits for it (it counts the places).
-    pub fn run(self, mut out: Exchange) {
+    pub fn run(self, mut out: Box<Exchange>) {
         tokio::spawn(async move {
             let place = self.place;
             let idle = self.timing.idle;
