@@ -37,7 +37,8 @@ pub struct Account {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     pub key: Arc<str>,
-    pub window: String,
+    /// The period's id, shared with the ledger's window (no allocation per request).
+    pub window: Arc<str>,
     pub amount: Amount,
 }
 
@@ -147,7 +148,7 @@ impl Ledger {
             Err(full) => (
                 Reservation {
                     key: Arc::clone(key),
-                    window: String::new(),
+                    window: Arc::from(""),
                     amount: 0,
                 },
                 Some(full),
@@ -201,7 +202,7 @@ impl Ledger {
         a.reserved = a.reserved.saturating_add(max_cost);
         Ok(Reservation {
             key: Arc::clone(key),
-            window: self.window.id.clone(),
+            window: Arc::clone(&self.window.id),
             amount: max_cost,
         })
     }
@@ -290,7 +291,7 @@ impl Ledger {
             .collect();
         accounts.sort();
         Saved {
-            window: self.window.id.clone(),
+            window: self.window.id.to_string(),
             key: None,
             accounts,
         }
@@ -300,7 +301,7 @@ impl Ledger {
     /// period's spend is over and done with).
     pub fn restore(&mut self, saved: &Saved, now: Timestamp) {
         self.roll(now);
-        if saved.window != self.window.id {
+        if *saved.window != *self.window.id {
             return;
         }
         for (key, spent) in &saved.accounts {
@@ -418,7 +419,7 @@ mod tests {
         let dec = ts("2026-12-31T23:59:00Z");
         let r = l.reserve(&k("k"), 10 * DOLLAR, dec).unwrap();
         let jan = ts("2027-01-01T00:00:01Z");
-        assert_eq!(l.window(jan).id, "2027-01");
+        assert_eq!(&*l.window(jan).id, "2027-01");
         assert!(l.settle(r, 10 * DOLLAR, jan).is_empty());
         assert_eq!(l.account("k", jan), Account::default());
         assert!(l.reserve(&k("k"), 10 * DOLLAR, jan).is_ok());

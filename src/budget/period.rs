@@ -3,6 +3,8 @@
 //! `2026-W49`, `2026-12`). Daylight-saving days are as long as the zone makes them; a week
 //! starts on Monday (ISO 8601). Time is passed in, so rollovers are tested without waiting.
 
+use std::sync::Arc;
+
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan, Zoned};
 
@@ -11,7 +13,7 @@ pub use crate::config::{zone, Period};
 /// One period: from `start` (included) to `end` (excluded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
-    pub id: String,
+    pub id: Arc<str>,
     pub start: Timestamp,
     pub end: Timestamp,
 }
@@ -41,7 +43,7 @@ pub fn window(period: Period, tz: &TimeZone, now: Timestamp) -> Result<Window, S
         Period::Month => start.strftime("%Y-%m").to_string(),
     };
     Ok(Window {
-        id,
+        id: Arc::from(id),
         start: start.timestamp(),
         end: end.timestamp(),
     })
@@ -60,20 +62,20 @@ mod tests {
         let utc = zone("UTC").unwrap();
         let now = ts("2026-12-07T06:13:00Z");
         let d = window(Period::Day, &utc, now).unwrap();
-        assert_eq!(d.id, "2026-12-07");
+        assert_eq!(&*d.id, "2026-12-07");
         assert_eq!(
             (d.start, d.end),
             (ts("2026-12-07T00:00:00Z"), ts("2026-12-08T00:00:00Z"))
         );
         // 2026-12-07 is a Monday.
         let w = window(Period::Week, &utc, ts("2026-12-13T23:59:59Z")).unwrap();
-        assert_eq!(w.id, "2026-W50");
+        assert_eq!(&*w.id, "2026-W50");
         assert_eq!(
             (w.start, w.end),
             (ts("2026-12-07T00:00:00Z"), ts("2026-12-14T00:00:00Z"))
         );
         let m = window(Period::Month, &utc, now).unwrap();
-        assert_eq!(m.id, "2026-12");
+        assert_eq!(&*m.id, "2026-12");
         assert_eq!(
             (m.start, m.end),
             (ts("2026-12-01T00:00:00Z"), ts("2027-01-01T00:00:00Z"))
@@ -83,9 +85,9 @@ mod tests {
             window(Period::Month, &utc, ts("2026-12-31T23:59:59.999Z"))
                 .unwrap()
                 .id,
-            "2026-12"
+            Arc::from("2026-12")
         );
-        assert_eq!(window(Period::Month, &utc, m.end).unwrap().id, "2027-01");
+        assert_eq!(&*window(Period::Month, &utc, m.end).unwrap().id, "2027-01");
     }
 
     #[test]
@@ -93,7 +95,7 @@ mod tests {
         let paris = zone("Europe/Paris").unwrap();
         // Midnight in Paris is 23:00 UTC in winter.
         let d = window(Period::Day, &paris, ts("2026-12-06T23:30:00Z")).unwrap();
-        assert_eq!(d.id, "2026-12-07");
+        assert_eq!(&*d.id, "2026-12-07");
         assert_eq!(d.start, ts("2026-12-06T23:00:00Z"));
         // 2026-03-29: clocks go forward, a 23-hour day.
         let dst = window(Period::Day, &paris, ts("2026-03-29T12:00:00Z")).unwrap();
@@ -117,7 +119,7 @@ mod tests {
         let utc = zone("UTC").unwrap();
         // 2027-01-01 is a Friday of ISO week 2026-W53.
         let w = window(Period::Week, &utc, ts("2027-01-01T12:00:00Z")).unwrap();
-        assert_eq!(w.id, "2026-W53");
+        assert_eq!(&*w.id, "2026-W53");
         assert_eq!(w.start, ts("2026-12-28T00:00:00Z"));
     }
 }

@@ -169,7 +169,7 @@ enum Verdict {
 #[derive(Debug, Clone, Default)]
 struct Record {
     account: Arc<str>,
-    window: String,
+    window: Arc<str>,
     /// When the window ends (the hash expires a [`GRACE`] later).
     end: jiff::Timestamp,
     /// This gateway's own truth: what it charged (`s:`), what Redis holds for it (`q:`).
@@ -222,7 +222,7 @@ impl Record {
 struct Book {
     records: HashMap<String, Record>,
     /// The latest window an admission was made in.
-    current: String,
+    current: Arc<str>,
     amount: Amount,
     warn_at: Vec<f64>,
 }
@@ -267,7 +267,7 @@ impl Fleet {
             next: std::sync::atomic::AtomicU64::new(0),
             book: Mutex::new(Book {
                 records: HashMap::new(),
-                current: String::new(),
+                current: Arc::from(""),
                 amount,
                 warn_at: sorted(warn_at),
             }),
@@ -324,12 +324,12 @@ impl Fleet {
             let book = &mut *book;
             let r = book.records.entry(key.clone()).or_insert_with(|| Record {
                 account: Arc::clone(account),
-                window: window.id.clone(),
+                window: Arc::clone(&window.id),
                 end: window.end,
                 ..Record::default()
             });
             if book.current != window.id {
-                book.current.clone_from(&window.id);
+                book.current = Arc::clone(&window.id);
             }
             r.pending = r.pending.saturating_add(max_cost);
             amount
@@ -499,7 +499,7 @@ impl Fleet {
         let book = self.book();
         book.records
             .values()
-            .filter(|r| r.window == window)
+            .filter(|r| *r.window == *window)
             .map(|r| {
                 let (spent, live) = r.seen.unwrap_or_default();
                 let a = Account {
