@@ -263,8 +263,9 @@ impl Fields<'_> {
         push_quoted(self.buf, value);
     }
 
-    /// One of ezgate's own labels (a method, route, source, error code): nothing in it to
-    /// escape, so it is copied without looking.
+    /// One of ezgate's own labels (a method, route, source, session end): nothing in it to
+    /// escape, so it is copied without looking. (An error code can be the upstream's: it
+    /// goes through [`Fields::str`].)
     #[inline(always)]
     fn label(&mut self, key: &str, value: &str) {
         debug_assert!(!needs_escape(value.as_bytes()), "{value:?}");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
 /// The rustls error `err` is, or wraps inside (possibly nested) `io::Error`s, as hyper-rustls
 /// and tokio-rustls report a failed handshake. `io::Error::source()` skips the error it
 /// wraps, so a walk of sources alone never sees it.

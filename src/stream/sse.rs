@@ -157,14 +157,14 @@ impl SseReader {
         let Some(payload) = data_payload(event) else {
             return;
         };
-        if usage::reports_usage(payload) {
-            if let Some((usage, model)) = usage::json_usage(payload) {
-                self.usage = Some(usage);
-                if model.is_some() {
-                    self.model = model;
-                }
-                return;
+        // One search for the last `usage` key: an absent or `null` usage (most chunks) is
+        // `None`, as is one that is not whole numbers.
+        if let Some((usage, model)) = usage::json_usage(payload) {
+            self.usage = Some(usage);
+            if model.is_some() {
+                self.model = model;
             }
+            return;
         }
         if usage::content_text(payload, &mut self.content) {
             if self.content_events == 0 {

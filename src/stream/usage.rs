@@ -42,11 +42,6 @@ pub fn mentions_usage(doc: &[u8]) -> bool {
     finders().usage.find(doc).is_some()
 }
 
-/// True when `doc`'s `usage` member holds an object (not `null`): a usage report.
-pub fn reports_usage(doc: &[u8]) -> bool {
-    last_usage(doc).is_some_and(|(_, v)| v.trim_ascii_start().starts_with(b"{"))
-}
-
 /// Where the last `"usage"` key of `doc` stands (OpenAI writes it last).
 pub fn find_usage(doc: &[u8]) -> Option<usize> {
     last_usage(doc).map(|(at, _)| at)
