@@ -42,9 +42,10 @@ the upstream are counted: a handful with h2, one per connection of load with HTT
 
 Prints the median of the per-round ratios and every round, and each side's CPU per request
 with its user and system shares (on loopback, much of the receiver's TCP work is done in
-the sender's system time). Needs wrk and taskset (and openssl with --tls-upstream); starts the release emulator (or the TLS upstream nginx). Traffic goes
-only to 127.0.0.1, bounded in time; every process it starts is stopped on exit (SIGTERM
-included, as `timeout` sends it) and its temp dir removed.
+the sender's system time). Needs wrk and taskset (and openssl with --tls-upstream); starts
+the release emulator (or the TLS upstream nginx). Traffic goes only to 127.0.0.1, bounded
+in time; every process it starts is stopped on exit (SIGTERM included, as `timeout` sends
+it) and its temp dir removed.
 """
 import argparse
 import json

@@ -14,9 +14,8 @@
 # `wrk -t1 -c16` with the ~1 KB chat body, and prints instructions per request. The profile
 # stays in OUT (default a temp dir) for `callgrind_annotate`.
 # Env: EZGATE_BIN, EMULATOR_BIN, SECS, OUT; TLS=1 puts TLS 1.3 between ezgate and the emulator
-# (a throwaway CA made by openssl in OUT; each config gets `upstream.ca_file` appended, so give
-# configs without an [upstream] table of their own). Installs valgrind and wrk from Debian if
-# missing.
+# (benches/ab.py makes the throwaway CA in OUT/tls and gives each config `upstream.ca_file`,
+# in a copy). Installs valgrind and wrk from Debian if missing.
 # Traffic goes only to 127.0.0.1, bounded in time; every process started is stopped on exit.
 set -euo pipefail
 
@@ -50,16 +49,14 @@ python3 "$ROOT/benches/bench_client.py" body "$BENCH_BODY_FILE"
 
 EMU_PORT="$(free_port)"
 SCHEME=http; EMU_TLS=()
+# benches/ab.py's helpers, as proxy.sh uses them: the throwaway CA, and a config with its ca_file.
+ab() { python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import ab; getattr(ab, sys.argv[2])(*sys.argv[3:])' \
+  "$ROOT/benches" "$@"; }
 if [ "${TLS:-0}" = 1 ]; then
   SCHEME=https
-  ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
-  openssl req -x509 "${ec[@]}" -keyout "$OUT/ca.key" -out "$OUT/ca.pem" -days 2 -subj "/CN=ezgate bench CA" \
-    -addext "basicConstraints = critical, CA:TRUE" -addext "keyUsage = critical, keyCertSign" 2>/dev/null
-  openssl req "${ec[@]}" -keyout "$OUT/server.key" -out "$OUT/server.csr" -subj /CN=localhost 2>/dev/null
-  printf 'subjectAltName = DNS:localhost, IP:127.0.0.1\nextendedKeyUsage = serverAuth\n' > "$OUT/server.ext"
-  openssl x509 -req -in "$OUT/server.csr" -CA "$OUT/ca.pem" -CAkey "$OUT/ca.key" -CAcreateserial -days 2 \
-    -out "$OUT/server.pem" -extfile "$OUT/server.ext" 2>/dev/null
-  EMU_TLS=(--tls-cert "$OUT/server.pem" --tls-key "$OUT/server.key")
+  rm -rf "$OUT/tls"
+  ab make_certs "$OUT"
+  EMU_TLS=(--tls-cert "$OUT/tls/server.pem" --tls-key "$OUT/tls/server.key")
 fi
 # shellcheck disable=SC2046
 $(pin 1) "$EMULATOR" --listen "127.0.0.1:$EMU_PORT" "${EMU_TLS[@]}" > "$OUT/emu.out" 2>&1 &
@@ -74,7 +71,7 @@ fi
 for cfg in "${configs[@]}"; do
   port="$(free_port)"; admin="$(free_port)"; label="$(basename "$cfg" .toml)"
   if [ "$SCHEME" = https ]; then
-    { cat "$cfg"; printf '\n[upstream]\nca_file = "%s"\n' "$OUT/ca.pem"; } > "$OUT/$label.tls.toml"
+    ab with_ca_file "$cfg" "$OUT/tls/ca.pem" "$OUT/$label.tls.toml"
     cfg="$OUT/$label.tls.toml"
   fi
   # shellcheck disable=SC2046
