@@ -1154,12 +1154,35 @@ async fn a_cut_short_or_malformed_body_gets_400_never_499_on_the_wire() {
 }
 
 /// The lowest descriptor number a process has free (the next one it opens), once it has
-/// no file open but devices, sockets and pipes: the files read at startup (trust roots)
-/// are closed, and no hole opens below the number after it is read.
+/// no file open but devices, sockets and pipes and its descriptors stayed the same for
+/// 300 ms: the files read at startup (trust roots) are closed, and so is the connection of
+/// the readiness probe, so no hole opens below the number after it is read.
 async fn next_fd(pid: u32) -> usize {
     let start = std::time::Instant::now();
+    let (mut last, mut same) = (None, 0);
     loop {
-        let mut open = std::collections::HashSet::new();
+        let open = quiet_fds(pid, start).await;
+        if last.as_ref() == Some(&open) {
+            same += 1;
+        } else {
+            same = 0;
+        }
+        if same == 3 {
+            return (0..).find(|n| !open.contains(n)).unwrap();
+        }
+        last = Some(open);
+        assert!(
+            start.elapsed() < DEADLINE,
+            "ezgate's descriptors kept changing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The descriptors a process has open, once none of them is a file but a device.
+async fn quiet_fds(pid: u32, start: std::time::Instant) -> std::collections::BTreeSet<usize> {
+    loop {
+        let mut open = std::collections::BTreeSet::new();
         let mut reading_files = false;
         for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
             let Ok(entry) = entry else { continue };
@@ -1171,12 +1194,14 @@ async fn next_fd(pid: u32) -> usize {
                 continue;
             };
             open.insert(n);
-            if let Ok(target) = std::fs::read_link(entry.path()) {
-                reading_files |= target.is_absolute() && !target.starts_with("/dev");
-            }
+            // A descriptor gone between the listing and its link was a file opened for a
+            // moment: listed, it would hide the hole it leaves.
+            reading_files |= std::fs::read_link(entry.path()).map_or(true, |target| {
+                target.is_absolute() && !target.starts_with("/dev")
+            });
         }
         if !reading_files {
-            return (0..).find(|n| !open.contains(n)).unwrap();
+            return open;
         }
         assert!(
             start.elapsed() < DEADLINE,
