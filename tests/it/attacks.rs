@@ -1155,8 +1155,8 @@ async fn a_cut_short_or_malformed_body_gets_400_never_499_on_the_wire() {
 
 /// The lowest descriptor number a process has free (the next one it opens), once it has
 /// no file open but devices, sockets and pipes and its descriptors stayed the same for
-/// 300 ms: the files read at startup (trust roots) are closed, and so is the connection of
-/// the readiness probe, so no hole opens below the number after it is read.
+/// 300 ms: the files read at startup (trust roots) are closed, and so is anything opened
+/// for a moment, so no hole opens below the number after it is read.
 async fn next_fd(pid: u32) -> usize {
     let start = std::time::Instant::now();
     let (mut last, mut same) = (None, 0);
