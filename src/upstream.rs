@@ -15,8 +15,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::config::{Http2, Settings, UpstreamConfig};
 use crate::errors::{BoxError, FailureKind, GatewayError, TimeoutPhase};
 use crate::pool::{
-    BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, ConnectError, Pool, PoolConfig,
-    RequestBody, UpstreamBody,
+    BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, ConnectError, Malformed, Pool,
+    PoolConfig, RequestBody, UpstreamBody,
 };
 
 /// A connector whose TLS offers only `http/1.1` by ALPN (hyper-rustls' own HTTP/1.1-only
@@ -264,6 +264,12 @@ pub fn classify(err: &(dyn StdError + 'static), connect_timeout: Duration) -> Fa
                     kind: Some(FailureKind::Timeout),
                 };
             }
+        }
+        if let Some(m) = e.downcast_ref::<Malformed>() {
+            return Failure {
+                error: GatewayError::UpstreamBadResponse(format!("malformed HTTP ({m})")),
+                kind: Some(FailureKind::Protocol),
+            };
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_parse() || h.is_parse_status() {

@@ -7,25 +7,32 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 
+use super::decode::OwnBody;
 use super::http2::Stream;
-use super::RequestBody;
-use super::{InFlight, Shared};
+use super::{BoxError, InFlight, Shared};
 
 /// What a response body holds of its connection until its end.
 pub(super) enum Back {
     /// Nothing more (the body ended, or failed).
     Done,
-    /// An HTTP/1.1 connection on loan, which goes back to the pool.
-    H1(http1::SendRequest<RequestBody>, Arc<Shared>),
+    /// The pool an HTTP/1.1 connection goes back to.
+    H1(Arc<Shared>),
     /// A stream's place on a shared HTTP/2 connection, freed when dropped.
     H2 { _stream: Stream },
 }
 
+/// Where the body's bytes come from.
+enum Source {
+    /// hyper's client: HTTP/2 streams, WebSocket handshakes.
+    Hyper(Incoming),
+    /// ezgate's HTTP/1.1 client, reading the connection it holds.
+    Own(OwnBody),
+}
+
 /// An upstream response body; its end returns the connection to the pool.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: Source,
     back: Back,
     /// Counts the request in flight until the body drops (under `http2_above`).
     _flight: Option<InFlight>,
@@ -33,38 +40,54 @@ pub struct UpstreamBody {
 
 impl UpstreamBody {
     pub(super) fn new(inner: Incoming, back: Back, flight: Option<InFlight>) -> UpstreamBody {
+        UpstreamBody {
+            inner: Source::Hyper(inner),
+            back,
+            _flight: flight,
+        }
+    }
+
+    pub(super) fn own(inner: OwnBody, back: Back, flight: Option<InFlight>) -> UpstreamBody {
         let mut body = UpstreamBody {
-            inner,
+            inner: Source::Own(inner),
             back,
             _flight: flight,
         };
-        if body.inner.is_end_stream() {
+        if body.is_end_stream() {
             body.release();
         }
         body
     }
 
     fn release(&mut self) {
-        if let Back::H1(tx, shared) = std::mem::replace(&mut self.back, Back::Done) {
-            shared.put_back(tx);
+        if let (Back::H1(shared), Source::Own(body)) = (
+            std::mem::replace(&mut self.back, Back::Done),
+            &mut self.inner,
+        ) {
+            if let Some(conn) = body.take_conn() {
+                shared.put_back(conn);
+            }
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = match &mut this.inner {
+            Source::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Source::Own(b) => b.poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            // An error: the connection is not reusable; dropping the sender closes it.
+            Poll::Ready(Some(Ok(_))) if this.is_end_stream() => this.release(),
+            // An error: the connection is not reusable (it closes with the body).
             Poll::Ready(Some(Err(_))) => this.back = Back::Done,
             _ => {}
         }
@@ -72,11 +95,17 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Hyper(b) => b.is_end_stream(),
+            Source::Own(b) => b.is_end(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Hyper(b) => b.size_hint(),
+            Source::Own(b) => b.size_hint(),
+        }
     }
 }
 

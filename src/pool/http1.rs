@@ -3,33 +3,29 @@
 
 use std::sync::atomic::Ordering;
 
-use hyper::client::conn::http1;
-
-use super::RequestBody;
-use super::{BoxError, Conn, Pool, Shared, UpstreamIo};
+use super::wire::H1Conn;
+use super::{Pool, Shared};
 
 pub(super) struct Idle {
-    pub(super) tx: http1::SendRequest<RequestBody>,
+    pub(super) conn: H1Conn,
     pub(super) since: u64,
 }
 
 impl Shared {
-    pub(super) fn put_back(&self, tx: http1::SendRequest<RequestBody>) {
-        if tx.is_closed() {
-            return;
-        }
+    pub(super) fn put_back(&self, conn: H1Conn) {
         let since = self.tick.load(Ordering::Relaxed);
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
-            idle.push(Idle { tx, since });
+            idle.push(Idle { conn, since });
         }
     }
 
-    pub(super) fn take(&self) -> Option<http1::SendRequest<RequestBody>> {
+    /// The most recently used idle connection that is still open (the others are closed).
+    pub(super) fn take(&self) -> Option<H1Conn> {
         let mut idle = self.idle();
-        while let Some(c) = idle.pop() {
-            if !c.tx.is_closed() {
-                return Some(c.tx);
+        while let Some(mut c) = idle.pop() {
+            if c.conn.is_open() {
+                return Some(c.conn);
             }
         }
         None
@@ -37,17 +33,6 @@ impl Shared {
 }
 
 impl Pool {
-    /// The HTTP/1.1 handshake on a new connection, whose I/O then runs on a task of its own.
-    pub(super) async fn handshake_h1(&self, io: UpstreamIo) -> Result<Conn, BoxError> {
-        let (tx, conn) = self.h1.handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(Conn::H1(tx))
-    }
-
     /// Idle HTTP/1.1 connections (for tests).
     pub fn idle_count(&self) -> usize {
         self.shared.idle().len()

@@ -10,14 +10,15 @@
 //! at startup opens a few connections, not one per request. Until the first connection says
 //! which protocol the upstream speaks, HTTP/2 is expected wherever ALPN offers it; if the
 //! upstream picks HTTP/1.1, the requests that waited open their own connections.
-//! An HTTP/1.1 connection goes back on the stack when its response body has been read to
-//! the end — by [`UpstreamBody`], on the request's own task, with no extra task per request.
-//! A body dropped before its end (client gone, error body cut short) takes the connection
-//! with it, and hyper closes it: a half-read connection is never reused.
-//!
-//! Each connection's I/O runs on a task of its own. (Driving an HTTP/1.1 connection from the
-//! request's task instead, which saves that task and its wake-ups, measured 5–10 % more CPU
-//! per request: the client connection's task then polls both sides on every wake-up.)
+//! HTTP/1.1 is ezgate's own client (`wire.rs`): the request's future writes the request and
+//! reads the response head, and the response body, polled by the client connection's task,
+//! reads the rest from the socket: no task per connection and no hand-over between tasks
+//! (hyper's client took three per request; this cut 11 % of the instructions of a request
+//! with a TLS upstream, docs/performance.md "The fourth round"). An HTTP/1.1 connection goes
+//! back on the stack when its response body has been read to the end. A body dropped before
+//! its end (client gone, error body cut short) takes the connection with it and closes it: a
+//! half-read connection is never reused. HTTP/2 connections, and WebSocket handshakes, are
+//! hyper's, each connection's I/O on a task of its own.
 //!
 //! HTTP/2 costs more CPU per request than HTTP/1.1 (HPACK, stream state and, in hyper's
 //! client, a task per request between the connection and the request), and less memory
@@ -27,22 +28,27 @@
 //! with ALPN offering `http/1.1` alone); beyond it, streams on HTTP/2 connections (ALPN
 //! offering h2 too). Connections opened by a burst and no longer needed are swept as idle.
 //!
-//! A request that finds its pooled connection closed before anything was written (the
-//! upstream closed an idle keep-alive connection) is retried once on a new connection;
-//! once written, it is never retried.
+//! An idle HTTP/1.1 connection is checked when taken: one the upstream closed (or that has
+//! bytes nobody asked for) is dropped and the next is taken. An HTTP/2 request that finds
+//! its connection going away before anything was written is retried once on a new
+//! connection. Once written, a request is never retried.
 //!
 //! A sweeper task drops connections idle longer than `upstream.pool_idle_timeout`, and ends
 //! with the pool, and HTTP/2 connections left without streams for as long.
 //!
-//! Where things are: the pool, [`Pool::send`] and the connector here; the HTTP/1.1 idle stack
-//! in `http1.rs`; HTTP/2 sharing, and the requests waiting for a connection being opened, in
+//! Where things are: the pool, [`Pool::send`] and the connector here; the HTTP/1.1 client in
+//! `wire.rs` (request and response head) and `decode.rs` (response body), its idle stack in
+//! `http1.rs`; HTTP/2 sharing, and the requests waiting for a connection being opened, in
 //! `http2.rs`; the sweeper in `sweep.rs`; the response body that gives a connection back in
 //! `body.rs`.
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use http::header::{HeaderValue, HOST};
@@ -55,21 +61,27 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
 mod body;
+mod decode;
+mod head;
 mod http1;
 mod http2;
 mod request;
+mod send;
 mod sweep;
 #[cfg(test)]
 mod tests;
 mod upgrade;
+mod wire;
 
 pub use body::UpstreamBody;
 pub use request::{BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, RequestBody};
+pub use wire::Malformed;
 
 use body::Back;
 use http1::Idle;
 use http2::{Opening, OpeningGuard, Stream, H2};
 use sweep::sweep_forever;
+use wire::{Exchange, H1Conn};
 
 use crate::errors::BoxError;
 
@@ -188,9 +200,43 @@ impl Shared {
     }
 }
 
+/// The response head of a request [`Pool::send`] sends.
+pub struct Sending<'a>(Sent<'a>);
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the common case is inline on purpose: boxing it costs every request an allocation"
+)]
+enum Sent<'a> {
+    /// On an idle HTTP/1.1 connection: the pool and the in-flight count its body takes.
+    H1 {
+        exchange: Exchange,
+        back: Option<(Arc<Shared>, Option<InFlight>)>,
+    },
+    Other(Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + 'a>>),
+}
+
+impl Future for Sending<'_> {
+    type Output = Result<Response<UpstreamBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            Sent::H1 { exchange, back } => {
+                let resp = ready!(Pin::new(exchange).poll(cx))?;
+                let Some((shared, flight)) = back.take() else {
+                    return Poll::Ready(Err("the exchange was polled after it ended".into()));
+                };
+                let back = Back::H1(shared);
+                Poll::Ready(Ok(resp.map(|b| UpstreamBody::own(b, back, flight))))
+            }
+            Sent::Other(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A connection to send one request on.
 enum Conn {
-    H1(conn::http1::SendRequest<RequestBody>),
+    H1(H1Conn),
     H2(conn::http2::SendRequest<RequestBody>, Stream),
 }
 
@@ -268,11 +314,11 @@ impl Pool {
 
     /// Sends a request for `path` on a pooled connection (or a new one); resolves with the
     /// response headers. The request's URI is set here, and `Host` for HTTP/1.1.
-    pub async fn send(
-        &self,
-        mut req: Request<RequestBody>,
-        path: PathAndQuery,
-    ) -> Result<Response<UpstreamBody>, BoxError> {
+    ///
+    /// A request that finds an idle HTTP/1.1 connection is sent by [`Exchange`] alone; any
+    /// other (a new connection, an HTTP/2 stream) by a boxed future. That future is 1.6 KiB,
+    /// and every request would otherwise carry and move it.
+    pub fn send(&self, req: Request<RequestBody>, path: PathAndQuery) -> Sending<'_> {
         // Under `http2_above`: whether this request goes over HTTP/1.1 (few in flight).
         let (flight, h1_first) = if self.http2_above == 0 {
             (None, false)
@@ -283,8 +329,28 @@ impl Pool {
                 before < self.http2_above && !self.shared.h1_refused.load(Ordering::Relaxed),
             )
         };
+        match self.checkout(h1_first) {
+            // A pooled connection was found open when taken (`Shared::take`).
+            Some(Conn::H1(c)) => Sending(Sent::H1 {
+                exchange: Exchange::new(c, req, &path, &self.host),
+                back: Some((Arc::clone(&self.shared), flight)),
+            }),
+            conn => Sending(Sent::Other(Box::pin(
+                self.send_other(req, path, flight, h1_first, conn),
+            ))),
+        }
+    }
+
+    /// [`Pool::send`] on `conn`, an HTTP/2 stream, or on a new connection.
+    async fn send_other(
+        &self,
+        mut req: Request<RequestBody>,
+        path: PathAndQuery,
+        flight: Option<InFlight>,
+        h1_first: bool,
+        mut conn: Option<Conn>,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
         let mut reused = true;
-        let mut conn = self.checkout(h1_first);
         loop {
             let c = match conn.take() {
                 Some(c) => c,
@@ -322,31 +388,10 @@ impl Pool {
                         },
                     }
                 }
-                Conn::H1(mut tx) => {
-                    if tx.ready().await.is_err() {
-                        if reused {
-                            // Closed while idle: the next pooled one, or a new one.
-                            conn = self.checkout(h1_first);
-                            continue;
-                        }
-                        return Err("the new upstream connection closed at once".into());
-                    }
-                    *req.uri_mut() = Uri::from(path.clone());
-                    req.headers_mut().insert(HOST, self.host.clone());
-                    match tx.try_send_request(req).await {
-                        Ok(resp) => {
-                            let back = Back::H1(tx, Arc::clone(&self.shared));
-                            return Ok(resp.map(|b| UpstreamBody::new(b, back, flight)));
-                        }
-                        Err(mut e) => match e.take_message() {
-                            // Never written: safe to send again, once, on a new connection.
-                            Some(again) if reused => {
-                                req = again;
-                                reused = false;
-                            }
-                            _ => return Err(e.into_error().into()),
-                        },
-                    }
+                Conn::H1(c) => {
+                    let resp = Exchange::new(c, req, &path, &self.host).await?;
+                    let back = Back::H1(Arc::clone(&self.shared));
+                    return Ok(resp.map(|b| UpstreamBody::own(b, back, flight)));
                 }
             }
         }
@@ -406,7 +451,7 @@ impl Pool {
         if h2 {
             self.handshake_h2(io).await
         } else {
-            self.handshake_h1(io).await
+            Ok(Conn::H1(H1Conn::new(io)))
         }
     }
 }

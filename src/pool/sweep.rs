@@ -11,7 +11,7 @@ impl Shared {
     fn sweep(&self) {
         let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
         self.idle()
-            .retain(|c| !c.tx.is_closed() && now.saturating_sub(c.since) <= self.idle_ticks);
+            .retain_mut(|c| now.saturating_sub(c.since) <= self.idle_ticks && c.conn.is_open());
         self.h2().retain(|c| {
             let idle = c.load.streams.load(Ordering::Relaxed) == 0
                 && now.saturating_sub(c.load.since.load(Ordering::Relaxed)) > self.idle_ticks;

@@ -264,3 +264,14 @@ async fn a_refused_connection_is_a_connect_error() {
     };
     assert!(err.is::<ConnectError>(), "{err}");
 }
+
+#[tokio::test]
+async fn the_send_future_of_a_pooled_http1_request_is_small() {
+    // Every request carries this future, and moves it into the response timeout's box: the
+    // path through a new connection or an HTTP/2 stream (1.6 KiB) is boxed apart.
+    let pool = pool("http://127.0.0.1:1", Duration::from_secs(1));
+    let req = Request::new(RequestBody::full(Bytes::new()));
+    let sending = pool.send(req, PathAndQuery::from_static("/"));
+    let size = std::mem::size_of_val(&sending);
+    assert!(size <= 512, "Pool::send's future is {size} bytes");
+}

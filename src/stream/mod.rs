@@ -375,7 +375,7 @@ impl Body for ResponseBody {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let failure = classify(&e, Duration::ZERO);
+                    let failure = classify(&*e, Duration::ZERO);
                     let detail = match failure.error {
                         GatewayError::UpstreamBadResponse(d)
                         | GatewayError::UpstreamUnreachable(d) => d,
