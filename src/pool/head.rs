@@ -14,6 +14,8 @@ use super::BoxError;
 
 /// The most headers a response head may have (hyper's default).
 pub(super) const MAX_HEADERS: usize = 100;
+/// Headers ezgate may add to a response before it goes back to the client.
+const ADDED_HEADERS: usize = 8;
 /// Response headers whose positions are kept on the stack; more go to the heap.
 const FEW_HEADERS: usize = 32;
 
@@ -83,7 +85,9 @@ pub(super) fn parse_head(
     }
     let status =
         StatusCode::from_u16(code).map_err(|_| malformed(format!("invalid status code {code}")))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what ezgate adds on the way back (`x-request-id`, the limits' headers), so
+    // the map does not grow (and rehash) per response.
+    let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
     let mut framed = Framed::default();
     for at in first[..count.min(FEW_HEADERS)].iter().chain(&more) {
         let name = HeaderName::from_bytes(&head[at[0]..at[1]])

@@ -129,8 +129,10 @@ impl RequestBody {
     /// A body made of `parts`, sent one after the other (a small one copied into one frame).
     pub fn pieces(parts: [Bytes; 3]) -> Self {
         let left: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        // A small body goes as one frame: one write upstream instead of three.
-        let parts = if left <= MAX_FRAME as u64 {
+        // A small body goes as one frame: one write upstream instead of three (copied only
+        // when it is in pieces).
+        let pieces = parts.iter().filter(|p| !p.is_empty()).count();
+        let parts = if left <= MAX_FRAME as u64 && pieces > 1 {
             [Bytes::from(parts.concat()), Bytes::new(), Bytes::new()]
         } else {
             parts
