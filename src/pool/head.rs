@@ -98,6 +98,12 @@ pub(super) fn parse_head(
         headers.append(name, value);
     }
     let (framing, keep) = framed.framing(status, version, head_request)?;
+    if framed.te && framed.content_length && framing != Framing::Length(0) {
+        // RFC 9112 §6.3: the coding overrides the length, and an intermediary removes the
+        // length before it forwards the message (else the client would read it, and cut
+        // the body, or read the next response into it).
+        headers.remove(CONTENT_LENGTH);
+    }
     let head = Head {
         status,
         version,

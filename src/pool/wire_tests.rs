@@ -305,7 +305,16 @@ async fn a_body_to_the_close_or_a_close_asked_for_leaves_its_connection_unpooled
     )
     .await;
     for expected in ["until the end", "a", "b", "c", "d", "ok"] {
-        assert_eq!(exchange(&pool, post(b"x")).await.unwrap().1, expected);
+        let resp = pool
+            .send(post(b"x"), PathAndQuery::from_static("/"))
+            .await
+            .unwrap();
+        if expected == "c" {
+            // The coding overrides the length, which is not passed on.
+            assert!(!resp.headers().contains_key("content-length"));
+        }
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, expected);
     }
     assert_eq!(
         seen.accepted.load(Ordering::SeqCst),

@@ -276,3 +276,91 @@ async fn too_many_in_flight_is_503_overloaded() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An upstream that reads each request (head and `content-length` body) and answers the
+/// n-th, on whichever connection it comes, with `answers[n]`; returns its URL and the
+/// connections it accepted.
+async fn raw_upstream(
+    answers: Vec<&'static [u8]>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let answers = Arc::new(Mutex::new(answers.into_iter()));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let answers = Arc::clone(&answers);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+                            if buf.len() >= i + 4 + len {
+                                break i + 4 + len;
+                            }
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    };
+                    buf.drain(..end);
+                    let Some(answer) = answers.lock().unwrap().next() else {
+                        return;
+                    };
+                    if tcp.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn an_upstreams_ambiguous_framing_never_reaches_the_next_request() {
+    // Both Transfer-Encoding and Content-Length: read as chunked (the 5 would cut the JSON),
+    // and the connection is not used again, whatever followed on it.
+    let ambiguous: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\nb\r\n{\"id\":\"a1\"}\r\n0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+    // Two lengths that disagree: which body is it? Neither: a 502.
+    let conflicting: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}";
+    let fine: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"id\":\"a3\"}";
+    let (url, accepted) = raw_upstream(vec![ambiguous, conflicting, fine]).await;
+    let gw = Gateway::start(&url, "").await;
+    let r = gw.chat(&[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["id"], "a1");
+    let r = gw.chat(&[]).await;
+    assert_eq!(r.status, 502);
+    let e = r.error();
+    assert_eq!(e["code"], "upstream_bad_response");
+    assert!(
+        e["message"].as_str().unwrap().contains("Content-Length"),
+        "{e}"
+    );
+    assert_eq!(
+        gw.metric("ezgate_upstream_failures_total{kind=\"protocol\"}")
+            .await,
+        1.0
+    );
+    let r = gw.chat(&[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["id"], "a3");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "neither the ambiguous nor the malformed answer's connection was reused"
+    );
+}
