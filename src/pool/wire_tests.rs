@@ -297,7 +297,10 @@ async fn a_body_to_the_close_or_a_close_asked_for_leaves_its_connection_unpooled
             answer_and_close(&[b"HTTP/1.1 200 OK\r\n\r\nuntil", b" the end"]),
             answer(&[b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\na"]),
             answer(&[b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\nb"]),
-            answer(&[b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n1\r\nc\r\n0\r\n\r\n"]),
+            answer(&[
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n",
+                b"1\r\nc\r\n0\r\n\r\n",
+            ]),
             answer(&[b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\ndextra"]),
             answer(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]),
         ],
