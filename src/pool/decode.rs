@@ -69,7 +69,7 @@ impl OwnBody {
         let mut body = OwnBody {
             conn: Some(conn),
             state,
-            keep: keep && framing != Framing::Close,
+            keep,
             sending,
         };
         if body.state == State::Size {

@@ -12,7 +12,6 @@ use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{request, Method};
 use http_body::Body;
-use tokio::io::AsyncWrite;
 
 use super::wire::H1Conn;
 use super::{BoxError, RequestBody};
@@ -189,10 +188,4 @@ impl Sender {
 /// Whether a sender's failure is the connection's (a write failed), not the request body's.
 pub(super) fn is_write_error(e: &BoxError) -> bool {
     e.is::<io::Error>()
-}
-
-impl H1Conn {
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
 }

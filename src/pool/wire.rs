@@ -71,7 +71,7 @@ pub(super) fn closed_early() -> BoxError {
 
 /// An HTTP/1.1 connection to the upstream.
 pub(super) struct H1Conn {
-    pub(super) io: TokioIo<UpstreamIo>,
+    io: TokioIo<UpstreamIo>,
     /// Read and not yet consumed; its allocation is reused by the next response once the
     /// last one's bytes are dropped.
     pub(super) rd: BytesMut,
@@ -125,35 +125,47 @@ impl H1Conn {
         tcp.poll_read_ready(cx).is_pending()
     }
 
+    /// Writes `wr` from `*from` on; `from` counts what was written.
     pub(super) fn poll_write_all(
         &mut self,
         from: &mut usize,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        while *from < self.wr.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wr[*from..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            *from += n;
-        }
-        Poll::Ready(Ok(()))
+        poll_write_from(&mut self.io, &self.wr, from, cx)
     }
 
+    /// Writes `b`, which keeps what is not written yet.
     pub(super) fn poll_write_bytes(
         &mut self,
         b: &mut Bytes,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        while !b.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, b))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            b.advance(n);
-        }
-        Poll::Ready(Ok(()))
+        let mut written = 0;
+        let polled = poll_write_from(&mut self.io, b, &mut written, cx);
+        b.advance(written);
+        polled
     }
+
+    pub(super) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+}
+
+/// Writes `buf` from `*at` on, advancing `at` by what was written.
+fn poll_write_from(
+    io: &mut TokioIo<UpstreamIo>,
+    buf: &[u8],
+    at: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while *at < buf.len() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, &buf[*at..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *at += n;
+    }
+    Poll::Ready(Ok(()))
 }
 
 /// One exchange on a connection: resolves with the response head, its body reading the
@@ -194,24 +206,20 @@ impl std::future::Future for Exchange {
         let Some(mut conn) = this.conn.take() else {
             return Poll::Ready(Err("the exchange was polled after it ended".into()));
         };
-        let polled = this.drive(&mut conn, cx);
-        match polled {
-            Poll::Ready(Ok((head, framing, keep))) => {
-                // An answer before the whole request left: the body writes the rest.
-                let sender = this.sender.take().map(Box::new);
-                let body = OwnBody::new(conn, framing, keep, sender);
-                let mut resp = Response::new(body);
-                *resp.status_mut() = head.status;
-                *resp.version_mut() = head.version;
-                *resp.headers_mut() = head.headers;
-                Poll::Ready(Ok(resp))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        let (head, framing, keep) = match this.drive(&mut conn, cx) {
+            Poll::Ready(done) => done?,
             Poll::Pending => {
                 this.conn = Some(conn);
-                Poll::Pending
+                return Poll::Pending;
             }
-        }
+        };
+        // An answer before the whole request left: the body writes the rest.
+        let sender = this.sender.take().map(Box::new);
+        let mut resp = Response::new(OwnBody::new(conn, framing, keep, sender));
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        Poll::Ready(Ok(resp))
     }
 }
 
