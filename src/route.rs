@@ -50,6 +50,22 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'|')
     .add(b'}');
 
+/// The bytes [`normalize`]'s first pass stops at: `%`, `\`, `/` and the control characters.
+/// One load per byte for the rest (a `match` on every byte cost ~15 instructions per byte).
+const NOTABLE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[0x7f] = true;
+    t[b'%' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[b'/' as usize] = true;
+    t
+};
+
 /// The canonical form of a request path, as nginx makes it before matching locations:
 /// percent-escapes decoded, `.` and `..` segments resolved, repeated slashes merged, then
 /// each segment re-encoded. `Ok(None)` when the path is canonical already (the usual case,
@@ -63,6 +79,9 @@ pub fn normalize(path: &str) -> Result<Option<String>, PathError> {
     }
     let mut canonical = true;
     for (i, &c) in b.iter().enumerate() {
+        if !NOTABLE[usize::from(c)] {
+            continue;
+        }
         match c {
             b'%' | b'\\' => canonical = false,
             b'/' => {
