@@ -5,7 +5,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::BytesMut;
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{self, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, StatusCode, Version};
 
 use super::decode::Framing;
@@ -90,8 +90,7 @@ pub(super) fn parse_head(
     let mut headers = HeaderMap::with_capacity(count + ADDED_HEADERS);
     let mut framed = Framed::default();
     for at in first[..count.min(FEW_HEADERS)].iter().chain(&more) {
-        let name = HeaderName::from_bytes(&head[at[0]..at[1]])
-            .map_err(|_| malformed("invalid header name"))?;
+        let name = name_of(&head[at[0]..at[1]]).map_err(|_| malformed("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(at[2]..at[3]))
             .map_err(|_| malformed("invalid header value"))?;
         framed.learn(&name, &value);
@@ -110,6 +109,53 @@ pub(super) fn parse_head(
         headers,
     };
     Ok(Some(Parsed::Final(head, framing, keep)))
+}
+
+/// `name_of(raw)`: a header's name. The names most answers of an OpenAI-compatible API
+/// carry are matched as sent in lowercase, without `HeaderName::from_bytes`, which costs ~120
+/// instructions a name and allocates for a name it does not know (each `x-ratelimit-*` of
+/// every answer). Any other spelling goes to `from_bytes`.
+macro_rules! known_names {
+    ($($raw:literal => ($($name:tt)+),)*) => {
+        fn name_of(raw: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
+            Ok(match raw {
+                $($raw => $($name)+,)*
+                _ => return HeaderName::from_bytes(raw),
+            })
+        }
+
+        #[cfg(test)]
+        const KNOWN_NAMES: &[&[u8]] = &[$($raw),*];
+    };
+}
+
+known_names! {
+    b"content-type" => (header::CONTENT_TYPE),
+    b"content-length" => (header::CONTENT_LENGTH),
+    b"date" => (header::DATE),
+    b"server" => (header::SERVER),
+    b"connection" => (header::CONNECTION),
+    b"transfer-encoding" => (header::TRANSFER_ENCODING),
+    b"content-encoding" => (header::CONTENT_ENCODING),
+    b"cache-control" => (header::CACHE_CONTROL),
+    b"vary" => (header::VARY),
+    b"retry-after" => (header::RETRY_AFTER),
+    b"strict-transport-security" => (header::STRICT_TRANSPORT_SECURITY),
+    b"x-content-type-options" => (header::X_CONTENT_TYPE_OPTIONS),
+    b"access-control-expose-headers" => (header::ACCESS_CONTROL_EXPOSE_HEADERS),
+    b"alt-svc" => (header::ALT_SVC),
+    b"set-cookie" => (header::SET_COOKIE),
+    b"x-request-id" => (const { HeaderName::from_static("x-request-id") }),
+    b"x-ratelimit-limit-requests" => (const { HeaderName::from_static("x-ratelimit-limit-requests") }),
+    b"x-ratelimit-limit-tokens" => (const { HeaderName::from_static("x-ratelimit-limit-tokens") }),
+    b"x-ratelimit-remaining-requests" => (const { HeaderName::from_static("x-ratelimit-remaining-requests") }),
+    b"x-ratelimit-remaining-tokens" => (const { HeaderName::from_static("x-ratelimit-remaining-tokens") }),
+    b"x-ratelimit-reset-requests" => (const { HeaderName::from_static("x-ratelimit-reset-requests") }),
+    b"x-ratelimit-reset-tokens" => (const { HeaderName::from_static("x-ratelimit-reset-tokens") }),
+    b"openai-organization" => (const { HeaderName::from_static("openai-organization") }),
+    b"openai-processing-ms" => (const { HeaderName::from_static("openai-processing-ms") }),
+    b"openai-version" => (const { HeaderName::from_static("openai-version") }),
+    b"openai-project" => (const { HeaderName::from_static("openai-project") }),
 }
 
 /// What a response's framing headers said, learned as they are read (a lookup per header
@@ -202,5 +248,28 @@ impl Framed {
             Some(n) => (Framing::Length(n), keep),
             None => (Framing::Close, false),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_names_are_the_names_they_say() {
+        for raw in KNOWN_NAMES {
+            let name = name_of(raw).unwrap();
+            assert_eq!(name.as_str().as_bytes(), *raw);
+            assert_eq!(name, HeaderName::from_bytes(raw).unwrap());
+        }
+        // Other spellings, and names it does not know, as `from_bytes` reads them.
+        assert_eq!(name_of(b"Content-Type").unwrap(), header::CONTENT_TYPE);
+        assert_eq!(
+            name_of(b"X-RateLimit-Limit-Tokens").unwrap().as_str(),
+            "x-ratelimit-limit-tokens"
+        );
+        assert_eq!(name_of(b"x-emu").unwrap().as_str(), "x-emu");
+        assert!(name_of(b"bad name").is_err());
+        assert!(name_of(b"").is_err());
     }
 }
