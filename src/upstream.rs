@@ -15,8 +15,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::config::{Http2, Settings, UpstreamConfig};
 use crate::errors::{BoxError, FailureKind, GatewayError, TimeoutPhase};
 use crate::pool::{
-    BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, ConnectError, Malformed, Pool,
-    PoolConfig, RequestBody, UpstreamBody,
+    within, BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, ConnectError, Malformed,
+    Pool, PoolConfig, RequestBody, ResponseTimedOut, UpstreamBody,
 };
 
 /// A connector whose TLS offers only `http/1.1` by ALPN (hyper-rustls' own HTTP/1.1-only
@@ -148,7 +148,11 @@ impl Upstream {
         sent: std::time::Instant,
     ) -> Answer<'_, impl Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + '_>
     {
-        self.answer(self.pool.send(req, path), sent)
+        let deadline = self.deadline(sent);
+        Answer {
+            exchange: self.pool.send(req, path, Some(deadline)),
+            upstream: self,
+        }
     }
 
     /// Sends a WebSocket handshake for `path` on a connection of its own (HTTP/1.1, never
@@ -161,24 +165,26 @@ impl Upstream {
         sent: std::time::Instant,
     ) -> Answer<'_, impl Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + '_>
     {
-        self.answer(self.pool.upgrade(req, path), sent)
-    }
-
-    fn answer<F: Future>(&self, exchange: F, sent: std::time::Instant) -> Answer<'_, F> {
-        let deadline = tokio::time::Instant::from_std(sent) + self.response_timeout;
+        let deadline = self.deadline(sent);
         Answer {
-            timed: tokio::time::timeout_at(deadline, exchange),
+            exchange: within(Some(deadline), self.pool.upgrade(req, path)),
             upstream: self,
         }
+    }
+
+    /// When the response headers of an exchange started at `sent` are due.
+    fn deadline(&self, sent: std::time::Instant) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(sent) + self.response_timeout
     }
 }
 
 pin_project_lite::pin_project! {
     /// The response headers of an exchange, within `upstream.response_timeout` of when it
-    /// was sent; its failure classified.
+    /// was sent (the exchange holds the deadline: an HTTP/1.1 exchange on its connection's
+    /// timer); its failure classified.
     pub struct Answer<'a, F> {
         #[pin]
-        timed: tokio::time::Timeout<F>,
+        exchange: F,
         upstream: &'a Upstream,
     }
 }
@@ -192,13 +198,13 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let up = *this.upstream;
-        Poll::Ready(match std::task::ready!(this.timed.poll(cx)) {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&*e, up.connect_timeout)),
-            Err(_) => Err(Failure {
+        Poll::Ready(match std::task::ready!(this.exchange.poll(cx)) {
+            Ok(resp) => Ok(resp),
+            Err(e) if e.is::<ResponseTimedOut>() => Err(Failure {
                 error: GatewayError::UpstreamTimeout(TimeoutPhase::Headers, up.response_timeout),
                 kind: Some(FailureKind::Timeout),
             }),
+            Err(e) => Err(classify(&*e, up.connect_timeout)),
         })
     }
 }

@@ -211,7 +211,7 @@ mod tests {
                 let pool = Arc::clone(pool);
                 tokio::spawn(async move {
                     let req = Request::new(RequestBody::full(Bytes::new()));
-                    pool.send(req, PathAndQuery::from_static("/")).await
+                    pool.send(req, PathAndQuery::from_static("/"), None).await
                 })
             })
             .collect()

@@ -76,7 +76,7 @@ mod wire;
 
 pub use body::UpstreamBody;
 pub use request::{BodyStalled, BodyTooLarge, BodyTooSlow, ClientBodyFailed, RequestBody};
-pub use wire::Malformed;
+pub use wire::{Malformed, ResponseTimedOut};
 
 use body::Back;
 use http1::Idle;
@@ -235,6 +235,19 @@ impl Future for Sending<'_> {
     }
 }
 
+/// `f`, failed with [`ResponseTimedOut`] if it has not resolved by `deadline`.
+pub async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    f: impl Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
+    match deadline {
+        Some(at) => tokio::time::timeout_at(at, f)
+            .await
+            .unwrap_or_else(|_| Err(Box::new(ResponseTimedOut))),
+        None => f.await,
+    }
+}
+
 /// A connection to send one request on.
 enum Conn {
     H1(H1Conn),
@@ -319,7 +332,13 @@ impl Pool {
     /// A request that finds an idle HTTP/1.1 connection is sent by [`Exchange`] alone; any
     /// other (a new connection, an HTTP/2 stream) by a boxed future. That future is 1.6 KiB,
     /// and every request would otherwise carry and move it.
-    pub fn send(&self, req: Request<RequestBody>, path: PathAndQuery) -> Sending<'_> {
+    /// With a `deadline`, the response head must arrive before it ([`ResponseTimedOut`]).
+    pub fn send(
+        &self,
+        req: Request<RequestBody>,
+        path: PathAndQuery,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Sending<'_> {
         // Under `http2_above`: whether this request goes over HTTP/1.1 (few in flight).
         let (flight, h1_first) = if self.http2_above == 0 {
             (None, false)
@@ -333,12 +352,13 @@ impl Pool {
         match self.checkout(h1_first) {
             // A pooled connection was found open when taken (`Shared::take`).
             Some(Conn::H1(c)) => Sending(Sent::H1 {
-                exchange: Exchange::new(c, req, &path, &self.host),
+                exchange: Exchange::new(c, req, &path, &self.host, deadline),
                 back: Some((Arc::clone(&self.shared), flight)),
             }),
-            conn => Sending(Sent::Other(Box::pin(
+            conn => Sending(Sent::Other(Box::pin(within(
+                deadline,
                 self.send_other(req, path, flight, h1_first, conn),
-            ))),
+            )))),
         }
     }
 
@@ -390,7 +410,9 @@ impl Pool {
                     }
                 }
                 Conn::H1(c) => {
-                    let resp = Exchange::new(c, req, &path, &self.host).await?;
+                    // `within` holds this exchange's deadline: a connection starts its
+                    // timer with the first exchange `send` finds it idle for.
+                    let resp = Exchange::new(c, req, &path, &self.host, None).await?;
                     let back = Back::H1(Arc::clone(&self.shared));
                     return Ok(resp.map(|b| UpstreamBody::own(b, back, flight)));
                 }

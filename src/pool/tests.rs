@@ -247,7 +247,7 @@ pub(super) async fn tls_upstream_with(
 
 pub(super) async fn get(pool: &Pool, path: &'static str) -> Response<UpstreamBody> {
     let req = Request::new(RequestBody::full(Bytes::new()));
-    pool.send(req, PathAndQuery::from_static(path))
+    pool.send(req, PathAndQuery::from_static(path), None)
         .await
         .unwrap()
 }
@@ -259,7 +259,7 @@ async fn a_refused_connection_is_a_connect_error() {
     drop(listener);
     let pool = pool(&base, Duration::from_secs(30));
     let req = Request::new(RequestBody::full(Bytes::new()));
-    let Err(err) = pool.send(req, PathAndQuery::from_static("/")).await else {
+    let Err(err) = pool.send(req, PathAndQuery::from_static("/"), None).await else {
         panic!("a closed port answered");
     };
     assert!(err.is::<ConnectError>(), "{err}");
@@ -271,7 +271,7 @@ async fn the_send_future_of_a_pooled_http1_request_is_small() {
     // path through a new connection or an HTTP/2 stream (1.6 KiB) is boxed apart.
     let pool = pool("http://127.0.0.1:1", Duration::from_secs(1));
     let req = Request::new(RequestBody::full(Bytes::new()));
-    let sending = pool.send(req, PathAndQuery::from_static("/"));
+    let sending = pool.send(req, PathAndQuery::from_static("/"), None);
     let size = std::mem::size_of_val(&sending);
     assert!(size <= 512, "Pool::send's future is {size} bytes");
 }

@@ -140,7 +140,9 @@ async fn exchange(
     pool: &Pool,
     req: Request<RequestBody>,
 ) -> Result<(u16, String, Option<http::HeaderMap>), crate::errors::BoxError> {
-    let resp = pool.send(req, PathAndQuery::from_static("/v1/x")).await?;
+    let resp = pool
+        .send(req, PathAndQuery::from_static("/v1/x"), None)
+        .await?;
     let status = resp.status().as_u16();
     let collected = resp.into_body().collect().await?;
     let trailers = collected.trailers().cloned();
@@ -240,7 +242,7 @@ async fn a_head_split_anywhere_and_interim_answers_are_read_through() {
     )
     .await;
     let resp = pool
-        .send(post(b"x"), PathAndQuery::from_static("/"))
+        .send(post(b"x"), PathAndQuery::from_static("/"), None)
         .await
         .unwrap();
     assert_eq!(resp.status(), 201);
@@ -258,7 +260,7 @@ async fn a_head_split_anywhere_and_interim_answers_are_read_through() {
     let mut head = Request::new(RequestBody::full(Bytes::new()));
     *head.method_mut() = Method::HEAD;
     let resp = pool
-        .send(head, PathAndQuery::from_static("/"))
+        .send(head, PathAndQuery::from_static("/"), None)
         .await
         .unwrap();
     assert!(resp.body().is_end_stream());
@@ -281,7 +283,7 @@ async fn every_header_of_a_long_head_arrives_in_order() {
     let head: &'static [u8] = Box::leak(head.into_boxed_slice());
     let (pool, _) = scripted(vec![answer(&[head])], true).await;
     let resp = pool
-        .send(post(b"x"), PathAndQuery::from_static("/"))
+        .send(post(b"x"), PathAndQuery::from_static("/"), None)
         .await
         .unwrap();
     assert_eq!(resp.headers().len(), 99);
@@ -309,7 +311,7 @@ async fn a_body_to_the_close_or_a_close_asked_for_leaves_its_connection_unpooled
     .await;
     for expected in ["until the end", "a", "b", "c", "d", "ok"] {
         let resp = pool
-            .send(post(b"x"), PathAndQuery::from_static("/"))
+            .send(post(b"x"), PathAndQuery::from_static("/"), None)
             .await
             .unwrap();
         if expected == "c" {
@@ -433,7 +435,7 @@ async fn an_upstream_that_answers_while_it_reads_gets_the_whole_body() {
         let req = Request::new(RequestBody::full(Bytes::from(body.clone())));
         let resp = tokio::time::timeout(
             Duration::from_secs(20),
-            pool.send(req, PathAndQuery::from_static("/echo")),
+            pool.send(req, PathAndQuery::from_static("/echo"), None),
         )
         .await
         .expect("the answer began")
@@ -446,4 +448,50 @@ async fn an_upstream_that_answers_while_it_reads_gets_the_whole_body() {
         assert!(echoed == body, "the echo differs");
         assert_eq!(pool.idle_count(), 1, "request and answer ended: pooled");
     }
+}
+
+/// The response timeout: on a pooled connection its timer is moved to each exchange's
+/// deadline (the first answer came in time; the second, never sent, times out on the same
+/// connection); a new connection's exchange times out the same way.
+#[tokio::test]
+async fn an_answer_that_does_not_come_by_the_deadline_times_out_on_a_reused_connection() {
+    use crate::pool::ResponseTimedOut;
+    use tokio::time::Instant;
+
+    let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let (pool, seen) = scripted(vec![answer(&[ok]), answer(&[])], false).await;
+    let path = || PathAndQuery::from_static("/v1/x");
+    let soon = || Some(Instant::now() + Duration::from_millis(200));
+    // Sent with a deadline on a new connection, answered in time, then the connection idles
+    // past that deadline in the pool: its timer fires there, harmlessly.
+    let resp = pool.send(post(b"{}"), path(), soon()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Taken from the pool; the reset timer is the new deadline's.
+    let sent = Instant::now();
+    let Err(err) = within_5s(pool.send(post(b"{}"), path(), soon())).await else {
+        panic!("an answer that never came");
+    };
+    assert!(err.is::<ResponseTimedOut>(), "{err}");
+    assert!(sent.elapsed() >= Duration::from_millis(200));
+    assert_eq!(
+        seen.accepted.load(Ordering::SeqCst),
+        1,
+        "the connection was reused"
+    );
+    assert_eq!(seen.requests.lock().unwrap().len(), 2);
+    // No answer on a new connection either: the same error.
+    let (pool, _) = scripted(vec![answer(&[])], false).await;
+    let Err(err) = within_5s(pool.send(post(b"{}"), path(), soon())).await else {
+        panic!("an answer that never came");
+    };
+    assert!(err.is::<ResponseTimedOut>(), "{err}");
+}
+
+/// `f`'s output, failing the test if the deadline it was given did not end it.
+async fn within_5s<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .expect("the exchange outlived its deadline")
 }
