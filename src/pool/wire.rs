@@ -239,8 +239,16 @@ impl std::future::Future for Exchange {
         let (head, framing, keep) = match this.drive(&mut conn, cx) {
             Poll::Ready(done) => done?,
             Poll::Pending => {
+                // Outside the task's budget: a read that used it up must not hide a deadline
+                // that passed (an upstream that keeps sending `1xx` answers would never be
+                // timed out), as `tokio::time::timeout` polls its timer too.
                 let timer = conn.timer.as_mut().filter(|_| this.timed);
-                if timer.is_some_and(|t| t.as_mut().poll(cx).is_ready()) {
+                let fired = |t: &mut Pin<Box<Sleep>>| {
+                    Pin::new(&mut tokio::task::coop::unconstrained(t.as_mut()))
+                        .poll(cx)
+                        .is_ready()
+                };
+                if timer.is_some_and(fired) {
                     // The connection goes with the exchange: its answer may still come.
                     return Poll::Ready(Err(Box::new(ResponseTimedOut)));
                 }

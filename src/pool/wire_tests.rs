@@ -489,6 +489,45 @@ async fn an_answer_that_does_not_come_by_the_deadline_times_out_on_a_reused_conn
     assert!(err.is::<ResponseTimedOut>(), "{err}");
 }
 
+/// A deadline that passed ends the exchange even when the task's budget is used up: an
+/// upstream that keeps the reads busy (a stream of `1xx` answers) cannot hide it.
+#[tokio::test]
+async fn a_passed_deadline_ends_the_exchange_whatever_the_tasks_budget() {
+    use crate::pool::ResponseTimedOut;
+    use std::future::Future;
+    use tokio::task::coop::{consume_budget, has_budget_remaining};
+    use tokio::time::Instant;
+
+    let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let (pool, seen) = scripted(vec![answer(&[ok]), answer(&[])], false).await;
+    let path = || PathAndQuery::from_static("/v1/x");
+    let resp = pool.send(post(b"{}"), path(), None).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    // On the pooled connection, sent with a deadline that passes while nothing arrives.
+    let soon = Instant::now() + Duration::from_millis(10);
+    let mut sending = Box::pin(pool.send(post(b"{}"), path(), Some(soon)));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(sending.as_mut().poll(cx))).await;
+    assert!(first.is_pending());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Polled again with the task's budget used up.
+    let polled = std::future::poll_fn(|cx| {
+        while has_budget_remaining() {
+            let _ = std::pin::pin!(consume_budget()).poll(cx);
+        }
+        std::task::Poll::Ready(sending.as_mut().poll(cx))
+    })
+    .await;
+    let std::task::Poll::Ready(Err(err)) = polled else {
+        panic!("a passed deadline went unseen with the budget used up");
+    };
+    assert!(err.is::<ResponseTimedOut>(), "{err}");
+    assert_eq!(
+        seen.accepted.load(Ordering::SeqCst),
+        1,
+        "the connection was reused"
+    );
+}
+
 /// `f`'s output, failing the test if the deadline it was given did not end it.
 async fn within_5s<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(5), f)
