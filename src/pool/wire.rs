@@ -93,7 +93,7 @@ pub(super) struct H1Conn {
     /// The response timeout of the exchanges on this connection, one timer reset per
     /// exchange: tokio moves a registered timer's deadline later with one compare-and-swap,
     /// where a timer per exchange was registered and cancelled under the timer wheel's lock
-    /// each time (~440 instructions per request).
+    /// each time (~420 instructions per request). `None` while an exchange has no deadline.
     timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -196,8 +196,6 @@ pub(super) struct Exchange {
     /// Writing failed; kept to report if no response can be read either.
     write_error: Option<BoxError>,
     head_request: bool,
-    /// The connection's timer holds this exchange's deadline.
-    timed: bool,
 }
 
 impl Exchange {
@@ -210,11 +208,10 @@ impl Exchange {
         host: &HeaderValue,
         deadline: Option<Instant>,
     ) -> Exchange {
-        if let Some(at) = deadline {
-            match conn.timer.as_mut() {
-                Some(timer) => timer.as_mut().reset(at),
-                None => conn.timer = Some(Box::pin(tokio::time::sleep_until(at))),
-            }
+        match (deadline, conn.timer.as_mut()) {
+            (Some(at), Some(timer)) => timer.as_mut().reset(at),
+            (Some(at), None) => conn.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            (None, _) => conn.timer = None,
         }
         let (parts, body) = req.into_parts();
         let sender = Sender::new(&mut conn, &parts, body, path, host);
@@ -223,7 +220,6 @@ impl Exchange {
             sender: Some(sender),
             write_error: None,
             head_request: parts.method == Method::HEAD,
-            timed: deadline.is_some(),
         }
     }
 }
@@ -242,13 +238,12 @@ impl std::future::Future for Exchange {
                 // Outside the task's budget: a read that used it up must not hide a deadline
                 // that passed (an upstream that keeps sending `1xx` answers would never be
                 // timed out), as `tokio::time::timeout` polls its timer too.
-                let timer = conn.timer.as_mut().filter(|_| this.timed);
                 let fired = |t: &mut Pin<Box<Sleep>>| {
                     Pin::new(&mut tokio::task::coop::unconstrained(t.as_mut()))
                         .poll(cx)
                         .is_ready()
                 };
-                if timer.is_some_and(fired) {
+                if conn.timer.as_mut().is_some_and(fired) {
                     // The connection goes with the exchange: its answer may still come.
                     return Poll::Ready(Err(Box::new(ResponseTimedOut)));
                 }

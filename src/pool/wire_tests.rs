@@ -330,7 +330,16 @@ async fn a_body_to_the_close_or_a_close_asked_for_leaves_its_connection_unpooled
 
 #[tokio::test]
 async fn malformed_answers_are_malformed_errors() {
+    let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+    for i in 0..101 {
+        many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let huge = [b"HTTP/1.1 200 OK\r\nx: ".to_vec(), vec![b'a'; 500 * 1024]].concat();
+    let leak = |v: Vec<u8>| -> &'static [u8] { Box::leak(v.into_boxed_slice()) };
     for bad in [
+        leak(many),
+        leak(huge),
         &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\na"[..],
         b"HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\na",
         b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\na",
@@ -346,20 +355,8 @@ async fn malformed_answers_are_malformed_errors() {
         assert!(
             err.is::<Malformed>(),
             "{:?}: {err}",
-            String::from_utf8_lossy(bad)
+            String::from_utf8_lossy(&bad[..bad.len().min(120)])
         );
-    }
-    let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
-    for i in 0..101 {
-        many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
-    }
-    many.extend_from_slice(b"\r\n");
-    let huge = [b"HTTP/1.1 200 OK\r\nx: ".to_vec(), vec![b'a'; 500 * 1024]].concat();
-    for bad in [many, huge] {
-        let bad: &'static [u8] = Box::leak(bad.into_boxed_slice());
-        let (pool, _) = scripted(vec![answer(&[bad])], true).await;
-        let err = exchange(&pool, post(b"x")).await.unwrap_err();
-        assert!(err.is::<Malformed>(), "{err}");
     }
 }
 
