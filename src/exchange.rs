@@ -1,17 +1,18 @@
 //! One request's exchange, as the request path holds it: its [`Outcome`] (what happened,
 //! plain data) and what it holds while it runs (the limits' permit, its place under
-//! `server.max_inflight`, its stream on an HTTP/2 connection). When it drops — after the
+//! `server.max_inflight`, its place on its connection). When it drops — after the
 //! response ended, or when the client went away — the permit is settled with what the
 //! request spent, and the outcome is counted and logged, exactly once.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::access_log;
 use crate::budget::Hold;
 use crate::cost::{Prices, Tokens};
 use crate::errors::redact::Redactor;
-use crate::gateway::{InflightSlot, StreamSlot};
+use crate::gateway::{ConnSlot, InflightSlot};
 use crate::limits::Permit;
 use crate::metrics::Metrics;
 use crate::outcome::{Outcome, CLIENT_CLOSED};
@@ -24,7 +25,9 @@ pub struct Exchange {
     /// What the budgets that cover the request hold for it, settled with its cost.
     pub budget: Option<Hold>,
     pub slot: Option<InflightSlot>,
-    pub stream: Option<StreamSlot>,
+    /// Its place on its connection (ended with the response: the connection's task times
+    /// the wait for the next request head, or counts the stream closed).
+    pub conn: Option<ConnSlot>,
     /// The request's span, ended with the outcome.
     pub trace: Option<RequestSpan>,
     /// The organization's key (managed mode), replaced in what the upstream said before the
@@ -50,7 +53,7 @@ impl Exchange {
             permit: None,
             budget: None,
             slot: None,
-            stream: None,
+            conn: None,
             trace: None,
             redact: None,
             prices: None,
@@ -89,8 +92,10 @@ impl Drop for Exchange {
                 permit.settle(spent);
             }
         }
-        if let Some(stream) = self.stream.take() {
-            stream.end(out.status == CLIENT_CLOSED);
+        // A body that ended just read the clock (the exchange drops right after).
+        let ended = out.ended.unwrap_or_else(Instant::now);
+        if let Some(conn) = self.conn.take() {
+            conn.end(ended, out.status == CLIENT_CLOSED);
         }
         if let Some(r) = &self.redact {
             // The model too: without one in the request it is the response's.
@@ -111,11 +116,7 @@ impl Drop for Exchange {
         if let (Some(hold), Some(prices)) = (self.budget.take(), &self.prices) {
             settle(hold, prices, out);
         }
-        // A body that ended just read the clock (the exchange drops right after).
-        let duration = match out.ended {
-            Some(ended) => ended.saturating_duration_since(out.started),
-            None => out.started.elapsed(),
-        };
+        let duration = ended.saturating_duration_since(out.started);
         self.metrics.record(out, duration);
         if self.access_log {
             access_log::record(out, duration);

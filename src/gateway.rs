@@ -1,11 +1,10 @@
 //! The gateway's state: what a config reload replaces at once (upstream, clients, limits
 //! and the counters of their policies), the drain, and the places a request holds while it
-//! runs (its place under `server.max_inflight`, its stream on an HTTP/2 connection).
+//! runs (its place under `server.max_inflight`, its place on its connection: [`conn`]).
 
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::HeaderValue;
 use prometheus::IntCounter;
@@ -24,9 +23,11 @@ use crate::quota::{Learned, PaceMetrics, Pacer, SharedPictures};
 use crate::traces::{TraceCounters, Tracer};
 use crate::upstream::Upstream;
 
+mod conn;
 pub mod resets;
 
-use resets::{AddressResets, Counted};
+pub use conn::{ConnSlot, ConnWatch, HeadClock, HeadWait, InService, StreamSlot};
+use resets::AddressResets;
 
 /// How often idle limit keys are evicted and the key gauges updated.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(10);
@@ -456,156 +457,6 @@ impl Gateway {
             return None;
         }
         Some(InflightSlot(Arc::clone(&self.inflight)))
-    }
-}
-
-/// What one HTTP/2 connection's requests tell its task: whether any stream is open (an
-/// idle connection is closed), and how many accepted streams the client reset lately, on
-/// this connection (too many, and it gets GOAWAY) and from its address over all its
-/// connections (too many, and the address's streams are refused for a while).
-pub struct ConnWatch {
-    state: Mutex<ConnState>,
-    changed: tokio::sync::Notify,
-    max_resets: u32,
-    window: Duration,
-    /// The client's address and the gateway's count of resets per address.
-    address: Option<(IpAddr, Arc<AddressResets>)>,
-    /// The address is penalized: streams are refused without going upstream.
-    refusing: AtomicBool,
-    /// The gateway's count of penalties when this connection last looked up its address.
-    penalties_seen: AtomicU64,
-}
-
-struct ConnState {
-    open: u32,
-    /// When the last stream ended, while none is open.
-    idle_since: Option<Instant>,
-    resets: u32,
-    window_start: Instant,
-}
-
-impl ConnWatch {
-    pub fn new(
-        max_resets: u32,
-        window: Duration,
-        address: Option<(IpAddr, Arc<AddressResets>)>,
-    ) -> ConnWatch {
-        let now = Instant::now();
-        let penalties_seen = address.as_ref().map_or(0, |(_, r)| r.penalties());
-        let refusing = address
-            .as_ref()
-            .is_some_and(|(ip, resets)| resets.penalized(*ip, now));
-        ConnWatch {
-            state: Mutex::new(ConnState {
-                open: 0,
-                idle_since: Some(now),
-                resets: 0,
-                window_start: now,
-            }),
-            changed: tokio::sync::Notify::new(),
-            max_resets,
-            window,
-            address,
-            refusing: AtomicBool::new(refusing),
-            penalties_seen: AtomicU64::new(penalties_seen),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Since when no stream has been open (`None` while one is).
-    pub fn idle_since(&self) -> Option<Instant> {
-        self.lock().idle_since
-    }
-
-    /// The connection should get GOAWAY: its client reset too many accepted streams on it,
-    /// or its address is penalized.
-    pub fn too_many_resets(&self) -> bool {
-        self.refusing() || self.lock().resets > self.max_resets
-    }
-
-    /// The client's address reset too many accepted streams over its connections lately:
-    /// its streams are refused without going upstream. Two atomic loads, unless a penalty
-    /// started (for any address) since this connection last looked.
-    pub fn refusing(&self) -> bool {
-        if self.refusing.load(Ordering::Relaxed) {
-            return true;
-        }
-        let Some((ip, resets)) = &self.address else {
-            return false;
-        };
-        let now_seen = resets.penalties();
-        if self.penalties_seen.load(Ordering::Relaxed) == now_seen {
-            return false;
-        }
-        self.penalties_seen.store(now_seen, Ordering::Relaxed);
-        let penalized = resets.penalized(*ip, Instant::now());
-        if penalized {
-            self.refusing.store(true, Ordering::Relaxed);
-        }
-        penalized
-    }
-
-    /// Resolves when a stream ended (the connection may be idle now, or over its resets).
-    pub async fn changed(&self) {
-        self.changed.notified().await;
-    }
-
-    fn started(&self) {
-        let mut s = self.lock();
-        s.open += 1;
-        s.idle_since = None;
-    }
-
-    /// A stream ended; `reset` when its client cancelled it.
-    fn ended(&self, reset: bool) {
-        let mut s = self.lock();
-        s.open = s.open.saturating_sub(1);
-        let now = Instant::now();
-        if s.open == 0 {
-            s.idle_since = Some(now);
-        }
-        if reset {
-            if now.duration_since(s.window_start) > self.window {
-                s.window_start = now;
-                s.resets = 0;
-            }
-            s.resets += 1;
-        }
-        drop(s);
-        if let (true, Some((ip, resets))) = (reset, &self.address) {
-            match resets.reset(*ip, now) {
-                Counted::Below => {}
-                Counted::PenaltyStarts => {
-                    self.refusing.store(true, Ordering::Relaxed);
-                    tracing::warn!(
-                        address = %resets::address_key(*ip),
-                        limit = resets::MAX_ADDRESS_RESETS,
-                        window = ?resets::ADDRESS_RESET_WINDOW,
-                        penalty = ?resets::ADDRESS_PENALTY,
-                        "an HTTP/2 client address reset too many accepted streams over its connections; refusing its streams (503) and closing its connections (GOAWAY) for the penalty"
-                    );
-                }
-                Counted::Penalized => self.refusing.store(true, Ordering::Relaxed),
-            }
-        }
-        self.changed.notify_one();
-    }
-}
-
-/// One open stream of an HTTP/2 connection, reported to its [`ConnWatch`] when it ends.
-pub struct StreamSlot(Arc<ConnWatch>);
-
-impl StreamSlot {
-    pub fn new(watch: Arc<ConnWatch>) -> StreamSlot {
-        watch.started();
-        StreamSlot(watch)
-    }
-
-    pub fn end(self, reset: bool) {
-        self.0.ended(reset);
     }
 }
 

@@ -30,7 +30,7 @@ pub use respond::parse_retry_after;
 
 use crate::errors::{self, GatewayError, Source};
 use crate::exchange::Exchange;
-use crate::gateway::{ConnWatch, Gateway, State, StreamSlot};
+use crate::gateway::{ConnSlot, Gateway, State};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::limits::LimitRequest;
 use crate::outcome::ClientLabel;
@@ -44,12 +44,13 @@ use crate::websocket;
 pub type ServeFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
 
-/// The service for every proxied request; `conn` is its HTTP/2 connection's watch.
+/// The service for every proxied request; `conn` is its place on its connection, taken when
+/// its head was read.
 pub fn serve(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     peer: SocketAddr,
-    conn: Option<Arc<ConnWatch>>,
+    conn: ConnSlot,
 ) -> ServeFuture {
     Box::pin(serve_request(gw, req, peer, conn))
 }
@@ -66,7 +67,7 @@ fn serve_request(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     peer: SocketAddr,
-    conn: Option<Arc<ConnWatch>>,
+    conn: ConnSlot,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
     async move {
         let state = gw.state();
@@ -91,8 +92,8 @@ fn serve_request(
             route,
         ));
         // An address that reset too many accepted streams: refused without going upstream.
-        let refused = conn.as_ref().is_some_and(|c| c.refusing());
-        out.stream = conn.map(StreamSlot::new);
+        let refused = conn.refusing();
+        out.conn = Some(conn);
         out.redact.clone_from(&state.redactor);
         out.prices.clone_from(&state.prices);
         out.trace = state.tracer.start(req.headers(), out.method, route);

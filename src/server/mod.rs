@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 mod refusals;
 
 use crate::config::Settings;
-use crate::gateway::{ConnWatch, Gateway};
+use crate::gateway::{ConnSlot, ConnWatch, Gateway, HeadClock, HeadWait, StreamSlot};
 use crate::proxy;
 
 /// Largest request head (request line + headers) a client may send; beyond it: 431.
@@ -74,8 +74,9 @@ impl Builders {
     fn new(settings: &Settings) -> Builders {
         let header_read_timeout = settings.config.server.header_read_timeout.0;
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
+        // The wait for a request head is timed by the connection's task, not by hyper (see
+        // `until_cut`).
+        h1.header_read_timeout(None)
             // The exact cap on the request line and headers; `max_buf_size` alone is only
             // checked between reads, so a head that arrives in large reads could pass it.
             .max_header_size(MAX_HEAD_BYTES)
@@ -114,7 +115,12 @@ impl Builders {
             return;
         }
         let io = refusals::Refusals::new(io, Arc::clone(&gw));
-        let svc = service_fn(move |req| proxy::serve(Arc::clone(&gw), req, peer, None));
+        let heads = Arc::new(HeadClock::new());
+        let requests = Arc::clone(&heads);
+        let svc = service_fn(move |req| {
+            let slot = ConnSlot::Http1(requests.begin());
+            proxy::serve(Arc::clone(&gw), req, peer, slot)
+        });
         // With upgrades: a WebSocket's `101` hands the connection to its session.
         let conn = self
             .h1
@@ -126,9 +132,24 @@ impl Builders {
         // goes to a new connection) and an idle connection ends at its header read
         // timeout; at the cut, whatever is left is closed once its response ends.
         // Errors (client gone, bad input) were answered or logged by hyper.
-        if until_cut(conn.as_mut(), &mut phase).await {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        let mut timed = Some((&*heads, self.header_read_timeout));
+        loop {
+            match until_cut(conn.as_mut(), &mut phase, timed).await {
+                Stop::Ended => return,
+                Stop::Cut => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                    return;
+                }
+                // Nothing was served on it: hyper has no response to finish.
+                Stop::NoHead { served: false } => return,
+                // Closed now if it waits for a head; a response still being written is
+                // finished first, then the connection closes.
+                Stop::NoHead { served: true } => {
+                    conn.as_mut().graceful_shutdown();
+                    timed = None;
+                }
+            }
         }
     }
 
@@ -148,7 +169,8 @@ impl Builders {
         ));
         let streams = Arc::clone(&watch);
         let svc = service_fn(move |req| {
-            proxy::serve(Arc::clone(&gw), req, peer, Some(Arc::clone(&streams)))
+            let slot = ConnSlot::Http2(StreamSlot::new(Arc::clone(&streams)));
+            proxy::serve(Arc::clone(&gw), req, peer, slot)
         });
         let conn = self.h2.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
@@ -238,13 +260,36 @@ impl Builders {
     }
 }
 
-/// Polls `conn` until it ends (false) or the drain reaches its cut (true).
+/// Why [`until_cut`] stopped polling a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// It ended.
+    Ended,
+    /// The drain reached its cut.
+    Cut,
+    /// No request head came within the header read timeout; `served` when a request was
+    /// served on it before.
+    NoHead { served: bool },
+}
+
+/// Polls an HTTP/1.1 connection until it ends, the drain reaches its cut, or (with `timed`)
+/// it has waited the header read timeout for a request head: since it started, or since its
+/// last response ended.
 ///
 /// The phase is polled only when it moved. Its `changed()` future, once polled, keeps the
 /// task's waker until the phase moves; polling it again on every wake-up of a busy
 /// connection (three per request) cost ~470 instructions per request, about 1 % of one
 /// (`benches/instructions.sh`). A second receiver answers "did it move?" with one load.
-async fn until_cut<C: Future>(mut conn: Pin<&mut C>, phase: &mut watch::Receiver<Phase>) -> bool {
+///
+/// The head's timer is one per connection, looked at only when it fired (one load per
+/// wake-up); requests tell their [`HeadClock`] when they start and end.
+async fn until_cut<C: Future>(
+    mut conn: Pin<&mut C>,
+    phase: &mut watch::Receiver<Phase>,
+    timed: Option<(&HeadClock, Duration)>,
+) -> Stop {
+    let mut timer = pin!(timed.map(|(_, timeout)| tokio::time::sleep(timeout)));
+    let mut registered = false;
     loop {
         let moved = phase.clone();
         {
@@ -254,26 +299,72 @@ async fn until_cut<C: Future>(mut conn: Pin<&mut C>, phase: &mut watch::Receiver
             let mut armed = false;
             let woke = poll_fn(|cx| {
                 if conn.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(None);
+                    return Poll::Ready(Err(Stop::Ended));
+                }
+                if let (Some((heads, timeout)), Some(timer)) = (timed, timer.as_mut().as_pin_mut())
+                {
+                    if let Poll::Ready(served) =
+                        head_overdue(timer, &mut registered, heads, timeout, cx)
+                    {
+                        return Poll::Ready(Err(Stop::NoHead { served }));
+                    }
                 }
                 if !armed || moved.has_changed().unwrap_or(true) {
                     armed = true;
                     if let Poll::Ready(r) = changed.as_mut().poll(cx) {
-                        return Poll::Ready(Some(r));
+                        return Poll::Ready(Ok(r.is_ok()));
                     }
                 }
                 Poll::Pending
             })
             .await;
             match woke {
-                None => return false,
-                Some(Err(_)) => return true,
-                Some(Ok(())) => {}
+                Err(stop) => return stop,
+                Ok(false) => return Stop::Cut,
+                Ok(true) => {}
             }
         }
         if *phase.borrow() == Phase::Cut {
-            return true;
+            return Stop::Cut;
         }
+    }
+}
+
+/// `Ready(served)` once the connection has waited `timeout` for a request head (`served`:
+/// it served one before). Until then the timer is polled only when it fired, and set again
+/// to when the wait that is running now would be over.
+fn head_overdue(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    registered: &mut bool,
+    heads: &HeadClock,
+    timeout: Duration,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<bool> {
+    loop {
+        if *registered && !timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        // Outside the task's budget, like the phase: a refused poll would not register.
+        if pin!(tokio::task::unconstrained(timer.as_mut()))
+            .poll(cx)
+            .is_pending()
+        {
+            *registered = true;
+            return Poll::Pending;
+        }
+        let now = tokio::time::Instant::now();
+        let next = match heads.wait() {
+            HeadWait::Serving => now + timeout,
+            HeadWait::Awaited { since, served } => {
+                let due = tokio::time::Instant::from_std(since) + timeout;
+                if due <= now {
+                    return Poll::Ready(served);
+                }
+                due
+            }
+        };
+        timer.as_mut().reset(next);
+        *registered = false;
     }
 }
 

@@ -252,6 +252,55 @@ async fn sigterm_loses_no_request_of_a_keep_alive_client() {
     assert_eq!(gw.exit_code().await, Some(0));
 }
 
+/// `server.header_read_timeout` times the wait for each request head of an HTTP/1.1
+/// connection: from its start, and from the end of each response. A request served for
+/// longer than that keeps its connection; a connection that then waits for a head, idle or
+/// with half a head, is closed.
+#[tokio::test]
+async fn a_keep_alive_connection_waits_the_header_read_timeout_for_each_head() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = Emulator::start().await;
+    let gw = Gateway::start(&emu.url(), "[server]\nheader_read_timeout = \"1s\"\n").await;
+    let chat = |extra: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{extra}content-length: {}\r\n\r\n{CHAT_BODY}",
+            CHAT_BODY.len()
+        )
+    };
+    let closed_without_a_byte = |mut s: tokio::net::TcpStream| async move {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the connection was never closed");
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    };
+
+    // Answered after 2.5 s, more than twice the timeout: the connection serves it whole,
+    // then the next request.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(chat("x-emu-header-delay-ms: 2500\r\n").as_bytes())
+        .await
+        .unwrap();
+    let slow = read_response(&mut s).await;
+    assert!(slow.starts_with("HTTP/1.1 200"), "{slow}");
+    assert!(slow.contains("chat.completion"), "{slow}");
+    s.write_all(chat("").as_bytes()).await.unwrap();
+    let next = read_response(&mut s).await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    // Then idle: closed.
+    closed_without_a_byte(s).await;
+
+    // Half a head after a served request: closed, without an answer.
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(chat("").as_bytes()).await.unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    closed_without_a_byte(s).await;
+
+    assert_eq!(gw.get("/v1/models").await.status, 200);
+}
+
 #[tokio::test]
 async fn a_stream_still_open_when_the_grace_ends_gets_the_shutting_down_event() {
     let emu = Emulator::start().await;
