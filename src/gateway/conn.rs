@@ -11,8 +11,8 @@ use super::resets::{self, AddressResets, Counted};
 
 /// One HTTP/1.1 connection's requests, as its task times the wait for a request head
 /// (`server.header_read_timeout`): from the start of the connection, or the end of the last
-/// response, to the next request whose head is whole. The connection's task keeps one timer,
-/// and looks here only when it fires (`src/server/mod.rs`).
+/// response (its last bytes written), to the next request whose head is whole. The
+/// connection's task keeps one timer, and looks here only when it fires (`src/server/mod.rs`).
 ///
 /// hyper's own header read timer cost ~1,300 instructions per request (a timer allocated,
 /// registered and dropped per request head, and an extra pass of the connection's loop after
@@ -26,8 +26,11 @@ pub struct HeadClock {
     busy: AtomicU32,
     /// Requests whose head was read, ever.
     served: AtomicU64,
-    /// When the last response ended.
+    /// When the last response ended, or when its last bytes went out if the client was slow
+    /// to take them.
     idle_since: AtomicU64,
+    /// The connection's last write could not go out: the client is not reading.
+    write_blocked: AtomicBool,
 }
 
 /// What an HTTP/1.1 connection is doing, for its header read timer.
@@ -36,8 +39,13 @@ pub enum HeadWait {
     /// A request is in service: no head is awaited.
     Serving,
     /// A head is awaited since `since` (the connection's start, or the last response's end);
-    /// `served` once a request was.
-    Awaited { since: Instant, served: bool },
+    /// `served` once a request was; `blocked` while bytes of the last response are waiting
+    /// for the client to read them.
+    Awaited {
+        since: Instant,
+        served: bool,
+        blocked: bool,
+    },
 }
 
 impl HeadClock {
@@ -47,6 +55,7 @@ impl HeadClock {
             busy: AtomicU32::new(0),
             served: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
         }
     }
 
@@ -69,14 +78,34 @@ impl HeadClock {
         HeadWait::Awaited {
             since: self.base + Duration::from_nanos(nanos),
             served: self.served.load(Ordering::Relaxed) > 0,
+            blocked: self.write_blocked.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A write or flush on the connection could not go out (the socket is full).
+    pub fn write_blocked(&self) {
+        self.write_blocked.store(true, Ordering::Relaxed);
+    }
+
+    /// Bytes went out after a write had been blocked. Between requests, they are the last
+    /// response's: the wait for the next head starts again now, as it starts when a response
+    /// is written whole. (The usual response goes out at once: this runs only for a client
+    /// slow to read.)
+    pub fn wrote_after_block(&self) {
+        self.write_blocked.store(false, Ordering::Relaxed);
+        if self.busy.load(Ordering::Acquire) == 0 {
+            self.idle_since
+                .fetch_max(self.nanos(Instant::now()), Ordering::Relaxed);
         }
     }
 
     fn end(&self, at: Instant) {
-        let nanos = at.saturating_duration_since(self.base).as_nanos();
-        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
-        self.idle_since.fetch_max(nanos, Ordering::Relaxed);
+        self.idle_since.fetch_max(self.nanos(at), Ordering::Relaxed);
         self.busy.fetch_sub(1, Ordering::Release);
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -242,17 +271,31 @@ impl ConnWatch {
     }
 }
 
-/// One open stream of an HTTP/2 connection, reported to its [`ConnWatch`] when it ends.
-pub struct StreamSlot(Arc<ConnWatch>);
+/// One open stream of an HTTP/2 connection, reported to its [`ConnWatch`] when it drops
+/// (whatever ends the request first: its exchange, or its future dropped early).
+pub struct StreamSlot {
+    watch: Arc<ConnWatch>,
+    reset: bool,
+}
 
 impl StreamSlot {
     pub fn new(watch: Arc<ConnWatch>) -> StreamSlot {
         watch.started();
-        StreamSlot(watch)
+        StreamSlot {
+            watch,
+            reset: false,
+        }
     }
 
-    pub fn end(self, reset: bool) {
-        self.0.ended(reset);
+    /// The stream ended; `reset` when its client cancelled it.
+    pub fn end(mut self, reset: bool) {
+        self.reset = reset;
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.watch.ended(self.reset);
     }
 }
 
@@ -269,7 +312,7 @@ impl ConnSlot {
     pub fn refusing(&self) -> bool {
         match self {
             ConnSlot::Http1(_) => false,
-            ConnSlot::Http2(stream) => stream.0.refusing(),
+            ConnSlot::Http2(stream) => stream.watch.refusing(),
         }
     }
 
@@ -294,7 +337,8 @@ mod tests {
             clock.wait(),
             HeadWait::Awaited {
                 since: start,
-                served: false
+                served: false,
+                blocked: false
             }
         );
         let mut request = clock.begin();
@@ -306,7 +350,8 @@ mod tests {
             clock.wait(),
             HeadWait::Awaited {
                 since: end,
-                served: true
+                served: true,
+                blocked: false
             }
         );
         // A slot dropped without its end set ends when it drops; an earlier end never
@@ -323,8 +368,21 @@ mod tests {
             clock.wait(),
             HeadWait::Awaited {
                 since,
-                served: true
+                served: true,
+                blocked: false
             }
         );
+    }
+
+    #[test]
+    fn a_stream_is_closed_however_its_request_ends() {
+        let watch = Arc::new(ConnWatch::new(10, Duration::from_secs(10), None));
+        let ended = StreamSlot::new(Arc::clone(&watch));
+        let dropped = StreamSlot::new(Arc::clone(&watch));
+        ended.end(false);
+        assert!(watch.idle_since().is_none(), "one stream is still open");
+        // A request future dropped before its exchange took the slot.
+        drop(dropped);
+        assert!(watch.idle_since().is_some());
     }
 }

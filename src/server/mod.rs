@@ -114,8 +114,8 @@ impl Builders {
             Box::pin(self.serve_h2(io, gw, peer, drain)).await;
             return;
         }
-        let io = refusals::Refusals::new(io, Arc::clone(&gw));
         let heads = Arc::new(HeadClock::new());
+        let io = refusals::Refusals::new(io, Arc::clone(&gw), Arc::clone(&heads));
         let requests = Arc::clone(&heads);
         let svc = service_fn(move |req| {
             let slot = ConnSlot::Http1(requests.begin());
@@ -132,24 +132,26 @@ impl Builders {
         // goes to a new connection) and an idle connection ends at its header read
         // timeout; at the cut, whatever is left is closed once its response ends.
         // Errors (client gone, bad input) were answered or logged by hyper.
-        let mut timed = Some((&*heads, self.header_read_timeout));
-        loop {
-            match until_cut(conn.as_mut(), &mut phase, timed).await {
-                Stop::Ended => return,
-                Stop::Cut => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                    return;
-                }
-                // Nothing was served on it: hyper has no response to finish.
-                Stop::NoHead { served: false } => return,
-                // Closed now if it waits for a head; a response still being written is
-                // finished first, then the connection closes.
-                Stop::NoHead { served: true } => {
-                    conn.as_mut().graceful_shutdown();
-                    timed = None;
-                }
+        let timeout = self.header_read_timeout;
+        match until_cut(conn.as_mut(), &mut phase, Some((&*heads, timeout))).await {
+            Stop::Ended => {}
+            Stop::Cut => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
             }
+            Stop::NoHead {
+                served: true,
+                blocked: false,
+            } => {
+                // Waiting for a head, with its last response out: closed at once. A close
+                // that cannot go out (a TLS close_notify to a client that reads nothing)
+                // gets one more timeout.
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(timeout, conn).await;
+            }
+            // Nothing served yet, so hyper has no response to finish; or the client has not
+            // read the end of its last response for the whole timeout: dropped.
+            Stop::NoHead { .. } => {}
         }
     }
 
@@ -268,8 +270,9 @@ enum Stop {
     /// The drain reached its cut.
     Cut,
     /// No request head came within the header read timeout; `served` when a request was
-    /// served on it before.
-    NoHead { served: bool },
+    /// served on it before, `blocked` when the end of the last response is still waiting
+    /// for the client to read it.
+    NoHead { served: bool, blocked: bool },
 }
 
 /// Polls an HTTP/1.1 connection until it ends, the drain reaches its cut, or (with `timed`)
@@ -303,10 +306,10 @@ async fn until_cut<C: Future>(
                 }
                 if let (Some((heads, timeout)), Some(timer)) = (timed, timer.as_mut().as_pin_mut())
                 {
-                    if let Poll::Ready(served) =
+                    if let Poll::Ready(stop) =
                         head_overdue(timer, &mut registered, heads, timeout, cx)
                     {
-                        return Poll::Ready(Err(Stop::NoHead { served }));
+                        return Poll::Ready(Err(stop));
                     }
                 }
                 if !armed || moved.has_changed().unwrap_or(true) {
@@ -330,16 +333,16 @@ async fn until_cut<C: Future>(
     }
 }
 
-/// `Ready(served)` once the connection has waited `timeout` for a request head (`served`:
-/// it served one before). Until then the timer is polled only when it fired, and set again
-/// to when the wait that is running now would be over.
+/// `Ready(Stop::NoHead)` once the connection has waited `timeout` for a request head. Until
+/// then the timer is polled only when it fired, and set again to when the wait that is
+/// running now would be over.
 fn head_overdue(
     mut timer: Pin<&mut tokio::time::Sleep>,
     registered: &mut bool,
     heads: &HeadClock,
     timeout: Duration,
     cx: &mut std::task::Context<'_>,
-) -> Poll<bool> {
+) -> Poll<Stop> {
     loop {
         if *registered && !timer.is_elapsed() {
             return Poll::Pending;
@@ -352,18 +355,23 @@ fn head_overdue(
             *registered = true;
             return Poll::Pending;
         }
-        let now = tokio::time::Instant::now();
+        // The clock the requests' times are read on.
+        let now = std::time::Instant::now();
         let next = match heads.wait() {
             HeadWait::Serving => now + timeout,
-            HeadWait::Awaited { since, served } => {
-                let due = tokio::time::Instant::from_std(since) + timeout;
+            HeadWait::Awaited {
+                since,
+                served,
+                blocked,
+            } => {
+                let due = since + timeout;
                 if due <= now {
-                    return Poll::Ready(served);
+                    return Poll::Ready(Stop::NoHead { served, blocked });
                 }
                 due
             }
         };
-        timer.as_mut().reset(next);
+        timer.as_mut().reset(tokio::time::Instant::from_std(next));
         *registered = false;
     }
 }

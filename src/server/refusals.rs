@@ -5,6 +5,10 @@
 //! own 4xx responses always have a JSON body, so a 4xx head with `content-length: 0` and no
 //! content type can only be hyper's) and writes the schema response in their place. The
 //! refusal is counted and logged like any request, as route `other`, method `other`.
+//!
+//! It also tells the connection's [`HeadClock`] when its bytes cannot go out (the client is
+//! not reading), and when they go out again: the wait for the next request head starts once
+//! the last response is out.
 
 use std::io;
 use std::pin::Pin;
@@ -18,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::errors::{self, GatewayError, Source};
 use crate::exchange::Exchange;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, HeadClock};
 use crate::route::Route;
 
 pub struct Refusals<I> {
@@ -28,15 +32,36 @@ pub struct Refusals<I> {
     pending: Option<Box<(Bytes, usize)>>,
     /// A `101 Switching Protocols` went out: the connection carries a WebSocket now.
     switched: bool,
+    heads: Arc<HeadClock>,
+    /// The last write or flush could not go out.
+    blocked: bool,
 }
 
 impl<I> Refusals<I> {
-    pub fn new(io: I, gw: Arc<Gateway>) -> Refusals<I> {
+    pub fn new(io: I, gw: Arc<Gateway>, heads: Arc<HeadClock>) -> Refusals<I> {
         Refusals {
             io,
             gw,
             pending: None,
             switched: false,
+            heads,
+            blocked: false,
+        }
+    }
+
+    /// Tells the connection's clock whether its bytes go out: only a change is told, so a
+    /// connection whose writes go out at once pays a branch.
+    fn track(&mut self, went_out: Poll<bool>) {
+        match went_out {
+            Poll::Pending if !self.blocked => {
+                self.blocked = true;
+                self.heads.write_blocked();
+            }
+            Poll::Ready(true) if self.blocked => {
+                self.blocked = false;
+                self.heads.wrote_after_block();
+            }
+            _ => {}
         }
     }
 }
@@ -124,12 +149,8 @@ impl<I: AsyncRead + Unpin> AsyncRead for Refusals<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Refusals<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+impl<I: AsyncWrite + Unpin> Refusals<I> {
+    fn write_through(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         ready!(self.poll_pending(cx))?;
         if self.switched {
             return Pin::new(&mut self.io).poll_write(cx, buf);
@@ -147,9 +168,35 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Refusals<I> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn flush_through(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_pending(cx))?;
         Pin::new(&mut self.io).poll_flush(cx)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Refusals<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = self.write_through(cx, buf);
+        let went_out = match &r {
+            Poll::Ready(done) => Poll::Ready(done.as_ref().is_ok_and(|&n| n > 0)),
+            Poll::Pending => Poll::Pending,
+        };
+        self.track(went_out);
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = self.flush_through(cx);
+        let went_out = match &r {
+            Poll::Ready(done) => Poll::Ready(done.is_ok()),
+            Poll::Pending => Poll::Pending,
+        };
+        self.track(went_out);
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -161,6 +208,45 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Refusals<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::HeadWait;
+
+    #[tokio::test]
+    async fn the_clock_hears_when_bytes_cannot_go_out_and_when_they_go_out_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let settings =
+            crate::config::Settings::load(None, &crate::config::Overrides::default(), &|_| None)
+                .unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new(std::iter::empty()).unwrap());
+        let state = crate::gateway::State::build(settings, &metrics, None).unwrap();
+        let gw = Arc::new(Gateway::new(state, metrics));
+        let heads = Arc::new(HeadClock::new());
+        let blocked = |heads: &HeadClock| match heads.wait() {
+            HeadWait::Awaited { blocked, since, .. } => (blocked, since),
+            HeadWait::Serving => panic!("no request is in service"),
+        };
+        // A pipe that holds 16 bytes: the client reads nothing yet.
+        let (near, mut far) = tokio::io::duplex(16);
+        let mut io = Refusals::new(near, gw, Arc::clone(&heads));
+        let (_, start) = blocked(&heads);
+        let response = [b'x'; 24];
+        assert_eq!(io.write(&response).await.unwrap(), 16);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(Pin::new(&mut io)
+            .poll_write(&mut cx, &response[16..])
+            .is_pending());
+        assert!(blocked(&heads).0, "a write that cannot go out is told");
+        // The client reads: the rest goes out, and the wait for a head starts again then.
+        let mut got = [0u8; 16];
+        far.read_exact(&mut got).await.unwrap();
+        io.write_all(&response[16..]).await.unwrap();
+        let (still, since) = blocked(&heads);
+        assert!(!still);
+        assert!(
+            since > start,
+            "the wait restarts when the last bytes go out"
+        );
+    }
 
     #[test]
     fn only_hypers_own_refusals_are_recognised() {
