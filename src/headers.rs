@@ -28,16 +28,18 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there are none (`Connection` among them): one pass over the names instead of
+    // ten lookups (the `Connection` lookup alone cost ~90 instructions, twice per request).
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     if let Some(named) = connection_named(headers) {
         for name in named {
             headers.remove(&name);
         }
     }
-    // Usually there are none: one pass over the names instead of nine lookups.
-    if headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
-        for h in HOP_BY_HOP {
-            headers.remove(h);
-        }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
     }
 }
 
@@ -199,6 +201,19 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
+        // `Connection` alone still takes what it names; a head without any keeps all.
+        let mut h = HeaderMap::new();
+        h.insert("Connection", "X-Secret-Hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+        let mut h = HeaderMap::new();
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
     }
 
     #[test]

@@ -69,8 +69,7 @@ pub fn usage_counts(doc: &[u8]) -> Option<UsageCounts> {
         if slot.is_some() {
             return None;
         }
-        let text = s.number()?;
-        *slot = Some(std::str::from_utf8(text).ok()?.parse::<u64>().ok()?);
+        *slot = Some(whole(s.number()?)?);
         Some(())
     })?;
     counts.prompt = prompt.unwrap_or(0);
@@ -89,14 +88,26 @@ fn details(s: &mut Scan<'_>, each: &mut dyn FnMut(&[u8], u64)) -> Option<()> {
         s.ws();
         match s.peek()? {
             b'-' | b'0'..=b'9' => {
-                let text = s.number()?;
-                if let Some(n) = std::str::from_utf8(text).ok().and_then(|t| t.parse().ok()) {
+                if let Some(n) = whole(s.number()?) {
                     each(&key.name(), n);
                 }
                 Some(())
             }
             _ => s.value(None, 2),
         }
+    })
+}
+
+/// A number's text as serde reads it into a `u64`: digits, no leading zero, at most
+/// `u64::MAX`; else `None`. (`str::parse` cost ~80 instructions more per count, two to six
+/// counts per answer, and took `+5` and `007`.)
+fn whole(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        let d = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
     })
 }
 
@@ -511,6 +522,7 @@ pub(super) mod tests {
             Just("1e3".to_owned()),
             Just("\"12\"".to_owned()),
             Just("18446744073709551616".to_owned()),
+            Just("18446744073709551615".to_owned()),
             json().prop_map(|v| serde_json::to_string(&v).unwrap()),
         ];
         (key, value).prop_map(|(k, v)| (k.to_owned(), v))

@@ -149,6 +149,28 @@ mod tests {
         assert_eq!(json_usage(odd).map(|(u, _)| u), Some(Usage::new(5, 1)));
     }
 
+    #[test]
+    fn counts_are_whole_numbers_as_serde_reads_them() {
+        let usage = |prompt: &str| {
+            let doc = format!(r#"{{"usage":{{"prompt_tokens":{prompt},"completion_tokens":1}}}}"#);
+            json_usage(doc.as_bytes()).map(|(u, _)| u.prompt)
+        };
+        assert_eq!(usage("0"), Some(0));
+        assert_eq!(usage("2006"), Some(2006));
+        assert_eq!(usage("18446744073709551615"), Some(u64::MAX));
+        for not_a_count in [
+            "18446744073709551616",
+            "+5",
+            "007",
+            "-1",
+            "1.5",
+            "1e3",
+            "\"9\"",
+        ] {
+            assert_eq!(usage(not_a_count), None, "{not_a_count}");
+        }
+    }
+
     fn content_chars(doc: &[u8]) -> usize {
         let mut text = Counts::default();
         let any = content_text(doc, &mut text);
