@@ -24,8 +24,8 @@ pub struct HeadClock {
     /// Requests whose head was read and whose response has not ended (one at a time on
     /// HTTP/1.1; a WebSocket session's outlives its connection).
     busy: AtomicU32,
-    /// Requests whose head was read, ever.
-    served: AtomicU64,
+    /// A request's head was read, ever.
+    served: AtomicBool,
     /// When the last response ended, or when its last bytes went out if the client was slow
     /// to take them.
     idle_since: AtomicU64,
@@ -53,7 +53,7 @@ impl HeadClock {
         HeadClock {
             base: Instant::now(),
             busy: AtomicU32::new(0),
-            served: AtomicU64::new(0),
+            served: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
         }
@@ -62,11 +62,8 @@ impl HeadClock {
     /// A request's head was read: it is in service until the slot drops.
     pub fn begin(self: &Arc<Self>) -> InService {
         self.busy.fetch_add(1, Ordering::Relaxed);
-        self.served.fetch_add(1, Ordering::Relaxed);
-        InService {
-            clock: Arc::clone(self),
-            ended: None,
-        }
+        self.served.store(true, Ordering::Relaxed);
+        InService(Some(Arc::clone(self)))
     }
 
     pub fn wait(&self) -> HeadWait {
@@ -77,7 +74,7 @@ impl HeadClock {
         let nanos = self.idle_since.load(Ordering::Relaxed);
         HeadWait::Awaited {
             since: self.base + Duration::from_nanos(nanos),
-            served: self.served.load(Ordering::Relaxed) > 0,
+            served: self.served.load(Ordering::Relaxed),
             blocked: self.write_blocked.load(Ordering::Relaxed),
         }
     }
@@ -115,23 +112,25 @@ impl Default for HeadClock {
     }
 }
 
-/// One request in service on an HTTP/1.1 connection, until it drops (at the end its
-/// response set with [`InService::ended_at`], else when it drops).
-pub struct InService {
-    clock: Arc<HeadClock>,
-    ended: Option<Instant>,
-}
+/// One request in service on an HTTP/1.1 connection, until its response ends
+/// ([`InService::end`]) or, failing that, until it drops. (An `Option`, not a flag beside the
+/// clock: the slot is a pointer's size in every request's exchange.)
+pub struct InService(Option<Arc<HeadClock>>);
 
 impl InService {
     /// The response ended at `at` (the exchange read the clock for its duration).
-    pub fn ended_at(&mut self, at: Instant) {
-        self.ended = Some(at);
+    pub fn end(mut self, at: Instant) {
+        if let Some(clock) = self.0.take() {
+            clock.end(at);
+        }
     }
 }
 
 impl Drop for InService {
     fn drop(&mut self) {
-        self.clock.end(self.ended.unwrap_or_else(Instant::now));
+        if let Some(clock) = self.0.take() {
+            clock.end(Instant::now());
+        }
     }
 }
 
@@ -271,31 +270,34 @@ impl ConnWatch {
     }
 }
 
-/// One open stream of an HTTP/2 connection, reported to its [`ConnWatch`] when it drops
-/// (whatever ends the request first: its exchange, or its future dropped early).
-pub struct StreamSlot {
-    watch: Arc<ConnWatch>,
-    reset: bool,
-}
+/// One open stream of an HTTP/2 connection, reported to its [`ConnWatch`] when it ends
+/// ([`StreamSlot::end`]) or, failing that (its request future dropped before its exchange
+/// took it), when it drops.
+pub struct StreamSlot(Option<Arc<ConnWatch>>);
 
 impl StreamSlot {
     pub fn new(watch: Arc<ConnWatch>) -> StreamSlot {
         watch.started();
-        StreamSlot {
-            watch,
-            reset: false,
-        }
+        StreamSlot(Some(watch))
     }
 
     /// The stream ended; `reset` when its client cancelled it.
     pub fn end(mut self, reset: bool) {
-        self.reset = reset;
+        if let Some(watch) = self.0.take() {
+            watch.ended(reset);
+        }
+    }
+
+    fn refusing(&self) -> bool {
+        self.0.as_ref().is_some_and(|w| w.refusing())
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.watch.ended(self.reset);
+        if let Some(watch) = self.0.take() {
+            watch.ended(false);
+        }
     }
 }
 
@@ -312,14 +314,14 @@ impl ConnSlot {
     pub fn refusing(&self) -> bool {
         match self {
             ConnSlot::Http1(_) => false,
-            ConnSlot::Http2(stream) => stream.watch.refusing(),
+            ConnSlot::Http2(stream) => stream.refusing(),
         }
     }
 
     /// The response ended at `at`; `reset` when the client cancelled it.
     pub fn end(self, at: Instant, reset: bool) {
         match self {
-            ConnSlot::Http1(mut request) => request.ended_at(at),
+            ConnSlot::Http1(request) => request.end(at),
             ConnSlot::Http2(stream) => stream.end(reset),
         }
     }
@@ -341,11 +343,10 @@ mod tests {
                 blocked: false
             }
         );
-        let mut request = clock.begin();
+        let request = clock.begin();
         assert_eq!(clock.wait(), HeadWait::Serving);
         let end = start + Duration::from_secs(3);
-        request.ended_at(end);
-        drop(request);
+        request.end(end);
         assert_eq!(
             clock.wait(),
             HeadWait::Awaited {
@@ -361,9 +362,7 @@ mod tests {
             panic!("no request is in service");
         };
         assert!(since >= end);
-        let mut early = clock.begin();
-        early.ended_at(start);
-        drop(early);
+        clock.begin().end(start);
         assert_eq!(
             clock.wait(),
             HeadWait::Awaited {

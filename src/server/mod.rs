@@ -284,15 +284,14 @@ enum Stop {
 /// connection (three per request) cost ~470 instructions per request, about 1 % of one
 /// (`benches/instructions.sh`). A second receiver answers "did it move?" with one load.
 ///
-/// The head's timer is one per connection, looked at only when it fired (one load per
-/// wake-up); requests tell their [`HeadClock`] when they start and end.
+/// The head's timer is one per connection ([`HeadTimer`]); requests tell their
+/// [`HeadClock`] when they start and end.
 async fn until_cut<C: Future>(
     mut conn: Pin<&mut C>,
     phase: &mut watch::Receiver<Phase>,
     timed: Option<(&HeadClock, Duration)>,
 ) -> Stop {
-    let mut timer = pin!(timed.map(|(_, timeout)| tokio::time::sleep(timeout)));
-    let mut registered = false;
+    let mut timer = timed.map(|(heads, timeout)| HeadTimer::new(heads, timeout));
     loop {
         let moved = phase.clone();
         {
@@ -304,13 +303,8 @@ async fn until_cut<C: Future>(
                 if conn.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(Stop::Ended));
                 }
-                if let (Some((heads, timeout)), Some(timer)) = (timed, timer.as_mut().as_pin_mut())
-                {
-                    if let Poll::Ready(stop) =
-                        head_overdue(timer, &mut registered, heads, timeout, cx)
-                    {
-                        return Poll::Ready(Err(stop));
-                    }
+                if let Some(Poll::Ready(stop)) = timer.as_mut().map(|t| t.poll_overdue(cx)) {
+                    return Poll::Ready(Err(stop));
                 }
                 if !armed || moved.has_changed().unwrap_or(true) {
                     armed = true;
@@ -333,46 +327,74 @@ async fn until_cut<C: Future>(
     }
 }
 
-/// `Ready(Stop::NoHead)` once the connection has waited `timeout` for a request head. Until
-/// then the timer is polled only when it fired, and set again to when the wait that is
-/// running now would be over.
-fn head_overdue(
-    mut timer: Pin<&mut tokio::time::Sleep>,
-    registered: &mut bool,
-    heads: &HeadClock,
+/// The timer of an HTTP/1.1 connection's wait for a request head: one per connection,
+/// looked at only when it fired (one load per wake-up), then set again to when the wait that
+/// is running now would be over. A request served past the timeout lets it go (an open
+/// stream holds no timer: 112 bytes less each); it is set again when that request ends,
+/// which the connection's task sees in the same wake-up (the response ends in its poll).
+struct HeadTimer<'a> {
+    heads: &'a HeadClock,
     timeout: Duration,
-    cx: &mut std::task::Context<'_>,
-) -> Poll<Stop> {
-    loop {
-        if *registered && !timer.is_elapsed() {
-            return Poll::Pending;
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The sleep holds the task's waker.
+    registered: bool,
+}
+
+impl<'a> HeadTimer<'a> {
+    fn new(heads: &'a HeadClock, timeout: Duration) -> HeadTimer<'a> {
+        HeadTimer {
+            heads,
+            timeout,
+            sleep: Some(Box::pin(tokio::time::sleep(timeout))),
+            registered: false,
         }
-        // Outside the task's budget, like the phase: a refused poll would not register.
-        if pin!(tokio::task::unconstrained(timer.as_mut()))
-            .poll(cx)
-            .is_pending()
-        {
-            *registered = true;
-            return Poll::Pending;
-        }
-        // The clock the requests' times are read on.
-        let now = std::time::Instant::now();
-        let next = match heads.wait() {
-            HeadWait::Serving => now + timeout,
-            HeadWait::Awaited {
-                since,
-                served,
-                blocked,
-            } => {
-                let due = since + timeout;
-                if due <= now {
-                    return Poll::Ready(Stop::NoHead { served, blocked });
-                }
-                due
+    }
+
+    /// `Ready(Stop::NoHead)` once the connection has waited the timeout for a request head.
+    fn poll_overdue(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Stop> {
+        loop {
+            let Some(sleep) = self.sleep.as_mut() else {
+                let HeadWait::Awaited { since, .. } = self.heads.wait() else {
+                    return Poll::Pending;
+                };
+                let due = tokio::time::Instant::from_std(since + self.timeout);
+                self.sleep = Some(Box::pin(tokio::time::sleep_until(due)));
+                self.registered = false;
+                continue;
+            };
+            if self.registered && !sleep.is_elapsed() {
+                return Poll::Pending;
             }
-        };
-        timer.as_mut().reset(tokio::time::Instant::from_std(next));
-        *registered = false;
+            // Outside the task's budget, like the phase: a refused poll would not register.
+            if pin!(tokio::task::unconstrained(sleep.as_mut()))
+                .poll(cx)
+                .is_pending()
+            {
+                self.registered = true;
+                return Poll::Pending;
+            }
+            // The clock the requests' times are read on.
+            let now = std::time::Instant::now();
+            let due = match self.heads.wait() {
+                HeadWait::Serving => None,
+                HeadWait::Awaited {
+                    since,
+                    served,
+                    blocked,
+                } => {
+                    let due = since + self.timeout;
+                    if due <= now {
+                        return Poll::Ready(Stop::NoHead { served, blocked });
+                    }
+                    Some(due)
+                }
+            };
+            match due {
+                Some(due) => sleep.as_mut().reset(tokio::time::Instant::from_std(due)),
+                None => self.sleep = None,
+            }
+            self.registered = false;
+        }
     }
 }
 
