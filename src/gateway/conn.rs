@@ -17,7 +17,7 @@ use super::resets::{self, AddressResets, Counted};
 /// hyper's own header read timer cost ~1,300 instructions per request (a timer allocated,
 /// registered and dropped per request head, and an extra pass of the connection's loop after
 /// each response to start it: `benches/instructions.sh`, TLS, as shipped); this costs a
-/// request two atomic additions and a store.
+/// request four atomic operations on its connection's clock.
 pub struct HeadClock {
     /// The start of the connection: the times below are nanoseconds after it.
     base: Instant,
@@ -77,6 +77,11 @@ impl HeadClock {
             served: self.served.load(Ordering::Relaxed),
             blocked: self.write_blocked.load(Ordering::Relaxed),
         }
+    }
+
+    /// The connection's last write or flush could not go out.
+    pub fn is_write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Relaxed)
     }
 
     /// A write or flush on the connection could not go out (the socket is full).

@@ -133,7 +133,7 @@ impl Builders {
         // timeout; at the cut, whatever is left is closed once its response ends.
         // Errors (client gone, bad input) were answered or logged by hyper.
         let timeout = self.header_read_timeout;
-        match until_cut(conn.as_mut(), &mut phase, Some((&*heads, timeout))).await {
+        match until_cut(conn.as_mut(), &mut phase, HeadTimer::new(&heads, timeout)).await {
             Stop::Ended => {}
             Stop::Cut => {
                 conn.as_mut().graceful_shutdown();
@@ -275,23 +275,22 @@ enum Stop {
     NoHead { served: bool, blocked: bool },
 }
 
-/// Polls an HTTP/1.1 connection until it ends, the drain reaches its cut, or (with `timed`)
-/// it has waited the header read timeout for a request head: since it started, or since its
-/// last response ended.
+/// Polls an HTTP/1.1 connection until it ends, the drain reaches its cut, or it has waited
+/// the header read timeout for a request head (`timer`): since it started, or since its last
+/// response was out.
 ///
 /// The phase is polled only when it moved. Its `changed()` future, once polled, keeps the
 /// task's waker until the phase moves; polling it again on every wake-up of a busy
 /// connection (three per request) cost ~470 instructions per request, about 1 % of one
 /// (`benches/instructions.sh`). A second receiver answers "did it move?" with one load.
 ///
-/// The head's timer is one per connection ([`HeadTimer`]); requests tell their
-/// [`HeadClock`] when they start and end.
+/// The head's timer is one per connection; requests tell their [`HeadClock`] when they
+/// start and end.
 async fn until_cut<C: Future>(
     mut conn: Pin<&mut C>,
     phase: &mut watch::Receiver<Phase>,
-    timed: Option<(&HeadClock, Duration)>,
+    mut timer: HeadTimer<'_>,
 ) -> Stop {
-    let mut timer = timed.map(|(heads, timeout)| HeadTimer::new(heads, timeout));
     loop {
         let moved = phase.clone();
         {
@@ -303,7 +302,7 @@ async fn until_cut<C: Future>(
                 if conn.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(Stop::Ended));
                 }
-                if let Some(Poll::Ready(stop)) = timer.as_mut().map(|t| t.poll_overdue(cx)) {
+                if let Poll::Ready(stop) = timer.poll_overdue(cx) {
                     return Poll::Ready(Err(stop));
                 }
                 if !armed || moved.has_changed().unwrap_or(true) {

@@ -33,8 +33,6 @@ pub struct Refusals<I> {
     /// A `101 Switching Protocols` went out: the connection carries a WebSocket now.
     switched: bool,
     heads: Arc<HeadClock>,
-    /// The last write or flush could not go out.
-    blocked: bool,
 }
 
 impl<I> Refusals<I> {
@@ -45,23 +43,18 @@ impl<I> Refusals<I> {
             pending: None,
             switched: false,
             heads,
-            blocked: false,
         }
     }
 
-    /// Tells the connection's clock whether its bytes go out: only a change is told, so a
-    /// connection whose writes go out at once pays a branch.
-    fn track(&mut self, went_out: Poll<bool>) {
-        match went_out {
-            Poll::Pending if !self.blocked => {
-                self.blocked = true;
-                self.heads.write_blocked();
-            }
-            Poll::Ready(true) if self.blocked => {
-                self.blocked = false;
-                self.heads.wrote_after_block();
-            }
-            _ => {}
+    /// Tells the connection's clock whether its bytes go out (`pending`: they could not;
+    /// `went_out`: some did). Only a change is told, so a connection whose writes go out at
+    /// once pays a load and a branch.
+    fn track(&self, pending: bool, went_out: bool) {
+        let blocked = self.heads.is_write_blocked();
+        if pending && !blocked {
+            self.heads.write_blocked();
+        } else if went_out && blocked {
+            self.heads.wrote_after_block();
         }
     }
 }
@@ -181,21 +174,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Refusals<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = self.write_through(cx, buf);
-        let went_out = match &r {
-            Poll::Ready(done) => Poll::Ready(done.as_ref().is_ok_and(|&n| n > 0)),
-            Poll::Pending => Poll::Pending,
-        };
-        self.track(went_out);
+        self.track(r.is_pending(), matches!(r, Poll::Ready(Ok(n)) if n > 0));
         r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = self.flush_through(cx);
-        let went_out = match &r {
-            Poll::Ready(done) => Poll::Ready(done.is_ok()),
-            Poll::Pending => Poll::Pending,
-        };
-        self.track(went_out);
+        self.track(r.is_pending(), matches!(r, Poll::Ready(Ok(()))));
         r
     }
 
